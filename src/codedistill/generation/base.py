@@ -1,0 +1,75 @@
+"""The generator interface every backend implements (HF transformers, later vLLM/OpenAI)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, Sequence
+
+
+@dataclass
+class Candidate:
+    """One generated continuation of a prompt.
+
+    ``logprob`` is the summed log-probability of the generated tokens under the model
+    (temperature 1, no length penalty, no sampling warpers): ``sum_t log p(y_t | x, y_<t)``
+    over the ``num_tokens`` tokens that were kept (after cutting at a stop string, the
+    tokens up to and including the one that completed the kept text).
+    ``seq_prob = exp(logprob / num_tokens)``, the length-normalised sequence probability in
+    [0, 1] used as P in BTP's P2Value.
+    """
+
+    text: str
+    num_tokens: int
+    logprob: float
+    prompt_index: int = 0
+    raw_text: str = ""
+    finish_reason: str = "stop"  # "stop" (stop string / eos) or "length"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seq_prob(self) -> float:
+        return seq_prob(self.logprob, self.num_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["seq_prob"] = self.seq_prob
+        return d
+
+
+def seq_prob(logprob: float, num_tokens: int) -> float:
+    """exp(mean token log-prob); 1.0 for an empty sequence by convention of no evidence."""
+    if num_tokens <= 0:
+        return 1.0
+    return float(math.exp(logprob / num_tokens))
+
+
+class Generator(Protocol):
+    """What BTP, EG-CFG and the baseline need from a model backend."""
+
+    name: str
+
+    def sample(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        max_new_tokens: int = 256,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> list[list[Candidate]]:
+        """n candidates per prompt, in prompt order."""
+        ...
+
+    def beam_search(
+        self,
+        prompts: Sequence[str],
+        num_beams: int,
+        num_return_sequences: int | None = None,
+        max_new_tokens: int = 256,
+        stop: Sequence[str] = (),
+        length_penalty: float = 1.0,
+    ) -> list[list[Candidate]]:
+        """All returned beams per prompt, best first."""
+        ...
