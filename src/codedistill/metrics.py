@@ -1,0 +1,130 @@
+"""pass@k (Chen et al. 2021, unbiased estimator) with bootstrap confidence intervals.
+
+All functions are pure: they take per-problem counts (n samples, c correct) and return
+numbers. The bootstrap resamples *problems* (the unit the benchmark samples from);
+the paired bootstrap resamples the same problems for two runs, so the difference's
+interval accounts for problem difficulty shared by both.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+DEFAULT_KS = (1, 5, 10)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimate of P(at least one of k samples passes) from n samples, c passing.
+
+    1 - C(n-c, k) / C(n, k), computed as a stable product.
+    """
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
+    if k < 1 or k > n:
+        raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def per_problem_pass_at_k(counts: Sequence[tuple[int, int]], k: int) -> np.ndarray:
+    return np.array([pass_at_k(n, c, k) for n, c in counts], dtype=float)
+
+
+def counts_from_results(rows: Iterable[Mapping]) -> "OrderedDict[str, tuple[int, int]]":
+    """(n, c) per task_id from result rows with ``task_id`` and ``passed``, in first-seen order."""
+    n: OrderedDict[str, list[int]] = OrderedDict()
+    for r in rows:
+        nc = n.setdefault(str(r["task_id"]), [0, 0])
+        nc[0] += 1
+        nc[1] += bool(r["passed"])
+    return OrderedDict((t, (a, b)) for t, (a, b) in n.items())
+
+
+@dataclass(frozen=True)
+class Estimate:
+    value: float
+    low: float
+    high: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"value": self.value, "ci_low": self.low, "ci_high": self.high}
+
+
+def bootstrap_mean(
+    values: np.ndarray, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> Estimate:
+    """Mean with a percentile bootstrap CI, resampling the entries of ``values``."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        raise ValueError("no problems to average over")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, values.size, size=(n_boot, values.size))
+    means = values[idx].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    return Estimate(float(values.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+
+
+def ks_for(n_min: int, ks: Sequence[int] = DEFAULT_KS) -> list[int]:
+    return [k for k in ks if k <= n_min]
+
+
+def pass_at_k_report(
+    counts: Mapping[str, tuple[int, int]],
+    ks: Sequence[int] = DEFAULT_KS,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """``{"pass@1": {"value", "ci_low", "ci_high"}, ..., "n_problems", "num_samples"}``.
+
+    k runs over ``ks`` where k <= the smallest n of any problem.
+    """
+    if not counts:
+        raise ValueError("no results")
+    ns = [n for n, _ in counts.values()]
+    out: dict = {}
+    for k in ks_for(min(ns), ks):
+        est = bootstrap_mean(per_problem_pass_at_k(list(counts.values()), k), n_boot, seed=seed)
+        out[f"pass@{k}"] = est.to_dict()
+    out["n_problems"] = len(counts)
+    out["num_samples"] = min(ns) if min(ns) == max(ns) else {"min": min(ns), "max": max(ns)}
+    return out
+
+
+def paired_bootstrap(
+    before: Mapping[str, tuple[int, int]],
+    after: Mapping[str, tuple[int, int]],
+    k: int = 1,
+    n_boot: int = 5000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """Difference after - before of pass@k over the problems both runs share.
+
+    Resamples problems once per replicate for both runs. Returns the difference, its CI,
+    and a one-sided bootstrap p-value for "no improvement" (share of replicates <= 0).
+    """
+    common = [t for t in before if t in after]
+    if not common:
+        raise ValueError("the two runs share no problem")
+    b = per_problem_pass_at_k([before[t] for t in common], k)
+    a = per_problem_pass_at_k([after[t] for t in common], k)
+    d = a - b
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, d.size, size=(n_boot, d.size))
+    means = d[idx].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    return {
+        "k": k,
+        "n_problems": len(common),
+        "before": float(b.mean()),
+        "after": float(a.mean()),
+        "diff": float(d.mean()),
+        "ci_low": float(np.quantile(means, alpha)),
+        "ci_high": float(np.quantile(means, 1 - alpha)),
+        "p_value_no_improvement": float((means <= 0).mean()),
+    }

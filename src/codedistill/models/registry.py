@@ -1,0 +1,142 @@
+"""Model aliases of the plan, with family defaults; any hub id or local directory works too."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from codedistill.errors import ConfigError
+
+# LoRA targets per architecture family (the attention and MLP projections).
+LORA_TARGETS = {
+    "starcoder2": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "deepseek": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "tiny": ["all-linear"],
+    "auto": ["all-linear"],
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything codedistill needs to know to load and prompt one model."""
+
+    alias: str
+    path: str  # hub id or local directory handed to from_pretrained
+    family: str
+    role: str = "any"  # source | target | any
+    size_b: float | None = None
+    variant: str = "base"  # base | instruct
+    prompt_style: str = "base"  # base: complete the benchmark prompt; chat: chat template + extraction
+    dtype: str = "auto"  # auto -> bf16 on GPUs that support it, fp16 on others, fp32 on CPU
+    backend: str = "hf"  # hf | openai (served through an API)
+    lora_target_modules: tuple[str, ...] = ("all-linear",)
+    instruct_path: str | None = None
+    tiny: bool = False
+    notes: str = ""
+
+    def with_variant(self, variant: str) -> "ModelSpec":
+        if variant == self.variant:
+            return self
+        if variant == "instruct":
+            if not self.instruct_path:
+                raise ConfigError(f"{self.alias} has no instruct variant in the registry; use --variant base.")
+            return replace(self, path=self.instruct_path, variant="instruct", prompt_style="chat")
+        if variant == "base":
+            raise ConfigError(f"{self.alias} is registered as an instruct model only.")
+        raise ConfigError(f"Unknown variant {variant!r}; use base or instruct.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _spec(alias, base, instruct, family, role, size, **kw) -> ModelSpec:
+    return ModelSpec(
+        alias=alias, path=base or instruct, family=family, role=role, size_b=size,
+        variant="base" if base else "instruct", prompt_style="base" if base else "chat",
+        lora_target_modules=tuple(LORA_TARGETS[family]), instruct_path=instruct, **kw,
+    )
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    s.alias: s
+    for s in [
+        _spec("StarCoder2-15B", "bigcode/starcoder2-15b", "bigcode/starcoder2-15b-instruct-v0.1", "starcoder2", "source", 15.0),
+        _spec("Qwen2.5-Coder-32B", "Qwen/Qwen2.5-Coder-32B", "Qwen/Qwen2.5-Coder-32B-Instruct", "qwen2", "source", 32.0),
+        _spec("CodeLlama-34B", "codellama/CodeLlama-34b-hf", "codellama/CodeLlama-34b-Instruct-hf", "llama", "source", 34.0),
+        _spec(
+            "DeepSeek-V3-0324", None, "deepseek-ai/DeepSeek-V3-0324", "deepseek", "source", 671.0,
+            backend="openai",
+            notes="671B MoE chat model: served through an OpenAI-compatible API in practice "
+            "(backend comes in a later issue); not loadable with the HF backend on one node.",
+        ),
+        _spec("StarCoder2-3B", "bigcode/starcoder2-3b", None, "starcoder2", "target", 3.0),
+        _spec("Qwen2.5-Coder-7B", "Qwen/Qwen2.5-Coder-7B", "Qwen/Qwen2.5-Coder-7B-Instruct", "qwen2", "target", 7.0),
+        _spec("CodeLlama-7B", "codellama/CodeLlama-7b-hf", "codellama/CodeLlama-7b-Instruct-hf", "llama", "target", 7.0),
+        _spec("DeepSeek-Coder-1.3B", "deepseek-ai/deepseek-coder-1.3b-base", "deepseek-ai/deepseek-coder-1.3b-instruct", "llama", "target", 1.3),
+        ModelSpec(alias="tiny-source", path="tiny-source", family="tiny", role="source", size_b=None, tiny=True,
+                  dtype="float32", lora_target_modules=tuple(LORA_TARGETS["tiny"]),
+                  notes="embedded default: built locally on first use (codedistill make-tiny-model)"),
+        ModelSpec(alias="tiny-target", path="tiny-target", family="tiny", role="target", size_b=None, tiny=True,
+                  dtype="float32", lora_target_modules=tuple(LORA_TARGETS["tiny"]),
+                  notes="embedded default: built locally on first use (codedistill make-tiny-model)"),
+    ]
+}
+_LOWER = {k.lower(): k for k in REGISTRY}
+
+
+_HUB_FAMILY_HINTS = (("starcoder2", "starcoder2"), ("qwen", "qwen2"), ("llama", "llama"), ("deepseek-coder", "llama"))
+
+
+def known_aliases() -> list[str]:
+    return list(REGISTRY)
+
+
+def _family_of_config(path: Path) -> str:
+    try:
+        import json
+
+        mt = json.loads((path / "config.json").read_text()).get("model_type", "auto")
+    except (OSError, ValueError):
+        return "auto"
+    return {"starcoder2": "starcoder2", "qwen2": "qwen2", "llama": "llama"}.get(mt, "auto")
+
+
+def resolve_model(name: str, variant: str | None = None) -> ModelSpec:
+    """An alias (case-insensitive; ``-Instruct`` suffix selects the instruct variant), a local
+    directory with a ``config.json``, or a hub id ``owner/name``. Anything else is an error
+    that lists the known aliases."""
+    key = name.strip()
+    low = key.lower()
+    if low in _LOWER:
+        spec = REGISTRY[_LOWER[low]]
+        return spec.with_variant(variant) if variant else spec
+    if low.endswith("-instruct") and low[: -len("-instruct")] in _LOWER:
+        return REGISTRY[_LOWER[low[: -len("-instruct")]]].with_variant("instruct")
+    p = Path(key).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ConfigError(f"{p} is a directory without config.json: not a saved model.")
+        fam = _family_of_config(p)
+        chat = variant == "instruct"
+        return ModelSpec(alias=p.name, path=str(p), family=fam, variant="instruct" if chat else "base",
+                         prompt_style="chat" if chat else "base", lora_target_modules=tuple(LORA_TARGETS[fam]))
+    if "/" in key and not key.startswith((".", "/")) and key.count("/") == 1:
+        chat = variant == "instruct" or "instruct" in low or low.endswith("-chat")
+        fam = next((f for sub, f in _HUB_FAMILY_HINTS if sub in low), "auto")
+        return ModelSpec(alias=key, path=key, family=fam, variant="instruct" if chat else "base",
+                         prompt_style="chat" if chat else "base", lora_target_modules=tuple(LORA_TARGETS[fam]))
+    raise ConfigError(
+        f"Unknown model {name!r}. Known aliases: {', '.join(REGISTRY)}. "
+        "Or pass a hub id (owner/name) or a local directory saved with save_pretrained."
+    )
+
+
+def local_path(spec: ModelSpec) -> str:
+    """What to hand ``from_pretrained``: builds the embedded tiny models on first use."""
+    if spec.tiny:
+        from codedistill.models.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model(spec.path))
+    return spec.path
