@@ -1,0 +1,49 @@
+"""Shared fixtures: real (tiny) models and tokenizers built locally, no downloads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MBPP_DIR = REPO.parent / "shared" / "data" / "mbpp"
+
+
+def pytest_configure(config):
+    # the embedded tiny models are built once per machine into this cache and reused
+    os.environ.setdefault("CODEDISTILL_CACHE", str(REPO / ".cache" / "codedistill"))
+    if MBPP_DIR.exists():
+        os.environ.setdefault("CODEDISTILL_MBPP_PATH", str(MBPP_DIR))
+
+
+@pytest.fixture(scope="session")
+def random_lm(tmp_path_factory):
+    """A randomly initialised 2-layer Llama with a locally trained byte-level BPE
+    tokenizer, saved and re-loaded with save_pretrained/from_pretrained like a hub model."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("random_lm")
+    corpus = [
+        "def add(a, b):\n    return a + b\n", "assert add(1, 2) == 3\n[DONE]\n",
+        "You are an expert Python programmer, and here is your task: Write a function.\n",
+        "for i in range(10):\n    x = x * 2 - i\n", "[BEGIN]\nimport math\n",
+    ] * 20
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(out), out
