@@ -1,0 +1,320 @@
+"""``tiny-source`` and ``tiny-target``: two small causal LMs trained locally on synth.
+
+Nothing can be downloaded in the project's default world and a random model solves
+nothing, so the project brings a competent *source* and a clearly weaker, teachable
+*target*, each built from a config in a few minutes on CPU:
+
+* ``tiny-source``: a Llama (RoPE, RMSNorm, SwiGLU) trained on all synth skill families.
+* ``tiny-target``: a Qwen2 (a different family, with qkv biases), smaller, with its own
+  byte-level BPE tokenizer (different vocab size and training corpus, as a cross-family
+  pair would have), trained for fewer steps on fewer problems and on only some of the
+  skill families. Those knobs (``train_families``, ``n_train``, ``steps``, size) set its
+  weakness; fine-tuning it on the source's tested programs raises its pass@1.
+
+Both are saved like hub checkpoints, so ``AutoModelForCausalLM.from_pretrained(path)`` and
+``AutoTokenizer.from_pretrained(path)`` load them. ``ensure_tiny_model(name)`` builds on
+first use into a cache directory (atomic, file-locked) and reuses it afterwards;
+``resolve_model_path(name_or_path)`` maps a tiny name to its built directory and leaves
+anything else alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "TINY_BUILD_VERSION",
+    "TINY_MODELS",
+    "TinySpec",
+    "build_tiny_model",
+    "default_cache_dir",
+    "ensure_tiny_model",
+    "is_tiny_model",
+    "resolve_model_path",
+    "spec_hash",
+    "tiny_spec",
+]
+
+# Bump when the training code changes in a way that changes the weights (invalidates caches).
+TINY_BUILD_VERSION = 1
+META_FILE = "codedistill_tiny.json"
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Everything that determines a tiny model (with the seed).
+
+    Architecture: ``arch`` ("llama" or "qwen2"), sizes, ``max_position_embeddings``
+    (RoPE, so a long MBPP prompt costs no parameters). Tokenizer: byte-level BPE of
+    ``vocab_size`` trained on ``tokenizer_problems`` synth train problems drawn with
+    ``tokenizer_seed``. Training: ``steps`` AdamW steps of ``batch_size`` on the first
+    ``n_train`` synth train problems of ``train_families`` (None = all), loss on the
+    completion only.
+    """
+
+    name: str
+    arch: str = "llama"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 384
+    max_position_embeddings: int = 2048
+    vocab_size: int = 1024
+    tokenizer_seed: int = 0
+    tokenizer_problems: int = 2000
+    train_families: tuple[str, ...] | None = None
+    n_train: int = 2000
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 20
+    weight_decay: float = 0.01
+    max_len: int = 512
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["train_families"] = list(self.train_families) if self.train_families else None
+        return d
+
+
+TINY_MODELS: dict[str, TinySpec] = {
+    "tiny-source": TinySpec(
+        name="tiny-source",
+        arch="llama",
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=4,
+        intermediate_size=384,
+        vocab_size=1024,
+        tokenizer_seed=0,
+        train_families=None,
+        n_train=2000,
+        steps=300,
+        batch_size=32,
+        lr=3e-3,
+        description="competent source: Llama, all synth families",
+    ),
+    "tiny-target": TinySpec(
+        name="tiny-target",
+        arch="qwen2",
+        hidden_size=96,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=256,
+        vocab_size=768,
+        tokenizer_seed=1,
+        tokenizer_problems=1200,
+        train_families=("arithmetic", "strings", "lists"),
+        n_train=600,
+        steps=150,
+        batch_size=32,
+        lr=3e-3,
+        description="weaker, teachable target: smaller Qwen2, fewer steps, some families only",
+    ),
+}
+
+
+def is_tiny_model(name: str) -> bool:
+    return name in TINY_MODELS
+
+
+def _spec_of(name_or_spec: str | TinySpec) -> TinySpec:
+    if isinstance(name_or_spec, TinySpec):
+        return name_or_spec
+    try:
+        return TINY_MODELS[name_or_spec]
+    except KeyError:
+        raise ValueError(f"unknown tiny model {name_or_spec!r}; expected one of {sorted(TINY_MODELS)}") from None
+
+
+def spec_hash(spec: TinySpec, seed: int = 0) -> str:
+    """Short hash of (spec, seed, build version): the cache key of a built model."""
+    blob = json.dumps({"spec": spec.to_dict(), "seed": seed, "v": TINY_BUILD_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def default_cache_dir() -> Path:
+    """``$CODEDISTILL_CACHE/tiny`` if set, else ``~/.cache/codedistill/tiny``."""
+    root = os.environ.get("CODEDISTILL_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "codedistill") / "tiny"
+
+
+def _make_config(spec: TinySpec, tokenizer: Any) -> Any:
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    if spec.arch == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**common)
+    if spec.arch == "qwen2":
+        from transformers import Qwen2Config
+
+        return Qwen2Config(**common, use_sliding_window=False)
+    raise ValueError(f"unknown tiny arch {spec.arch!r}")
+
+
+def _set_determinism(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    except Exception:  # pragma: no cover - older torch
+        pass
+
+
+def build_tiny_model(
+    name: str | TinySpec, out_dir: str | os.PathLike[str], seed: int = 0, progress: bool = True
+) -> Path:
+    """Train the tiny model ``name`` (or a custom ``TinySpec``) and save it to ``out_dir``.
+
+    Writes the model (``save_pretrained``), its tokenizer, a generation config (eos/pad)
+    and ``codedistill_tiny.json`` (spec, seed, train stats, wall time). Deterministic for
+    a given seed on a given machine (same thread count).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from codedistill.data.synth import load_synth
+    from codedistill.models._tiny_train import encode_examples, train_lm, train_tokenizer
+
+    spec = _spec_of(name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    _set_determinism(seed)
+
+    # The tokenizer sees its own corpus: a different slice of synth (and vocab size) per model.
+    tok_problems = load_synth("train", n=spec.tokenizer_problems, seed=spec.tokenizer_seed)
+    tok_texts = [p.prompt + p.reference for p in tok_problems]
+    tokenizer = train_tokenizer(tok_texts, spec.vocab_size)
+
+    train = load_synth("train", n=spec.n_train, seed=seed, families=spec.train_families)
+    examples = encode_examples(tokenizer, train, spec.max_len)
+
+    config = _make_config(spec, tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    stats = train_lm(
+        model,
+        examples,
+        pad_id=tokenizer.pad_token_id,
+        steps=spec.steps,
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        warmup=spec.warmup,
+        weight_decay=spec.weight_decay,
+        seed=seed,
+        progress=progress,
+        desc=f"building {spec.name}",
+    )
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_length=spec.max_position_embeddings,
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    meta = {
+        "name": spec.name,
+        "spec": spec.to_dict(),
+        "spec_hash": spec_hash(spec, seed),
+        "seed": seed,
+        "build_version": TINY_BUILD_VERSION,
+        "n_params": n_params,
+        "vocab_size": len(tokenizer),
+        "n_train_examples": len(examples),
+        "mean_example_tokens": sum(len(i) for i, _ in examples) / max(1, len(examples)),
+        "train": stats,
+        "wall_seconds": round(time.perf_counter() - t0, 2),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "machine": platform.machine(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _is_built(path: Path) -> bool:
+    return (path / META_FILE).is_file() and (path / "config.json").is_file()
+
+
+def ensure_tiny_model(
+    name: str | TinySpec, cache_dir: str | os.PathLike[str] | None = None, seed: int = 0, progress: bool = True
+) -> Path:
+    """The directory of the built tiny model ``name``, building it on first use.
+
+    The model lives in ``<cache_dir>/<name>-<spec hash>`` (default cache dir:
+    ``default_cache_dir()``). Building happens in a temporary sibling directory that is
+    renamed into place when complete, under a file lock, so concurrent callers build it
+    once and never see a half-written model.
+    """
+    from filelock import FileLock
+
+    spec = _spec_of(name)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = root / f"{spec.name}-{spec_hash(spec, seed)}"
+    if _is_built(final):
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final) + ".lock"):
+        if _is_built(final):
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        try:
+            build_tiny_model(spec, tmp, seed=seed, progress=progress)
+            if final.exists():  # a broken leftover (no meta file): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """``tiny-source``/``tiny-target`` -> their built directory; any other name unchanged."""
+    if is_tiny_model(name_or_path):
+        return str(ensure_tiny_model(name_or_path, cache_dir=cache_dir))
+    return name_or_path
+
+
+def tiny_spec(name: str, **overrides: Any) -> TinySpec:
+    """A copy of a registered spec with some fields changed (e.g. fewer steps in tests)."""
+    return replace(_spec_of(name), **overrides)
+
+
