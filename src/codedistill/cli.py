@@ -70,6 +70,58 @@ def evaluate(
     sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
 
 
+@app.command()
+@friendly_errors
+def baseline(
+    model: str = typer.Option(..., "--model", "--model-name", help="Alias (e.g. StarCoder2-3B, tiny-target), hub id or local dir."),
+    dataset: str = typer.Option("mbpp", "--dataset", help="humaneval | mbpp | mbpp-sanitized | synth"),
+    split: str = typer.Option("test", "--split", help="train | validation | test | all"),
+    num_samples: int = typer.Option(10, "--num-samples", "-n", help="Programs per problem."),
+    temperature: float = typer.Option(0.8, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    max_new_tokens: int = typer.Option(384, "--max-new-tokens"),
+    max_problems: Optional[int] = typer.Option(None, "--max-problems", help="Keep the first N problems."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Run directory (default under ./results/baseline)."),
+    seed: int = typer.Option(0, "--seed"),
+    variant: Optional[str] = typer.Option(None, "--variant", help="base | instruct (registry aliases)."),
+    data_path: Optional[Path] = typer.Option(None, "--data-path", help="Local dataset file or folder."),
+    shots: int = typer.Option(0, "--shots", help="MBPP: 0 or 3 (the paper's few-shot prompt)."),
+    method: str = typer.Option("plain", "--method", help="plain | egcfg"),
+    batch_size: int = typer.Option(16, "--batch-size", help="Sequences per generate call."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Parallel sandboxes."),
+    timeout: float = typer.Option(3.0, "--timeout", help="Seconds per program."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu (default: cuda if available)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+) -> None:
+    """Step 1: sample n programs per problem, test them in the sandbox, report pass@1/5/10."""
+    from codedistill.baseline import run_baseline
+    from codedistill.config import BaselineConfig, build
+
+    cfg = build(BaselineConfig, dict(
+        model=model, variant=variant, dataset=dataset, split=split, data_path=str(data_path) if data_path else None,
+        max_problems=max_problems, shots=shots, method=method, seed=seed, batch_size=batch_size, workers=workers,
+        timeout=timeout, device=device, dtype=dtype,
+        sampling=dict(num_samples=num_samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
+    ))
+    out, metrics = run_baseline(cfg, output_dir)
+    console.print(f"run directory: {out}")
+    sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
+
+
+@app.command("make-tiny-model")
+@friendly_errors
+def make_tiny_model(
+    name: str = typer.Argument("tiny-source", help="tiny-source | tiny-target"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory to save it (default: the cache, reused later)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Build an embedded tiny model (trains on CPU, saved with save_pretrained)."""
+    from codedistill.models.tiny import build_tiny_model, ensure_tiny_model
+
+    path = build_tiny_model(name, out, seed=seed) if out else ensure_tiny_model(name)
+    console.print(f"{name}: {path}")
+
+
 @app.command("version")
 def version() -> None:
     """Print the package and key dependency versions."""

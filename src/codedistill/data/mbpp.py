@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -46,19 +47,26 @@ def mbpp_prompt(description: str, tests: Iterable[str], code: str | None = None)
     return text
 
 
+def _parse(src: str) -> ast.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ast.parse(src)
+
+
 def entry_point_of(code: str, tests: Iterable[str]) -> str:
     """The reference's function that the tests call (first defined name that is called)."""
     called: list[str] = []
     for t in tests:
         try:
-            for node in ast.walk(ast.parse(t)):
+            for node in ast.walk(_parse(t)):
                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
                     called.append(node.func.id)
         except SyntaxError:
             continue
     try:
         defined = [
-            n.name for n in ast.parse(code).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+            n.name for n in _parse(code).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
         ]
     except SyntaxError:
         defined = []

