@@ -88,6 +88,7 @@ def evaluate_generator(
     chunks = [problems[i:i + chunk_size] for i in range(0, len(problems), chunk_size)]
     sw = JsonlWriter(samples_path) if samples_path else None
     rw = JsonlWriter(results_path) if results_path else None
+    cw = JsonlWriter(out_dir / "chunks.jsonl") if out_dir else None  # what each start generated
     new_rows: list[dict] = []
     try:
         with progress_bar(desc, len(problems)) as advance:
@@ -106,12 +107,13 @@ def evaluate_generator(
                     sw.write_many(rows)
                     rw.write_many([{"task_id": r["task_id"], "sample_index": r["sample_index"], **v}
                                    for r, v in zip(rows, verdicts)])
+                    cw.write({"chunk_start": chunk[0].task_id, "generated": [p.task_id for p in todo]})
                 new_rows += [{**r, **v} for r, v in zip(rows, verdicts)]
                 advance(len(todo))
     finally:
-        if sw:
-            sw.close()
-            rw.close()
+        for w in (sw, rw, cw):
+            if w:
+                w.close()
     order = {p.task_id: i for i, p in enumerate(problems)}
     all_rows = sorted(done_rows + new_rows, key=lambda r: (order[r["task_id"]], r["sample_index"]))
     metrics = pass_at_k_report(counts_from_results(all_rows), seed=seed)

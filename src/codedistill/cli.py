@@ -108,6 +108,36 @@ def baseline(
     sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
 
 
+@app.command()
+@friendly_errors
+def demo(
+    output_dir: Path = typer.Option(Path("results/demo"), "--output-dir"),
+    max_problems: int = typer.Option(100, "--max-problems", help="synth test problems."),
+    num_samples: int = typer.Option(10, "--num-samples", "-n"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """The embedded default: step 1 for tiny-source and tiny-target on synth, side by side."""
+    from rich.table import Table
+
+    from codedistill.baseline import run_baseline
+    from codedistill.config import BaselineConfig, build
+
+    results = {}
+    for model in ("tiny-source", "tiny-target"):
+        cfg = build(BaselineConfig, dict(model=model, dataset="synth", split="test", max_problems=max_problems,
+                                         seed=seed, sampling=dict(num_samples=num_samples, temperature=0.8,
+                                                                  max_new_tokens=160)))
+        out, results[model] = run_baseline(cfg, output_dir / model)
+    table = Table(title=f"step 1 on synth test ({max_problems} problems, n={num_samples}, 95% CI)")
+    table.add_column("metric")
+    for model in results:
+        table.add_column(model)
+    for k in [k for k in results["tiny-source"] if k.startswith("pass@")]:
+        table.add_row(k, *(f"{r[k]['value']:.3f} [{r[k]['ci_low']:.3f}, {r[k]['ci_high']:.3f}]" for r in results.values()))
+    console.print(table)
+    console.print(f"run directories: {output_dir}/tiny-source, {output_dir}/tiny-target")
+
+
 @app.command("make-tiny-model")
 @friendly_errors
 def make_tiny_model(
