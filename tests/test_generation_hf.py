@@ -76,3 +76,20 @@ def test_postprocess():
     assert extract_code(ans) == "def f(x):\n    return x\n"
     assert extract_code("Sure. def f(x): return 1\nThat is it.") == "Sure. def f(x): return 1\nThat is it."
     assert extract_code("Sure.\ndef f(x):\n    return 1\nThat is all.") == "def f(x):\n    return 1\n"
+
+
+def test_chat_answers_become_programs():
+    from codedistill.data import load_problems
+    from codedistill.prompts import PromptStyle, to_program
+
+    he = load_problems("humaneval", max_problems=1)[0]
+    chat = PromptStyle("chat")
+    answer = "Here you go:\n```python\ndef has_close_elements(numbers, threshold):\n    return False\n```\nDone."
+    completion, program = to_program(he, chat, answer)
+    assert program.startswith("from typing import List\n") and "return False" in program
+    body_only = "```python\n    return False\n```"
+    _, program = to_program(he, chat, body_only)
+    assert program == he.prompt + "    return False\n"
+    mb = load_problems("mbpp", "test", max_problems=1)[0]
+    completion, program = to_program(mb, PromptStyle("base"), "def remove_Occ(s, c):\n    return s\n[DONE]\njunk")
+    assert program == "def remove_Occ(s, c):\n    return s\n"

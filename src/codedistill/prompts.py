@@ -62,4 +62,7 @@ def to_program(problem: Problem, style: PromptStyle, text: str) -> tuple[str, st
     code = extract_code(text, problem.entry_point)
     if problem.code_prefix and f"def {problem.entry_point}" not in code:
         return code, problem.program(code)
+    if problem.code_prefix:  # a whole function: keep the prompt's imports (typing, math, ...)
+        imports = [l for l in problem.code_prefix.splitlines() if l.startswith(("import ", "from "))]
+        return code, "\n".join(imports + [code]) if imports else code
     return code, code
