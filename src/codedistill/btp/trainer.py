@@ -43,6 +43,7 @@ class TrainSettings:
     lora_dropout: float = 0.05
     lora_target_modules: list[str] | str | None = None
     add_eos: bool = True
+    prompt_special_tokens: bool = True  # False for chat templates (they hold BOS already)
 
 
 @dataclass
@@ -74,7 +75,8 @@ def set_seed(seed: int) -> None:
 
 
 def encode_example(
-    tokenizer: Any, prompt: str, completion: str, max_length: int = 1024, add_eos: bool = True
+    tokenizer: Any, prompt: str, completion: str, max_length: int = 1024, add_eos: bool = True,
+    prompt_special_tokens: bool = True,
 ) -> dict[str, Any]:
     """Token ids and labels for one (prompt, completion) pair.
 
@@ -85,7 +87,7 @@ def encode_example(
     completion tokens from the right (and, if the prompt alone is too long, prompt tokens
     from the left), keeping at least one completion token.
     """
-    p_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    p_ids = list(tokenizer(prompt, add_special_tokens=prompt_special_tokens)["input_ids"])
     c_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
     eos = getattr(tokenizer, "eos_token_id", None)
     if add_eos and eos is not None:
@@ -219,7 +221,8 @@ def train(
     set_seed(seed)
     feats = []
     for ex in examples:
-        f = encode_example(tokenizer, ex.prompt, ex.completion, settings.max_length, settings.add_eos)
+        f = encode_example(tokenizer, ex.prompt, ex.completion, settings.max_length, settings.add_eos,
+                           settings.prompt_special_tokens)
         f["weight"] = ex.weight
         result.truncated += int(f["truncated"])
         result.completion_tokens += sum(1 for x in f["labels"] if x != IGNORE_INDEX)

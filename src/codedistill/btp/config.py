@@ -1,0 +1,156 @@
+"""BTPConfig: every setting of a BTP run (YAML in, flags override, resolved JSON saved)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from codedistill.btp.p2value import DEFAULT_P2_ALPHA
+from codedistill.btp.samplers import MAX_SAMPLING_ALPHA, SAMPLING_METHODS
+from codedistill.errors import ConfigError
+
+TRAIN_DATASETS = ("mbpp", "mbpp-sanitized", "synth")
+EVAL_EXTRA_DATASETS = ("humaneval", "mbpp", "mbpp-sanitized", "synth")
+
+# Settings that do not change results (where/how fast it runs): not compared on resume.
+NON_EXPERIMENT_KEYS = ("output_dir", "workers", "device", "gen_batch_size", "merge", "config")
+
+
+class BTPConfig(BaseModel):
+    """Step 2: Beam search -> Testing -> Prioritized replay -> fine-tune the target."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # models
+    source_model: str = "tiny-source"
+    target_model: str = "tiny-target"
+    source_variant: Optional[Literal["base", "instruct"]] = None
+    target_variant: Optional[Literal["base", "instruct"]] = None
+    mode: Literal["finetune", "self", "mixed"] = "finetune"
+    # data
+    dataset: str = "mbpp"
+    data_path: Optional[str] = None
+    max_problems: Optional[int] = Field(None, ge=1, description="first N train problems")
+    eval_max_problems: Optional[int] = Field(None, ge=1, description="first N held-out problems")
+    eval_datasets: list[str] = Field(default_factory=list, description="extra eval sets, e.g. humaneval")
+    allow_overlap: bool = False
+    # beam / sampling phase
+    generation: Literal["beam", "sample"] = "beam"
+    num_beams: int = Field(5, ge=1)
+    num_samples: int = Field(5, ge=1, description="programs per problem with generation=sample")
+    gen_temperature: float = Field(0.8, gt=0.0)
+    gen_top_p: float = Field(0.95, gt=0.0, le=1.0)
+    length_penalty: float = 1.0
+    max_new_tokens: int = Field(384, ge=1)
+    # replay
+    p2_alpha: float = Field(DEFAULT_P2_ALPHA, ge=0.0, le=1.0)
+    sampling_method: str = "power"
+    sampling_alpha: float = Field(1.0, ge=0.0, le=MAX_SAMPLING_ALPHA)
+    is_weights: bool = False
+    is_beta: float = Field(0.4, ge=0.0, le=1.0)
+    replay_size: Optional[int] = Field(None, ge=1, description="draws per iteration (default: buffer size)")
+    # fine-tuning
+    n_iterations: int = Field(3, ge=1)
+    use_lora: bool = False
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    lora_target_modules: Optional[list[str]] = None
+    learning_rate: float = Field(2e-4, gt=0.0)
+    epochs: int = Field(1, ge=1)
+    train_batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(1024, ge=8)
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    merge: bool = False
+    # evaluation
+    eval_num_samples: int = Field(10, ge=1)
+    eval_temperature: float = Field(0.8, ge=0.0)
+    eval_top_p: float = Field(0.95, gt=0.0, le=1.0)
+    eval_source: bool = True
+    # execution / runtime
+    seed: int = 0
+    timeout: float = Field(3.0, gt=0)
+    workers: Optional[int] = Field(None, ge=1)
+    device: Optional[str] = None
+    dtype: str = "auto"
+    gen_batch_size: int = Field(16, ge=1)
+    chunk_size: int = Field(8, ge=1)
+    output_dir: Optional[str] = None
+
+    @field_validator("dataset")
+    @classmethod
+    def _train_dataset(cls, v: str) -> str:
+        v = v.lower()
+        if v not in TRAIN_DATASETS:
+            raise ValueError(
+                f"unknown training dataset {v!r}; BTP trains on one of {', '.join(TRAIN_DATASETS)} "
+                "(HumanEval has no train split: use --eval-datasets humaneval)"
+            )
+        return v
+
+    @field_validator("eval_datasets", mode="before")
+    @classmethod
+    def _eval_datasets(cls, v: Any) -> list[str]:
+        if v is None:
+            return []
+        if isinstance(v, str):
+            v = [x for x in v.replace(",", " ").split() if x]
+        out = []
+        for x in v:
+            x = str(x).lower()
+            if x not in EVAL_EXTRA_DATASETS:
+                raise ValueError(f"unknown eval dataset {x!r}; use some of {', '.join(EVAL_EXTRA_DATASETS)}")
+            if x not in out:
+                out.append(x)
+        return out
+
+    @field_validator("sampling_method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        v = v.lower()
+        if v not in SAMPLING_METHODS:
+            raise ValueError(f"unknown sampling method {v!r}; use one of {', '.join(SAMPLING_METHODS)}")
+        return v
+
+    # ---- helpers -------------------------------------------------------------------
+    def experiment_dict(self) -> dict[str, Any]:
+        d = self.model_dump()
+        for k in NON_EXPERIMENT_KEYS:
+            d.pop(k, None)
+        return d
+
+    def default_output_dir(self) -> Path:
+        s = Path(self.source_model).name
+        t = Path(self.target_model).name
+        return Path("results") / "btp" / f"{s}_to_{t}_{self.dataset}_{self.mode}_s{self.seed}"
+
+    def ks(self) -> list[int]:
+        return [k for k in (1, 5, 10) if k <= self.eval_num_samples]
+
+
+def build_config(yaml_values: dict[str, Any] | None, overrides: dict[str, Any]) -> BTPConfig:
+    """Defaults < YAML file < flags (``None`` flags are "not given")."""
+    from pydantic import ValidationError
+
+    vals: dict[str, Any] = dict(yaml_values or {})
+    vals.update({k: v for k, v in overrides.items() if v is not None})
+    # YAML may use dashes like the flags
+    vals = {k.replace("-", "_"): v for k, v in vals.items()}
+    try:
+        return BTPConfig(**vals)
+    except ValidationError as e:
+        msgs = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc']) or 'config'}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"invalid BTP settings: {msgs}") from e
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    from codedistill.config import load_yaml
+
+    data = load_yaml(path)
+    data.pop("config", None)
+    return data

@@ -1,0 +1,568 @@
+"""The BTP loop: Beam search -> Testing -> Prioritized replay -> fine-tune, iterated.
+
+Run directory layout::
+
+    config.json, starts.jsonl          (codedistill.runs.RunDir)
+    generations/<role>_<tag>.jsonl     one record per problem: candidates (+ seq_prob)
+    generations/<role>_<tag>.verdicts.jsonl   one record per problem: verdicts
+    replay_buffer.jsonl                every tested program, deduplicated per problem
+    eval/<stage>/<dataset>.jsonl       per problem: n samples + verdicts (stage: target_iter0,
+                                       source, target_iter1, ...)
+    iter_K/draw.json, iter_K/train_log.jsonl, iter_K/adapter/ (or model/), iter_K/merged/
+    iter_K/stats.json, iter_K/DONE
+    comparison.json, report.md, plots/*.png
+
+Resume: every JSONL is append-only (flush + fsync per record) and read back on restart;
+work is done in fixed chunks of problems whose seeds depend only on (seed, phase,
+iteration, first task_id of the chunk), so a chunk redone after a kill gives the same
+result. An iteration with a DONE marker is never redone; one without is redone from its
+first unfinished phase (generation, testing and evaluation records are reused,
+training is rerun from the previous iteration's saved adapter with the same seed).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from codedistill.btp._exec import open_pool, run_tests
+from codedistill.btp.config import BTPConfig
+from codedistill.btp.jsonl import JsonlAppender, read_jsonl, write_json_atomic
+from codedistill.btp.replay import ReplayBuffer, ReplayEntry
+from codedistill.btp.samplers import draw
+from codedistill.btp.stats import buffer_stats, sampling_stats
+from codedistill.btp.trainer import TrainExample, TrainSettings
+from codedistill.data.problem import Problem
+from codedistill.errors import ConfigError
+
+Log = Callable[[str], None]
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    h = hashlib.sha256(("/".join([str(seed), *map(str, parts)])).encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+class Plan:
+    """Everything resolved and checked before any expensive work."""
+
+    def __init__(self, cfg: BTPConfig):
+        from codedistill.data import load_problems
+        from codedistill.models.registry import resolve_model
+
+        self.cfg = cfg
+        self.source_spec = resolve_model(cfg.source_model, cfg.source_variant)
+        self.target_spec = resolve_model(cfg.target_model, cfg.target_variant)
+        uses_source = cfg.mode in ("finetune", "mixed") or cfg.eval_source
+        if uses_source and self.source_spec.backend != "hf":
+            raise ConfigError(
+                f"{self.source_spec.alias} is served through an API ({self.source_spec.backend}); that "
+                "backend is not built yet, so it cannot generate here. Pick an HF-loadable source."
+            )
+        if self.target_spec.backend != "hf":
+            raise ConfigError(f"{self.target_spec.alias} cannot be fine-tuned: it is an API model.")
+        self.train = load_problems(cfg.dataset, "train", data_path=cfg.data_path, max_problems=cfg.max_problems)
+        if not self.train:
+            raise ConfigError(f"no training problems in {cfg.dataset}")
+        eval_sets = [cfg.dataset] + [d for d in cfg.eval_datasets if d != cfg.dataset]
+        self.evals: dict[str, list[Problem]] = {}
+        for d in eval_sets:
+            path = cfg.data_path if d == cfg.dataset else None
+            self.evals[d] = load_problems(d, "test", data_path=path, max_problems=cfg.eval_max_problems)
+        self.overlap = find_overlap(self.train, [p for ps in self.evals.values() for p in ps])
+        if self.overlap and not cfg.allow_overlap:
+            raise ConfigError(
+                f"{len(self.overlap)} training problems also appear in the evaluation sets "
+                f"(e.g. {self.overlap[:3]}); refusing to train on test problems. Pass --allow-overlap "
+                "to do it anyway (the report will say so)."
+            )
+        self.out = Path(cfg.output_dir) if cfg.output_dir else cfg.default_output_dir()
+
+
+def _norm_text(s: str) -> str:
+    return " ".join(s.lower().split())
+
+
+def find_overlap(train: Sequence[Problem], evals: Sequence[Problem]) -> list[str]:
+    """Training task_ids whose id, description or reference also occurs among ``evals``."""
+    ids = {p.task_id for p in evals}
+    descs = {_norm_text(p.description or p.prompt) for p in evals}
+    refs = {_norm_text(p.reference) for p in evals if p.reference.strip()}
+    out = []
+    for p in train:
+        if (p.task_id in ids or _norm_text(p.description or p.prompt) in descs
+                or (p.reference.strip() and _norm_text(p.reference) in refs)):
+            out.append(p.task_id)
+    return out
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class Models:
+    """Lazy loading of the source and (current) target generators; one at a time in memory."""
+
+    def __init__(self, plan: Plan, log: Log):
+        self.plan = plan
+        self.log = log
+        self._cache: dict[str, Any] = {}
+
+    def _drop(self) -> None:
+        self._cache.clear()
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass
+
+    def source(self) -> Any:
+        if "source" not in self._cache:
+            self._drop()
+            from codedistill.baseline import load_generator
+
+            cfg = self.plan.cfg
+            self.log(f"loading source {cfg.source_model}")
+            _, gen = load_generator(cfg.source_model, cfg.source_variant, cfg.device, cfg.dtype, cfg.gen_batch_size)
+            self._cache["source"] = gen
+        return self._cache["source"]
+
+    def target(self, iteration: int) -> Any:
+        """The target after ``iteration`` fine-tuning iterations (0 = the base model),
+        loaded from disk (adapter merged in memory for generation)."""
+        key = f"target{iteration}"
+        if key not in self._cache:
+            self._drop()
+            cfg = self.plan.cfg
+            spec = self.plan.target_spec
+            from codedistill.generation.hf import HFGenerator
+
+            if iteration == 0:
+                from codedistill.baseline import load_generator
+
+                _, gen = load_generator(cfg.target_model, cfg.target_variant, cfg.device, cfg.dtype, cfg.gen_batch_size)
+            else:
+                from codedistill.btp.trainer import load_model, load_tokenizer
+
+                it_dir = self.plan.out / f"iter_{iteration}"
+                device = cfg.device or _default_device()
+                if cfg.use_lora:
+                    from peft import PeftModel
+
+                    base = load_model(target_path(self.plan), device, _dtype(cfg, spec))
+                    model = PeftModel.from_pretrained(base, str(it_dir / "adapter")).merge_and_unload()
+                    tok = load_tokenizer(it_dir / "adapter")
+                else:
+                    model = load_model(it_dir / "model", device, _dtype(cfg, spec))
+                    tok = load_tokenizer(it_dir / "model")
+                model.eval()
+                gen = HFGenerator(model, tok, name=f"{spec.alias}@iter{iteration}", batch_size=cfg.gen_batch_size,
+                                  add_special_tokens=spec.prompt_style == "base")
+            self._cache[key] = gen
+        return self._cache[key]
+
+
+def _default_device() -> str:
+    from codedistill.btp.trainer import default_device
+
+    return default_device()
+
+
+def _dtype(cfg: BTPConfig, spec: Any) -> str:
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return spec.dtype if spec.dtype not in (None, "auto") else "auto"
+
+
+def target_path(plan: Plan) -> str:
+    from codedistill.models.registry import local_path
+
+    return local_path(plan.target_spec)
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def _style(spec: Any) -> Any:
+    from codedistill.prompts import PromptStyle
+
+    return PromptStyle.of(spec)
+
+
+def generate_and_test(
+    plan: Plan, gen_fn: Callable[[], Any], spec: Any, role: str, tag: str, iteration: int,
+    pool: Any, log: Log,
+) -> dict[str, list[dict[str, Any]]]:
+    """Beam phase + testing phase for one generator over the training problems.
+
+    Returns {task_id: [candidate dicts with verdict fields]} in problem order; records are
+    appended per chunk (generation) and per chunk (verdicts), and reused on restart.
+    """
+    from codedistill.prompts import render_prompt, stops_for, to_program
+
+    cfg = plan.cfg
+    gdir = plan.out / "generations"
+    gpath = gdir / f"{role}_{tag}.jsonl"
+    vpath = gdir / f"{role}_{tag}.verdicts.jsonl"
+    gens = {r["task_id"]: r for r in read_jsonl(gpath)}
+    verd = {r["task_id"]: r for r in read_jsonl(vpath)}
+    style = _style(spec)
+    by_id = {p.task_id: p for p in plan.train}
+    todo_chunks = [c for c in _chunks(plan.train, cfg.chunk_size) if any(p.task_id not in verd for p in c)]
+    if todo_chunks:
+        log(f"[iter {iteration}] {role}: {cfg.generation} on {sum(len(c) for c in todo_chunks)} problems"
+            f" ({len(plan.train) - sum(len(c) for c in todo_chunks)} done before)")
+    with JsonlAppender(gpath) as gw, JsonlAppender(vpath) as vw:
+        for chunk in todo_chunks:
+            missing = [p for p in chunk if p.task_id not in gens]
+            if missing:
+                gen = gen_fn()
+                prompts = [render_prompt(p, style, gen.tokenizer) for p in chunk]
+                stop = stops_for(chunk[0], style)
+                if cfg.generation == "beam":
+                    cands = gen.beam_search(prompts, num_beams=cfg.num_beams, num_return_sequences=cfg.num_beams,
+                                            max_new_tokens=cfg.max_new_tokens, stop=stop,
+                                            length_penalty=cfg.length_penalty)
+                else:
+                    cands = gen.sample(prompts, n=cfg.num_samples, temperature=cfg.gen_temperature,
+                                       top_p=cfg.gen_top_p, max_new_tokens=cfg.max_new_tokens, stop=stop,
+                                       seed=derive_seed(cfg.seed, "gen", role, tag, chunk[0].task_id))
+                for p, cs in zip(chunk, cands):
+                    if p.task_id in gens:
+                        continue
+                    rows = []
+                    for i, c in enumerate(cs):
+                        completion, program = to_program(p, style, c.text)
+                        rows.append({"index": i, "completion": completion, "program": program,
+                                     "logprob": c.logprob, "num_tokens": c.num_tokens,
+                                     "seq_prob": c.seq_prob, "finish_reason": c.finish_reason})
+                    rec = {"task_id": p.task_id, "role": role, "model": getattr(gen, "name", role),
+                           "iteration": iteration, "candidates": rows}
+                    gw.write(rec)
+                    gens[p.task_id] = rec
+            # testing phase for this chunk
+            need = [p for p in chunk if p.task_id not in verd]
+            pairs = [(c["program"], p) for p in need for c in gens[p.task_id]["candidates"]]
+            vs = run_tests(pairs, timeout=cfg.timeout, workers=cfg.workers, pool=pool)
+            k = 0
+            for p in need:
+                nc = len(gens[p.task_id]["candidates"])
+                rec = {"task_id": p.task_id, "verdicts": vs[k:k + nc]}
+                k += nc
+                vw.write(rec)
+                verd[p.task_id] = rec
+    out: dict[str, list[dict[str, Any]]] = {}
+    for p in plan.train:
+        cs = gens[p.task_id]["candidates"]
+        vs = verd[p.task_id]["verdicts"]
+        out[p.task_id] = [{**c, **v, "model": gens[p.task_id]["model"]} for c, v in zip(cs, vs)]
+    del by_id
+    return out
+
+
+def evaluate(
+    plan: Plan, gen_fn: Callable[[], Any], spec: Any, stage: str, pool: Any, log: Log,
+) -> dict[str, dict[str, Any]]:
+    """n samples per held-out problem, tested; per dataset {"counts": {task: [n, c]}, "metrics"}.
+
+    The sampling seed of a chunk depends on (seed, dataset, first task_id) only, the same
+    for every stage: before/after comparisons use common random numbers.
+    """
+    from codedistill.metrics import pass_at_k_report
+    from codedistill.prompts import render_prompt, stops_for, to_program
+
+    cfg = plan.cfg
+    style = _style(spec)
+    res: dict[str, dict[str, Any]] = {}
+    for ds, problems in plan.evals.items():
+        path = plan.out / "eval" / stage / f"{ds}.jsonl"
+        done = {r["task_id"]: r for r in read_jsonl(path)}
+        todo = [c for c in _chunks(problems, cfg.chunk_size) if any(p.task_id not in done for p in c)]
+        if todo:
+            log(f"evaluating {stage} on {ds}: {sum(len(c) for c in todo)} problems x {cfg.eval_num_samples} samples")
+        with JsonlAppender(path) as w:
+            for chunk in todo:
+                gen = gen_fn()
+                prompts = [render_prompt(p, style, gen.tokenizer) for p in chunk]
+                stop = stops_for(chunk[0], style)
+                cands = gen.sample(prompts, n=cfg.eval_num_samples, temperature=cfg.eval_temperature,
+                                   top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens, stop=stop,
+                                   seed=derive_seed(cfg.seed, "eval", ds, chunk[0].task_id))
+                need = [(p, cs) for p, cs in zip(chunk, cands) if p.task_id not in done]
+                progs = [(to_program(p, style, c.text), p) for p, cs in need for c in cs]
+                vs = run_tests([(prog, p) for (_, prog), p in progs], timeout=cfg.timeout,
+                               workers=cfg.workers, pool=pool)
+                k = 0
+                for p, cs in need:
+                    samples = []
+                    for c in cs:
+                        (completion, _prog), _ = progs[k]
+                        samples.append({"completion": completion, "seq_prob": c.seq_prob, **vs[k]})
+                        k += 1
+                    rec = {"task_id": p.task_id, "n": len(samples),
+                           "c": sum(bool(s["passed"]) for s in samples), "samples": samples}
+                    w.write(rec)
+                    done[p.task_id] = rec
+        counts = {p.task_id: (done[p.task_id]["n"], done[p.task_id]["c"]) for p in problems}
+        res[ds] = {"counts": counts, "metrics": pass_at_k_report(counts, ks=cfg.ks(), seed=cfg.seed)}
+    return res
+
+
+def training_completion(problem: Problem, completion: str, style: Any) -> str:
+    """What the target is trained to write after its prompt.
+
+    Base prompts (MBPP/synth ``[BEGIN]`` format): the completion followed by the
+    benchmark's end marker (``[DONE]``), exactly what a base model is stopped at.
+    Chat prompts: the program in one fenced block (what the code extractor reads).
+    """
+    if style.style == "chat":
+        return "```python\n" + problem.program(completion).strip() + "\n```"
+    from codedistill.data import stop_strings
+
+    stops = stop_strings(problem.dataset or "mbpp")
+    end = stops[0] if stops and stops[0].strip().startswith("[") else ""
+    return completion + end
+
+
+def train_iteration(plan: Plan, iteration: int, examples: list[TrainExample], log: Log) -> dict[str, Any]:
+    """Fine-tune from the previous iteration's checkpoint (or the base) and save."""
+    from codedistill.btp.trainer import load_tokenizer, merge_and_save, prepare_model, save_trained, train
+
+    cfg = plan.cfg
+    spec = plan.target_spec
+    it_dir = plan.out / f"iter_{iteration}"
+    prev = None
+    if iteration > 1:
+        prev = plan.out / f"iter_{iteration - 1}" / ("adapter" if cfg.use_lora else "model")
+    settings = train_settings(plan)
+    device = cfg.device or _default_device()
+    base = target_path(plan)
+    tok = load_tokenizer(base)
+    seed = derive_seed(cfg.seed, "train", iteration)
+    model = prepare_model(base, settings, seed=seed, device=device, dtype=_dtype(cfg, spec), init_from=prev)
+    t0 = time.time()
+    log(f"[iter {iteration}] fine-tuning {spec.alias} on {len(examples)} examples "
+        f"({'LoRA r=%d' % settings.lora_r if cfg.use_lora else 'full'})")
+    result = train(model, tok, examples, settings, seed=seed)
+    with JsonlAppender(it_dir / "train_log.tmp.jsonl") as w:
+        for i, loss in enumerate(result.losses):
+            w.write({"step": i + 1, "loss": loss})
+    (it_dir / "train_log.tmp.jsonl").replace(it_dir / "train_log.jsonl")
+    save_trained(model, tok, it_dir, cfg.use_lora)
+    if cfg.merge:
+        merge_and_save(model, tok, it_dir / "merged")
+    info = {**result.to_dict(), "seconds": round(time.time() - t0, 2), "seed": seed,
+            "init_from": str(prev) if prev else "base"}
+    write_json_atomic(it_dir / "train.json", info)
+    del model
+    gc.collect()
+    return info
+
+
+def train_settings(plan: Plan) -> TrainSettings:
+    cfg = plan.cfg
+    spec = plan.target_spec
+    targets = cfg.lora_target_modules or list(spec.lora_target_modules)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    return TrainSettings(
+        learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.train_batch_size,
+        grad_accum=cfg.grad_accum, max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio,
+        use_lora=cfg.use_lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        lora_target_modules=targets, prompt_special_tokens=spec.prompt_style == "base",
+    )
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def run_btp(cfg: BTPConfig, log: Log = print) -> dict[str, Any]:
+    """Run (or resume) a whole BTP experiment; returns comparison.json's content."""
+    from codedistill.runs import RunDir
+
+    plan = Plan(cfg)
+    run = RunDir(plan.out)
+    config = {**cfg.experiment_dict(), "source_spec": plan.source_spec.to_dict(),
+              "target_spec": plan.target_spec.to_dict()}
+    resumed = run.open(config, kind="btp")
+    log(f"BTP run in {plan.out}{' (resuming)' if resumed else ''}: {len(plan.train)} train problems, "
+        f"eval on {', '.join(f'{d} ({len(ps)})' for d, ps in plan.evals.items())}")
+    models = Models(plan, log)
+    buffer = ReplayBuffer(plan.out / "replay_buffer.jsonl")
+    t_start = time.time()
+    pool_cm = open_pool(cfg.workers, cfg.timeout)
+    pool = pool_cm.__enter__() if pool_cm is not None else None
+    try:
+        evals: dict[str, Any] = {"target_iter0": evaluate(plan, lambda: models.target(0), plan.target_spec,
+                                                          "target_iter0", pool, log)}
+        if cfg.eval_source:
+            evals["source"] = evaluate(plan, models.source, plan.source_spec, "source", pool, log)
+        all_stats: list[dict[str, Any]] = []
+        for k in range(1, cfg.n_iterations + 1):
+            it_dir = plan.out / f"iter_{k}"
+            if (it_dir / "DONE").exists():
+                all_stats.append(json.loads((it_dir / "stats.json").read_text()))
+                evals[f"target_iter{k}"] = evaluate(plan, lambda: models.target(k), plan.target_spec,
+                                                    f"target_iter{k}", pool, log)
+                continue
+            it_dir.mkdir(parents=True, exist_ok=True)
+            stats = run_iteration(plan, k, models, buffer, pool, log)
+            evals[f"target_iter{k}"] = evaluate(plan, lambda: models.target(k), plan.target_spec,
+                                                f"target_iter{k}", pool, log)
+            stats["eval"] = {ds: r["metrics"] for ds, r in evals[f"target_iter{k}"].items()}
+            write_json_atomic(it_dir / "stats.json", stats)
+            (it_dir / "DONE").write_text("done\n")
+            all_stats.append(stats)
+    finally:
+        buffer.close()
+        if pool_cm is not None:
+            pool_cm.__exit__(None, None, None)
+    comparison = build_comparison(plan, evals)
+    write_json_atomic(plan.out / "comparison.json", comparison)
+    make_plots(plan, comparison, all_stats)
+    from codedistill.btp.report import report_markdown
+
+    (plan.out / "report.md").write_text(report_markdown(plan, comparison, all_stats,
+                                                        time.time() - t_start), encoding="utf-8")
+    log(f"done: {plan.out / 'report.md'}")
+    return comparison
+
+
+def run_iteration(plan: Plan, k: int, models: Models, buffer: ReplayBuffer, pool: Any, log: Log) -> dict[str, Any]:
+    cfg = plan.cfg
+    it_dir = plan.out / f"iter_{k}"
+    # 1-2. beam (or sampling) phase and testing phase, per generating model
+    produced: list[tuple[str, dict[str, list[dict[str, Any]]]]] = []
+    gen_stats: dict[str, Any] = {}
+    roles = {"finetune": ["source"], "self": ["target"], "mixed": ["source", "target"]}[cfg.mode]
+    for role in roles:
+        if role == "source":
+            spec, fn = plan.source_spec, models.source
+            # the source never changes: its beams are deterministic, computed once
+            tag = "beam" if cfg.generation == "beam" else f"iter{k}"
+        else:
+            spec, fn = plan.target_spec, (lambda: models.target(k - 1))
+            tag = f"iter{k}"
+        res = generate_and_test(plan, fn, spec, role, tag, k, pool, log)
+        produced.append((role, res))
+        flat = [c for cs in res.values() for c in cs]
+        gen_stats[role] = {
+            "model": spec.alias, "candidates": len(flat), "file": f"generations/{role}_{tag}.jsonl",
+            "share_passing": float(np.mean([bool(c["passed"]) for c in flat])) if flat else 0.0,
+            "mean_pass_rate": float(np.mean([c["pass_rate"] for c in flat])) if flat else 0.0,
+            "problems_solved": sum(any(c["passed"] for c in cs) for cs in res.values()),
+            "mean_seq_prob": float(np.mean([c["seq_prob"] for c in flat])) if flat else 0.0,
+        }
+    # 3. replay buffer (idempotent on restart: the same entries in the same order)
+    before = len(buffer)
+    for p in plan.train:
+        for role, res in produced:
+            for c in res[p.task_id]:
+                buffer.add(ReplayEntry(
+                    task_id=p.task_id, completion=c["completion"], program=c["program"],
+                    p=min(1.0, max(0.0, float(c["seq_prob"]))), pass_rate=float(c["pass_rate"]),
+                    tests_passed=int(c["tests_passed"]), tests_total=int(c["tests_total"]),
+                    source=c["model"], iteration=k, origin=cfg.generation,
+                ))
+    log(f"[iter {k}] replay buffer: {len(buffer)} programs ({len(buffer) - before} new)")
+    # 4. prioritized replay
+    entries = list(buffer.entries)
+    values = [e.value(cfg.p2_alpha) for e in entries]
+    n_draw = cfg.replay_size or len(entries)
+    rng = np.random.default_rng(derive_seed(cfg.seed, "draw", k))
+    d = draw(values, n_draw, cfg.sampling_method, cfg.sampling_alpha, rng,
+             is_beta=cfg.is_beta if cfg.is_weights else None)
+    samp = sampling_stats(entries, d, cfg.sampling_method, cfg.sampling_alpha,
+                          cfg.is_beta if cfg.is_weights else None)
+    log(f"[iter {k}] drew {len(d.indices)} ({samp['unique_programs_drawn']} unique programs, "
+        f"{samp['share_fully_passing_drawn']:.0%} fully passing, {samp['share_zero_pass_drawn']:.0%} zero-pass)")
+    write_json_atomic(it_dir / "draw.json", {
+        "indices": d.indices, "is_weights": d.is_weights,
+        "drawn": [{"task_id": entries[i].task_id, "key": entries[i].key} for i in d.indices]})
+    # 5. fine-tune the target on prompts in the target's format
+    by_id = {p.task_id: p for p in plan.train}
+    tstyle = _style(plan.target_spec)
+    from codedistill.btp.trainer import load_tokenizer
+    from codedistill.prompts import render_prompt
+
+    ttok = load_tokenizer(target_path(plan)) if tstyle.style == "chat" else None
+    examples = []
+    for i, w in zip(d.indices, d.is_weights):
+        e = entries[i]
+        prob = by_id[e.task_id]
+        examples.append(TrainExample(prompt=render_prompt(prob, tstyle, ttok),
+                                     completion=training_completion(prob, e.completion, tstyle),
+                                     weight=w, task_id=e.task_id))
+    models._drop()
+    train_info = train_iteration(plan, k, examples, log)
+    return {
+        "iteration": k,
+        "mode": cfg.mode,
+        "generation": gen_stats,
+        "buffer": buffer_stats(entries, cfg.p2_alpha, k),
+        "p2_alpha": cfg.p2_alpha,
+        "sampling": samp,
+        "training": train_info,
+    }
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def build_comparison(plan: Plan, evals: dict[str, Any]) -> dict[str, Any]:
+    from codedistill.metrics import paired_bootstrap
+
+    cfg = plan.cfg
+    last = f"target_iter{cfg.n_iterations}"
+    out: dict[str, Any] = {
+        "source_model": plan.source_spec.alias, "target_model": plan.target_spec.alias,
+        "mode": cfg.mode, "train_dataset": cfg.dataset, "n_train_problems": len(plan.train),
+        "n_iterations": cfg.n_iterations, "seed": cfg.seed,
+        "allow_overlap": cfg.allow_overlap, "overlapping_train_problems": plan.overlap,
+        "eval_num_samples": cfg.eval_num_samples, "eval_temperature": cfg.eval_temperature,
+        "datasets": {},
+    }
+    for ds in plan.evals:
+        before = evals["target_iter0"][ds]
+        after = evals[last][ds]
+        entry: dict[str, Any] = {
+            "n_problems": len(plan.evals[ds]),
+            "target_before": before["metrics"],
+            "target_after": after["metrics"],
+            "target_per_iteration": {k: v[ds]["metrics"] for k, v in evals.items() if k.startswith("target_iter")},
+            "improvement": {f"pass@{k}": paired_bootstrap(before["counts"], after["counts"], k=k, seed=cfg.seed)
+                            for k in cfg.ks()},
+        }
+        if "source" in evals:
+            entry["source"] = evals["source"][ds]["metrics"]
+        out["datasets"][ds] = entry
+    return out
+
+
+def make_plots(plan: Plan, comparison: dict[str, Any], stats: list[dict[str, Any]]) -> None:
+    from codedistill.btp.plots import plot_loss_curves, plot_p2value_histograms, plot_pass_at_k
+
+    pdir = plan.out / "plots"
+    if stats:
+        plot_p2value_histograms(stats, pdir / "p2value_hist.png")
+        plot_loss_curves([(s["iteration"], s["training"]["losses"]) for s in stats], pdir / "loss_curve.png")
+    for ds, e in comparison["datasets"].items():
+        rows = [("target before", e["target_before"]), ("target after", e["target_after"])]
+        if "source" in e:
+            rows.append(("source", e["source"]))
+        plot_pass_at_k(rows, pdir / f"pass_at_k_{ds}.png", title=f"{ds}: pass@k (95% CI)")
