@@ -344,7 +344,16 @@ class Server:
             timed_out = True
             os.kill(c, signal.SIGKILL)
         _, st = os.waitpid(c, 0)
-        left = self._reap_all(uid)
+        if caps["pid"]:  # the namespace died with C: only zombies to collect
+            left = 0
+            while True:
+                try:
+                    if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                        break
+                except ChildProcessError:
+                    break
+        else:
+            left = self._reap_all(uid)
         info = {"timed_out": timed_out, "left_behind": left}
         if os.WIFSIGNALED(st):
             info["signal"] = os.WTERMSIG(st)
