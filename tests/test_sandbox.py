@@ -175,11 +175,12 @@ def test_sandbox_call_payload(pool):
 def test_sandbox_call_errors_and_caps(pool):
     v = pool.call("statistics:mean", {"data": []})
     assert v.result.startswith("failed: StatisticsError") and v.payload is None and not v.passed
-    v = pool.call("time:sleep", {"secs": 30}, Limits(timeout=0.5))
+    v = pool.call("codedistill.execution._selftest:sleep", {"seconds": 30}, Limits(timeout=0.5))
     assert v.result == "timed out"
     v = pool.call("builtins:bytes", {}, Limits(max_payload_bytes=10))
     assert v.result == "ok"
-    v = pool.call("os:urandom", {"size": 5000}, Limits(max_payload_bytes=1000))
+    v = pool.call("textwrap:indent", {"text": "x" * 5000, "prefix": ""},
+                  Limits(max_payload_bytes=1000))
     assert v.result.startswith("failed: payload too large")
     with pytest.raises(ValueError):
         pool.call("nocolon", {})
@@ -187,10 +188,16 @@ def test_sandbox_call_errors_and_caps(pool):
 
 def test_sandbox_call_is_isolated(pool):
     # The trusted function runs as the sandbox uid, in the private namespaces.
-    v = pool.call("os:getuid", {})
-    assert v.payload in pool.sandbox_uids or os.geteuid() != 0
-    v = pool.call("os:listdir", {"path": "."})
-    assert v.payload == []
+    v = pool.call("codedistill.execution._selftest:whoami", {})
+    assert v.passed, v.result
+    if os.geteuid() == 0:
+        assert v.payload["uid"] in pool.sandbox_uids and v.payload["uid"] != 0
+    assert v.payload["listdir"] == [] and v.payload["pid"] != os.getpid()
+    v = pool.call("codedistill.execution._selftest:run_untrusted",
+                  {"code": "import math\nX = math.sqrt(16)\nopen('/etc/evil', 'w')"})
+    assert v.result.startswith("failed: ") and not os.path.exists("/etc/evil")
+    v = pool.call("codedistill.execution._selftest:run_untrusted", {"code": "A = 1\nB = 2"})
+    assert v.payload == {"names": ["A", "B"]}
 
 
 def test_verdict_dataclass_roundtrip():
