@@ -56,6 +56,8 @@ class CFGResult:
     rows_tokens: int = 0
     scores: list[float] = field(default_factory=list)
     steps: list[dict] | None = None
+    token_guided_logprobs: list[list[float]] = field(default_factory=list)
+    token_plain_logprobs: list[list[float]] = field(default_factory=list)
 
 
 def guided_logprobs(
@@ -208,8 +210,8 @@ def cfg_generate(
                      split_logits, rows_index)
 
     seqs: list[list[int]] = [[] for _ in range(B)]
-    g_lp = [0.0] * B
-    p_lp = [0.0] * B
+    g_tok: list[list[float]] = [[] for _ in range(B)]
+    p_tok: list[list[float]] = [[] for _ in range(B)]
     finished = [False] * B
     active = list(range(B))  # hypothesis index of each current row (per stream half)
     for _ in range(max_new_tokens):
@@ -227,8 +229,8 @@ def cfg_generate(
         for r, h in enumerate(active):
             t = int(tok[r])
             seqs[h].append(t)
-            g_lp[h] += float(glp[r, t])
-            p_lp[h] += float(plp[r, t])
+            g_tok[h].append(float(glp[r, t]))
+            p_tok[h].append(float(plp[r, t]))
             if t in eos or (stop_fn is not None and stop_fn(seqs[h])):
                 finished[h] = True
             else:
@@ -241,10 +243,11 @@ def cfg_generate(
             tok = tok[sel.to(tok.device)]
             active = [active[r] for r in keep]
         st.step(torch.cat([tok, tok]) if use_cond else tok)
+    g_lp = [float(sum(x)) for x in g_tok]
     return CFGResult(
-        tokens=seqs, guided_logprob=g_lp, plain_logprob=p_lp, finished=finished,
-        forward_passes=st.forward_passes, rows_tokens=st.rows_tokens, scores=list(g_lp),
-        steps=steps,
+        tokens=seqs, guided_logprob=g_lp, plain_logprob=[float(sum(x)) for x in p_tok],
+        finished=finished, forward_passes=st.forward_passes, rows_tokens=st.rows_tokens,
+        scores=list(g_lp), steps=steps, token_guided_logprobs=g_tok, token_plain_logprobs=p_tok,
     )
 
 
@@ -254,8 +257,10 @@ def _beam(st: _Streams, B, gamma, use_cond, max_new_tokens, eos, stop_fn, length
     seqs: list[list[int]] = [[] for _ in range(B)]
     beam_scores = torch.full((B,), float("-inf"), device=dev)
     beam_scores[0] = 0.0  # all rows start identical: only one live beam at step 0
-    plain = [0.0] * B
-    done: list[tuple[float, list[int], float, float, bool]] = []  # (norm score, seq, glp, plp, fin)
+    gtok: list[list[float]] = [[] for _ in range(B)]  # per-token guided / plain log-probs
+    ptok: list[list[float]] = [[] for _ in range(B)]
+    # (norm score, seq, guided sum, finished, guided per token, plain per token)
+    done: list[tuple[float, list[int], float, bool, list[float], list[float]]] = []
 
     def norm(score: float, length: int) -> float:
         return score / (max(length, 1) ** length_penalty)
@@ -275,7 +280,8 @@ def _beam(st: _Streams, B, gamma, use_cond, max_new_tokens, eos, stop_fn, length
             new_seq = seqs[b] + [t]
             if t in eos or (stop_fn is not None and stop_fn(new_seq)):
                 if rank < B:
-                    done.append((norm(sc, len(new_seq)), new_seq, sc, plain[b] + float(plp[b, t]), True))
+                    done.append((norm(sc, len(new_seq)), new_seq, sc, True,
+                                 gtok[b] + [float(glp[b, t])], ptok[b] + [float(plp[b, t])]))
                 continue
             next_beams.append((b, t, sc))
             if len(next_beams) == B:
@@ -290,13 +296,15 @@ def _beam(st: _Streams, B, gamma, use_cond, max_new_tokens, eos, stop_fn, length
             break
         if last_step:
             for b, t, sc in next_beams:
-                done.append((norm(sc, step + 1), seqs[b] + [t], sc, plain[b] + float(plp[b, t]), False))
+                done.append((norm(sc, step + 1), seqs[b] + [t], sc, False,
+                             gtok[b] + [float(glp[b, t])], ptok[b] + [float(plp[b, t])]))
             break
         while len(next_beams) < B:  # pad with dead beams
             next_beams.append((next_beams[0][0], next_beams[0][1], float("-inf")))
         src = torch.tensor([b for b, _, _ in next_beams], dtype=torch.long)
         toks = torch.tensor([t for _, t, _ in next_beams], dtype=torch.long, device=dev)
-        plain = [plain[b] + float(plp[b, t]) for b, t, _ in next_beams]
+        gtok = [gtok[b] + [float(glp[b, t])] for b, t, _ in next_beams]
+        ptok = [ptok[b] + [float(plp[b, t])] for b, t, _ in next_beams]
         seqs = [seqs[b] + [t] for b, t, _ in next_beams]
         beam_scores = torch.tensor([sc for _, _, sc in next_beams], device=dev)
         st.select(rows_index(src, B))  # reorder BOTH halves with the same beam indices
@@ -305,7 +313,8 @@ def _beam(st: _Streams, B, gamma, use_cond, max_new_tokens, eos, stop_fn, length
     done = [d for d in done if math.isfinite(d[2])][:B]
     return CFGResult(
         tokens=[d[1] for d in done], guided_logprob=[d[2] for d in done],
-        plain_logprob=[d[3] for d in done], finished=[d[4] for d in done],
+        plain_logprob=[float(sum(d[5])) for d in done], finished=[d[3] for d in done],
         forward_passes=st.forward_passes, rows_tokens=st.rows_tokens,
         scores=[d[0] for d in done], steps=steps,
+        token_guided_logprobs=[d[4] for d in done], token_plain_logprobs=[d[5] for d in done],
     )

@@ -11,8 +11,11 @@ so its return value can be shown next to the expected one.
 Budgets: ``max_events`` events and ``max_chars`` characters of recorded text per test. Once a
 budget is hit, recording stops AND tracing is switched off (``sys.settrace(None)`` and the
 frames' local tracers removed), so a million-iteration loop runs at full speed and costs no
-memory. ``timeout_s`` per test (SIGALRM in the child) turns an endless loop into a
-``TimeoutError`` instead of killing the whole trace call.
+memory. ``timeout_s`` per test turns an endless loop into a ``TimeoutError`` instead of
+killing the whole trace call: checked by the trace function while it records, and by
+SIGALRM when the tracer runs in the main thread (standalone). Inside the sandbox the call
+runs in a worker thread, so an endless loop after the recording budget is spent is ended by
+the sandbox's own time limit (the caller then reports the candidate as timed out).
 
 Standalone use (for tests without the sandbox): ``python -m codedistill.egcfg.tracer`` reads
 the args as JSON on stdin and writes the result as JSON on stdout.
@@ -28,6 +31,7 @@ import signal
 import sys
 import threading
 import traceback
+import time
 import types
 from typing import Any
 
@@ -70,7 +74,8 @@ def safe_repr(x: Any, limit: int = 80) -> str:
 
 
 class _Recorder:
-    def __init__(self, max_events: int, max_chars: int, max_repr: int):
+    def __init__(self, max_events: int, max_chars: int, max_repr: int, deadline: float | None = None):
+        self.deadline = deadline
         self.max_events = max_events
         self.max_chars = max_chars
         self.max_repr = max_repr
@@ -119,6 +124,9 @@ class _Recorder:
             frame.f_trace = None
             return None
         self.seen += 1
+        if self.deadline is not None and self.seen % 64 == 0 and time.monotonic() > self.deadline:
+            self.stop()
+            raise _Timeout()
         key = id(frame)
         func = frame.f_code.co_name
         if event == "call":
@@ -215,7 +223,8 @@ def _alarm(signum, frame):  # noqa: ARG001
 
 
 def _run_one(program: str, setup: str, test: str, opts: dict) -> dict:
-    rec = _Recorder(int(opts["max_events"]), int(opts["max_chars"]), int(opts["max_repr"]))
+    rec = _Recorder(int(opts["max_events"]), int(opts["max_chars"]), int(opts["max_repr"]),
+                    deadline=time.monotonic() + float(opts["timeout_s"]))
     out: dict[str, Any] = {"test": test, "call": None, "result": None, "expected": None,
                            "passed": False, "exception": None, "stdout": ""}
     call_src, exp_src = split_assert(test)
@@ -234,7 +243,8 @@ def _run_one(program: str, setup: str, test: str, opts: dict) -> dict:
             exec(compile(setup, "<setup>", "exec"), ns)
         stage = "program"
         code = compile(program, SOLUTION_FILE, "exec")
-        sys.settrace(rec.global_trace)
+        if rec.max_events > 0:
+            sys.settrace(rec.global_trace)
         try:
             exec(code, ns)
             stage = "test"
@@ -270,8 +280,9 @@ def _run_one(program: str, setup: str, test: str, opts: dict) -> dict:
     return out
 
 
-def trace(args: dict) -> dict:
-    """Trace ``args["program"]`` on each of ``args["tests"]``.
+def trace(args: dict | None = None, /, **kwargs: Any) -> dict:
+    """Trace ``args["program"]`` on each of ``args["tests"]`` (args as a dict or as keywords,
+    so both ``trace(args)`` and the sandbox's ``target(**args)`` work).
 
     args: program (str), tests (list[str]), test_setup (str, optional), and the budgets
     max_events, max_chars, max_repr, timeout_s (see ``DEFAULTS``). Returns
@@ -279,6 +290,7 @@ def trace(args: dict) -> dict:
     result, expected, passed, exception {type, message, line, stage} | None, events,
     truncated, n_events_seen, stdout.
     """
+    args = {**(args or {}), **kwargs}
     opts = {**DEFAULTS, **{k: args[k] for k in DEFAULTS if k in args}}
     program = args["program"]
     try:

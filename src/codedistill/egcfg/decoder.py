@@ -1,0 +1,251 @@
+"""Line-by-line EG-CFG decoding for one agent.
+
+At each line boundary (the completion so far ends with a token containing a newline):
+
+1. draw ``s`` candidate continuations, each ``d`` lines deep, from the plain prompt + the
+   completion so far (temperature sampling at ``t``, or beam search with ``s`` beams);
+2. make each candidate program executable (:func:`~codedistill.egcfg.signal.make_executable`)
+   and trace it on the visible tests in the sandbox (all candidates in parallel);
+3. format the traces into the dynamic signal (token budget) and insert it into the prompt;
+4. decode the next line token by token with CFG between the prompt with the signal
+   (conditional) and without it (unconditional), with both KV caches (:mod:`.cfg`).
+
+The signal is fixed within a line and refreshed at the next boundary. Token ids, not text,
+carry the completion from line to line (prompt ids + generated ids), so with an empty signal
+or ``gamma = 0`` the result is exactly the model's plain greedy decoding.
+
+With ``gamma = 0`` (the signal has no effect) or no visible tests, steps 1-3 are skipped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from codedistill.data.problem import Problem
+from codedistill.egcfg.cfg import cfg_generate
+from codedistill.egcfg.config import AgentSpec, EGCFGConfig
+from codedistill.egcfg.executor import TraceExecutor
+from codedistill.egcfg.signal import build_signal, count_tokens_fn, insert_signal, make_executable
+from codedistill.generation.postprocess import cut_at_stop
+
+
+@dataclass
+class Counters:
+    forward_passes: int = 0  # model calls (one batched cond+uncond call counts once)
+    forward_rows_tokens: int = 0  # token positions those calls processed (rows x new tokens)
+    generated_tokens: int = 0  # tokens decoded: candidates + guided lines
+    candidate_tokens: int = 0
+    line_tokens: int = 0
+    sandbox_executions: int = 0  # tracer jobs + test checks
+    wall_time_s: float = 0.0
+
+    def add(self, other: "Counters") -> None:
+        for k in self.__dataclass_fields__:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class AgentResult:
+    agent: AgentSpec
+    completion: str  # cut at the stop strings
+    token_ids: list[int]  # all generated ids (uncut)
+    num_tokens: int  # kept tokens (up to the one completing the kept text)
+    plain_logprob: float  # sum of log p_plain over the kept tokens (temperature 1)
+    guided_logprob: float  # same under the guided distribution that chose them
+    finish_reason: str  # stop | length | cancelled
+    lines: list[dict] = field(default_factory=list)
+    counters: Counters = field(default_factory=Counters)
+    visible: dict | None = None  # {"passed", "pass_rate"} on the visible tests
+
+    def log(self) -> dict[str, Any]:
+        return {
+            "agent": self.agent.name(), "spec": self.agent.model_dump(), "completion": self.completion,
+            "num_tokens": self.num_tokens, "plain_logprob": self.plain_logprob,
+            "guided_logprob": self.guided_logprob, "finish_reason": self.finish_reason,
+            "visible": self.visible, "counters": self.counters.to_dict(), "lines": self.lines,
+        }
+
+
+def kept_tokens(tokenizer, ids: Sequence[int], kept_text: str) -> int:
+    """Fewest leading tokens whose decoded text covers ``kept_text``."""
+    if not kept_text:
+        return 0
+    m = len(ids)
+    while m > 1 and len(tokenizer.decode(ids[: m - 1], skip_special_tokens=True)) >= len(kept_text):
+        m -= 1
+    return m
+
+
+class LineDecoder:
+    def __init__(self, model, tokenizer, config: EGCFGConfig, executor: TraceExecutor,
+                 add_special_tokens: bool = True, log_signals: bool = True):
+        self.model = model
+        self.tok = tokenizer
+        self.cfg = config
+        self.executor = executor
+        self.add_special_tokens = add_special_tokens
+        self.log_signals = log_signals
+        self.count_tokens = count_tokens_fn(tokenizer)
+        eos = tokenizer.eos_token_id
+        self.eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or [0])[0]
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=self.add_special_tokens))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ candidates + signal
+    def candidates(self, ids: list[int], agent: AgentSpec, stop: Sequence[str], gen: torch.Generator,
+                   c: Counters) -> list[str]:
+        """``s`` continuations of ``ids``, each up to ``d`` newlines (or a stop / eos)."""
+        d = agent.depth
+
+        def deep_enough(new: list[int]) -> bool:
+            t = self.decode(new)
+            return t.count("\n") >= d or cut_at_stop(t, stop)[1]
+
+        mode = "beam" if self.cfg.candidate_mode == "beam" else "sample"
+        res = cfg_generate(
+            self.model, ids, None, gamma=0.0, strategy=mode, num_sequences=agent.num_candidates,
+            temperature=agent.temperature, top_p=self.cfg.top_p,
+            max_new_tokens=self.cfg.candidate_max_tokens, eos_token_id=self.eos, stop_fn=deep_enough,
+            generator=gen, pad_token_id=self.pad,
+        )
+        c.forward_passes += res.forward_passes
+        c.forward_rows_tokens += res.rows_tokens
+        n = sum(len(t) for t in res.tokens)
+        c.generated_tokens += n
+        c.candidate_tokens += n
+        out = []
+        for toks in res.tokens:
+            t = self.decode(toks)
+            t, _ = cut_at_stop(t, stop)
+            lines = t.split("\n")
+            out.append("\n".join(lines[: d]) + ("\n" if len(lines) > d else ""))
+        return out
+
+    def signal(self, problem: Problem, prefix_text: str, cands: list[str], agent: AgentSpec,
+               c: Counters) -> tuple[str, list[dict]]:
+        """Trace the candidates on the visible tests; the signal block and a log per candidate."""
+        base = problem.code_prefix + prefix_text
+        first_new = base.count("\n") + 1
+        programs: list[str] = []
+        log: list[dict] = []
+        for cand in cands:
+            prog = make_executable(base + cand)
+            entry = {"text": cand, "executable": bool(prog)}
+            if prog and prog not in programs:
+                programs.append(prog)
+            entry["program_index"] = programs.index(prog) if prog in programs else None
+            log.append(entry)
+        tests = list(problem.visible_tests)[: self.cfg.max_traced_tests]
+        jobs = [{"program": p, "tests": tests, "test_setup": problem.test_setup,
+                 "max_events": self.cfg.trace_max_events, "max_chars": self.cfg.trace_max_chars,
+                 "max_repr": self.cfg.trace_max_repr, "timeout_s": self.cfg.trace_timeout_s}
+                for p in programs]
+        before = self.executor.executions
+        traces = self.executor.trace_many(jobs)
+        c.sandbox_executions += self.executor.executions - before if self.cfg.agent_workers == 1 else len(jobs)
+        for e in log:
+            i = e.get("program_index")
+            if i is not None:
+                tr = traces[i]
+                e["tests"] = [{"passed": t.get("passed"), "result": t.get("result"),
+                               "exception": (t.get("exception") or {}).get("type")}
+                              for t in tr.get("tests", [])]
+                if tr.get("error"):
+                    e["error"] = tr["error"]
+        template = self.cfg.prompts.get(agent.prompt) or next(iter(self.cfg.prompts.values()))
+        sig = build_signal([(p, t, first_new) for p, t in zip(programs, traces)], self.count_tokens,
+                           self.cfg.trace_budget_tokens, template=template, header=self.cfg.signal_header,
+                           max_tests=self.cfg.max_traced_tests)
+        return sig, log
+
+    # ------------------------------------------------------------------ one agent
+    def decode_agent(self, problem: Problem, prompt: str, stop: Sequence[str], agent: AgentSpec,
+                     seed: int, cancel: threading.Event | None = None) -> AgentResult:
+        t0 = time.time()
+        c = Counters()
+        gen = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFF)
+        prompt_ids = self.encode(prompt)
+        ids: list[int] = []
+        plain_lps: list[float] = []
+        guided_lps: list[float] = []
+        lines: list[dict] = []
+        use_signal = agent.gamma != 0 and bool(problem.visible_tests)
+        finish = "length"
+        stop = [s for s in stop if s]
+        max_stop = max((len(s) for s in stop), default=0)
+        for line_no in range(self.cfg.max_lines):
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
+            prefix_text = self.decode(ids)
+            entry: dict[str, Any] = {"line": line_no}
+            sig = ""
+            if use_signal:
+                cands = self.candidates(prompt_ids + ids, agent, stop, gen, c)
+                sig, entry["candidates"] = self.signal(problem, cut_at_stop(prefix_text, stop)[0], cands,
+                                                       agent, c)
+                entry["signal_tokens"] = self.count_tokens(sig) if sig else 0
+                if self.log_signals:
+                    entry["signal"] = sig
+            cond_ids = None
+            if sig:
+                cond_ids = self.encode(insert_signal(prompt, sig, problem.code_prefix, self.cfg.signal_anchor)) + ids
+            budget = min(self.cfg.max_line_tokens, self.cfg.max_new_tokens - len(ids))
+            tail_from = max(0, len(prefix_text) - max_stop)
+
+            def line_done(new: list[int]) -> bool:
+                t = self.decode(new)
+                if "\n" in t:
+                    return True
+                return bool(stop) and cut_at_stop((prefix_text + t)[tail_from:], stop)[1]
+
+            line_temp = self.cfg.line_temperature
+            res = cfg_generate(
+                self.model, prompt_ids + ids, cond_ids, gamma=agent.gamma,
+                strategy="sample" if line_temp > 0 else "greedy", temperature=max(line_temp, 1e-6),
+                top_p=self.cfg.top_p if line_temp > 0 else 1.0, max_new_tokens=budget,
+                eos_token_id=self.eos, stop_fn=line_done, generator=gen, pad_token_id=self.pad,
+            )
+            new = res.tokens[0]
+            c.forward_passes += res.forward_passes
+            c.forward_rows_tokens += res.rows_tokens
+            c.generated_tokens += len(new)
+            c.line_tokens += len(new)
+            ids += new
+            plain_lps += res.token_plain_logprobs[0]
+            guided_lps += res.token_guided_logprobs[0]
+            entry["text"] = self.decode(new)
+            entry["tokens"] = len(new)
+            lines.append(entry)
+            text = self.decode(ids)
+            if cut_at_stop(text, stop)[1] or (new and new[-1] in self.eos):
+                finish = "stop"
+                break
+            if len(ids) >= self.cfg.max_new_tokens:
+                finish = "length"
+                break
+        text = self.decode(ids)
+        completion, _ = cut_at_stop(text, stop)
+        if completion != text:
+            m = kept_tokens(self.tok, ids, completion)
+        else:  # like HFGenerator: the eos that ended generation is not a kept token
+            m = len(ids) - (1 if ids and ids[-1] in self.eos else 0)
+        c.wall_time_s = time.time() - t0
+        return AgentResult(
+            agent=agent, completion=completion, token_ids=ids, num_tokens=m,
+            plain_logprob=float(sum(plain_lps[:m])), guided_logprob=float(sum(guided_lps[:m])),
+            finish_reason=finish, lines=lines, counters=c,
+        )
