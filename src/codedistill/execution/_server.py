@@ -111,6 +111,53 @@ def _make_root_readonly() -> None:
         raise OSError("could not make / read-only")
 
 
+def _expose(paths: list[str]) -> None:
+    """Make ``paths`` readable by the sandbox uid in this mount namespace.
+
+    An ancestor that others may not traverse (``/root`` holding a pyenv install, say) is
+    covered with an empty tmpfs into which only the needed children are bind-mounted;
+    the rest of that directory stays hidden.
+    """
+    import stat as st_
+
+    blocked: dict[str, set[str]] = {}
+    for p in paths:
+        try:
+            p = os.path.realpath(p)
+            if not os.path.exists(p):
+                continue
+        except OSError:
+            continue
+        parts = p.strip("/").split("/")
+        cur = ""
+        for i, part in enumerate(parts[:-1]):
+            cur = cur + "/" + part
+            try:
+                mode = os.stat(cur).st_mode
+            except OSError:
+                break
+            if st_.S_ISDIR(mode) and not mode & 0o001:
+                blocked.setdefault(cur, set()).add(cur + "/" + parts[i + 1])
+                break
+    for anc in sorted(blocked):
+        if any(anc.startswith(other + "/") for other in blocked if other != anc):
+            continue
+        fds = {}
+        for child in blocked[anc]:
+            fds[child] = os.open(child, os.O_PATH)
+        try:
+            mount("tmpfs", anc, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+            for child, fd in fds.items():
+                if os.path.isdir(f"/proc/self/fd/{fd}"):
+                    os.makedirs(child, exist_ok=True)
+                else:
+                    open(child, "w").close()
+                mount(f"/proc/self/fd/{fd}", child, None, MS_BIND | MS_REC)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+
 # --------------------------------------------------------------------------- protocol
 def _read_exact(fd: int, n: int) -> bytes:
     buf = b""
@@ -152,6 +199,8 @@ class Server:
             try:
                 unshare(CLONE_NEWNS)
                 mount(None, "/", None, MS_REC | MS_PRIVATE)
+                if self.uid is not None and root:
+                    _expose(list(sys.path) + [sys.prefix, sys.base_prefix, sys.exec_prefix])
                 _make_root_readonly()
                 self.caps["mount"] = True
             except OSError as e:
@@ -329,8 +378,7 @@ class Server:
         c = os.fork()
         if c == 0:
             try:
-                os.close(ctl_w)
-                self._sandboxed(job, res_w, out_w, err_w, workdir, uid)
+                self._sandboxed(job, res_w, out_w, err_w, ctl_w, workdir, uid)
             finally:
                 os._exit(71)
         for fd in (res_w, out_w, err_w):
@@ -356,9 +404,9 @@ class Server:
             left = self._reap_all(uid)
         info = {"timed_out": timed_out, "left_behind": left}
         if os.WIFSIGNALED(st):
-            info["signal"] = os.WTERMSIG(st)
+            info["ns_signal"] = os.WTERMSIG(st)
         else:
-            info["exit_code"] = os.WEXITSTATUS(st)
+            info["ns_exit_code"] = os.WEXITSTATUS(st)
         if workdir != "/tmp":
             import shutil
             shutil.rmtree(workdir, ignore_errors=True)
@@ -417,8 +465,8 @@ class Server:
         return killed
 
     # ------------------------------------------------------------------ C
-    def _sandboxed(self, job, res_w, out_w, err_w, workdir, uid) -> None:
-        lim = job["limits"]
+    def _sandboxed(self, job, res_w, out_w, err_w, ctl_w, workdir, uid) -> None:
+        """C: pid 1 of the run's pid namespace (root, trusted); runs the program in D."""
         caps = self.caps
         os.setsid()
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -427,6 +475,31 @@ class Server:
                 mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
             except OSError:
                 pass
+        d = os.fork()
+        if d == 0:
+            try:
+                os.close(ctl_w)
+                self._program(job, res_w, out_w, err_w, workdir, uid)
+            finally:
+                os._exit(72)
+        for fd in (res_w, out_w, err_w):
+            os.close(fd)
+        while True:  # reap everything; D's end ends the namespace
+            try:
+                pid, st = os.wait()
+            except ChildProcessError:
+                os._exit(0)
+            except InterruptedError:
+                continue
+            if pid == d:
+                info = ({"signal": os.WTERMSIG(st)} if os.WIFSIGNALED(st)
+                        else {"exit_code": os.WEXITSTATUS(st)})
+                os.write(ctl_w, json.dumps(info).encode() + b"\n")
+                os._exit(0)
+
+    def _program(self, job, res_w, out_w, err_w, workdir, uid) -> None:
+        """D: drops privileges and runs the harness."""
+        lim = job["limits"]
         devnull = os.open("/dev/null", os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(out_w, 1)
