@@ -31,7 +31,7 @@ def variants(problem: dict) -> list[tuple[str, str]]:
         if a in sol:
             out.append(("flipped", sol.replace(a, b, 1)))
             break
-    out.append(("syntax", sol.replace(":", "", 1) if ":" in sol else sol + "\n)"))
+    out.append(("syntax", sol.rstrip() + f"\n{ind}x = (\n"))
     out.append(("raises", f"{ind}raise ValueError('broken')\n" + sol))
     out.append(("empty", f"{ind}pass\n"))
     out.append(("wrong_type", f"{ind}return None\n"))
