@@ -55,6 +55,28 @@ class _MountAttr(ctypes.Structure):
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
+_pylibc = ctypes.PyDLL(None, use_errno=True)  # calls keep the GIL
+_pylibc.syscall.restype = ctypes.c_long
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220}.get(os.uname().machine)
+
+
+def clone(flags: int) -> int:
+    """fork() into new namespaces in one step (like ``os.fork``; 0 in the child)."""
+    if _SYS_CLONE is None:
+        raise OSError("clone: unsupported architecture")
+    api = ctypes.pythonapi
+    api.PyOS_BeforeFork()
+    pid = _pylibc.syscall(_SYS_CLONE, ctypes.c_ulong(flags | signal.SIGCHLD), 0, 0, 0, 0)
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    api.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, f"clone: {os.strerror(err)}")
+    return pid
+
+
 def _check(ret: int, what: str) -> None:
     if ret != 0:
         err = ctypes.get_errno()
@@ -244,7 +266,27 @@ class Server:
         err_r, err_w = os.pipe()
         ctl_r, ctl_w = os.pipe()
         t0 = time.monotonic()
-        b = os.fork()
+        direct = self.caps["pid"] and _SYS_CLONE is not None
+        if direct:
+            # The server is the namespace's parent: clone C straight into new namespaces.
+            b = clone(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS)
+        else:
+            b = os.fork()
+        if b == 0 and direct:
+            try:
+                for fd in (res_r, out_r, err_r, ctl_r):
+                    os.close(fd)
+                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                workdir = self._workdir(job["limits"])
+                self._sandboxed(job, res_w, out_w, err_w, ctl_w, workdir,
+                                self.uid if self.caps["uid"] else None)
+            except BaseException as e:  # noqa: BLE001
+                try:
+                    os.write(ctl_w, json.dumps({"error": repr(e)}).encode() + b"\n")
+                except OSError:
+                    pass
+            finally:
+                os._exit(70)
         if b == 0:
             code = 70
             try:
@@ -267,6 +309,8 @@ class Server:
         truncated = {out_r: False, err_r: False, res_r: False}
         open_fds = set(bufs)
         hard_deadline = t0 + float(lim["timeout"]) + 10.0
+        soft_deadline = t0 + float(lim["timeout"]) if direct else None
+        timed_out = False
         b_done = False
         b_status = None
         pidfd = os.pidfd_open(b)
@@ -276,11 +320,17 @@ class Server:
             if not b_done and now > hard_deadline:  # B is wedged: should never happen
                 self._kill_from_ctl(bufs[ctl_r])
                 os.kill(b, signal.SIGKILL)
+            if soft_deadline is not None and not b_done and not timed_out \
+                    and now > soft_deadline:
+                timed_out = True  # killing pid 1 of the namespace kills all of it
+                os.kill(b, signal.SIGKILL)
             if b_done and grace_end is None:
                 grace_end = now + 0.5
             if grace_end is not None and now > grace_end:
                 break
             wait = 0.5 if grace_end is None else max(0.0, grace_end - now)
+            if soft_deadline is not None and not timed_out:
+                wait = min(wait, max(0.0, soft_deadline - now) + 0.001)
             fds = list(open_fds) + ([] if b_done else [pidfd])
             ready, _, _ = select.select(fds, [], [], wait)
             for fd in ready:
@@ -324,6 +374,8 @@ class Server:
                 ctl.update(json.loads(line))
             except ValueError:
                 pass
+        if direct:
+            ctl["timed_out"] = timed_out
         return {
             "records": bytes(bufs[res_r]).decode("utf-8", "replace"),
             "records_truncated": truncated[res_r],
@@ -356,24 +408,10 @@ class Server:
             os._exit(1)
         lim = job["limits"]
         caps = self.caps
-        workdir = None
-        tmp_mb = max(8, int(lim["max_file_mb"]) * 4)
         uid = self.uid if caps["uid"] else None
         if caps["pid"]:
             unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS)
-            if caps["mount"]:
-                opts = f"size={tmp_mb}m,nr_inodes=4096,mode=0700"
-                if uid is not None:
-                    opts += f",uid={uid},gid={uid}"
-                mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts)
-                workdir = "/tmp"
-        if workdir is None:
-            import tempfile
-            workdir = tempfile.mkdtemp(prefix="cdsbx-")
-            if uid is not None:
-                os.chown(workdir, uid, uid)
-        if lim.get("network") and self.orig_net is not None:
-            setns(self.orig_net, CLONE_NEWNET)
+        workdir = self._workdir(lim)
         prctl(PR_SET_CHILD_SUBREAPER, 1)
         c = os.fork()
         if c == 0:
@@ -412,6 +450,27 @@ class Server:
             shutil.rmtree(workdir, ignore_errors=True)
         os.write(ctl_w, json.dumps(info).encode() + b"\n")
         os._exit(0)
+
+    def _workdir(self, lim: dict) -> str:
+        """In the run's own mount namespace: a fresh tmpfs on /tmp; else a temp dir.
+        Also re-enters the original network namespace when the run may use it."""
+        uid = self.uid if self.caps["uid"] else None
+        workdir = None
+        if self.caps["pid"] and self.caps["mount"]:
+            tmp_mb = max(8, int(lim["max_file_mb"]) * 4)
+            opts = f"size={tmp_mb}m,nr_inodes=4096,mode=0700"
+            if uid is not None:
+                opts += f",uid={uid},gid={uid}"
+            mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts)
+            workdir = "/tmp"
+        if workdir is None:
+            import tempfile
+            workdir = tempfile.mkdtemp(prefix="cdsbx-")
+            if uid is not None:
+                os.chown(workdir, uid, uid)
+        if lim.get("network") and self.orig_net is not None:
+            setns(self.orig_net, CLONE_NEWNET)
+        return workdir
 
     @staticmethod
     def _reap_all(uid) -> int:
@@ -583,6 +642,9 @@ def serve() -> None:
             importlib.import_module(name)
         except Exception:
             pass
+    import gc
+    gc.collect()
+    gc.freeze()  # forked children do not touch (copy) the server's objects when collecting
     send(out, {"hello": True, "caps": server.caps, "warnings": server.warnings,
                "pid": os.getpid()})
     while True:
