@@ -36,6 +36,7 @@ class BTPConfig(BaseModel):
     eval_max_problems: Optional[int] = Field(None, ge=1, description="first N held-out problems")
     eval_datasets: list[str] = Field(default_factory=list, description="extra eval sets, e.g. humaneval")
     allow_overlap: bool = False
+    drop_overlap: bool = False
     # beam / sampling phase
     generation: Literal["beam", "sample"] = "beam"
     num_beams: int = Field(5, ge=1)

@@ -82,31 +82,51 @@ class Plan:
         for d in eval_sets:
             path = cfg.data_path if d == cfg.dataset else None
             self.evals[d] = load_problems(d, "test", data_path=path, max_problems=cfg.eval_max_problems)
-        self.overlap = find_overlap(self.train, [p for ps in self.evals.values() for p in ps])
+        all_eval = [p for ps in self.evals.values() for p in ps]
+        self.overlap = find_overlap(self.train, all_eval)
+        self.near_duplicates = find_near_duplicates(self.train, all_eval)
+        self.dropped: list[str] = []
+        if self.overlap and cfg.drop_overlap:
+            self.dropped = list(self.overlap)
+            self.train = [p for p in self.train if p.task_id not in set(self.dropped)]
+            self.overlap = []
+            if not self.train:
+                raise ConfigError("every training problem overlaps the evaluation sets")
         if self.overlap and not cfg.allow_overlap:
             raise ConfigError(
-                f"{len(self.overlap)} training problems also appear in the evaluation sets "
-                f"(e.g. {self.overlap[:3]}); refusing to train on test problems. Pass --allow-overlap "
-                "to do it anyway (the report will say so)."
+                f"{len(self.overlap)} training problem(s) also appear in the evaluation sets "
+                f"({', '.join(self.overlap[:5])}); refusing to train on test problems. Pass "
+                "--drop-overlap to leave them out of training, or --allow-overlap to train on them "
+                "anyway (the report will say so in bold)."
             )
         self.out = Path(cfg.output_dir) if cfg.output_dir else cfg.default_output_dir()
 
 
-def _norm_text(s: str) -> str:
-    return " ".join(s.lower().split())
+def _norm_text(s: str, lower: bool = False) -> str:
+    return " ".join((s.lower() if lower else s).split())
 
 
 def find_overlap(train: Sequence[Problem], evals: Sequence[Problem]) -> list[str]:
-    """Training task_ids whose id, description or reference also occurs among ``evals``."""
+    """Training task_ids that *are* evaluation problems: same task_id, same prompt
+    (description + tests), or same reference solution."""
     ids = {p.task_id for p in evals}
-    descs = {_norm_text(p.description or p.prompt) for p in evals}
+    prompts = {_norm_text(p.prompt) for p in evals}
     refs = {_norm_text(p.reference) for p in evals if p.reference.strip()}
-    out = []
-    for p in train:
-        if (p.task_id in ids or _norm_text(p.description or p.prompt) in descs
-                or (p.reference.strip() and _norm_text(p.reference) in refs)):
-            out.append(p.task_id)
-    return out
+    return [p.task_id for p in train
+            if p.task_id in ids or _norm_text(p.prompt) in prompts
+            or (p.reference.strip() and _norm_text(p.reference) in refs)]
+
+
+def find_near_duplicates(train: Sequence[Problem], evals: Sequence[Problem]) -> list[list[str]]:
+    """[train id, eval id] pairs with the same description but different tests and
+    reference (MBPP has four such pairs across its standard train/test split). Not
+    refused (they are different problems) but listed in comparison.json and the report."""
+    descs: dict[str, str] = {}
+    for p in evals:
+        if p.description.strip():
+            descs.setdefault(_norm_text(p.description, lower=True), p.task_id)
+    return [[p.task_id, descs[_norm_text(p.description, lower=True)]] for p in train
+            if p.description.strip() and _norm_text(p.description, lower=True) in descs]
 
 
 # ----------------------------------------------------------------------------- models
@@ -396,6 +416,7 @@ def run_btp(cfg: BTPConfig, log: Log = print) -> dict[str, Any]:
     from codedistill.runs import RunDir
 
     plan = Plan(cfg)
+    _quiet_transformers()
     run = RunDir(plan.out)
     config = {**cfg.experiment_dict(), "source_spec": plan.source_spec.to_dict(),
               "target_spec": plan.target_spec.to_dict()}
@@ -441,6 +462,16 @@ def run_btp(cfg: BTPConfig, log: Log = print) -> dict[str, Any]:
                                                         time.time() - t_start), encoding="utf-8")
     log(f"done: {plan.out / 'report.md'}")
     return comparison
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def run_iteration(plan: Plan, k: int, models: Models, buffer: ReplayBuffer, pool: Any, log: Log) -> dict[str, Any]:
@@ -534,6 +565,8 @@ def build_comparison(plan: Plan, evals: dict[str, Any]) -> dict[str, Any]:
         "mode": cfg.mode, "train_dataset": cfg.dataset, "n_train_problems": len(plan.train),
         "n_iterations": cfg.n_iterations, "seed": cfg.seed,
         "allow_overlap": cfg.allow_overlap, "overlapping_train_problems": plan.overlap,
+        "near_duplicate_descriptions": plan.near_duplicates,
+        "dropped_overlapping_train_problems": plan.dropped,
         "eval_num_samples": cfg.eval_num_samples, "eval_temperature": cfg.eval_temperature,
         "datasets": {},
     }

@@ -22,6 +22,11 @@ def report_markdown(plan: Any, comparison: dict[str, Any], stats: Sequence[dict[
         L += [f"**WARNING: --allow-overlap was given. {n} training problem(s) also appear in the "
               f"evaluation sets{': ' + ', '.join(plan.overlap[:10]) if n else ''}. Held-out numbers "
               "may be inflated.**", ""]
+    if getattr(plan, "dropped", None):
+        L += [f"Left out of training (also evaluation problems, --drop-overlap): {', '.join(plan.dropped)}.", ""]
+    if getattr(plan, "near_duplicates", None):
+        L += [f"Note: {len(plan.near_duplicates)} training problem(s) share their description (not their tests "
+              f"or reference) with an evaluation problem: {', '.join('/'.join(x) for x in plan.near_duplicates[:10])}.", ""]
     L += [
         f"- training: {cfg.dataset} train split, {len(plan.train)} problems; "
         f"{cfg.generation} ({'num_beams %d' % cfg.num_beams if cfg.generation == 'beam' else 'n=%d, T=%g' % (cfg.num_samples, cfg.gen_temperature)})",

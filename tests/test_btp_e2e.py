@@ -1,0 +1,180 @@
+"""BTP end to end on CPU with throwaway tiny models: every output exists and loads;
+bad input fails before expensive work; train/eval overlap is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from codedistill.btp._testing import build_throwaway_pair  # noqa: E402
+from codedistill.btp.config import BTPConfig, build_config  # noqa: E402
+from codedistill.btp.jsonl import read_jsonl  # noqa: E402
+from codedistill.btp.loop import Plan, find_near_duplicates, find_overlap, run_btp  # noqa: E402
+from codedistill.errors import ConfigError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return build_throwaway_pair(tmp_path_factory.mktemp("btp_models"))
+
+
+def small_cfg(pair, out, **kw) -> BTPConfig:
+    src, tgt = pair
+    vals = dict(source_model=str(src), target_model=str(tgt), dataset="synth", max_problems=4,
+                eval_max_problems=4, num_beams=3, n_iterations=2, use_lora=True, lora_r=4, lora_alpha=8,
+                eval_num_samples=2, max_new_tokens=24, train_batch_size=4, learning_rate=1e-3,
+                sampling_method="power", sampling_alpha=1.5, output_dir=str(out), chunk_size=2,
+                workers=2, merge=True)
+    vals.update(kw)
+    return build_config({}, vals)
+
+
+@pytest.fixture(scope="module")
+def run_dir(pair, tmp_path_factory):
+    out = tmp_path_factory.mktemp("btp_e2e") / "run"
+    comparison = run_btp(small_cfg(pair, out), log=lambda m: None)
+    return out, comparison
+
+
+def test_comparison_and_report(run_dir):
+    out, comparison = run_dir
+    on_disk = json.loads((out / "comparison.json").read_text())
+    assert on_disk == json.loads(json.dumps(comparison))
+    e = on_disk["datasets"]["synth"]
+    assert e["n_problems"] == 4
+    for key in ("target_before", "target_after", "source"):
+        m = e[key]["pass@1"]
+        assert 0.0 <= m["ci_low"] <= m["value"] <= m["ci_high"] <= 1.0
+    assert set(e["target_per_iteration"]) == {"target_iter0", "target_iter1", "target_iter2"}
+    imp = e["improvement"]["pass@1"]
+    assert imp["n_problems"] == 4 and imp["ci_low"] <= imp["diff"] <= imp["ci_high"]
+    assert imp["diff"] == pytest.approx(imp["after"] - imp["before"])
+    report = (out / "report.md").read_text()
+    assert "pass@1" in report and "target before" in report and "paired bootstrap" in report
+    assert "WARNING" not in report  # no --allow-overlap
+
+
+def test_buffer_generations_and_stats(run_dir, pair):
+    out, _ = run_dir
+    buf = read_jsonl(out / "replay_buffer.jsonl")
+    keys = [(r["task_id"], r["key"]) for r in buf]
+    assert len(keys) == len(set(keys)) and 1 <= len(buf) <= 4 * 3
+    for r in buf:
+        assert 0 <= r["p"] <= 1 and 0 <= r["pass_rate"] <= 1 and r["tests_total"] == 3
+        assert r["source"] == "src" and r["iteration"] == 1  # beams are deterministic: nothing new in iter 2
+    gens = read_jsonl(out / "generations" / "source_beam.jsonl")
+    assert len(gens) == 4 and all(len(g["candidates"]) == 3 for g in gens)
+    for k in (1, 2):
+        st = json.loads((out / f"iter_{k}" / "stats.json").read_text())
+        p2 = st["buffer"]["p2value"]
+        assert sum(p2["histogram"]["counts"]) == len(buf) and p2["mean"] is not None
+        assert set(p2["quantiles"]) >= {"q00", "q50", "q100"}
+        assert sum(st["buffer"]["pass_rate"]["histogram"]["counts"]) == len(buf)
+        s = st["sampling"]
+        assert s["draws"] == len(buf) and sum(s["draws_per_problem"]["counts"].values()) == s["draws"]
+        assert 1 <= s["unique_programs_drawn"] <= len(buf)
+        assert 0 <= s["share_zero_pass_drawn"] <= 1 and 0 <= s["share_fully_passing_drawn"] <= 1
+        assert 1 <= s["effective_sample_size"] <= s["draws"]
+        tr = st["training"]
+        assert len(tr["losses"]) == tr["steps"] >= 1 and all(l > 0 for l in tr["losses"])
+        assert "synth" in st["eval"]
+        assert (out / f"iter_{k}" / "DONE").exists()
+    assert json.loads((out / "iter_2" / "train.json").read_text())["init_from"].endswith("iter_1/adapter")
+
+
+def test_checkpoints_load(run_dir, pair):
+    out, _ = run_dir
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, tgt = pair
+    tok = AutoTokenizer.from_pretrained(tgt)
+    x = torch.tensor([tok("def f(x):")["input_ids"]])
+    base = AutoModelForCausalLM.from_pretrained(tgt)
+    with torch.no_grad():
+        y0 = base(input_ids=x).logits
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tgt), str(out / "iter_2" / "adapter"))
+    merged = AutoModelForCausalLM.from_pretrained(out / "iter_2" / "merged")
+    with torch.no_grad():
+        y1 = peft(input_ids=x).logits
+        y2 = merged(input_ids=x).logits
+    assert not torch.allclose(y0, y1)  # training changed the model
+    assert torch.allclose(y1, y2, atol=1e-4)  # merged == base + adapter
+
+
+def test_plots_are_pngs(run_dir):
+    out, _ = run_dir
+    import matplotlib.image as mpimg
+
+    for name in ("p2value_hist.png", "pass_at_k_synth.png", "loss_curve.png"):
+        p = out / "plots" / name
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        img = mpimg.imread(p)
+        assert img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_rerun_of_finished_run_is_a_noop_and_other_config_is_refused(run_dir, pair):
+    out, comparison = run_dir
+    mtime = (out / "iter_1" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    again = run_btp(small_cfg(pair, out), log=lambda m: None)
+    assert json.loads(json.dumps(again)) == json.loads(json.dumps(comparison))
+    assert (out / "iter_1" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == mtime
+    with pytest.raises(ConfigError, match="different run"):
+        run_btp(small_cfg(pair, out, seed=1), log=lambda m: None)
+
+
+def test_bad_input_is_refused_early(pair, tmp_path):
+    with pytest.raises(ConfigError, match="Unknown model"):
+        Plan(small_cfg(pair, tmp_path / "a", source_model="NoSuchModel-9B"))
+    with pytest.raises(ConfigError, match="sampling method"):
+        small_cfg(pair, tmp_path / "b", sampling_method="boltzmann")
+    with pytest.raises(ConfigError, match="sampling_alpha"):
+        small_cfg(pair, tmp_path / "c", sampling_alpha=-1)
+    with pytest.raises(ConfigError, match="p2_alpha"):
+        small_cfg(pair, tmp_path / "d", p2_alpha=1.5)
+    with pytest.raises(ConfigError, match="training dataset"):
+        small_cfg(pair, tmp_path / "e", dataset="humaneval")
+    assert not (tmp_path / "a").exists()
+
+
+def _mbpp_with_leak(tmp_path: Path) -> Path:
+    src = Path("/work/shared/data/mbpp/mbpp.jsonl")
+    if not src.exists():
+        pytest.skip("no local MBPP copy")
+    rows = [json.loads(l) for l in src.read_text().splitlines() if l.strip()]
+    by_id = {r["task_id"]: r for r in rows}
+    by_id[601] = {**by_id[11], "task_id": 601}  # a test problem copied into train
+    p = tmp_path / "mbpp.jsonl"
+    p.write_text("".join(json.dumps(by_id[i]) + "\n" for i in sorted(by_id)))
+    return p
+
+
+def test_overlap_is_refused_unless_allowed_and_then_reported_in_bold(pair, tmp_path):
+    data = _mbpp_with_leak(tmp_path)
+    kw = dict(dataset="mbpp", data_path=str(data), max_problems=2, eval_max_problems=2)
+    with pytest.raises(ConfigError, match="allow-overlap"):
+        Plan(small_cfg(pair, tmp_path / "r1", **kw))
+    plan = Plan(small_cfg(pair, tmp_path / "r2", allow_overlap=True, **kw))
+    assert plan.overlap == ["Mbpp/601"]
+    # the real MBPP splits are disjoint
+    from codedistill.data import load_problems
+
+    real = Path("/work/shared/data/mbpp/mbpp.jsonl")
+    tr, te = load_problems("mbpp", "train", data_path=real), load_problems("mbpp", "test", data_path=real)
+    # MBPP's standard split leaks one problem (704 == 248: same description and reference)
+    assert find_overlap(tr, te) == ["Mbpp/704"]
+    assert find_overlap(tr[:100], te) == []  # the seed command's --max-problems 100 is clean
+    dropped = Plan(small_cfg(pair, tmp_path / "r3", drop_overlap=True, **kw))
+    assert dropped.overlap == [] and dropped.dropped == ["Mbpp/601"]
+    assert "Mbpp/601" not in [p.task_id for p in dropped.train]
+    # MBPP's four same-description pairs are listed, not refused
+    assert ["Mbpp/602", "Mbpp/217"] in find_near_duplicates(tr, te)
+    from codedistill.btp.report import report_markdown
+
+    fake = {"datasets": {}}
+    assert "**WARNING: --allow-overlap" in report_markdown(plan, fake, [])
