@@ -147,6 +147,12 @@ def compile_trusted(src: str, name: str):
         return compile(src, name, "exec")
 
 
+def compile_tests(setup: str, tests: list[str]):
+    """(setup code or None, [test code, ...]) for trusted test sources."""
+    setup_code = compile_trusted(setup, "<test_setup>") if setup else None
+    return setup_code, [compile_trusted(t, f"<test {i}>") for i, t in enumerate(tests)]
+
+
 _PLAIN = frozenset({int, float, complex, str, bytes, bool, type(None), list, tuple, dict,
                     set, frozenset, bytearray, range})
 _C_EQ = (type(object.__eq__), type(int.__eq__), type(len))  # wrapper / slot / builtin
@@ -255,7 +261,7 @@ def _run(job, fd, mode, target):  # noqa: C901 - one frame on purpose
     write, _exit, getpid, urandom = os.write, os._exit, os.getpid, os.urandom
     _exec, _compile, _len, _range, _str, _type = exec, compile, len, range, str, type
     _isinstance, _dict, _list, _id = isinstance, dict, list, id
-    describe, clean, compile_t = _describe, _clean, compile_trusted
+    describe, clean, compile_tests = _describe, _clean, globals()["compile_tests"]
     dumps = json.dumps
     bdict = builtins.__dict__
     mypid = getpid()
@@ -305,8 +311,13 @@ def _run(job, fd, mode, target):  # noqa: C901 - one frame on purpose
 
     # Trusted code is compiled before the program runs.
     try:
-        setup_code = compile_t(setup, "<test_setup>") if setup else None
-        test_codes = [compile_t(t, f"<test {i}>") for i, t in enumerate(tests)]
+        pre = job.get("_compiled")  # compiled by the fork server, shared by fork
+        if isinstance(pre, BaseException):
+            raise pre
+        if pre is not None:
+            setup_code, test_codes = pre
+        else:
+            setup_code, test_codes = compile_tests(setup, tests)
     except BaseException as e:  # noqa: BLE001
         write(fd, rec(token, b"S", b"err", clean("bad tests: " + describe(e))))
         write(fd, rec(token, b"E"))

@@ -242,6 +242,20 @@ class Server:
         else:
             self.warnings.append("namespaces disabled by configuration")
 
+    def _compiled(self, setup: str, tests: list[str]):
+        """Trusted test code compiled once per server and inherited by every fork."""
+        key = (setup, tuple(tests))
+        cache = self.__dict__.setdefault("_code_cache", {})
+        if key not in cache:
+            if len(cache) > 512:
+                cache.clear()
+            from _harness_bootstrap import compile_tests
+            try:
+                cache[key] = compile_tests(setup, tests)
+            except Exception as e:  # noqa: BLE001 - reported by the harness
+                cache[key] = e
+        return cache[key]
+
     @staticmethod
     def _probe_pidns() -> bool:
         pid = os.fork()
@@ -265,6 +279,8 @@ class Server:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         ctl_r, ctl_w = os.pipe()
+        if job.get("mode", "tests") == "tests":
+            job["_compiled"] = self._compiled(job.get("test_setup", ""), list(job["tests"]))
         t0 = time.monotonic()
         direct = self.caps["pid"] and _SYS_CLONE is not None
         if direct:
