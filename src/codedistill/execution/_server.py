@@ -7,11 +7,15 @@ stdin/stdout: one init message, then one job -> one raw result.
 
 Per run::
 
-    server (root, private mount ns with everything read-only, private empty net ns)
-      └─ B "nsparent": unshare(NEWNS|NEWPID|NEWIPC|NEWUTS), tmpfs on /tmp,
-         child subreaper, enforces the wall-clock deadline, reports on a control pipe
-           └─ C (pid 1 of the new pid ns): rlimits, /proc remount, setsid,
-              setuid(sandbox uid), no_new_privs, not dumpable, audit hook, harness
+    server (root, private mount ns with everything read-only, private empty net ns,
+            enforces the wall-clock deadline, reads the pipes)
+      └─ C: clone()d straight into new pid/mount/ipc/uts namespaces; pid 1 there;
+         tmpfs on /tmp, /proc remounted, setsid; reaps, reports D's status
+           └─ D: rlimits, setuid(sandbox uid), no_new_privs, not dumpable,
+              audit hook, harness (program + tests)
+
+(Fallback without a pid namespace: the server forks B, a child subreaper that forks
+C, enforces the deadline and kills every descendant and every sandbox-uid process.)
 
 Killing C tears down its whole pid namespace (every descendant, setsid or not).
 Where namespaces are refused the server warns once and falls back to: the sandbox uid
