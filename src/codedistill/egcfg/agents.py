@@ -25,7 +25,7 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from codedistill.data.problem import Problem
 from codedistill.egcfg.config import EGCFGConfig
@@ -42,20 +42,29 @@ class EGCFGSolver:
     """``solve(problem, prompt, stop, seed) -> (Candidate, log record)``."""
 
     def __init__(self, model, tokenizer, config: EGCFGConfig | None = None, pool: Any = None,
-                 add_special_tokens: bool = True, log_signals: bool = True):
+                 add_special_tokens: bool = True, log_signals: bool = True,
+                 to_program: Callable[[Problem, str], str] | None = None):
+        """``to_program(problem, completion) -> program`` (default ``problem.program``; the
+        baseline passes ``codedistill.prompts.to_program`` for its prompt style)."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EGCFGConfig()
         self.executor = TraceExecutor(pool, workers=self.config.exec_workers, timeout=self.config.exec_timeout_s)
         self.decoder = LineDecoder(model, tokenizer, self.config, self.executor,
-                                   add_special_tokens=add_special_tokens, log_signals=log_signals)
+                                   add_special_tokens=add_special_tokens, log_signals=log_signals,
+                                   to_program=to_program)
+        self.to_program = self.decoder.to_program
+
+    def close(self) -> None:
+        """Stop the sandbox pool this solver started (if it started one)."""
+        self.executor.close()
 
     def _check(self, problem: Problem, res: AgentResult) -> None:
         if not problem.visible_tests:
             res.visible = {"passed": False, "pass_rate": 0.0, "tests_total": 0}
             return
         before = self.executor.executions
-        res.visible = self.executor.check_many([problem.program(res.completion)], list(problem.visible_tests),
+        res.visible = self.executor.check_many([self.to_program(problem, res.completion)], list(problem.visible_tests),
                                                problem.test_setup)[0]
         res.counters.sandbox_executions += self.executor.executions - before if self.config.agent_workers == 1 else 1
 
@@ -71,8 +80,6 @@ class EGCFGSolver:
               ) -> tuple[Candidate, dict[str, Any]]:
         t0 = time.time()
         agents = self.config.agents()
-        if self.config.line_temperature > 0:  # gamma = 0 agents differ by their seed then
-            agents = agents  # (already distinct by key; kept in grid order)
         results: list[AgentResult | None] = [None] * len(agents)
         cancel = threading.Event()
         winner: int | None = None

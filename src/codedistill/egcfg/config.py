@@ -21,10 +21,10 @@ class AgentSpec(BaseModel):
     gamma: float
     prompt: str = "default"
 
-    def key(self) -> tuple:
+    def key(self, greedy_lines: bool = True) -> tuple:
         """What determines the agent's output: with gamma = 0 (and greedy lines) the signal,
         hence t, d, s and the prompt, has no effect, so those agents are one agent."""
-        if self.gamma == 0:
+        if self.gamma == 0 and greedy_lines:
             return (0.0,)
         return (self.temperature, self.depth, self.num_candidates, self.gamma, self.prompt)
 
@@ -79,8 +79,9 @@ class EGCFGConfig(BaseModel):
         for g, p, d, t, s in itertools.product(self.gammas, list(self.prompts), self.depths,
                                                self.temperatures, self.num_candidates):
             a = AgentSpec(temperature=t, depth=d, num_candidates=s, gamma=g, prompt=p)
-            if a.key() in seen:
+            k = a.key(greedy_lines=self.line_temperature == 0)
+            if k in seen:
                 continue
-            seen.add(a.key())
+            seen.add(k)
             out.append(a)
         return out[: self.max_agents] if self.max_agents else out

@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -86,7 +86,9 @@ def kept_tokens(tokenizer, ids: Sequence[int], kept_text: str) -> int:
 
 class LineDecoder:
     def __init__(self, model, tokenizer, config: EGCFGConfig, executor: TraceExecutor,
-                 add_special_tokens: bool = True, log_signals: bool = True):
+                 add_special_tokens: bool = True, log_signals: bool = True,
+                 to_program: Callable[[Problem, str], str] | None = None):
+        self.to_program = to_program or (lambda problem, text: problem.program(text))
         self.model = model
         self.tok = tokenizer
         self.cfg = config
@@ -137,12 +139,11 @@ class LineDecoder:
     def signal(self, problem: Problem, prefix_text: str, cands: list[str], agent: AgentSpec,
                c: Counters) -> tuple[str, list[dict]]:
         """Trace the candidates on the visible tests; the signal block and a log per candidate."""
-        base = problem.code_prefix + prefix_text
-        first_new = base.count("\n") + 1
+        first_new = len(self.to_program(problem, prefix_text).split("\n"))
         programs: list[str] = []
         log: list[dict] = []
         for cand in cands:
-            prog = make_executable(base + cand)
+            prog = make_executable(self.to_program(problem, prefix_text + cand))
             entry = {"text": cand, "executable": bool(prog)}
             if prog and prog not in programs:
                 programs.append(prog)

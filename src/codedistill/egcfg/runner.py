@@ -1,0 +1,75 @@
+"""EG-CFG inside ``codedistill baseline --method egcfg`` (and a measurement helper).
+
+:func:`make_egcfg_sampler` gives the baseline its ``generate(chunk, chunk_seed)``: each of
+the ``num_samples`` programs per problem is one :meth:`EGCFGSolver.solve` with its own seed,
+and every solve appends one record to ``<run dir>/egcfg_log.jsonl``. ``cfg.egcfg`` holds the
+:class:`EGCFGConfig` fields (``max_new_tokens`` defaults to the sampling one).
+
+Note: the baseline resumes by whole chunks, so a chunk interrupted half-way is solved again
+and its problems' records appear twice in the append-only log; readers should keep the last
+record per (task_id, sample_index).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from codedistill.data.problem import Problem
+from codedistill.egcfg.agents import EGCFGSolver, append_log
+from codedistill.egcfg.config import EGCFGConfig
+
+LOG_NAME = "egcfg_log.jsonl"
+
+
+def solve_seed(chunk_seed: int, task_id: str, sample_index: int) -> int:
+    h = hashlib.sha256(f"{chunk_seed}/{task_id}/{sample_index}".encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+def egcfg_config_from(cfg: Any) -> EGCFGConfig:
+    values = dict(getattr(cfg, "egcfg", {}) or {})
+    sampling = getattr(cfg, "sampling", None)
+    if sampling is not None:
+        values.setdefault("max_new_tokens", sampling.max_new_tokens)
+        values.setdefault("top_p", sampling.top_p)
+    if getattr(cfg, "timeout", None):
+        values.setdefault("exec_timeout_s", max(float(cfg.timeout), 1.0) * 3)
+    return EGCFGConfig(**values)
+
+
+def make_egcfg_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, pool: Any = None):
+    """``generate(problems, chunk_seed) -> [[Candidate] * num_samples]`` for the baseline."""
+    from codedistill.prompts import render_prompt, stops_for, to_program
+
+    econf = egcfg_config_from(cfg)
+    num_samples = cfg.sampling.num_samples
+    solver = EGCFGSolver(
+        gen.model, gen.tokenizer, econf, pool=pool,
+        add_special_tokens=getattr(gen, "add_special_tokens", True),
+        to_program=lambda p, text: to_program(p, style, text)[1],
+    )
+    log_path = Path(out) / LOG_NAME if out is not None else None
+
+    def generate(chunk: list[Problem], chunk_seed: int) -> list[list[Any]]:
+        res = []
+        for p in chunk:
+            prompt = render_prompt(p, style, gen.tokenizer)
+            stop = list(stops_for(p, style))
+            cands = []
+            for i in range(num_samples):
+                cand, rec = solver.solve(p, prompt, stop, seed=solve_seed(chunk_seed, p.task_id, i))
+                rec["sample_index"] = i
+                if log_path is not None:
+                    append_log(log_path, rec)
+                # what the baseline's generator counters would say
+                if hasattr(gen, "forward_passes"):
+                    gen.forward_passes += rec["counters"]["forward_passes"]
+                    gen.generated_tokens += rec["counters"]["generated_tokens"]
+                cands.append(cand)
+            res.append(cands)
+        return res
+
+    generate.solver = solver  # type: ignore[attr-defined]
+    return generate

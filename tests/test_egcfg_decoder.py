@@ -1,0 +1,121 @@
+"""Line-by-line EG-CFG decoding on a tiny random model, with real traces from the sandbox."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from codedistill.data.problem import Problem
+from codedistill.egcfg._tiny import random_tiny_model
+from codedistill.egcfg.agents import EGCFGSolver, append_log
+from codedistill.egcfg.config import AgentSpec, EGCFGConfig
+from codedistill.egcfg.signal import insert_signal
+
+PREFIX = "def total(xs):\n"
+PROBLEM = Problem(task_id="toy/add", prompt=PREFIX, entry_point="total", code_prefix=PREFIX,
+                  tests=("assert total([1, 2]) == 3", "assert total([2, 5]) == 7"),
+                  visible_tests=("assert total([1, 2]) == 3",))
+SMALL = dict(max_lines=3, max_line_tokens=10, max_new_tokens=30, candidate_max_tokens=12,
+             trace_budget_tokens=200, exec_workers=2, exec_timeout_s=5.0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return random_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def solver(tiny):
+    model, tok = tiny
+    s = EGCFGSolver(model, tok, EGCFGConfig(**SMALL))
+    yield s
+    s.close()
+
+
+def hf_greedy(model, ids, n):
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def test_empty_signal_equals_plain_greedy(tiny, solver):
+    model, tok = tiny
+    no_tests = Problem(task_id="toy/none", prompt=PREFIX, entry_point="total", code_prefix=PREFIX, tests=())
+    prompt_ids = tok.encode(PREFIX)
+    for problem, gamma in ((no_tests, 1.0), (PROBLEM, 0.0)):
+        agent = AgentSpec(temperature=0.7, depth=2, num_candidates=3, gamma=gamma)
+        res = solver.decoder.decode_agent(problem, PREFIX, [], agent, seed=0)
+        assert len(res.lines) == 3 and len(res.token_ids) >= 6
+        assert all("signal" not in line for line in res.lines)
+        assert res.token_ids == hf_greedy(model, prompt_ids, len(res.token_ids))
+        # the reported log-prob is the plain model's
+        full = torch.tensor([prompt_ids + res.token_ids])
+        lp = torch.log_softmax(model(full).logits[0, len(prompt_ids) - 1:-1].float(), -1)
+        ref = lp.gather(-1, torch.tensor(res.token_ids)[:, None]).sum().item()
+        assert abs(ref - res.plain_logprob) < 1e-3
+
+
+def test_gamma1_lines_equal_greedy_on_conditional_prompt(tiny, solver):
+    model, tok = tiny
+    agent = AgentSpec(temperature=0.7, depth=2, num_candidates=3, gamma=1.0)
+    res = solver.decoder.decode_agent(PROBLEM, PREFIX, [], agent, seed=0)
+    prompt_ids = tok.encode(PREFIX)
+    ids: list[int] = []
+    signals = 0
+    for line in res.lines:
+        assert line["signal"], "a trace of the executable prefix is always there"
+        signals += 1
+        # real traces: the candidates were run on the visible test in the sandbox
+        assert "# Test: assert total([1, 2]) == 3" in line["signal"]
+        cond = tok.encode(insert_signal(PREFIX, line["signal"], PREFIX, None)) + ids
+        n = line["tokens"]
+        assert res.token_ids[len(ids):len(ids) + n] == hf_greedy(model, cond, n)
+        ids = ids + res.token_ids[len(ids):len(ids) + n]
+    assert ids == res.token_ids and signals == 3
+    # and the signal did change the output relative to plain greedy
+    assert res.token_ids != hf_greedy(model, prompt_ids, len(res.token_ids))
+
+
+def test_solve_counts_and_log(tmp_path, tiny, solver):
+    assert len(EGCFGConfig().agents()) == 13  # the paper's grid; gamma = 0 agents collapse to one
+    model, tok = tiny
+    cfg = EGCFGConfig(**{**SMALL, "max_lines": 2, "max_agents": 3})
+    small = EGCFGSolver(model, tok, cfg, pool=solver.executor.pool)  # shares the sandbox pool
+    cand, rec = small.solve(PROBLEM, PREFIX, [], seed=3)
+    # nothing a random model writes passes: every agent ran (no early stop)
+    assert rec["agents_run"] == rec["agents_total"] == 3
+    assert rec["visible_passed"] is False and cand.text == rec["completion"]
+    c = rec["counters"]
+    per_agent = [a["counters"] for a in rec["agents"]]
+    assert c["forward_passes"] == sum(a["forward_passes"] for a in per_agent) > 0
+    assert c["generated_tokens"] == sum(a["generated_tokens"] for a in per_agent)
+    # gamma = 0 agent: no candidates, no traces, one check; others trace each line
+    assert per_agent[0]["candidate_tokens"] == 0 and per_agent[0]["sandbox_executions"] == 1
+    assert all(a["sandbox_executions"] >= 2 for a in per_agent[1:])
+    assert cand.num_tokens <= 30 and cand.logprob < 0 and cand.meta["egcfg"] == c
+    path = tmp_path / "egcfg_log.jsonl"
+    append_log(path, rec)
+    append_log(path, rec)
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["task_id"] == "toy/add" and rows[0]["winner"] == rec["winner"]
+    assert rows[0]["agents"][1]["lines"][0]["candidates"]
+
+
+def test_early_stop_when_visible_tests_pass(tiny):
+    """A 'model' that already wrote the body: prompt ends inside the function, any output
+    that keeps it valid passes; the first agent (plain greedy) is checked and wins."""
+    model, tok = tiny
+    cfg = EGCFGConfig(**{**SMALL, "max_lines": 1, "max_line_tokens": 1})
+    prob = Problem(task_id="toy/done", prompt=PREFIX, entry_point="total",
+                   code_prefix=PREFIX + "    return sum(xs)\n", tests=PROBLEM.tests,
+                   visible_tests=PROBLEM.visible_tests)
+    with_comment = lambda p, text: p.code_prefix + "# " + text.replace("\n", " ") + "\n"  # noqa: E731
+    s = EGCFGSolver(model, tok, cfg, to_program=with_comment)
+    try:
+        cand, rec = s.solve(prob, PREFIX, [], seed=0)
+    finally:
+        s.close()
+    assert rec["visible_passed"] is True and rec["winner_index"] == 0 and rec["agents_run"] == 1
+    assert cand.meta["visible_passed"] is True
