@@ -108,3 +108,56 @@ def test_stdout_of_program_does_not_leak(test):
     res = run_tracer({"program": prog, "tests": [test]})
     t = res["tests"][0]
     assert t["passed"] is True and t["stdout"].startswith("hello hello") and len(t["stdout"]) <= 200
+
+
+# --------------------------------------------------------------------------- in the sandbox
+@pytest.fixture(scope="module")
+def pool():
+    from codedistill.execution import Limits, SandboxPool
+
+    with SandboxPool(workers=2, limits=Limits(timeout=5.0), warm_targets=["codedistill.egcfg.tracer:trace"]) as p:
+        yield p
+
+
+def test_trace_through_sandbox_call(pool):
+    from codedistill.execution import Limits
+
+    args = {"program": PROG, "tests": ["assert f([1, 2, 3]) == 12", "assert h({}) == 1",
+                                        "assert g(1000000) == 1000000"], "max_events": 30}
+    verdicts = pool.call_many("codedistill.egcfg.tracer:trace", [args, args], Limits(timeout=10.0))
+    for v in verdicts:
+        res = v.payload
+        assert isinstance(res, dict), v.result
+        t0, t1, t2 = res["tests"]
+        assert t0["passed"] and t0["result"] == "12" and t0["events"][-1] == \
+            {"event": "return", "func": "f", "line": 5, "value": "12"}
+        assert t1["exception"]["type"] == "KeyError" and t1["exception"]["line"] == 15
+        assert t2["passed"] and t2["truncated"] and len(t2["events"]) == 30
+    assert verdicts[0].payload == verdicts[1].payload
+
+
+def test_sandboxed_tracer_stops_endless_loop_while_recording(pool):
+    """In the sandbox the tracer runs in a worker thread (no SIGALRM); the deadline is then
+    checked by the trace function itself, so the other tests still run."""
+    from codedistill.execution import Limits
+
+    prog = ("import time\ndef spin():\n    i = 0\n    while True:\n        time.sleep(0.001)\n"
+            "        i += 1\n\ndef one():\n    return 1\n")
+    v = pool.call("codedistill.egcfg.tracer:trace",
+                  {"program": prog, "tests": ["assert spin() == 1", "assert one() == 1"], "timeout_s": 0.5,
+                   "max_events": 10**6, "max_chars": 500_000}, Limits(timeout=10.0))
+    assert v.payload is not None, v.result
+    t0, t1 = v.payload["tests"]
+    assert t0["exception"]["type"] == "TimeoutError" and t1["passed"] is True
+
+
+def test_sandboxed_tracer_cannot_touch_the_host(pool, tmp_path):
+    from codedistill.execution import Limits
+
+    target = tmp_path / "owned.txt"
+    prog = f"def w():\n    open({str(target)!r}, 'w').write('x')\n    return 1\n"
+    v = pool.call("codedistill.egcfg.tracer:trace", {"program": prog, "tests": ["assert w() == 1"]},
+                  Limits(timeout=5.0))
+    t = v.payload["tests"][0]
+    assert t["passed"] is False and t["exception"]["type"] in ("PermissionError", "OSError", "FileNotFoundError")
+    assert not target.exists()
