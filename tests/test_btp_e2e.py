@@ -178,3 +178,33 @@ def test_overlap_is_refused_unless_allowed_and_then_reported_in_bold(pair, tmp_p
 
     fake = {"datasets": {}}
     assert "**WARNING: --allow-overlap" in report_markdown(plan, fake, [])
+
+
+def test_mixed_mode_sampling_generation_and_is_weights(pair, tmp_path):
+    """mode=mixed: source and the current target both feed the buffer; sampled (not beam)
+    generation; greedy replay; importance weights; full fine-tuning checkpoints."""
+    out = tmp_path / "mixed"
+    cfg = small_cfg(pair, out, mode="mixed", generation="sample", num_samples=2, n_iterations=2,
+                    sampling_method="rank", sampling_alpha=1.0, is_weights=True, is_beta=0.5,
+                    replay_size=5, use_lora=False, merge=False, eval_source=False, learning_rate=1e-4)
+    comp = run_btp(cfg, log=lambda m: None)
+    assert "source" not in comp["datasets"]["synth"]
+    buf = read_jsonl(out / "replay_buffer.jsonl")
+    assert {r["source"] for r in buf} >= {"src"} and any(r["source"].startswith("tgt") for r in buf)
+    assert {r["iteration"] for r in buf} == {1, 2}  # samples differ per iteration: new programs
+    assert any(r["source"] == "tgt@iter1" for r in buf)  # iteration 2 sampled the fine-tuned target
+    assert (out / "generations" / "source_iter1.jsonl").exists() and (out / "generations" / "target_iter2.jsonl").exists()
+    st = json.loads((out / "iter_2" / "stats.json").read_text())
+    assert st["sampling"]["draws"] == 5 and st["sampling"]["method"] == "rank"
+    w = json.loads((out / "iter_2" / "draw.json").read_text())["is_weights"]
+    assert len(w) == 5 and max(w) == pytest.approx(1.0) and min(w) > 0
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "iter_2" / "model") is not None
+    assert not (out / "iter_2" / "adapter").exists()
+
+
+def test_humaneval_as_extra_eval_set(pair, tmp_path):
+    plan = Plan(small_cfg(pair, tmp_path / "he", eval_datasets=["humaneval"], eval_max_problems=3))
+    assert list(plan.evals) == ["synth", "humaneval"]
+    assert len(plan.evals["humaneval"]) == 3 and plan.overlap == []
