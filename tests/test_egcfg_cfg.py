@@ -94,6 +94,10 @@ def test_cfg_logits_equal_full_recomputation_beam(tiny, gamma):
                   for i in range(len(seq)))
         assert abs(ref - glp) < 1e-3
     assert res.scores == sorted(res.scores, reverse=True)
+    # per-token plain log-probs follow the beams through reordering too
+    for seq, toks in zip(res.tokens, res.token_plain_logprobs):
+        ref = [float(reference_guided_logprobs(model, None, u + seq[:i], 0.0)[seq[i]]) for i in range(len(seq))]
+        assert max(abs(a - b) for a, b in zip(ref, toks)) < 1e-4
 
 
 def test_cfg_sampling_logits_and_plain_logprob(tiny):
