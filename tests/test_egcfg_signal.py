@@ -90,3 +90,12 @@ def test_insert_signal_positions():
     assert insert_signal("import os\n" + he, sig, he) == "import os\n# feedback\n" + he
     assert insert_signal("plain prompt", sig, "", None) == "plain prompt\n# feedback\n"
     assert insert_signal(mbpp, "") == mbpp
+
+
+def test_dropped_candidate_lines_are_shown_as_not_run():
+    from codedistill.egcfg.signal import make_executable_ex
+
+    prog, dropped = make_executable_ex("def f(s):\n    return s.upper() + '')\n")
+    assert prog == "def f(s):\n    pass\n" and dropped == "    return s.upper() + '')"
+    lines = format_trace(prog, {"compile_error": None, "tests": []}, new_from_line=2, dropped=dropped)
+    assert lines == ["# Candidate:", "#       pass", "#       return s.upper() + '')  <- not run (does not parse yet)"]

@@ -30,7 +30,7 @@ from codedistill.data.problem import Problem
 from codedistill.egcfg.cfg import cfg_generate
 from codedistill.egcfg.config import AgentSpec, EGCFGConfig
 from codedistill.egcfg.executor import TraceExecutor
-from codedistill.egcfg.signal import build_signal, count_tokens_fn, insert_signal, make_executable
+from codedistill.egcfg.signal import build_signal, count_tokens_fn, insert_signal, make_executable_ex
 from codedistill.generation.postprocess import cut_at_stop
 
 
@@ -141,12 +141,14 @@ class LineDecoder:
         """Trace the candidates on the visible tests; the signal block and a log per candidate."""
         first_new = len(self.to_program(problem, prefix_text).split("\n"))
         programs: list[str] = []
+        dropped: list[str] = []
         log: list[dict] = []
         for cand in cands:
-            prog = make_executable(self.to_program(problem, prefix_text + cand))
-            entry = {"text": cand, "executable": bool(prog)}
+            prog, drop = make_executable_ex(self.to_program(problem, prefix_text + cand))
+            entry = {"text": cand, "executable": bool(prog), "dropped": drop}
             if prog and prog not in programs:
                 programs.append(prog)
+                dropped.append(drop)
             entry["program_index"] = programs.index(prog) if prog in programs else None
             log.append(entry)
         tests = list(problem.visible_tests)[: self.cfg.max_traced_tests]
@@ -167,7 +169,7 @@ class LineDecoder:
                 if tr.get("error"):
                     e["error"] = tr["error"]
         template = self.cfg.prompts.get(agent.prompt) or next(iter(self.cfg.prompts.values()))
-        sig = build_signal([(p, t, first_new) for p, t in zip(programs, traces)], self.count_tokens,
+        sig = build_signal([(p, t, first_new, dr) for p, t, dr in zip(programs, traces, dropped)], self.count_tokens,
                            self.cfg.trace_budget_tokens, template=template, header=self.cfg.signal_header,
                            max_tests=self.cfg.max_traced_tests)
         return sig, log

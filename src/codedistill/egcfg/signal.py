@@ -36,14 +36,20 @@ def _parses(code: str) -> bool:
 def make_executable(code: str) -> str:
     """The longest parsing prefix of ``code`` (by whole lines), with an indented ``pass``
     added when it ends in a block header without a body; "" when no line parses."""
+    return make_executable_ex(code)[0]
+
+
+def make_executable_ex(code: str) -> tuple[str, str]:
+    """(:func:`make_executable` of ``code``, the non-blank text of the lines it dropped)."""
     lines = code.split("\n")
     for end in range(len(lines), -1, -1):
         chunk = lines[:end]
         while chunk and not chunk[-1].strip():
             chunk = chunk[:-1]
+        dropped = "\n".join(x for x in lines[len(chunk):] if x.strip())
         text = "\n".join(chunk)
         if _parses(text):
-            return text + "\n" if text else ""
+            return (text + "\n" if text else ""), dropped
         if chunk:
             last = chunk[-1]
             stripped = last.strip()
@@ -51,25 +57,29 @@ def make_executable(code: str) -> str:
                 indent = last[: len(last) - len(last.lstrip())]
                 fixed = text + "\n" + indent + "    pass"
                 if _parses(fixed):
-                    return fixed + "\n"
-    return ""
+                    return fixed + "\n", dropped
+    return "", "\n".join(x for x in lines if x.strip())
 
 
 def _fmt_vars(d: dict[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items())
 
 
-def format_trace(program: str, trace: dict, new_from_line: int = 1, max_tests: int | None = None) -> list[str]:
+def format_trace(program: str, trace: dict, new_from_line: int = 1, max_tests: int | None = None,
+                 dropped: str = "") -> list[str]:
     """Comment lines describing one candidate's execution (see module doc).
 
     ``program`` is the executed program, ``trace`` the tracer's result, ``new_from_line``
-    the first line of the candidate's own (new) code, shown as the candidate.
+    the first line of the candidate's own (new) code, shown as the candidate; ``dropped``
+    the candidate's lines that had to be cut for the program to parse (shown as such).
     """
     src = program.split("\n")
     out = ["# Candidate:"]
     for ln in range(max(1, new_from_line), len(src) + 1):
         if src[ln - 1].strip():
             out.append(f"#   {src[ln - 1]}")
+    for d in dropped.split("\n") if dropped else []:
+        out.append(f"#   {d}  <- not run (does not parse yet)")
     if trace.get("error"):  # the sandbox job itself failed (e.g. an endless loop hit its limit)
         out.append(f"#   Execution stopped: {trace['error']}")
         return out
@@ -124,14 +134,14 @@ def _fit(lines: list[str], budget: int, count: Callable[[str], int]) -> str:
 
 
 def build_signal(
-    candidates: Sequence[tuple[str, dict, int]],
+    candidates: Sequence[tuple],
     count_tokens: Callable[[str], int],
     budget_tokens: int,
     template: str = DEFAULT_TEMPLATE,
     header: str = DEFAULT_HEADER,
     max_tests: int | None = None,
 ) -> str:
-    """The signal block for (program, trace, new_from_line) candidates; "" if none."""
+    """The signal block for (program, trace, new_from_line[, dropped]) candidates; "" if none."""
     if not candidates or budget_tokens <= 0:
         return ""
     frame = template.format(header=header, traces="")
@@ -139,7 +149,8 @@ def build_signal(
     if left <= 0:
         return ""
     share = left // len(candidates)
-    parts = [_fit(format_trace(p, t, n, max_tests), share, count_tokens) for p, t, n in candidates]
+    parts = [_fit(format_trace(c[0], c[1], c[2], max_tests, c[3] if len(c) > 3 else ""), share, count_tokens)
+             for c in candidates]
     parts = [p for p in parts if p]
     if not parts:
         return ""
