@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 
 from codedistill.btp._testing import build_throwaway_pair  # noqa: E402
 from codedistill.btp.config import BTPConfig, build_config  # noqa: E402
-from codedistill.btp.jsonl import read_jsonl  # noqa: E402
+from codedistill.runs import read_jsonl  # noqa: E402
 from codedistill.btp.loop import Plan, find_near_duplicates, find_overlap, run_btp  # noqa: E402
 from codedistill.errors import ConfigError  # noqa: E402
 

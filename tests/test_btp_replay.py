@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from codedistill.btp.jsonl import JsonlAppender, read_jsonl
+from codedistill.runs import JsonlWriter, read_jsonl
 from codedistill.btp.p2value import DEFAULT_P2_ALPHA, normalize_program, p2value, program_key
 from codedistill.btp.replay import ReplayBuffer, ReplayEntry
 from codedistill.btp.samplers import (
@@ -80,13 +80,13 @@ def test_replay_buffer_dedups_per_problem_and_persists(tmp_path):
 
 def test_jsonl_torn_tail_is_repaired(tmp_path):
     path = tmp_path / "x.jsonl"
-    with JsonlAppender(path) as w:
+    with JsonlWriter(path) as w:
         w.write({"a": 1})
         w.write({"a": 2})
     with path.open("a") as f:
         f.write('{"a": 3, "b"')  # killed mid-write
     assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
-    with JsonlAppender(path) as w:
+    with JsonlWriter(path) as w:
         w.write({"a": 4})
     assert read_jsonl(path) == [{"a": 1}, {"a": 2}, {"a": 4}]
     assert path.read_text().count("\n") == 3

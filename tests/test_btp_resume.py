@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from codedistill.btp._testing import build_throwaway_pair  # noqa: E402
-from codedistill.btp.jsonl import read_jsonl  # noqa: E402
+from codedistill.runs import read_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "step2_btp_finetune_experiment.py"

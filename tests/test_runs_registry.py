@@ -5,7 +5,7 @@ import pytest
 
 from codedistill.errors import ConfigError
 from codedistill.models.registry import REGISTRY, resolve_model
-from codedistill.runs import JsonlWriter, RunDir, read_jsonl
+from codedistill.runs import RunDir
 
 
 def test_registry_aliases_and_variants():
@@ -26,19 +26,6 @@ def test_local_dir_resolves(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     s = resolve_model(str(tmp_path))
     assert s.path == str(tmp_path) and s.family == "qwen2"
-
-
-def test_jsonl_torn_last_line_dropped_and_repaired(tmp_path):
-    p = tmp_path / "x.jsonl"
-    with JsonlWriter(p) as w:
-        w.write({"a": 1})
-        w.write({"a": 2})
-    with open(p, "a") as f:
-        f.write('{"a": 3, "b"')  # a crash mid-write
-    assert read_jsonl(p) == [{"a": 1}, {"a": 2}]
-    with JsonlWriter(p) as w:
-        w.write({"a": 4})
-    assert read_jsonl(p) == [{"a": 1}, {"a": 2}, {"a": 4}]
 
 
 def test_rundir_records_provenance_and_refuses_other_runs(tmp_path):

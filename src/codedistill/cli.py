@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -10,8 +9,8 @@ from typing import Optional
 
 import typer
 
-from codedistill.errors import CodedistillError
-from codedistill.ui import console, progress_bar
+from codedistill.btp.cli import btp_command
+from codedistill.ui import console, friendly_errors, progress_bar
 
 app = typer.Typer(
     name="codedistill",
@@ -20,20 +19,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def friendly_errors(fn):
-    """Print our own errors as one clear line (exit 2) instead of a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except CodedistillError as e:
-            console.print(f"[bold red]error:[/] {e}")
-            raise typer.Exit(2)
-
-    return wrapper
 
 
 @app.command()
@@ -150,6 +135,9 @@ def make_tiny_model(
 
     path = build_tiny_model(name, out, seed=seed) if out else ensure_tiny_model(name)
     console.print(f"{name}: {path}")
+
+
+app.command("btp")(btp_command)
 
 
 @app.command("version")

@@ -135,14 +135,24 @@ class JsonlWriter:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def _repair(self) -> None:
-        """Truncate a torn last line left by a crash, so appends start on a fresh line."""
+        """Cut a torn tail left by a crash (a partial last line, or a last line that is not
+        valid JSON), so appends start after the last complete record."""
         if not self.path.exists():
             return
         data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
+        end = data.rfind(b"\n") + 1  # drop any bytes after the last newline
+        while end > 0:
+            start = data.rfind(b"\n", 0, end - 1) + 1
+            line = data[start:end - 1]
+            try:
+                if line.strip():
+                    json.loads(line)
+                break
+            except json.JSONDecodeError:
+                end = start
+        if end != len(data):
             with open(self.path, "r+b") as f:
-                f.truncate(cut)
+                f.truncate(end)
 
     def write(self, row: Mapping[str, Any]) -> None:
         self._f.write(dumps(row) + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Iterator
 
 from rich.console import Console
@@ -11,6 +12,23 @@ from rich.progress import (
 )
 
 console = Console(stderr=True, soft_wrap=True)
+
+
+def friendly_errors(fn):
+    """CLI commands: print our own errors as one clear line (exit 2), not a traceback."""
+    import typer
+
+    from codedistill.errors import CodedistillError
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CodedistillError as e:
+            console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+            raise typer.Exit(2)
+
+    return wrapper
 
 
 @contextlib.contextmanager

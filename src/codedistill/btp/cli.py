@@ -7,31 +7,18 @@ unless a flag overrides them; unset everywhere, BTPConfig's defaults apply.
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from codedistill.errors import CodedistillError
+from codedistill.ui import friendly_errors
 
 O = typer.Option  # noqa: E741
 
 
-def _friendly(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except CodedistillError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
-
-    return wrapper
-
-
-@_friendly
+@friendly_errors
 def btp_command(
     config: Optional[Path] = O(None, "--config", help="YAML file of settings (flags override it)."),
     source_model: Optional[str] = O(None, "--source-model", help="Alias (StarCoder2-15B, tiny-source, ...), hub id or dir."),

@@ -33,7 +33,7 @@ import numpy as np
 
 from codedistill.btp._exec import open_pool, run_tests
 from codedistill.btp.config import BTPConfig
-from codedistill.btp.jsonl import JsonlAppender, read_jsonl, write_json_atomic
+from codedistill.runs import JsonlWriter, read_jsonl, write_json
 from codedistill.btp.replay import ReplayBuffer, ReplayEntry
 from codedistill.btp.samplers import draw
 from codedistill.btp.stats import buffer_stats, sampling_stats
@@ -247,7 +247,7 @@ def generate_and_test(
     if todo_chunks:
         log(f"[iter {iteration}] {role}: {cfg.generation} on {sum(len(c) for c in todo_chunks)} problems"
             f" ({len(plan.train) - sum(len(c) for c in todo_chunks)} done before)")
-    with JsonlAppender(gpath) as gw, JsonlAppender(vpath) as vw:
+    with JsonlWriter(gpath) as gw, JsonlWriter(vpath) as vw:
         for chunk in todo_chunks:
             missing = [p for p in chunk if p.task_id not in gens]
             if missing:
@@ -315,7 +315,7 @@ def evaluate(
         todo = [c for c in _chunks(problems, cfg.chunk_size) if any(p.task_id not in done for p in c)]
         if todo:
             log(f"evaluating {stage} on {ds}: {sum(len(c) for c in todo)} problems x {cfg.eval_num_samples} samples")
-        with JsonlAppender(path) as w:
+        with JsonlWriter(path) as w:
             for chunk in todo:
                 gen = gen_fn()
                 prompts = [render_prompt(p, style, gen.tokenizer) for p in chunk]
@@ -379,7 +379,7 @@ def train_iteration(plan: Plan, iteration: int, examples: list[TrainExample], lo
     log(f"[iter {iteration}] fine-tuning {spec.alias} on {len(examples)} examples "
         f"({'LoRA r=%d' % settings.lora_r if cfg.use_lora else 'full'})")
     result = train(model, tok, examples, settings, seed=seed)
-    with JsonlAppender(it_dir / "train_log.tmp.jsonl") as w:
+    with JsonlWriter(it_dir / "train_log.tmp.jsonl") as w:
         for i, loss in enumerate(result.losses):
             w.write({"step": i + 1, "loss": loss})
     (it_dir / "train_log.tmp.jsonl").replace(it_dir / "train_log.jsonl")
@@ -388,7 +388,7 @@ def train_iteration(plan: Plan, iteration: int, examples: list[TrainExample], lo
         merge_and_save(model, tok, it_dir / "merged")
     info = {**result.to_dict(), "seconds": round(time.time() - t0, 2), "seed": seed,
             "init_from": str(prev) if prev else "base"}
-    write_json_atomic(it_dir / "train.json", info)
+    write_json(it_dir / "train.json", info)
     del model
     gc.collect()
     return info
@@ -446,7 +446,7 @@ def run_btp(cfg: BTPConfig, log: Log = print) -> dict[str, Any]:
             evals[f"target_iter{k}"] = evaluate(plan, lambda: models.target(k), plan.target_spec,
                                                 f"target_iter{k}", pool, log)
             stats["eval"] = {ds: r["metrics"] for ds, r in evals[f"target_iter{k}"].items()}
-            write_json_atomic(it_dir / "stats.json", stats)
+            write_json(it_dir / "stats.json", stats)
             (it_dir / "DONE").write_text("done\n")
             all_stats.append(stats)
     finally:
@@ -454,7 +454,7 @@ def run_btp(cfg: BTPConfig, log: Log = print) -> dict[str, Any]:
         if pool_cm is not None:
             pool_cm.__exit__(None, None, None)
     comparison = build_comparison(plan, evals)
-    write_json_atomic(plan.out / "comparison.json", comparison)
+    write_json(plan.out / "comparison.json", comparison)
     make_plots(plan, comparison, all_stats)
     from codedistill.btp.report import report_markdown
 
@@ -522,7 +522,7 @@ def run_iteration(plan: Plan, k: int, models: Models, buffer: ReplayBuffer, pool
                           cfg.is_beta if cfg.is_weights else None)
     log(f"[iter {k}] drew {len(d.indices)} ({samp['unique_programs_drawn']} unique programs, "
         f"{samp['share_fully_passing_drawn']:.0%} fully passing, {samp['share_zero_pass_drawn']:.0%} zero-pass)")
-    write_json_atomic(it_dir / "draw.json", {
+    write_json(it_dir / "draw.json", {
         "indices": d.indices, "is_weights": d.is_weights,
         "drawn": [{"task_id": entries[i].task_id, "key": entries[i].key} for i in d.indices]})
     # 5. fine-tune the target on prompts in the target's format

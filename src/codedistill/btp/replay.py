@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from codedistill.btp.jsonl import JsonlAppender, read_jsonl
+from codedistill.runs import JsonlWriter, read_jsonl
 from codedistill.btp.p2value import DEFAULT_P2_ALPHA, p2value, program_key
 
 
@@ -68,7 +68,7 @@ class ReplayBuffer:
         self.entries: list[ReplayEntry] = []
         self._keys: set[tuple[str, str]] = set()
         self.duplicates_seen = 0
-        self._writer: JsonlAppender | None = None
+        self._writer: JsonlWriter | None = None
         if self.path is not None:
             for d in read_jsonl(self.path):
                 e = ReplayEntry.from_dict(d)
@@ -96,7 +96,7 @@ class ReplayBuffer:
         self.entries.append(entry)
         if self.path is not None:
             if self._writer is None:
-                self._writer = JsonlAppender(self.path)
+                self._writer = JsonlWriter(self.path)
             self._writer.write(entry.to_dict())
         return True
 
