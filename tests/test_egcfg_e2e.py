@@ -16,7 +16,9 @@ def _run(tmp_path: Path, dataset: str, n: int):
     from codedistill.baseline import run_baseline
     from codedistill.config import BaselineConfig, SamplingConfig
 
-    cfg = BaselineConfig(model="tiny-target", dataset=dataset, split="test", max_problems=n, method="egcfg",
+    # tiny-target by default; a saved model directory can stand in for it (same weights, no rebuild)
+    model = os.environ.get("CODEDISTILL_EGCFG_TEST_MODEL", "tiny-target")
+    cfg = BaselineConfig(model=model, dataset=dataset, split="test", max_problems=n, method="egcfg",
                          sampling=SamplingConfig(num_samples=1, max_new_tokens=96), egcfg=SMALL,
                          workers=2, chunk_size=n, seed=0, device="cpu")
     return run_baseline(cfg, tmp_path / dataset)
