@@ -119,3 +119,12 @@ def test_early_stop_when_visible_tests_pass(tiny):
         s.close()
     assert rec["visible_passed"] is True and rec["winner_index"] == 0 and rec["agents_run"] == 1
     assert cand.meta["visible_passed"] is True
+
+
+def test_without_visible_tests_one_plain_greedy_agent_runs(tiny, solver):
+    model, tok = tiny
+    no_tests = Problem(task_id="toy/none", prompt=PREFIX, entry_point="total", code_prefix=PREFIX, tests=())
+    cand, rec = solver.solve(no_tests, PREFIX, [], seed=0)
+    assert rec["agents_run"] == rec["agents_total"] == 1
+    assert rec["counters"]["candidate_tokens"] == 0 and rec["counters"]["sandbox_executions"] == 0
+    assert cand.text == tok.decode(hf_greedy(model, tok.encode(PREFIX), cand.num_tokens), skip_special_tokens=True)

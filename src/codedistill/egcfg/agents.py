@@ -80,6 +80,9 @@ class EGCFGSolver:
               ) -> tuple[Candidate, dict[str, Any]]:
         t0 = time.time()
         agents = self.config.agents()
+        if not problem.visible_tests and self.config.line_temperature == 0:
+            # no tests to trace: every agent is plain greedy decoding, so one is enough
+            agents = agents[:1]
         results: list[AgentResult | None] = [None] * len(agents)
         cancel = threading.Event()
         winner: int | None = None
