@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import marshal
 import os
 import resource
 import select
@@ -46,6 +47,13 @@ PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS =
 SYS_MOUNT_SETATTR = 442  # same number on x86_64 and aarch64 (generic table)
 AT_RECURSIVE = 0x8000
 MOUNT_ATTR_RDONLY = 0x1
+
+_PROF = bool(os.environ.get("CODEDISTILL_SANDBOX_PROFILE"))  # per-step timings
+
+
+def _now() -> int:
+    return time.perf_counter_ns()
+
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -200,21 +208,143 @@ def recv(fd: int):
     return json.loads(_read_exact(fd, n))
 
 
-def send(fd: int, obj) -> None:
+def frame(obj) -> bytes:
     data = json.dumps(obj).encode()
-    data = struct.pack("<I", len(data)) + data
-    while data:
-        n = os.write(fd, data)
-        data = data[n:]
+    return struct.pack("<I", len(data)) + data
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        view = view[n:]
+
+
+def send(fd: int, obj) -> None:
+    write_all(fd, frame(obj))
+
+
+class _Input:
+    """The server's end of the job pipe, read ahead without blocking.
+
+    The pool keeps more than one job in flight per server; reading ahead lets the
+    server see that more work is queued (and prepare the next sandbox early), and
+    draining it while a result is written means neither side can block the other.
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buf = bytearray()
+        self.eof = False
+        os.set_blocking(fd, False)
+
+    def pump(self) -> None:
+        while not self.eof:
+            try:
+                chunk = os.read(self.fd, 1 << 20)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.eof = True
+                return
+            self.buf += chunk
+
+    def _complete(self) -> int:
+        """Length of the first complete message in the buffer (with its prefix), or 0."""
+        if len(self.buf) < 4:
+            return 0
+        (n,) = struct.unpack_from("<I", self.buf)
+        return 4 + n if len(self.buf) >= 4 + n else 0
+
+    def pending(self) -> bool:
+        """True when another message has (at least partly) arrived."""
+        self.pump()
+        return len(self.buf) > 0
+
+    def recv_raw(self) -> bytes:
+        while True:
+            n = self._complete()
+            if n:
+                raw = bytes(self.buf[4:n])
+                del self.buf[:n]
+                return raw
+            if self.eof:
+                raise EOFError
+            select.select([self.fd], [], [])
+            self.pump()
+
+    def send(self, out: int, obj) -> None:
+        """Write ``obj`` to ``out`` (non-blocking) while reading ahead on our input."""
+        view = memoryview(frame(obj))
+        while view:
+            try:
+                n = os.write(out, view)
+                view = view[n:]
+                continue
+            except BlockingIOError:
+                pass
+            r, _, _ = select.select([] if self.eof else [self.fd], [out], [])
+            if r:
+                self.pump()
+
+
+def _close_fds_except(keep) -> None:
+    lo = 0
+    for fd in sorted(set(keep)):
+        if fd > lo:
+            os.closerange(lo, fd)
+        lo = max(lo, fd + 1)
+    os.closerange(lo, 1 << 16)
+
+
+class _Warm:
+    """A sandbox made ready before its job: C cloned into fresh namespaces with /tmp and
+    /proc mounted, D forked and blocked reading the job pipe (nothing untrusted ran yet)."""
+
+    __slots__ = ("pid", "pidfd", "job_w", "res_r", "out_r", "err_r", "ctl_r", "key", "uid")
+
+    def __init__(self, pid, pidfd, job_w, res_r, out_r, err_r, ctl_r, key, uid):
+        self.pid, self.pidfd, self.job_w = pid, pidfd, job_w
+        self.res_r, self.out_r, self.err_r, self.ctl_r = res_r, out_r, err_r, ctl_r
+        self.key, self.uid = key, uid
+
+    def alive(self) -> bool:
+        return not select.select([self.pidfd], [], [], 0)[0]
+
+    def discard(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        for fd in (self.pidfd, self.job_w, self.res_r, self.out_r, self.err_r, self.ctl_r):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 # --------------------------------------------------------------------------- server
 class Server:
     def __init__(self, init: dict):
         self.uid = init.get("uid")  # None: keep our uid
+        # Runs alternate between these uids, so that a run can start while the previous
+        # one's namespace is still being torn down (see _collect).
+        self.uids = [u for u in init.get("uids") or [self.uid] if u is not None] or [None]
+        self.n_runs = 0
+        self.dying: list[tuple[int, int, int | None]] = []  # killed Cs: (pid, pidfd, uid)
         self.caps = {"mount": False, "net": False, "pid": False, "uid": False}
         self.warnings: list[str] = []
         self.orig_net = None
+        self.warm: _Warm | None = None
         root = os.geteuid() == 0
         if root and self.uid is not None:
             self.caps["uid"] = True
@@ -277,7 +407,137 @@ class Server:
         return os.waitstatus_to_exitcode(st) == 0
 
     # ------------------------------------------------------------------ one run
-    def run(self, job: dict) -> dict:
+    @property
+    def warm_ok(self) -> bool:
+        """Sandboxes can be made ready ahead of their job (the namespace layout)."""
+        return bool(self.caps["pid"] and self.caps["mount"] and _SYS_CLONE is not None)
+
+    def _key(self, lim: dict) -> tuple[int, bool]:
+        """What a ready sandbox depends on: the /tmp size and the network namespace."""
+        return (max(8, int(lim["max_file_mb"]) * 4),
+                bool(lim.get("network")) and self.orig_net is not None)
+
+    def _compiled_blob(self, setup: str, tests: list[str]) -> bytes:
+        """Trusted test code compiled once per server, marshalled for the sandbox.
+        Empty when it does not compile: the harness compiles it and reports the error."""
+        key = (setup, tuple(tests))
+        cache = self.__dict__.setdefault("_blob_cache", {})
+        blob = cache.get(key)
+        if blob is None:
+            if len(cache) > 512:
+                cache.clear()
+            from _harness_bootstrap import compile_tests
+            try:
+                blob = marshal.dumps(compile_tests(setup, tests))
+            except Exception:  # noqa: BLE001 - reported by the harness
+                blob = b""
+            cache[key] = blob
+        return blob
+
+    def run(self, job: dict, raw: bytes | None = None, more=lambda: False) -> dict:
+        """One run. ``raw`` is the job as received (forwarded to the sandbox as is);
+        ``more()`` says whether another job is already queued, in which case the next
+        sandbox is made ready while this one runs."""
+        if not self.warm_ok:
+            return self._run_cold(job)
+        lim = job["limits"]
+        prof = {"s0": _now()} if _PROF else None
+        key = self._key(lim)
+        self.reap(block=False)
+        sb, self.warm = self.warm, None
+        if sb is not None and (sb.key != key or not sb.alive()):
+            sb.discard()
+            sb = None
+        if sb is None:
+            sb = self._prepare(key, self._next_uid())
+        self.n_runs += 1
+        self.reap(uid=sb.uid)  # nothing of an earlier run of this uid may be left
+        if prof:
+            prof["s_ready"] = _now()
+        blob = b""
+        if job.get("mode", "tests") == "tests":
+            blob = self._compiled_blob(job.get("test_setup", ""), list(job["tests"]))
+        if raw is None:
+            raw = json.dumps(job).encode()
+        t0 = time.monotonic()
+        try:
+            write_all(sb.job_w, struct.pack("<II", len(raw), len(blob)) + raw + blob)
+        except OSError:
+            pass  # the sandbox died before reading its job: reported by _collect
+        os.close(sb.job_w)
+        sb.job_w = None
+        if prof:
+            prof["s_sent"] = _now()
+        if more():
+            try:
+                self.warm = self._prepare(key, self._next_uid())
+            except OSError:
+                self.warm = None
+        if prof:
+            prof["s_next"] = _now()
+        return self._collect(sb.pid, sb.pidfd, sb.res_r, sb.out_r, sb.err_r, sb.ctl_r, lim,
+                             t0, True, prof, (sb.uid, more))
+
+    def _next_uid(self):
+        return self.uids[self.n_runs % len(self.uids)] if self.caps["uid"] else None
+
+    def reap(self, block: bool = True, uid=False) -> None:
+        """Collect killed runs (all of them, or those of ``uid``; ``block=False``: only
+        those already gone)."""
+        left = []
+        for pid, pidfd, u in self.dying:
+            if uid is not False and u != uid:
+                left.append((pid, pidfd, u))
+                continue
+            if not block and not select.select([pidfd], [], [], 0)[0]:
+                left.append((pid, pidfd, u))
+                continue
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            os.close(pidfd)
+        self.dying = left
+
+    def discard_warm(self) -> None:
+        if self.warm is not None:
+            self.warm.discard()
+            self.warm = None
+
+    def _prepare(self, key: tuple[int, bool], uid) -> _Warm:
+        """Clone C into new pid/mount/ipc/uts namespaces; it mounts /tmp and /proc and
+        forks D, which waits (still root, nothing untrusted loaded) for its job."""
+        tmp_mb, network = key
+        fds = [os.pipe() for _ in range(5)]
+        (res_r, res_w), (out_r, out_w), (err_r, err_w), (ctl_r, ctl_w), (job_r, job_w) = fds
+        try:
+            c = clone(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS)
+        except BaseException:
+            for pair in fds:
+                for fd in pair:
+                    os.close(fd)
+            raise
+        if c == 0:
+            try:
+                keep = [0, 1, 2, res_w, out_w, err_w, ctl_w, job_r]
+                if network:
+                    keep.append(self.orig_net)
+                _close_fds_except(keep)
+                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                self._warm_init(tmp_mb, network, res_w, out_w, err_w, ctl_w, job_r, uid)
+            except BaseException as e:  # noqa: BLE001
+                try:
+                    os.write(ctl_w, json.dumps({"error": repr(e)}).encode() + b"\n")
+                except OSError:
+                    pass
+            finally:
+                os._exit(70)
+        for fd in (res_w, out_w, err_w, ctl_w, job_r):
+            os.close(fd)
+        return _Warm(c, os.pidfd_open(c), job_w, res_r, out_r, err_r, ctl_r, key, uid)
+
+    def _run_cold(self, job: dict) -> dict:
+        """Without the namespace layout: B (child subreaper) supervises C (see _nsparent)."""
         lim = job["limits"]
         res_r, res_w = os.pipe()
         out_r, out_w = os.pipe()
@@ -286,27 +546,7 @@ class Server:
         if job.get("mode", "tests") == "tests":
             job["_compiled"] = self._compiled(job.get("test_setup", ""), list(job["tests"]))
         t0 = time.monotonic()
-        direct = self.caps["pid"] and _SYS_CLONE is not None
-        if direct:
-            # The server is the namespace's parent: clone C straight into new namespaces.
-            b = clone(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS)
-        else:
-            b = os.fork()
-        if b == 0 and direct:
-            try:
-                for fd in (res_r, out_r, err_r, ctl_r):
-                    os.close(fd)
-                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-                workdir = self._workdir(job["limits"])
-                self._sandboxed(job, res_w, out_w, err_w, ctl_w, workdir,
-                                self.uid if self.caps["uid"] else None)
-            except BaseException as e:  # noqa: BLE001
-                try:
-                    os.write(ctl_w, json.dumps({"error": repr(e)}).encode() + b"\n")
-                except OSError:
-                    pass
-            finally:
-                os._exit(70)
+        b = os.fork()
         if b == 0:
             code = 70
             try:
@@ -322,19 +562,41 @@ class Server:
                 os._exit(code)
         for fd in (res_w, out_w, err_w, ctl_w):
             os.close(fd)
+        return self._collect(b, os.pidfd_open(b), res_r, out_r, err_r, ctl_r, lim, t0, False,
+                             None, None)
+
+    def _collect(self, b, pidfd, res_r, out_r, err_r, ctl_r, lim, t0, direct, prof,
+                 defer) -> dict:
+        """Read the run's pipes until it is over; enforce the deadline (``direct``: b is
+        pid 1 of the run's namespace, killing it kills the whole run).
+
+        When the harness's end record arrives, the namespace is killed at once. If
+        ``defer`` is ``(uid, more)`` and ``more()`` says another job is queued, the result
+        goes back without waiting for the namespace's teardown (milliseconds, mostly
+        the kernel freeing the mount namespace): C is reaped later, before the next run
+        of the same uid and before the server goes idle (the next run uses the other
+        uid, in namespaces of its own)."""
         cap_out = int(lim["max_output_bytes"])
         cap_res = int(lim.get("max_payload_bytes", 1_000_000)) + 1_000_000
         bufs = {res_r: bytearray(), out_r: bytearray(), err_r: bytearray(), ctl_r: bytearray()}
         caps = {res_r: cap_res, out_r: cap_out, err_r: cap_out, ctl_r: 1 << 16}
-        truncated = {out_r: False, err_r: False, res_r: False}
+        truncated = {out_r: False, err_r: False, res_r: False, ctl_r: False}
         open_fds = set(bufs)
         hard_deadline = t0 + float(lim["timeout"]) + 10.0
         soft_deadline = t0 + float(lim["timeout"]) if direct else None
         timed_out = False
+        ended = False
         b_done = False
         b_status = None
-        pidfd = os.pidfd_open(b)
         grace_end = None
+
+        def take(fd: int, chunk: bytes) -> None:
+            room = caps[fd] - len(bufs[fd])
+            if room > 0:
+                bufs[fd] += chunk[:room]
+            if len(chunk) > room:
+                truncated[fd] = True
+
         while open_fds:
             now = time.monotonic()
             if not b_done and now > hard_deadline:  # B is wedged: should never happen
@@ -353,10 +615,14 @@ class Server:
                 wait = min(wait, max(0.0, soft_deadline - now) + 0.001)
             fds = list(open_fds) + ([] if b_done else [pidfd])
             ready, _, _ = select.select(fds, [], [], wait)
+            # Read the program's output before its records: whatever it wrote before
+            # the end record is then in the buffers when the end record is seen.
+            ready.sort(key=lambda fd: fd == res_r)
             for fd in ready:
                 if fd == pidfd:
-                    _, st = os.waitpid(b, 0)
-                    b_status = st
+                    if prof:
+                        prof["s_cdone"] = _now()
+                    _, b_status = os.waitpid(b, 0)
                     b_done = True
                     continue
                 try:
@@ -366,11 +632,52 @@ class Server:
                 if not chunk:
                     open_fds.discard(fd)
                     continue
-                room = caps[fd] - len(bufs[fd])
-                if room > 0:
-                    bufs[fd] += chunk[:room]
-                if len(chunk) > room:
-                    truncated[fd] = True
+                take(fd, chunk)
+                if fd == res_r and direct and not b_done and not truncated[res_r]:
+                    ended = self._ended(bufs[res_r])
+            if ended:
+                # The harness wrote its end record: every verdict is in. Kill the run's
+                # namespace now instead of waiting for D and C to wind down, then
+                # collect what is left in the pipes (no writer survives the namespace).
+                if prof:
+                    prof["s_ended"] = _now()
+                later = defer is not None and defer[1]()
+                if later:  # what was written before the end record is in the pipes
+                    for fd in list(open_fds):
+                        os.set_blocking(fd, False)
+                        while True:
+                            try:
+                                chunk = os.read(fd, 65536)
+                            except BlockingIOError:
+                                break
+                            except OSError:
+                                chunk = b""
+                            if not chunk:
+                                break
+                            take(fd, chunk)
+                try:
+                    os.kill(b, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                if later:
+                    self.dying.append((b, pidfd, defer[0]))
+                    pidfd = None
+                else:
+                    _, b_status = os.waitpid(b, 0)
+                    for fd in list(open_fds):  # no writer survives the namespace
+                        while True:
+                            try:
+                                chunk = os.read(fd, 65536)
+                            except OSError:
+                                chunk = b""
+                            if not chunk:
+                                break
+                            take(fd, chunk)
+                b_done = True
+                if prof:
+                    prof["s_reaped"] = _now()
+                open_fds.clear()
+                break
             if not open_fds and not b_done:
                 # every pipe closed: wait for B (it is finishing its bookkeeping)
                 select.select([pidfd], [], [], max(0.0, hard_deadline - time.monotonic()))
@@ -385,7 +692,8 @@ class Server:
                 except ProcessLookupError:
                     pass
                 os.waitpid(b, 0)
-        os.close(pidfd)
+        if pidfd is not None:
+            os.close(pidfd)
         for fd in bufs:
             os.close(fd)
         ctl = {}
@@ -396,6 +704,12 @@ class Server:
                 pass
         if direct:
             ctl["timed_out"] = timed_out
+        if prof:
+            prof["s_end"] = _now()
+            prof.update(ctl.pop("prof_d", {}))
+            ctl["prof"] = prof
+        else:
+            ctl.pop("prof_d", None)
         return {
             "records": bytes(bufs[res_r]).decode("utf-8", "replace"),
             "records_truncated": truncated[res_r],
@@ -407,6 +721,14 @@ class Server:
             "duration_s": time.monotonic() - t0,
             "caps": self.caps,
         }
+
+    @staticmethod
+    def _ended(buf: bytearray) -> bool:
+        """The records end with the harness's end record (``<token>\\tE``)."""
+        if len(buf) < 70 or not buf.endswith(b"\tE\n") or buf[32:35] != b"\tH\n":
+            return False
+        last = buf.rfind(b"\n", 0, len(buf) - 1)
+        return last >= 34 and buf[last + 1:] == buf[:32] + b"\tE\n"
 
     @staticmethod
     def _kill_from_ctl(buf: bytearray) -> None:
@@ -544,8 +866,46 @@ class Server:
         return killed
 
     # ------------------------------------------------------------------ C
+    def _warm_init(self, tmp_mb, network, res_w, out_w, err_w, ctl_w, job_r, uid) -> None:
+        """C of a ready sandbox: pid 1 of its namespaces (root, trusted)."""
+        os.setsid()
+        opts = f"size={tmp_mb}m,nr_inodes=4096,mode=0700"
+        if uid is not None:
+            opts += f",uid={uid},gid={uid}"
+        mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts)
+        if network:
+            setns(self.orig_net, CLONE_NEWNET)
+            os.close(self.orig_net)
+        try:
+            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        except OSError:
+            pass
+        d = os.fork()
+        if d == 0:
+            try:
+                if not _PROF:
+                    os.close(ctl_w)
+                self._child_fds(res_w, out_w, err_w, job_r, ctl_w if _PROF else None)
+                self._child_env("/tmp")
+                pd = {"d_wait": _now()} if _PROF else None
+                n_raw, n_blob = struct.unpack("<II", _read_exact(4, 8))
+                raw = _read_exact(4, n_raw)
+                blob = _read_exact(4, n_blob) if n_blob else b""
+                os.close(4)
+                job = json.loads(raw)
+                if blob:
+                    job["_compiled"] = marshal.loads(blob)
+                if pd is not None:
+                    pd["d_job"] = _now()
+                self._exec_job(job, "/tmp", uid, pd, 5)
+            finally:
+                os._exit(72)
+        for fd in (res_w, out_w, err_w, job_r):
+            os.close(fd)
+        self._init_loop(d, ctl_w)
+
     def _sandboxed(self, job, res_w, out_w, err_w, ctl_w, workdir, uid) -> None:
-        """C: pid 1 of the run's pid namespace (root, trusted); runs the program in D."""
+        """C (fallback layout, under B): runs the program in D and reports its status."""
         caps = self.caps
         os.setsid()
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -558,11 +918,17 @@ class Server:
         if d == 0:
             try:
                 os.close(ctl_w)
-                self._program(job, res_w, out_w, err_w, workdir, uid)
+                self._child_fds(res_w, out_w, err_w)
+                self._child_env(workdir)
+                self._exec_job(job, workdir, uid)
             finally:
                 os._exit(72)
         for fd in (res_w, out_w, err_w):
             os.close(fd)
+        self._init_loop(d, ctl_w)
+
+    @staticmethod
+    def _init_loop(d: int, ctl_w: int) -> None:
         while True:  # reap everything; D's end ends the namespace
             try:
                 pid, st = os.wait()
@@ -576,15 +942,39 @@ class Server:
                 os.write(ctl_w, json.dumps(info).encode() + b"\n")
                 os._exit(0)
 
-    def _program(self, job, res_w, out_w, err_w, workdir, uid) -> None:
-        """D: drops privileges and runs the harness."""
-        lim = job["limits"]
+    # ------------------------------------------------------------------ D
+    @staticmethod
+    def _child_fds(res_w, out_w, err_w, job_r=None, prof_w=None) -> None:
+        """D's descriptors: 0 /dev/null, 1 stdout, 2 stderr, 3 records (4: the job;
+        5: profiling timestamps, closed before the harness starts)."""
         devnull = os.open("/dev/null", os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
         os.dup2(res_w, 3)
-        os.closerange(4, 1 << 16)
+        if job_r is not None:
+            os.dup2(job_r, 4)
+            if prof_w is not None:
+                os.dup2(prof_w, 5)
+            os.closerange(5 if prof_w is None else 6, 1 << 16)
+        else:
+            os.closerange(4, 1 << 16)
+
+    @staticmethod
+    def _child_env(workdir: str) -> None:
+        os.chdir(workdir)
+        os.environ.clear()
+        os.environ.update({"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir,
+                           "TMPDIR": workdir, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"})
+        import tempfile
+        tempfile.tempdir = workdir
+        sys.stdin = open(0, "r", closefd=False)
+        sys.stdout = open(1, "w", closefd=False, buffering=1)
+        sys.stderr = open(2, "w", closefd=False, buffering=1)
+
+    def _exec_job(self, job, workdir, uid, pd=None, ctl_w=None) -> None:
+        """D: limits, drops privileges, runs the harness."""
+        lim = job["limits"]
         target = None
         if job.get("mode") == "call":
             import importlib
@@ -603,12 +993,6 @@ class Server:
                 resource.setrlimit(res, (val, val))
             except (ValueError, OSError):
                 pass
-        os.chdir(workdir)
-        os.environ.clear()
-        os.environ.update({"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir,
-                           "TMPDIR": workdir, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"})
-        import tempfile
-        tempfile.tempdir = workdir
         if uid is not None:
             os.setgroups([])
             os.setresgid(uid, uid, uid)
@@ -620,10 +1004,11 @@ class Server:
         for name in [m for m in sys.modules if m == "ctypes" or m.startswith("ctypes.")
                      or m == "_ctypes"]:
             sys.modules.pop(name, None)
-        sys.stdin = open(0, "r", closefd=False)
-        sys.stdout = open(1, "w", closefd=False, buffering=1)
-        sys.stderr = open(2, "w", closefd=False, buffering=1)
         from _harness_bootstrap import main  # set up by serve()
+        if pd is not None and ctl_w is not None:
+            pd["d_main"] = _now()
+            os.write(ctl_w, json.dumps({"prof_d": pd}).encode() + b"\n")
+            os.close(ctl_w)
         main(job, 3, workdir, bool(lim.get("network")), job.get("mode", "tests"),
              bool(lim.get("audit_hook", True)), target)
 
@@ -667,18 +1052,26 @@ def serve() -> None:
     gc.freeze()  # forked children do not touch (copy) the server's objects when collecting
     send(out, {"hello": True, "caps": server.caps, "warnings": server.warnings,
                "pid": os.getpid()})
+    reader = _Input(inp)
+    os.set_blocking(out, False)
     while True:
         try:
-            job = recv(inp)
+            raw = reader.recv_raw()
         except EOFError:
             break
+        job = json.loads(raw)
         if job.get("op") == "exit":
             break
         try:
-            result = server.run(job)
+            result = server.run(job, raw, reader.pending)
         except Exception as e:  # noqa: BLE001
             result = {"server_error": repr(e), "caps": server.caps}
-        send(out, result)
+        if not reader.pending():  # idle: keep no sandbox process around
+            server.discard_warm()
+            server.reap()
+        reader.send(out, result)
+    server.discard_warm()
+    server.reap()
     os._exit(0)
 
 

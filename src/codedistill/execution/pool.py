@@ -10,6 +10,7 @@ child, never the server or this process. Servers are started in their own sessio
 from __future__ import annotations
 
 import atexit
+import fcntl
 import itertools
 import os
 import queue
@@ -18,9 +19,11 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 import weakref
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections import deque
+from concurrent.futures import Future, as_completed
 from typing import Callable, Iterable, Iterator
 
 from . import _server as _proto
@@ -29,6 +32,8 @@ from .sandbox import Job, Limits, Verdict, build_verdict
 _SERVER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_server.py")
 _WARNED: set[str] = set()
 _POOL_COUNTER = itertools.count()
+_DEPTH = 2  # jobs in flight per server (one running, one queued behind it)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _LIVE_POOLS: "weakref.WeakSet[SandboxPool]" = weakref.WeakSet()
 
 
@@ -41,7 +46,7 @@ def _warn_once(msg: str) -> None:
 class _ServerHandle:
     """One fork server process and its pipes."""
 
-    def __init__(self, uid: int | None, namespaces: bool, warm_targets: list[str]):
+    def __init__(self, uids: list[int] | None, namespaces: bool, warm_targets: list[str]):
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", _SERVER_FILE],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -49,24 +54,29 @@ class _ServerHandle:
         )
         self.inp = self.proc.stdin.fileno()
         self.out = self.proc.stdout.fileno()
-        _proto.send(self.inp, {"sys_path": [p for p in sys.path if p], "uid": uid,
+        for fd in (self.inp, self.out):  # room for jobs queued ahead and big results
+            try:
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, 1 << 20)
+            except OSError:
+                pass
+        _proto.send(self.inp, {"sys_path": [p for p in sys.path if p],
+                               "uid": uids[0] if uids else None, "uids": uids,
                                "parent": os.getpid(), "namespaces": namespaces,
                                "warm_targets": warm_targets})
-        hello = self._recv(30.0)
+        hello = self.recv(30.0)
         self.caps = hello["caps"]
         self.pid = hello["pid"]
         for w in hello.get("warnings", []):
             _warn_once(w)
 
-    def _recv(self, timeout: float):
-        r, _, _ = select.select([self.out], [], [], timeout)
+    def recv(self, timeout: float):
+        r, _, _ = select.select([self.out], [], [], max(0.0, timeout))
         if not r:
             raise TimeoutError("fork server did not answer")
         return _proto.recv(self.out)
 
-    def request(self, job: dict, timeout: float) -> dict:
-        _proto.send(self.inp, job)
-        return self._recv(timeout)
+    def send_raw(self, data: bytes) -> None:
+        _proto.write_all(self.inp, data)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -99,11 +109,162 @@ class _ServerHandle:
         self.kill()
 
 
+class _Task:
+    __slots__ = ("data", "n_tests", "mode", "timeout", "future", "attempts")
+
+    def __init__(self, wire: dict, n_tests: int, mode: str, timeout: float):
+        self.data = _proto.frame(wire)
+        self.n_tests, self.mode, self.timeout = n_tests, mode, timeout
+        self.future: Future = Future()
+        self.attempts = 0
+
+
+class _Core:
+    """The servers and one dispatcher thread per server (kept apart from
+    :class:`SandboxPool` so that the threads do not keep the pool alive).
+
+    Each dispatcher keeps up to ``_DEPTH`` jobs in flight on its server: while one
+    runs, the next is already in the server's input, so the server never waits for
+    this process and can make the next sandbox ready during the current run. A server
+    answers its jobs in order.
+    """
+
+    def __init__(self, workers: int, uids: list[list[int]], namespaces: bool,
+                 warm_targets: list[str]):
+        self.workers = workers
+        self.uids = uids
+        self.namespaces = namespaces
+        self.warm_targets = warm_targets
+        self.queue: "queue.SimpleQueue[_Task | None]" = queue.SimpleQueue()
+        self.servers: list[_ServerHandle | None] = [None] * workers
+        self.locks = [threading.Lock() for _ in range(workers)]
+        self.threads: list[threading.Thread] = []
+        self.start_lock = threading.Lock()
+        self.closed = False
+
+    def server(self, slot: int) -> _ServerHandle:
+        with self.locks[slot]:
+            s = self.servers[slot]
+            if s is None or not s.alive():
+                if s is not None:
+                    s.kill()
+                s = _ServerHandle(self.uids[slot] if os.geteuid() == 0 else None,
+                                  self.namespaces, self.warm_targets)
+                self.servers[slot] = s
+            return s
+
+    def drop(self, slot: int, s: _ServerHandle) -> None:
+        with self.locks[slot]:
+            s.kill()
+            if self.servers[slot] is s:
+                self.servers[slot] = None
+
+    def submit(self, task: _Task) -> Future:
+        if self.closed:
+            raise RuntimeError("SandboxPool is closed")
+        if not self.threads:
+            with self.start_lock:
+                if not self.threads:
+                    for i in range(self.workers):
+                        t = threading.Thread(target=self._dispatch, args=(i,),
+                                             name=f"sandbox-{i}", daemon=True)
+                        t.start()
+                        self.threads.append(t)
+        self.queue.put(task)
+        return task.future
+
+    def _dispatch(self, slot: int) -> None:
+        inflight: deque[_Task] = deque()
+        retry: deque[_Task] = deque()
+        stop = False
+        head_since = 0.0
+        server = None
+        while True:
+            while len(inflight) < _DEPTH and not stop:
+                if retry:
+                    task = retry.popleft()
+                else:
+                    try:
+                        task = self.queue.get(block=not inflight)
+                    except queue.Empty:
+                        break
+                    if task is None:
+                        stop = True
+                        break
+                    if not task.future.set_running_or_notify_cancel():
+                        continue
+                try:
+                    server = self.server(slot)
+                    server.send_raw(task.data)
+                except Exception as e:  # noqa: BLE001
+                    if server is not None:
+                        self.drop(slot, server)
+                    self._failed([task] + list(inflight), retry, e)
+                    inflight.clear()
+                    server = None
+                    continue
+                if not inflight:
+                    head_since = time.monotonic()
+                inflight.append(task)
+            if not inflight:
+                if stop:
+                    return
+                continue
+            task = inflight[0]
+            try:
+                raw = server.recv(head_since + task.timeout + 30.0 - time.monotonic())
+            except (EOFError, OSError, TimeoutError, ValueError) as e:
+                self.drop(slot, server)
+                server = None
+                self._failed(list(inflight), retry, e)
+                inflight.clear()
+                continue
+            inflight.popleft()
+            head_since = time.monotonic()
+            try:
+                task.future.set_result(build_verdict(raw, task.n_tests, task.mode))
+            except BaseException as e:  # noqa: BLE001
+                task.future.set_exception(e)
+
+    @staticmethod
+    def _failed(tasks: list[_Task], retry: deque, err: BaseException) -> None:
+        """The server died or stopped answering: each job gets one more try."""
+        for t in tasks:
+            t.attempts += 1
+            if t.attempts >= 2:
+                t.future.set_result(Verdict(False, f"failed: sandbox error: {err!r}", 0,
+                                            t.n_tests, 0.0, [False] * t.n_tests))
+            else:
+                retry.append(t)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        while True:  # jobs not started yet are cancelled
+            try:
+                task = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task.future.cancel()
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join()
+        for i, s in enumerate(self.servers):
+            if s is not None:
+                s.close()
+                self.servers[i] = None
+
+
 class SandboxPool:
     """Runs :class:`Job` s (and trusted calls) in sandboxes, ``workers`` at a time.
 
-    ``workers`` defaults to ``os.cpu_count()``. Each worker runs as its own sandbox uid
-    (listed in :attr:`sandbox_uids`, only used when this process is root).
+    ``workers`` defaults to ``os.cpu_count()``. Each worker has two sandbox uids of its
+    own that its runs alternate between (all listed in :attr:`sandbox_uids`, only used
+    when this process is root).
     ``namespaces=False`` forces the fallback isolation (for tests of that path).
     """
 
@@ -114,16 +275,11 @@ class SandboxPool:
         self.namespaces = namespaces
         self.warm_targets = list(warm_targets)
         n = next(_POOL_COUNTER)
-        base = 100_000_000 + ((os.getpid() % 1_000_000) * 16 + n % 16) * 64
-        self.sandbox_uids = [base + i % 64 for i in range(self.workers)]
-        self._slots: "queue.Queue[int]" = queue.Queue()
-        for i in range(self.workers):
-            self._slots.put(i)
-        self._servers: list[_ServerHandle | None] = [None] * self.workers
-        self._lock = threading.Lock()
+        base = 100_000_000 + ((os.getpid() % 1_000_000) * 16 + n % 16) * 128
+        per_worker = [[base + (2 * i + k) % 128 for k in range(2)] for i in range(self.workers)]
+        self.sandbox_uids = sorted({u for pair in per_worker for u in pair})
+        self._core = _Core(self.workers, per_worker, namespaces, self.warm_targets)
         self._closed = False
-        self._executor = ThreadPoolExecutor(max_workers=self.workers,
-                                            thread_name_prefix="sandbox")
         _LIVE_POOLS.add(self)
 
     # ------------------------------------------------------------------ plumbing
@@ -143,66 +299,36 @@ class SandboxPool:
         if self._closed:
             return
         self._closed = True
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        for i, s in enumerate(self._servers):
-            if s is not None:
-                s.close()
-                self._servers[i] = None
+        self._core.close()
 
     @property
     def server_pids(self) -> list[int]:
-        return [s.proc.pid for s in self._servers if s is not None]
+        return [s.proc.pid for s in list(self._core.servers) if s is not None]
 
     @property
     def capabilities(self) -> dict:
         """The isolation layers the (first) fork server could set up."""
-        slot = self._slots.get()
-        try:
-            return dict(self._server(slot).caps)
-        finally:
-            self._slots.put(slot)
+        return dict(self._core.server(0).caps)
 
-    def _server(self, slot: int) -> _ServerHandle:
-        s = self._servers[slot]
-        if s is None or not s.alive():
-            if s is not None:
-                s.kill()
-            s = _ServerHandle(self.sandbox_uids[slot] if os.geteuid() == 0 else None,
-                              self.namespaces, self.warm_targets)
-            self._servers[slot] = s
-        return s
-
-    def _execute(self, wire: dict, limits: Limits, n_tests: int, mode: str) -> Verdict:
+    def _submit(self, wire: dict, limits: Limits, n_tests: int, mode: str) -> Future:
         if self._closed:
             raise RuntimeError("SandboxPool is closed")
         wire["limits"] = limits.to_wire()
-        slot = self._slots.get()
-        try:
-            last_err = None
-            for _attempt in range(2):
-                server = self._server(slot)
-                try:
-                    raw = server.request(wire, limits.timeout + 30.0)
-                    return build_verdict(raw, n_tests, mode)
-                except (EOFError, OSError, TimeoutError, ValueError) as e:
-                    last_err = e
-                    server.kill()
-                    self._servers[slot] = None
-            return Verdict(False, f"failed: sandbox error: {last_err!r}", 0, n_tests, 0.0,
-                           [False] * n_tests)
-        finally:
-            self._slots.put(slot)
+        return self._core.submit(_Task(wire, n_tests, mode, limits.timeout))
+
+    def _submit_job(self, job: Job) -> Future:
+        limits = job.limits or self.limits
+        tests = list(job.tests)
+        return self._submit({"mode": "tests", "program": job.program, "tests": tests,
+                             "test_setup": job.test_setup}, limits, len(tests), "tests")
 
     # ------------------------------------------------------------------ programs
     def run_one(self, job: Job) -> Verdict:
-        limits = job.limits or self.limits
-        tests = list(job.tests)
-        return self._execute({"mode": "tests", "program": job.program, "tests": tests,
-                              "test_setup": job.test_setup}, limits, len(tests), "tests")
+        return self._submit_job(job).result()
 
     def imap(self, jobs: Iterable[Job]) -> Iterator[tuple[int, Verdict]]:
         """Yield ``(index, verdict)`` as runs complete."""
-        futures = {self._executor.submit(self.run_one, j): i for i, j in enumerate(jobs)}
+        futures = {self._submit_job(j): i for i, j in enumerate(jobs)}
         try:
             for fut in as_completed(futures):
                 yield futures[fut], fut.result()
@@ -224,18 +350,21 @@ class SandboxPool:
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ trusted calls
-    def call(self, target: str, args: dict, limits: Limits | None = None) -> Verdict:
-        """Run trusted ``target`` ("pkg.mod:func") with ``args`` in a sandbox."""
+    def _submit_call(self, target: str, args: dict, limits: Limits | None) -> Future:
         if ":" not in target:
             raise ValueError("target must look like 'package.module:function'")
         limits = limits or self.limits
-        return self._execute({"mode": "call", "target": target, "args": args,
-                              "payload_cap": limits.max_payload_bytes}, limits, 1, "call")
+        return self._submit({"mode": "call", "target": target, "args": args,
+                             "payload_cap": limits.max_payload_bytes}, limits, 1, "call")
+
+    def call(self, target: str, args: dict, limits: Limits | None = None) -> Verdict:
+        """Run trusted ``target`` ("pkg.mod:func") with ``args`` in a sandbox."""
+        return self._submit_call(target, args, limits).result()
 
     def call_many(self, target: str, args_list: Iterable[dict],
                   limits: Limits | None = None) -> list[Verdict]:
         """``call`` for each args dict, in parallel; results in input order."""
-        futs = [self._executor.submit(self.call, target, a, limits) for a in args_list]
+        futs = [self._submit_call(target, a, limits) for a in args_list]
         return [f.result() for f in futs]
 
 
