@@ -86,8 +86,9 @@ def test_kill9_and_resume_matches_uninterrupted(tmp_path):
     assert sorted(g["task_id"] for g in gens) == sorted({g["task_id"] for g in gens}) and len(gens) == 6
     assert len(read_jsonl(vpath)) == 6
     for stage in ("target_iter0", "source", "target_iter1", "target_iter2"):
-        rows = read_jsonl(out / "eval" / stage / "synth.jsonl")
-        assert len(rows) == 4 == len({x["task_id"] for x in rows})
+        rows = read_jsonl(out / "eval" / stage / "synth" / "chunks.jsonl")
+        generated = [t for r in rows for t in r["generated"]]
+        assert len(generated) == 4 == len(set(generated))
     assert (out / "iter_1" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == done1
     starts = read_jsonl(out / "starts.jsonl")
     assert [s["resumed"] for s in starts] == [False, True, True]

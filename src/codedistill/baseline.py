@@ -8,7 +8,6 @@ finished problems and ends with the same ``metrics.json`` as an uninterrupted ru
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -18,13 +17,8 @@ from codedistill.data.problem import Problem
 from codedistill.evaluation import RESULT_FIELDS, execute
 from codedistill.metrics import counts_from_results, pass_at_k_report
 from codedistill.prompts import PromptStyle, render_prompt, stops_for, to_program
-from codedistill.runs import JsonlWriter, RunDir, read_jsonl, write_json
+from codedistill.runs import JsonlWriter, RunDir, chunks, derive_seed, read_jsonl, write_json
 from codedistill.ui import console, progress_bar
-
-
-def derive_seed(seed: int, *parts: Any) -> int:
-    h = hashlib.sha256(("/".join([str(seed), *map(str, parts)])).encode()).digest()
-    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
 def sample_rows(problem: Problem, cands: Sequence[Any], style: PromptStyle, model: str, extra: dict | None = None) -> list[dict]:
@@ -85,7 +79,6 @@ def evaluate_generator(
     else:
         done = set()
     by_task = {p.task_id: p for p in problems}
-    chunks = [problems[i:i + chunk_size] for i in range(0, len(problems), chunk_size)]
     sw = JsonlWriter(samples_path) if samples_path else None
     rw = JsonlWriter(results_path) if results_path else None
     cw = JsonlWriter(out_dir / "chunks.jsonl") if out_dir else None  # what each start generated
@@ -93,7 +86,7 @@ def evaluate_generator(
     try:
         with progress_bar(desc, len(problems)) as advance:
             advance(len(done))
-            for chunk in chunks:
+            for chunk in chunks(problems, chunk_size):
                 todo = [p for p in chunk if p.task_id not in done]
                 if not todo:
                     continue

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 from codedistill.errors import ConfigError, DataError
 
@@ -220,6 +220,15 @@ def _diff_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def iter_chunks(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+def chunks(items: list, size: int) -> list[list]:
+    """Fixed consecutive chunks; their composition depends only on ``size``, so per-chunk
+    seeds stay the same across restarts."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    """A 31-bit seed from the run seed and a path of names (stable across processes)."""
+    import hashlib
+
+    h = hashlib.sha256("/".join([str(seed), *map(str, parts)]).encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF

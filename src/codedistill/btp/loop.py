@@ -23,7 +23,6 @@ training is rerun from the previous iteration's saved adapter with the same seed
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -31,9 +30,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from codedistill.btp._exec import open_pool, run_tests
+from codedistill.evaluation import execute
+from codedistill.metrics import pass_at_k_report
 from codedistill.btp.config import BTPConfig
-from codedistill.runs import JsonlWriter, read_jsonl, write_json
+from codedistill.runs import JsonlWriter, chunks, derive_seed, read_jsonl, write_json
 from codedistill.btp.replay import ReplayBuffer, ReplayEntry
 from codedistill.btp.samplers import draw
 from codedistill.btp.stats import buffer_stats, sampling_stats
@@ -42,15 +42,6 @@ from codedistill.data.problem import Problem
 from codedistill.errors import ConfigError
 
 Log = Callable[[str], None]
-
-
-def derive_seed(seed: int, *parts: Any) -> int:
-    h = hashlib.sha256(("/".join([str(seed), *map(str, parts)])).encode()).digest()
-    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
-
-
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 # ----------------------------------------------------------------------------- setup
@@ -243,7 +234,7 @@ def generate_and_test(
     verd = {r["task_id"]: r for r in read_jsonl(vpath)}
     style = _style(spec)
     by_id = {p.task_id: p for p in plan.train}
-    todo_chunks = [c for c in _chunks(plan.train, cfg.chunk_size) if any(p.task_id not in verd for p in c)]
+    todo_chunks = [c for c in chunks(plan.train, cfg.chunk_size) if any(p.task_id not in verd for p in c)]
     if todo_chunks:
         log(f"[iter {iteration}] {role}: {cfg.generation} on {sum(len(c) for c in todo_chunks)} problems"
             f" ({len(plan.train) - sum(len(c) for c in todo_chunks)} done before)")
@@ -278,7 +269,7 @@ def generate_and_test(
             # testing phase for this chunk
             need = [p for p in chunk if p.task_id not in verd]
             pairs = [(c["program"], p) for p in need for c in gens[p.task_id]["candidates"]]
-            vs = run_tests(pairs, timeout=cfg.timeout, workers=cfg.workers, pool=pool)
+            vs = execute(pairs, workers=cfg.workers, timeout=cfg.timeout, pool=pool)
             k = 0
             for p in need:
                 nc = len(gens[p.task_id]["candidates"])
@@ -298,48 +289,37 @@ def generate_and_test(
 def evaluate(
     plan: Plan, gen_fn: Callable[[], Any], spec: Any, stage: str, pool: Any, log: Log,
 ) -> dict[str, dict[str, Any]]:
-    """n samples per held-out problem, tested; per dataset {"counts": {task: [n, c]}, "metrics"}.
+    """n samples per held-out problem, tested; per dataset {"counts": {task: (n, c)}, "metrics"}.
 
-    The sampling seed of a chunk depends on (seed, dataset, first task_id) only, the same
-    for every stage: before/after comparisons use common random numbers.
+    The same resumable evaluation as step 1 (``baseline.evaluate_generator``) into
+    ``eval/<stage>/<dataset>/``. The sampling seed of a chunk depends on (seed, dataset,
+    first task_id) only, the same for every stage: before/after comparisons use common
+    random numbers.
     """
-    from codedistill.metrics import pass_at_k_report
-    from codedistill.prompts import render_prompt, stops_for, to_program
+    from codedistill.baseline import evaluate_generator, make_sampler
+    from codedistill.config import SamplingConfig
+    from codedistill.metrics import counts_from_results
 
     cfg = plan.cfg
     style = _style(spec)
+    sampling = SamplingConfig(num_samples=cfg.eval_num_samples, temperature=cfg.eval_temperature,
+                              top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens)
+
+    def generate(chunk: list[Problem], chunk_seed: int) -> list[list[Any]]:
+        gen = gen_fn()  # loaded only when something is left to sample
+        return make_sampler(gen, style, sampling, gen.tokenizer)(chunk, chunk_seed)
+
     res: dict[str, dict[str, Any]] = {}
     for ds, problems in plan.evals.items():
-        path = plan.out / "eval" / stage / f"{ds}.jsonl"
-        done = {r["task_id"]: r for r in read_jsonl(path)}
-        todo = [c for c in _chunks(problems, cfg.chunk_size) if any(p.task_id not in done for p in c)]
-        if todo:
-            log(f"evaluating {stage} on {ds}: {sum(len(c) for c in todo)} problems x {cfg.eval_num_samples} samples")
-        with JsonlWriter(path) as w:
-            for chunk in todo:
-                gen = gen_fn()
-                prompts = [render_prompt(p, style, gen.tokenizer) for p in chunk]
-                stop = stops_for(chunk[0], style)
-                cands = gen.sample(prompts, n=cfg.eval_num_samples, temperature=cfg.eval_temperature,
-                                   top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens, stop=stop,
-                                   seed=derive_seed(cfg.seed, "eval", ds, chunk[0].task_id))
-                need = [(p, cs) for p, cs in zip(chunk, cands) if p.task_id not in done]
-                progs = [(to_program(p, style, c.text), p) for p, cs in need for c in cs]
-                vs = run_tests([(prog, p) for (_, prog), p in progs], timeout=cfg.timeout,
-                               workers=cfg.workers, pool=pool)
-                k = 0
-                for p, cs in need:
-                    samples = []
-                    for c in cs:
-                        (completion, _prog), _ = progs[k]
-                        samples.append({"completion": completion, "seq_prob": c.seq_prob, **vs[k]})
-                        k += 1
-                    rec = {"task_id": p.task_id, "n": len(samples),
-                           "c": sum(bool(s["passed"]) for s in samples), "samples": samples}
-                    w.write(rec)
-                    done[p.task_id] = rec
-        counts = {p.task_id: (done[p.task_id]["n"], done[p.task_id]["c"]) for p in problems}
-        res[ds] = {"counts": counts, "metrics": pass_at_k_report(counts, ks=cfg.ks(), seed=cfg.seed)}
+        rows, metrics = evaluate_generator(
+            generate, problems, style, getattr(spec, "alias", stage), cfg.eval_num_samples,
+            out_dir=plan.out / "eval" / stage / ds, chunk_size=cfg.chunk_size,
+            seed=derive_seed(cfg.seed, "eval", ds), timeout=cfg.timeout, workers=cfg.workers,
+            pool=pool, desc=f"eval {stage} on {ds}",
+        )
+        counts = counts_from_results(rows)
+        metrics = pass_at_k_report(counts, ks=cfg.ks(), seed=cfg.seed)
+        res[ds] = {"counts": dict(counts), "metrics": metrics}
     return res
 
 
@@ -426,8 +406,9 @@ def run_btp(cfg: BTPConfig, log: Log = print) -> dict[str, Any]:
     models = Models(plan, log)
     buffer = ReplayBuffer(plan.out / "replay_buffer.jsonl")
     t_start = time.time()
-    pool_cm = open_pool(cfg.workers, cfg.timeout)
-    pool = pool_cm.__enter__() if pool_cm is not None else None
+    from codedistill.execution import Limits, SandboxPool
+
+    pool = SandboxPool(workers=cfg.workers, limits=Limits(timeout=cfg.timeout))
     try:
         evals: dict[str, Any] = {"target_iter0": evaluate(plan, lambda: models.target(0), plan.target_spec,
                                                           "target_iter0", pool, log)}
@@ -451,8 +432,7 @@ def run_btp(cfg: BTPConfig, log: Log = print) -> dict[str, Any]:
             all_stats.append(stats)
     finally:
         buffer.close()
-        if pool_cm is not None:
-            pool_cm.__exit__(None, None, None)
+        pool.close()
     comparison = build_comparison(plan, evals)
     write_json(plan.out / "comparison.json", comparison)
     make_plots(plan, comparison, all_stats)
