@@ -3,8 +3,9 @@
 Every case runs twice where it matters: with the audit hook (the default) and with
 ``Limits(audit_hook=False)``, which shows that the OS layers (uid, namespaces, rlimits)
 hold on their own. After each case: the evaluating process and its fork servers are
-alive, no process of a sandbox uid exists, no descendant besides the fork servers is
-left, and a world-writable canary outside the sandbox is untouched.
+alive, no process of a sandbox uid exists, no descendant besides the fork servers (and
+their zygotes, trusted root helpers that never run untrusted code) is left, and a
+world-writable canary outside the sandbox is untouched.
 """
 
 from __future__ import annotations
@@ -76,7 +77,10 @@ def contained(pool, canary):
     me = psutil.Process()
     kids = {c.pid for c in me.children(recursive=True)}
     servers = {pid for p in list(_LIVE_POOLS) for pid in p.server_pids}  # other tests' too
-    assert kids <= servers, kids - servers
+    helpers = {pid for p in list(_LIVE_POOLS) for pid in p.helper_pids}
+    assert kids <= servers | helpers, kids - servers - helpers
+    for h in helpers & kids:  # a helper is a direct child of its server, running as root
+        assert psutil.Process(h).ppid() in servers and psutil.Process(h).uids().real == 0
     assert servers_before <= set(pool.server_pids)  # no server was killed and replaced
     assert all(psutil.pid_exists(s) for s in servers)
 
@@ -420,7 +424,7 @@ def test_fallback_without_namespaces(pool, canary):
         assert v.result == "timed out"
         assert not _sandbox_processes(p)
         kids = {c.pid for c in psutil.Process().children(recursive=True)}
-        assert kids <= {pid for q in list(_LIVE_POOLS) for pid in q.server_pids}
+        assert kids <= {pid for q in list(_LIVE_POOLS) for pid in q.server_pids + q.helper_pids}
         ok = p.run([Job("import os\ndef f(x):\n    return x\nW = os.getcwd()", TESTS)])[0]
         assert ok.passed, ok
     with open(path) as fh:

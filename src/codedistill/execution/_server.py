@@ -302,34 +302,43 @@ def _close_fds_except(keep) -> None:
 
 
 class _Warm:
-    """A sandbox made ready before its job: C cloned into fresh namespaces with /tmp and
-    /proc mounted, D forked and blocked reading the job pipe (nothing untrusted ran yet)."""
+    """A sandbox made ready before its job: C (pid 1 of fresh namespaces, from the
+    zygote) and D, forked by the server into C's namespaces, with /tmp and /proc
+    mounted, blocked reading the job pipe (still root; nothing untrusted ran yet)."""
 
-    __slots__ = ("pid", "pidfd", "job_w", "res_r", "out_r", "err_r", "ctl_r", "key", "uid")
+    __slots__ = ("pid", "pidfd", "c_pidfd", "job_w", "res_r", "out_r", "err_r", "ctl_r",
+                 "key", "uid")
 
-    def __init__(self, pid, pidfd, job_w, res_r, out_r, err_r, ctl_r, key, uid):
-        self.pid, self.pidfd, self.job_w = pid, pidfd, job_w
+    def __init__(self, pid, pidfd, c_pidfd, job_w, res_r, out_r, err_r, ctl_r, key, uid):
+        self.pid, self.pidfd, self.c_pidfd, self.job_w = pid, pidfd, c_pidfd, job_w
         self.res_r, self.out_r, self.err_r, self.ctl_r = res_r, out_r, err_r, ctl_r
         self.key, self.uid = key, uid
 
     def alive(self) -> bool:
-        return not select.select([self.pidfd], [], [], 0)[0]
+        return not select.select([self.pidfd, self.c_pidfd], [], [], 0)[0]
 
     def discard(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except OSError:
-            pass
+        _kill_pidfd(self.c_pidfd)
+        _kill_pidfd(self.pidfd)
         try:
             os.waitpid(self.pid, 0)
         except ChildProcessError:
             pass
-        for fd in (self.pidfd, self.job_w, self.res_r, self.out_r, self.err_r, self.ctl_r):
+        select.select([self.c_pidfd], [], [], 5.0)
+        for fd in (self.pidfd, self.c_pidfd, self.job_w, self.res_r, self.out_r, self.err_r,
+                   self.ctl_r):
             if fd is not None:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
+
+
+def _kill_pidfd(pidfd: int) -> None:
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 # --------------------------------------------------------------------------- server
@@ -345,6 +354,8 @@ class Server:
         self.warnings: list[str] = []
         self.orig_net = None
         self.warm: _Warm | None = None
+        self.zygote: tuple[int, int, int] | None = None  # (pid, request fd, reply fd)
+        self.own_pidns: int | None = None
         root = os.geteuid() == 0
         if root and self.uid is not None:
             self.caps["uid"] = True
@@ -373,6 +384,7 @@ class Server:
             if not self.caps["pid"]:
                 self.warnings.append("pid namespace refused; process trees are killed by a "
                                      "child subreaper instead")
+            self._start_zygote()
         else:
             self.warnings.append("namespaces disabled by configuration")
 
@@ -410,7 +422,26 @@ class Server:
     @property
     def warm_ok(self) -> bool:
         """Sandboxes can be made ready ahead of their job (the namespace layout)."""
-        return bool(self.caps["pid"] and self.caps["mount"] and _SYS_CLONE is not None)
+        return self.zygote is not None
+
+    def _start_zygote(self) -> None:
+        """Start the zygote (``_zygote.py``) that creates each run's pid-1 process, C."""
+        if not (self.caps["pid"] and self.caps["mount"] and _SYS_CLONE is not None):
+            return
+        try:
+            self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY)
+            req_r, req_w = os.pipe()
+            rep_r, rep_w = os.pipe()
+            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_zygote.py")
+            pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", path],
+                                 {"PATH": "/usr/bin:/bin"},
+                                 file_actions=[(os.POSIX_SPAWN_DUP2, req_r, 0),
+                                               (os.POSIX_SPAWN_DUP2, rep_w, 1)])
+            os.close(req_r)
+            os.close(rep_w)
+            self.zygote = (pid, req_w, rep_r)
+        except OSError as e:
+            self.warnings.append(f"zygote not started ({e}); sandboxes are created per run")
 
     def _key(self, lim: dict) -> tuple[int, bool]:
         """What a ready sandbox depends on: the /tmp size and the network namespace."""
@@ -476,27 +507,35 @@ class Server:
         if prof:
             prof["s_next"] = _now()
         return self._collect(sb.pid, sb.pidfd, sb.res_r, sb.out_r, sb.err_r, sb.ctl_r, lim,
-                             t0, True, prof, (sb.uid, more))
+                             t0, True, prof, (sb.uid, more), sb.c_pidfd)
 
     def _next_uid(self):
         return self.uids[self.n_runs % len(self.uids)] if self.caps["uid"] else None
 
     def reap(self, block: bool = True, uid=False) -> None:
         """Collect killed runs (all of them, or those of ``uid``; ``block=False``: only
-        those already gone)."""
+        those already gone). A run is gone when its C has exited: C's exit waits for
+        every process of its pid namespace to be dead and reaped, D (our child, reaped
+        here first) included."""
         left = []
-        for pid, pidfd, u in self.dying:
+        for d, d_pidfd, c_pidfd, u in self.dying:
             if uid is not False and u != uid:
-                left.append((pid, pidfd, u))
+                left.append((d, d_pidfd, c_pidfd, u))
                 continue
-            if not block and not select.select([pidfd], [], [], 0)[0]:
-                left.append((pid, pidfd, u))
+            if d_pidfd is not None:
+                if not block and not select.select([d_pidfd], [], [], 0)[0]:
+                    left.append((d, d_pidfd, c_pidfd, u))
+                    continue
+                try:
+                    os.waitpid(d, 0)
+                except ChildProcessError:
+                    pass
+                os.close(d_pidfd)
+                d_pidfd = None
+            if not select.select([c_pidfd], [], [], None if block else 0)[0]:
+                left.append((d, d_pidfd, c_pidfd, u))
                 continue
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-            os.close(pidfd)
+            os.close(c_pidfd)
         self.dying = left
 
     def discard_warm(self) -> None:
@@ -504,27 +543,50 @@ class Server:
             self.warm.discard()
             self.warm = None
 
+    def _new_init(self) -> int:
+        """A fresh C from the zygote; returns its pidfd."""
+        pid, req_w, rep_r = self.zygote
+        try:
+            os.write(req_w, b"c")
+            (c,) = struct.unpack("<i", _read_exact(rep_r, 4))
+        except (OSError, EOFError):
+            os._exit(3)  # the zygote is gone: the pool restarts this server
+        if c < 0:
+            raise OSError(-c, f"clone: {os.strerror(-c)}")
+        return os.pidfd_open(c)
+
     def _prepare(self, key: tuple[int, bool], uid) -> _Warm:
-        """Clone C into new pid/mount/ipc/uts namespaces; it mounts /tmp and /proc and
-        forks D, which waits (still root, nothing untrusted loaded) for its job."""
+        """Get C (pid 1 of new pid/mount/ipc/uts namespaces) from the zygote and fork D
+        into them; D mounts /tmp and /proc there and waits (still root, nothing
+        untrusted loaded) for its job."""
         tmp_mb, network = key
+        c_pidfd = self._new_init()
         fds = [os.pipe() for _ in range(5)]
         (res_r, res_w), (out_r, out_w), (err_r, err_w), (ctl_r, ctl_w), (job_r, job_w) = fds
+        d = -1
         try:
-            c = clone(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS)
+            setns(c_pidfd, CLONE_NEWPID)  # our next child is born in C's pid namespace
+            try:
+                d = os.fork()
+            finally:
+                if d != 0:
+                    setns(self.own_pidns, CLONE_NEWPID)
         except BaseException:
+            _kill_pidfd(c_pidfd)
+            os.close(c_pidfd)
             for pair in fds:
                 for fd in pair:
                     os.close(fd)
             raise
-        if c == 0:
+        if d == 0:
             try:
-                keep = [0, 1, 2, res_w, out_w, err_w, ctl_w, job_r]
+                keep = [0, 1, 2, res_w, out_w, err_w, ctl_w, job_r, c_pidfd]
                 if network:
                     keep.append(self.orig_net)
                 _close_fds_except(keep)
                 prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-                self._warm_init(tmp_mb, network, res_w, out_w, err_w, ctl_w, job_r, uid)
+                self._warm_child(c_pidfd, tmp_mb, network, uid, res_w, out_w, err_w, ctl_w,
+                                 job_r)
             except BaseException as e:  # noqa: BLE001
                 try:
                     os.write(ctl_w, json.dumps({"error": repr(e)}).encode() + b"\n")
@@ -534,7 +596,8 @@ class Server:
                 os._exit(70)
         for fd in (res_w, out_w, err_w, ctl_w, job_r):
             os.close(fd)
-        return _Warm(c, os.pidfd_open(c), job_w, res_r, out_r, err_r, ctl_r, key, uid)
+        return _Warm(d, os.pidfd_open(d), c_pidfd, job_w, res_r, out_r, err_r, ctl_r, key,
+                     uid)
 
     def _run_cold(self, job: dict) -> dict:
         """Without the namespace layout: B (child subreaper) supervises C (see _nsparent)."""
@@ -566,9 +629,9 @@ class Server:
                              None, None)
 
     def _collect(self, b, pidfd, res_r, out_r, err_r, ctl_r, lim, t0, direct, prof,
-                 defer) -> dict:
+                 defer, c_pidfd=None) -> dict:
         """Read the run's pipes until it is over; enforce the deadline (``direct``: b is
-        pid 1 of the run's namespace, killing it kills the whole run).
+        D, the run's process; ``c_pidfd`` is its pid 1, C: killing C kills the whole run).
 
         When the harness's end record arrives, the namespace is killed at once. If
         ``defer`` is ``(uid, more)`` and ``more()`` says another job is queued, the result
@@ -590,6 +653,15 @@ class Server:
         b_status = None
         grace_end = None
 
+        def kill_run() -> None:
+            if c_pidfd is not None:
+                _kill_pidfd(c_pidfd)
+            else:
+                try:
+                    os.kill(b, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
         def take(fd: int, chunk: bytes) -> None:
             room = caps[fd] - len(bufs[fd])
             if room > 0:
@@ -601,11 +673,12 @@ class Server:
             now = time.monotonic()
             if not b_done and now > hard_deadline:  # B is wedged: should never happen
                 self._kill_from_ctl(bufs[ctl_r])
+                kill_run()
                 os.kill(b, signal.SIGKILL)
             if soft_deadline is not None and not b_done and not timed_out \
                     and now > soft_deadline:
                 timed_out = True  # killing pid 1 of the namespace kills all of it
-                os.kill(b, signal.SIGKILL)
+                kill_run()
             if b_done and grace_end is None:
                 grace_end = now + 0.5
             if grace_end is not None and now > grace_end:
@@ -624,6 +697,8 @@ class Server:
                         prof["s_cdone"] = _now()
                     _, b_status = os.waitpid(b, 0)
                     b_done = True
+                    if c_pidfd is not None:  # D is gone: end whatever it left behind
+                        kill_run()
                     continue
                 try:
                     chunk = os.read(fd, 65536)
@@ -633,7 +708,7 @@ class Server:
                     open_fds.discard(fd)
                     continue
                 take(fd, chunk)
-                if fd == res_r and direct and not b_done and not truncated[res_r]:
+                if fd == res_r and direct and not truncated[res_r]:
                     ended = self._ended(bufs[res_r])
             if ended:
                 # The harness wrote its end record: every verdict is in. Kill the run's
@@ -655,15 +730,14 @@ class Server:
                             if not chunk:
                                 break
                             take(fd, chunk)
-                try:
-                    os.kill(b, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                kill_run()
                 if later:
-                    self.dying.append((b, pidfd, defer[0]))
-                    pidfd = None
+                    self.dying.append((b, pidfd, c_pidfd, defer[0]))
+                    pidfd = c_pidfd = None
                 else:
-                    _, b_status = os.waitpid(b, 0)
+                    if not b_done:
+                        _, b_status = os.waitpid(b, 0)
+                    select.select([c_pidfd], [], [], 10.0)  # the whole namespace is gone
                     for fd in list(open_fds):  # no writer survives the namespace
                         while True:
                             try:
@@ -687,11 +761,16 @@ class Server:
             except ChildProcessError:
                 pid = b
             if pid == 0:
+                kill_run()
                 try:
                     os.kill(b, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                os.waitpid(b, 0)
+                _, b_status = os.waitpid(b, 0)
+        if c_pidfd is not None:
+            kill_run()
+            select.select([c_pidfd], [], [], 10.0)
+            os.close(c_pidfd)
         if pidfd is not None:
             os.close(pidfd)
         for fd in bufs:
@@ -704,6 +783,11 @@ class Server:
                 pass
         if direct:
             ctl["timed_out"] = timed_out
+            if b_status is not None and "error" not in ctl:  # D is our child
+                if os.WIFSIGNALED(b_status):
+                    ctl["signal"] = os.WTERMSIG(b_status)
+                else:
+                    ctl["exit_code"] = os.WEXITSTATUS(b_status)
         if prof:
             prof["s_end"] = _now()
             prof.update(ctl.pop("prof_d", {}))
@@ -866,8 +950,12 @@ class Server:
         return killed
 
     # ------------------------------------------------------------------ C
-    def _warm_init(self, tmp_mb, network, res_w, out_w, err_w, ctl_w, job_r, uid) -> None:
-        """C of a ready sandbox: pid 1 of its namespaces (root, trusted)."""
+    def _warm_child(self, c_pidfd, tmp_mb, network, uid, res_w, out_w, err_w, ctl_w,
+                    job_r) -> None:
+        """D of a ready sandbox, born in C's pid namespace: joins C's other namespaces,
+        mounts a fresh tmpfs on /tmp and /proc for the namespace, waits for its job."""
+        setns(c_pidfd, CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)
+        os.close(c_pidfd)
         os.setsid()
         opts = f"size={tmp_mb}m,nr_inodes=4096,mode=0700"
         if uid is not None:
@@ -880,29 +968,21 @@ class Server:
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         except OSError:
             pass
-        d = os.fork()
-        if d == 0:
-            try:
-                if not _PROF:
-                    os.close(ctl_w)
-                self._child_fds(res_w, out_w, err_w, job_r, ctl_w if _PROF else None)
-                self._child_env("/tmp")
-                pd = {"d_wait": _now()} if _PROF else None
-                n_raw, n_blob = struct.unpack("<II", _read_exact(4, 8))
-                raw = _read_exact(4, n_raw)
-                blob = _read_exact(4, n_blob) if n_blob else b""
-                os.close(4)
-                job = json.loads(raw)
-                if blob:
-                    job["_compiled"] = marshal.loads(blob)
-                if pd is not None:
-                    pd["d_job"] = _now()
-                self._exec_job(job, "/tmp", uid, pd, 5)
-            finally:
-                os._exit(72)
-        for fd in (res_w, out_w, err_w, job_r):
-            os.close(fd)
-        self._init_loop(d, ctl_w)
+        if not _PROF:
+            os.close(ctl_w)
+        self._child_fds(res_w, out_w, err_w, job_r, ctl_w if _PROF else None)
+        self._child_env("/tmp")
+        pd = {"d_wait": _now()} if _PROF else None
+        n_raw, n_blob = struct.unpack("<II", _read_exact(4, 8))
+        raw = _read_exact(4, n_raw)
+        blob = _read_exact(4, n_blob) if n_blob else b""
+        os.close(4)
+        job = json.loads(raw)
+        if blob:
+            job["_compiled"] = marshal.loads(blob)
+        if pd is not None:
+            pd["d_job"] = _now()
+        self._exec_job(job, "/tmp", uid, pd, 5)
 
     def _sandboxed(self, job, res_w, out_w, err_w, ctl_w, workdir, uid) -> None:
         """C (fallback layout, under B): runs the program in D and reports its status."""
@@ -1051,7 +1131,7 @@ def serve() -> None:
     gc.collect()
     gc.freeze()  # forked children do not touch (copy) the server's objects when collecting
     send(out, {"hello": True, "caps": server.caps, "warnings": server.warnings,
-               "pid": os.getpid()})
+               "pid": os.getpid(), "helpers": [server.zygote[0]] if server.zygote else []})
     reader = _Input(inp)
     os.set_blocking(out, False)
     while True:

@@ -66,6 +66,7 @@ class _ServerHandle:
         hello = self.recv(30.0)
         self.caps = hello["caps"]
         self.pid = hello["pid"]
+        self.helpers = list(hello.get("helpers", []))  # the server's zygote
         for w in hello.get("warnings", []):
             _warn_once(w)
 
@@ -304,6 +305,12 @@ class SandboxPool:
     @property
     def server_pids(self) -> list[int]:
         return [s.proc.pid for s in list(self._core.servers) if s is not None]
+
+    @property
+    def helper_pids(self) -> list[int]:
+        """Trusted helper processes of the servers (each server's zygote, which creates
+        the pid-1 process of every run's namespaces); they never run untrusted code."""
+        return [p for s in list(self._core.servers) if s is not None for p in s.helpers]
 
     @property
     def capabilities(self) -> dict:
