@@ -18,7 +18,7 @@ PROBLEM = Problem(task_id="toy/add", prompt=PREFIX, entry_point="total", code_pr
                   tests=("assert total([1, 2]) == 3", "assert total([2, 5]) == 7"),
                   visible_tests=("assert total([1, 2]) == 3",))
 SMALL = dict(max_lines=3, max_line_tokens=10, max_new_tokens=30, candidate_max_tokens=12,
-             trace_budget_tokens=200, exec_workers=2, exec_timeout_s=5.0)
+             trace_budget_tokens=800, exec_workers=2, exec_timeout_s=5.0)
 
 
 @pytest.fixture(scope="module")

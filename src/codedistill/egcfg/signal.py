@@ -78,8 +78,11 @@ def format_trace(program: str, trace: dict, new_from_line: int = 1, max_tests: i
     for ln in range(max(1, new_from_line), len(src) + 1):
         if src[ln - 1].strip():
             out.append(f"#   {src[ln - 1]}")
-    for d in dropped.split("\n") if dropped else []:
-        out.append(f"#   {d}  <- not run (does not parse yet)")
+    if dropped:  # the first cut line, shortened: what the candidate was about to do
+        d = dropped.split("\n")[0]
+        d = d if len(d) <= 72 else d[:69] + "..."
+        more = " (+ more)" if "\n" in dropped else ""
+        out.append(f"#   {d}  <- not run (does not parse yet){more}")
     if trace.get("error"):  # the sandbox job itself failed (e.g. an endless loop hit its limit)
         out.append(f"#   Execution stopped: {trace['error']}")
         return out
