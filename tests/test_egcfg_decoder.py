@@ -128,3 +128,22 @@ def test_without_visible_tests_one_plain_greedy_agent_runs(tiny, solver):
     assert rec["agents_run"] == rec["agents_total"] == 1
     assert rec["counters"]["candidate_tokens"] == 0 and rec["counters"]["sandbox_executions"] == 0
     assert cand.text == tok.decode(hf_greedy(model, tok.encode(PREFIX), cand.num_tokens), skip_special_tokens=True)
+
+
+def test_beam_candidates_and_parallel_agents(tiny, solver):
+    model, tok = tiny
+    cfg = EGCFGConfig(**{**SMALL, "max_lines": 2, "max_agents": 3, "candidate_mode": "beam",
+                         "agent_workers": 2})
+    par = EGCFGSolver(model, tok, cfg, pool=solver.executor.pool)
+    cand, rec = par.solve(PROBLEM, PREFIX, [], seed=1)
+    assert rec["agents_run"] == 3 and not rec["visible_passed"]
+    for a in rec["agents"][1:]:
+        for line in a["lines"]:
+            cands = line["candidates"]
+            assert len(cands) == 3  # s beams
+            assert all(c["text"].count("\n") <= 2 for c in cands)  # at most d lines deep
+    # beam candidates are deterministic: the same agents' first-line candidates match a sequential run
+    seq = EGCFGSolver(model, tok, EGCFGConfig(**{**SMALL, "max_lines": 2, "max_agents": 3,
+                                                "candidate_mode": "beam"}), pool=solver.executor.pool)
+    _, rec2 = seq.solve(PROBLEM, PREFIX, [], seed=1)
+    assert [a["completion"] for a in rec2["agents"]] == [a["completion"] for a in rec["agents"]]
