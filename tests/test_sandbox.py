@@ -204,3 +204,21 @@ def test_verdict_dataclass_roundtrip():
     v = Verdict(True, "passed", 1, 1, 1.0, [True], "o", "e", 0.1)
     assert v.to_dict()["per_test"] == [True] and v.payload is None
     assert Limits().to_wire()["cpu_time"] == pytest.approx(4.0)
+
+
+def test_every_thread_is_unprivileged(pool):
+    # The harness thread of a sandbox made ready ahead of its job starts before the
+    # privileges are dropped: every thread must end up with the sandbox uid, no
+    # capabilities and no_new_privs. A batch, so that ready-made sandboxes are used.
+    prog = ("import os\nBAD = []\nN = 0\n"
+            "for t in os.listdir('/proc/self/task'):\n"
+            "    N += 1\n"
+            "    st = dict(l.split(':', 1) for l in open(f'/proc/self/task/{t}/status')"
+            ".read().splitlines() if ':' in l)\n"
+            "    if st['Uid'].split()[0] == '0' or st['Uid'].split()[1] == '0' \\\n"
+            "            or int(st['CapEff'], 16) or st['NoNewPrivs'].strip() != '1':\n"
+            "        BAD.append((t, st['Uid'], st['CapEff'], st['NoNewPrivs']))\n")
+    vs = pool.run([Job(prog, ["assert N >= 2", "assert BAD == [], BAD"])] * 6)
+    for v in vs:
+        if os.geteuid() == 0:
+            assert v.passed, v.result

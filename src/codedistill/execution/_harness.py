@@ -256,6 +256,33 @@ def main(job: dict, fd: int, workdir: str, allow_net: bool, mode: str, audit: bo
         done.acquire()
 
 
+def main_early(ready) -> None:
+    """Like :func:`main`, but start the harness thread *before* the job is known (in a
+    sandbox made ready ahead of time, so that starting a thread, often milliseconds on
+    a busy machine, is not on the run's path). The thread calls ``ready()``, which waits
+    for the job, drops privileges and returns ``main``'s arguments; then it installs
+    the audit hook and runs the job. Never returns."""
+    import _thread
+
+    done = _thread.allocate_lock()
+    done.acquire()
+    _thread.start_new_thread(_early, (ready,))
+    del ready
+    while True:  # the harness thread ends the process with os._exit
+        done.acquire()
+
+
+def _early(ready) -> None:
+    try:
+        job, fd, workdir, allow_net, mode, audit, target = ready()
+    except BaseException:  # noqa: BLE001 - no job, or the set-up failed
+        os._exit(72)
+    del ready
+    if audit:
+        install_audit_hook(workdir, allow_net, frames=(mode == "call"))
+    _run(job, fd, mode, target)
+
+
 def _run(job, fd, mode, target):  # noqa: C901 - one frame on purpose
     # Capture everything before untrusted code runs.
     write, _exit, getpid, urandom = os.write, os._exit, os.getpid, os.urandom

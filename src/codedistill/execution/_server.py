@@ -972,17 +972,25 @@ class Server:
             os.close(ctl_w)
         self._child_fds(res_w, out_w, err_w, job_r, ctl_w if _PROF else None)
         self._child_env("/tmp")
+        # Per thread, inherited by threads started later: set it before the harness
+        # thread exists (it only restricts execve; setuid below is unaffected).
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
         pd = {"d_wait": _now()} if _PROF else None
-        n_raw, n_blob = struct.unpack("<II", _read_exact(4, 8))
-        raw = _read_exact(4, n_raw)
-        blob = _read_exact(4, n_blob) if n_blob else b""
-        os.close(4)
-        job = json.loads(raw)
-        if blob:
-            job["_compiled"] = marshal.loads(blob)
-        if pd is not None:
-            pd["d_job"] = _now()
-        self._exec_job(job, "/tmp", uid, pd, 5)
+
+        def ready():  # in the harness thread
+            n_raw, n_blob = struct.unpack("<II", _read_exact(4, 8))
+            raw = _read_exact(4, n_raw)
+            blob = _read_exact(4, n_blob) if n_blob else b""
+            os.close(4)
+            job = json.loads(raw)
+            if blob:
+                job["_compiled"] = marshal.loads(blob)
+            if pd is not None:
+                pd["d_job"] = _now()
+            return self._exec_job(job, "/tmp", uid, pd, 5, start=False)
+
+        from _harness_bootstrap import main_early
+        main_early(ready)
 
     def _sandboxed(self, job, res_w, out_w, err_w, ctl_w, workdir, uid) -> None:
         """C (fallback layout, under B): runs the program in D and reports its status."""
@@ -1052,8 +1060,9 @@ class Server:
         sys.stdout = open(1, "w", closefd=False, buffering=1)
         sys.stderr = open(2, "w", closefd=False, buffering=1)
 
-    def _exec_job(self, job, workdir, uid, pd=None, ctl_w=None) -> None:
-        """D: limits, drops privileges, runs the harness."""
+    def _exec_job(self, job, workdir, uid, pd=None, ctl_w=None, start=True):
+        """D: limits, drops privileges, runs the harness (``start=False``: returns the
+        harness's arguments instead, for :func:`_harness.main_early`)."""
         lim = job["limits"]
         target = None
         if job.get("mode") == "call":
@@ -1073,7 +1082,7 @@ class Server:
                 resource.setrlimit(res, (val, val))
             except (ValueError, OSError):
                 pass
-        if uid is not None:
+        if uid is not None:  # (glibc applies these to every thread of the process)
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
@@ -1089,8 +1098,11 @@ class Server:
             pd["d_main"] = _now()
             os.write(ctl_w, json.dumps({"prof_d": pd}).encode() + b"\n")
             os.close(ctl_w)
-        main(job, 3, workdir, bool(lim.get("network")), job.get("mode", "tests"),
-             bool(lim.get("audit_hook", True)), target)
+        args = (job, 3, workdir, bool(lim.get("network")), job.get("mode", "tests"),
+                bool(lim.get("audit_hook", True)), target)
+        if not start:
+            return args
+        main(*args)
 
 
 PREIMPORT = ["math", "re", "collections", "itertools", "functools", "heapq", "string",
