@@ -356,6 +356,7 @@ class Server:
         self.warm: _Warm | None = None
         self.zygote: tuple[int, int, int] | None = None  # (pid, request fd, reply fd)
         self.own_pidns: int | None = None
+        self.init_requested = False  # a C was requested from the zygote and not read
         root = os.geteuid() == 0
         if root and self.uid is not None:
             self.caps["uid"] = True
@@ -501,7 +502,7 @@ class Server:
             prof["s_sent"] = _now()
         if more():
             try:
-                self.warm = self._prepare(key, self._next_uid())
+                self.warm = self._prepare(key, self._next_uid(), True)
             except OSError:
                 self.warm = None
         if prof:
@@ -542,25 +543,41 @@ class Server:
         if self.warm is not None:
             self.warm.discard()
             self.warm = None
+        self.drop_requested_init()
 
-    def _new_init(self) -> int:
-        """A fresh C from the zygote; returns its pidfd."""
+    def _new_init(self, more: bool = False) -> int:
+        """A fresh C from the zygote; returns its pidfd. With ``more``, the next C is
+        requested at once (and read at the next call), so that the server does not wait
+        for the zygote while runs are queued."""
         pid, req_w, rep_r = self.zygote
         try:
-            os.write(req_w, b"c")
+            if not self.init_requested:
+                os.write(req_w, b"c")
+            self.init_requested = False
             (c,) = struct.unpack("<i", _read_exact(rep_r, 4))
+            if more:
+                os.write(req_w, b"c")
+                self.init_requested = True
         except (OSError, EOFError):
             os._exit(3)  # the zygote is gone: the pool restarts this server
         if c < 0:
             raise OSError(-c, f"clone: {os.strerror(-c)}")
         return os.pidfd_open(c)
 
-    def _prepare(self, key: tuple[int, bool], uid) -> _Warm:
+    def drop_requested_init(self) -> None:
+        """Going idle: end the C requested ahead, if any."""
+        if self.init_requested:
+            pidfd = self._new_init()
+            _kill_pidfd(pidfd)
+            select.select([pidfd], [], [], 5.0)
+            os.close(pidfd)
+
+    def _prepare(self, key: tuple[int, bool], uid, more: bool = False) -> _Warm:
         """Get C (pid 1 of new pid/mount/ipc/uts namespaces) from the zygote and fork D
         into them; D mounts /tmp and /proc there and waits (still root, nothing
         untrusted loaded) for its job."""
         tmp_mb, network = key
-        c_pidfd = self._new_init()
+        c_pidfd = self._new_init(more)
         fds = [os.pipe() for _ in range(5)]
         (res_r, res_w), (out_r, out_w), (err_r, err_w), (ctl_r, ctl_w), (job_r, job_w) = fds
         d = -1
@@ -972,9 +989,12 @@ class Server:
             os.close(ctl_w)
         self._child_fds(res_w, out_w, err_w, job_r, ctl_w if _PROF else None)
         self._child_env("/tmp")
-        # Per thread, inherited by threads started later: set it before the harness
-        # thread exists (it only restricts execve; setuid below is unaffected).
-        prctl(PR_SET_NO_NEW_PRIVS, 1)
+        # Privileges are dropped now, before the harness thread exists (credentials
+        # and no_new_privs are per thread, inherited by threads started later). What
+        # is left for the job (lowering rlimits, importing a call target) needs none.
+        # Safe although an earlier run of this uid may still be dying: it cannot see
+        # this pid namespace; the run starts only once that one is gone (run()).
+        self._drop_privileges(uid)
         pd = {"d_wait": _now()} if _PROF else None
 
         def ready():  # in the harness thread
@@ -987,7 +1007,7 @@ class Server:
                 job["_compiled"] = marshal.loads(blob)
             if pd is not None:
                 pd["d_job"] = _now()
-            return self._exec_job(job, "/tmp", uid, pd, 5, start=False)
+            return self._exec_job(job, "/tmp", uid, pd, 5, start=False)  # uid: dropped
 
         from _harness_bootstrap import main_early
         main_early(ready)
@@ -1060,9 +1080,19 @@ class Server:
         sys.stdout = open(1, "w", closefd=False, buffering=1)
         sys.stderr = open(2, "w", closefd=False, buffering=1)
 
+    @staticmethod
+    def _drop_privileges(uid) -> None:
+        if uid is not None:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+        prctl(PR_SET_DUMPABLE, 0)
+
     def _exec_job(self, job, workdir, uid, pd=None, ctl_w=None, start=True):
-        """D: limits, drops privileges, runs the harness (``start=False``: returns the
-        harness's arguments instead, for :func:`_harness.main_early`)."""
+        """D: limits, drops privileges, runs the harness (``start=False``: privileges
+        are already dropped; returns the harness's arguments, for
+        :func:`_harness.main_early`)."""
         lim = job["limits"]
         target = None
         if job.get("mode") == "call":
@@ -1082,12 +1112,8 @@ class Server:
                 resource.setrlimit(res, (val, val))
             except (ValueError, OSError):
                 pass
-        if uid is not None:  # (glibc applies these to every thread of the process)
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-        prctl(PR_SET_NO_NEW_PRIVS, 1)
-        prctl(PR_SET_DUMPABLE, 0)
+        if start:
+            self._drop_privileges(uid)
         # ctypes must not be reachable by name; calls through existing objects are
         # refused by the audit hook ("ctypes.call_function").
         for name in [m for m in sys.modules if m == "ctypes" or m.startswith("ctypes.")
