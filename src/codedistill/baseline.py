@@ -147,23 +147,25 @@ def report_markdown(cfg: BaselineConfig, metrics: dict, elapsed: float | None = 
     return "\n".join(lines) + "\n"
 
 
-def load_generator(model: str, variant: str | None = None, device: str | None = None, dtype: str = "auto",
-                   batch_size: int = 16):
-    """Resolve an alias / path / hub id and load it with the HF backend."""
+def require_hf_backend(spec: Any) -> None:
     from codedistill.errors import ConfigError
-    from codedistill.generation.hf import HFGenerator
-    from codedistill.models.registry import local_path, resolve_model
 
-    spec = resolve_model(model, variant)
     if spec.backend != "hf":
         raise ConfigError(
             f"{spec.alias} is served through an API ({spec.backend}); its backend is not built yet. "
             "Pick a model the HF backend can load."
         )
+
+
+def load_generator(spec: Any, device: str | None = None, dtype: str = "auto", batch_size: int = 16):
+    """Load a resolved ModelSpec with the HF backend (builds the tiny models on first use)."""
+    from codedistill.generation.hf import HFGenerator
+    from codedistill.models.registry import local_path
+
+    require_hf_backend(spec)
     dtype = spec.dtype if dtype == "auto" else dtype
-    gen = HFGenerator.from_pretrained(local_path(spec), name=spec.alias, device=device, dtype=dtype,
-                                      batch_size=batch_size, add_special_tokens=spec.prompt_style == "base")
-    return spec, gen
+    return HFGenerator.from_pretrained(local_path(spec), name=spec.alias, device=device, dtype=dtype,
+                                       batch_size=batch_size, add_special_tokens=spec.prompt_style == "base")
 
 
 def run_baseline(cfg: BaselineConfig, output_dir: Path | None = None) -> tuple[Path, dict]:
@@ -174,19 +176,23 @@ def run_baseline(cfg: BaselineConfig, output_dir: Path | None = None) -> tuple[P
     out = Path(output_dir) if output_dir else default_output_dir(cfg)
     problems = load_problems(cfg.dataset, cfg.split, data_path=cfg.data_path,
                              max_problems=cfg.max_problems, shots=cfg.shots)
-    spec, gen = load_generator(cfg.model, cfg.variant, cfg.device, cfg.dtype, cfg.batch_size)
-    run = RunDir(out)
-    run.open({**cfg.experiment_dict(), "model_spec": spec.to_dict()}, kind="baseline")
-    style = PromptStyle.of(spec)
-    if cfg.method == "egcfg":
-        from codedistill.egcfg.runner import make_egcfg_sampler
+    from codedistill.models.registry import resolve_model
 
-        generate = make_egcfg_sampler(gen, style, cfg, out)
-    else:
-        generate = make_sampler(gen, style, cfg.sampling, gen.tokenizer)
+    spec = resolve_model(cfg.model, cfg.variant)
+    require_hf_backend(spec)  # before anything is written
+    RunDir(out).open({**cfg.experiment_dict(), "model_spec": spec.to_dict()}, kind="baseline")
+    gen = load_generator(spec, cfg.device, cfg.dtype, cfg.batch_size)
+    style = PromptStyle.of(spec)
     from codedistill.execution import Limits, SandboxPool
 
-    with SandboxPool(workers=cfg.workers, limits=Limits(timeout=cfg.timeout)) as pool:
+    warm = ("codedistill.egcfg.tracer",) if cfg.method == "egcfg" else ()
+    with SandboxPool(workers=cfg.workers, limits=Limits(timeout=cfg.timeout), warm_targets=warm) as pool:
+        if cfg.method == "egcfg":
+            from codedistill.egcfg.runner import make_egcfg_sampler
+
+            generate = make_egcfg_sampler(gen, style, cfg, out, pool=pool)
+        else:
+            generate = make_sampler(gen, style, cfg.sampling, gen.tokenizer)
         _, metrics = evaluate_generator(
             generate, problems, style, spec.alias, cfg.sampling.num_samples, out_dir=out,
             chunk_size=cfg.chunk_size, seed=cfg.seed, timeout=cfg.timeout, pool=pool,

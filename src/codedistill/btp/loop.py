@@ -149,7 +149,7 @@ class Models:
 
             cfg = self.plan.cfg
             self.log(f"loading source {cfg.source_model}")
-            _, gen = load_generator(cfg.source_model, cfg.source_variant, cfg.device, cfg.dtype, cfg.gen_batch_size)
+            gen = load_generator(self.plan.source_spec, cfg.device, cfg.dtype, cfg.gen_batch_size)
             self._cache["source"] = gen
         return self._cache["source"]
 
@@ -166,7 +166,7 @@ class Models:
             if iteration == 0:
                 from codedistill.baseline import load_generator
 
-                _, gen = load_generator(cfg.target_model, cfg.target_variant, cfg.device, cfg.dtype, cfg.gen_batch_size)
+                gen = load_generator(spec, cfg.device, cfg.dtype, cfg.gen_batch_size)
             else:
                 from codedistill.btp.trainer import load_model, load_tokenizer
 
