@@ -222,3 +222,22 @@ def test_every_thread_is_unprivileged(pool):
     for v in vs:
         if os.geteuid() == 0:
             assert v.passed, v.result
+
+
+def test_fast_eq_rewrite_matches_reference():
+    # The iterative rewrite of trusted test code gives exactly the tree of the
+    # reference NodeTransformer (+ fix_missing_locations), locations included.
+    import ast
+
+    from codedistill.execution._harness import _EqRewriter, _rewrite_eq
+
+    srcs = ["assert f(1) == 2", "assert a == b == c", "assert (x == 1) == (y == 2)",
+            "f(lambda: a == b)\nx = [i == 2 for i in y if i == 3]",
+            "def check(c):\n    assert {k: v == 1 for k, v in c()} == {}, 'm'\n"
+            "    assert abs(c(2) - 1) < 1e-6\n    assert not c(3) != 4",
+            "class T:\n    def t(self):\n        return [a == b for a, b in z] == [True]"]
+    srcs += [r["test_list"][0] for r in map(json.loads, open(MBPP))][:50]
+    for s in srcs:
+        ref = ast.fix_missing_locations(_EqRewriter().visit(ast.parse(s)))
+        assert ast.dump(_rewrite_eq(ast.parse(s)), include_attributes=True) == \
+            ast.dump(ref, include_attributes=True), s

@@ -134,12 +134,45 @@ class _EqRewriter(ast.NodeTransformer):
         return node
 
 
+def _rewrite_eq(tree: ast.AST) -> ast.AST:
+    """What ``_EqRewriter`` + ``ast.fix_missing_locations`` do, in one iterative pass
+    (several times faster on long test suites): each single ``a == b`` becomes
+    ``__cd_eq__(a, b)``, the new nodes located at the comparison."""
+    AST, Compare, Eq, Call, Name, Load = ast.AST, ast.Compare, ast.Eq, ast.Call, ast.Name, ast.Load
+
+    def convert(node):
+        if type(node) is Compare and len(node.ops) == 1 and type(node.ops[0]) is Eq:
+            loc = {"lineno": node.lineno, "col_offset": node.col_offset,
+                   "end_lineno": node.end_lineno, "end_col_offset": node.end_col_offset}
+            return Call(func=Name(id=EQ_NAME, ctx=Load(), **loc),
+                        args=[node.left, node.comparators[0]], keywords=[], **loc)
+        return node
+
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        for field in node._fields:
+            value = getattr(node, field, None)
+            if type(value) is list:
+                for i, item in enumerate(value):
+                    if isinstance(item, AST):
+                        new = convert(item)
+                        if new is not item:
+                            value[i] = new
+                        stack.append(new)
+            elif isinstance(value, AST):
+                new = convert(value)
+                if new is not value:
+                    setattr(node, field, new)
+                stack.append(new)
+    return tree
+
+
 def compile_trusted(src: str, name: str):
     """Compile trusted test code with the equality check in place (plain compile if
     the rewrite fails for any reason)."""
     try:
-        tree = ast.parse(src, name, "exec")
-        tree = ast.fix_missing_locations(_EqRewriter().visit(tree))
+        tree = _rewrite_eq(ast.parse(src, name, "exec"))
         return compile(tree, name, "exec")
     except SyntaxError:
         raise

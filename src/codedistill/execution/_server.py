@@ -1,26 +1,44 @@
-"""The warm fork server: a small long-lived process that forks one sandbox per run.
+"""The warm fork server: a long-lived process that runs one sandbox per job.
 
 Started by :class:`codedistill.execution.pool.SandboxPool` as
 ``python -I -S _server.py`` (so importing it pulls in no project code and no site
 packages beyond the ``sys.path`` the pool sends). It speaks length-prefixed JSON over
-stdin/stdout: one init message, then one job -> one raw result.
+stdin/stdout: one init message, then jobs -> raw results, in order. The pool may queue
+a second job before the first is answered; the server reads its input ahead (and while
+writing a result), so neither side can block the other.
 
-Per run::
+Per run (namespace layout)::
 
     server (root, private mount ns with everything read-only, private empty net ns,
             enforces the wall-clock deadline, reads the pipes)
-      └─ C: clone()d straight into new pid/mount/ipc/uts namespaces; pid 1 there;
-         tmpfs on /tmp, /proc remounted, setsid; reaps, reports D's status
-           └─ D: rlimits, setuid(sandbox uid), no_new_privs, not dumpable,
-              audit hook, harness (program + tests)
+      ├─ zygote (``_zygote.py``, a small interpreter started once)
+      │    └─ C: clone()d into new pid/mount/ipc/uts namespaces; pid 1 there (root,
+      │          trusted); only reaps orphans until it is killed
+      └─ D: forked by the server into C's pid namespace (setns), joins C's mount/ipc/uts
+            namespaces, mounts a size-limited tmpfs on /tmp and /proc for the pid
+            namespace, setsid, drops to the sandbox uid (no_new_privs, not dumpable),
+            starts the harness thread, which waits for the job; then rlimits, audit
+            hook, harness (program + tests)
 
-(Fallback without a pid namespace: the server forks B, a child subreaper that forks
-C, enforces the deadline and kills every descendant and every sandbox-uid process.)
+While more jobs are queued, the next sandbox (C and D up to waiting for its job) is made
+ready while the current one runs, so a job only has to be written to a waiting D. When
+the harness's end record arrives, C is killed (which kills the whole pid namespace) and
+the result goes back at once; if more jobs are queued, the namespace's teardown (a few
+milliseconds, mostly the kernel freeing the mount namespace) is collected later: runs
+alternate between two sandbox uids, and a run starts only when every earlier run of its
+uid is gone. When no job is queued the server collects everything before it answers,
+so an idle pool has no process besides its servers and their zygotes. D is the server's
+child, so its exit status comes straight from ``waitpid``.
 
-Killing C tears down its whole pid namespace (every descendant, setsid or not).
-Where namespaces are refused the server warns once and falls back to: the sandbox uid
-(when root), a per-run temporary directory, the audit hook, and B as child subreaper
-killing every descendant (and every process of the sandbox uid) at the end.
+Set ``CODEDISTILL_SANDBOX_PROFILE=1`` (in the pool's environment) for per-step
+timestamps in each raw result (``ctl["prof"]``).
+
+Fallback without namespaces (or without a pid namespace): the server forks B, a child
+subreaper that forks C, enforces the deadline and kills every descendant and every
+sandbox-uid process; C forks D. Where namespaces are refused the server warns once and
+falls back to: the sandbox uid (when root), a per-run temporary directory, the audit
+hook, and B as child subreaper killing every descendant (and every process of the
+sandbox uid) at the end.
 """
 
 from __future__ import annotations

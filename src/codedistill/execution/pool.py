@@ -1,7 +1,8 @@
 """A pool of warm fork servers that runs sandboxed programs in parallel.
 
 Each worker owns one fork server process (``_server.py``), started lazily, restarted
-when it dies or stops answering; a hostile program can only ever kill its own forked
+when it dies or stops answering, and fed by a dispatcher thread that keeps up to two
+jobs in flight on it (``os.cpu_count()`` workers by default); a hostile program can only ever kill its own forked
 child, never the server or this process. Servers are started in their own session with
 ``PR_SET_PDEATHSIG`` so they die with the pool's process, and are shut down on
 ``close()``, on leaving the ``with`` block, and at interpreter exit.

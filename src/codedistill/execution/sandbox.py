@@ -10,11 +10,12 @@ The program never runs in the caller's process. A warm fork server (one per pool
 worker, started once, stdlib pre-imported) forks per run. When the OS allows it (root,
 or ``unshare`` permitted):
 
-* **processes**: the child is pid 1 of a fresh PID namespace; killing it on timeout
-  kills every descendant, including ``setsid`` daemons. The parent of the namespace is a
-  child subreaper and also kills anything left of the sandbox uid. ``RLIMIT_NPROC``
-  (``max_processes``) applies because the child runs as an unprivileged uid, one per
-  pool worker (``SandboxPool.sandbox_uids``), never root.
+* **processes**: the program's process lives in a fresh PID namespace whose pid 1 is a
+  trusted init that only reaps orphans; killing that init (at the end of the run, or on
+  timeout) kills every descendant, including ``setsid`` daemons. ``RLIMIT_NPROC``
+  (``max_processes``) applies because the program runs as an unprivileged uid, never
+  root: each pool worker has two (``SandboxPool.sandbox_uids``) that its runs alternate
+  between, so a run never shares its uid with another live run.
 * **file system**: a private mount namespace in which every mount is read-only
   (``mount_setattr(AT_RECURSIVE)``, or per-mount bind-remounts on older kernels), with
   a size-limited tmpfs at ``/tmp`` as the working directory; /proc is remounted for the
@@ -23,6 +24,13 @@ or ``unshare`` permitted):
   ``Limits(network=True)`` re-enters the original one.
 * **limits**: ``RLIMIT_AS`` (memory), ``RLIMIT_CPU``, wall-clock deadline, ``RLIMIT_NOFILE``,
   no core dumps, ``no_new_privs``, stdin is /dev/null, stdout/stderr captured up to a cap.
+
+Throughput: each sandbox is made ready ahead of its job while the previous run executes
+(namespaces, mounts, uid switch, harness thread; nothing untrusted has run and the job is
+not known yet), the pool keeps two jobs in flight per server, and a run ends as soon as
+the harness's end record arrives (its namespace is killed then; when more jobs are
+queued its teardown is collected during the next run, which uses the other uid and
+namespaces of its own; nothing is left once the pool is idle). See ``_server.py``.
 
 Fallbacks (each announced once with ``warnings.warn``): without a mount namespace the
 program gets a private temporary directory and writes elsewhere are stopped by uid
@@ -65,6 +73,8 @@ Residual risks (known, accepted)
   traced in call mode could forge the *payload* (it still cannot leave the sandbox).
 * Reading is not restricted: the program can read any file the sandbox uid may read.
 * Without namespaces (fallback), exec'ed binaries are refused by the audit hook only.
+* Output that other threads or processes of a program write *after* the harness's end
+  record may be cut off (the namespace is killed when the end record arrives).
 * ``signal.signal`` is unavailable to programs (the harness is not the main thread).
 """
 
