@@ -1094,9 +1094,12 @@ class Server:
                            "TMPDIR": workdir, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"})
         import tempfile
         tempfile.tempdir = workdir
-        sys.stdin = open(0, "r", closefd=False)
-        sys.stdout = open(1, "w", closefd=False, buffering=1)
-        sys.stderr = open(2, "w", closefd=False, buffering=1)
+        if _STDIO:  # made once in the server, never used there: fresh in every child
+            sys.stdin, sys.stdout, sys.stderr = _STDIO
+        else:
+            sys.stdin = open(0, "r", closefd=False)
+            sys.stdout = open(1, "w", closefd=False, buffering=1)
+            sys.stderr = open(2, "w", closefd=False, buffering=1)
 
     @staticmethod
     def _drop_privileges(uid) -> None:
@@ -1157,6 +1160,9 @@ PREIMPORT = ["math", "re", "collections", "itertools", "functools", "heapq", "st
              "importlib", "typing_extensions"]
 
 
+_STDIO: tuple = ()  # the sandbox's stdin/stdout/stderr objects (fds 0-2 in the child)
+
+
 def serve() -> None:
     inp, out = sys.stdin.fileno(), sys.stdout.fileno()
     # Keep the protocol fds safe from stray prints.
@@ -1183,6 +1189,9 @@ def serve() -> None:
             importlib.import_module(name)
         except Exception:
             pass
+    global _STDIO
+    _STDIO = (open(0, "r", closefd=False), open(1, "w", closefd=False, buffering=1),
+              open(2, "w", closefd=False, buffering=1))
     import gc
     gc.collect()
     gc.freeze()  # forked children do not touch (copy) the server's objects when collecting
