@@ -31,6 +31,7 @@ from codedistill.egcfg.cfg import cfg_generate
 from codedistill.egcfg.config import AgentSpec, EGCFGConfig
 from codedistill.egcfg.executor import TraceExecutor
 from codedistill.egcfg.signal import build_signal, count_tokens_fn, insert_signal, make_executable_ex
+from codedistill.generation.hf import kept_token_count
 from codedistill.generation.postprocess import cut_at_stop
 
 
@@ -72,16 +73,6 @@ class AgentResult:
             "guided_logprob": self.guided_logprob, "finish_reason": self.finish_reason,
             "visible": self.visible, "counters": self.counters.to_dict(), "lines": self.lines,
         }
-
-
-def kept_tokens(tokenizer, ids: Sequence[int], kept_text: str) -> int:
-    """Fewest leading tokens whose decoded text covers ``kept_text``."""
-    if not kept_text:
-        return 0
-    m = len(ids)
-    while m > 1 and len(tokenizer.decode(ids[: m - 1], skip_special_tokens=True)) >= len(kept_text):
-        m -= 1
-    return m
 
 
 class LineDecoder:
@@ -243,7 +234,7 @@ class LineDecoder:
         text = self.decode(ids)
         completion, _ = cut_at_stop(text, stop)
         if completion != text:
-            m = kept_tokens(self.tok, ids, completion)
+            m = kept_token_count(self.tok, ids, completion)
         else:  # like HFGenerator: the eos that ended generation is not a kept token
             m = len(ids) - (1 if ids and ids[-1] in self.eos else 0)
         c.wall_time_s = time.time() - t0
