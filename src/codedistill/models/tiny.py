@@ -7,9 +7,10 @@ nothing, so the project brings a competent *source* and a clearly weaker, teacha
 * ``tiny-source``: a Llama (RoPE, RMSNorm, SwiGLU) trained on all synth skill families.
 * ``tiny-target``: a Qwen2 (a different family, with qkv biases), smaller, with its own
   byte-level BPE tokenizer (different vocab size and training corpus, as a cross-family
-  pair would have), trained for fewer steps on fewer problems and on only some of the
-  skill families. Those knobs (``train_families``, ``n_train``, ``steps``, size) set its
-  weakness; fine-tuning it on the source's tested programs raises its pass@1.
+  pair would have), trained for fewer steps on fewer problems, and never shown a third
+  of the synth templates (``TARGET_HELD_OUT_TEMPLATES``). Those knobs
+  (``exclude_templates``, ``train_families``, ``n_train``, ``steps``, size) set its
+  weakness; fine-tuning it on the source's tested programs can raise its pass@1.
 
 Both are saved like hub checkpoints, so ``AutoModelForCausalLM.from_pretrained(path)`` and
 ``AutoTokenizer.from_pretrained(path)`` load them. ``ensure_tiny_model(name)`` builds on
@@ -34,6 +35,7 @@ from typing import Any
 __all__ = [
     "TINY_BUILD_VERSION",
     "TINY_MODELS",
+    "TARGET_HELD_OUT_TEMPLATES",
     "TinySpec",
     "build_tiny_model",
     "default_cache_dir",
@@ -73,20 +75,33 @@ class TinySpec:
     tokenizer_seed: int = 0
     tokenizer_problems: int = 2000
     train_families: tuple[str, ...] | None = None
+    exclude_templates: tuple[str, ...] = ()
     n_train: int = 2000
     steps: int = 300
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 20
     weight_decay: float = 0.01
+    prompt_loss_weight: float = 0.0
     max_len: int = 512
     description: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["train_families"] = list(self.train_families) if self.train_families else None
+        d["exclude_templates"] = list(self.exclude_templates)
         return d
 
+
+# Templates the target never sees in training (a third of each family): the main knob of
+# its weakness, and what fine-tuning on the source's tested programs can teach it.
+TARGET_HELD_OUT_TEMPLATES: tuple[str, ...] = (
+    "sub_k", "mod_k", "square_plus_k",
+    "add_suffix", "remove_char", "last_k",
+    "list_filter_lt", "list_count_div", "list_max_plus",
+    "clamp_min", "in_range", "abs_diff",
+    "mul_even_k", "count_vowels_k", "even_sum_minus",
+)
 
 TINY_MODELS: dict[str, TinySpec] = {
     "tiny-source": TinySpec(
@@ -99,30 +114,37 @@ TINY_MODELS: dict[str, TinySpec] = {
         intermediate_size=384,
         vocab_size=1024,
         tokenizer_seed=0,
+        tokenizer_problems=2000,
         train_families=None,
+        exclude_templates=(),
         n_train=2000,
-        steps=300,
-        batch_size=32,
-        lr=3e-3,
-        description="competent source: Llama, all synth families",
+        steps=1200,
+        batch_size=16,
+        lr=5e-3,
+        warmup=40,
+        prompt_loss_weight=0.3,
+        description="competent source: Llama, all synth families and templates",
     ),
     "tiny-target": TinySpec(
         name="tiny-target",
         arch="qwen2",
-        hidden_size=96,
-        num_layers=3,
+        hidden_size=128,
+        num_layers=4,
         num_heads=4,
         num_kv_heads=2,
-        intermediate_size=256,
+        intermediate_size=384,
         vocab_size=768,
         tokenizer_seed=1,
         tokenizer_problems=1200,
-        train_families=("arithmetic", "strings", "lists"),
-        n_train=600,
-        steps=150,
-        batch_size=32,
-        lr=3e-3,
-        description="weaker, teachable target: smaller Qwen2, fewer steps, some families only",
+        train_families=None,
+        exclude_templates=TARGET_HELD_OUT_TEMPLATES,
+        n_train=2000,
+        steps=900,
+        batch_size=16,
+        lr=5e-3,
+        warmup=40,
+        prompt_loss_weight=0.3,
+        description="weaker, teachable target: smaller Qwen2, fewer steps and problems, 1/3 of templates unseen",
     ),
 }
 
@@ -178,6 +200,20 @@ def _make_config(spec: TinySpec, tokenizer: Any) -> Any:
     raise ValueError(f"unknown tiny arch {spec.arch!r}")
 
 
+def _train_problems(spec: TinySpec, seed: int) -> list[Any]:
+    """The first ``n_train`` synth train problems (of the 2000) in the spec's families and
+    not of its excluded templates (fewer if the filter leaves fewer)."""
+    from codedistill.data.synth import load_synth
+
+    fams = set(spec.train_families) if spec.train_families else None
+    excluded = set(spec.exclude_templates)
+    keep = [
+        p for p in load_synth("train", seed=seed)
+        if (fams is None or p.meta["family"] in fams) and p.meta["template"] not in excluded
+    ]
+    return keep[: spec.n_train]
+
+
 def _set_determinism(seed: int) -> None:
     import random
 
@@ -219,7 +255,7 @@ def build_tiny_model(
     tok_texts = [p.prompt + p.reference for p in tok_problems]
     tokenizer = train_tokenizer(tok_texts, spec.vocab_size)
 
-    train = load_synth("train", n=spec.n_train, seed=seed, families=spec.train_families)
+    train = _train_problems(spec, seed)
     examples = encode_examples(tokenizer, train, spec.max_len)
 
     config = _make_config(spec, tokenizer)
@@ -238,13 +274,13 @@ def build_tiny_model(
         seed=seed,
         progress=progress,
         desc=f"building {spec.name}",
+        prompt_loss_weight=spec.prompt_loss_weight,
     )
 
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        max_length=spec.max_position_embeddings,
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
