@@ -187,9 +187,9 @@ def test_full_build_pass_rate(name: str) -> None:
     path = ensure_tiny_model(name, progress=False)
     rate = _greedy_pass_rate(path, 50)
     if name == "tiny-source":
-        assert rate >= 0.7, rate
+        assert rate >= 0.7, rate  # measured 0.85 greedy on all 200
     else:
-        assert 0.02 <= rate <= 0.5, rate
+        assert 0.04 <= rate <= 0.5, rate
 
 
 @pytest.mark.slow

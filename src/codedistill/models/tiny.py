@@ -5,12 +5,17 @@ nothing, so the project brings a competent *source* and a clearly weaker, teacha
 *target*, each built from a config in a few minutes on CPU:
 
 * ``tiny-source``: a Llama (RoPE, RMSNorm, SwiGLU) trained on all synth skill families.
-* ``tiny-target``: a Qwen2 (a different family, with qkv biases), smaller, with its own
-  byte-level BPE tokenizer (different vocab size and training corpus, as a cross-family
-  pair would have), trained for fewer steps on fewer problems, and never shown a third
-  of the synth templates (``TARGET_HELD_OUT_TEMPLATES``). Those knobs
-  (``exclude_templates``, ``train_families``, ``n_train``, ``steps``, size) set its
-  weakness; fine-tuning it on the source's tested programs can raise its pass@1.
+* ``tiny-target``: a Qwen2 (a different family: qkv biases, grouped-query attention,
+  slightly fewer parameters) with its own byte-level BPE tokenizer (different vocab size
+  and training corpus, as a cross-family pair would have), trained on fewer problems and
+  never shown about half of the synth templates (``TARGET_HELD_OUT_TEMPLATES``, 57% of
+  the test problems). Those knobs (``exclude_templates``, ``train_families``,
+  ``n_train``, ``steps``, size) set its weakness; fine-tuning it on the source's tested
+  programs for the unseen templates is what can raise its pass@1.
+
+Copying constants from the prompt into the program is what these models find hard: it
+appears abruptly between ~600 and ~1200 steps (batch 16). Far fewer steps give a model
+that writes the right shape with wrong constants (pass@1 near 0), whatever its size.
 
 Both are saved like hub checkpoints, so ``AutoModelForCausalLM.from_pretrained(path)`` and
 ``AutoTokenizer.from_pretrained(path)`` load them. ``ensure_tiny_model(name)`` builds on
@@ -93,14 +98,17 @@ class TinySpec:
         return d
 
 
-# Templates the target never sees in training (a third of each family): the main knob of
-# its weakness, and what fine-tuning on the source's tested programs can teach it.
+# Templates the target never sees in training (about half of each family, 57% of synth
+# test): the main knob of its weakness, and what fine-tuning on the source's tested
+# programs can teach it.
 TARGET_HELD_OUT_TEMPLATES: tuple[str, ...] = (
     "sub_k", "mod_k", "square_plus_k",
     "add_suffix", "remove_char", "last_k",
     "list_filter_lt", "list_count_div", "list_max_plus",
     "clamp_min", "in_range", "abs_diff",
     "mul_even_k", "count_vowels_k", "even_sum_minus",
+    "floordiv_k", "affine", "replace_char", "list_sum_times",
+    "clamp_max", "long_string", "digit_sum_k", "add_k_gt_t",
 )
 
 TINY_MODELS: dict[str, TinySpec] = {
@@ -139,12 +147,12 @@ TINY_MODELS: dict[str, TinySpec] = {
         train_families=None,
         exclude_templates=TARGET_HELD_OUT_TEMPLATES,
         n_train=2000,
-        steps=900,
+        steps=1200,
         batch_size=16,
         lr=5e-3,
         warmup=40,
         prompt_loss_weight=0.3,
-        description="weaker, teachable target: smaller Qwen2, fewer steps and problems, 1/3 of templates unseen",
+        description="weaker, teachable target: Qwen2 with GQA, fewer problems, half of the templates unseen",
     ),
 }
 
@@ -230,14 +238,35 @@ def _set_determinism(seed: int) -> None:
 
 
 def build_tiny_model(
-    name: str | TinySpec, out_dir: str | os.PathLike[str], seed: int = 0, progress: bool = True
+    name: str | TinySpec,
+    out_dir: str | os.PathLike[str],
+    seed: int = 0,
+    progress: bool = True,
+    num_threads: int | None = 1,
 ) -> Path:
     """Train the tiny model ``name`` (or a custom ``TinySpec``) and save it to ``out_dir``.
 
     Writes the model (``save_pretrained``), its tokenizer, a generation config (eos/pad)
     and ``codedistill_tiny.json`` (spec, seed, train stats, wall time). Deterministic for
     a given seed on a given machine (same thread count).
+
+    ``num_threads`` (default 1) is torch's intra-op thread count during the build: on a
+    shared 2-core machine one thread was ~5x faster than two (no spinning at OpenMP
+    barriers while other processes hold a core), and it makes the weights independent of
+    the machine's core count. ``None`` keeps torch's default.
     """
+    import torch
+
+    prev = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    try:
+        return _build(name, out_dir, seed, progress)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _build(name: str | TinySpec, out_dir: str | os.PathLike[str], seed: int, progress: bool) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
