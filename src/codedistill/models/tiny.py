@@ -8,8 +8,7 @@ nothing, so the project brings a competent *source* and a clearly weaker, teacha
 * ``tiny-target``: a Qwen2 (a different family: qkv biases, grouped-query attention,
   slightly fewer parameters) with its own byte-level BPE tokenizer (different vocab size
   and training corpus, as a cross-family pair would have), trained on fewer problems and
-  never shown about half of the synth templates (``TARGET_HELD_OUT_TEMPLATES``, 57% of
-  the test problems). Those knobs (``exclude_templates``, ``train_families``,
+  never shown a third of the synth templates (``TARGET_HELD_OUT_TEMPLATES``). Those knobs (``exclude_templates``, ``train_families``,
   ``n_train``, ``steps``, size) set its weakness; fine-tuning it on the source's tested
   programs for the unseen templates is what can raise its pass@1.
 
@@ -98,17 +97,14 @@ class TinySpec:
         return d
 
 
-# Templates the target never sees in training (about half of each family, 57% of synth
-# test): the main knob of its weakness, and what fine-tuning on the source's tested
-# programs can teach it.
+# Templates the target never sees in training (a third of each family): one knob of its
+# weakness, and what fine-tuning on the source's tested programs can teach it.
 TARGET_HELD_OUT_TEMPLATES: tuple[str, ...] = (
     "sub_k", "mod_k", "square_plus_k",
     "add_suffix", "remove_char", "last_k",
     "list_filter_lt", "list_count_div", "list_max_plus",
     "clamp_min", "in_range", "abs_diff",
     "mul_even_k", "count_vowels_k", "even_sum_minus",
-    "floordiv_k", "affine", "replace_char", "list_sum_times",
-    "clamp_max", "long_string", "digit_sum_k", "add_k_gt_t",
 )
 
 TINY_MODELS: dict[str, TinySpec] = {
@@ -152,7 +148,7 @@ TINY_MODELS: dict[str, TinySpec] = {
         lr=5e-3,
         warmup=40,
         prompt_loss_weight=0.3,
-        description="weaker, teachable target: Qwen2 with GQA, fewer problems, half of the templates unseen",
+        description="weaker, teachable target: Qwen2 with GQA, fewer problems, a third of the templates unseen",
     ),
 }
 
