@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -192,7 +193,13 @@ def test_sandbox_call_is_isolated(pool):
     assert v.passed, v.result
     if os.geteuid() == 0:
         assert v.payload["uid"] in pool.sandbox_uids and v.payload["uid"] != 0
-    assert v.payload["listdir"] == [] and v.payload["pid"] != os.getpid()
+    # the working dir (/tmp) is empty but for import paths that live under /tmp (a checkout
+    # or venv in /tmp), bound back read-only so that call targets can be imported
+    from codedistill.execution._server import _paths_under_tmp
+
+    kept = _paths_under_tmp(sys.path + [sys.prefix, sys.base_prefix, sys.exec_prefix])
+    assert sorted(v.payload["listdir"]) == sorted({k.split("/")[2] for k in kept})
+    assert v.payload["pid"] != os.getpid()
     v = pool.call("codedistill.execution._selftest:run_untrusted",
                   {"code": "import math\nX = math.sqrt(16)\nopen('/etc/evil', 'w')"})
     assert v.result.startswith("failed: ") and not os.path.exists("/etc/evil")
@@ -241,3 +248,31 @@ def test_fast_eq_rewrite_matches_reference():
         ref = ast.fix_missing_locations(_EqRewriter().visit(ast.parse(s)))
         assert ast.dump(_rewrite_eq(ast.parse(s)), include_attributes=True) == \
             ast.dump(ref, include_attributes=True), s
+
+
+def test_import_paths_under_tmp_stay_visible_and_read_only(tmp_path_factory, monkeypatch):
+    # A checkout or venv under /tmp (CI clones anywhere): each run mounts a fresh tmpfs on
+    # /tmp, so the server binds such import paths back, read-only.
+    import tempfile
+
+    from codedistill.execution import SandboxPool
+
+    base = tempfile.mkdtemp(prefix="cd_imp_", dir="/tmp")
+    pkg = os.path.join(base, "cd_probe_pkg")
+    os.makedirs(pkg)
+    with open(os.path.join(pkg, "__init__.py"), "w") as f:
+        f.write("def hello(x):\n    return {'hi': x + 1}\n")
+    os.chmod(base, 0o755)
+    monkeypatch.syspath_prepend(base)
+    try:
+        with SandboxPool(workers=1) as p:
+            v = p.call("cd_probe_pkg:hello", {"x": 41})
+            assert v.result == "ok" and v.payload == {"hi": 42}
+            target = os.path.join(pkg, "evil.py")
+            prog = f"open({target!r}, 'w').write('x')\n"
+            w = p.run([Job(prog, ["assert True"])])[0]
+            assert not w.passed and not os.path.exists(target)
+    finally:
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)

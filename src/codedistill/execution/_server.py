@@ -210,6 +210,54 @@ def _expose(paths: list[str]) -> None:
                 os.close(fd)
 
 
+def _paths_under_tmp(paths: list[str]) -> list[str]:
+    """The import paths (interpreter, site-packages, the project's own source) that live
+    under /tmp, outermost only: a run's fresh tmpfs on /tmp would hide them."""
+    found: list[str] = []
+    for p in paths:
+        try:
+            rp = os.path.realpath(p)
+        except OSError:
+            continue
+        if rp.startswith("/tmp/") and os.path.exists(rp):
+            found.append(rp)
+    found.sort()
+    outer: list[str] = []
+    for p in found:
+        if not any(p == o or p.startswith(o + "/") for o in outer):
+            outer.append(p)
+    return outer
+
+
+def _mount_tmp(opts: str, keep: list[str]) -> None:
+    """A fresh tmpfs on /tmp, with ``keep`` (import paths under /tmp) bind-mounted back,
+    read-only, at the same places. Runs as root, before the uid is dropped."""
+    fds = [(p, os.open(p, os.O_PATH)) for p in keep]
+    try:
+        mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts)
+        for p, fd in fds:
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                os.makedirs(p, mode=0o755, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(p), mode=0o755, exist_ok=True)
+                open(p, "w").close()
+            for d in _ancestors_below_tmp(p):
+                os.chmod(d, 0o755)
+            mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
+            mount(None, p, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+    finally:
+        for _, fd in fds:
+            os.close(fd)
+
+
+def _ancestors_below_tmp(p: str) -> list[str]:
+    out, cur = [], os.path.dirname(p)
+    while cur.startswith("/tmp/"):
+        out.append(cur)
+        cur = os.path.dirname(cur)
+    return out
+
+
 # --------------------------------------------------------------------------- protocol
 def _read_exact(fd: int, n: int) -> bytes:
     buf = b""
@@ -375,6 +423,7 @@ class Server:
         self.zygote: tuple[int, int, int] | None = None  # (pid, request fd, reply fd)
         self.own_pidns: int | None = None
         self.init_requested = False  # a C was requested from the zygote and not read
+        self.tmp_keep: list[str] = []  # import paths under /tmp to bind back into each run's /tmp
         root = os.geteuid() == 0
         if root and self.uid is not None:
             self.caps["uid"] = True
@@ -385,8 +434,10 @@ class Server:
             try:
                 unshare(CLONE_NEWNS)
                 mount(None, "/", None, MS_REC | MS_PRIVATE)
+                import_paths = list(sys.path) + [sys.prefix, sys.base_prefix, sys.exec_prefix]
+                self.tmp_keep = _paths_under_tmp(import_paths)
                 if self.uid is not None and root:
-                    _expose(list(sys.path) + [sys.prefix, sys.base_prefix, sys.exec_prefix])
+                    _expose(import_paths)
                 _make_root_readonly()
                 self.caps["mount"] = True
             except OSError as e:
@@ -922,7 +973,7 @@ class Server:
             opts = f"size={tmp_mb}m,nr_inodes=4096,mode=0700"
             if uid is not None:
                 opts += f",uid={uid},gid={uid}"
-            mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts)
+            _mount_tmp(opts, self.tmp_keep)
             workdir = "/tmp"
         if workdir is None:
             import tempfile
@@ -995,7 +1046,7 @@ class Server:
         opts = f"size={tmp_mb}m,nr_inodes=4096,mode=0700"
         if uid is not None:
             opts += f",uid={uid},gid={uid}"
-        mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts)
+        _mount_tmp(opts, self.tmp_keep)
         if network:
             setns(self.orig_net, CLONE_NEWNET)
             os.close(self.orig_net)
