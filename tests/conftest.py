@@ -18,6 +18,15 @@ def pytest_configure(config):
         os.environ.setdefault("CODEDISTILL_MBPP_PATH", str(MBPP_DIR))
 
 
+def pytest_collection_finish(session):
+    """Slow tests use the embedded tiny models: on a fresh machine, build both side by side
+    once (one process each) before the first test, instead of one after the other."""
+    if any(item.get_closest_marker("slow") for item in session.items):
+        from codedistill.models.tiny import ensure_tiny_models
+
+        ensure_tiny_models(progress=False)
+
+
 @pytest.fixture(scope="session")
 def random_lm(tmp_path_factory):
     """A randomly initialised 2-layer Llama with a locally trained byte-level BPE

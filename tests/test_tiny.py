@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -138,46 +137,20 @@ def test_ensure_builds_once_then_reuses(tmp_path: Path, monkeypatch: pytest.Monk
 
 # ----------------------------------------------------------------------------- slow: full builds
 
-_EVAL = textwrap.dedent(
-    """
-    import json, sys
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from codedistill.data.synth import load_synth
-    path, n = sys.argv[1], int(sys.argv[2])
-    tok = AutoTokenizer.from_pretrained(path); tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    probs = load_synth("test", n=n)
-    enc = tok([p.prompt for p in probs], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=96, do_sample=False, pad_token_id=tok.pad_token_id)
-    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    print(json.dumps([[t.split("[DONE]")[0], list(p.tests)] for t, p in zip(texts, probs)]))
-    """
-)
-_RUN = textwrap.dedent(
-    """
-    import json, sys
-    prog, tests = json.load(sys.stdin)
-    g = {"__name__": "__main__"}
-    exec(prog, g)
-    for t in tests:
-        exec(t, g)
-    """
-)
-
-
 def _greedy_pass_rate(path: Path, n: int) -> float:
-    res = subprocess.run([sys.executable, "-c", _EVAL, str(path), str(n)], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    ok = 0
-    for job in json.loads(res.stdout):
-        try:
-            r = subprocess.run([sys.executable, "-c", _RUN], input=json.dumps(job), capture_output=True, timeout=10)
-            ok += r.returncode == 0
-        except subprocess.TimeoutExpired:
-            pass
-    return ok / n
+    """Greedy pass@1 on the first n synth test problems, through the project's own
+    generator and sandbox (the same path as `codedistill baseline`)."""
+    from codedistill.baseline import evaluate_generator, make_sampler
+    from codedistill.config import SamplingConfig
+    from codedistill.generation.hf import HFGenerator
+    from codedistill.prompts import PromptStyle
+
+    gen = HFGenerator.from_pretrained(path, device="cpu", dtype="float32", batch_size=n)
+    style = PromptStyle("base")
+    sampling = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=96)
+    _, metrics = evaluate_generator(make_sampler(gen, style, sampling, gen.tokenizer),
+                                    load_synth("test", n=n), style, path.name, 1, chunk_size=n)
+    return metrics["pass@1"]["value"]
 
 
 @pytest.mark.slow
@@ -189,7 +162,7 @@ def test_full_build_pass_rate(name: str) -> None:
     if name == "tiny-source":
         assert rate >= 0.7, rate  # measured 0.85 greedy on all 200
     else:
-        assert 0.04 <= rate <= 0.5, rate
+        assert 0.04 <= rate <= 0.4, rate  # measured 0.11 greedy on the first 100
 
 
 @pytest.mark.slow

@@ -107,6 +107,9 @@ def demo(
     from codedistill.baseline import run_baseline
     from codedistill.config import BaselineConfig, build
 
+    from codedistill.models.tiny import ensure_tiny_models
+
+    ensure_tiny_models()  # first use: both built side by side
     results = {}
     for model in ("tiny-source", "tiny-target"):
         cfg = build(BaselineConfig, dict(model=model, dataset="synth", split="test", max_problems=max_problems,

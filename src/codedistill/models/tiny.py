@@ -5,12 +5,12 @@ nothing, so the project brings a competent *source* and a clearly weaker, teacha
 *target*, each built from a config in a few minutes on CPU:
 
 * ``tiny-source``: a Llama (RoPE, RMSNorm, SwiGLU) trained on all synth skill families.
-* ``tiny-target``: a Qwen2 (a different family: qkv biases, grouped-query attention,
-  slightly fewer parameters) with its own byte-level BPE tokenizer (different vocab size
-  and training corpus, as a cross-family pair would have), trained on fewer problems and
-  never shown a third of the synth templates (``TARGET_HELD_OUT_TEMPLATES``). Those knobs (``exclude_templates``, ``train_families``,
-  ``n_train``, ``steps``, size) set its weakness; fine-tuning it on the source's tested
-  programs for the unseen templates is what can raise its pass@1.
+* ``tiny-target``: a Qwen2 (a different family: qkv biases) with its own byte-level BPE
+  tokenizer (768 tokens, trained on a different slice of synth, as a cross-family pair
+  would have), stopped at 700 steps: it writes the right shapes but has only half learned
+  to copy constants from the description. Fine-tuning it on the source's tested programs
+  is what raises its pass@1. The knobs ``steps``, ``exclude_templates``,
+  ``train_families``, ``n_train`` and size set its weakness.
 
 Copying constants from the prompt into the program is what these models find hard: it
 appears abruptly between ~600 and ~1200 steps (batch 16). Far fewer steps give a model
@@ -135,20 +135,21 @@ TINY_MODELS: dict[str, TinySpec] = {
         hidden_size=128,
         num_layers=4,
         num_heads=4,
-        num_kv_heads=2,
+        num_kv_heads=4,
         intermediate_size=384,
         vocab_size=768,
         tokenizer_seed=1,
         tokenizer_problems=1200,
         train_families=None,
-        exclude_templates=TARGET_HELD_OUT_TEMPLATES,
+        exclude_templates=(),
         n_train=2000,
-        steps=1200,
+        steps=700,
         batch_size=16,
         lr=5e-3,
         warmup=40,
         prompt_loss_weight=0.3,
-        description="weaker, teachable target: Qwen2 with GQA, fewer problems, a third of the templates unseen",
+        description="weaker, teachable target: Qwen2 with its own 768-token tokenizer, stopped at 700 steps, "
+        "midway through learning to copy constants",
     ),
 }
 
@@ -365,6 +366,22 @@ def ensure_tiny_model(
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def ensure_tiny_models(names: tuple[str, ...] = ("tiny-source", "tiny-target"), progress: bool = True) -> dict[str, Path]:
+    """Build the missing ones side by side, one process (one thread) each, so that two
+    builds on a 2-core machine take the time of one; then return every directory."""
+    import subprocess
+    import sys
+
+    missing = [n for n in names if not _is_built(default_cache_dir() / f"{n}-{spec_hash(_spec_of(n))}")]
+    if len(missing) > 1:
+        procs = [subprocess.Popen([sys.executable, "-m", "codedistill", "make-tiny-model", n],
+                                  stdout=None if progress else subprocess.DEVNULL,
+                                  stderr=None if progress else subprocess.DEVNULL) for n in missing]
+        for proc in procs:
+            proc.wait()
+    return {n: ensure_tiny_model(n, progress=progress) for n in names}
 
 
 def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
