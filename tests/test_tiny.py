@@ -90,6 +90,19 @@ def test_long_prompt_does_not_crash(built: dict[str, Path]) -> None:
     assert out.shape[1] > enc["input_ids"].shape[1]
 
 
+def test_auto_tokenizer_encodes_like_the_trained_one(built: dict[str, Path], tmp_path: Path) -> None:
+    """The build checks it; here on a known-bad family too, so the check can fail."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    text = "def f(x):\n    return [y for y in x]\n[DONE]"
+    for path in built.values():
+        raw = Tokenizer.from_file(str(path / "tokenizer.json"))
+        assert AutoTokenizer.from_pretrained(path)(text, add_special_tokens=False)["input_ids"] == raw.encode(text).ids
+    with pytest.raises(RuntimeError, match="tokenizes differently"):
+        build_tiny_model(_reduced("tiny-target", arch="qwen2"), tmp_path / "q", progress=False)
+
+
 def test_tokenizers_differ(built: dict[str, Path]) -> None:
     from transformers import AutoTokenizer
 
