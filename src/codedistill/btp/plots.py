@@ -16,6 +16,15 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, out: Path) -> Path:
+    """Lay out, write the PNG (creating its folder) and free the figure."""
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def plot_p2value_histograms(stats: Sequence[Mapping[str, Any]], out: Path) -> Path:
     """One histogram per iteration (of the whole buffer after that iteration)."""
     plt = _plt()
@@ -29,11 +38,7 @@ def plot_p2value_histograms(stats: Sequence[Mapping[str, Any]], out: Path) -> Pa
         ax.set_title(f"iteration {st['iteration']} (buffer {st['buffer']['size']})")
         ax.set_xlabel("P2Value")
     axes[0][0].set_ylabel("programs")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_pass_at_k(rows: Sequence[tuple[str, Mapping[str, Any]]], out: Path, title: str = "") -> Path:
@@ -60,11 +65,7 @@ def plot_pass_at_k(rows: Sequence[tuple[str, Mapping[str, Any]]], out: Path, tit
     if title:
         ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_loss_curves(curves: Sequence[tuple[int, Sequence[float]]], out: Path) -> Path:
@@ -79,8 +80,4 @@ def plot_loss_curves(curves: Sequence[tuple[int, Sequence[float]]], out: Path) -
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("completion loss")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
