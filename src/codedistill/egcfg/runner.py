@@ -12,20 +12,15 @@ record per (task_id, sample_index).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from codedistill.data.problem import Problem
 from codedistill.egcfg.agents import EGCFGSolver, append_log
 from codedistill.egcfg.config import EGCFGConfig
+from codedistill.runs import derive_seed
 
 LOG_NAME = "egcfg_log.jsonl"
-
-
-def solve_seed(chunk_seed: int, task_id: str, sample_index: int) -> int:
-    h = hashlib.sha256(f"{chunk_seed}/{task_id}/{sample_index}".encode()).digest()
-    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
 def egcfg_config_from(cfg: Any) -> EGCFGConfig:
@@ -59,7 +54,7 @@ def make_egcfg_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, p
             stop = list(stops_for(p, style))
             cands = []
             for i in range(num_samples):
-                cand, rec = solver.solve(p, prompt, stop, seed=solve_seed(chunk_seed, p.task_id, i))
+                cand, rec = solver.solve(p, prompt, stop, seed=derive_seed(chunk_seed, p.task_id, i))
                 rec["sample_index"] = i
                 if log_path is not None:
                     append_log(log_path, rec)
