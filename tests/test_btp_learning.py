@@ -1,10 +1,15 @@
 """BTP teaches: on synth, tiny-source's tested beams, replayed by P2Value priority, raise
-tiny-target's held-out pass@1 by a clear margin (CPU, a few minutes).
+tiny-target's held-out pass@1 by a clear margin (CPU, about two minutes).
 
 This exercises everything at once: the source's beams are re-rendered in the target's
 prompt format and re-tokenized with the target's own tokenizer (the two tiny models have
-different vocabularies), the loss covers the program only, the LoRA adapter is the only
-thing trained, and the sampler favours passing programs.
+different vocabularies and architectures), the loss covers the program only, the LoRA
+adapter is the only thing trained, and the sampler favours passing programs.
+
+Measured on the development machine (2 CPU cores): pass@1 0.436 [0.356, 0.522] ->
+0.618 [0.532, 0.706], paired-bootstrap improvement +0.182 [+0.106, +0.260]. The assertion
+keeps a margin below that for floating-point drift across CPUs (other kernels change a
+few sampled tokens). The same run at sampling_alpha 1.5 gave +0.004, so it can fail.
 """
 
 from __future__ import annotations
@@ -15,25 +20,24 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("peft")
-
-from codedistill.btp.config import build_config, load_config_file  # noqa: E402
-from codedistill.btp.loop import run_btp  # noqa: E402
+from codedistill.btp.config import EMBEDDED_DEFAULT, build_config, load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_yaml_is_the_embedded_default() -> None:
+    """configs/btp_tiny.yaml documents exactly what `codedistill demo` runs."""
+    yaml_cfg = build_config(load_config_file(ROOT / "configs" / "btp_tiny.yaml"), {})
+    assert yaml_cfg == build_config(EMBEDDED_DEFAULT, {})
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="not yet: on this session's tiny pair, fine-tuning tiny-target on tiny-source's tested "
-    "programs lowered its held-out pass@1 in every setting tried (0.394 -> 0.310 LoRA lr 3e-3; "
-    "0.338 power alpha 8; 0.338 greedy top-300; 0.356 full fine-tuning), see the issue note. "
-    "strict: the day it passes, this marker must go.",
-)
 def test_btp_raises_tiny_target_pass_at_1_on_synth(tmp_path):
-    cfg = build_config(load_config_file(ROOT / "configs" / "btp_tiny.yaml"), {"output_dir": str(tmp_path / "run")})
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from codedistill.btp.loop import run_btp
+
+    cfg = build_config(EMBEDDED_DEFAULT, {"output_dir": str(tmp_path / "run")})
     t0 = time.time()
     comp = run_btp(cfg, log=print)
     elapsed = time.time() - t0
@@ -43,10 +47,11 @@ def test_btp_raises_tiny_target_pass_at_1_on_synth(tmp_path):
     print(json.dumps({"before": e["target_before"]["pass@1"], "after": e["target_after"]["pass@1"],
                       "source": e["source"]["pass@1"], "improvement": imp, "seconds": round(elapsed, 1)}))
     assert src > before + 0.15, "the source must be clearly better than the target for this test to mean anything"
-    assert imp["diff"] >= 0.15
+    assert imp["diff"] >= 0.12
     assert imp["ci_low"] > 0.05  # paired bootstrap over the 100 held-out problems
     assert after == pytest.approx(before + imp["diff"])
     st = json.loads((tmp_path / "run" / "iter_1" / "stats.json").read_text())
     # the sampler favoured passing programs over the buffer's base rate
     assert st["sampling"]["share_fully_passing_drawn"] > st["buffer"]["share_fully_passing"]
+    assert st["sampling"]["share_fully_passing_drawn"] > 0.9
     assert st["training"]["last_loss"] < st["training"]["first_loss"]

@@ -96,34 +96,38 @@ def baseline(
 @app.command()
 @friendly_errors
 def demo(
-    output_dir: Path = typer.Option(Path("results/demo"), "--output-dir"),
-    max_problems: int = typer.Option(100, "--max-problems", help="synth test problems."),
-    num_samples: int = typer.Option(10, "--num-samples", "-n"),
+    output_dir: Path = typer.Option(Path("results/demo"), "--output-dir", help="Run directory (rerun to resume)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """The embedded default: step 1 for tiny-source and tiny-target on synth, side by side."""
+    """The embedded default, end to end: tiny-source and tiny-target on synth (step 1 for
+    both), BTP (source beams -> tests -> P2Value replay -> LoRA fine-tune of the target), the
+    target evaluated again, report.md and plots. Settings: configs/btp_tiny.yaml."""
     from rich.table import Table
 
-    from codedistill.baseline import run_baseline
-    from codedistill.config import BaselineConfig, build
-
+    from codedistill.btp.config import EMBEDDED_DEFAULT, build_config
+    from codedistill.btp.loop import run_btp
     from codedistill.models.tiny import ensure_tiny_models
 
     ensure_tiny_models()  # first use: both built side by side
-    results = {}
-    for model in ("tiny-source", "tiny-target"):
-        cfg = build(BaselineConfig, dict(model=model, dataset="synth", split="test", max_problems=max_problems,
-                                         seed=seed, sampling=dict(num_samples=num_samples, temperature=0.8,
-                                                                  max_new_tokens=160)))
-        out, results[model] = run_baseline(cfg, output_dir / model)
-    table = Table(title=f"step 1 on synth test ({max_problems} problems, n={num_samples}, 95% CI)")
-    table.add_column("metric")
-    for model in results:
-        table.add_column(model)
-    for k in [k for k in results["tiny-source"] if k.startswith("pass@")]:
-        table.add_row(k, *(f"{r[k]['value']:.3f} [{r[k]['ci_low']:.3f}, {r[k]['ci_high']:.3f}]" for r in results.values()))
+    cfg = build_config(EMBEDDED_DEFAULT, {"output_dir": str(output_dir), "seed": seed})
+    comp = run_btp(cfg, log=lambda m: console.print(m, highlight=False, markup=False))
+    e = comp["datasets"]["synth"]
+    ks = [k for k in e["target_before"] if k.startswith("pass@")]
+    table = Table(title=f"synth test ({e['n_problems']} held-out problems, {cfg.eval_num_samples} samples "
+                  f"at T={cfg.eval_temperature:g}, 95% CI)")
+    table.add_column("model")
+    for k in ks:
+        table.add_column(k)
+    fmt = lambda m, k: f"{m[k]['value']:.3f} [{m[k]['ci_low']:.3f}, {m[k]['ci_high']:.3f}]"  # noqa: E731
+    table.add_row("tiny-source (teacher)", *(fmt(e["source"], k) for k in ks))
+    table.add_row("tiny-target before BTP", *(fmt(e["target_before"], k) for k in ks))
+    table.add_row(f"tiny-target after BTP ({cfg.n_iterations} iteration)", *(fmt(e["target_after"], k) for k in ks))
+    imp = e["improvement"]
+    table.add_row("improvement (paired bootstrap)",
+                  *(f"{imp[k]['diff']:+.3f} [{imp[k]['ci_low']:+.3f}, {imp[k]['ci_high']:+.3f}]" for k in ks))
     console.print(table)
-    console.print(f"run directories: {output_dir}/tiny-source, {output_dir}/tiny-target")
+    console.print(f"report: {output_dir / 'report.md'}   plots: {output_dir / 'plots'}/   "
+                  f"adapter: {output_dir / 'iter_1' / 'adapter'}/")
 
 
 @app.command("make-tiny-model")

@@ -184,10 +184,16 @@ def prepare_model(
     ``init_from`` is the previous iteration's ``adapter/`` (LoRA) or ``model/`` (full).
     The global RNG is seeded first, so a new adapter's initialisation is reproducible.
     """
+    import warnings
+
     set_seed(seed)
     if not settings.use_lora:
         return load_model(init_from or base_path, device, dtype)
     from peft import LoraConfig, PeftModel, get_peft_model
+
+    # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning
+    # on every adapter, nothing a user can act on)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     model = load_model(base_path, device, dtype)
     if init_from is not None:
