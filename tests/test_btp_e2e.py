@@ -80,6 +80,7 @@ def test_buffer_generations_and_stats(run_dir, pair):
         assert 1 <= s["unique_programs_drawn"] <= len(buf)
         assert 0 <= s["share_zero_pass_drawn"] <= 1 and 0 <= s["share_fully_passing_drawn"] <= 1
         assert 1 <= s["effective_sample_size"] <= s["draws"]
+        assert sum(s["p2value_drawn"]["histogram"]["counts"]) == s["draws"]  # one P2Value per draw
         tr = st["training"]
         assert len(tr["losses"]) == tr["steps"] >= 1 and all(l > 0 for l in tr["losses"])
         assert "synth" in st["eval"]

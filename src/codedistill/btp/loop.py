@@ -499,7 +499,7 @@ def run_iteration(plan: Plan, k: int, models: Models, buffer: ReplayBuffer, pool
     d = draw(values, n_draw, cfg.sampling_method, cfg.sampling_alpha, rng,
              is_beta=cfg.is_beta if cfg.is_weights else None)
     samp = sampling_stats(entries, d, cfg.sampling_method, cfg.sampling_alpha,
-                          cfg.is_beta if cfg.is_weights else None)
+                          cfg.is_beta if cfg.is_weights else None, cfg.p2_alpha)
     log(f"[iter {k}] drew {len(d.indices)} ({samp['unique_programs_drawn']} unique programs, "
         f"{samp['share_fully_passing_drawn']:.0%} fully passing, {samp['share_zero_pass_drawn']:.0%} zero-pass)")
     write_json(it_dir / "draw.json", {

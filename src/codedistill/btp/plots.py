@@ -26,7 +26,8 @@ def _save(plt, fig, out: Path) -> Path:
 
 
 def plot_p2value_histograms(stats: Sequence[Mapping[str, Any]], out: Path) -> Path:
-    """One histogram per iteration (of the whole buffer after that iteration)."""
+    """One panel per iteration: the P2Value histogram of the whole buffer after that
+    iteration, and over it the P2Values of the programs drawn for fine-tuning."""
     plt = _plt()
     n = max(1, len(stats))
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False, sharey=True)
@@ -34,8 +35,17 @@ def plot_p2value_histograms(stats: Sequence[Mapping[str, Any]], out: Path) -> Pa
         h = st["buffer"]["p2value"]["histogram"]
         edges, counts = h["edges"], h["counts"]
         widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
-        ax.bar(edges[:-1], counts, width=widths, align="edge", edgecolor="black", color="tab:blue")
-        ax.set_title(f"iteration {st['iteration']} (buffer {st['buffer']['size']})")
+        ax.bar(edges[:-1], counts, width=widths, align="edge", edgecolor="black", color="tab:blue",
+               label=f"buffer ({st['buffer']['size']})")
+        drawn = (st.get("sampling") or {}).get("p2value_drawn")
+        if drawn:
+            dh = drawn["histogram"]
+            ax.bar(dh["edges"][:-1], dh["counts"], width=[b - a for a, b in zip(dh["edges"][:-1], dh["edges"][1:])],
+                   align="edge", edgecolor="black", color="tab:orange", alpha=0.75,
+                   label=f"drawn ({st['sampling']['draws']}, {st['sampling']['method']} "
+                         f"alpha {st['sampling']['alpha']:g})")
+            ax.legend(fontsize=8, loc="upper center")
+        ax.set_title(f"iteration {st['iteration']}")
         ax.set_xlabel("P2Value")
     axes[0][0].set_ylabel("programs")
     return _save(plt, fig, out)
