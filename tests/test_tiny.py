@@ -175,7 +175,7 @@ def test_full_build_pass_rate(name: str) -> None:
     if name == "tiny-source":
         assert rate >= 0.7, rate  # measured 0.85 greedy on all 200
     else:
-        assert 0.2 <= rate <= 0.5, rate  # measured 0.44 greedy on these 50 (0.40 on the first 100)
+        assert 0.2 <= rate <= 0.6, rate  # measured 0.44 greedy on these 50 (0.47 on the first 100)
 
 
 @pytest.mark.slow
