@@ -33,14 +33,22 @@ def test_yaml_is_the_embedded_default() -> None:
 
 @pytest.mark.slow
 def test_btp_raises_tiny_target_pass_at_1_on_synth(tmp_path):
+    """Through the README's main job itself: `codedistill demo`."""
     pytest.importorskip("torch")
     pytest.importorskip("peft")
-    from codedistill.btp.loop import run_btp
+    from typer.testing import CliRunner
 
-    cfg = build_config(EMBEDDED_DEFAULT, {"output_dir": str(tmp_path / "run")})
+    from codedistill.cli import app
+
     t0 = time.time()
-    comp = run_btp(cfg, log=print)
+    res = CliRunner().invoke(app, ["demo", "--output-dir", str(tmp_path / "run")])
     elapsed = time.time() - t0
+    assert res.exit_code == 0, res.output[-3000:]
+    assert "improvement" in res.output and "[iter 1] drew 600" in res.output
+    comp = json.loads((tmp_path / "run" / "comparison.json").read_text())
+    for name in ("report.md", "plots/p2value_hist.png", "plots/pass_at_k_synth.png", "plots/loss_curve.png",
+                 "iter_1/adapter/adapter_model.safetensors"):
+        assert (tmp_path / "run" / name).is_file(), name
     e = comp["datasets"]["synth"]
     before, after, src = (e[k]["pass@1"]["value"] for k in ("target_before", "target_after", "source"))
     imp = e["improvement"]["pass@1"]
