@@ -106,6 +106,7 @@ def demo(
 
     from codedistill.btp.config import EMBEDDED_DEFAULT, build_config
     from codedistill.btp.loop import run_btp
+    from codedistill.btp.report import fmt_improvement, fmt_metric
     from codedistill.models.tiny import ensure_tiny_models
 
     ensure_tiny_models()  # first use: both built side by side
@@ -118,13 +119,11 @@ def demo(
     table.add_column("model")
     for k in ks:
         table.add_column(k)
-    fmt = lambda m, k: f"{m[k]['value']:.3f} [{m[k]['ci_low']:.3f}, {m[k]['ci_high']:.3f}]"  # noqa: E731
-    table.add_row("tiny-source (teacher)", *(fmt(e["source"], k) for k in ks))
-    table.add_row("tiny-target before BTP", *(fmt(e["target_before"], k) for k in ks))
-    table.add_row(f"tiny-target after BTP ({cfg.n_iterations} iteration)", *(fmt(e["target_after"], k) for k in ks))
-    imp = e["improvement"]
-    table.add_row("improvement (paired bootstrap)",
-                  *(f"{imp[k]['diff']:+.3f} [{imp[k]['ci_low']:+.3f}, {imp[k]['ci_high']:+.3f}]" for k in ks))
+    table.add_row("tiny-source (teacher)", *(fmt_metric(e["source"], k) for k in ks))
+    table.add_row("tiny-target before BTP", *(fmt_metric(e["target_before"], k) for k in ks))
+    table.add_row(f"tiny-target after BTP ({cfg.n_iterations} iteration)",
+                  *(fmt_metric(e["target_after"], k) for k in ks))
+    table.add_row("improvement (paired bootstrap)", *(fmt_improvement(e["improvement"][k]) for k in ks))
     console.print(table)
     console.print(f"report: {output_dir / 'report.md'}   plots: {output_dir / 'plots'}/   "
                   f"adapter: {output_dir / 'iter_1' / 'adapter'}/")

@@ -25,6 +25,13 @@ def _save(plt, fig, out: Path) -> Path:
     return out
 
 
+def _hist_bars(ax, hist: Mapping[str, Any], **style: Any) -> None:
+    """A stored histogram ({"edges", "counts"}) as edge-aligned bars."""
+    edges = hist["edges"]
+    ax.bar(edges[:-1], hist["counts"], width=[b - a for a, b in zip(edges[:-1], edges[1:])],
+           align="edge", edgecolor="black", **style)
+
+
 def plot_p2value_histograms(stats: Sequence[Mapping[str, Any]], out: Path) -> Path:
     """One panel per iteration: the P2Value histogram of the whole buffer after that
     iteration, and over it the P2Values of the programs drawn for fine-tuning."""
@@ -32,18 +39,11 @@ def plot_p2value_histograms(stats: Sequence[Mapping[str, Any]], out: Path) -> Pa
     n = max(1, len(stats))
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False, sharey=True)
     for ax, st in zip(axes[0], stats):
-        h = st["buffer"]["p2value"]["histogram"]
-        edges, counts = h["edges"], h["counts"]
-        widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
-        ax.bar(edges[:-1], counts, width=widths, align="edge", edgecolor="black", color="tab:blue",
-               label=f"buffer ({st['buffer']['size']})")
-        drawn = (st.get("sampling") or {}).get("p2value_drawn")
-        if drawn:
-            dh = drawn["histogram"]
-            ax.bar(dh["edges"][:-1], dh["counts"], width=[b - a for a, b in zip(dh["edges"][:-1], dh["edges"][1:])],
-                   align="edge", edgecolor="black", color="tab:orange", alpha=0.75,
-                   label=f"drawn ({st['sampling']['draws']}, {st['sampling']['method']} "
-                         f"alpha {st['sampling']['alpha']:g})")
+        _hist_bars(ax, st["buffer"]["p2value"]["histogram"], color="tab:blue", label=f"buffer ({st['buffer']['size']})")
+        samp = st.get("sampling") or {}
+        if samp.get("p2value_drawn"):  # absent in stats.json written before it was recorded
+            _hist_bars(ax, samp["p2value_drawn"]["histogram"], color="tab:orange", alpha=0.75,
+                       label=f"drawn ({samp['draws']}, {samp['method']} alpha {samp['alpha']:g})")
             ax.legend(fontsize=8, loc="upper center")
         ax.set_title(f"iteration {st['iteration']}")
         ax.set_xlabel("P2Value")

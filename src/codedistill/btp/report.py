@@ -5,11 +5,17 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 
-def _fmt(m: dict[str, Any] | None, k: str) -> str:
+def fmt_metric(m: dict[str, Any] | None, k: str) -> str:
+    """``0.436 [0.356, 0.522]``: metric ``k`` of a pass@k report with its CI ("-" if absent)."""
     if not m or k not in m:
         return "-"
     v = m[k]
     return f"{v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+
+
+def fmt_improvement(imp: dict[str, Any]) -> str:
+    """``+0.182 [+0.106, +0.260]``: a paired-bootstrap difference with its CI."""
+    return f"{imp['diff']:+.3f} [{imp['ci_low']:+.3f}, {imp['ci_high']:+.3f}]"
 
 
 def report_markdown(plan: Any, comparison: dict[str, Any], stats: Sequence[dict[str, Any]],
@@ -43,15 +49,15 @@ def report_markdown(plan: Any, comparison: dict[str, Any], stats: Sequence[dict[
     for ds, e in comparison["datasets"].items():
         L += [f"## {ds} test split ({e['n_problems']} problems)", "",
               "| model | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks)]
-        L.append(f"| target before ({plan.target_spec.alias}) | " + " | ".join(_fmt(e["target_before"], k) for k in ks) + " |")
+        L.append(f"| target before ({plan.target_spec.alias}) | " + " | ".join(fmt_metric(e["target_before"], k) for k in ks) + " |")
         for stage, m in e["target_per_iteration"].items():
             if stage != "target_iter0":
-                L.append(f"| target after iteration {stage.rsplit('iter', 1)[1]} | " + " | ".join(_fmt(m, k) for k in ks) + " |")
+                L.append(f"| target after iteration {stage.rsplit('iter', 1)[1]} | " + " | ".join(fmt_metric(m, k) for k in ks) + " |")
         if "source" in e:
-            L.append(f"| source ({plan.source_spec.alias}) | " + " | ".join(_fmt(e["source"], k) for k in ks) + " |")
+            L.append(f"| source ({plan.source_spec.alias}) | " + " | ".join(fmt_metric(e["source"], k) for k in ks) + " |")
         L += ["", "Improvement after - before (paired bootstrap over problems, 95% CI):", ""]
         for k, imp in e["improvement"].items():
-            L.append(f"- {k}: {imp['diff']:+.3f} [{imp['ci_low']:+.3f}, {imp['ci_high']:+.3f}], "
+            L.append(f"- {k}: {fmt_improvement(imp)}, "
                      f"p(no improvement) = {imp['p_value_no_improvement']:.3f}")
         L.append("")
     if stats:

@@ -50,7 +50,7 @@ def buffer_stats(entries: Sequence[ReplayEntry], p2_alpha: float, iteration: int
 
 
 def sampling_stats(entries: Sequence[ReplayEntry], d: Draw, method: str, alpha: float,
-                   is_beta: float | None, p2_alpha: float | None = None) -> dict[str, Any]:
+                   is_beta: float | None, p2_alpha: float) -> dict[str, Any]:
     drawn = [entries[i] for i in d.indices]
     n = len(drawn)
     per_problem = Counter(e.task_id for e in drawn)
@@ -77,5 +77,5 @@ def sampling_stats(entries: Sequence[ReplayEntry], d: Draw, method: str, alpha: 
         "distribution_ess": float(1.0 / np.sum(probs**2)) if probs.size and probs.sum() > 0 else 0.0,
         "is_weights": distribution(d.is_weights, bins=10) if d.is_weights else None,
         # P2Value of every draw (same bins as the buffer's): what the sampler picked
-        "p2value_drawn": distribution([e.value(p2_alpha) for e in drawn]) if p2_alpha is not None else None,
+        "p2value_drawn": distribution([e.value(p2_alpha) for e in drawn]),
     }
