@@ -1,6 +1,8 @@
-.PHONY: setup test test-fast demo bench
+.PHONY: setup setup-vllm test test-fast demo bench
 setup:
 	bash scripts/setup.sh
+setup-vllm:
+	bash scripts/setup_vllm.sh
 test:
 	.venv/bin/python -m pytest -q
 test-fast:
