@@ -18,7 +18,7 @@ from codedistill.evaluation import RESULT_FIELDS, execute
 from codedistill.metrics import counts_from_results, pass_at_k_report
 from codedistill.prompts import PromptStyle, render_prompt, stops_for, to_program
 from codedistill.runs import JsonlWriter, RunDir, chunks, derive_seed, read_jsonl, write_json
-from codedistill.ui import console, progress_bar
+from codedistill.ui import Tracker, console, progress_tasks
 
 
 def sample_rows(problem: Problem, cands: Sequence[Any], style: PromptStyle, model: str, extra: dict | None = None) -> list[dict]:
@@ -54,10 +54,15 @@ def evaluate_generator(
     workers: int | None = None,
     pool: Any = None,
     desc: str = "sampling",
+    on_first_chunk: Callable[[int, float], None] | None = None,
 ) -> tuple[list[dict], dict]:
     """Sample ``num_samples`` per problem with ``generate(chunk, chunk_seed)``, test every
     program, return (rows with verdicts, pass@k metrics). With ``out_dir`` the samples and
-    results are appended to ``samples.jsonl``/``results.jsonl`` there and a restart resumes."""
+    results are appended to ``samples.jsonl``/``results.jsonl`` there and a restart resumes.
+
+    Progress: a bar over problems on a terminal, and one summary line (problems, programs,
+    passed, wall time). ``on_first_chunk(programs, seconds)`` is called once, after the
+    first chunk generated and tested here (for an estimate of the whole run's time)."""
     samples_path = out_dir / "samples.jsonl" if out_dir else None
     results_path = out_dir / "results.jsonl" if out_dir else None
     done_rows: list[dict] = []
@@ -83,13 +88,15 @@ def evaluate_generator(
     rw = JsonlWriter(results_path) if results_path else None
     cw = JsonlWriter(out_dir / "chunks.jsonl") if out_dir else None  # what each start generated
     new_rows: list[dict] = []
+    bar = Tracker(desc, len(problems), "problems", start=len(done))
+    n_passed = 0
     try:
-        with progress_bar(desc, len(problems)) as advance:
-            advance(len(done))
+        with progress_tasks(bar):
             for chunk in chunks(problems, chunk_size):
                 todo = [p for p in chunk if p.task_id not in done]
                 if not todo:
                     continue
+                t_chunk = time.perf_counter()
                 # the seed depends on the chunk (fixed by config), not on what is left of it
                 cands = generate(chunk, derive_seed(seed, chunk[0].task_id))
                 rows = [r for p, cs in zip(chunk, cands) if p.task_id not in done
@@ -102,7 +109,11 @@ def evaluate_generator(
                                    for r, v in zip(rows, verdicts)])
                     cw.write({"chunk_start": chunk[0].task_id, "generated": [p.task_id for p in todo]})
                 new_rows += [{**r, **v} for r, v in zip(rows, verdicts)]
-                advance(len(todo))
+                if on_first_chunk and len(new_rows) == len(rows):
+                    on_first_chunk(len(rows), time.perf_counter() - t_chunk)
+                bar.advance(len(todo))
+                n_passed += sum(bool(v["passed"]) for v in verdicts)
+                bar.note = f"{len(new_rows)} programs generated and tested, {n_passed} passed"
     finally:
         for w in (sw, rw, cw):
             if w:
@@ -160,12 +171,31 @@ def require_hf_backend(spec: Any) -> None:
 def load_generator(spec: Any, device: str | None = None, dtype: str = "auto", batch_size: int = 16):
     """Load a resolved ModelSpec with the HF backend (builds the tiny models on first use)."""
     from codedistill.generation.hf import HFGenerator
+    from codedistill.models.preflight import preflight
     from codedistill.models.registry import local_path
 
     require_hf_backend(spec)
+    preflight(spec, device, dtype)  # unreachable hub / too large: one clear line, before any weights
     dtype = spec.dtype if dtype == "auto" else dtype
     return HFGenerator.from_pretrained(local_path(spec), name=spec.alias, device=device, dtype=dtype,
                                        batch_size=batch_size, add_special_tokens=spec.prompt_style == "base")
+
+
+def run_plan(cfg: BaselineConfig, spec: Any, problems: list[Problem], out: Path, checked: dict) -> Any:
+    """Say what the run will do (and record it in ``plan.json``); the estimate of its time
+    follows the first chunk."""
+    from codedistill.ui import RunPlan
+
+    n = cfg.sampling.num_samples
+    done = len(_complete_tasks(read_jsonl(out / "results.jsonl"), n))
+    phases = [{"phase": f"{cfg.method} sampling + testing", "model": spec.alias, "dataset": cfg.dataset,
+               "split": cfg.split, "problems": len(problems), "samples_per_problem": n,
+               "programs": len(problems) * n, "done_programs": done * n}]
+    plan = RunPlan(out / "plan.json", phases, extra={"model_check": checked})
+    plan.announce(f"plan: {spec.alias} on {cfg.dataset} {cfg.split}: {len(problems)} problems x {n} samples = "
+                  f"{len(problems) * n} programs to generate and test ({cfg.method}, chunks of {cfg.chunk_size})"
+                  + (f"; {done} problems done before" if done else ""))
+    return plan
 
 
 def run_baseline(cfg: BaselineConfig, output_dir: Path | None = None) -> tuple[Path, dict]:
@@ -180,7 +210,11 @@ def run_baseline(cfg: BaselineConfig, output_dir: Path | None = None) -> tuple[P
 
     spec = resolve_model(cfg.model, cfg.variant)
     require_hf_backend(spec)  # before anything is written
+    from codedistill.models.preflight import preflight
+
+    checked = preflight(spec, cfg.device, cfg.dtype)
     RunDir(out).open({**cfg.experiment_dict(), "model_spec": spec.to_dict()}, kind="baseline")
+    plan = run_plan(cfg, spec, problems, out, checked)
     gen = load_generator(spec, cfg.device, cfg.dtype, cfg.batch_size)
     style = PromptStyle.of(spec)
     from codedistill.execution import Limits, SandboxPool
@@ -196,7 +230,7 @@ def run_baseline(cfg: BaselineConfig, output_dir: Path | None = None) -> tuple[P
         _, metrics = evaluate_generator(
             generate, problems, style, spec.alias, cfg.sampling.num_samples, out_dir=out,
             chunk_size=cfg.chunk_size, seed=cfg.seed, timeout=cfg.timeout, pool=pool,
-            desc=f"{spec.alias} on {cfg.dataset}",
+            desc=f"{spec.alias} on {cfg.dataset}", on_first_chunk=plan.first_chunk,
         )
     write_json(out / "metrics.json", metrics)
     (out / "report.md").write_text(report_markdown(cfg, metrics, time.time() - t0), encoding="utf-8")

@@ -135,12 +135,20 @@ def make_tiny_model(
     name: str = typer.Argument("tiny-source", help="tiny-source | tiny-target"),
     out: Optional[Path] = typer.Option(None, "--out", help="Directory to save it (default: the cache, reused later)."),
     seed: int = typer.Option(0, "--seed"),
+    ship: bool = typer.Option(False, "--ship", help="Maintainers: copy the build into the package's shipped files."),
 ) -> None:
-    """Build an embedded tiny model (trains on CPU, saved with save_pretrained)."""
-    from codedistill.models.tiny import build_tiny_model, ensure_tiny_model
+    """Rebuild an embedded tiny model from its spec (trains on CPU, saved with save_pretrained)
+    and compare it, tensor by tensor, with the shipped one (differences are not an error)."""
+    from codedistill.models.tiny import describe_comparison, rebuild_and_compare, ship_tiny_model
 
-    path = build_tiny_model(name, out, seed=seed) if out else ensure_tiny_model(name)
-    console.print(f"{name}: {path}")
+    path, cmp = rebuild_and_compare(name, out, seed=seed)
+    console.print(f"{name}: built in {path}", highlight=False)
+    if cmp is None:
+        console.print(f"{name}: no shipped build of this spec and seed to compare with.", highlight=False)
+    else:
+        console.print(describe_comparison(name, cmp), highlight=False, markup=False)
+    if ship:
+        console.print(f"{name}: shipped to {ship_tiny_model(path)}", highlight=False)
 
 
 app.command("btp")(btp_command)

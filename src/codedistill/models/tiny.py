@@ -27,10 +27,19 @@ appears abruptly, between ~600 and ~1200 steps (batch 16) for the source, betwee
 that writes the right shape with wrong constants (pass@1 near 0), whatever its size.
 
 Both are saved like hub checkpoints, so ``AutoModelForCausalLM.from_pretrained(path)`` and
-``AutoTokenizer.from_pretrained(path)`` load them. ``ensure_tiny_model(name)`` builds on
-first use into a cache directory (atomic, file-locked) and reuses it afterwards;
-``resolve_model_path(name_or_path)`` maps a tiny name to its built directory and leaves
-anything else alone.
+``AutoTokenizer.from_pretrained(path)`` load them.
+
+**Shipped.** Built once from their specs by ``codedistill make-tiny-model``, the two models are
+part of the package (``codedistill/assets/tiny/<name>/``: safetensors, tokenizer, config and
+``codedistill_tiny.json`` with the spec, its hash and the build's provenance, ~4 MB each), so
+every machine runs the very same weights (float training differs between CPUs) and nothing
+is trained on first use. ``ensure_tiny_model(name)`` returns the shipped directory (read
+only) when its spec hash is the current spec's; a spec without shipped files (a changed
+spec, a test's custom ``TinySpec``) is built into a cache directory (atomic, file-locked)
+and reused afterwards. ``resolve_model_path(name_or_path)`` maps a tiny name to its
+directory and leaves anything else alone. ``rebuild_and_compare`` (the CLI's
+``make-tiny-model``) trains a model again from its spec and compares it tensor by tensor
+with the shipped files.
 """
 
 from __future__ import annotations
@@ -47,14 +56,19 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "SHIPPED_DIR",
     "TINY_BUILD_VERSION",
     "TINY_MODELS",
     "TinySpec",
     "build_tiny_model",
+    "compare_tiny_models",
     "default_cache_dir",
     "ensure_tiny_model",
     "is_tiny_model",
+    "rebuild_and_compare",
     "resolve_model_path",
+    "ship_tiny_model",
+    "shipped_tiny_model",
     "spec_hash",
     "tiny_spec",
 ]
@@ -62,6 +76,8 @@ __all__ = [
 # Bump when the training code changes in a way that changes the weights (invalidates caches).
 TINY_BUILD_VERSION = 1
 META_FILE = "codedistill_tiny.json"
+# The shipped builds: codedistill/assets/tiny/<name>/ (package data, read only)
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny"
 
 
 @dataclass(frozen=True)
@@ -361,12 +377,32 @@ def _is_built(path: Path) -> bool:
     return (path / META_FILE).is_file() and (path / "config.json").is_file()
 
 
-def ensure_tiny_model(
-    name: str | TinySpec, cache_dir: str | os.PathLike[str] | None = None, seed: int = 0, progress: bool = True
-) -> Path:
-    """The directory of the built tiny model ``name``, building it on first use.
+def _read_meta(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
-    The model lives in ``<cache_dir>/<name>-<spec hash>`` (default cache dir:
+
+def shipped_tiny_model(name: str | TinySpec, seed: int = 0) -> Path | None:
+    """The shipped directory of ``name`` if the package carries a build of exactly this spec
+    and seed (same spec hash), else None (a custom or changed spec is built instead)."""
+    spec = _spec_of(name)
+    path = SHIPPED_DIR / spec.name
+    meta = _read_meta(path)
+    if meta is None or meta.get("spec_hash") != spec_hash(spec, seed) or not (path / "model.safetensors").is_file():
+        return None
+    return path
+
+
+def ensure_tiny_model(
+    name: str | TinySpec, cache_dir: str | os.PathLike[str] | None = None, seed: int = 0, progress: bool = True,
+    shipped: bool = True,
+) -> Path:
+    """The directory of the tiny model ``name``: the shipped one (see ``shipped_tiny_model``)
+    unless ``shipped=False``, else a build in the cache, made on first use.
+
+    A cached build lives in ``<cache_dir>/<name>-<spec hash>`` (default cache dir:
     ``default_cache_dir()``). Building happens in a temporary sibling directory that is
     renamed into place when complete, under a file lock, so concurrent callers build it
     once and never see a half-written model.
@@ -374,6 +410,8 @@ def ensure_tiny_model(
     from filelock import FileLock
 
     spec = _spec_of(name)
+    if shipped and (found := shipped_tiny_model(spec, seed)) is not None:
+        return found
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / f"{spec.name}-{spec_hash(spec, seed)}"
     if _is_built(final):
@@ -400,7 +438,8 @@ def ensure_tiny_models(names: tuple[str, ...] = ("tiny-source", "tiny-target"), 
     import subprocess
     import sys
 
-    missing = [n for n in names if not _is_built(default_cache_dir() / f"{n}-{spec_hash(_spec_of(n))}")]
+    missing = [n for n in names if shipped_tiny_model(n) is None
+               and not _is_built(default_cache_dir() / f"{n}-{spec_hash(_spec_of(n))}")]
     if len(missing) > 1:
         procs = [subprocess.Popen([sys.executable, "-m", "codedistill", "make-tiny-model", n],
                                   stdout=None if progress else subprocess.DEVNULL,
@@ -411,7 +450,7 @@ def ensure_tiny_models(names: tuple[str, ...] = ("tiny-source", "tiny-target"), 
 
 
 def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
-    """``tiny-source``/``tiny-target`` -> their built directory; any other name unchanged."""
+    """``tiny-source``/``tiny-target`` -> their shipped (or built) directory; any other name unchanged."""
     if is_tiny_model(name_or_path):
         return str(ensure_tiny_model(name_or_path, cache_dir=cache_dir))
     return name_or_path
@@ -422,3 +461,89 @@ def tiny_spec(name: str, **overrides: Any) -> TinySpec:
     return replace(_spec_of(name), **overrides)
 
 
+
+
+# ----------------------------------------------------------------------------- shipping, comparing
+
+
+def compare_tiny_models(built: str | os.PathLike[str], reference: str | os.PathLike[str]) -> dict[str, Any]:
+    """Tensor by tensor: {identical, tensors, differing, max_abs_diff, worst_tensor,
+    tokenizer_identical, config_identical}. ``identical`` means every tensor bit for bit
+    and the same tokenizer and config."""
+    from safetensors.torch import load_file
+
+    a, b = Path(built), Path(reference)
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    diffs: dict[str, float] = {}
+    for k in sorted(set(wa) | set(wb)):
+        if k not in wa or k not in wb or wa[k].shape != wb[k].shape:
+            diffs[k] = float("inf")
+        else:
+            diffs[k] = float((wa[k].double() - wb[k].double()).abs().max()) if wa[k].numel() else 0.0
+    differing = {k: d for k, d in diffs.items() if d != 0.0}
+    worst = max(differing, key=differing.get) if differing else None
+
+    def same(name: str) -> bool:
+        fa, fb = a / name, b / name
+        return fa.is_file() and fb.is_file() and fa.read_bytes() == fb.read_bytes()
+
+    tok_same = same("tokenizer.json")
+    cfg_same = same("config.json")
+    return {
+        "identical": not differing and tok_same and cfg_same,
+        "tensors": len(diffs),
+        "differing": len(differing),
+        "max_abs_diff": max(diffs.values()) if diffs else 0.0,
+        "worst_tensor": worst,
+        "tokenizer_identical": tok_same,
+        "config_identical": cfg_same,
+    }
+
+
+def describe_comparison(name: str, cmp: dict[str, Any]) -> str:
+    """One plain sentence for the CLI."""
+    if cmp["identical"]:
+        return (f"{name}: identical to the shipped model ({cmp['tensors']} tensors bit for bit, same "
+                "tokenizer and config).")
+    parts = [f"{cmp['differing']} of {cmp['tensors']} tensors differ (max abs diff "
+             f"{cmp['max_abs_diff']:.3g}, in {cmp['worst_tensor']})" if cmp["differing"] else "all tensors equal"]
+    parts.append("same tokenizer" if cmp["tokenizer_identical"] else "the tokenizer differs")
+    parts.append("same config" if cmp["config_identical"] else "the config differs")
+    return (f"{name}: differs from the shipped model: {', '.join(parts)}. Not an error: float training "
+            "differs between CPUs and thread counts; `tiny-source`/`tiny-target` keep loading the shipped files.")
+
+
+def rebuild_and_compare(
+    name: str | TinySpec, out: str | os.PathLike[str] | None = None, seed: int = 0, progress: bool = True,
+    reference: str | os.PathLike[str] | None = None,
+) -> tuple[Path, dict[str, Any] | None]:
+    """Build ``name`` from its spec (into ``out``, or into the cache, reused if already
+    built there) and compare it with ``reference`` (default: the shipped build of the same
+    spec). Returns (build directory, comparison or None when there is nothing to compare)."""
+    spec = _spec_of(name)
+    if out is not None:
+        path = build_tiny_model(spec, out, seed=seed, progress=progress)
+    else:
+        path = ensure_tiny_model(spec, seed=seed, progress=progress, shipped=False)
+    ref = Path(reference) if reference is not None else shipped_tiny_model(spec, seed)
+    return path, (compare_tiny_models(path, ref) if ref is not None else None)
+
+
+def ship_tiny_model(built: str | os.PathLike[str], dest_root: str | os.PathLike[str] | None = None) -> Path:
+    """Maintainers: copy a build (its model, tokenizer, config and metadata) into the
+    package's shipped directory (``SHIPPED_DIR/<name>``), replacing what was there."""
+    src = Path(built)
+    meta = _read_meta(src)
+    if meta is None:
+        raise ValueError(f"{src} is not a tiny model build (no {META_FILE})")
+    dest = Path(dest_root or SHIPPED_DIR) / meta["name"]
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            shutil.copy2(f, tmp / f.name)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest
