@@ -40,6 +40,7 @@ from codedistill.btp.stats import buffer_stats, sampling_stats
 from codedistill.btp.trainer import TrainExample, TrainSettings
 from codedistill.data.problem import Problem
 from codedistill.errors import ConfigError
+from codedistill.ui import Tracker, progress_tasks
 
 Log = Callable[[str], None]
 
@@ -238,11 +239,24 @@ def generate_and_test(
     if todo_chunks:
         log(f"[iter {iteration}] {role}: {cfg.generation} on {sum(len(c) for c in todo_chunks)} problems"
             f" ({len(plan.train) - sum(len(c) for c in todo_chunks)} done before)")
-    with JsonlWriter(gpath) as gw, JsonlWriter(vpath) as vw:
+    # progress: the beam (or sampling) phase in problems, the testing phase in programs;
+    # each phase's wall time is the time spent in it (they alternate chunk by chunk)
+    gbar = Tracker(f"[iter {iteration}] {role} {'beam search' if cfg.generation == 'beam' else 'sampling'}", 0,
+                   "problems")
+    tbar = Tracker(f"[iter {iteration}] testing {role}'s programs", 0, "programs")
+    n_cands = n_passed = 0
+    run_plan = getattr(plan, "run_plan", None)
+    with JsonlWriter(gpath) as gw, JsonlWriter(vpath) as vw, progress_tasks(gbar, tbar):
+        per = cfg.num_beams if cfg.generation == "beam" else cfg.num_samples
+        gbar.set_total(sum(p.task_id not in gens for c in todo_chunks for p in c))
+        tbar.set_total(sum(len(gens[p.task_id]["candidates"]) if p.task_id in gens else per
+                           for c in todo_chunks for p in c if p.task_id not in verd))
         for chunk in todo_chunks:
+            t_chunk, load_s = time.perf_counter(), 0.0
             missing = [p for p in chunk if p.task_id not in gens]
             if missing:
                 gen = gen_fn()
+                load_s = time.perf_counter() - t_chunk  # loading the model (first chunk) is not the phase
                 prompts = [render_prompt(p, style, gen.tokenizer) for p in chunk]
                 stop = stops_for(chunk[0], style)
                 if cfg.generation == "beam":
@@ -266,10 +280,21 @@ def generate_and_test(
                            "iteration": iteration, "candidates": rows}
                     gw.write(rec)
                     gens[p.task_id] = rec
+                    n_cands += len(rows)
+                gbar.add_time(time.perf_counter() - t_chunk - load_s)
+                gbar.advance(len(missing))
+                gbar.note = f"{n_cands} candidates"
             # testing phase for this chunk
             need = [p for p in chunk if p.task_id not in verd]
             pairs = [(c["program"], p) for p in need for c in gens[p.task_id]["candidates"]]
+            t_test = time.perf_counter()
             vs = execute(pairs, workers=cfg.workers, timeout=cfg.timeout, pool=pool)
+            tbar.add_time(time.perf_counter() - t_test)
+            tbar.advance(len(pairs))
+            n_passed += sum(bool(v["passed"]) for v in vs)
+            tbar.note = f"{n_passed} passed"
+            if run_plan is not None and missing:
+                run_plan.first_chunk(len(pairs), time.perf_counter() - t_chunk - load_s)
             k = 0
             for p in need:
                 nc = len(gens[p.task_id]["candidates"])
@@ -306,8 +331,17 @@ def evaluate(
                               top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens)
 
     def generate(chunk: list[Problem], chunk_seed: int) -> list[list[Any]]:
+        t_load = time.perf_counter()
         gen = gen_fn()  # loaded only when something is left to sample
+        load_s[0] += time.perf_counter() - t_load
         return make_sampler(gen, style, sampling, gen.tokenizer)(chunk, chunk_seed)
+
+    load_s = [0.0]  # model loading, left out of the run's time estimate
+    run_plan = getattr(plan, "run_plan", None)
+
+    def first_chunk(programs: int, seconds: float) -> None:
+        if run_plan is not None:
+            run_plan.first_chunk(programs, seconds - load_s[0])
 
     res: dict[str, dict[str, Any]] = {}
     for ds, problems in plan.evals.items():
@@ -315,7 +349,7 @@ def evaluate(
             generate, problems, style, getattr(spec, "alias", stage), cfg.eval_num_samples,
             out_dir=plan.out / "eval" / stage / ds, chunk_size=cfg.chunk_size,
             seed=derive_seed(cfg.seed, "eval", ds), timeout=cfg.timeout, workers=cfg.workers,
-            pool=pool, desc=f"eval {stage} on {ds}",
+            pool=pool, desc=f"eval {stage} on {ds}", on_first_chunk=first_chunk,
         )
         counts = counts_from_results(rows)
         metrics = pass_at_k_report(counts, ks=cfg.ks(), seed=cfg.seed)
@@ -391,11 +425,77 @@ def train_settings(plan: Plan) -> TrainSettings:
 # ----------------------------------------------------------------------------- the loop
 
 
+def announce_plan(plan: Plan, checked: dict[str, Any], log: Log) -> Any:
+    """Say what the run will do, phase by phase (problems x programs per problem, programs
+    already in the run directory), record it in ``plan.json``; the returned ``RunPlan``
+    adds an estimate of the time after the first chunk."""
+    from codedistill.ui import RunPlan
+
+    cfg, out = plan.cfg, plan.out
+    per = cfg.num_beams if cfg.generation == "beam" else cfg.num_samples
+    how = f"{cfg.num_beams} beams" if cfg.generation == "beam" else f"{cfg.num_samples} samples"
+    n_eval = {d: len(ps) for d, ps in plan.evals.items()}
+    ev_programs = sum(n_eval.values()) * cfg.eval_num_samples
+    ev_sets = ", ".join(f"{d} {n}" for d, n in n_eval.items())
+
+    def rows(path: Path) -> int:
+        return len(read_jsonl(path)) if path.exists() else 0
+
+    def eval_phase(stage: str, model: str) -> dict[str, Any]:
+        done = sum(rows(out / "eval" / stage / d / "results.jsonl") for d in plan.evals)
+        return {"phase": f"eval {stage}", "model": model, "problems": n_eval, "samples_per_problem":
+                cfg.eval_num_samples, "programs": ev_programs, "done_programs": done}
+
+    phases = [eval_phase("target_iter0", plan.target_spec.alias)]
+    if cfg.eval_source:
+        phases.append(eval_phase("source", plan.source_spec.alias))
+    roles = {"finetune": ["source"], "self": ["target"], "mixed": ["source", "target"]}[cfg.mode]
+    seen_source: set[str] = set()
+    for k in range(1, cfg.n_iterations + 1):
+        probs = plan.iteration_problems(k) if hasattr(plan, "iteration_problems") else plan.train
+        for role in roles:
+            spec = plan.source_spec if role == "source" else plan.target_spec
+            tag = "beam" if role == "source" and cfg.generation == "beam" else f"iter{k}"
+            ids = [p.task_id for p in probs]
+            if role == "source" and cfg.generation == "beam":  # computed once per problem
+                ids = [i for i in ids if i not in seen_source]
+                seen_source.update(ids)
+            done = rows(out / "generations" / f"{role}_{tag}.verdicts.jsonl") * per if k == 1 or tag != "beam" else 0
+            phases.append({"phase": f"iter {k} {role} {cfg.generation}", "model": spec.alias, "problems": len(ids),
+                           "programs_per_problem": per, "programs": len(ids) * per,
+                           "done_programs": min(done, len(ids) * per)})
+        phases.append({"phase": f"iter {k} fine-tuning", "model": plan.target_spec.alias, "programs": 0,
+                       "epochs": cfg.epochs, "draws": cfg.replay_size or "buffer size",
+                       "method": "LoRA" if cfg.use_lora else "full"})
+        phases.append(eval_phase(f"target_iter{k}", f"{plan.target_spec.alias}@iter{k}"))
+    run_plan = RunPlan(out / "plan.json", phases, extra={"model_check": checked}, log=log,
+                       note="model loading and fine-tuning not included")
+    gen_programs = sum(p["programs"] for p in phases if " fine-tuning" not in p["phase"]
+                       and not p["phase"].startswith("eval"))
+    done = sum(int(p.get("done_programs", 0)) for p in phases)
+    n_stages = sum(p["phase"].startswith("eval") for p in phases)
+    run_plan.announce(
+        f"plan: {cfg.mode} {plan.source_spec.alias} -> {plan.target_spec.alias}, {cfg.n_iterations} iteration(s) on "
+        f"{len(plan.train)} {cfg.dataset} train problems",
+        f"  {cfg.generation} phase: {how} per problem = {gen_programs} programs, each tested",
+        f"  evaluations: {n_stages} x ({ev_sets} problems x {cfg.eval_num_samples} samples = {ev_programs} programs)"
+        f" = {n_stages * ev_programs} programs",
+        f"  fine-tuning: {cfg.n_iterations} x {cfg.epochs} epoch(s), {'LoRA' if cfg.use_lora else 'full'}, on "
+        + (f"{cfg.replay_size} drawn programs" if cfg.replay_size else "as many drawn programs as the buffer holds"),
+        f"  in all {run_plan.todo} programs to generate and test" + (f" ({done} done before)" if done else "")
+        + "; an estimate of the time follows the first chunk",
+    )
+    return run_plan
+
+
 def run_btp(cfg: BTPConfig, log: Log = print) -> dict[str, Any]:
     """Run (or resume) a whole BTP experiment; returns comparison.json's content."""
     from codedistill.runs import RunDir
 
     plan = Plan(cfg)
+    from codedistill.models.preflight import preflight_btp
+
+    checked = preflight_btp(plan)  # unreachable hub / too large: one clear line, before any work
     _quiet_transformers()
     run = RunDir(plan.out)
     config = {**cfg.experiment_dict(), "source_spec": plan.source_spec.to_dict(),
@@ -403,6 +503,7 @@ def run_btp(cfg: BTPConfig, log: Log = print) -> dict[str, Any]:
     resumed = run.open(config, kind="btp")
     log(f"BTP run in {plan.out}{' (resuming)' if resumed else ''}: {len(plan.train)} train problems, "
         f"eval on {', '.join(f'{d} ({len(ps)})' for d, ps in plan.evals.items())}")
+    plan.run_plan = announce_plan(plan, checked, log)
     models = Models(plan, log)
     buffer = ReplayBuffer(plan.out / "replay_buffer.jsonl")
     t_start = time.time()
