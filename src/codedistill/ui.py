@@ -74,10 +74,19 @@ class Tracker:
         self._t1: float | None = None
         self._busy: float | None = None
         self._on_advance: Callable[[int], None] = lambda n: None
+        self._on_total: Callable[[int], None] = lambda n: None
 
     def advance(self, n: int = 1) -> None:
         self.completed += n
         self._on_advance(n)
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        self._on_total(total)
+
+    def add_time(self, seconds: float) -> None:
+        """Add busy time by hand (the same accounting as ``timed``)."""
+        self._busy = (self._busy or 0.0) + seconds
 
     @contextlib.contextmanager
     def timed(self) -> Iterator[None]:
@@ -115,7 +124,8 @@ def progress_tasks(
     """Several phases shown together: yields one ``Tracker`` per ``(description, total,
     unit)`` (or a ready Tracker). On an interactive terminal each gets a bar with counts,
     elapsed time and ETA (removed when done); elsewhere nothing is drawn. On normal exit
-    each phase prints its one-line summary (``Tracker.summary``) unless ``summary=False``."""
+    each phase that had work prints its one-line summary (``Tracker.summary``) unless
+    ``summary=False``."""
     con = con or console
     trackers = [s if isinstance(s, Tracker) else Tracker(*s) for s in specs]
     if enabled and interactive(con):
@@ -128,12 +138,13 @@ def progress_tasks(
             for t in trackers:
                 task = prog.add_task(t.description, total=t.total, completed=t.completed, unit=t.unit)
                 t._on_advance = functools.partial(lambda task, n: prog.advance(task, n), task)
+                t._on_total = functools.partial(lambda task, n: prog.update(task, total=n), task)
             yield trackers
     else:
         yield trackers
     for t in trackers:
         t.finish()
-        if enabled and summary:
+        if enabled and summary and (t.total or t.completed):  # a phase with nothing to do says nothing
             say(t.summary(), con)
 
 
