@@ -209,13 +209,96 @@ def run_baseline(cfg: BaselineConfig, output_dir: Path | None = None) -> tuple[P
     from codedistill.models.registry import resolve_model
 
     spec = resolve_model(cfg.model, cfg.variant)
-    require_hf_backend(spec)  # before anything is written
-    from codedistill.models.preflight import preflight
+    from codedistill.generation import close_generator, describe, make_generator, resolve_backend
 
-    checked = preflight(spec, cfg.device, cfg.dtype)
-    RunDir(out).open({**cfg.experiment_dict(), "model_spec": spec.to_dict()}, kind="baseline")
+    backend = resolve_backend(spec, cfg.backend)  # before anything is written
+    if backend != "hf" and cfg.method == "egcfg":
+        from codedistill.errors import ConfigError
+
+        raise ConfigError("--method egcfg steers the model's logits line by line and needs --backend hf.")
+    if backend == "hf":
+        from codedistill.models.preflight import preflight
+
+        checked = preflight(spec, cfg.device, cfg.dtype)
+    else:
+        checked = {"backend": backend, "note": "served model: loaded by its server, not checked here"}
+    run_config = {**cfg.experiment_dict(), "model_spec": spec.to_dict()}
+    if backend != "hf":
+        run_config["generation_backend"] = describe(spec, backend, cfg.serving)
+    RunDir(out).open(run_config, kind="baseline")
     plan = run_plan(cfg, spec, problems, out, checked)
-    gen = load_generator(spec, cfg.device, cfg.dtype, cfg.batch_size)
+    gen = make_generator(spec, backend, cfg.serving, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
+                         cache_path=str(out / "generation_cache.sqlite"), log_path=str(out / "logs" / "vllm.log"))
+    try:
+        return _run_baseline(cfg, out, spec, gen, problems, plan, t0)
+    finally:
+        if not getattr(gen, "usage_recorded", False):  # a failed start: its counters still count
+            record_generation(out, {spec.alias: gen}, cfg.serving)
+        close_generator(gen)
+
+
+def record_generation(out: Path, gens: dict[str, Any], serving: Any = None) -> dict | None:
+    """Append this start's request/token counters of the served generators to
+    ``generation.json`` (all starts, and their totals). Nothing for HF-only runs."""
+    import json
+
+    from codedistill.generation import generator_usage
+
+    usage = {role: u for role, g in gens.items() if (u := generator_usage(g)) is not None}
+    if not usage:
+        return None
+    path = out / "generation.json"
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        rec = {"starts": []}
+    rec["starts"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "by_model": usage})
+    if serving is not None:
+        rec["serving"] = serving.model_dump()
+    totals: dict[str, dict] = {}
+    for st in rec["starts"]:
+        for role, u in st["by_model"].items():
+            t = totals.setdefault(role, {"requests_sent": 0, "cache_hits": 0, "retries_total": 0,
+                                         "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": None})
+            for k in ("requests_sent", "cache_hits", "retries_total", "prompt_tokens", "completion_tokens"):
+                t[k] += u.get(k) or 0
+            if u.get("cost_usd") is not None:
+                t["cost_usd"] = (t["cost_usd"] or 0.0) + u["cost_usd"]
+            t["backend"] = u.get("backend")
+            t["fallbacks"] = sorted(set(t.get("fallbacks", [])) | set(u.get("fallbacks", [])))
+            t["notes"] = sorted(set(t.get("notes", [])) | set(u.get("notes", [])))
+            if u.get("server"):
+                t["vllm_version"] = u["server"].get("vllm_version")
+    rec["totals"] = totals
+    write_json(path, rec)
+    return rec
+
+
+def generation_report_lines(out: Path) -> list[str]:
+    """report.md lines on served generation (requests, tokens, cost, fallbacks)."""
+    import json
+
+    try:
+        rec = json.loads((out / "generation.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    lines = ["", "## Served generation", ""]
+    for role, t in rec.get("totals", {}).items():
+        cost = f", cost ${t['cost_usd']:.4f}" if t.get("cost_usd") is not None else ""
+        ver = f", vLLM {t['vllm_version']}" if t.get("vllm_version") else ""
+        lines.append(f"- {role} ({t.get('backend')}{ver}): {t['requests_sent']} requests sent over "
+                     f"{len(rec.get('starts', []))} start(s), {t['cache_hits']} answered from the cache, "
+                     f"{t['retries_total']} retries, {t['prompt_tokens']} prompt + {t['completion_tokens']} "
+                     f"completion tokens{cost}")
+        for f in t.get("fallbacks", []):
+            lines.append(f"  - fallback: {f}")
+        for n in t.get("notes", []):
+            lines.append(f"  - note: {n}")
+    return lines
+
+
+def _run_baseline(cfg: BaselineConfig, out: Path, spec: Any, gen: Any, problems: list, plan: Any,
+                  t0: float) -> tuple[Path, dict]:
     style = PromptStyle.of(spec)
     from codedistill.execution import Limits, SandboxPool
 
@@ -233,5 +316,11 @@ def run_baseline(cfg: BaselineConfig, output_dir: Path | None = None) -> tuple[P
             desc=f"{spec.alias} on {cfg.dataset}", on_first_chunk=plan.first_chunk,
         )
     write_json(out / "metrics.json", metrics)
-    (out / "report.md").write_text(report_markdown(cfg, metrics, time.time() - t0), encoding="utf-8")
+    from codedistill.generation import generator_usage
+
+    if generator_usage(gen) is not None:  # this start's counters, so the report can say them
+        record_generation(out, {spec.alias: gen}, cfg.serving)
+        gen.usage_recorded = True
+    report = report_markdown(cfg, metrics, time.time() - t0) + "\n".join(generation_report_lines(out))
+    (out / "report.md").write_text(report.rstrip("\n") + "\n", encoding="utf-8")
     return out, metrics

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from codedistill.btp.cli import btp_command
+from codedistill.report.cli import report_command
 from codedistill.ui import console, friendly_errors, progress_bar
 
 app = typer.Typer(
@@ -77,15 +78,34 @@ def baseline(
     timeout: float = typer.Option(3.0, "--timeout", help="Seconds per program."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda | cpu (default: cuda if available)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="hf (in process) | vllm (starts a vLLM server) | openai (a running OpenAI-compatible endpoint). Default: the registry's."),
+    base_url: Optional[list[str]] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint(s), e.g. http://host:8000/v1; repeat for data-parallel replicas."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable with the API key (DeepSeek: DEEPSEEK_API_KEY)."),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model name the server knows (default: registry)."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Requests in flight (served backends)."),
+    max_n: Optional[int] = typer.Option(None, "--max-n", help="Largest n per request the server takes (1: DeepSeek)."),
+    vllm_python: Optional[str] = typer.Option(None, "--vllm-python", help="Interpreter of the vLLM environment (default .venv-vllm/bin/python)."),
+    tensor_parallel_size: Optional[int] = typer.Option(None, "--tensor-parallel-size", help="vLLM: GPUs per replica."),
+    data_parallel_size: Optional[int] = typer.Option(None, "--data-parallel-size", help="vLLM: replicas."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization", help="vLLM: share of GPU memory."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="vLLM: context length."),
+    price_input: Optional[float] = typer.Option(None, "--price-input", help="USD per 1M prompt tokens (cost in the report)."),
+    price_output: Optional[float] = typer.Option(None, "--price-output", help="USD per 1M completion tokens."),
 ) -> None:
     """Step 1: sample n programs per problem, test them in the sandbox, report pass@1/5/10."""
     from codedistill.baseline import run_baseline
     from codedistill.config import BaselineConfig, build
 
+    serving = {k: v for k, v in dict(
+        base_url=base_url, api_key_env=api_key_env, served_model_name=served_model_name, concurrency=concurrency,
+        max_n=max_n, vllm_python=vllm_python, tensor_parallel_size=tensor_parallel_size,
+        data_parallel_size=data_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len, price_input_per_1m=price_input, price_output_per_1m=price_output,
+    ).items() if v is not None}
     cfg = build(BaselineConfig, dict(
         model=model, variant=variant, dataset=dataset, split=split, data_path=str(data_path) if data_path else None,
         max_problems=max_problems, shots=shots, method=method, seed=seed, batch_size=batch_size, workers=workers,
-        timeout=timeout, device=device, dtype=dtype,
+        timeout=timeout, device=device, dtype=dtype, backend=backend, serving=serving,
         sampling=dict(num_samples=num_samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
     ))
     out, metrics = run_baseline(cfg, output_dir)
@@ -152,6 +172,7 @@ def make_tiny_model(
 
 
 app.command("btp")(btp_command)
+app.command("report")(report_command)
 
 
 @app.command("version")

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from codedistill.errors import ConfigError
+from codedistill.generation import ServingConfig
 
 
 class SamplingConfig(BaseModel):
@@ -42,6 +43,8 @@ class BaselineConfig(BaseModel):
     device: Optional[str] = None
     dtype: str = "auto"
     egcfg: dict[str, Any] = Field(default_factory=dict, description="EG-CFG settings (method=egcfg)")
+    backend: Optional[Literal["hf", "vllm", "openai"]] = Field(None, description="default: the registry's (hf)")
+    serving: ServingConfig = Field(default_factory=ServingConfig, description="served backends (vllm/openai)")
 
     @field_validator("dataset")
     @classmethod
@@ -55,8 +58,10 @@ class BaselineConfig(BaseModel):
     def experiment_dict(self) -> dict[str, Any]:
         """What identifies the experiment (resume compares this); not worker counts etc."""
         d = self.model_dump()
-        for k in ("workers", "device"):
+        for k in ("workers", "device", "serving"):  # serving: addresses, concurrency (generation.json)
             d.pop(k, None)
+        if d.get("backend") is None:
+            d.pop("backend", None)
         return d
 
 

@@ -1,1 +1,199 @@
+"""Generators: one factory for every place a model generates (baseline, BTP, evaluation).
 
+``make_generator(spec, backend, serving, ...)`` returns an object with the Generator
+protocol (``sample``, ``beam_search``, ``name``, ``tokenizer``):
+
+- ``hf``: in-process transformers (:mod:`codedistill.generation.hf`);
+- ``vllm``: a vLLM server started for this model (and adapter) and stopped on ``close()``
+  (:mod:`codedistill.generation.vllm`);
+- ``openai``: any OpenAI-compatible endpoint that is already running (DeepSeek's API, a
+  vLLM/SGLang deployment; :mod:`codedistill.generation.openai_api`).
+
+Call :func:`close_generator` when a phase is done (it stops a vLLM server, frees a GPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from codedistill.errors import ConfigError
+
+BACKENDS = ("hf", "vllm", "openai")
+
+
+class ServingConfig(BaseModel):
+    """How served models are reached (``--backend vllm|openai``); recorded in the run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: list[str] = Field(default_factory=list, description="OpenAI-compatible endpoint(s), load-balanced")
+    api_key_env: Optional[str] = Field(None, description="environment variable holding the API key")
+    served_model_name: Optional[str] = Field(None, description="model name the server knows (default: registry)")
+    concurrency: int = Field(8, ge=1, description="requests in flight at once")
+    max_retries: int = Field(8, ge=0)
+    request_timeout: float = Field(600.0, gt=0)
+    max_n: Optional[int] = Field(None, ge=1, description="largest n the server takes in one request")
+    beam_search: Optional[bool] = Field(None, description="server has vLLM's use_beam_search (default: vllm yes, openai no)")
+    fallback_temperature: float = Field(1.0, gt=0, description="sampling temperature that replaces missing beam search")
+    price_input_per_1m: Optional[float] = Field(None, ge=0)
+    price_output_per_1m: Optional[float] = Field(None, ge=0)
+    cache: bool = Field(True, description="cache every answer in the run directory (resume sends nothing twice)")
+    # vLLM server
+    vllm_python: Optional[str] = Field(None, description="interpreter of the vLLM environment (default .venv-vllm)")
+    tensor_parallel_size: int = Field(1, ge=1)
+    data_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1)
+    max_model_len: Optional[int] = Field(None, ge=16)
+    startup_timeout: float = Field(900.0, gt=0)
+    kv_cache_gib: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+    extra_args: list[str] = Field(default_factory=list, description="more vLLM server flags")
+
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _urls(cls, v: Any) -> list[str]:
+        if v is None:
+            return []
+        if isinstance(v, str):
+            v = [x for x in v.replace(",", " ").split() if x]
+        return [str(x).rstrip("/") for x in v]
+
+
+def resolve_backend(spec: Any, backend: str | None) -> str:
+    """The backend for a model: the flag, else the registry's (``hf`` for loadable models)."""
+    b = (backend or getattr(spec, "backend", "hf") or "hf").lower()
+    if b not in BACKENDS:
+        raise ConfigError(f"unknown backend {b!r}; use one of {', '.join(BACKENDS)}")
+    if b == "hf" and getattr(spec, "backend", "hf") == "openai":
+        raise ConfigError(
+            f"{spec.alias} is served through an API, not loadable with the HF backend on one node: "
+            "use --backend openai (its API; the key from --api-key-env) or --backend vllm on a multi-GPU node."
+        )
+    return b
+
+
+def has_beam_search(backend: str, serving: ServingConfig) -> bool:
+    if serving.beam_search is not None:
+        return serving.beam_search
+    return backend in ("hf", "vllm")
+
+
+def beam_fallback_note(alias: str, backend: str, serving: ServingConfig, num_beams: int) -> str | None:
+    """The plain-words note for config.json and the report, or None when beams are real."""
+    if has_beam_search(backend, serving):
+        return None
+    return (f"{alias} is reached through an OpenAI-compatible API ({backend}) without beam search: its beam "
+            f"phase draws {num_beams} samples per problem at temperature {serving.fallback_temperature:g} "
+            "instead of returning beams")
+
+
+def describe(spec: Any, backend: str, serving: ServingConfig) -> dict[str, Any]:
+    """What decides the generations (goes into config.json; no addresses or keys)."""
+    d: dict[str, Any] = {"backend": backend}
+    if backend == "openai":
+        d["served_model_name"] = serving.served_model_name or getattr(spec, "served_name", None) or spec.path
+        d["beam_search"] = has_beam_search(backend, serving)
+    elif backend == "vllm":
+        d["beam_search"] = True
+        d["logprobs_mode"] = "raw_logprobs"
+    return d
+
+
+def make_generator(
+    spec: Any,
+    backend: str | None = None,
+    serving: ServingConfig | dict[str, Any] | None = None,
+    *,
+    name: str | None = None,
+    model_path: str | None = None,
+    adapter: str | None = None,
+    cache_path: str | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    batch_size: int = 16,
+    require_logprobs: bool = False,
+    log_path: str | None = None,
+) -> Any:
+    """A generator for ``spec`` on ``backend`` (see the module docstring).
+
+    ``model_path`` overrides where the weights are (a fine-tuned full model); ``adapter``
+    is a LoRA adapter directory (vLLM serves it with ``--enable-lora``; HF merges it in
+    memory). ``cache_path``: the response cache of the served backends."""
+    if serving is None:
+        serving = ServingConfig()
+    elif isinstance(serving, dict):
+        serving = ServingConfig(**serving)
+    backend = resolve_backend(spec, backend)
+    name = name or spec.alias
+    dtype = spec.dtype if dtype in (None, "auto") else dtype
+    base_special = spec.prompt_style == "base"
+    if backend == "openai":
+        from codedistill.generation.openai_api import OpenAIGenerator
+
+        if adapter:
+            raise ConfigError("a LoRA adapter cannot be attached to a remote OpenAI endpoint; use --backend vllm "
+                              "(it serves the adapter) or hf.")
+        urls = serving.base_url or ([spec.base_url] if getattr(spec, "base_url", None) else [])
+        if not urls:
+            raise ConfigError(f"{spec.alias}: --backend openai needs --base-url (the server's /v1 address).")
+        return OpenAIGenerator(
+            serving.served_model_name or getattr(spec, "served_name", None) or spec.path, urls, name=name,
+            prompt_style=spec.prompt_style, api_key_env=serving.api_key_env or getattr(spec, "api_key_env", None),
+            concurrency=serving.concurrency, max_retries=serving.max_retries, timeout=serving.request_timeout,
+            max_n=serving.max_n if serving.max_n is not None else getattr(spec, "max_n", None),
+            beam_search=has_beam_search(backend, serving), require_logprobs=require_logprobs,
+            price_input_per_1m=serving.price_input_per_1m, price_output_per_1m=serving.price_output_per_1m,
+            cache_path=cache_path if serving.cache else None, backend="openai",
+            fallback_temperature=serving.fallback_temperature,
+            model_id=f"openai:{serving.served_model_name or getattr(spec, 'served_name', None) or spec.path}",
+        )
+    from codedistill.models.registry import local_path
+
+    path = model_path or local_path(spec)
+    if backend == "vllm":
+        from codedistill.generation.vllm import VLLMGenerator
+
+        server_kwargs = dict(
+            python=serving.vllm_python, dtype=dtype if dtype != "auto" else "auto",
+            tensor_parallel_size=serving.tensor_parallel_size, data_parallel_size=serving.data_parallel_size,
+            gpu_memory_utilization=serving.gpu_memory_utilization, max_model_len=serving.max_model_len,
+            extra_args=serving.extra_args, startup_timeout=serving.startup_timeout, kv_cache_gib=serving.kv_cache_gib,
+            log_path=log_path,
+        )
+        return VLLMGenerator(
+            str(path), name, served_name=serving.served_model_name or spec.alias, adapter=adapter,
+            add_special_tokens=base_special, cache_path=cache_path if serving.cache else None,
+            require_logprobs=require_logprobs, concurrency=max(serving.concurrency, 16),
+            server_kwargs=server_kwargs, max_retries=min(serving.max_retries, 3),
+            fallback_temperature=serving.fallback_temperature,
+        )
+    from codedistill.generation.hf import HFGenerator
+    from codedistill.models.preflight import preflight
+
+    if model_path is None:
+        preflight(spec, device, dtype)  # unreachable hub / too large: one clear line, before any weights
+    if adapter:
+        from peft import PeftModel
+
+        from codedistill.generation.hf import load_model_and_tokenizer
+
+        model, tok = load_model_and_tokenizer(str(path), device=device, dtype=dtype)
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model.eval()
+        return HFGenerator(model, tok, name=name, batch_size=batch_size, add_special_tokens=base_special)
+    return HFGenerator.from_pretrained(str(path), name=name, device=device, dtype=dtype, batch_size=batch_size,
+                                       add_special_tokens=base_special)
+
+
+def close_generator(gen: Any) -> None:
+    """Stop what a generator holds (a vLLM server, client threads); no-op for HF."""
+    close = getattr(gen, "close", None)
+    if callable(close):
+        close()
+
+
+def generator_usage(gen: Any) -> dict[str, Any] | None:
+    """Request/token counters of a served generator (None for HF)."""
+    usage = getattr(gen, "usage", None)
+    return usage() if callable(usage) else None

@@ -30,7 +30,11 @@ class ModelSpec:
     variant: str = "base"  # base | instruct
     prompt_style: str = "base"  # base: complete the benchmark prompt; chat: chat template + extraction
     dtype: str = "auto"  # auto -> bf16 on GPUs that support it, fp16 on others, fp32 on CPU
-    backend: str = "hf"  # hf | openai (served through an API)
+    backend: str = "hf"  # hf | openai (served through an API) | vllm
+    served_name: str | None = None  # the name an OpenAI-compatible API knows it by
+    base_url: str | None = None  # default endpoint of a served model (ends in /v1 or the API root)
+    api_key_env: str | None = None  # environment variable that holds its API key
+    max_n: int | None = None  # largest n the API takes per request (None: no limit)
     lora_target_modules: tuple[str, ...] = ("all-linear",)
     instruct_path: str | None = None
     tiny: bool = False
@@ -67,9 +71,11 @@ REGISTRY: dict[str, ModelSpec] = {
         _spec("CodeLlama-34B", "codellama/CodeLlama-34b-hf", "codellama/CodeLlama-34b-Instruct-hf", "llama", "source", 34.0),
         _spec(
             "DeepSeek-V3-0324", None, "deepseek-ai/DeepSeek-V3-0324", "deepseek", "source", 671.0,
-            backend="openai",
-            notes="671B MoE chat model: served through an OpenAI-compatible API in practice "
-            "(backend comes in a later issue); not loadable with the HF backend on one node.",
+            backend="openai", served_name="deepseek-chat", base_url="https://api.deepseek.com",
+            api_key_env="DEEPSEEK_API_KEY", max_n=1,
+            notes="671B MoE chat model: served through an OpenAI-compatible API (DeepSeek's, chat "
+            "completions, n=1, logprobs with top_logprobs<=20, no beam search -> the beam phase samples), "
+            "or vLLM on a multi-GPU node (--backend vllm); not loadable with the HF backend on one node.",
         ),
         _spec("StarCoder2-3B", "bigcode/starcoder2-3b", None, "starcoder2", "target", 3.0),
         _spec("Qwen2.5-Coder-7B", "Qwen/Qwen2.5-Coder-7B", "Qwen/Qwen2.5-Coder-7B-Instruct", "qwen2", "target", 7.0),

