@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from codedistill.btp.p2value import DEFAULT_P2_ALPHA
 from codedistill.btp.samplers import MAX_SAMPLING_ALPHA, SAMPLING_METHODS
 from codedistill.errors import ConfigError
+from codedistill.generation import ServingConfig
 
 TRAIN_DATASETS = ("mbpp", "mbpp-sanitized", "synth")
 EVAL_EXTRA_DATASETS = ("humaneval", "mbpp", "mbpp-sanitized", "synth")
@@ -80,6 +81,14 @@ class BTPConfig(BaseModel):
     gen_batch_size: int = Field(16, ge=1)
     chunk_size: int = Field(8, ge=1)
     output_dir: Optional[str] = None
+    # generation backends (codedistill.generation.make_generator): hf in process, vllm (a server
+    # codedistill starts and stops), openai (a running OpenAI-compatible endpoint, e.g. DeepSeek's API)
+    backend: Optional[Literal["hf", "vllm", "openai"]] = Field(
+        None, description="both roles (default: the registry's: hf, or openai for API models)")
+    source_backend: Optional[Literal["hf", "vllm", "openai"]] = Field(None, description="the source's backend")
+    target_backend: Optional[Literal["hf", "vllm"]] = Field(
+        None, description="the target's generation (self-samples, evaluations; vllm serves the LoRA adapter)")
+    serving: ServingConfig = Field(default_factory=ServingConfig, description="endpoints, keys, vLLM settings")
 
     @field_validator("dataset")
     @classmethod
@@ -121,7 +130,20 @@ class BTPConfig(BaseModel):
         d = self.model_dump()
         for k in NON_EXPERIMENT_KEYS:
             d.pop(k, None)
+        d.pop("serving", None)  # addresses, concurrency, vLLM sizes: recorded in generation.json
+        for k in ("backend", "source_backend", "target_backend"):
+            if d.get(k) is None:
+                d.pop(k, None)
         return d
+
+    def role_backend(self, role: str, spec: Any) -> str:
+        """The resolved backend of ``role`` (source | target) for its ModelSpec."""
+        from codedistill.generation import resolve_backend
+
+        flag = (self.source_backend if role == "source" else self.target_backend) or self.backend
+        if role == "target" and flag == "openai":
+            flag = None  # the target is fine-tuned here: it is never a remote API model
+        return resolve_backend(spec, flag)
 
     def default_output_dir(self) -> Path:
         s = Path(self.source_model).name

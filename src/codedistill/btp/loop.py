@@ -59,13 +59,18 @@ class Plan:
         self.source_spec = resolve_model(cfg.source_model, cfg.source_variant)
         self.target_spec = resolve_model(cfg.target_model, cfg.target_variant)
         uses_source = cfg.mode in ("finetune", "mixed") or cfg.eval_source
-        if uses_source and self.source_spec.backend != "hf":
-            raise ConfigError(
-                f"{self.source_spec.alias} is served through an API ({self.source_spec.backend}); that "
-                "backend is not built yet, so it cannot generate here. Pick an HF-loadable source."
-            )
-        if self.target_spec.backend != "hf":
-            raise ConfigError(f"{self.target_spec.alias} cannot be fine-tuned: it is an API model.")
+        if self.target_spec.backend == "openai":
+            raise ConfigError(f"{self.target_spec.alias} cannot be fine-tuned: it is an API model. Pick a "
+                              "target whose weights are here (e.g. DeepSeek-Coder-1.3B).")
+        # generation backends per role (codedistill.generation.make_generator)
+        self.source_backend = cfg.role_backend("source", self.source_spec) if uses_source else "hf"
+        self.target_backend = cfg.role_backend("target", self.target_spec)
+        from codedistill.generation import beam_fallback_note
+
+        self.beam_fallback = None
+        if cfg.generation == "beam" and cfg.mode in ("finetune", "mixed"):
+            self.beam_fallback = beam_fallback_note(self.source_spec.alias, self.source_backend, cfg.serving,
+                                                    cfg.num_beams)
         self.train = load_problems(cfg.dataset, "train", data_path=cfg.data_path, max_problems=cfg.max_problems)
         if not self.train:
             raise ConfigError(f"no training problems in {cfg.dataset}")
@@ -131,8 +136,30 @@ class Models:
         self.plan = plan
         self.log = log
         self._cache: dict[str, Any] = {}
+        self.usage: dict[str, dict[str, Any]] = {}  # served generators' counters, by name
+
+    def _make(self, role: str, spec: Any, name: str, model_path: str | None = None,
+              adapter: str | None = None) -> Any:
+        from codedistill.generation import make_generator
+
+        cfg = self.plan.cfg
+        backend = self.plan.source_backend if role == "source" else self.plan.target_backend
+        teaches = (role == "source" and cfg.mode in ("finetune", "mixed")) or (role == "target" and cfg.mode != "finetune")
+        return make_generator(
+            spec, backend, cfg.serving, name=name, model_path=model_path, adapter=adapter,
+            cache_path=str(self.plan.out / "generation_cache.sqlite"), device=cfg.device, dtype=_dtype(cfg, spec),
+            batch_size=cfg.gen_batch_size, require_logprobs=teaches,
+            log_path=str(self.plan.out / "logs" / f"vllm_{name.replace('/', '_')}.log"))
 
     def _drop(self) -> None:
+        from codedistill.generation import close_generator, generator_usage, merge_usage
+
+        for gen in self._cache.values():  # a vLLM server is stopped here: the GPU is free again
+            u = generator_usage(gen)
+            if u is not None:
+                name = getattr(gen, "name", "model")
+                self.usage[name] = merge_usage(self.usage.get(name), u)
+            close_generator(gen)
         self._cache.clear()
         gc.collect()
         try:
@@ -146,11 +173,9 @@ class Models:
     def source(self) -> Any:
         if "source" not in self._cache:
             self._drop()
-            from codedistill.baseline import load_generator
-
             cfg = self.plan.cfg
-            self.log(f"loading source {cfg.source_model}")
-            gen = load_generator(self.plan.source_spec, cfg.device, cfg.dtype, cfg.gen_batch_size)
+            self.log(f"loading source {cfg.source_model} ({self.plan.source_backend})")
+            gen = self._make("source", self.plan.source_spec, self.plan.source_spec.alias)
             self._cache["source"] = gen
         return self._cache["source"]
 
@@ -164,10 +189,13 @@ class Models:
             spec = self.plan.target_spec
             from codedistill.generation.hf import HFGenerator
 
+            it_dir = self.plan.out / f"iter_{iteration}"
             if iteration == 0:
-                from codedistill.baseline import load_generator
-
-                gen = load_generator(spec, cfg.device, cfg.dtype, cfg.gen_batch_size)
+                gen = self._make("target", spec, spec.alias)
+            elif self.plan.target_backend != "hf":  # vLLM serves base + LoRA adapter (not merged)
+                gen = self._make("target", spec, f"{spec.alias}@iter{iteration}",
+                                 model_path=None if cfg.use_lora else str(it_dir / "model"),
+                                 adapter=str(it_dir / "adapter") if cfg.use_lora else None)
             else:
                 from codedistill.btp.trainer import load_model, load_tokenizer
 
@@ -500,6 +528,14 @@ def run_btp(cfg: BTPConfig, log: Log = print) -> dict[str, Any]:
     run = RunDir(plan.out)
     config = {**cfg.experiment_dict(), "source_spec": plan.source_spec.to_dict(),
               "target_spec": plan.target_spec.to_dict()}
+    if plan.source_backend != "hf" or plan.target_backend != "hf":
+        from codedistill.generation import describe
+
+        config["generation_backends"] = {"source": describe(plan.source_spec, plan.source_backend, cfg.serving),
+                                         "target": describe(plan.target_spec, plan.target_backend, cfg.serving)}
+    if plan.beam_fallback:
+        config["beam_search_fallback"] = plan.beam_fallback
+        log(f"note: {plan.beam_fallback}")
     resumed = run.open(config, kind="btp")
     log(f"BTP run in {plan.out}{' (resuming)' if resumed else ''}: {len(plan.train)} train problems, "
         f"eval on {', '.join(f'{d} ({len(ps)})' for d, ps in plan.evals.items())}")
@@ -534,13 +570,22 @@ def run_btp(cfg: BTPConfig, log: Log = print) -> dict[str, Any]:
     finally:
         buffer.close()
         pool.close()
+        models._drop()  # stops any vLLM server this run started
+        from codedistill.baseline import record_generation
+
+        record_generation(plan.out, models.usage, cfg.serving)
     comparison = build_comparison(plan, evals)
     write_json(plan.out / "comparison.json", comparison)
     make_plots(plan, comparison, all_stats)
     from codedistill.btp.report import report_markdown
 
-    (plan.out / "report.md").write_text(report_markdown(plan, comparison, all_stats,
-                                                        time.time() - t_start), encoding="utf-8")
+    from codedistill.baseline import generation_report_lines
+
+    report = report_markdown(plan, comparison, all_stats, time.time() - t_start).rstrip("\n")
+    if plan.beam_fallback:
+        report += f"\n\n**Beam search fallback:** {plan.beam_fallback}."
+    report += "\n".join(generation_report_lines(plan.out))
+    (plan.out / "report.md").write_text(report + "\n", encoding="utf-8")
     log(f"done: {plan.out / 'report.md'}")
     return comparison
 
@@ -669,14 +714,6 @@ def build_comparison(plan: Plan, evals: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_plots(plan: Plan, comparison: dict[str, Any], stats: list[dict[str, Any]]) -> None:
-    from codedistill.btp.plots import plot_loss_curves, plot_p2value_histograms, plot_pass_at_k
+    from codedistill.btp.plots import plot_btp_run
 
-    pdir = plan.out / "plots"
-    if stats:
-        plot_p2value_histograms(stats, pdir / "p2value_hist.png")
-        plot_loss_curves([(s["iteration"], s["training"]["losses"]) for s in stats], pdir / "loss_curve.png")
-    for ds, e in comparison["datasets"].items():
-        rows = [("target before", e["target_before"]), ("target after", e["target_after"])]
-        if "source" in e:
-            rows.append(("source", e["source"]))
-        plot_pass_at_k(rows, pdir / f"pass_at_k_{ds}.png", title=f"{ds}: pass@k (95% CI)")
+    plot_btp_run(plan.out / "plots", comparison, stats)

@@ -1,8 +1,11 @@
-"""report.md of a BTP run."""
+"""report.md of a BTP run (written by the loop; ``codedistill report`` renders the fuller
+Markdown + HTML report from the same files)."""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
+
+from codedistill.btp.plots import ci_bounds
 
 
 def fmt_metric(m: dict[str, Any] | None, k: str) -> str:
@@ -10,12 +13,16 @@ def fmt_metric(m: dict[str, Any] | None, k: str) -> str:
     if not m or k not in m:
         return "-"
     v = m[k]
-    return f"{v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+    lo, hi = ci_bounds(v)
+    return f"{v['value']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def fmt_improvement(imp: dict[str, Any]) -> str:
-    """``+0.182 [+0.106, +0.260]``: a paired-bootstrap difference with its CI."""
-    return f"{imp['diff']:+.3f} [{imp['ci_low']:+.3f}, {imp['ci_high']:+.3f}]"
+def fmt_improvement(imp: dict[str, Any] | None) -> str:
+    """``+0.182 [+0.106, +0.260]``: a paired-bootstrap difference with its CI ("-" if absent)."""
+    if not imp:
+        return "-"
+    lo, hi = ci_bounds(imp)
+    return f"{imp['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def report_markdown(plan: Any, comparison: dict[str, Any], stats: Sequence[dict[str, Any]],
@@ -46,8 +53,12 @@ def report_markdown(plan: Any, comparison: dict[str, Any], stats: Sequence[dict[
     if elapsed is not None:
         L.append(f"- wall time of this start: {elapsed:.1f} s")
     L.append("")
+    from codedistill.report.protocol import btp_protocol, comparability
+
     for ds, e in comparison["datasets"].items():
+        proto = btp_protocol({"config": cfg.model_dump()}, comparison, ds)
         L += [f"## {ds} test split ({e['n_problems']} problems)", "",
+              f"Protocol: {proto.describe()}; {comparability(proto).describe()}.", "",
               "| model | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks)]
         L.append(f"| target before ({plan.target_spec.alias}) | " + " | ".join(fmt_metric(e["target_before"], k) for k in ks) + " |")
         for stage, m in e["target_per_iteration"].items():
@@ -71,6 +82,7 @@ def report_markdown(plan: Any, comparison: dict[str, Any], stats: Sequence[dict[
                      f"{sm['draws']} | {sm['unique_programs_drawn']} | {sm['share_fully_passing_drawn']:.1%} | "
                      f"{sm['share_zero_pass_drawn']:.1%} | {sm['effective_sample_size']:.1f} | {fl} |")
         L.append("")
-    L += ["Plots: `plots/p2value_hist.png`, `plots/pass_at_k_<dataset>.png`, `plots/loss_curve.png`. "
-          "Checkpoints: `iter_K/adapter/` (LoRA) or `iter_K/model/`."]
+    L += ["Plots: `plots/pass_at_k_<dataset>.png`, `plots/p2value_hist.png`, `plots/sampling_stats.png`, "
+          "`plots/loss_curve.png`. Checkpoints: `iter_K/adapter/` (LoRA) or `iter_K/model/`. "
+          "Full report (Markdown + self-contained HTML): `codedistill report <this directory>`."]
     return "\n".join(L) + "\n"

@@ -1,0 +1,178 @@
+"""Which evaluation protocol a run's numbers follow, and whether they can be compared
+with published numbers.
+
+Pure functions over the run's own files (``config.json``, ``comparison.json``,
+``metrics.json``). Published MBPP and HumanEval tables mostly use one protocol:
+
+* MBPP (Austin et al. 2021, and most code-LLM papers since): the 500 test problems
+  (task_ids 11-510), a 3-shot prompt with tasks 2, 3, 4, greedy decoding, pass@1.
+* HumanEval (Chen et al. 2021): all 164 problems, 0-shot, greedy pass@1; or Codex's
+  sampled protocol (pass@1 at T=0.2, pass@10/100 at T=0.8, n=200 samples).
+
+Anything else (a subset of problems, the validation split, a handful of samples at some
+temperature, this project's synthetic benchmark) is fine for before/after comparisons
+inside the project and says nothing about published numbers. The verdict says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Optional
+
+# Full size of each published test split.
+FULL_TEST_SIZE = {"mbpp": 500, "mbpp-sanitized": 257, "humaneval": 164}
+# The paper preset's shots per dataset.
+PAPER_SHOTS = {"mbpp": 3, "mbpp-sanitized": 3, "humaneval": 0}
+
+
+@dataclass
+class Protocol:
+    """How one set of numbers was measured."""
+
+    dataset: str
+    split: str = "test"
+    n_problems: Optional[int] = None
+    shots: int = 0
+    temperature: float = 0.0
+    top_p: Optional[float] = None
+    num_samples: int = 1
+    preset: Optional[str] = None  # "paper" | "sampled" | None (not recorded)
+    method: str = "plain"         # plain | egcfg | beam ...
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def decoding(self) -> str:
+        if self.greedy:
+            return "greedy" + (f" (n={self.num_samples})" if self.num_samples != 1 else "")
+        tp = f", top_p {self.top_p:g}" if self.top_p is not None and self.top_p < 1 else ""
+        return f"sampled, T={self.temperature:g}{tp}, n={self.num_samples}"
+
+    def describe(self) -> str:
+        """``mbpp test split, 500 problems, 3-shot, greedy``."""
+        n = f", {self.n_problems} problems" if self.n_problems is not None else ""
+        full = FULL_TEST_SIZE.get(self.dataset)
+        if full and self.split == "test" and self.n_problems is not None and self.n_problems < full:
+            n += f" (first {self.n_problems} of {full})"
+        pre = f"; preset {self.preset}" if self.preset else ""
+        meth = f"; decoding method {self.method}" if self.method not in ("plain", "") else ""
+        return f"{self.dataset} {self.split} split{n}, {self.shots}-shot, {self.decoding}{meth}{pre}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "greedy": self.greedy}
+
+
+@dataclass
+class Verdict:
+    """Can these numbers be put next to published ones?  ``level``: yes | partly | no."""
+
+    level: str
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def comparable(self) -> bool:
+        return self.level == "yes"
+
+    def describe(self) -> str:
+        head = {"yes": "comparable with published numbers",
+                "partly": "comparable only with papers that use the same sampled protocol",
+                "no": "not comparable with published numbers"}[self.level]
+        return head + (": " + "; ".join(self.reasons) if self.reasons else "")
+
+
+def comparability(p: Protocol) -> Verdict:
+    """Compare a protocol with the standard published ones (see the module docstring)."""
+    ds = p.dataset
+    if ds == "synth":
+        return Verdict("no", ["synth is this project's generated benchmark; nothing is published on it. "
+                              "Its numbers compare runs of this project with each other"])
+    full = FULL_TEST_SIZE.get(ds)
+    if full is None:
+        return Verdict("no", [f"no published reference protocol is known for {ds!r}"])
+    no: list[str] = []
+    if p.split != "test":
+        no.append(f"{p.split} split, published numbers are on the test split")
+    if p.n_problems is not None and p.n_problems < full:
+        no.append(f"{p.n_problems} of the {full} test problems (a subset; published numbers use all {full})")
+    want = PAPER_SHOTS[ds]
+    if p.shots != want:
+        no.append(f"{p.shots}-shot prompt, the standard {ds} protocol is {want}-shot")
+    if p.method not in ("plain", ""):
+        no.append(f"decoding method {p.method}: compare with that method's paper, not plain decoding")
+    if no:
+        return Verdict("no", no)
+    if p.greedy:
+        tests = "tasks 2-4 as shots, test tasks 11-510" if ds == "mbpp" else "0-shot"
+        return Verdict("yes", [f"{ds} {tests}, greedy pass@1 on the full test split: the protocol of the "
+                               "published tables"])
+    reasons = [f"sampled at T={p.temperature:g} with n={p.num_samples}; most published {ds} tables report greedy "
+               "pass@1, so compare only with papers reporting sampled pass@k at this temperature"]
+    if p.num_samples < 20:
+        reasons.append(f"n={p.num_samples} samples per problem gives a noisy pass@k (Chen et al. use n=200)")
+    return Verdict("partly", reasons)
+
+
+# ----------------------------------------------------------------------------- from run files
+
+
+def _cfg(config_json: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The experiment settings of a config.json ({"kind", "config": {...}, ...}) or a bare dict."""
+    if not config_json:
+        return {}
+    c = config_json.get("config", config_json)
+    return dict(c) if isinstance(c, Mapping) else {}
+
+
+def _first(*vals: Any) -> Any:
+    for v in vals:
+        if v is not None:
+            return v
+    return None
+
+
+def btp_protocol(config_json: Mapping[str, Any] | None, comparison: Mapping[str, Any] | None,
+                 dataset: str) -> Protocol:
+    """The evaluation protocol of one dataset of a BTP run (its before/after numbers).
+
+    Reads the recorded values first (a ``protocol`` object in comparison.json, per dataset
+    or for the run), then config.json's eval_* settings; ``eval_protocol: paper`` fills in
+    the paper preset's shots and greedy decoding when the numbers were not recorded.
+    """
+    cfg = _cfg(config_json)
+    comp = comparison or {}
+    entry = (comp.get("datasets") or {}).get(dataset, {})
+    rec = entry.get("protocol") or comp.get("protocol") or {}
+    if isinstance(rec, Mapping) and dataset in rec and isinstance(rec[dataset], Mapping):
+        rec = rec[dataset]
+    if not isinstance(rec, Mapping):
+        rec = {}
+    preset = _first(rec.get("preset"), rec.get("eval_protocol"), comp.get("eval_protocol"), cfg.get("eval_protocol"))
+    paper = preset == "paper"
+    shots = _first(rec.get("shots"), cfg.get("eval_shots"),
+                   PAPER_SHOTS.get(dataset, 0) if paper else None, cfg.get("shots"), 0)
+    temp = _first(rec.get("temperature"), 0.0 if paper else None, comp.get("eval_temperature"),
+                  cfg.get("eval_temperature"), 0.0)
+    n = _first(rec.get("num_samples"), rec.get("n"), 1 if paper else None, comp.get("eval_num_samples"),
+               cfg.get("eval_num_samples"), 1)
+    split = _first(rec.get("split"), cfg.get("eval_split"), "test")
+    n_problems = _first(rec.get("n_problems"), entry.get("n_problems"))
+    return Protocol(dataset=dataset, split=str(split), n_problems=n_problems, shots=int(shots),
+                    temperature=float(temp), top_p=_first(rec.get("top_p"), cfg.get("eval_top_p")),
+                    num_samples=int(n), preset=preset, method=str(rec.get("method", "plain")))
+
+
+def baseline_protocol(config_json: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None) -> Protocol:
+    """Protocol of a step-1 (baseline) run: config.json's dataset/split/shots/sampling."""
+    cfg = _cfg(config_json)
+    s = cfg.get("sampling") or {}
+    m = metrics or {}
+    n = m.get("num_samples")
+    if isinstance(n, Mapping):  # {"min", "max"} when problems had different n
+        n = n.get("min")
+    return Protocol(dataset=str(cfg.get("dataset", "?")), split=str(cfg.get("split", "test")),
+                    n_problems=m.get("n_problems"), shots=int(cfg.get("shots", 0) or 0),
+                    temperature=float(_first(s.get("temperature"), 0.0)), top_p=s.get("top_p"),
+                    num_samples=int(_first(n, s.get("num_samples"), 1)),
+                    preset=cfg.get("eval_protocol"), method=str(cfg.get("method", "plain")))

@@ -1,0 +1,239 @@
+"""Renderers of `codedistill report` for ablation, sweep and matrix directories, and the
+protocol verdicts. Inputs are JSON files written here in the shapes of the experiments'
+result files (these test the renderers, not the experiments); outputs are parsed back."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from codedistill.errors import ConfigError
+from codedistill.report.build import render_report
+from codedistill.report.protocol import Protocol, baseline_protocol, btp_protocol, comparability
+
+
+class Tables(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.imgs: list[str] = []
+        self._name = None
+        self._row = None
+        self._cell = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self._name = a.get("data-table", f"t{len(self.tables)}")
+            self.tables[self._name] = []
+        elif tag == "tr":
+            self._row = []
+        elif tag == "td" and self._row is not None:
+            self._cell = []
+        elif tag == "img":
+            self.imgs.append(a["src"])
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "tr":
+            if self._row:
+                self.tables[self._name].append(self._row)
+            self._row = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def metric(v, lo, hi):
+    return {"value": v, "low": lo, "high": hi}  # SCHEMAS spelling (metrics.py writes ci_low/ci_high)
+
+
+def imp(d, lo, hi):
+    return {"diff": d, "low": lo, "high": hi, "p_value_no_improvement": 0.5}
+
+
+def btp_config(out: Path, **kw) -> None:
+    cfg = dict(dataset="synth", eval_num_samples=5, eval_temperature=0.2, eval_top_p=0.95, eval_protocol="sampled")
+    cfg.update(kw)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"kind": "btp", "config": cfg}))
+
+
+def parse(html: str) -> Tables:
+    t = Tables()
+    t.feed(html)
+    return t
+
+
+def test_ablation(tmp_path):
+    out = tmp_path / "abl"
+    variants = [
+        {"name": "full", "group": "reference", "description": "the full method", "run_dir": "variants/full",
+         "overrides": {}, "metrics": {"pass@1": metric(0.61, 0.53, 0.70), "pass@5": metric(0.80, 0.72, 0.87)},
+         "diff": None, "generated_new": 3000, "status": "done"},
+        {"name": "uniform", "group": "replay", "description": "uniform replay", "run_dir": "variants/uniform",
+         "overrides": {"sampling_method": "uniform"},
+         "metrics": {"pass@1": metric(0.45, 0.37, 0.54), "pass@5": metric(0.70, 0.61, 0.78)},
+         "diff": {"pass@1": imp(-0.16, -0.24, -0.08), "pass@5": imp(-0.10, -0.17, -0.03)},
+         "generated_new": 0, "status": "done"},
+        {"name": "grpo", "group": "outside baseline", "description": "TRL GRPO", "run_dir": "variants/grpo",
+         "overrides": {}, "metrics": {}, "diff": None, "generated_new": 0, "status": "skipped: needs a GPU"},
+    ]
+    out.mkdir()
+    (out / "ablation.json").write_text(json.dumps({
+        "kind": "ablation", "base_config": "configs/demo.yaml", "dataset": "synth", "n_eval_problems": 100,
+        "eval_num_samples": 5, "reference": "full", "variants": variants}))
+    btp_config(out / "variants" / "full")
+    paths = render_report([out], tmp_path / "rep")
+    html = paths["html"].read_text()
+    t = parse(html)
+    rows = {r[0]: r for r in t.tables["ablation"]}
+    assert rows["full"][2:6] == ["0.610 [0.530, 0.700]", "0.800 [0.720, 0.870]", "reference", "reference"]
+    assert rows["uniform"][2:6] == ["0.450 [0.370, 0.540]", "0.700 [0.610, 0.780]",
+                                    "-0.160 [-0.240, -0.080]", "-0.100 [-0.170, -0.030]"]
+    assert rows["uniform"][6:8] == ["0", "done"] and rows["full"][6] == "3000"
+    assert rows["grpo"][2] == "-" and rows["grpo"][7] == "skipped: needs a GPU"
+    # the protocol of the reference variant's run: sampled, synth -> not comparable
+    assert "Protocol: synth test split, 0-shot, sampled, T=0.2, top_p 0.95, n=5; preset sampled." in html
+    assert "Not comparable with published numbers" in html
+    assert len(t.imgs) == 1 and t.imgs[0].startswith("data:image/png;base64,")
+    assert (paths["plots"] / "ablation_pass1.png").stat().st_size > 5000
+    md = paths["markdown"].read_text()
+    assert "| uniform | replay | 0.450 [0.370, 0.540] |" in md and "](plots/ablation_pass1.png)" in md
+
+
+def test_sweep(tmp_path):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    trials = [
+        {"number": 0, "state": "COMPLETE", "params": {"sampling_alpha": 1.5, "learning_rate": 0.001},
+         "value": 0.40, "intermediate": {"1": 0.40}, "run_dir": "trials/0"},
+        {"number": 1, "state": "COMPLETE", "params": {"sampling_alpha": 8.0, "learning_rate": 0.003},
+         "value": 0.58, "intermediate": {"1": 0.52, "2": 0.58}, "run_dir": "trials/1"},
+        {"number": 2, "state": "PRUNED", "params": {"sampling_alpha": 1.0, "learning_rate": 0.0001},
+         "value": None, "intermediate": {"1": 0.2}, "run_dir": "trials/2"},
+        {"number": 3, "state": "FAIL", "params": {"sampling_alpha": 3.0, "learning_rate": 0.01},
+         "value": None, "intermediate": {}, "run_dir": "trials/3"},
+    ]
+    (out / "sweep.json").write_text(json.dumps({
+        "kind": "sweep", "objective": "validation pass@1", "direction": "maximize",
+        "storage": "journal:sweep.log", "study_name": "demo",
+        "search_space": {"sampling_alpha": "{1, 1.5, 3, 8}", "learning_rate": "log-uniform [1e-4, 1e-2]"},
+        "trials": trials,
+        "best": {"number": 1, "params": {"sampling_alpha": 8.0, "learning_rate": 0.003}, "value": 0.58,
+                 "test_metrics": {"pass@1": metric(0.55, 0.46, 0.64), "n_problems": 100}},
+        "importances": {"sampling_alpha": 0.8, "learning_rate": 0.2}}))
+    btp_config(out / "trials" / "1", eval_split="validation")
+    paths = render_report([out], tmp_path / "rep")
+    html = paths["html"].read_text()
+    t = parse(html)
+    rows = t.tables["sweep-trials"]
+    assert [r[:3] for r in rows] == [["0", "COMPLETE", "0.400"], ["1", "COMPLETE", "0.580"],
+                                     ["2", "PRUNED", "-"], ["3", "FAIL", "-"]]
+    assert rows[1][3:] == ["0.0030", "8.0000", "1: 0.520, 2: 0.580"]  # params sorted by name
+    assert t.tables["sweep-best"] == [["sampling_alpha", "8.0"], ["learning_rate", "0.003"]]
+    assert t.tables["sweep-best-test"] == [["best trial 1 (test split)", "0.550 [0.460, 0.640]"]]
+    # the best trial's numbers are on the test split (the objective was on validation)
+    assert "Protocol: synth test split, 100 problems, 0-shot" in html
+    assert len(t.imgs) == 2
+    for name in ("sweep_history.png", "sweep_importance.png"):
+        assert (paths["plots"] / name).stat().st_size > 5000
+
+
+def test_matrix_and_cross_run_table(tmp_path):
+    out = tmp_path / "matrix"
+    out.mkdir()
+    rows = [
+        {"config": "configs/a.yaml", "run_dir": "runs/a", "source": "Qwen2.5-Coder-7B", "target": "Qwen2.5-Coder-0.5B",
+         "same_family": True, "dataset": "mbpp", "before": metric(0.30, 0.26, 0.34), "after": metric(0.36, 0.32, 0.40),
+         "gain": imp(0.06, 0.03, 0.09), "status": "done"},
+        {"config": "configs/b.yaml", "run_dir": "runs/b", "source": "Qwen2.5-Coder-7B", "target": "StarCoder2-3B",
+         "same_family": False, "dataset": "mbpp", "before": metric(0.28, 0.24, 0.32), "after": metric(0.27, 0.23, 0.31),
+         "gain": imp(-0.01, -0.04, 0.02), "status": "done"},
+    ]
+    (out / "matrix.json").write_text(json.dumps({"kind": "matrix", "rows": rows}))
+    # run a: the paper protocol on all 500 MBPP test problems; run b: sampled on a subset
+    btp_config(out / "runs" / "a", dataset="mbpp", eval_protocol="paper", eval_num_samples=1, eval_temperature=0.0)
+    (out / "runs" / "a" / "comparison.json").write_text(json.dumps({"datasets": {"mbpp": {
+        "n_problems": 500, "protocol": {"preset": "paper", "shots": 3, "temperature": 0.0, "num_samples": 1,
+                                        "split": "test"}}}}))
+    btp_config(out / "runs" / "b", dataset="mbpp", eval_max_problems=100)
+    (out / "runs" / "b" / "comparison.json").write_text(json.dumps({"datasets": {"mbpp": {"n_problems": 100}}}))
+    paths = render_report([out], tmp_path / "rep")
+    t = parse(paths["html"].read_text())
+    mx = t.tables["matrix"]
+    assert mx[0][3:10] == ["yes", "mbpp", "0.300 [0.260, 0.340]", "0.360 [0.320, 0.400]",
+                           "+0.060 [+0.030, +0.090]", "yes", "done"]
+    assert mx[1][3:10] == ["no", "mbpp", "0.280 [0.240, 0.320]", "0.270 [0.230, 0.310]",
+                           "-0.010 [-0.040, +0.020]", "no", "done"]
+    cross = t.tables["cross-run"]  # two matrix rows -> a cross-run table
+    assert [r[4:8] for r in cross] == [["0.300 [0.260, 0.340]", "0.360 [0.320, 0.400]", "+0.060 [+0.030, +0.090]", "yes"],
+                                       ["0.280 [0.240, 0.320]", "0.270 [0.230, 0.310]", "-0.010 [-0.040, +0.020]", "no"]]
+    assert (paths["plots"] / "matrix_pass1.png").is_file()
+
+
+def test_several_dirs_get_one_page_with_a_cross_run_table(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, v in ((a, 0.2), (b, 0.3)):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"kind": "baseline", "config": {
+            "model": "tiny-target", "dataset": "humaneval", "split": "test", "shots": 0,
+            "sampling": {"num_samples": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 64}}}))
+        (d / "metrics.json").write_text(json.dumps({"pass@1": {"value": v, "ci_low": v - 0.05, "ci_high": v + 0.05},
+                                                    "n_problems": 164 if d == a else 20, "num_samples": 1}))
+    paths = render_report([a, b], tmp_path / "rep")
+    t = parse(paths["html"].read_text())
+    cross = t.tables["cross-run"]
+    assert [(r[0], r[5], r[7]) for r in cross] == [("a", "0.200 [0.150, 0.250]", "yes"),
+                                                   ("b", "0.300 [0.250, 0.350]", "no")]
+    assert len(t.imgs) == 2 and (paths["plots"] / "a" / "pass_at_k.png").is_file()
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="holds no result files"):
+        render_report([tmp_path], tmp_path / "rep")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"kind": "btp", "config": {}}))
+    with pytest.raises(ConfigError, match="unfinished btp .*comparison.json"):
+        render_report([tmp_path / "run"], tmp_path / "rep")
+    with pytest.raises(ConfigError, match="not a directory"):
+        render_report([tmp_path / "missing"], tmp_path / "rep")
+
+
+@pytest.mark.parametrize("proto,level", [
+    (Protocol("mbpp", "test", 500, shots=3, temperature=0.0, num_samples=1), "yes"),
+    (Protocol("humaneval", "test", 164, shots=0, temperature=0.0, num_samples=1), "yes"),
+    (Protocol("mbpp", "test", 100, shots=3, temperature=0.0, num_samples=1), "no"),       # subset
+    (Protocol("mbpp", "test", 500, shots=0, temperature=0.0, num_samples=1), "no"),       # 0-shot MBPP
+    (Protocol("mbpp", "validation", 90, shots=3, temperature=0.0), "no"),
+    (Protocol("humaneval", "test", 164, temperature=0.2, num_samples=100), "partly"),    # sampled, full set
+    (Protocol("synth", "test", 100, temperature=0.0), "no"),
+])
+def test_comparability(proto, level):
+    v = comparability(proto)
+    assert v.level == level and v.reasons
+
+
+def test_protocol_from_run_files():
+    # the experiments' comparison.json records the protocol per dataset; it wins over config.json
+    comp = {"datasets": {"mbpp": {"n_problems": 500, "protocol": {"preset": "paper", "shots": 3, "temperature": 0.0,
+                                                                  "num_samples": 1, "split": "test"}}}}
+    p = btp_protocol({"config": {"eval_temperature": 0.8, "eval_num_samples": 10}}, comp, "mbpp")
+    assert (p.shots, p.temperature, p.num_samples, p.n_problems, p.preset) == (3, 0.0, 1, 500, "paper")
+    assert p.describe() == "mbpp test split, 500 problems, 3-shot, greedy; preset paper"
+    # older runs: config.json only
+    p = btp_protocol({"config": {"eval_temperature": 0.2, "eval_num_samples": 5, "eval_max_problems": 100}},
+                     {"datasets": {"synth": {"n_problems": 100}}}, "synth")
+    assert (p.temperature, p.num_samples, p.shots, p.split) == (0.2, 5, 0, "test")
+    b = baseline_protocol({"config": {"dataset": "mbpp", "split": "test", "shots": 3,
+                                      "sampling": {"temperature": 0.8, "num_samples": 10, "top_p": 0.95}}},
+                          {"n_problems": 50, "num_samples": 10})
+    assert re.fullmatch(r"mbpp test split, 50 problems \(first 50 of 500\), 3-shot, sampled, T=0.8, top_p 0.95, n=10",
+                        b.describe())
