@@ -28,6 +28,7 @@ from codedistill.errors import ConfigError
 
 __all__ = [
     "available_memory",
+    "check_fit",
     "count_parameters",
     "hub_cached_dir",
     "hub_reachable",
@@ -89,27 +90,21 @@ def hub_cached_dir(repo_id: str) -> Path | None:
 
 
 def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> tuple[bool, str]:
-    """(reachable, why not): one HEAD request to the hub endpoint through huggingface_hub's
-    HTTP session (its proxies and endpoint), at most ``timeout`` seconds. Any HTTP answer
-    counts as reachable."""
+    """(reachable, why not): one HEAD request to the hub endpoint (``HF_ENDPOINT``; the
+    environment's proxies apply), at most ``timeout`` seconds. Any HTTP answer, even an
+    error status, counts as reachable."""
+    import urllib.error
+    import urllib.request
+
     url = _hub_endpoint()
     try:
-        from huggingface_hub.utils import get_session
-
-        get_session().head(url, timeout=timeout)
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
         return True, ""
-    except ImportError:  # pragma: no cover
-        import socket
-        from urllib.parse import urlparse
-
-        u = urlparse(url)
-        try:
-            socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
-            return True, ""
-        except OSError as e:
-            return False, f"{url}: {e}"
-    except Exception as e:  # noqa: BLE001 - any transport error means: not reachable from here
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except urllib.error.HTTPError:
+        return True, ""
+    except Exception as e:  # noqa: BLE001 - DNS, refused, timeout, TLS: not reachable from here
+        reason = getattr(e, "reason", e)
+        msg = str(reason).splitlines()[0] if str(reason) else type(e).__name__
         return False, f"{url}: {msg[:120]}"
 
 
@@ -142,16 +137,18 @@ def count_parameters(config: dict[str, Any]) -> int | None:
     hd = c.get("head_dim") or h // heads
     inter = c.get("intermediate_size") or c.get("n_inner") or 4 * h
     gated = mt not in _UNGATED
-    bias = bool(c.get("use_bias", mt in ("starcoder2", "gpt_bigcode", "gpt2")))
+    bias = bool(c.get("use_bias", mt in ("starcoder2", "gpt_bigcode", "gpt2")))  # every linear layer
+    attn_bias = bias or bool(c.get("attention_bias"))  # q, k, v and o (llama's attention_bias)
+    qkv_bias = attn_bias or mt in ("qwen2", "qwen2_moe")  # qwen2: q, k, v only
+    mlp_bias = bias or bool(c.get("mlp_bias"))
     layer_norm = mt in _UNGATED  # LayerNorm (weight + bias) rather than RMSNorm (weight)
 
     attn = h * heads * hd + 2 * h * kv * hd + heads * hd * h
-    if bias:
-        attn += heads * hd + 2 * kv * hd + h
+    attn += (heads * hd + 2 * kv * hd if qkv_bias else 0) + (h if attn_bias else 0)
 
     def mlp(width: int) -> int:
         n = (3 if gated else 2) * h * width
-        return n + ((width + h) if bias else 0)
+        return n + (((2 if gated else 1) * width + h) if mlp_bias else 0)
 
     experts = c.get("num_local_experts") or c.get("n_routed_experts") or c.get("num_experts") or 0
     if experts:
@@ -288,7 +285,7 @@ def preflight(spec: Any, device: str | None = None, dtype: str = "auto", purpose
                     f"{_name(spec)}: the Hugging Face hub is unreachable ({why}) and the model is not "
                     f"cached. Ways out: a local directory saved with save_pretrained (--model-name "
                     f"/path/to/dir), or HF_HUB_OFFLINE=1 with a cache filled on a machine with internet "
-                    f"(huggingface-cli download {spec.path}), or a served backend (--backend vllm|openai)."
+                    f"(hf download {spec.path}), or a served backend (--backend vllm|openai)."
                 )
             info["source"] = "hub (will download)"
             config = _hub_config(spec.path)
@@ -300,23 +297,33 @@ def preflight(spec: Any, device: str | None = None, dtype: str = "auto", purpose
     dt = _resolve_dtype(dtype, spec.dtype, dev)
     info.update(device=dev, dtype=dt, params=params)
     if params:
-        need = memory_needed(params, dt, purpose)
         avail, where = available_memory(dev)
-        info.update(needed_gb=round(need / GB, 2), available_gb=round(avail / GB, 2) if avail else None)
-        if avail is not None and need > avail and os.environ.get(SKIP_ENV, "").lower() not in _TRUE:
-            what = {"inference": "to generate", "lora": "to fine-tune with LoRA", "full": "to fine-tune fully"}[purpose]
-            margin = ("weights + gradients + Adam states" if purpose == "full"
-                      else f"+{round((MARGIN[purpose] - 1) * 100)}% for activations")
-            smaller = ", ".join(_smaller_fitting(avail, dt, purpose, spec.alias))
-            raise ConfigError(
-                f"{_name(spec)} needs about {need / GB:.0f} GB {what} in {dt} ({params / 1e9:.1f}B parameters "
-                f"from {info['params_from']}, {DTYPE_BYTES[dt]} bytes each, {margin}) but the {where} here "
-                f"has {avail / GB:.1f} GB available. Alternatives: a smaller model ({smaller}); bfloat16 on "
-                f"a GPU with enough memory (--device cuda --dtype bfloat16); --backend vllm with tensor "
-                f"parallel over several GPUs; or a served API (--backend openai). {SKIP_ENV}=1 tries anyway."
-            )
+        info.update(needed_gb=round(memory_needed(params, dt, purpose) / GB, 2),
+                    available_gb=round(avail / GB, 2) if avail else None)
+        if avail is not None and os.environ.get(SKIP_ENV, "").lower() not in _TRUE:
+            check_fit(_name(spec), params, dt, purpose, avail, where, info["params_from"])
     _checked[key] = info
     return info
+
+
+def check_fit(name: str, params: float, dtype: str, purpose: str, avail: float, where: str,
+              params_from: str = "config.json") -> None:
+    """Raise ConfigError (one line, with the alternatives) when ``params`` in ``dtype`` for
+    ``purpose`` need more than ``avail`` bytes."""
+    need = memory_needed(params, dtype, purpose)
+    if need <= avail:
+        return
+    what = {"inference": "to generate", "lora": "to fine-tune with LoRA", "full": "to fine-tune fully"}[purpose]
+    margin = ("weights + gradients + Adam states" if purpose == "full"
+              else f"+{round((MARGIN[purpose] - 1) * 100)}% for activations")
+    smaller = ", ".join(_smaller_fitting(avail, dtype, purpose, name.split(" ")[0]))
+    raise ConfigError(
+        f"{name} needs about {need / GB:.0f} GB {what} in {dtype} ({params / 1e9:.1f}B parameters "
+        f"from {params_from}, {DTYPE_BYTES[dtype]} bytes each, {margin}) but the {where} here "
+        f"has {avail / GB:.1f} GB available. Alternatives: a smaller model ({smaller}); bfloat16 on "
+        f"a GPU with enough memory (--device cuda --dtype bfloat16); --backend vllm with tensor "
+        f"parallel over several GPUs; or a served API (--backend openai). {SKIP_ENV}=1 tries anyway."
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
