@@ -79,7 +79,9 @@ def test_gamma1_lines_equal_greedy_on_conditional_prompt(tiny, solver):
 
 
 def test_solve_counts_and_log(tmp_path, tiny, solver):
-    assert len(EGCFGConfig().agents()) == 13  # the paper's grid; gamma = 0 agents collapse to one
+    # the paper's grid: 2 prompts (default, long code); gamma = 0 agents collapse to one per prompt
+    assert len(EGCFGConfig().agents()) == 2 + 3 * 2 * 2 * 2
+    assert len(EGCFGConfig(prompts={"default": ""}).agents()) == 13
     model, tok = tiny
     cfg = EGCFGConfig(**{**SMALL, "max_lines": 2, "max_agents": 3})
     small = EGCFGSolver(model, tok, cfg, pool=solver.executor.pool)  # shares the sandbox pool
@@ -91,16 +93,19 @@ def test_solve_counts_and_log(tmp_path, tiny, solver):
     per_agent = [a["counters"] for a in rec["agents"]]
     assert c["forward_passes"] == sum(a["forward_passes"] for a in per_agent) > 0
     assert c["generated_tokens"] == sum(a["generated_tokens"] for a in per_agent)
-    # gamma = 0 agent: no candidates, no traces, one check; others trace each line
-    assert per_agent[0]["candidate_tokens"] == 0 and per_agent[0]["sandbox_executions"] == 1
-    assert all(a["sandbox_executions"] >= 2 for a in per_agent[1:])
+    # gamma = 0 agents (one per prompt variant): no candidates, no traces, one check; others trace each line
+    assert [a["spec"]["gamma"] for a in rec["agents"]] == [0.0, 0.0, 0.5]
+    assert [a["spec"]["prompt"] for a in rec["agents"]] == ["default", "long_code", "default"]
+    for a in per_agent[:2]:
+        assert a["candidate_tokens"] == 0 and a["sandbox_executions"] == 1
+    assert per_agent[2]["sandbox_executions"] >= 2
     assert cand.num_tokens <= 30 and cand.logprob < 0 and cand.meta["egcfg"] == c
     path = tmp_path / "egcfg_log.jsonl"
     append_log(path, rec)
     append_log(path, rec)
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["task_id"] == "toy/add" and rows[0]["winner"] == rec["winner"]
-    assert rows[0]["agents"][1]["lines"][0]["candidates"]
+    assert rows[0]["agents"][2]["lines"][0]["candidates"]
 
 
 def test_early_stop_when_visible_tests_pass(tiny):
@@ -137,7 +142,7 @@ def test_beam_candidates_and_parallel_agents(tiny, solver):
     par = EGCFGSolver(model, tok, cfg, pool=solver.executor.pool)
     cand, rec = par.solve(PROBLEM, PREFIX, [], seed=1)
     assert rec["agents_run"] == 3 and not rec["visible_passed"]
-    for a in rec["agents"][1:]:
+    for a in rec["agents"][2:]:  # agents 0-1: gamma = 0 (default, long-code prompt)
         for line in a["lines"]:
             cands = line["candidates"]
             assert len(cands) == 3  # s beams

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 
+import pytest
+
 from codedistill.egcfg.signal import build_signal, format_trace, insert_signal, make_executable
 from codedistill.egcfg.tracer import split_assert
 
@@ -99,3 +101,120 @@ def test_dropped_candidate_lines_are_shown_as_not_run():
     assert prog == "def f(s):\n    pass\n" and dropped == "    return s.upper() + '')"
     lines = format_trace(prog, {"compile_error": None, "tests": []}, new_from_line=2, dropped=dropped)
     assert lines == ["# Candidate:", "#       pass", "#       return s.upper() + '')  <- not run (does not parse yet)"]
+
+
+# --- where the signal goes, on a real vocabulary and DeepSeek-Coder-Instruct's chat template ---
+
+# The chat template published with deepseek-ai/deepseek-coder-{1.3b,6.7b,33b}-instruct
+# (tokenizer_config.json "chat_template"), verbatim.
+DEEPSEEK_CODER_INSTRUCT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{%- set ns = namespace(found=false) -%}{%- for message in messages -%}{%- if message['role'] == 'system' -%}"
+    "{%- set ns.found = true -%}{%- endif -%}{%- endfor -%}{{bos_token}}{%- if not ns.found -%}"
+    "{{'You are an AI programming assistant, utilizing the Deepseek Coder model, developed by Deepseek Company, "
+    "and you only answer questions related to computer science. For politically sensitive questions, security "
+    "and privacy issues, and other non-computer science questions, you will refuse to answer\\n'}}{%- endif %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}{{ message['content'] }}{%- else %}"
+    "{%- if message['role'] == 'user' %}{{'### Instruction:\\n' + message['content'] + '\\n'}}{%- else %}"
+    "{{'### Response:\\n' + message['content'] + '\\n<|EOT|>\\n'}}{%- endif %}{%- endif %}{%- endfor %}"
+    "{% if add_generation_prompt %}{{'### Response:'}}{% endif %}"
+)
+VOCAB_SDIST = "llama-cpp-python==0.3.36"
+VOCAB_FILE = "ggml-vocab-deepseek-coder.gguf"
+
+
+def deepseek_vocab_file():
+    """llama.cpp's DeepSeek-Coder vocabulary (GGUF) from the llama-cpp-python sdist on PyPI,
+    fetched once into ~/.cache/codedistill/vocab (file-locked; never committed)."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    cache = Path(os.environ.get("CODEDISTILL_VOCAB_CACHE", Path.home() / ".cache" / "codedistill" / "vocab"))
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / "download.lock")):
+        found = sorted(cache.rglob(VOCAB_FILE))
+        if found:
+            return found[0]
+        sdists = sorted(cache.glob("llama_cpp_python-0.3.36.tar.gz"))
+        if not sdists:
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                                VOCAB_SDIST, "-d", str(cache)], capture_output=True, text=True, timeout=900)
+            sdists = sorted(cache.glob("llama_cpp_python-0.3.36.tar.gz"))
+            if r.returncode != 0 or not sdists:
+                pytest.skip(f"could not fetch {VOCAB_SDIST} from PyPI: {r.stderr[-300:]}")
+        with tarfile.open(sdists[0]) as tf:
+            member = next(m for m in tf.getmembers() if m.name.endswith(f"vendor/llama.cpp/models/{VOCAB_FILE}"))
+            data = tf.extractfile(member).read()
+        out = cache / "gguf" / VOCAB_FILE
+        out.parent.mkdir(exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(out)
+        return out
+
+
+@pytest.fixture(scope="module")
+def deepseek_tok():
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    path = deepseek_vocab_file()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tok.chat_template = DEEPSEEK_CODER_INSTRUCT_TEMPLATE
+    return tok
+
+
+def test_chat_signal_lands_in_the_user_turn_of_deepseek_coder_instruct(deepseek_tok):
+    from codedistill.data.problem import Problem
+    from codedistill.egcfg.config import LONG_CODE_INSTRUCTION
+    from codedistill.egcfg.signal import prompt_builder
+    from codedistill.prompts import PromptStyle, render_prompt
+
+    tok = deepseek_tok
+    assert len(tok) > 32000  # the real DeepSeek-Coder vocabulary, not a stand-in
+    problem = Problem(task_id="t/1", prompt="", entry_point="total", description="Sum a list.",
+                      tests=("assert total([1, 2]) == 3",), visible_tests=("assert total([1, 2]) == 3",))
+    style = PromptStyle("chat")
+    build = prompt_builder(problem, style, tok, variants={"long_code": LONG_CODE_INSTRUCTION})
+    plain = build("", "default")
+    assert plain == render_prompt(problem, style, tok)  # no signal: exactly the baseline's prompt
+    sig = build_signal([(PROG, TRACE, 3)], lambda s: len(tok.encode(s, add_special_tokens=False)), 400)
+    cond = build(sig, "default")
+    # the template's turns: system text, "### Instruction:\n<user>\n", then "### Response:" (generation prompt)
+    instr, resp = cond.rfind("### Instruction:\n"), cond.rfind("### Response:")
+    assert 0 < instr < cond.index(sig.strip("\n")) < resp and cond.endswith("### Response:")
+    assert cond.count("### Response:") == plain.count("### Response:") == 1
+    user = cond[instr + len("### Instruction:\n"):resp]
+    assert user.startswith(plain[instr + len("### Instruction:\n"):plain.rfind("### Response:")].rstrip("\n"))
+    assert user.rstrip("\n").endswith(sig.rstrip("\n"))
+    # on the token level: both prompts open with BOS and end with the same assistant header tokens,
+    # and the signal's tokens all come before that header
+    p_ids, c_ids = tok.encode(plain, add_special_tokens=False), tok.encode(cond, add_special_tokens=False)
+    head = tok.encode("\n### Response:", add_special_tokens=False)
+    assert p_ids[0] == c_ids[0] == tok.bos_token_id
+    assert p_ids[-len(head):] == c_ids[-len(head):] == head and len(c_ids) > len(p_ids) + 50
+    assert "Execution feedback" in tok.decode(c_ids[: len(c_ids) - len(head)])
+    # the long-code variant also goes into the user turn, before the signal
+    lc = build(sig, "long_code")
+    assert lc.rfind("### Instruction:\n") < lc.index("many short, simple lines") < lc.index(sig.strip("\n")) \
+        < lc.rfind("### Response:")
+    with pytest.raises(ValueError, match="unknown prompt variant"):
+        build(sig, "nope")
+
+
+def test_base_prompt_builder_puts_signal_and_variant_before_the_marker():
+    from codedistill.data.problem import Problem
+    from codedistill.egcfg.signal import prompt_builder
+
+    mbpp = "You are an expert...\nassert f(1) == 2\n[BEGIN]\n"
+    problem = Problem(task_id="t/2", prompt=mbpp, entry_point="f", tests=())
+    build = prompt_builder(problem, "base", variants={"long_code": "Write many lines.\nOne step each."})
+    assert build("", "default") == mbpp
+    assert build("# feedback\n", "default") == "You are an expert...\nassert f(1) == 2\n# feedback\n[BEGIN]\n"
+    assert build("# feedback\n", "long_code") == \
+        "You are an expert...\nassert f(1) == 2\n# Write many lines.\n# One step each.\n# feedback\n[BEGIN]\n"

@@ -68,16 +68,18 @@ class EGCFGSolver:
                                                problem.test_setup)[0]
         res.counters.sandbox_executions += self.executor.executions - before if self.config.agent_workers == 1 else 1
 
-    def _run_agent(self, problem, prompt, stop, agent, seed, cancel) -> AgentResult:
-        res = self.decoder.decode_agent(problem, prompt, stop, agent, seed, cancel)
+    def _run_agent(self, problem, prompt, stop, agent, seed, cancel, build=None) -> AgentResult:
+        res = self.decoder.decode_agent(problem, prompt, stop, agent, seed, cancel, build=build)
         if res.finish_reason != "cancelled":
             t0 = time.time()
             self._check(problem, res)
             res.counters.wall_time_s += time.time() - t0
         return res
 
-    def solve(self, problem: Problem, prompt: str, stop: Sequence[str] = (), seed: int = 0
-              ) -> tuple[Candidate, dict[str, Any]]:
+    def solve(self, problem: Problem, prompt: str, stop: Sequence[str] = (), seed: int = 0,
+              build: Callable[[str, str], str] | None = None) -> tuple[Candidate, dict[str, Any]]:
+        """``build(signal, prompt variant) -> prompt`` places the signal (chat prompts need it:
+        :func:`~codedistill.egcfg.signal.prompt_builder`); default: base insertion into ``prompt``."""
         t0 = time.time()
         agents = self.config.agents()
         if not problem.visible_tests and self.config.line_temperature == 0:
@@ -88,13 +90,13 @@ class EGCFGSolver:
         winner: int | None = None
         if self.config.agent_workers == 1:
             for i, a in enumerate(agents):
-                results[i] = self._run_agent(problem, prompt, stop, a, _agent_seed(seed, i), None)
+                results[i] = self._run_agent(problem, prompt, stop, a, _agent_seed(seed, i), None, build)
                 if self.config.early_stop and results[i].visible and results[i].visible["passed"]:
                     winner = i
                     break
         else:
             with ThreadPoolExecutor(self.config.agent_workers) as ex:
-                futs = {ex.submit(self._run_agent, problem, prompt, stop, a, _agent_seed(seed, i), cancel): i
+                futs = {ex.submit(self._run_agent, problem, prompt, stop, a, _agent_seed(seed, i), cancel, build): i
                         for i, a in enumerate(agents)}
                 pending = set(futs)
                 while pending:

@@ -9,6 +9,25 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from codedistill.egcfg.signal import DEFAULT_HEADER, DEFAULT_TEMPLATE
 
+# The paper's second prompt ("long code"), in our words: ask for many short lines so that
+# every prefix of the function runs, which gives the tracer something to show early.
+LONG_CODE_INSTRUCTION = (
+    "Write the function as many short, simple lines, so that every prefix of it is a valid\n"
+    "Python program that can be run and traced step by step. Introduce a variable for each\n"
+    "intermediate result; use explicit loops instead of comprehensions, lambdas or one-liners.\n"
+    "For example, instead of\n"
+    "    return [x * x for x in xs]\n"
+    "write\n"
+    "    squares = []\n"
+    "    for x in xs:\n"
+    "        square = x * x\n"
+    "        squares.append(square)\n"
+    "    return squares"
+)
+
+#: prompt variants of the agent grid: name -> instruction added to the task ("" = none)
+DEFAULT_PROMPTS = {"default": "", "long_code": LONG_CODE_INSTRUCTION}
+
 
 class AgentSpec(BaseModel):
     """One agent: candidate temperature t, depth d (lines), candidates s, guidance gamma, prompt."""
@@ -25,7 +44,7 @@ class AgentSpec(BaseModel):
         """What determines the agent's output: with gamma = 0 (and greedy lines) the signal,
         hence t, d, s and the prompt, has no effect, so those agents are one agent."""
         if self.gamma == 0 and greedy_lines:
-            return (0.0,)
+            return (0.0, self.prompt)  # the prompt variant still changes the plain output
         return (self.temperature, self.depth, self.num_candidates, self.gamma, self.prompt)
 
     def name(self) -> str:
@@ -41,12 +60,24 @@ class EGCFGConfig(BaseModel):
     num_candidates: list[int] = Field(default_factory=lambda: [3])
     gammas: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 3.0])
     prompts: dict[str, str] = Field(
-        default_factory=lambda: {"default": DEFAULT_TEMPLATE},
-        description="signal templates by name; each has {header} and {traces}",
+        default_factory=lambda: dict(DEFAULT_PROMPTS),
+        description="prompt variants of the grid: name -> instruction added to the task "
+                    "('default' adds none; 'long_code' is the paper's second prompt)",
     )
-    signal_header: str = DEFAULT_HEADER
+    trace_template: Literal["compact", "paper"] = Field(
+        "compact", description="compact: changed variables per executed line + verdict, as comments; "
+                               "paper: upstream's layout (function, invocation, per-step locals with "
+                               "types, return value; no verdict)")
+    signal_header: Optional[str] = Field(None, description="None: the template's own header")
+    signal_template: Optional[str] = Field(None, description="frame with {header} and {traces}; "
+                                                             "None: the template's own")
     max_agents: Optional[int] = Field(None, ge=1, description="run only the first N distinct agents")
-    early_stop: bool = True
+    early_stop: bool = Field(True, description="stop the problem at the first agent passing the visible tests")
+    agreement_stop: int = Field(4, ge=0, description="stop an agent once its executable candidates "
+                                                     "agree on one finished program this many line "
+                                                     "boundaries in a row (paper: 4; 0 = off)")
+    guide_from_def: bool = Field(True, description="candidates, signal and guidance start once the "
+                                                   "entry point's def line is there (paper)")
     agent_workers: int = Field(1, ge=1, description="agents decoded at once (threads)")
 
     # --- candidates
@@ -61,7 +92,11 @@ class EGCFGConfig(BaseModel):
     max_new_tokens: int = Field(384, ge=1, description="tokens of the whole completion")
 
     # --- traces and signal
-    trace_budget_tokens: int = Field(512, ge=0, description="tokens of the whole signal block")
+    trace_budget_tokens: Optional[int] = Field(
+        None, ge=0, description="tokens of the whole signal block; None: scaled to the model's "
+                                "context (trace_budget_fraction of what the prompt and completion leave)")
+    trace_budget_fraction: float = Field(0.5, gt=0, le=1)
+    trace_budget_max: int = Field(4096, ge=0, description="cap of the scaled budget")
     trace_max_events: int = Field(60, ge=0, description="recorded events per test")
     trace_max_chars: int = Field(4000, ge=0)
     trace_max_repr: int = Field(60, ge=8)
@@ -70,6 +105,31 @@ class EGCFGConfig(BaseModel):
     signal_anchor: Optional[str] = "[BEGIN]"
     exec_timeout_s: float = Field(10.0, gt=0, description="per sandbox job")
     exec_workers: int = Field(2, ge=1)
+
+    def prompt_variants(self) -> dict[str, str]:
+        return dict(self.prompts)
+
+    def frame(self) -> tuple[str, str]:
+        """(signal template with {header}/{traces}, header) for the trace template."""
+        from codedistill.egcfg.signal import PAPER_HEADER, PAPER_TEMPLATE
+
+        if self.trace_template == "paper":
+            tpl, hdr = PAPER_TEMPLATE, PAPER_HEADER
+        else:
+            tpl, hdr = DEFAULT_TEMPLATE, DEFAULT_HEADER
+        return (self.signal_template or tpl,
+                self.signal_header if self.signal_header is not None else hdr)
+
+    def budget_for(self, context_tokens: int | None, prompt_tokens: int) -> int:
+        """Tokens for the signal block: the fixed budget if set; else ``trace_budget_fraction``
+        of what the model's context leaves after the prompt and the completion, capped at
+        ``trace_budget_max`` (512 when the context length is unknown)."""
+        if self.trace_budget_tokens is not None:
+            return self.trace_budget_tokens
+        if not context_tokens:
+            return 512
+        left = context_tokens - prompt_tokens - self.max_new_tokens
+        return max(0, min(self.trace_budget_max, int(left * self.trace_budget_fraction)))
 
     def agents(self) -> list[AgentSpec]:
         """Distinct agents in run order: gamma first (gamma = 0, plain greedy, is the cheapest

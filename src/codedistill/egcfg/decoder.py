@@ -19,6 +19,7 @@ With ``gamma = 0`` (the signal has no effect) or no visible tests, steps 1-3 are
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,9 +31,24 @@ from codedistill.data.problem import Problem
 from codedistill.egcfg.cfg import cfg_generate
 from codedistill.egcfg.config import AgentSpec, EGCFGConfig
 from codedistill.egcfg.executor import TraceExecutor
-from codedistill.egcfg.signal import build_signal, count_tokens_fn, insert_signal, make_executable_ex
+from codedistill.egcfg.signal import build_signal, count_tokens_fn, make_executable_ex, prompt_builder
 from codedistill.generation.hf import kept_token_count
 from codedistill.generation.postprocess import cut_at_stop
+
+
+def agreement_step(agreed: str | None, count: int, programs: Sequence[str]) -> tuple[str | None, int]:
+    """Upstream's agreement counter, one line boundary at a time: the candidates agree when
+    their executable programs are ONE program whose last line returns; the count grows while
+    it is the same program, and starts again (at 1 for a new agreed program, else 0)."""
+    uniq = list(dict.fromkeys(p.strip() for p in programs if p.strip()))
+    if len(uniq) != 1:
+        return None, 0
+    prog = uniq[0]
+    if agreed is not None and prog == agreed:
+        return agreed, count + 1
+    if "return" in prog.splitlines()[-1]:
+        return prog, 1
+    return None, 0
 
 
 @dataclass
@@ -99,8 +115,9 @@ class LineDecoder:
 
     # ------------------------------------------------------------------ candidates + signal
     def candidates(self, ids: list[int], agent: AgentSpec, stop: Sequence[str], gen: torch.Generator,
-                   c: Counters) -> list[str]:
-        """``s`` continuations of ``ids``, each up to ``d`` newlines (or a stop / eos)."""
+                   c: Counters) -> tuple[list[str], list[tuple[list[int], list[float]]]]:
+        """``s`` continuations of ``ids``, each up to ``d`` newlines (or a stop / eos), and
+        each one's kept (token ids, plain log-probs)."""
         d = agent.depth
 
         def deep_enough(new: list[int]) -> bool:
@@ -120,16 +137,21 @@ class LineDecoder:
         c.generated_tokens += n
         c.candidate_tokens += n
         out = []
-        for toks in res.tokens:
+        kept: list[tuple[list[int], list[float]]] = []
+        for toks, plps in zip(res.tokens, res.token_plain_logprobs):
             t = self.decode(toks)
             t, _ = cut_at_stop(t, stop)
             lines = t.split("\n")
-            out.append("\n".join(lines[: d]) + ("\n" if len(lines) > d else ""))
-        return out
+            text = "\n".join(lines[: d]) + ("\n" if len(lines) > d else "")
+            m = kept_token_count(self.tok, toks, text) if text != self.decode(toks) else len(toks)
+            out.append(text)
+            kept.append((list(toks[:m]), list(plps[:m])))
+        return out, kept
 
     def signal(self, problem: Problem, prefix_text: str, cands: list[str], agent: AgentSpec,
-               c: Counters) -> tuple[str, list[dict]]:
-        """Trace the candidates on the visible tests; the signal block and a log per candidate."""
+               c: Counters, budget: int | None = None) -> tuple[str, list[dict], list[str]]:
+        """Trace the candidates on the visible tests: the signal block, a log per candidate and
+        the distinct executable programs (for the agreement stop)."""
         first_new = len(self.to_program(problem, prefix_text).split("\n"))
         programs: list[str] = []
         dropped: list[str] = []
@@ -143,9 +165,11 @@ class LineDecoder:
             entry["program_index"] = programs.index(prog) if prog in programs else None
             log.append(entry)
         tests = list(problem.visible_tests)[: self.cfg.max_traced_tests]
+        paper = self.cfg.trace_template == "paper"
         jobs = [{"program": p, "tests": tests, "test_setup": problem.test_setup,
                  "max_events": self.cfg.trace_max_events, "max_chars": self.cfg.trace_max_chars,
-                 "max_repr": self.cfg.trace_max_repr, "timeout_s": self.cfg.trace_timeout_s}
+                 "max_repr": self.cfg.trace_max_repr, "timeout_s": self.cfg.trace_timeout_s,
+                 "types": paper}
                 for p in programs]
         before = self.executor.executions
         traces = self.executor.trace_many(jobs)
@@ -159,27 +183,67 @@ class LineDecoder:
                               for t in tr.get("tests", [])]
                 if tr.get("error"):
                     e["error"] = tr["error"]
-        template = self.cfg.prompts.get(agent.prompt) or next(iter(self.cfg.prompts.values()))
+        template, header = self.cfg.frame()
         sig = build_signal([(p, t, first_new, dr) for p, t, dr in zip(programs, traces, dropped)], self.count_tokens,
-                           self.cfg.trace_budget_tokens, template=template, header=self.cfg.signal_header,
-                           max_tests=self.cfg.max_traced_tests)
-        return sig, log
+                           self.cfg.budget_for(None, 0) if budget is None else budget, template=template,
+                           header=header, max_tests=self.cfg.max_traced_tests, formatter=self.cfg.trace_template)
+        return sig, log, programs
+
+    # ------------------------------------------------------------------ where guidance starts
+    def guided_from_here(self, problem: Problem, prefix_text: str) -> bool:
+        """Upstream starts candidates, signal and guidance at the entry point's ``def`` line
+        (with ``guide_from_def``): True once the code prefix or the completion so far has it."""
+        if not self.cfg.guide_from_def:
+            return True
+        name = re.escape(problem.entry_point) if problem.entry_point else r"\w+"
+        return re.search(rf"^\s*def\s+{name}\s*\(", problem.code_prefix + prefix_text, re.M) is not None
+
+    def context_length(self) -> int | None:
+        conf = getattr(self.model, "config", None)
+        for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            v = getattr(conf, k, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return None
+
+    def _finish_on_agreement(self, problem: Problem, kept_prefix: str, cands: list[str],
+                             kept: list[tuple[list[int], list[float]]], agreed: str | None
+                             ) -> tuple[list[int], list[float]] | None:
+        """(tokens, plain log-probs) of a candidate whose whole program is the agreed one."""
+        for text, (toks, plps) in zip(cands, kept):
+            prog, dropped = make_executable_ex(self.to_program(problem, kept_prefix + text))
+            if not dropped and prog.strip() == (agreed or "").strip() and toks:
+                return toks, plps
+        return None
 
     # ------------------------------------------------------------------ one agent
+    def builder(self, problem: Problem, prompt: str,
+                build: Callable[[str, str], str] | None = None) -> Callable[[str, str], str]:
+        """``build(signal, variant) -> prompt``: the given one (chat prompts: see
+        :func:`~codedistill.egcfg.signal.prompt_builder`), else base insertion into ``prompt``."""
+        if build is not None:
+            return build
+        return prompt_builder(problem, "base", anchor=self.cfg.signal_anchor,
+                              variants=self.cfg.prompt_variants(), prompt=prompt)
+
     def decode_agent(self, problem: Problem, prompt: str, stop: Sequence[str], agent: AgentSpec,
-                     seed: int, cancel: threading.Event | None = None) -> AgentResult:
+                     seed: int, cancel: threading.Event | None = None,
+                     build: Callable[[str, str], str] | None = None) -> AgentResult:
         t0 = time.time()
         c = Counters()
         gen = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFF)
-        prompt_ids = self.encode(prompt)
+        build = self.builder(problem, prompt, build)
+        prompt_ids = self.encode(build("", agent.prompt))
         ids: list[int] = []
         plain_lps: list[float] = []
         guided_lps: list[float] = []
         lines: list[dict] = []
         use_signal = agent.gamma != 0 and bool(problem.visible_tests)
+        budget = self.cfg.budget_for(self.context_length(), len(prompt_ids))
         finish = "length"
         stop = [s for s in stop if s]
         max_stop = max((len(s) for s in stop), default=0)
+        agreed, agree_n = None, 0  # the program the candidates agree on, and for how many lines in a row
         for line_no in range(self.cfg.max_lines):
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
@@ -187,17 +251,32 @@ class LineDecoder:
             prefix_text = self.decode(ids)
             entry: dict[str, Any] = {"line": line_no}
             sig = ""
-            if use_signal:
-                cands = self.candidates(prompt_ids + ids, agent, stop, gen, c)
-                sig, entry["candidates"] = self.signal(problem, cut_at_stop(prefix_text, stop)[0], cands,
-                                                       agent, c)
+            if use_signal and self.guided_from_here(problem, prefix_text):
+                kept_prefix = cut_at_stop(prefix_text, stop)[0]
+                cands, kept = self.candidates(prompt_ids + ids, agent, stop, gen, c)
+                sig, entry["candidates"], programs = self.signal(problem, kept_prefix, cands, agent, c, budget)
                 entry["signal_tokens"] = self.count_tokens(sig) if sig else 0
                 if self.log_signals:
                     entry["signal"] = sig
+                agreed, agree_n = agreement_step(agreed, agree_n, programs)
+                entry["agreement"] = agree_n
+                if self.cfg.agreement_stop and agree_n >= self.cfg.agreement_stop:
+                    done = self._finish_on_agreement(problem, kept_prefix, cands, kept, agreed)
+                    if done is not None:  # the agreed candidate becomes the rest of the program
+                        toks, plps = done
+                        ids += toks
+                        plain_lps += plps
+                        guided_lps += plps  # chosen by sampling the plain model, not by guidance
+                        entry["text"] = self.decode(toks)
+                        entry["tokens"] = len(toks)
+                        entry["agreement_stop"] = True
+                        lines.append(entry)
+                        finish = "stop"
+                        break
             cond_ids = None
             if sig:
-                cond_ids = self.encode(insert_signal(prompt, sig, problem.code_prefix, self.cfg.signal_anchor)) + ids
-            budget = min(self.cfg.max_line_tokens, self.cfg.max_new_tokens - len(ids))
+                cond_ids = self.encode(build(sig, agent.prompt)) + ids
+            line_budget = min(self.cfg.max_line_tokens, self.cfg.max_new_tokens - len(ids))
             tail_from = max(0, len(prefix_text) - max_stop)
 
             def line_done(new: list[int]) -> bool:
@@ -210,7 +289,7 @@ class LineDecoder:
             res = cfg_generate(
                 self.model, prompt_ids + ids, cond_ids, gamma=agent.gamma,
                 strategy="sample" if line_temp > 0 else "greedy", temperature=max(line_temp, 1e-6),
-                top_p=self.cfg.top_p if line_temp > 0 else 1.0, max_new_tokens=budget,
+                top_p=self.cfg.top_p if line_temp > 0 else 1.0, max_new_tokens=line_budget,
                 eos_token_id=self.eos, stop_fn=line_done, generator=gen, pad_token_id=self.pad,
             )
             new = res.tokens[0]

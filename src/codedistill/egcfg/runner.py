@@ -36,7 +36,10 @@ def egcfg_config_from(cfg: Any) -> EGCFGConfig:
 
 def make_egcfg_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, pool: Any = None):
     """``generate(problems, chunk_seed) -> [[Candidate] * num_samples]`` for the baseline."""
+    from codedistill.egcfg.signal import prompt_builder
     from codedistill.prompts import render_prompt, stops_for, to_program
+
+    from codedistill.execution import Job
 
     econf = egcfg_config_from(cfg)
     num_samples = cfg.sampling.num_samples
@@ -51,11 +54,18 @@ def make_egcfg_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, p
         res = []
         for p in chunk:
             prompt = render_prompt(p, style, gen.tokenizer)
+            build = prompt_builder(p, style, gen.tokenizer, anchor=econf.signal_anchor,
+                                   variants=econf.prompt_variants(), prompt=prompt)
             stop = list(stops_for(p, style))
             cands = []
             for i in range(num_samples):
-                cand, rec = solver.solve(p, prompt, stop, seed=derive_seed(chunk_seed, p.task_id, i))
+                cand, rec = solver.solve(p, prompt, stop, seed=derive_seed(chunk_seed, p.task_id, i), build=build)
                 rec["sample_index"] = i
+                rec["guided"] = bool(p.visible_tests)
+                if pool is not None and rec["agents"]:  # the first agent's own program, judged on the full tests
+                    first = rec["agents"][0]["completion"]
+                    rec["first_agent_passed"] = bool(pool.run([Job(to_program(p, style, first)[1], list(p.tests),
+                                                                   p.test_setup)])[0].passed)
                 if log_path is not None:
                     append_log(log_path, rec)
                 # what the baseline's generator counters would say

@@ -44,6 +44,7 @@ DEFAULTS = {
     "max_chars": 6000,
     "max_repr": 80,
     "timeout_s": 2.0,
+    "types": False,  # also record type names (events get "types" / "type"; the paper template shows them)
 }
 
 
@@ -74,8 +75,12 @@ def safe_repr(x: Any, limit: int = 80) -> str:
 
 
 class _Recorder:
-    def __init__(self, max_events: int, max_chars: int, max_repr: int, deadline: float | None = None):
+    def __init__(self, max_events: int, max_chars: int, max_repr: int, deadline: float | None = None,
+                 types: bool = False):
         self.deadline = deadline
+        self.types = types
+        self.prev_types: dict[int, dict[str, str]] = {}
+        self.last_types: dict[str, str] = {}
         self.max_events = max_events
         self.max_chars = max_chars
         self.max_repr = max_repr
@@ -108,16 +113,29 @@ class _Recorder:
         return self.local_trace(frame, event, arg)
 
     def _delta(self, frame) -> dict[str, str]:
-        """Locals whose repr changed since the last snapshot of this frame."""
+        """Locals whose repr changed since the last snapshot of this frame (their type names
+        in ``self.last_types`` when types are recorded)."""
         key = id(frame)
         old = self.prev_vars.get(key, {})
         new = {}
+        tnew = {}
         for k, v in list(frame.f_locals.items()):
             if k.startswith("__") or isinstance(v, _SKIP_TYPES):
                 continue
             new[k] = safe_repr(v, self.max_repr)
+            if self.types:
+                tnew[k] = type(v).__name__
         self.prev_vars[key] = new
-        return {k: v for k, v in new.items() if old.get(k) != v}
+        told = self.prev_types.get(key, {})
+        self.prev_types[key] = tnew
+        changed = {k: v for k, v in new.items() if old.get(k) != v or told.get(k) != tnew.get(k)}
+        self.last_types = {k: tnew[k] for k in changed} if self.types else {}
+        return changed
+
+    def _with_types(self, ev: dict) -> dict:
+        if self.types:
+            ev["types"] = self.last_types
+        return ev
 
     def local_trace(self, frame, event, arg):
         if self.truncated:
@@ -134,26 +152,30 @@ class _Recorder:
             self.prev_line[key] = None
             self.raised.discard(key)
             if func != "<module>":
-                self._add({"event": "call", "func": func, "line": frame.f_lineno,
-                           "args": self._delta(frame)})
+                self._add(self._with_types({"event": "call", "func": func, "line": frame.f_lineno,
+                                            "args": self._delta(frame)}))
         elif event == "line":
             prev = self.prev_line.get(key)
             if prev is not None:
                 delta = self._delta(frame)
                 if delta or func != "<module>":
-                    self._add({"event": "line", "func": func, "line": prev, "vars": delta})
+                    self._add(self._with_types({"event": "line", "func": func, "line": prev, "vars": delta}))
             self.prev_line[key] = frame.f_lineno
         elif event == "return":
             prev = self.prev_line.pop(key, None)
             delta = self._delta(frame)
             if prev is not None and delta:
-                self._add({"event": "line", "func": func, "line": prev, "vars": delta})
+                self._add(self._with_types({"event": "line", "func": func, "line": prev, "vars": delta}))
             if key in self.raised:  # leaving by an exception, not a return
                 self.raised.discard(key)
             elif func != "<module>":
-                self._add({"event": "return", "func": func, "line": frame.f_lineno,
-                           "value": safe_repr(arg, self.max_repr)})
+                ev = {"event": "return", "func": func, "line": frame.f_lineno,
+                      "value": safe_repr(arg, self.max_repr)}
+                if self.types:
+                    ev["type"] = type(arg).__name__
+                self._add(ev)
             self.prev_vars.pop(key, None)
+            self.prev_types.pop(key, None)
         elif event == "exception":
             exc_type, exc, _ = arg
             self.raised.add(key)
@@ -224,7 +246,7 @@ def _alarm(signum, frame):  # noqa: ARG001
 
 def _run_one(program: str, setup: str, test: str, opts: dict) -> dict:
     rec = _Recorder(int(opts["max_events"]), int(opts["max_chars"]), int(opts["max_repr"]),
-                    deadline=time.monotonic() + float(opts["timeout_s"]))
+                    deadline=time.monotonic() + float(opts["timeout_s"]), types=bool(opts.get("types")))
     out: dict[str, Any] = {"test": test, "call": None, "result": None, "expected": None,
                            "passed": False, "exception": None, "stdout": ""}
     call_src, exp_src = split_assert(test)
