@@ -152,3 +152,20 @@ def test_beam_candidates_and_parallel_agents(tiny, solver):
                                                 "candidate_mode": "beam"}), pool=solver.executor.pool)
     _, rec2 = seq.solve(PROBLEM, PREFIX, [], seed=1)
     assert [a["completion"] for a in rec2["agents"]] == [a["completion"] for a in rec["agents"]]
+
+
+def test_empty_completion_has_no_probability_mass():
+    """An empty program earned no P: seq_prob 0 (not 1), so P2Value never prefers it to a real
+    program with the same pass rate, and an EG-CFG candidate with no tokens carries P = 0."""
+    import math
+
+    from codedistill.btp.loop import sequence_p
+    from codedistill.btp.p2value import p2value
+    from codedistill.generation.base import Candidate, seq_prob
+
+    assert seq_prob(0.0, 0) == 0.0 and seq_prob(-3.0, 0) == 0.0
+    assert math.isclose(seq_prob(-2.0, 4), math.exp(-0.5))
+    empty, real = Candidate(text="", num_tokens=0, logprob=0.0), Candidate(text="x", num_tokens=4, logprob=-2.0)
+    assert empty.seq_prob == 0.0 and empty.to_dict()["seq_prob"] == 0.0
+    p_empty, p_real = (sequence_p(c.to_dict(), "normalized") for c in (empty, real))
+    assert p_empty == 0.0 and p2value(p_empty, 0.0) < p2value(p_real, 0.0)

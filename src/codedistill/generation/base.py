@@ -38,9 +38,10 @@ class Candidate:
 
 
 def seq_prob(logprob: float, num_tokens: int) -> float:
-    """exp(mean token log-prob); 1.0 for an empty sequence by convention of no evidence."""
+    """exp(mean token log-prob); 0.0 for an empty sequence: a program of no tokens earned no
+    probability mass (with 1.0 it would outrank every real program in P2Value)."""
     if num_tokens <= 0:
-        return 1.0
+        return 0.0
     return float(math.exp(logprob / num_tokens))
 
 
