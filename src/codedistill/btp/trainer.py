@@ -74,21 +74,76 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def split_prompt_completion(
+    tokenizer: Any, prompt: str, completion: str, add_special_tokens: bool = True,
+) -> tuple[list[int], list[int], bool]:
+    """(prompt ids, completion ids, straddled) from ONE tokenization of ``prompt + completion``.
+
+    The completion's tokens are the ones the target emits after its prompt, not the
+    completion tokenized on its own: with SentencePiece (Llama/CodeLlama) a string
+    tokenized alone starts with a ``▁``-prefixed token (``▁def``) where after the prompt's
+    ``[BEGIN]\n`` the same text is ``def``. The boundary is found by character offsets: a
+    token belongs to the prompt iff its span ends at or before ``len(prompt)``; tokens the
+    tokenizer adds itself (BOS/EOS: special, empty span) are prompt tokens at the start and
+    dropped at the end. A token that *straddles* the boundary (starts in the prompt, ends
+    in the completion, e.g. a BPE merge of a prompt's trailing space with the completion's
+    first word; StarCoder's ``\n   `` after a HumanEval prompt's final newline) cannot be
+    kept as is, since generation feeds the prompt tokenized on its own: then the prompt
+    ids are the prompt's own tokenization (exactly the generation context) and the
+    straddling token is replaced by its completion part tokenized alone, followed by the
+    joint tokens after it; ``straddled`` reports this case. Either way
+    ``decode(prompt_ids + completion_ids) == prompt + completion``.
+    """
+    text = prompt + completion
+    n = len(prompt)
+    try:
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
+                        return_special_tokens_mask=True)
+    except NotImplementedError:  # a slow (pure Python) tokenizer has no offsets
+        from codedistill.errors import ConfigError
+
+        raise ConfigError(
+            f"{type(tokenizer).__name__} gives no character offsets; load the fast tokenizer "
+            "(AutoTokenizer.from_pretrained(path), use_fast=True) to fine-tune on it"
+        ) from None
+    ids = list(enc["input_ids"])
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    added = [bool(m) and s == e for m, (s, e) in zip(enc["special_tokens_mask"], offsets)]
+    b = len(ids)
+    straddled = False
+    for i, (s, e) in enumerate(offsets):
+        if added[i]:
+            continue
+        if e > n:
+            b, straddled = i, s < n
+            break
+    completion_ids = [t for t, a in zip(ids[b:], added[b:]) if not a]
+    if not straddled:
+        return ids[:b], completion_ids, False
+    p_enc = tokenizer(prompt, add_special_tokens=add_special_tokens, return_special_tokens_mask=True)
+    p_ids = list(p_enc["input_ids"])
+    while p_ids and p_enc["special_tokens_mask"][len(p_ids) - 1] and p_ids[-1] == getattr(tokenizer, "eos_token_id", None):
+        p_ids.pop()  # a tokenizer that appends EOS to every text
+    head = list(tokenizer(text[n:offsets[b][1]], add_special_tokens=False)["input_ids"])
+    return p_ids, head + completion_ids[1:], True
+
+
 def encode_example(
     tokenizer: Any, prompt: str, completion: str, max_length: int = 1024, add_eos: bool = True,
     prompt_special_tokens: bool = True,
 ) -> dict[str, Any]:
     """Token ids and labels for one (prompt, completion) pair.
 
-    Prompt and completion are tokenized *separately* (prompt with the tokenizer's special
-    tokens, e.g. BOS, exactly as at generation time; completion without), then
-    concatenated, plus EOS. Labels copy the completion ids (and EOS); every prompt
-    position is ``IGNORE_INDEX`` so the prompt carries no loss. Over-long pairs lose
-    completion tokens from the right (and, if the prompt alone is too long, prompt tokens
-    from the left), keeping at least one completion token.
+    ``prompt + completion`` is tokenized as one string (prompt special tokens, e.g. BOS,
+    exactly as at generation time) and split at the prompt's end by character offsets
+    (:func:`split_prompt_completion`), so the labels are exactly the tokens the target
+    would emit after its prompt, for SentencePiece and byte-level BPE alike; then EOS.
+    Labels copy the completion ids (and EOS); every prompt position is ``IGNORE_INDEX`` so
+    the prompt carries no loss. Over-long pairs lose completion tokens from the right
+    (and, if the prompt alone is too long, prompt tokens from the left), keeping at least
+    one completion token.
     """
-    p_ids = list(tokenizer(prompt, add_special_tokens=prompt_special_tokens)["input_ids"])
-    c_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    p_ids, c_ids, straddled = split_prompt_completion(tokenizer, prompt, completion, prompt_special_tokens)
     eos = getattr(tokenizer, "eos_token_id", None)
     if add_eos and eos is not None:
         c_ids = c_ids + [int(eos)]
@@ -101,7 +156,8 @@ def encode_example(
             p_ids = p_ids[len(p_ids) + len(c_ids) - max_length:]
     ids = p_ids + c_ids
     labels = [IGNORE_INDEX] * len(p_ids) + c_ids
-    return {"input_ids": ids, "labels": labels, "prompt_len": len(p_ids), "truncated": truncated}
+    return {"input_ids": ids, "labels": labels, "prompt_len": len(p_ids), "truncated": truncated,
+            "straddled": straddled}
 
 
 def collate(features: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:

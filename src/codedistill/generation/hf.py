@@ -62,14 +62,39 @@ def load_model_and_tokenizer(path: str, device: str | None = None, dtype: str = 
     return model, tok
 
 
-def kept_token_count(tokenizer, ids: Sequence[int], kept_text: str) -> int:
+#: prompt tokens kept as context when decoding a continuation (enough for any tokenizer's
+#: word-boundary marker; one would do for SentencePiece's leading "▁")
+CONTEXT_TOKENS = 4
+
+
+def decode_continuation(tokenizer: Any, ids: Sequence[int], context_ids: Sequence[int] = ()) -> str:
+    """The text ``ids`` add after ``context_ids`` (the prompt's last tokens).
+
+    Decoding generated ids on their own is wrong for SentencePiece tokenizers: their
+    decoder strips the leading space of the first token (``▁▁▁▁return`` alone decodes to
+    three spaces of indentation, after a newline to four). Decoding the prompt's last
+    tokens together with the continuation and dropping the prompt's text gives exactly
+    the continuation's text in context, for every tokenizer family.
+    """
+    ctx = list(context_ids)[-CONTEXT_TOKENS:]
+    if ctx:
+        head = tokenizer.decode(ctx, skip_special_tokens=True)
+        full = tokenizer.decode(ctx + list(ids), skip_special_tokens=True)
+        if full.startswith(head):
+            return full[len(head):]
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def kept_token_count(tokenizer, ids: Sequence[int], kept_text: str, context_ids: Sequence[int] = ()) -> int:
     """Fewest leading tokens whose decoded text covers ``kept_text`` (the token that
-    completes the kept text is included; tokens only of the stop string are not)."""
+    completes the kept text is included; tokens only of the stop string are not).
+    ``context_ids``: the prompt's tokens, to decode the continuation in context
+    (:func:`decode_continuation`)."""
     if not kept_text:
         return 0
     m = len(ids)
     # Walk back from the end: stops are near the end, so this costs a few decodes.
-    while m > 1 and len(tokenizer.decode(ids[: m - 1], skip_special_tokens=True)) >= len(kept_text):
+    while m > 1 and len(decode_continuation(tokenizer, ids[: m - 1], context_ids)) >= len(kept_text):
         m -= 1
     return m
 
@@ -112,8 +137,13 @@ class HFGenerator:
                              add_special_tokens=self.add_special_tokens)
         return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
+    @staticmethod
+    def _prompt_ids(enc: dict[str, torch.Tensor], i: int) -> list[int]:
+        """Row ``i``'s prompt ids without the left padding."""
+        return enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
+
     def _finish(self, gen_ids: list[int], stop: Sequence[str], token_logprobs: list[float] | None,
-                prompt_index: int, hit_max: bool) -> Candidate:
+                prompt_index: int, hit_max: bool, context_ids: Sequence[int] = ()) -> Candidate:
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         # drop the EOS that ended generation and the padding after it
@@ -124,9 +154,9 @@ class HFGenerator:
                 ids = ids[:i]
                 ended_eos = True
                 break
-        raw = self.tokenizer.decode(ids, skip_special_tokens=True)
+        raw = decode_continuation(self.tokenizer, ids, context_ids)
         text, hit_stop = cut_at_stop(raw, stop)
-        m = kept_token_count(self.tokenizer, ids, text) if hit_stop else len(ids)
+        m = kept_token_count(self.tokenizer, ids, text, context_ids) if hit_stop else len(ids)
         ids = ids[:m]
         lp = float(sum(token_logprobs[:m])) if token_logprobs is not None else float("nan")
         finish = "stop" if (hit_stop or ended_eos) else ("length" if hit_max else "stop")
@@ -168,7 +198,8 @@ class HFGenerator:
             for row in range(seqs.shape[0]):
                 pi = start + row // n
                 ids = seqs[row].tolist()
-                cand = self._finish(ids, stop, lps[row].tolist(), pi, hit_max=len(ids) >= max_new_tokens)
+                cand = self._finish(ids, stop, lps[row].tolist(), pi, hit_max=len(ids) >= max_new_tokens,
+                                    context_ids=self._prompt_ids(enc, row // n))
                 self.generated_tokens += cand.num_tokens
                 out[pi].append(cand)
         return out
@@ -201,7 +232,8 @@ class HFGenerator:
                 pi = start + row // nrs
                 ids = seqs[row].tolist()
                 # beam outputs are right-padded with pad after EOS; _finish cuts at EOS
-                c = self._finish(ids, stop, None, pi, hit_max=len(ids) >= max_new_tokens)
+                c = self._finish(ids, stop, None, pi, hit_max=len(ids) >= max_new_tokens,
+                                 context_ids=self._prompt_ids(enc, row // nrs))
                 c.meta["beam_rank"] = row % nrs
                 cands.append(c)
             prompt_rows = [enc["input_ids"][row // nrs][enc["attention_mask"][row // nrs].bool()].tolist()
