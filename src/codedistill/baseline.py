@@ -315,12 +315,21 @@ def _run_baseline(cfg: BaselineConfig, out: Path, spec: Any, gen: Any, problems:
             chunk_size=cfg.chunk_size, seed=cfg.seed, timeout=cfg.timeout, pool=pool,
             desc=f"{spec.alias} on {cfg.dataset}", on_first_chunk=plan.first_chunk,
         )
+    egcfg_lines: list[str] = []
+    if cfg.method == "egcfg":  # what EG-CFG's pass@1 means here; problems it ran unguided on
+        from codedistill.egcfg.runner import LOG_NAME, summarize_log, summary_markdown
+
+        metrics["egcfg"] = summarize_log(out / LOG_NAME)
+        egcfg_lines = summary_markdown(metrics["egcfg"], cfg.dataset)
+        if metrics["egcfg"]["unguided_problems"]:
+            console.print(f"[yellow]EG-CFG ran UNGUIDED (no visible tests) on {metrics['egcfg']['unguided_problems']} "
+                          f"of {metrics['n_problems']} problems[/yellow]", highlight=False)
     write_json(out / "metrics.json", metrics)
     from codedistill.generation import generator_usage
 
     if generator_usage(gen) is not None:  # this start's counters, so the report can say them
         record_generation(out, {spec.alias: gen}, cfg.serving)
         gen.usage_recorded = True
-    report = report_markdown(cfg, metrics, time.time() - t0) + "\n".join(generation_report_lines(out))
+    report = report_markdown(cfg, metrics, time.time() - t0) + "\n".join(generation_report_lines(out) + egcfg_lines)
     (out / "report.md").write_text(report.rstrip("\n") + "\n", encoding="utf-8")
     return out, metrics

@@ -12,6 +12,7 @@ record per (task_id, sample_index).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,83 @@ def egcfg_config_from(cfg: Any) -> EGCFGConfig:
     return EGCFGConfig(**values)
 
 
+def _warn(msg: str) -> None:
+    from codedistill.ui import console
+
+    console.print(f"[yellow]{msg}[/yellow]", highlight=False)
+
+
+def checked_visible_tests(problem: Problem, pool: Any) -> tuple[Problem, dict]:
+    """Visible tests taken from a docstring (HumanEval) are checked against the dataset's
+    reference solution in the sandbox, as upstream validated them; the ones the reference
+    fails (an example that is not an executable check, e.g. HumanEval/130's ``tri(4) = 3``)
+    are dropped. Other problems are returned as they are."""
+    import dataclasses
+
+    if (pool is None or not problem.visible_tests or not problem.reference
+            or problem.meta.get("visible_tests_from") != "docstring"):
+        return problem, {}
+    from codedistill.execution import Job
+
+    v = pool.run([Job(problem.reference, list(problem.visible_tests), problem.test_setup)])[0]
+    per = list(getattr(v, "per_test", []) or [])
+    if len(per) != len(problem.visible_tests):
+        per = [bool(v.passed)] * len(problem.visible_tests)
+    keep = tuple(t for t, ok in zip(problem.visible_tests, per) if ok)
+    info = {"from_docstring": len(problem.visible_tests), "kept": len(keep),
+            "dropped": [t for t, ok in zip(problem.visible_tests, per) if not ok]}
+    return dataclasses.replace(problem, visible_tests=keep), info
+
+
+def summarize_log(path: Path | str, n_problems: int | None = None) -> dict[str, Any]:
+    """What EG-CFG's numbers mean for one run, from its ``egcfg_log.jsonl`` (last record per
+    (task_id, sample_index)): how many problems ran unguided (no visible tests), how often ANY
+    agent passed the visible tests (on MBPP/synth those ARE the judging tests, so this is an
+    oracle-selected "any of N agents passes", not single-sample pass@1), and the FIRST agent's
+    own pass@1 on the full tests (one program, no selection by tests)."""
+    recs: dict[tuple, dict] = {}
+    p = Path(path)
+    if p.exists():
+        for line in p.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                r = json.loads(line)
+                recs[(r["task_id"], r.get("sample_index", 0))] = r
+    rows = list(recs.values())
+    unguided = sorted({r["task_id"] for r in rows if not r.get("guided", True)})
+    first = [r["first_agent_passed"] for r in rows if "first_agent_passed" in r]
+    out: dict[str, Any] = {
+        "records": len(rows),
+        "unguided_problems": len(unguided), "unguided_task_ids": unguided,
+        "any_agent_visible_pass": (sum(bool(r.get("visible_passed")) for r in rows) / len(rows)) if rows else None,
+        "first_agent_pass@1": (sum(first) / len(first)) if first else None,
+        "mean_agents_run": (sum(r.get("agents_run", 0) for r in rows) / len(rows)) if rows else None,
+        "sandbox_runs_per_problem": (sum(r["counters"]["sandbox_executions"] for r in rows) / len(rows)) if rows else None,
+    }
+    return out
+
+
+def summary_markdown(s: dict[str, Any], dataset: str = "") -> list[str]:
+    """Report lines for :func:`summarize_log`'s summary."""
+    def pct(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    same = dataset in ("mbpp", "mbpp-sanitized", "synth")
+    lines = ["", "## What EG-CFG's pass@1 means here", "",
+             f"- pass@1 above: the program EG-CFG returned (the first agent whose program passed the "
+             f"visible tests, else the best visible pass rate) judged on the full tests."
+             + (" On this dataset the visible tests ARE the judging tests, so it is an \"any of N agents "
+                "passes\" number (oracle selection by the test suite), not single-sample pass@1." if same else ""),
+             f"- any agent passed the visible tests: {pct(s['any_agent_visible_pass'])}",
+             f"- first agent's own pass@1 (one program, no selection): {pct(s['first_agent_pass@1'])}",
+             f"- agents run per problem (mean): {pct(s['mean_agents_run'])}; sandbox runs per problem: "
+             f"{pct(s['sandbox_runs_per_problem'])}"]
+    if s["unguided_problems"]:
+        ids = ", ".join(s["unguided_task_ids"][:20]) + (" ..." if s["unguided_problems"] > 20 else "")
+        lines.append(f"- **WARNING: EG-CFG ran UNGUIDED on {s['unguided_problems']} problem(s)** (no visible "
+                     f"tests: plain greedy decoding): {ids}")
+    return lines
+
+
 def make_egcfg_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, pool: Any = None):
     """``generate(problems, chunk_seed) -> [[Candidate] * num_samples]`` for the baseline."""
     from codedistill.egcfg.signal import prompt_builder
@@ -53,6 +131,9 @@ def make_egcfg_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, p
     def generate(chunk: list[Problem], chunk_seed: int) -> list[list[Any]]:
         res = []
         for p in chunk:
+            p, check = checked_visible_tests(p, pool)
+            if not p.visible_tests:
+                _warn(f"EG-CFG: {p.task_id} has no visible tests: it runs UNGUIDED (plain greedy decoding)")
             prompt = render_prompt(p, style, gen.tokenizer)
             build = prompt_builder(p, style, gen.tokenizer, anchor=econf.signal_anchor,
                                    variants=econf.prompt_variants(), prompt=prompt)
@@ -62,6 +143,9 @@ def make_egcfg_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, p
                 cand, rec = solver.solve(p, prompt, stop, seed=derive_seed(chunk_seed, p.task_id, i), build=build)
                 rec["sample_index"] = i
                 rec["guided"] = bool(p.visible_tests)
+                rec["visible_tests"] = list(p.visible_tests)
+                if check:
+                    rec["visible_check"] = check
                 if pool is not None and rec["agents"]:  # the first agent's own program, judged on the full tests
                     first = rec["agents"][0]["completion"]
                     rec["first_agent_passed"] = bool(pool.run([Job(to_program(p, style, first)[1], list(p.tests),
