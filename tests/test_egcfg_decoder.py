@@ -169,3 +169,66 @@ def test_empty_completion_has_no_probability_mass():
     assert empty.seq_prob == 0.0 and empty.to_dict()["seq_prob"] == 0.0
     p_empty, p_real = (sequence_p(c.to_dict(), "normalized") for c in (empty, real))
     assert p_empty == 0.0 and p2value(p_empty, 0.0) < p2value(p_real, 0.0)
+
+
+def test_agreement_counter():
+    from codedistill.egcfg.decoder import agreement_step
+
+    done = "def f(x):\n    return x\n"
+    state = (None, 0)
+    seen = []
+    for programs in ([done, done], [done], [done, "def f(x):\n    pass\n"], [done], [done], [done], [done]):
+        state = agreement_step(*state, programs)
+        seen.append(state[1])
+    assert seen == [1, 2, 0, 1, 2, 3, 4]  # one distinct program, ending in a return, N times in a row
+    assert agreement_step(None, 0, ["def f(x):\n    y = x\n"]) == (None, 0)  # not finished: no return
+    assert agreement_step(done.strip(), 3, ["def f(x):\n    return 2\n"]) == ("def f(x):\n    return 2", 1)
+
+
+@pytest.mark.slow
+def test_agreement_early_stop_fires(tiny):
+    """Candidates that all stand for one finished program (here: the program ignores the
+    text, as a model whose continuations agree would) stop the agent after N line boundaries
+    in a row; the agreed candidate ends the completion."""
+    model, tok = tiny
+    done = PREFIX + "    return sum(xs)\n"
+    prob = Problem(task_id="toy/agree", prompt=PREFIX, entry_point="total", code_prefix=done,
+                   tests=PROBLEM.tests, visible_tests=PROBLEM.visible_tests)
+    agent = AgentSpec(temperature=0.7, depth=2, num_candidates=3, gamma=1.0)
+    outs = {}
+    for n in (4, 0):
+        cfg = EGCFGConfig(**{**SMALL, "max_lines": 8, "max_new_tokens": 80, "agreement_stop": n})
+        s = EGCFGSolver(model, tok, cfg, to_program=lambda p, text: p.code_prefix)
+        try:
+            outs[n] = s.decoder.decode_agent(prob, PREFIX, [], agent, seed=0)
+        finally:
+            s.close()
+    res = outs[4]
+    assert [line["agreement"] for line in res.lines] == [1, 2, 3, 4]
+    assert res.lines[-1]["agreement_stop"] is True and res.finish_reason == "stop"
+    # the agreed candidate's tokens end the completion, with their plain log-probs
+    assert res.completion.endswith(res.lines[-1]["text"]) and len(res.token_ids) >= res.num_tokens > 0
+    assert res.plain_logprob < 0
+    off = outs[0]  # agreement_stop = 0: the agent decodes on
+    assert len(off.lines) > 4 and not any(line.get("agreement_stop") for line in off.lines)
+
+
+@pytest.mark.slow
+def test_guidance_starts_at_the_def_line(tiny):
+    """With guide_from_def, lines before the entry point's def get no candidates/signal."""
+    model, tok = tiny
+    prob = Problem(task_id="toy/nodef", prompt="# write total\n", entry_point="total", code_prefix="",
+                   tests=PROBLEM.tests, visible_tests=PROBLEM.visible_tests)
+    agent = AgentSpec(temperature=0.7, depth=2, num_candidates=2, gamma=1.0)
+    s = EGCFGSolver(model, tok, EGCFGConfig(**{**SMALL, "max_lines": 2}))
+    try:
+        res = s.decoder.decode_agent(prob, prob.prompt, [], agent, seed=0)
+        assert "def total(" not in res.completion
+        assert all("candidates" not in line for line in res.lines) and res.counters.sandbox_executions == 0
+        assert s.decoder.guided_from_here(prob, "import os\ndef total(xs):\n")
+        assert not s.decoder.guided_from_here(prob, "def helper(x):\n")
+        s.decoder.cfg.guide_from_def = False
+        res2 = s.decoder.decode_agent(prob, prob.prompt, [], agent, seed=0)
+        assert all("candidates" in line for line in res2.lines)
+    finally:
+        s.close()

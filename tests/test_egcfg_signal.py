@@ -218,3 +218,65 @@ def test_base_prompt_builder_puts_signal_and_variant_before_the_marker():
     assert build("# feedback\n", "default") == "You are an expert...\nassert f(1) == 2\n# feedback\n[BEGIN]\n"
     assert build("# feedback\n", "long_code") == \
         "You are an expert...\nassert f(1) == 2\n# Write many lines.\n# One step each.\n# feedback\n[BEGIN]\n"
+
+
+def test_paper_template_renders_an_upstream_shaped_trace_for_a_known_function():
+    """Upstream's layout (eg_cfg consts + traces_dumper): per candidate and test, '# Function:',
+    '# Invocation:', '# Execution Trace:' with, per step, '<= per frame> {locals} , {types}' and
+    'EVENT: line', 'Return Value: v' after a return, and no pass/fail verdict. Traced for real."""
+    import json
+    import subprocess
+    import sys
+
+    from codedistill.egcfg.signal import PAPER_HEADER, format_trace_paper
+
+    prog = 'def total(xs):\n    """Sum."""\n    s = 0\n    for x in xs:\n        s += x  # add\n    return s\n'
+    args = {"program": prog, "tests": ["assert total([1, 2]) == 4"], "types": True}
+    r = subprocess.run([sys.executable, "-m", "codedistill.egcfg.tracer"], input=json.dumps(args),
+                       capture_output=True, text=True, timeout=60)
+    trace = json.loads(r.stdout)
+    lines = format_trace_paper(prog, trace)
+    assert lines == [
+        "# Function:",
+        "def total(xs):\n    s = 0\n    for x in xs:\n        s += x\n    return s",  # no docstring, no comment
+        "",
+        "# Invocation:",
+        "total([1, 2])",
+        "",
+        "# Execution Trace:",
+        "== {'xs': [1, 2]} , {'xs': 'list'}", "CALL: def total(xs):",
+        "== {'xs': [1, 2]} , {'xs': 'list'}", "LINE: s = 0",
+        "== {'xs': [1, 2], 's': 0} , {'xs': 'list', 's': 'int'}", "LINE: for x in xs:",
+        "== {'xs': [1, 2], 's': 0, 'x': 1} , {'xs': 'list', 's': 'int', 'x': 'int'}", "LINE: s += x  # add",
+        "== {'xs': [1, 2], 's': 1, 'x': 1} , {'xs': 'list', 's': 'int', 'x': 'int'}", "LINE: for x in xs:",
+        "== {'xs': [1, 2], 's': 1, 'x': 2} , {'xs': 'list', 's': 'int', 'x': 'int'}", "LINE: s += x  # add",
+        "== {'xs': [1, 2], 's': 3, 'x': 2} , {'xs': 'list', 's': 'int', 'x': 'int'}", "LINE: for x in xs:",
+        "== {'xs': [1, 2], 's': 3, 'x': 2} , {'xs': 'list', 's': 'int', 'x': 'int'}", "RETURN: return s",
+        "Return Value: 3",
+        "",
+    ]
+    text = "\n".join(lines)
+    assert "passed" not in text and "failed" not in text and "expected" not in text  # no verdict
+    # the whole block: the paper template's header, one entry per candidate and test
+    sig = build_signal([(prog, trace, 3), (prog, trace, 3)], lambda s: len(s.split()), 10_000, formatter="paper",
+                       template="\n{header}{traces}", header=PAPER_HEADER)
+    assert sig.startswith("\n" + PAPER_HEADER) and sig.count("# Invocation:\ntotal([1, 2])") == 2
+    # an exception is shown where it happened, with its message
+    bad = {"compile_error": None, "tests": [{"test": "assert total(None) == 0", "call": "total(None)", "events": [
+        {"event": "call", "func": "total", "line": 1, "args": {"xs": "None"}, "types": {"xs": "NoneType"}},
+        {"event": "line", "func": "total", "line": 3, "vars": {"s": "0"}, "types": {"s": "int"}},
+        {"event": "exception", "func": "total", "line": 4, "type": "TypeError", "message": "not iterable"}],
+        "exception": {"type": "TypeError", "message": "not iterable", "line": 4}}]}
+    assert format_trace_paper(prog, bad)[-4:] == [
+        "== {'xs': None, 's': 0} , {'xs': 'NoneType', 's': 'int'}", "EXCEPTION: for x in xs:",
+        "TypeError: not iterable", ""]
+
+
+def test_trace_budget_scales_with_the_context():
+    from codedistill.egcfg.config import EGCFGConfig
+
+    c = EGCFGConfig(max_new_tokens=384)
+    assert c.budget_for(2048, 300) == (2048 - 300 - 384) // 2
+    assert c.budget_for(16384, 300) == 4096  # capped
+    assert c.budget_for(None, 300) == 512 and c.budget_for(600, 300) == 0
+    assert EGCFGConfig(trace_budget_tokens=100).budget_for(16384, 300) == 100

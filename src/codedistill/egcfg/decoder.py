@@ -15,6 +15,10 @@ carry the completion from line to line (prompt ids + generated ids), so with an 
 or ``gamma = 0`` the result is exactly the model's plain greedy decoding.
 
 With ``gamma = 0`` (the signal has no effect) or no visible tests, steps 1-3 are skipped.
+As upstream: steps 1-4 start once the entry point's ``def`` line is in the program
+(``guide_from_def``; lines before it are plain greedy), and an agent stops early when its
+executable candidates agree on ONE finished program (last line returns) at
+``agreement_stop`` line boundaries in a row; that candidate then ends the completion.
 """
 
 from __future__ import annotations
