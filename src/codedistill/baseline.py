@@ -244,7 +244,8 @@ def record_generation(out: Path, gens: dict[str, Any], serving: Any = None) -> d
 
     from codedistill.generation import generator_usage
 
-    usage = {role: u for role, g in gens.items() if (u := generator_usage(g)) is not None}
+    usage = {role: u for role, g in gens.items()
+             if (u := (g if isinstance(g, dict) else generator_usage(g))) is not None}
     if not usage:
         return None
     path = out / "generation.json"
@@ -282,7 +283,7 @@ def generation_report_lines(out: Path) -> list[str]:
         rec = json.loads((out / "generation.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
-    lines = ["", "## Served generation", ""]
+    lines = ["", "", "## Served generation", ""]
     for role, t in rec.get("totals", {}).items():
         cost = f", cost ${t['cost_usd']:.4f}" if t.get("cost_usd") is not None else ""
         ver = f", vLLM {t['vllm_version']}" if t.get("vllm_version") else ""

@@ -16,6 +16,9 @@ import typer
 from codedistill.ui import friendly_errors
 
 O = typer.Option  # noqa: E741
+SERVING_FLAGS = ("base_url", "api_key_env", "served_model_name", "concurrency", "max_n", "vllm_python",
+                 "tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "max_model_len",
+                 "price_input", "price_output")
 
 
 @friendly_errors
@@ -68,6 +71,21 @@ def btp_command(
     gen_batch_size: Optional[int] = O(None, "--gen-batch-size", help="Sequences per generate call."),
     chunk_size: Optional[int] = O(None, "--chunk-size", help="Problems per checkpointed chunk."),
     output_dir: Optional[str] = O(None, "--output-dir", help="Run directory (restart the same command to resume)."),
+    backend: Optional[str] = O(None, "--backend", help="hf | vllm | openai for both roles (default: registry's)."),
+    source_backend: Optional[str] = O(None, "--source-backend", help="hf | vllm | openai for the source."),
+    target_backend: Optional[str] = O(None, "--target-backend", help="hf | vllm for the target's generation (vllm serves its LoRA adapter)."),
+    base_url: Optional[list[str]] = O(None, "--base-url", help="OpenAI-compatible endpoint(s) of the served model; repeat for replicas."),
+    api_key_env: Optional[str] = O(None, "--api-key-env", help="Environment variable with the API key (DeepSeek: DEEPSEEK_API_KEY)."),
+    served_model_name: Optional[str] = O(None, "--served-model-name", help="Name the endpoint knows the source by (DeepSeek: deepseek-chat)."),
+    concurrency: Optional[int] = O(None, "--concurrency", help="Requests in flight (served backends)."),
+    max_n: Optional[int] = O(None, "--max-n", help="Largest n per request the endpoint takes."),
+    vllm_python: Optional[str] = O(None, "--vllm-python", help="Interpreter of the vLLM environment (default .venv-vllm)."),
+    tensor_parallel_size: Optional[int] = O(None, "--tensor-parallel-size", help="vLLM: GPUs per replica."),
+    data_parallel_size: Optional[int] = O(None, "--data-parallel-size", help="vLLM: replicas."),
+    gpu_memory_utilization: Optional[float] = O(None, "--gpu-memory-utilization", help="vLLM: share of GPU memory."),
+    max_model_len: Optional[int] = O(None, "--max-model-len", help="vLLM: context length."),
+    price_input: Optional[float] = O(None, "--price-input", help="USD per 1M prompt tokens (cost in the report)."),
+    price_output: Optional[float] = O(None, "--price-output", help="USD per 1M completion tokens."),
 ) -> None:
     """Step 2, BTP: source beams -> tests -> P2Value-prioritized replay -> fine-tune the target."""
     flags = dict(locals())
@@ -77,6 +95,12 @@ def btp_command(
     if flags.get("lora_target_modules"):
         flags["lora_target_modules"] = [m.strip() for m in flags["lora_target_modules"].split(",") if m.strip()]
     yaml_values = load_config_file(cfg_path) if cfg_path else {}
+    serving_flags = {k: flags.pop(k) for k in SERVING_FLAGS}
+    serving_flags["price_input_per_1m"] = serving_flags.pop("price_input")
+    serving_flags["price_output_per_1m"] = serving_flags.pop("price_output")
+    serving_flags = {k: v for k, v in serving_flags.items() if v is not None}
+    if serving_flags:  # flags override the YAML's serving settings one by one
+        flags["serving"] = {**dict(yaml_values.get("serving") or {}), **serving_flags}
     cfg = build_config(yaml_values, flags)
     from codedistill.btp.loop import run_btp
 

@@ -197,3 +197,22 @@ def generator_usage(gen: Any) -> dict[str, Any] | None:
     """Request/token counters of a served generator (None for HF)."""
     usage = getattr(gen, "usage", None)
     return usage() if callable(usage) else None
+
+
+_COUNTERS = ("requests_sent", "cache_hits", "retries_total", "prompt_tokens", "completion_tokens")
+
+
+def merge_usage(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
+    """Two usage records of the same model (e.g. loaded in two phases) as one."""
+    if not a:
+        return dict(b)
+    out = {**a, **{k: v for k, v in b.items() if k not in _COUNTERS}}
+    for k in _COUNTERS:
+        out[k] = (a.get(k) or 0) + (b.get(k) or 0)
+    out["retries"] = {r: a.get("retries", {}).get(r, 0) + b.get("retries", {}).get(r, 0)
+                      for r in set(a.get("retries", {})) | set(b.get("retries", {}))}
+    if a.get("cost_usd") is not None or b.get("cost_usd") is not None:
+        out["cost_usd"] = (a.get("cost_usd") or 0.0) + (b.get("cost_usd") or 0.0)
+    out["fallbacks"] = sorted(set(a.get("fallbacks", [])) | set(b.get("fallbacks", [])))
+    out["notes"] = sorted(set(a.get("notes", [])) | set(b.get("notes", [])))
+    return out

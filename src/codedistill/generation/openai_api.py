@@ -591,6 +591,12 @@ class OpenAIGenerator:
                 self._no_logprobs()
                 return {}
             items = sorted(((t, float(v)) for t, v in (tops[0] or {}).items()), key=lambda x: -x[1])[:k]
+            if self.token_ids:  # "token_id:N" -> the token's text (the most likely one wins a tie)
+                dec: dict[str, float] = {}
+                for t, v in items:
+                    s = self.tokenizer.decode([int(t.split(":", 1)[1])]) if t.startswith("token_id:") else t
+                    dec.setdefault(s, v)
+                return dec
             return dict(items)
 
         return self._map(one, list(prompts))

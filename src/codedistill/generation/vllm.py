@@ -80,6 +80,18 @@ def check_vllm_python(python: str | os.PathLike | None = None, timeout: float = 
     return py, r.stdout.strip().splitlines()[-1]
 
 
+def _die_with_parent() -> None:
+    """In the server's process (before exec): SIGKILL it when codedistill dies, even by
+    ``kill -9``, so no orphan server holds memory or a GPU (Linux ``PR_SET_PDEATHSIG``).
+    vLLM's engine process exits when its API server is gone."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except Exception:  # not Linux: the server is still stopped by stop() / the context manager
+        pass
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -194,7 +206,8 @@ class VLLMServer:
         self._log = open(self.log_path, "ab")
         t0 = time.time()
         self.proc = subprocess.Popen(self.command(str(py)), stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         try:
             self.wait_healthy()
         except BaseException:
