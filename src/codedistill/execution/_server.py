@@ -11,24 +11,29 @@ Per run (namespace layout)::
 
     server (root, private mount ns with everything read-only, private empty net ns,
             enforces the wall-clock deadline, reads the pipes)
-      ├─ zygote (``_zygote.py``, a small interpreter started once)
-      │    └─ C: clone()d into new pid/mount/ipc/uts namespaces; pid 1 there (root,
-      │          trusted); only reaps orphans until it is killed
-      └─ D: forked by the server into C's pid namespace (setns), joins C's mount/ipc/uts
-            namespaces, mounts a size-limited tmpfs on /tmp and /proc for the pid
-            namespace, setsid, drops to the sandbox uid (no_new_privs, not dumpable),
-            starts the harness thread, which waits for the job; then rlimits, audit
-            hook, harness (program + tests)
+      ├─ template: a fork of the warm server made once (harness and stdlib loaded,
+      │   garbage collector frozen) that only waits for requests and clone()s each run's D
+      └─ D: clone()d by the template with CLONE_PARENT (so D is the server's child) into
+            new pid/mount/ipc/uts namespaces, where it is pid 1; mounts a size-limited
+            tmpfs on /tmp and /proc for the pid namespace, setsid, drops to the sandbox
+            uid (no_new_privs, not dumpable), starts the harness thread, which waits for
+            the job; then rlimits, audit hook, harness (program + tests)
 
-While more jobs are queued, the next sandbox (C and D up to waiting for its job) is made
-ready while the current one runs, so a job only has to be written to a waiting D. When
-the harness's end record arrives, C is killed (which kills the whole pid namespace) and
-the result goes back at once; if more jobs are queued, the namespace's teardown (a few
-milliseconds, mostly the kernel freeing the mount namespace) is collected later: runs
-alternate between two sandbox uids, and a run starts only when every earlier run of its
-uid is gone. When no job is queued the server collects everything before it answers,
-so an idle pool has no process besides its servers and their zygotes. D is the server's
-child, so its exit status comes straight from ``waitpid``.
+D is pid 1 of its pid namespace: when it dies (its end, or killed by the server at the
+end of the run or on timeout) the kernel kills every process of the namespace, and D's
+exit status reaches the server (``waitpid``) only once they are all gone. One process
+per run, cloned from a process that is idle between clones: the busy server shares no
+memory with the runs, so it takes no copy-on-write faults while they live.
+
+While more jobs are queued, the next sandbox (D up to waiting for its job) is made
+ready while the current one runs (the template clones it in parallel), so a job only
+has to be written to a waiting D. When the harness's end record arrives, D is killed
+(which kills the whole pid namespace) and the result goes back at once; if more jobs
+are queued, the namespace's teardown (a few milliseconds, mostly the kernel freeing the
+address space and the mount namespace) is collected later: runs alternate between two
+sandbox uids, and a run starts only when every earlier run of its uid is gone. When no
+job is queued the server collects everything before it answers, so an idle pool has no
+process besides its servers and their templates.
 
 Set ``CODEDISTILL_SANDBOX_PROFILE=1`` (in the pool's environment) for per-step
 timestamps in each raw result (``ctl["prof"]``).
@@ -55,6 +60,7 @@ import sys
 import time
 
 CLONE_NEWNS = 0x00020000
+CLONE_PARENT = 0x00008000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
@@ -62,6 +68,7 @@ CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
+PR_SET_NAME = 15
 SYS_MOUNT_SETATTR = 442  # same number on x86_64 and aarch64 (generic table)
 AT_RECURSIVE = 0x8000
 MOUNT_ATTR_RDONLY = 0x1
@@ -71,6 +78,13 @@ _PROF = bool(os.environ.get("CODEDISTILL_SANDBOX_PROFILE"))  # per-step timings
 
 def _now() -> int:
     return time.perf_counter_ns()
+
+
+def _minflt() -> int:
+    """Minor page faults of this process so far (profiling only)."""
+    with open("/proc/self/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2:].split()[7])
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -128,6 +142,12 @@ def mount(src, target, fstype, flags, data=None) -> None:
 
 def prctl(option: int, arg: int) -> None:
     _check(_libc.prctl(option, arg, 0, 0, 0), "prctl")
+
+
+def set_name(name: bytes) -> None:
+    """Name this thread (``ps``/``top``/``perf`` show the sandbox's roles)."""
+    buf = ctypes.create_string_buffer(name[:15])
+    _libc.prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0)
 
 
 def _make_root_readonly() -> None:
@@ -368,31 +388,27 @@ def _close_fds_except(keep) -> None:
 
 
 class _Warm:
-    """A sandbox made ready before its job: C (pid 1 of fresh namespaces, from the
-    zygote) and D, forked by the server into C's namespaces, with /tmp and /proc
-    mounted, blocked reading the job pipe (still root; nothing untrusted ran yet)."""
+    """A sandbox made ready before its job: D (pid 1 of fresh namespaces, cloned by the
+    template, the server's child), with /tmp and /proc mounted, blocked reading the job
+    pipe (nothing untrusted ran yet)."""
 
-    __slots__ = ("pid", "pidfd", "c_pidfd", "job_w", "res_r", "out_r", "err_r", "ctl_r",
-                 "key", "uid")
+    __slots__ = ("pid", "pidfd", "job_w", "res_r", "out_r", "err_r", "ctl_r", "key", "uid")
 
-    def __init__(self, pid, pidfd, c_pidfd, job_w, res_r, out_r, err_r, ctl_r, key, uid):
-        self.pid, self.pidfd, self.c_pidfd, self.job_w = pid, pidfd, c_pidfd, job_w
+    def __init__(self, pid, pidfd, job_w, res_r, out_r, err_r, ctl_r, key, uid):
+        self.pid, self.pidfd, self.job_w = pid, pidfd, job_w
         self.res_r, self.out_r, self.err_r, self.ctl_r = res_r, out_r, err_r, ctl_r
         self.key, self.uid = key, uid
 
     def alive(self) -> bool:
-        return not select.select([self.pidfd, self.c_pidfd], [], [], 0)[0]
+        return not select.select([self.pidfd], [], [], 0)[0]
 
     def discard(self) -> None:
-        _kill_pidfd(self.c_pidfd)
-        _kill_pidfd(self.pidfd)
+        _kill_pidfd(self.pidfd)  # D is pid 1: the whole namespace goes with it
         try:
             os.waitpid(self.pid, 0)
         except ChildProcessError:
             pass
-        select.select([self.c_pidfd], [], [], 5.0)
-        for fd in (self.pidfd, self.c_pidfd, self.job_w, self.res_r, self.out_r, self.err_r,
-                   self.ctl_r):
+        for fd in (self.pidfd, self.job_w, self.res_r, self.out_r, self.err_r, self.ctl_r):
             if fd is not None:
                 try:
                     os.close(fd)
@@ -415,14 +431,13 @@ class Server:
         # one's namespace is still being torn down (see _collect).
         self.uids = [u for u in init.get("uids") or [self.uid] if u is not None] or [None]
         self.n_runs = 0
-        self.dying: list[tuple[int, int, int | None]] = []  # killed Cs: (pid, pidfd, uid)
+        self.dying: list[tuple[int, int, int | None]] = []  # killed Ds: (pid, pidfd, uid)
         self.caps = {"mount": False, "net": False, "pid": False, "uid": False}
         self.warnings: list[str] = []
         self.orig_net = None
         self.warm: _Warm | None = None
-        self.zygote: tuple[int, int, int] | None = None  # (pid, request fd, reply fd)
-        self.own_pidns: int | None = None
-        self.init_requested = False  # a C was requested from the zygote and not read
+        self.template = None  # (pid, socket): clones each run's D (start_template)
+        self.pending = None  # (key, uid) of a D requested from the template, not read yet
         self.tmp_keep: list[str] = []  # import paths under /tmp to bind back into each run's /tmp
         root = os.geteuid() == 0
         if root and self.uid is not None:
@@ -454,7 +469,6 @@ class Server:
             if not self.caps["pid"]:
                 self.warnings.append("pid namespace refused; process trees are killed by a "
                                      "child subreaper instead")
-            self._start_zygote()
         else:
             self.warnings.append("namespaces disabled by configuration")
 
@@ -492,26 +506,83 @@ class Server:
     @property
     def warm_ok(self) -> bool:
         """Sandboxes can be made ready ahead of their job (the namespace layout)."""
-        return self.zygote is not None
+        return self.template is not None
 
-    def _start_zygote(self) -> None:
-        """Start the zygote (``_zygote.py``) that creates each run's pid-1 process, C."""
+    def start_template(self) -> None:
+        """Fork the template (see the module docstring): call once everything a run
+        needs is loaded and the garbage collector is frozen."""
         if not (self.caps["pid"] and self.caps["mount"] and _SYS_CLONE is not None):
             return
+        import socket
         try:
-            self.own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY)
-            req_r, req_w = os.pipe()
-            rep_r, rep_w = os.pipe()
-            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_zygote.py")
-            pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", path],
-                                 {"PATH": "/usr/bin:/bin"},
-                                 file_actions=[(os.POSIX_SPAWN_DUP2, req_r, 0),
-                                               (os.POSIX_SPAWN_DUP2, rep_w, 1)])
-            os.close(req_r)
-            os.close(rep_w)
-            self.zygote = (pid, req_w, rep_r)
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            pid = os.fork()
         except OSError as e:
-            self.warnings.append(f"zygote not started ({e}); sandboxes are created per run")
+            self.warnings.append(f"template not started ({e}); sandboxes are made per run")
+            return
+        if pid == 0:
+            try:
+                self._template_loop(theirs)
+            finally:
+                os._exit(0)
+        theirs.close()
+        self.template = (pid, mine)
+
+    def _template_loop(self, sock) -> None:
+        """The template: for each request ``[uid, tmp_mb, network]`` clone D
+        (CLONE_PARENT: the server's child) into new namespaces, where it makes itself
+        ready (:meth:`_warm_child`); answer with D's pid and the server's ends of its
+        pipes (SCM_RIGHTS). Idle in between, so the runs and the template rarely write to
+        the memory they share."""
+        import socket
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        set_name(b"cd-sbx-template")
+        if os.getppid() == 1:
+            os._exit(0)
+        net = [self.orig_net] if self.orig_net is not None else []
+        _close_fds_except([0, 1, 2, sock.fileno()] + net)
+        flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_PARENT
+        while True:
+            try:
+                req = sock.recv(256)
+            except InterruptedError:
+                continue
+            except OSError:
+                os._exit(0)
+            if not req:
+                os._exit(0)
+            uid, tmp_mb, network = json.loads(req)
+            fds = [os.pipe() for _ in range(5)]
+            (res_r, res_w), (out_r, out_w), (err_r, err_w), (ctl_r, ctl_w), (job_r, job_w) = fds
+            try:
+                d = clone(flags)
+            except OSError as e:
+                d = -(e.errno or 1)
+            if d == 0:
+                try:
+                    keep = [0, 1, 2, res_w, out_w, err_w, ctl_w, job_r]
+                    _close_fds_except(keep + (net if network else []))
+                    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the server's death ends D
+                    self._warm_child(tmp_mb, network, uid, res_w, out_w, err_w, ctl_w, job_r)
+                except BaseException as e:  # noqa: BLE001
+                    try:
+                        os.write(ctl_w, json.dumps({"error": repr(e)}).encode() + b"\n")
+                    except OSError:
+                        pass
+                finally:
+                    os._exit(70)
+            try:
+                if d > 0:
+                    socket.send_fds(sock, [struct.pack("<i", d)],
+                                    [res_r, out_r, err_r, ctl_r, job_w])
+                else:
+                    sock.send(struct.pack("<i", d))
+            except OSError:
+                os._exit(0)
+            finally:
+                for pair in fds:
+                    for fd in pair:
+                        os.close(fd)
 
     def _key(self, lim: dict) -> tuple[int, bool]:
         """What a ready sandbox depends on: the /tmp size and the network namespace."""
@@ -546,6 +617,11 @@ class Server:
         key = self._key(lim)
         self.reap(block=False)
         sb, self.warm = self.warm, None
+        if sb is None and self.pending is not None:
+            try:
+                sb = self._receive()
+            except OSError:
+                sb = None
         if sb is not None and (sb.key != key or not sb.alive()):
             sb.discard()
             sb = None
@@ -569,121 +645,79 @@ class Server:
         sb.job_w = None
         if prof:
             prof["s_sent"] = _now()
-        if more():
-            try:
-                self.warm = self._prepare(key, self._next_uid(), True)
-            except OSError:
-                self.warm = None
+        if more():  # the template clones the next D while this one runs
+            self._request(key, self._next_uid())
         if prof:
             prof["s_next"] = _now()
         return self._collect(sb.pid, sb.pidfd, sb.res_r, sb.out_r, sb.err_r, sb.ctl_r, lim,
-                             t0, True, prof, (sb.uid, more), sb.c_pidfd)
+                             t0, True, prof, (sb.uid, more))
 
     def _next_uid(self):
         return self.uids[self.n_runs % len(self.uids)] if self.caps["uid"] else None
 
     def reap(self, block: bool = True, uid=False) -> None:
         """Collect killed runs (all of them, or those of ``uid``; ``block=False``: only
-        those already gone). A run is gone when its C has exited: C's exit waits for
-        every process of its pid namespace to be dead and reaped, D (our child, reaped
-        here first) included."""
+        those already gone). A run is gone when D has exited: D is pid 1 of its pid
+        namespace, and its exit waits for every other process there to be dead."""
         left = []
-        for d, d_pidfd, c_pidfd, u in self.dying:
+        for d, d_pidfd, u in self.dying:
             if uid is not False and u != uid:
-                left.append((d, d_pidfd, c_pidfd, u))
+                left.append((d, d_pidfd, u))
                 continue
-            if d_pidfd is not None:
-                if not block and not select.select([d_pidfd], [], [], 0)[0]:
-                    left.append((d, d_pidfd, c_pidfd, u))
-                    continue
-                try:
-                    os.waitpid(d, 0)
-                except ChildProcessError:
-                    pass
-                os.close(d_pidfd)
-                d_pidfd = None
-            if not select.select([c_pidfd], [], [], None if block else 0)[0]:
-                left.append((d, d_pidfd, c_pidfd, u))
+            if not block and not select.select([d_pidfd], [], [], 0)[0]:
+                left.append((d, d_pidfd, u))
                 continue
-            os.close(c_pidfd)
+            try:
+                os.waitpid(d, 0)
+            except ChildProcessError:
+                pass
+            os.close(d_pidfd)
         self.dying = left
 
     def discard_warm(self) -> None:
         if self.warm is not None:
             self.warm.discard()
             self.warm = None
-        self.drop_requested_init()
+        if self.pending is not None:
+            try:
+                self._receive().discard()
+            except OSError:
+                pass
 
-    def _new_init(self, more: bool = False) -> int:
-        """A fresh C from the zygote; returns its pidfd. With ``more``, the next C is
-        requested at once (and read at the next call), so that the server does not wait
-        for the zygote while runs are queued."""
-        pid, req_w, rep_r = self.zygote
-        try:
-            if not self.init_requested:
-                os.write(req_w, b"c")
-            self.init_requested = False
-            (c,) = struct.unpack("<i", _read_exact(rep_r, 4))
-            if more:
-                os.write(req_w, b"c")
-                self.init_requested = True
-        except (OSError, EOFError):
-            os._exit(3)  # the zygote is gone: the pool restarts this server
-        if c < 0:
-            raise OSError(-c, f"clone: {os.strerror(-c)}")
-        return os.pidfd_open(c)
-
-    def drop_requested_init(self) -> None:
-        """Going idle: end the C requested ahead, if any."""
-        if self.init_requested:
-            pidfd = self._new_init()
-            _kill_pidfd(pidfd)
-            select.select([pidfd], [], [], 5.0)
-            os.close(pidfd)
-
-    def _prepare(self, key: tuple[int, bool], uid, more: bool = False) -> _Warm:
-        """Get C (pid 1 of new pid/mount/ipc/uts namespaces) from the zygote and fork D
-        into them; D mounts /tmp and /proc there and waits (still root, nothing
-        untrusted loaded) for its job."""
+    def _request(self, key: tuple[int, bool], uid) -> None:
+        """Ask the template for a D (read by :meth:`_receive`; meanwhile the server goes
+        on with the current run)."""
         tmp_mb, network = key
-        c_pidfd = self._new_init(more)
-        fds = [os.pipe() for _ in range(5)]
-        (res_r, res_w), (out_r, out_w), (err_r, err_w), (ctl_r, ctl_w), (job_r, job_w) = fds
-        d = -1
         try:
-            setns(c_pidfd, CLONE_NEWPID)  # our next child is born in C's pid namespace
-            try:
-                d = os.fork()
-            finally:
-                if d != 0:
-                    setns(self.own_pidns, CLONE_NEWPID)
-        except BaseException:
-            _kill_pidfd(c_pidfd)
-            os.close(c_pidfd)
-            for pair in fds:
-                for fd in pair:
-                    os.close(fd)
-            raise
-        if d == 0:
-            try:
-                keep = [0, 1, 2, res_w, out_w, err_w, ctl_w, job_r, c_pidfd]
-                if network:
-                    keep.append(self.orig_net)
-                _close_fds_except(keep)
-                prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-                self._warm_child(c_pidfd, tmp_mb, network, uid, res_w, out_w, err_w, ctl_w,
-                                 job_r)
-            except BaseException as e:  # noqa: BLE001
-                try:
-                    os.write(ctl_w, json.dumps({"error": repr(e)}).encode() + b"\n")
-                except OSError:
-                    pass
-            finally:
-                os._exit(70)
-        for fd in (res_w, out_w, err_w, ctl_w, job_r):
-            os.close(fd)
-        return _Warm(d, os.pidfd_open(d), c_pidfd, job_w, res_r, out_r, err_r, ctl_r, key,
-                     uid)
+            self.template[1].send(json.dumps([uid, tmp_mb, network]).encode())
+        except OSError:
+            os._exit(3)  # the template is gone: the pool restarts this server
+        self.pending = (key, uid)
+
+    def _receive(self) -> _Warm:
+        import socket
+        key, uid = self.pending
+        self.pending = None
+        try:
+            msg, fds, _, _ = socket.recv_fds(self.template[1], 16, 5)
+        except OSError:
+            os._exit(3)
+        if len(msg) != 4:
+            os._exit(3)
+        (d,) = struct.unpack("<i", msg)
+        if d < 0 or len(fds) != 5:
+            for fd in fds:
+                os.close(fd)
+            raise OSError(-d, f"clone: {os.strerror(-d)}")
+        res_r, out_r, err_r, ctl_r, job_w = fds
+        return _Warm(d, os.pidfd_open(d), job_w, res_r, out_r, err_r, ctl_r, key, uid)
+
+    def _prepare(self, key: tuple[int, bool], uid) -> _Warm:
+        """A D from the template: pid 1 of new pid/mount/ipc/uts namespaces, the server's
+        child, which mounts /tmp and /proc there, drops its privileges and waits
+        (nothing untrusted loaded) for its job."""
+        self._request(key, uid)
+        return self._receive()
 
     def _run_cold(self, job: dict) -> dict:
         """Without the namespace layout: B (child subreaper) supervises C (see _nsparent)."""
@@ -715,16 +749,17 @@ class Server:
                              None, None)
 
     def _collect(self, b, pidfd, res_r, out_r, err_r, ctl_r, lim, t0, direct, prof,
-                 defer, c_pidfd=None) -> dict:
+                 defer) -> dict:
         """Read the run's pipes until it is over; enforce the deadline (``direct``: b is
-        D, the run's process; ``c_pidfd`` is its pid 1, C: killing C kills the whole run).
+        D, the run's process and pid 1 of its namespaces: killing it kills the whole run;
+        else b is B of the fallback layout).
 
         When the harness's end record arrives, the namespace is killed at once. If
         ``defer`` is ``(uid, more)`` and ``more()`` says another job is queued, the result
         goes back without waiting for the namespace's teardown (milliseconds, mostly
-        the kernel freeing the mount namespace): C is reaped later, before the next run
-        of the same uid and before the server goes idle (the next run uses the other
-        uid, in namespaces of its own)."""
+        the kernel freeing the address space and mount namespace): D is reaped later,
+        before the next run of the same uid and before the server goes idle (the next
+        run uses the other uid, in namespaces of its own)."""
         cap_out = int(lim["max_output_bytes"])
         cap_res = int(lim.get("max_payload_bytes", 1_000_000)) + 1_000_000
         bufs = {res_r: bytearray(), out_r: bytearray(), err_r: bytearray(), ctl_r: bytearray()}
@@ -740,13 +775,8 @@ class Server:
         grace_end = None
 
         def kill_run() -> None:
-            if c_pidfd is not None:
-                _kill_pidfd(c_pidfd)
-            else:
-                try:
-                    os.kill(b, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            if pidfd is not None:
+                _kill_pidfd(pidfd)
 
         def take(fd: int, chunk: bytes) -> None:
             room = caps[fd] - len(bufs[fd])
@@ -783,8 +813,6 @@ class Server:
                         prof["s_cdone"] = _now()
                     _, b_status = os.waitpid(b, 0)
                     b_done = True
-                    if c_pidfd is not None:  # D is gone: end whatever it left behind
-                        kill_run()
                     continue
                 try:
                     chunk = os.read(fd, 65536)
@@ -818,12 +846,11 @@ class Server:
                             take(fd, chunk)
                 kill_run()
                 if later:
-                    self.dying.append((b, pidfd, c_pidfd, defer[0]))
-                    pidfd = c_pidfd = None
+                    self.dying.append((b, pidfd, defer[0]))
+                    pidfd = None
                 else:
-                    if not b_done:
+                    if not b_done:  # (D is pid 1: then the whole namespace is gone)
                         _, b_status = os.waitpid(b, 0)
-                    select.select([c_pidfd], [], [], 10.0)  # the whole namespace is gone
                     for fd in list(open_fds):  # no writer survives the namespace
                         while True:
                             try:
@@ -853,10 +880,6 @@ class Server:
                 except ProcessLookupError:
                     pass
                 _, b_status = os.waitpid(b, 0)
-        if c_pidfd is not None:
-            kill_run()
-            select.select([c_pidfd], [], [], 10.0)
-            os.close(c_pidfd)
         if pidfd is not None:
             os.close(pidfd)
         for fd in bufs:
@@ -1036,12 +1059,11 @@ class Server:
         return killed
 
     # ------------------------------------------------------------------ C
-    def _warm_child(self, c_pidfd, tmp_mb, network, uid, res_w, out_w, err_w, ctl_w,
+    def _warm_child(self, tmp_mb, network, uid, res_w, out_w, err_w, ctl_w,
                     job_r) -> None:
-        """D of a ready sandbox, born in C's pid namespace: joins C's other namespaces,
-        mounts a fresh tmpfs on /tmp and /proc for the namespace, waits for its job."""
-        setns(c_pidfd, CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)
-        os.close(c_pidfd)
+        """D of a ready sandbox, pid 1 of its new namespaces: mounts a fresh tmpfs on
+        /tmp and /proc for the pid namespace, waits for its job."""
+        set_name(b"cd-sbx-run")
         os.setsid()
         opts = f"size={tmp_mb}m,nr_inodes=4096,mode=0700"
         if uid is not None:
@@ -1062,9 +1084,9 @@ class Server:
         # and no_new_privs are per thread, inherited by threads started later). What
         # is left for the job (lowering rlimits, importing a call target) needs none.
         # Safe although an earlier run of this uid may still be dying: it cannot see
-        # this pid namespace; the run starts only once that one is gone (run()).
+        # this pid namespace; the job is sent only once that one is gone (run()).
         self._drop_privileges(uid)
-        pd = {"d_wait": _now()} if _PROF else None
+        pd = {"d_wait": _now(), "f_wait": _minflt()} if _PROF else None
 
         def ready():  # in the harness thread
             n_raw, n_blob = struct.unpack("<II", _read_exact(4, 8))
@@ -1076,6 +1098,7 @@ class Server:
                 job["_compiled"] = marshal.loads(blob)
             if pd is not None:
                 pd["d_job"] = _now()
+                pd["f_job"] = _minflt()
             return self._exec_job(job, "/tmp", uid, pd, 5, start=False)  # uid: dropped
 
         from _harness_bootstrap import main_early
@@ -1194,6 +1217,7 @@ class Server:
         from _harness_bootstrap import main  # set up by serve()
         if pd is not None and ctl_w is not None:
             pd["d_main"] = _now()
+            pd["f_main"] = _minflt()
             os.write(ctl_w, json.dumps({"prof_d": pd}).encode() + b"\n")
             os.close(ctl_w)
         args = (job, 3, workdir, bool(lim.get("network")), job.get("mode", "tests"),
@@ -1222,13 +1246,23 @@ def serve() -> None:
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    set_name(b"cd-sbx-server")
     init = recv(inp)
     if os.getppid() != init.get("parent", os.getppid()):
         os._exit(0)
     sys.path[:] = init["sys_path"]
     import importlib
-    harness = importlib.import_module("codedistill.execution._harness")
+    import importlib.util
+    # The harness file on its own, not through the ``codedistill.execution`` package
+    # (whose __init__ pulls in the pool, subprocess, logging, concurrent.futures, ...):
+    # every run is a fork of this process, and what this process holds, each fork copies
+    # (page tables) and each exit frees.
+    spec = importlib.util.spec_from_file_location(
+        "_harness_bootstrap", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                           "_harness.py"))
+    harness = importlib.util.module_from_spec(spec)
     sys.modules["_harness_bootstrap"] = harness
+    spec.loader.exec_module(harness)
     server = Server(init)
     for name in init.get("preimport", PREIMPORT):
         try:
@@ -1246,8 +1280,10 @@ def serve() -> None:
     import gc
     gc.collect()
     gc.freeze()  # forked children do not touch (copy) the server's objects when collecting
+    server.start_template()
     send(out, {"hello": True, "caps": server.caps, "warnings": server.warnings,
-               "pid": os.getpid(), "helpers": [server.zygote[0]] if server.zygote else []})
+               "pid": os.getpid(),
+               "helpers": [server.template[0]] if server.template else []})
     reader = _Input(inp)
     os.set_blocking(out, False)
     while True:

@@ -67,7 +67,7 @@ class _ServerHandle:
         hello = self.recv(30.0)
         self.caps = hello["caps"]
         self.pid = hello["pid"]
-        self.helpers = list(hello.get("helpers", []))  # the server's zygote
+        self.helpers = list(hello.get("helpers", []))  # the server's template
         for w in hello.get("warnings", []):
             _warn_once(w)
 
@@ -309,8 +309,8 @@ class SandboxPool:
 
     @property
     def helper_pids(self) -> list[int]:
-        """Trusted helper processes of the servers (each server's zygote, which creates
-        the pid-1 process of every run's namespaces); they never run untrusted code."""
+        """Trusted helper processes of the servers (each server's template, an idle fork
+        of the server that clones every run's process); they never run untrusted code."""
         return [p for s in list(self._core.servers) if s is not None for p in s.helpers]
 
     @property
