@@ -56,13 +56,34 @@ def evaluate(
     sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
 
 
+def _egcfg_settings(text: Optional[str]) -> dict:
+    """--egcfg JSON -> EGCFGConfig fields (checked by the config), with an error that names the fix."""
+    from codedistill.errors import ConfigError
+
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"--egcfg must be a JSON object of EG-CFG settings, e.g. '{{\"max_agents\": 3}}' ({e})") from e
+    if not isinstance(value, dict):
+        raise ConfigError("--egcfg must be a JSON object, e.g. '{\"max_agents\": 3}'")
+    from codedistill.egcfg.config import EGCFGConfig
+
+    try:
+        EGCFGConfig(**value)  # unknown or invalid fields fail here, before anything runs
+    except ValueError as e:  # pydantic's ValidationError
+        raise ConfigError(f"--egcfg: {e}".replace("\n", " ")) from e
+    return value
+
+
 @app.command()
 @friendly_errors
 def baseline(
     model: str = typer.Option(..., "--model", "--model-name", help="Alias (e.g. StarCoder2-3B, tiny-target), hub id or local dir."),
     dataset: str = typer.Option("mbpp", "--dataset", help="humaneval | mbpp | mbpp-sanitized | synth"),
     split: str = typer.Option("test", "--split", help="train | validation | test | all"),
-    num_samples: int = typer.Option(10, "--num-samples", "-n", help="Programs per problem."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="Programs per problem (default 10; 1 with --method egcfg, whose first agent is greedy)."),
     temperature: float = typer.Option(0.8, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(0.95, "--top-p"),
     max_new_tokens: int = typer.Option(384, "--max-new-tokens"),
@@ -73,6 +94,7 @@ def baseline(
     data_path: Optional[Path] = typer.Option(None, "--data-path", help="Local dataset file or folder."),
     shots: int = typer.Option(0, "--shots", help="MBPP: 0 or 3 (the paper's few-shot prompt)."),
     method: str = typer.Option("plain", "--method", help="plain | egcfg"),
+    egcfg: Optional[str] = typer.Option(None, "--egcfg", help='EG-CFG settings (EGCFGConfig fields) as JSON, e.g. \'{"max_agents": 3, "trace_template": "paper"}\'.'),
     batch_size: int = typer.Option(16, "--batch-size", help="Sequences per generate call."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Parallel sandboxes."),
     timeout: float = typer.Option(3.0, "--timeout", help="Seconds per program."),
@@ -106,7 +128,9 @@ def baseline(
         model=model, variant=variant, dataset=dataset, split=split, data_path=str(data_path) if data_path else None,
         max_problems=max_problems, shots=shots, method=method, seed=seed, batch_size=batch_size, workers=workers,
         timeout=timeout, device=device, dtype=dtype, backend=backend, serving=serving,
-        sampling=dict(num_samples=num_samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
+        sampling=dict(num_samples=num_samples if num_samples is not None else (1 if method == "egcfg" else 10),
+                      temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
+        egcfg=_egcfg_settings(egcfg),
     ))
     out, metrics = run_baseline(cfg, output_dir)
     console.print(f"run directory: {out}")

@@ -35,6 +35,12 @@ def egcfg_config_from(cfg: Any) -> EGCFGConfig:
     return EGCFGConfig(**values)
 
 
+def _info(msg: str) -> None:
+    from codedistill.ui import console
+
+    console.print(msg, highlight=False, markup=False)
+
+
 def _warn(msg: str) -> None:
     from codedistill.ui import console
 
@@ -152,6 +158,11 @@ def make_egcfg_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, p
                                                                    p.test_setup)])[0].passed)
                 if log_path is not None:
                     append_log(log_path, rec)
+                cnt = rec["counters"]
+                _info(f"EG-CFG {p.task_id}#{i}: {'guided' if rec['guided'] else 'UNGUIDED'}, "
+                      f"{rec['agents_run']}/{rec['agents_total']} agents, {cnt['sandbox_executions']} sandbox runs, "
+                      f"{cnt['forward_passes']} forward passes, visible tests "
+                      f"{'passed' if rec['visible_passed'] else 'not passed'} ({cnt['wall_time_s']:.1f} s)")
                 # what the baseline's generator counters would say
                 if hasattr(gen, "forward_passes"):
                     gen.forward_passes += rec["counters"]["forward_passes"]
