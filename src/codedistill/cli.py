@@ -196,6 +196,13 @@ def make_tiny_model(
 
 
 app.command("btp")(btp_command)
+
+from codedistill.experiments.cli import ablate_command, matrix_command, run_command, sweep_command  # noqa: E402
+
+app.command("run")(run_command)
+app.command("matrix")(matrix_command)
+app.command("ablate")(ablate_command)
+app.command("sweep")(sweep_command)
 app.command("report")(report_command)
 
 

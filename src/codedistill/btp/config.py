@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from codedistill.btp.p2value import DEFAULT_P2_ALPHA
 from codedistill.btp.samplers import MAX_SAMPLING_ALPHA, SAMPLING_METHODS
@@ -16,7 +16,8 @@ TRAIN_DATASETS = ("mbpp", "mbpp-sanitized", "synth")
 EVAL_EXTRA_DATASETS = ("humaneval", "mbpp", "mbpp-sanitized", "synth")
 
 # Settings that do not change results (where/how fast it runs): not compared on resume.
-NON_EXPERIMENT_KEYS = ("output_dir", "workers", "device", "gen_batch_size", "merge", "config")
+NON_EXPERIMENT_KEYS = ("output_dir", "workers", "device", "gen_batch_size", "merge", "config",
+                       "generation_cache")
 
 
 class BTPConfig(BaseModel):
@@ -53,6 +54,15 @@ class BTPConfig(BaseModel):
     is_weights: bool = False
     is_beta: float = Field(0.4, ge=0.0, le=1.0)
     replay_size: Optional[int] = Field(None, ge=1, description="draws per iteration (default: buffer size)")
+    p_mode: Literal["normalized", "raw"] = Field(
+        "normalized", description="P in P2Value: exp(mean token logprob) or the paper's raw exp(sum logprob)")
+    min_pass_rate: float = Field(
+        0.0, ge=0.0, le=1.0, description="drop buffer programs below this pass rate before the draw "
+        "(0 keeps all; any value > 0 also drops zero-pass programs; 1.0 = rejection-sampling fine-tuning)")
+    iteration_problems: Literal["all", "slices"] = Field(
+        "all", description="all: every iteration generates on all training problems (deterministic "
+        "source beams are then computed once and iterations 2..n re-draw the same buffer); slices: "
+        "iteration k generates on the k-th of n_iterations disjoint slices (fresh problems per iteration)")
     # fine-tuning
     n_iterations: int = Field(3, ge=1)
     use_lora: bool = False
@@ -72,6 +82,14 @@ class BTPConfig(BaseModel):
     eval_temperature: float = Field(0.8, ge=0.0)
     eval_top_p: float = Field(0.95, gt=0.0, le=1.0)
     eval_source: bool = True
+    eval_split: Literal["test", "validation"] = Field(
+        "test", description="held-out split of the training dataset (validation for hyperparameter search)")
+    eval_protocol: Literal["sampled", "paper"] = Field(
+        "sampled", description="sampled: eval_num_samples at eval_temperature (pass@1/5/10); paper: the "
+        "literature's protocol (MBPP 3-shot prompts with tasks 2-4, HumanEval 0-shot, greedy pass@1)")
+    generation_cache: Optional[str] = Field(
+        None, description="directory shared by runs (ablation variants, sweep trials) holding generations, "
+        "verdicts and base-model evaluations keyed by their settings; reused instead of regenerated")
     # execution / runtime
     seed: int = 0
     timeout: float = Field(3.0, gt=0)
@@ -124,6 +142,13 @@ class BTPConfig(BaseModel):
         if v not in SAMPLING_METHODS:
             raise ValueError(f"unknown sampling method {v!r}; use one of {', '.join(SAMPLING_METHODS)}")
         return v
+
+    @model_validator(mode="after")
+    def _protocol(self) -> "BTPConfig":
+        if self.eval_protocol == "paper":  # greedy pass@1: one program per problem at T=0
+            self.eval_num_samples = 1
+            self.eval_temperature = 0.0
+        return self
 
     # ---- helpers -------------------------------------------------------------------
     def experiment_dict(self) -> dict[str, Any]:

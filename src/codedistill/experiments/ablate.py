@@ -1,0 +1,206 @@
+"""``codedistill ablate CONFIG.yaml``: step 3, which of BTP's components matter.
+
+Every variant (see :mod:`codedistill.experiments.variants`) is a run directory under
+``OUT/variants/<name>/`` that shares ``OUT/cache/`` (the generation cache): the source's
+beams and verdicts and the before/source evaluations are generated once, and a variant
+that only changes replay or training generates nothing but its own after-evaluation.
+Variants with identical resolved settings share one run. The table compares each
+variant's final target with the full method's on the same problems and the same
+evaluation seeds (paired bootstrap). Rerunning the command resumes.
+
+Output (SCHEMAS.md): ``ablation.json``, ``ablation.md``, ``plots/ablation_pass1.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from codedistill.btp.config import BTPConfig, build_config
+from codedistill.experiments.run import (fmt_diff, fmt_metric, generated_total, improvement, load_experiment,
+                                         metric)
+from codedistill.experiments.variants import Variant, select
+from codedistill.runs import read_jsonl, write_json
+
+Log = Callable[[str], None]
+
+
+def final_counts(run_dir: Path, comparison: Mapping[str, Any], ds: str) -> dict[str, tuple[int, int]]:
+    """(n, c) per problem of a run's last evaluation of the target."""
+    from codedistill.metrics import counts_from_results
+
+    stage = f"target_iter{comparison['n_iterations']}"
+    return dict(counts_from_results(read_jsonl(run_dir / "eval" / stage / ds / "results.jsonl")))
+
+
+def plan_variants(config_path: str | Path, out: Path, names: str | None,
+                  overrides: Mapping[str, Any] | None = None) -> tuple[BTPConfig, list[dict[str, Any]]]:
+    """The reference config and one row per selected variant: its config (or why it is
+    skipped) and the run directory it uses (shared when its settings equal an earlier one's)."""
+    ref = load_experiment(config_path, {**(overrides or {}), "generation_cache": str(out / "cache")},
+                          output_dir=out / "variants" / "full")
+    base = ref.model_dump()
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
+    for v in select(names):
+        row: dict[str, Any] = {"name": v.name, "group": v.group, "description": v.description,
+                               "overrides": dict(v.overrides), "kind": v.kind, "variant": v}
+        why = v.applies(ref)
+        if why:
+            row.update(status=f"skipped: {why}", cfg=None, run_name=None)
+            rows.append(row)
+            continue
+        cfg = build_config({**base, **v.overrides, "output_dir": str(out / "variants" / v.name)}, {})
+        key = v.kind + json.dumps(cfg.experiment_dict(), sort_keys=True, default=str)
+        if key in seen:
+            row.update(cfg=cfg, run_name=seen[key], status="pending",
+                       description=f"{v.description} (same settings as {seen[key]})")
+        else:
+            seen[key] = v.name
+            row.update(cfg=cfg, run_name=v.name, status="pending")
+        rows.append(row)
+    return ref, rows
+
+
+def run_ablation(config_path: str | Path, output_dir: str | Path, variants: str | None = None,
+                 overrides: Mapping[str, Any] | None = None, log: Log = print) -> dict[str, Any]:
+    from codedistill.btp.loop import run_btp
+    from codedistill.experiments.grpo import run_grpo
+    from codedistill.experiments.run import ensure_models
+
+    out = Path(output_dir)
+    ref, rows = plan_variants(config_path, out, variants, overrides)
+    ensure_models(ref)
+    results: dict[str, dict[str, Any]] = {}  # run name -> comparison
+    errors: dict[str, str] = {}
+    t0 = time.time()
+    for row in rows:
+        if row["cfg"] is None or row["run_name"] in results or row["run_name"] in errors:
+            continue
+        name = row["run_name"]
+        log(f"=== ablation variant {name}: {row['description']}")
+        t = time.time()
+        try:
+            fn = run_grpo if row["kind"] == "grpo" else run_btp
+            results[name] = fn(row["cfg"], log=log)
+        except Exception as e:  # one variant's failure does not stop the others
+            errors[name] = f"{type(e).__name__}: {e}"
+            log(f"variant {name} failed: {errors[name]}")
+        log(f"=== variant {name} finished in {time.time() - t:.0f} s")
+        write_outputs(out, config_path, ref, rows, results, errors)
+    summary = write_outputs(out, config_path, ref, rows, results, errors)
+    log(f"ablation done in {time.time() - t0:.0f} s: {out / 'ablation.md'}")
+    return summary
+
+
+def write_outputs(out: Path, config_path: str | Path, ref: BTPConfig, rows: list[dict[str, Any]],
+                  results: Mapping[str, Any], errors: Mapping[str, str]) -> dict[str, Any]:
+    from codedistill.metrics import paired_bootstrap
+
+    ds = ref.dataset
+    ref_comp = results.get("full")
+    ref_counts = final_counts(out / "variants" / "full", ref_comp, ds) if ref_comp else None
+    table = []
+    for row in rows:
+        name = row["run_name"]
+        entry: dict[str, Any] = {k: row[k] for k in ("name", "group", "description", "overrides")}
+        entry["run_dir"] = f"variants/{name}" if name else None
+        entry["metrics"], entry["diff"], entry["generated_new"] = {}, None, 0
+        if row["cfg"] is None:
+            entry["status"] = row["status"]
+        elif name in errors:
+            entry["status"] = f"failed: {errors[name]}"
+        elif name not in results:
+            entry["status"] = "pending"
+        else:
+            comp = results[name]
+            e = comp["datasets"][ds]
+            entry["status"] = "done"
+            entry["metrics"] = {k: metric(v) for k, v in e["target_after"].items() if k.startswith("pass@")}
+            run_dir = out / "variants" / name
+            entry["generated_new"] = generated_total(run_dir) if name == row["name"] else 0
+            last = read_jsonl(run_dir / "generated.jsonl")
+            entry["generated_new_last_start"] = int(last[-1]["total"]) if last and name == row["name"] else 0
+            if row["name"] != "full" and ref_counts is not None:
+                counts = final_counts(run_dir, comp, ds)
+                entry["diff"] = {f"pass@{k}": improvement(paired_bootstrap(ref_counts, counts, k=k, seed=ref.seed))
+                                 for k in ref.ks()}
+        table.append(entry)
+    before = source = None
+    if ref_comp:
+        e = ref_comp["datasets"][ds]
+        before = {k: metric(v) for k, v in e["target_before"].items() if k.startswith("pass@")}
+        source = {k: metric(v) for k, v in e.get("source", {}).items() if k.startswith("pass@")} or None
+    summary = {
+        "kind": "ablation", "base_config": str(config_path), "dataset": ds,
+        "n_eval_problems": ref_comp["datasets"][ds]["n_problems"] if ref_comp else None,
+        "eval_num_samples": ref.eval_num_samples, "eval_temperature": ref.eval_temperature,
+        "eval_protocol": ref.eval_protocol, "eval_split": ref.eval_split,
+        "reference": "full", "target_before": before, "source": source, "variants": table,
+    }
+    write_json(out / "ablation.json", summary)
+    (out / "ablation.md").write_text(ablation_markdown(summary, ref), encoding="utf-8")
+    try:
+        plot_ablation(summary, out / "plots" / "ablation_pass1.png")
+    except Exception:  # noqa: BLE001 - a plot never fails the ablation
+        pass
+    return summary
+
+
+def ablation_markdown(s: Mapping[str, Any], ref: BTPConfig) -> str:
+    ks = [f"pass@{k}" for k in ref.ks()]
+    lines = [f"# Ablation of {s['base_config']}", "",
+             f"- target {ref.target_model}, source {ref.source_model}, trained on {ref.dataset} "
+             f"({ref.max_problems or 'all'} problems), evaluated on {s['n_eval_problems']} held-out problems "
+             f"({s['eval_split']} split), {s['eval_num_samples']} samples at T={s['eval_temperature']:g} "
+             f"(protocol {s['eval_protocol']}); 95% bootstrap CIs over problems.",
+             "- diff: the variant minus the full method on the same problems and evaluation seeds "
+             "(paired bootstrap).", ""]
+    if s.get("target_before"):
+        lines.append(f"- target before training: " + ", ".join(f"{k} {fmt_metric(s['target_before'].get(k))}" for k in ks))
+    if s.get("source"):
+        lines.append(f"- source (teacher): " + ", ".join(f"{k} {fmt_metric(s['source'].get(k))}" for k in ks))
+    lines += ["", "| variant | group | " + " | ".join(ks) + " | diff pass@1 vs full | generated | status |",
+              "|---|---|" + "---|" * len(ks) + "---|---|---|"]
+    for v in s["variants"]:
+        m = v["metrics"]
+        d = (v["diff"] or {}).get("pass@1")
+        lines.append(f"| {v['name']} | {v['group']} | " + " | ".join(fmt_metric(m.get(k)) for k in ks)
+                     + f" | {fmt_diff(d) if d else '-'} | {v['generated_new']} | {v['status']} |")
+    lines += ["", "Variants:", ""] + [f"- **{v['name']}**: {v['description']}" for v in s["variants"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_ablation(s: Mapping[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [v for v in s["variants"] if v["status"] == "done" and "pass@1" in v["metrics"]]
+    if not done:
+        return
+    names = [v["name"] for v in done]
+    vals = [v["metrics"]["pass@1"]["value"] for v in done]
+    lo = [v["metrics"]["pass@1"]["value"] - v["metrics"]["pass@1"]["low"] for v in done]
+    hi = [v["metrics"]["pass@1"]["high"] - v["metrics"]["pass@1"]["value"] for v in done]
+    colors = ["tab:orange" if v["name"] == "full" else ("tab:purple" if v["group"] == "outside baseline" else "tab:blue")
+              for v in done]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(done) + 1.6))
+    y = list(range(len(done)))[::-1]
+    ax.barh(y, vals, xerr=[lo, hi], color=colors, capsize=3)
+    ax.set_yticks(y, names)
+    if s.get("target_before") and "pass@1" in s["target_before"]:
+        ax.axvline(s["target_before"]["pass@1"]["value"], color="gray", ls="--", label="target before")
+    if s.get("source") and "pass@1" in (s["source"] or {}):
+        ax.axvline(s["source"]["pass@1"]["value"], color="green", ls=":", label="source")
+    ax.set_xlabel("pass@1 (95% CI)")
+    ax.set_xlim(0, 1)
+    ax.set_title(f"Ablation: {Path(s['base_config']).name} on {s['dataset']}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
