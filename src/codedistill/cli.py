@@ -113,6 +113,8 @@ def baseline(
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="vLLM: context length."),
     price_input: Optional[float] = typer.Option(None, "--price-input", help="USD per 1M prompt tokens (cost in the report)."),
     price_output: Optional[float] = typer.Option(None, "--price-output", help="USD per 1M completion tokens."),
+    response_cache: Optional[str] = typer.Option(None, "--response-cache", help="Response cache file shared by runs (default: one in the run directory)."),
+    max_retries: Optional[int] = typer.Option(None, "--max-retries", help="Retries of a failed request (429/5xx/timeout/dropped), with backoff."),
 ) -> None:
     """Step 1: sample n programs per problem, test them in the sandbox, report pass@1/5/10."""
     from codedistill.baseline import run_baseline
@@ -123,6 +125,7 @@ def baseline(
         max_n=max_n, vllm_python=vllm_python, tensor_parallel_size=tensor_parallel_size,
         data_parallel_size=data_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len, price_input_per_1m=price_input, price_output_per_1m=price_output,
+        cache_path=response_cache, max_retries=max_retries,
     ).items() if v is not None}
     cfg = build(BaselineConfig, dict(
         model=model, variant=variant, dataset=dataset, split=split, data_path=str(data_path) if data_path else None,

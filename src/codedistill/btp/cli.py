@@ -18,7 +18,7 @@ from codedistill.ui import friendly_errors
 O = typer.Option  # noqa: E741
 SERVING_FLAGS = ("base_url", "api_key_env", "served_model_name", "concurrency", "max_n", "vllm_python",
                  "tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "max_model_len",
-                 "price_input", "price_output")
+                 "price_input", "price_output", "response_cache")
 
 
 @friendly_errors
@@ -86,6 +86,7 @@ def btp_command(
     max_model_len: Optional[int] = O(None, "--max-model-len", help="vLLM: context length."),
     price_input: Optional[float] = O(None, "--price-input", help="USD per 1M prompt tokens (cost in the report)."),
     price_output: Optional[float] = O(None, "--price-output", help="USD per 1M completion tokens."),
+    response_cache: Optional[str] = O(None, "--response-cache", help="Response cache file shared by runs (default: one in the run directory)."),
 ) -> None:
     """Step 2, BTP: source beams -> tests -> P2Value-prioritized replay -> fine-tune the target."""
     flags = dict(locals())
@@ -98,6 +99,7 @@ def btp_command(
     serving_flags = {k: flags.pop(k) for k in SERVING_FLAGS}
     serving_flags["price_input_per_1m"] = serving_flags.pop("price_input")
     serving_flags["price_output_per_1m"] = serving_flags.pop("price_output")
+    serving_flags["cache_path"] = serving_flags.pop("response_cache")
     serving_flags = {k: v for k, v in serving_flags.items() if v is not None}
     if serving_flags:  # flags override the YAML's serving settings one by one
         flags["serving"] = {**dict(yaml_values.get("serving") or {}), **serving_flags}

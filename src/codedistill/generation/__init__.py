@@ -40,6 +40,8 @@ class ServingConfig(BaseModel):
     price_input_per_1m: Optional[float] = Field(None, ge=0)
     price_output_per_1m: Optional[float] = Field(None, ge=0)
     cache: bool = Field(True, description="cache every answer in the run directory (resume sends nothing twice)")
+    cache_path: Optional[str] = Field(None, description="a response cache file shared by runs (default: "
+                                      "generation_cache.sqlite in the run directory)")
     # vLLM server
     vllm_python: Optional[str] = Field(None, description="interpreter of the vLLM environment (default .venv-vllm)")
     tensor_parallel_size: int = Field(1, ge=1)
@@ -126,6 +128,7 @@ def make_generator(
         serving = ServingConfig(**serving)
     backend = resolve_backend(spec, backend)
     name = name or spec.alias
+    cache_path = serving.cache_path or cache_path
     dtype = spec.dtype if dtype in (None, "auto") else dtype
     base_special = spec.prompt_style == "base"
     if backend == "openai":

@@ -1,0 +1,242 @@
+"""The OpenAI-compatible backend against a local stand-in for DeepSeek's API.
+
+The stand-in (tests/standin_openai.py) is a real HTTP server serving tiny-source through the
+HF backend under DeepSeek's model name, with DeepSeek's limits (n=1 only, no beam search,
+top_logprobs <= 20) and injected faults (two 429s with Retry-After, one 500, one dropped
+connection). What is checked: every sample arrives with its log-probs, the retries and the
+n=1 / beam-search fallbacks are recorded, a repeated run sends zero requests (the stand-in's
+own counter), a server that dies mid-run is resumed from disk, and each bad input is one
+clear error naming the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from standin_openai import StandIn  # noqa: E402
+
+from codedistill.errors import ConfigError  # noqa: E402
+from codedistill.generation.openai_api import OpenAIGenerator, ServerError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test talks to a real tiny model behind HTTP
+
+
+@pytest.fixture(scope="module")
+def standin():
+    s = StandIn("tiny-source", served_name="deepseek-chat", retry_after="1").start()
+    yield s
+    s.stop()
+
+
+def _synth_prompts(n: int, style: str, gen):
+    from codedistill.data import load_problems
+    from codedistill.prompts import PromptStyle, render_prompt, stops_for
+
+    ps = load_problems("synth", "test", max_problems=n)
+    st = PromptStyle(style)
+    return [render_prompt(p, st, gen.tokenizer) for p in ps], stops_for(ps[0], st)
+
+
+def test_deepseek_like_faults_and_n1_split_are_survived_and_recorded(standin, tmp_path):
+    """n=3 asked of a server that takes n=1 only, through 2x429 (Retry-After), a 500 and a
+    dropped connection: all 3x3 samples arrive, with log-probs; retries and the split are
+    recorded; a second generator on the same cache sends nothing."""
+    standin.faults = {standin.posts + k: f for k, f in {2: "429", 3: "429", 5: "500", 8: "drop"}.items()}
+    cache = tmp_path / "cache.sqlite"
+    gen = OpenAIGenerator("deepseek-chat", standin.base_url, prompt_style="chat", concurrency=3,
+                          backoff_base=0.05, cache_path=cache, require_logprobs=True)
+    prompts, stop = _synth_prompts(3, "chat", gen)
+    out = gen.sample(prompts, n=3, temperature=0.8, top_p=0.95, max_new_tokens=48, stop=stop, seed=7)
+    assert [len(cs) for cs in out] == [3, 3, 3]
+    for i, cs in enumerate(out):
+        for c in cs:
+            assert c.prompt_index == i and c.num_tokens > 0 and c.text
+            assert math.isfinite(c.logprob) and c.logprob < 0 and 0 < c.seq_prob < 1
+            assert c.num_tokens == len(c.meta["tokens"])
+    u = gen.usage()
+    assert u["retries"] == {"429": 2, "500": 1, "connection": 1}, u["retries"]
+    assert any("n=1" in f for f in u["fallbacks"]), u["fallbacks"]
+    assert u["requests_sent"] == 9 and u["completion_tokens"] > 0
+    posts = standin.posts
+    again = OpenAIGenerator("deepseek-chat", standin.base_url, prompt_style="chat", cache_path=cache)
+    out2 = again.sample(prompts, n=3, temperature=0.8, top_p=0.95, max_new_tokens=48, stop=stop, seed=7)
+    assert standin.posts == posts, "a repeated request reached the server"
+    assert again.usage()["requests_sent"] == 0 and again.usage()["cache_hits"] == 9
+    assert [[c.text for c in cs] for cs in out2] == [[c.text for c in cs] for cs in out]
+    gen.close()
+    again.close()
+
+
+def test_no_beam_search_falls_back_to_samples_and_says_so(standin):
+    gen = OpenAIGenerator("deepseek-chat", standin.base_url, prompt_style="base", max_n=1)
+    prompts, stop = _synth_prompts(2, "base", gen)
+    out = gen.beam_search(prompts, num_beams=2, max_new_tokens=32, stop=stop)
+    assert [len(cs) for cs in out] == [2, 2]
+    assert all(c.meta["beam_fallback"] == "sample" and math.isfinite(c.logprob) for cs in out for c in cs)
+    assert any("no beam search" in f and "2 samples" in f for f in gen.usage()["fallbacks"])
+    topk = gen.next_token_topk(prompts[:1], 5)
+    assert len(topk[0]) == 5 and all(v <= 0 for v in topk[0].values())
+    assert sum(math.exp(v) for v in topk[0].values()) <= 1.0 + 1e-6
+    gen.close()
+
+
+def _baseline_cmd(url: str, out: Path, cache: Path | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "codedistill", "baseline", "--model", "DeepSeek-V3-0324", "--dataset", "synth",
+           "--max-problems", "4", "-n", "2", "--max-new-tokens", "48", "--base-url", url, "--output-dir", str(out),
+           "--workers", "1", "--price-input", "0.27", "--price-output", "1.10"]
+    return cmd + (["--response-cache", str(cache)] if cache else [])
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "DEEPSEEK_API_KEY"}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=900, **kw)
+
+
+def test_baseline_on_the_api_then_the_same_command_sends_zero_requests(standin, tmp_path):
+    """`codedistill baseline --model DeepSeek-V3-0324 --base-url ...` (the registry's chat style,
+    n=1 per request): samples, retries and cost land in the run; the same command again and a
+    new run on the same response cache send zero requests and give the same pass@k."""
+    standin.faults = {standin.posts + 1: "429", standin.posts + 3: "500"}
+    cache = tmp_path / "shared.sqlite"
+    r = _run(_baseline_cmd(standin.base_url, tmp_path / "a", cache))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = tmp_path / "a"
+    rows = [json.loads(l) for l in (a / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(math.isfinite(x["logprob"]) for x in rows)
+    gen = json.loads((a / "generation.json").read_text())["totals"]["DeepSeek-V3-0324"]
+    assert gen["requests_sent"] == 8 and gen["retries_total"] == 2 and gen["cost_usd"] > 0
+    cfg = json.loads((a / "config.json").read_text())["config"]
+    assert cfg["generation_backend"] == {"backend": "openai", "served_model_name": "deepseek-chat",
+                                         "beam_search": False}
+    assert "Served generation" in (a / "report.md").read_text()
+    posts = standin.posts
+    for out in (a, tmp_path / "b"):  # the same command (records), then a new run (cache)
+        r = _run(_baseline_cmd(standin.base_url, out, cache))
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert standin.posts == posts
+    b_gen = json.loads(((tmp_path / "b") / "generation.json").read_text())["totals"]["DeepSeek-V3-0324"]
+    assert b_gen["requests_sent"] == 0 and b_gen["cache_hits"] == 8
+    ma = json.loads((a / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert ma["pass@1"] == mb["pass@1"]
+
+
+def test_server_dying_mid_run_is_resumed_without_repeating_requests(standin, tmp_path):
+    """The stand-in fails every request from the 5th on (a dead server): the run stops with
+    an error that says how to resume; with the server back, the same command finishes and
+    the server has answered each distinct request exactly once."""
+    start = standin.posts
+    served0 = standin.served
+    standin.faults = {start + k: "500" for k in range(5, 200)}
+    cmd = _baseline_cmd(standin.base_url, tmp_path / "run")
+    r = _run(cmd + ["--concurrency", "1", "--max-retries", "1"])
+    assert r.returncode != 0
+    assert "run the same command again to resume" in r.stderr.replace("\n", " ")
+    standin.faults = {}
+    r = _run(cmd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(l) for l in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    from codedistill.generation.cache import ResponseCache
+
+    assert standin.served - served0 == len(ResponseCache(tmp_path / "run" / "generation_cache.sqlite")) == 8
+
+
+def test_bad_endpoints_are_clear_errors(standin, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    with pytest.raises(ConfigError, match="cannot reach .* --base-url"):
+        OpenAIGenerator("deepseek-chat", dead).check()
+    with pytest.raises(ConfigError, match="does not serve a model named 'gpt-x'; it serves: deepseek-chat"):
+        OpenAIGenerator("gpt-x", standin.base_url).check()
+    monkeypatch.delenv("DEEPSEEK_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="set the environment variable DEEPSEEK_API_KEY"):
+        OpenAIGenerator("deepseek-chat", "https://api.deepseek.com", api_key_env="DEEPSEEK_API_KEY")
+    standin.api_key = "sk-test"
+    try:
+        monkeypatch.delenv("CD_TEST_KEY", raising=False)
+        with pytest.raises(ConfigError, match="needs an API key: set the environment variable CD_TEST_KEY"):
+            OpenAIGenerator("deepseek-chat", standin.base_url, api_key_env="CD_TEST_KEY").check()
+        monkeypatch.setenv("CD_TEST_KEY", "sk-test")
+        OpenAIGenerator("deepseek-chat", standin.base_url, api_key_env="CD_TEST_KEY").check()
+    finally:
+        standin.api_key = None
+
+
+def test_a_server_without_logprobs_is_refused_for_btp_and_allowed_for_pass_at_k(standin):
+    standin.logprobs = False
+    try:
+        btp = OpenAIGenerator("deepseek-chat", standin.base_url, require_logprobs=True)
+        prompts, stop = _synth_prompts(1, "base", btp)
+        with pytest.raises(ConfigError, match="returns no log-probs, and BTP needs them"):
+            btp.sample(prompts, n=1, max_new_tokens=16, stop=stop, seed=1)
+        plain = OpenAIGenerator("deepseek-chat", standin.base_url)
+        c = plain.sample(prompts, n=1, max_new_tokens=16, stop=stop, seed=1)[0][0]
+        assert c.text and math.isnan(c.logprob)
+        assert any("no log-probs" in n for n in plain.usage()["notes"])
+    finally:
+        standin.logprobs = True
+
+
+def test_load_balancing_over_replicas(standin):
+    """Two --base-url replicas (here the same server twice): requests spread over both."""
+    gen = OpenAIGenerator("deepseek-chat", [standin.base_url, standin.base_url.replace("127.0.0.1", "localhost")],
+                          max_n=1, concurrency=2)
+    prompts, stop = _synth_prompts(2, "base", gen)
+    seen: list[str] = []
+    orig = gen._replica
+
+    from contextlib import contextmanager
+
+    @contextmanager
+    def spy():
+        with orig() as rep:
+            seen.append(rep.base_url)
+            yield rep
+
+    gen._replica = spy
+    gen.sample(prompts, n=2, max_new_tokens=16, stop=stop, seed=3)
+    assert len(seen) == 4 and len(set(seen)) == 2
+
+
+def test_step2_command_with_deepseek_v3_against_the_standin(standin, tmp_path):
+    """The plan's step-2 command with --source-model DeepSeek-V3-0324 (served by the stand-in)
+    and --target-model tiny-target runs end to end on CPU; the beam phase's fallback to
+    samples is said in config.json and report.md; the same command again sends nothing."""
+    standin.faults = {standin.posts + 2: "429", standin.posts + 4: "drop"}
+    out = tmp_path / "btp"
+    cmd = [sys.executable, "experiments/step2_btp_finetune_experiment.py", "--source-model", "DeepSeek-V3-0324",
+           "--target-model", "tiny-target", "--mode", "finetune", "--dataset", "synth", "--max-problems", "4",
+           "--eval-max-problems", "4", "--num-beams", "2", "--n-iterations", "1", "--sampling-method", "power",
+           "--sampling-alpha", "1.5", "--use-lora", "--epochs", "1", "--eval-num-samples", "2",
+           "--max-new-tokens", "48", "--workers", "1", "--base-url", standin.base_url, "--output-dir", str(out)]
+    r = _run(cmd)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for f in ("config.json", "comparison.json", "report.md", "replay_buffer.jsonl", "generation.json",
+              "iter_1/adapter/adapter_config.json", "iter_1/stats.json"):
+        assert (out / f).exists(), f
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert "without beam search" in cfg["beam_search_fallback"]
+    assert cfg["generation_backends"]["source"]["backend"] == "openai"
+    assert "Beam search fallback" in (out / "report.md").read_text()
+    gen = json.loads((out / "generation.json").read_text())["totals"]["DeepSeek-V3-0324"]
+    assert gen["requests_sent"] == 4 * 2 + 4 * 2 and gen["retries_total"] == 2  # source eval + beams, n=1 each
+    comp = json.loads((out / "comparison.json").read_text())
+    assert comp["source_model"] == "DeepSeek-V3-0324" and "synth" in comp["datasets"]
+    posts = standin.posts
+    r = _run(cmd)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert standin.posts == posts
