@@ -1,7 +1,8 @@
-"""tiny-source / tiny-target: build, load through Auto* like a hub model, cache, determinism.
+"""tiny-source / tiny-target: shipped with the package and loaded through Auto* like a hub
+model; build, cache, determinism; a rebuild compared with the shipped files.
 
-Fast tests build *reduced* specs (a few steps); the full builds and their pass@1 are
-``slow`` tests (minutes on CPU; they reuse the default cache once built).
+Fast tests build *reduced* specs (a few steps); the pass@1 of the shipped models is a
+``slow`` test.
 """
 
 from __future__ import annotations
@@ -20,10 +21,17 @@ transformers = pytest.importorskip("transformers")
 from codedistill.data.synth import load_synth  # noqa: E402
 from codedistill.models import tiny  # noqa: E402
 from codedistill.models.tiny import (  # noqa: E402
+    SHIPPED_DIR,
+    TINY_BUILD_VERSION,
     TINY_MODELS,
     build_tiny_model,
+    compare_tiny_models,
+    describe_comparison,
     ensure_tiny_model,
+    rebuild_and_compare,
     resolve_model_path,
+    ship_tiny_model,
+    shipped_tiny_model,
     spec_hash,
     tiny_spec,
 )
@@ -148,7 +156,92 @@ def test_ensure_builds_once_then_reuses(tmp_path: Path, monkeypatch: pytest.Monk
     assert tiny.default_cache_dir() == tmp_path / "cc" / "tiny"
 
 
-# ----------------------------------------------------------------------------- slow: full builds
+# ----------------------------------------------------------------------------- shipped models
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_shipped_model_is_the_current_spec(name: str) -> None:
+    """A spec changed without re-shipping fails here: rebuild and ship with
+    `codedistill make-tiny-model NAME --ship`."""
+    path = SHIPPED_DIR / name
+    meta = json.loads((path / "codedistill_tiny.json").read_text())
+    spec = TINY_MODELS[name]
+    assert meta["spec"] == spec.to_dict(), "spec changed since the shipped build: re-ship it"
+    assert meta["spec_hash"] == spec_hash(spec) and meta["seed"] == 0
+    assert meta["build_version"] == TINY_BUILD_VERSION
+    assert shipped_tiny_model(name) == path
+    size = sum(f.stat().st_size for f in path.iterdir())
+    assert 1e6 < size < 10e6, size  # a few MB in git
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_shipped_model_loads_like_a_hub_model(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from codedistill.models.registry import local_path, resolve_model
+
+    monkeypatch.setenv("CODEDISTILL_CACHE", str(tmp_path / "cache"))  # nothing may be built or written
+    before = {f: f.stat().st_mtime_ns for f in (SHIPPED_DIR / name).iterdir()}
+    path = Path(resolve_model_path(name))
+    assert path == SHIPPED_DIR / name and local_path(resolve_model(name)) == str(path)
+    assert ensure_tiny_model(name) == path
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    spec = TINY_MODELS[name]
+    assert model.config.model_type == spec.arch and len(tok) == model.config.vocab_size
+    prompt = load_synth("test", n=1)[0].prompt
+    enc = tok(prompt, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > enc["input_ids"].shape[1]
+    assert not (tmp_path / "cache").exists()
+    assert {f: f.stat().st_mtime_ns for f in (SHIPPED_DIR / name).iterdir()} == before
+
+
+def test_changed_spec_is_not_served_the_shipped_files() -> None:
+    assert shipped_tiny_model(tiny_spec("tiny-source", steps=1199)) is None
+    assert shipped_tiny_model("tiny-source", seed=1) is None
+
+
+def test_rebuild_compares_tensor_by_tensor(built: dict[str, Path], tmp_path: Path) -> None:
+    """A rebuild of the same spec here is identical; another seed or a perturbed tensor is
+    reported as a difference (with its size and where), not as an error."""
+    spec = _reduced("tiny-target")
+    ref = built["tiny-target"]
+    again, cmp = rebuild_and_compare(spec, out=tmp_path / "again", progress=False, reference=ref)
+    assert again == tmp_path / "again" and cmp is not None
+    assert cmp["identical"] and cmp["differing"] == 0 and cmp["max_abs_diff"] == 0.0
+    assert "identical to the shipped model" in describe_comparison("tiny-target", cmp)
+
+    _, other = rebuild_and_compare(spec, out=tmp_path / "seed1", seed=1, progress=False, reference=ref)
+    assert other is not None and not other["identical"] and other["max_abs_diff"] > 0
+    assert other["differing"] >= 1 and other["tokenizer_identical"]  # the tokenizer does not depend on the seed
+    text = describe_comparison("tiny-target", other)
+    assert "differs from the shipped model" in text and "Not an error" in text
+
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(ref / "model.safetensors"))
+    name = sorted(w)[0]
+    w[name] = w[name] + 1e-3
+    pert = tmp_path / "perturbed"
+    pert.mkdir()
+    for f in ref.iterdir():
+        if f.name != "model.safetensors":
+            (pert / f.name).write_bytes(f.read_bytes())
+    save_file(w, str(pert / "model.safetensors"), metadata={"format": "pt"})
+    c = compare_tiny_models(pert, ref)
+    assert c["differing"] == 1 and c["worst_tensor"] == name and c["max_abs_diff"] == pytest.approx(1e-3, rel=1e-3)
+    assert c["tensors"] == len(w) and c["config_identical"] and not c["identical"]
+
+
+def test_ship_copies_a_build(built: dict[str, Path], tmp_path: Path) -> None:
+    dest = ship_tiny_model(built["tiny-source"], tmp_path / "assets")
+    assert dest == tmp_path / "assets" / "tiny-source"
+    assert compare_tiny_models(dest, built["tiny-source"])["identical"]
+    assert (dest / "codedistill_tiny.json").read_text() == (built["tiny-source"] / "codedistill_tiny.json").read_text()
+
+
+# ----------------------------------------------------------------------------- slow: the shipped models' quality
 
 def _greedy_pass_rate(path: Path, n: int) -> float:
     """Greedy pass@1 on the first n synth test problems, through the project's own
@@ -169,7 +262,7 @@ def _greedy_pass_rate(path: Path, n: int) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-source", "tiny-target"])
 def test_full_build_pass_rate(name: str) -> None:
-    """The registered models (built into the default cache on first use)."""
+    """The registered models (the shipped builds)."""
     path = ensure_tiny_model(name, progress=False)
     rate = _greedy_pass_rate(path, 50)
     if name == "tiny-source":

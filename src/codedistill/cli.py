@@ -189,7 +189,8 @@ def make_tiny_model(
     from codedistill.models.tiny import describe_comparison, rebuild_and_compare, ship_tiny_model
 
     path, cmp = rebuild_and_compare(name, out, seed=seed)
-    console.print(f"{name}: built in {path}", highlight=False)
+    console.print(f"{name}: build in {path}" + ("" if out else " (the cache: a build already there is reused; "
+                                                 "--out DIR builds afresh)"), highlight=False)
     if cmp is None:
         console.print(f"{name}: no shipped build of this spec and seed to compare with.", highlight=False)
     else:
