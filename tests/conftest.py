@@ -12,15 +12,16 @@ MBPP_DIR = REPO.parent / "shared" / "data" / "mbpp"
 
 
 def pytest_configure(config):
-    # the embedded tiny models are built once per machine into this cache and reused
+    # tiny models whose spec is not shipped (changed specs) are built once into this cache
     os.environ.setdefault("CODEDISTILL_CACHE", str(REPO / ".cache" / "codedistill"))
     if MBPP_DIR.exists():
         os.environ.setdefault("CODEDISTILL_MBPP_PATH", str(MBPP_DIR))
 
 
 def pytest_collection_finish(session):
-    """Slow tests use the embedded tiny models: on a fresh machine, build both side by side
-    once (one process each) before the first test, instead of one after the other."""
+    """Slow tests use the embedded tiny models. They are shipped with the package, so this
+    builds nothing; only a changed spec without re-shipped files is built here (both side by
+    side, one process each, before the first test)."""
     if any(item.get_closest_marker("slow") for item in session.items):
         from codedistill.models.tiny import ensure_tiny_models
 

@@ -83,10 +83,10 @@ REGISTRY: dict[str, ModelSpec] = {
         _spec("DeepSeek-Coder-1.3B", "deepseek-ai/deepseek-coder-1.3b-base", "deepseek-ai/deepseek-coder-1.3b-instruct", "llama", "target", 1.3),
         ModelSpec(alias="tiny-source", path="tiny-source", family="tiny", role="source", size_b=None, tiny=True,
                   dtype="float32", lora_target_modules=tuple(LORA_TARGETS["tiny"]),
-                  notes="embedded default: built locally on first use (codedistill make-tiny-model)"),
+                  notes="embedded default: shipped with the package (rebuild: codedistill make-tiny-model)"),
         ModelSpec(alias="tiny-target", path="tiny-target", family="tiny", role="target", size_b=None, tiny=True,
                   dtype="float32", lora_target_modules=tuple(LORA_TARGETS["tiny"]),
-                  notes="embedded default: built locally on first use (codedistill make-tiny-model)"),
+                  notes="embedded default: shipped with the package (rebuild: codedistill make-tiny-model)"),
     ]
 }
 _LOWER = {k.lower(): k for k in REGISTRY}
@@ -140,7 +140,8 @@ def resolve_model(name: str, variant: str | None = None) -> ModelSpec:
 
 
 def local_path(spec: ModelSpec) -> str:
-    """What to hand ``from_pretrained``: builds the embedded tiny models on first use."""
+    """What to hand ``from_pretrained``: the shipped tiny models' directory (built into a
+    cache only for a spec the package does not ship)."""
     if spec.tiny:
         from codedistill.models.tiny import ensure_tiny_model
 
