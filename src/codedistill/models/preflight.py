@@ -334,11 +334,14 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def preflight_btp(plan: Any) -> dict[str, Any]:
-    """Both models of a BTP plan before any work: the source to generate (when used), the
-    target to generate and to be fine-tuned (LoRA or full)."""
+    """Both models of a BTP plan before any work: the source to generate (when used and
+    loaded here, not served), the target to be fine-tuned here (LoRA or full) whatever
+    serves its generations."""
     cfg = plan.cfg
     out: dict[str, Any] = {}
-    if (cfg.mode in ("finetune", "mixed") or cfg.eval_source) and getattr(cfg, "backend", "hf") == "hf":
-        out["source"] = preflight(plan.source_spec, cfg.device, cfg.dtype)
+    source_backend = getattr(plan, "source_backend", "hf")
+    if cfg.mode in ("finetune", "mixed") or cfg.eval_source:
+        out["source"] = (preflight(plan.source_spec, cfg.device, cfg.dtype) if source_backend == "hf"
+                         else {"model": plan.source_spec.alias, "source": f"served ({source_backend})"})
     out["target"] = preflight(plan.target_spec, cfg.device, cfg.dtype, "lora" if cfg.use_lora else "full")
     return out
