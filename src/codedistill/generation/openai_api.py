@@ -350,7 +350,11 @@ class OpenAIGenerator:
         )
 
     def _request(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Cached ``_send``: a request with the same key is answered from disk."""
+        """Cached ``_send``: a request with the same key is answered from disk.
+
+        A request for ``n`` > 1 that the server refuses (DeepSeek takes n=1 only) or answers
+        with fewer choices is completed with single requests (seeds ``seed + k``), and the
+        merged answer is cached under the original request, so a rerun sends nothing."""
         key = request_key({"model_id": self.model_id, "kind": kind, "body": body})
         hit = self.cache.get(key)
         if hit is not None:
@@ -358,9 +362,43 @@ class OpenAIGenerator:
                 self.cache_hits += 1
             return hit
         self.check()
-        out = self._send(kind, body)
+        n = int(body.get("n", 1))
+        if n > 1 and self.max_n is not None and n > self.max_n and not body.get("use_beam_search"):
+            out = self._split(kind, body, [])
+        else:
+            try:
+                out = self._send(kind, body)
+            except _BadRequest as e:
+                if n > 1 and not body.get("use_beam_search") and "logprob" not in e.message.lower():
+                    self.max_n = 1
+                    self._note(f"the server refused n={n} in one request ({e.message}); each sample is "
+                               "requested on its own (n=1)", fallback=True)
+                    out = self._split(kind, body, [])
+                else:
+                    raise
+            got = out.get("choices") or []
+            if n > 1 and len(got) < n and not body.get("use_beam_search"):
+                self.max_n = 1
+                self._note(f"the server returned {len(got)} of n={n} choices; the rest are requested one at "
+                           "a time (n=1)", fallback=True)
+                out = self._split(kind, body, got)
         self.cache.put(key, out)
         return out
+
+    def _split(self, kind: str, body: dict[str, Any], have: list[dict[str, Any]]) -> dict[str, Any]:
+        """``body``'s n choices as single requests (after the ``have`` ones), merged."""
+        choices = list(have)
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        for k in range(len(have), int(body["n"])):
+            b = {**body, "n": 1}
+            if body.get("seed") is not None:
+                b["seed"] = (int(body["seed"]) + k) & 0x7FFFFFFF
+            r = self._request(kind, b)
+            for c in r.get("choices") or []:
+                choices.append({**c, "index": len(choices)})
+            for u in usage:
+                usage[u] += int((r.get("usage") or {}).get(u) or 0)
+        return {"object": "split", "choices": choices, "usage": usage, "split": True}
 
     def _map(self, fn: Any, jobs: list[Any]) -> list[Any]:
         if len(jobs) <= 1:
@@ -497,39 +535,13 @@ class OpenAIGenerator:
         try:
             resp = self._request(kind, body)
         except _BadRequest as e:
-            if cnt > 1 and body.get("n", 1) > 1 and e.status < 500:
-                # a server that takes n=1 only (DeepSeek): split into single requests from now on
-                self.max_n = 1
-                self._note(f"the server refused n={cnt} in one request ({e.message}); each sample is "
-                           "requested on its own (n=1)", fallback=True)
-                seeds = [body.get("seed")] * cnt
-                if "seed" in body:
-                    seeds = [(body["seed"] + k) & 0x7FFFFFFF for k in range(cnt)]
-                subs = []
-                for k in range(cnt):
-                    b = {**body, "n": 1}
-                    if seeds[k] is not None:
-                        b["seed"] = seeds[k]
-                    subs.append(self._run_job((i, j + k, 1, b, kind), stop))
-                return [c for s in subs for c in s]
             if "logprob" in e.message.lower() and ("logprobs" in body or "top_logprobs" in body):
                 self._no_logprobs()  # BTP: a ConfigError; pass@k: a warning, then without log-probs
                 b = {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}
                 return self._run_job((i, j, cnt, b, kind), stop)
             raise e.as_error(self.name) from e
         choices = sorted(resp.get("choices") or [], key=lambda c: c.get("index", 0))
-        cands = [self._candidate(kind, c, stop, i) for c in choices]
-        if len(cands) < cnt and cnt > 1 and body.get("n", 1) > 1:
-            # the server silently returned fewer than n: ask for the rest one at a time
-            self.max_n = 1
-            self._note(f"the server returned {len(cands)} of n={cnt} choices; the rest are requested one "
-                       "at a time (n=1)", fallback=True)
-            for k in range(len(cands), cnt):
-                b = {**body, "n": 1}
-                if "seed" in body:
-                    b["seed"] = (body["seed"] + k) & 0x7FFFFFFF
-                cands += self._run_job((i, j + k, 1, b, kind), stop)
-        return cands
+        return [self._candidate(kind, c, stop, i) for c in choices]
 
     def beam_search(self, prompts: Sequence[str], num_beams: int, num_return_sequences: int | None = None,
                     max_new_tokens: int = 256, stop: Sequence[str] = (), length_penalty: float = 1.0) -> list[list[Candidate]]:
