@@ -529,11 +529,13 @@ class Server:
         self.template = (pid, mine)
 
     def _template_loop(self, sock) -> None:
-        """The template: for each request ``[uid, tmp_mb, network]`` clone D
+        """The template: for each request (uid, /tmp size, network) clone D
         (CLONE_PARENT: the server's child) into new namespaces, where it makes itself
         ready (:meth:`_warm_child`); answer with D's pid and the server's ends of its
-        pipes (SCM_RIGHTS). Idle in between, so the runs and the template rarely write to
-        the memory they share."""
+        pipes (SCM_RIGHTS). Idle in between, and doing little when not: every page it
+        writes while a D shares it is copied (the loop runs without the garbage
+        collector, which D turns back on)."""
+        import gc
         import socket
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         set_name(b"cd-sbx-template")
@@ -542,23 +544,28 @@ class Server:
         net = [self.orig_net] if self.orig_net is not None else []
         _close_fds_except([0, 1, 2, sock.fileno()] + net)
         flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_PARENT
+        recv, send_fds, unpack, pack, pipe = sock.recv, socket.send_fds, struct.unpack, \
+            struct.pack, os.pipe
+        gc.disable()
         while True:
             try:
-                req = sock.recv(256)
+                req = recv(64)
             except InterruptedError:
                 continue
             except OSError:
                 os._exit(0)
-            if not req:
+            if len(req) != 12:
                 os._exit(0)
-            uid, tmp_mb, network = json.loads(req)
-            fds = [os.pipe() for _ in range(5)]
+            uid, tmp_mb, network = unpack("<iii", req)
+            uid = None if uid < 0 else uid
+            fds = [pipe(), pipe(), pipe(), pipe(), pipe()]
             (res_r, res_w), (out_r, out_w), (err_r, err_w), (ctl_r, ctl_w), (job_r, job_w) = fds
             try:
                 d = clone(flags)
             except OSError as e:
                 d = -(e.errno or 1)
             if d == 0:
+                gc.enable()
                 try:
                     keep = [0, 1, 2, res_w, out_w, err_w, ctl_w, job_r]
                     _close_fds_except(keep + (net if network else []))
@@ -573,10 +580,9 @@ class Server:
                     os._exit(70)
             try:
                 if d > 0:
-                    socket.send_fds(sock, [struct.pack("<i", d)],
-                                    [res_r, out_r, err_r, ctl_r, job_w])
+                    send_fds(sock, [pack("<i", d)], [res_r, out_r, err_r, ctl_r, job_w])
                 else:
-                    sock.send(struct.pack("<i", d))
+                    sock.send(pack("<i", d))
             except OSError:
                 os._exit(0)
             finally:
@@ -689,7 +695,8 @@ class Server:
         on with the current run)."""
         tmp_mb, network = key
         try:
-            self.template[1].send(json.dumps([uid, tmp_mb, network]).encode())
+            self.template[1].send(struct.pack("<iii", -1 if uid is None else uid, tmp_mb,
+                                              int(network)))
         except OSError:
             os._exit(3)  # the template is gone: the pool restarts this server
         self.pending = (key, uid)
@@ -1211,8 +1218,12 @@ class Server:
             self._drop_privileges(uid)
         # ctypes must not be reachable by name; calls through existing objects are
         # refused by the audit hook ("ctypes.call_function").
-        for name in [m for m in sys.modules if m == "ctypes" or m.startswith("ctypes.")
-                     or m == "_ctypes"]:
+        # (In tests mode nothing was imported since the server listed the names once:
+        # going through sys.modules here would touch, and so copy, every page that holds
+        # a module name. A call target may have imported more.)
+        names = _CTYPES_MODULES if target is None else [
+            m for m in sys.modules if m in ("ctypes", "_ctypes") or m.startswith("ctypes.")]
+        for name in names:
             sys.modules.pop(name, None)
         from _harness_bootstrap import main  # set up by serve()
         if pd is not None and ctl_w is not None:
@@ -1236,6 +1247,7 @@ PREIMPORT = ["math", "re", "collections", "itertools", "functools", "heapq", "st
 
 
 _STDIO: tuple = ()  # the sandbox's stdin/stdout/stderr objects (fds 0-2 in the child)
+_CTYPES_MODULES: tuple = ("ctypes", "_ctypes")  # all of them, listed by serve()
 
 
 def serve() -> None:
@@ -1274,7 +1286,9 @@ def serve() -> None:
             importlib.import_module(name)
         except Exception:
             pass
-    global _STDIO
+    global _STDIO, _CTYPES_MODULES
+    _CTYPES_MODULES = tuple(m for m in sys.modules if m in ("ctypes", "_ctypes")
+                            or m.startswith("ctypes."))
     _STDIO = (open(0, "r", closefd=False), open(1, "w", closefd=False, buffering=1),
               open(2, "w", closefd=False, buffering=1))
     import gc
