@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -129,3 +131,26 @@ def test_stop_fn_ends_rows_and_drops_them(tiny):
     assert [len(t) for t in res.tokens] == [3, 3]
     assert res.finished == [True, True]
     assert res.forward_passes == 3  # prefill + 2 steps, cond and uncond batched together
+
+
+def test_topk_cfg_equals_exact_cfg_on_the_full_vocabulary_and_approximates_it_on_top_k():
+    from codedistill.egcfg.cfg import guided_logprobs
+    from codedistill.egcfg.topk import _topk, agreement_on_steps, guided_token, topk_cfg
+
+    g = torch.Generator().manual_seed(0)
+    steps = [(torch.randn(50, generator=g) * 3, torch.randn(50, generator=g) * 3) for _ in range(40)]
+    for lc, lu in steps[:5]:
+        for gamma in (0.0, 0.5, 1.0, 3.0):
+            exact = guided_logprobs(lc, lu, gamma)[0]
+            full = topk_cfg(_topk(lc.log_softmax(-1), 50), _topk(lu.log_softmax(-1), 50), gamma)
+            assert max(abs(full[t] - float(exact[t])) for t in range(50)) < 1e-4  # k = V: exact
+    res = agreement_on_steps(steps, gammas=(0.5, 3.0), ks=(1, 50))
+    assert res["gamma=0.5,k=50"]["agree"] == res["gamma=3.0,k=50"]["agree"] == 1.0
+    assert res["gamma=3.0,k=1"]["agree"] < 1.0  # top-1 each side cannot follow CFG everywhere
+    # the union: a token only the conditional side ranks (signal says so) can win with gamma > 1
+    cond, uncond = {1: math.log(0.9), 2: math.log(0.1)}, {3: math.log(0.6), 2: math.log(0.4)}
+    assert guided_token(cond, uncond, 0.0) == 3 and guided_token(cond, uncond, 1.0) == 1
+    assert guided_token(cond, uncond, 3.0, missing="kth") == 1
+    assert guided_token(cond, uncond, 3.0, missing="zero") == 2  # upstream's zero fill keeps the intersection
+    lp = topk_cfg(cond, uncond, 3.0)
+    assert set(lp) == {1, 2, 3} and abs(sum(math.exp(v) for v in lp.values()) - 1) < 1e-9

@@ -161,3 +161,12 @@ def test_sandboxed_tracer_cannot_touch_the_host(pool, tmp_path):
     t = v.payload["tests"][0]
     assert t["passed"] is False and t["exception"]["type"] in ("PermissionError", "OSError", "FileNotFoundError")
     assert not target.exists()
+
+
+def test_setup_names_are_not_program_state():
+    res = run_tracer({"program": "LIMIT = 3\ndef f(x):\n    return x + LIMIT\n", "tests": ["assert f(1) == 4"],
+                      "test_setup": "METADATA = {'author': 'x'}\nimport math\n"})
+    t = res["tests"][0]
+    assert t["passed"]
+    module_vars = [e["vars"] for e in t["events"] if e["func"] == "<module>"]
+    assert {"LIMIT": "3"} in module_vars and not any("METADATA" in v for v in module_vars)

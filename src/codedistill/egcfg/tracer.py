@@ -81,6 +81,7 @@ class _Recorder:
         self.types = types
         self.prev_types: dict[int, dict[str, str]] = {}
         self.last_types: dict[str, str] = {}
+        self.setup_names: set[str] = set()  # names the test setup defined (not the program's state)
         self.max_events = max_events
         self.max_chars = max_chars
         self.max_repr = max_repr
@@ -119,8 +120,9 @@ class _Recorder:
         old = self.prev_vars.get(key, {})
         new = {}
         tnew = {}
+        module = frame.f_code.co_name == "<module>"
         for k, v in list(frame.f_locals.items()):
-            if k.startswith("__") or isinstance(v, _SKIP_TYPES):
+            if k.startswith("__") or isinstance(v, _SKIP_TYPES) or (module and k in self.setup_names):
                 continue
             new[k] = safe_repr(v, self.max_repr)
             if self.types:
@@ -264,6 +266,7 @@ def _run_one(program: str, setup: str, test: str, opts: dict) -> dict:
         if setup:
             exec(compile(setup, "<setup>", "exec"), ns)
         stage = "program"
+        rec.setup_names = set(ns)
         code = compile(program, SOLUTION_FILE, "exec")
         if rec.max_events > 0:
             sys.settrace(rec.global_trace)
