@@ -212,6 +212,9 @@ def run_baseline(cfg: BaselineConfig, output_dir: Path | None = None) -> tuple[P
     from codedistill.generation import close_generator, describe, make_generator, resolve_backend
 
     backend = resolve_backend(spec, cfg.backend)  # before anything is written
+    from codedistill.generation import check_served
+
+    check_served(spec, backend, cfg.serving)
     if backend != "hf" and cfg.method == "egcfg":
         from codedistill.errors import ConfigError
 

@@ -67,6 +67,11 @@ class Plan:
         self.target_backend = cfg.role_backend("target", self.target_spec)
         from codedistill.generation import beam_fallback_note
 
+        from codedistill.generation import check_served
+
+        if uses_source:
+            check_served(self.source_spec, self.source_backend, cfg.serving)
+        check_served(self.target_spec, self.target_backend, cfg.serving)
         self.beam_fallback = None
         if cfg.generation == "beam" and cfg.mode in ("finetune", "mixed"):
             self.beam_fallback = beam_fallback_note(self.source_spec.alias, self.source_backend, cfg.serving,

@@ -219,3 +219,27 @@ def merge_usage(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
     out["fallbacks"] = sorted(set(a.get("fallbacks", [])) | set(b.get("fallbacks", [])))
     out["notes"] = sorted(set(a.get("notes", [])) | set(b.get("notes", [])))
     return out
+
+
+def check_served(spec: Any, backend: str, serving: ServingConfig | None = None) -> None:
+    """Before any work: an API model has an endpoint and (for a remote one) its key, and a
+    vLLM backend has its environment (ConfigError naming the fix otherwise)."""
+    import os
+
+    serving = serving or ServingConfig()
+    if backend == "openai":
+        from codedistill.generation.openai_api import is_local_url
+
+        urls = serving.base_url or ([spec.base_url] if getattr(spec, "base_url", None) else [])
+        if not urls:
+            raise ConfigError(f"{spec.alias}: --backend openai needs --base-url (the server's /v1 address).")
+        env = serving.api_key_env or getattr(spec, "api_key_env", None)
+        if env and not os.environ.get(env) and not all(is_local_url(u) for u in urls):
+            raise ConfigError(
+                f"the API key for {spec.alias} ({', '.join(urls)}) is missing: set the environment variable "
+                f"{env} (export {env}=...), or name another one with --api-key-env."
+            )
+    elif backend == "vllm":
+        from codedistill.generation.vllm import check_vllm_python
+
+        check_vllm_python(serving.vllm_python)
