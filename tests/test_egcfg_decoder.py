@@ -232,3 +232,28 @@ def test_guidance_starts_at_the_def_line(tiny):
         assert all("candidates" in line for line in res2.lines)
     finally:
         s.close()
+
+
+@pytest.mark.slow
+def test_egcfg_as_btp_sampler_returns_every_agents_program(tiny):
+    """BTP's --generation egcfg: one candidate per agent that ran, with its plain log-prob as P."""
+    from codedistill.btp.config import BTPConfig
+    from codedistill.egcfg.runner import egcfg_agent_candidates
+    from codedistill.execution import Limits, SandboxPool
+    from codedistill.prompts import PromptStyle
+
+    model, tok = tiny
+
+    class Gen:  # what the HF generator exposes to EG-CFG
+        def __init__(self):
+            self.model, self.tokenizer, self.add_special_tokens = model, tok, True
+
+    assert BTPConfig.model_fields["generation"].annotation.__args__ == ("beam", "sample", "egcfg")
+    settings = {**SMALL, "max_lines": 2, "max_agents": 3}
+    with SandboxPool(workers=2, limits=Limits(timeout=5.0), warm_targets=["codedistill.egcfg.tracer:trace"]) as pool:
+        out = egcfg_agent_candidates(Gen(), PromptStyle("base"), [PROBLEM], [], settings, pool, seed=1)
+    (cands,) = out
+    assert len(cands) == 3  # a random model passes nothing: all three agents ran, each one program
+    assert [c.meta["agent"] for c in cands][:2] == ["t0.7_d2_s3_g0.0_default", "t0.7_d2_s3_g0.0_long_code"]
+    for c in cands:
+        assert c.num_tokens > 0 and c.logprob < 0 and 0 < c.seq_prob < 1

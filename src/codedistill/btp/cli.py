@@ -36,7 +36,7 @@ def btp_command(
     eval_datasets: Optional[str] = O(None, "--eval-datasets", help="Extra held-out sets, e.g. humaneval (comma-separated)."),
     allow_overlap: Optional[bool] = O(None, "--allow-overlap/--no-allow-overlap", help="Allow train/eval overlap (reported in bold)."),
     drop_overlap: Optional[bool] = O(None, "--drop-overlap/--no-drop-overlap", help="Leave training problems that are also eval problems out."),
-    generation: Optional[str] = O(None, "--generation", help="beam | sample"),
+    generation: Optional[str] = O(None, "--generation", help="beam | sample | egcfg (EG-CFG's agents write the programs; HF backend)"),
     num_beams: Optional[int] = O(None, "--num-beams", help="Beams per problem (all returned)."),
     num_samples: Optional[int] = O(None, "--num-samples", help="Samples per problem with --generation sample."),
     gen_temperature: Optional[float] = O(None, "--gen-temperature", help="Temperature of --generation sample."),

@@ -40,7 +40,10 @@ class BTPConfig(BaseModel):
     allow_overlap: bool = False
     drop_overlap: bool = False
     # beam / sampling phase
-    generation: Literal["beam", "sample"] = "beam"
+    generation: Literal["beam", "sample", "egcfg"] = "beam"
+    egcfg: dict[str, Any] = Field(default_factory=dict, description="EG-CFG settings (EGCFGConfig fields) "
+                                                                    "with generation=egcfg: every agent's program "
+                                                                    "enters the buffer")
     num_beams: int = Field(5, ge=1)
     num_samples: int = Field(5, ge=1, description="programs per problem with generation=sample")
     gen_temperature: float = Field(0.8, gt=0.0)

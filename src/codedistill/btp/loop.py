@@ -167,6 +167,8 @@ def gen_cache_parts(plan: Plan, spec: Any, role: str, tag: str, problems: Sequen
     else:
         parts.update(num_samples=cfg.num_samples, temperature=cfg.gen_temperature, top_p=cfg.gen_top_p,
                      seed=cfg.seed, tag=tag)
+    if cfg.generation == "egcfg":
+        parts["egcfg"] = cfg.egcfg
     return parts
 
 
@@ -391,6 +393,13 @@ def generate_and_test(
                     cands = gen.beam_search(prompts, num_beams=cfg.num_beams, num_return_sequences=cfg.num_beams,
                                             max_new_tokens=cfg.max_new_tokens, stop=stop,
                                             length_penalty=cfg.length_penalty)
+                elif cfg.generation == "egcfg":  # every EG-CFG agent's final program (egcfg/runner.py)
+                    from codedistill.egcfg.runner import egcfg_agent_candidates
+
+                    cands = egcfg_agent_candidates(gen, style, list(chunk), stop, cfg.egcfg, pool,
+                                                   seed=derive_seed(cfg.seed, "gen", role, tag, chunk[0].task_id),
+                                                   max_new_tokens=cfg.max_new_tokens,
+                                                   log_path=gdir / f"{role}_{tag}.egcfg_log.jsonl")
                 else:
                     cands = gen.sample(prompts, n=cfg.num_samples, temperature=cfg.gen_temperature,
                                        top_p=cfg.gen_top_p, max_new_tokens=cfg.max_new_tokens, stop=stop,

@@ -96,7 +96,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--templates", default="compact,paper", help="trace templates to run, comma-separated")
     ap.add_argument("--egcfg", default="{}", help="EGCFGConfig fields as JSON (for every template)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared, loaded box)")
     args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
 
     from codedistill.data import load_problems
     from codedistill.egcfg.agents import EGCFGSolver, append_log

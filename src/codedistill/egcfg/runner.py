@@ -173,3 +173,50 @@ def make_egcfg_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, p
 
     generate.solver = solver  # type: ignore[attr-defined]
     return generate
+
+
+def egcfg_agent_candidates(gen: Any, style: Any, problems: list[Problem], stop: Any, settings: dict | None,
+                           pool: Any, seed: int = 0, max_new_tokens: int | None = None,
+                           log_path: Path | str | None = None) -> list[list[Any]]:
+    """BTP's sampler with ``--generation egcfg``: EG-CFG's agents write each problem's programs
+    with execution guidance, and EVERY agent's final program (not only the returned one) is a
+    candidate, with P from its plain log-prob (the model without the signal, temperature 1, over
+    its kept tokens) so that P2Value compares it with beam-search programs. With ``early_stop``
+    (default) a problem's agents stop at the first one passing the visible tests, so the number
+    of candidates per problem varies. Needs the in-process HF backend (full logits)."""
+    from codedistill.egcfg.signal import prompt_builder
+    from codedistill.errors import ConfigError
+    from codedistill.generation.base import Candidate
+    from codedistill.prompts import render_prompt, to_program
+
+    if not hasattr(gen, "model") or not hasattr(gen, "tokenizer"):
+        raise ConfigError("generation=egcfg needs the in-process HF backend (EG-CFG guides full logits); "
+                          "use --source-backend hf, or generation=beam/sample for served models")
+    values = {"max_new_tokens": max_new_tokens, **(settings or {})} if max_new_tokens else dict(settings or {})
+    econf = EGCFGConfig(**values)
+    key = json.dumps(econf.model_dump(), sort_keys=True, default=str)
+    solver = getattr(gen, "_egcfg_solver", None)
+    if solver is None or getattr(gen, "_egcfg_key", None) != key:
+        solver = EGCFGSolver(gen.model, gen.tokenizer, econf, pool=pool,
+                             add_special_tokens=getattr(gen, "add_special_tokens", True),
+                             to_program=lambda p, text: to_program(p, style, text)[1], log_signals=False)
+        gen._egcfg_solver, gen._egcfg_key = solver, key
+    out: list[list[Any]] = []
+    for p in problems:
+        q, _ = checked_visible_tests(p, pool)
+        prompt = render_prompt(q, style, gen.tokenizer)
+        build = prompt_builder(q, style, gen.tokenizer, anchor=econf.signal_anchor,
+                               variants=econf.prompt_variants(), prompt=prompt)
+        _, rec = solver.solve(q, prompt, list(stop), seed=derive_seed(seed, p.task_id), build=build)
+        rec["guided"] = bool(q.visible_tests)
+        if log_path is not None:
+            append_log(log_path, rec)
+        cands = []
+        for a in rec["agents"]:
+            if a["finish_reason"] == "cancelled":
+                continue
+            cands.append(Candidate(text=a["completion"], num_tokens=a["num_tokens"], logprob=a["plain_logprob"],
+                                   finish_reason="length" if a["finish_reason"] == "length" else "stop",
+                                   meta={"agent": a["agent"], "visible": a["visible"]}))
+        out.append(cands)
+    return out
