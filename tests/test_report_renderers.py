@@ -137,7 +137,8 @@ def test_sweep(tmp_path):
     rows = t.tables["sweep-trials"]
     assert [r[:3] for r in rows] == [["0", "COMPLETE", "0.400"], ["1", "COMPLETE", "0.580"],
                                      ["2", "PRUNED", "-"], ["3", "FAIL", "-"]]
-    assert rows[1][3:] == ["0.0030", "8.0000", "1: 0.520, 2: 0.580"]  # params sorted by name
+    assert rows[1][3:] == ["0.003", "8", "1: 0.520, 2: 0.580"]  # params sorted by name
+    assert rows[2][3:5] == ["0.0001", "1"]
     assert t.tables["sweep-best"] == [["sampling_alpha", "8.0"], ["learning_rate", "0.003"]]
     assert t.tables["sweep-best-test"] == [["best trial 1 (test split)", "0.550 [0.460, 0.640]"]]
     # the best trial's numbers are on the test split (the objective was on validation)
@@ -174,7 +175,7 @@ def test_matrix_and_cross_run_table(tmp_path):
     assert mx[1][3:10] == ["no", "mbpp", "0.280 [0.240, 0.320]", "0.270 [0.230, 0.310]",
                            "-0.010 [-0.040, +0.020]", "no", "done"]
     cross = t.tables["cross-run"]  # two matrix rows -> a cross-run table
-    assert [r[4:8] for r in cross] == [["0.300 [0.260, 0.340]", "0.360 [0.320, 0.400]", "+0.060 [+0.030, +0.090]", "yes"],
+    assert [r[3:7] for r in cross] == [["0.300 [0.260, 0.340]", "0.360 [0.320, 0.400]", "+0.060 [+0.030, +0.090]", "yes"],
                                        ["0.280 [0.240, 0.320]", "0.270 [0.230, 0.310]", "-0.010 [-0.040, +0.020]", "no"]]
     assert (paths["plots"] / "matrix_pass1.png").is_file()
 
@@ -191,8 +192,9 @@ def test_several_dirs_get_one_page_with_a_cross_run_table(tmp_path):
     paths = render_report([a, b], tmp_path / "rep")
     t = parse(paths["html"].read_text())
     cross = t.tables["cross-run"]
-    assert [(r[0], r[5], r[7]) for r in cross] == [("a", "0.200 [0.150, 0.250]", "yes"),
-                                                   ("b", "0.300 [0.250, 0.350]", "no")]
+    assert [(r[0], r[2], r[4], r[6]) for r in cross] == [
+        ("a (baseline)", "humaneval test (164), 0-shot, greedy", "0.200 [0.150, 0.250]", "yes"),
+        ("b (baseline)", "humaneval test (20), 0-shot, greedy", "0.300 [0.250, 0.350]", "no")]
     assert len(t.imgs) == 2 and (paths["plots"] / "a" / "pass_at_k.png").is_file()
 
 

@@ -63,10 +63,12 @@ def build_document(run_dirs: Sequence[Path], plot_root: Path) -> tuple[Document,
 
 
 def cross_run_table(summaries: Sequence[Summary]) -> Table:
-    return Table(["run", "kind", "models", "dataset", "before pass@1", "after pass@1", "gain [95% CI]",
-                  "published-comparable", "protocol"],
-                 [[s.name, s.kind, s.models, s.dataset, s.before, s.after, s.gain, s.comparable, s.protocol]
-                  for s in summaries], caption="one row per run and evaluation set", name="cross-run")
+    return Table(["run", "models", "protocol", "before pass@1", "after pass@1", "gain [95% CI]",
+                  "published-comparable"],
+                 [[s.name if s.kind.split()[0] in s.name else f"{s.name} ({s.kind})", s.models, s.protocol,
+                   s.before, s.after, s.gain, s.comparable] for s in summaries],
+                 caption="one row per run and evaluation set (protocol: dataset split (problems), shots, decoding)",
+                 name="cross-run", nowrap=(1,))
 
 
 def render_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[str, Path]:

@@ -39,6 +39,7 @@ class Table:
     rows: list[list[str]]
     caption: str = ""
     name: str = ""  # data-table attribute in the HTML (tests and readers find tables by it)
+    nowrap: tuple[int, ...] = ()  # columns whose text cells are kept on one line
 
 
 @dataclass
@@ -113,10 +114,12 @@ code { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 1
 .warn, .caution { background: var(--warnbg); border-left: 4px solid var(--warn); color: var(--warn); padding: 8px 12px; }
 .ok { background: var(--okbg); border-left: 4px solid var(--ok); color: var(--ok); padding: 8px 12px; }
 table { border-collapse: collapse; margin: 8px 0 16px; font-size: 14px; }
-caption { caption-side: top; text-align: left; color: var(--muted); font-size: 13px; padding-bottom: 4px; }
+p.caption { color: var(--muted); font-size: 13px; margin: 14px 0 2px; }
+p.caption + table { margin-top: 2px; }
 th, td { border: 1px solid var(--line); padding: 5px 10px; text-align: left; vertical-align: top; }
 th { background: var(--head); font-weight: 600; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.nowrap { white-space: nowrap; }
 tr:nth-child(even) td { background: #fafbfc; }
 figure { margin: 12px 0 22px; }
 figure img { max-width: 100%; height: auto; border: 1px solid var(--line); }
@@ -168,14 +171,15 @@ def to_html(doc: Document, footer: str = "") -> str:
             body.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in b.items) + "</ul>")
         elif isinstance(b, Table):
             name = f' data-table="{e(b.name)}"' if b.name else ""
-            parts = [f"<table{name}>"]
-            if b.caption:
-                parts.append(f"<caption>{e(b.caption)}</caption>")
+            parts = [f'<p class="caption">{e(b.caption)}</p>'] if b.caption else []
+            parts.append(f"<table{name}>")
             parts.append("<thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in b.headers) + "</tr></thead><tbody>")
             for r in b.rows:
-                parts.append("<tr>" + "".join(
-                    f'<td class="num">{e(str(c))}</td>' if _is_num(c) else f"<td>{e(str(c))}</td>" for c in r)
-                    + "</tr>")
+                cells = []
+                for i, c in enumerate(r):
+                    cls = "num" if _is_num(c) else ("nowrap" if i in b.nowrap else "")
+                    cells.append(f'<td class="{cls}">{e(str(c))}</td>' if cls else f"<td>{e(str(c))}</td>")
+                parts.append("<tr>" + "".join(cells) + "</tr>")
             parts.append("</tbody></table>")
             body.append("".join(parts))
         elif isinstance(b, Figure):

@@ -60,6 +60,12 @@ class Protocol:
         meth = f"; decoding method {self.method}" if self.method not in ("plain", "") else ""
         return f"{self.dataset} {self.split} split{n}, {self.shots}-shot, {self.decoding}{meth}{pre}"
 
+    def short(self) -> str:
+        """``mbpp test (500), 3-shot, greedy`` for table cells."""
+        n = f" ({self.n_problems})" if self.n_problems is not None else ""
+        dec = "greedy" if self.greedy else f"T={self.temperature:g} n={self.num_samples}"
+        return f"{self.dataset} {self.split}{n}, {self.shots}-shot, {dec}"
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "greedy": self.greedy}
 

@@ -123,6 +123,11 @@ def _provenance(config_json: Mapping[str, Any] | None) -> list[str]:
     return out
 
 
+def _param(v: Any) -> str:
+    """A hyperparameter value: floats to 4 significant digits (1e-05, 0.003, 8), the rest as they are."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def _pct(x: Any) -> str:
     return "-" if x is None else f"{float(x):.1%}"
 
@@ -218,7 +223,7 @@ def btp_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Sec
         if k1:
             imp = (e.get("improvement") or {}).get(k1)
             sec.summaries.append(Summary(
-                name=name, kind="btp", models=f"{src} -> {tgt}", dataset=ds, protocol=proto.describe(),
+                name=name, kind="btp", models=f"{src} -> {tgt}", dataset=ds, protocol=proto.short(),
                 comparable=verdict.level, before=fmt_metric(e["target_before"], k1),
                 after=fmt_metric(e["target_after"], k1), gain=fmt_improvement(imp) if imp else "-"))
     if stats:
@@ -246,7 +251,8 @@ def btp_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Sec
                            caption="generation + testing phase on the training problems", name="btp-generation"))
         if "p2value_hist" in figs:
             B.append(Figure(figs["p2value_hist"], "P2Value of the replay buffer (blue) and of the programs drawn "
-                            "for fine-tuning (orange), per iteration"))
+                            "for fine-tuning (orange), per iteration; draws are with replacement, so a program "
+                            "drawn twice counts twice"))
         if "sampling_stats" in figs:
             B.append(Figure(figs["sampling_stats"], "sampling statistics over iterations: shares in the buffer "
                             "(dashed) and among the draws (solid); counts and effective sample size"))
@@ -289,7 +295,7 @@ def baseline_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -
         B.append(Figure(fig, f"{model}: pass@k with 95% bootstrap CI"))
         k1 = ks[0]
         sec.summaries.append(Summary(name=name, kind="baseline", models=model, dataset=proto.dataset,
-                                     protocol=proto.describe(), comparable=verdict.level,
+                                     protocol=proto.short(), comparable=verdict.level,
                                      after=fmt_metric(metrics, k1) + (f" ({k1})" if k1 != "pass@1" else "")))
     return sec
 
@@ -356,7 +362,7 @@ def ablation_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -
     if refv and (refv.get("metrics") or {}).get("pass@1"):
         p = pv[0] if pv else None
         sec.summaries.append(Summary(name=name, kind="ablation (reference)", models=str(a.get("base_config")),
-                                     dataset=str(a.get("dataset")), protocol=p.describe() if p else "-",
+                                     dataset=str(a.get("dataset")), protocol=p.short() if p else "-",
                                      comparable=pv[1].level if pv else "-",
                                      after=fmt_metric(refv["metrics"], "pass@1")))
     return sec
@@ -390,8 +396,7 @@ def sweep_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> S
     for t in sorted(trials, key=lambda t: t.get("number", 0)):
         inter = t.get("intermediate") or {}
         rows.append([str(t.get("number")), str(t.get("state")), _num(t.get("value")),
-                     *(_num((t.get("params") or {}).get(p), 4) if isinstance((t.get("params") or {}).get(p), float)
-                       else str((t.get("params") or {}).get(p, "-")) for p in params),
+                     *(_param((t.get("params") or {}).get(p, "-")) for p in params),
                      ", ".join(f"{k}: {float(v):.3f}" for k, v in sorted(inter.items(), key=lambda kv: int(kv[0]))) or "-"])
     B.append(Table(["trial", "state", "objective", *params, "per-iteration values"], rows,
                    caption=f"all trials; objective = {s.get('objective')}", name="sweep-trials"))
@@ -415,7 +420,7 @@ def sweep_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> S
                 p.n_problems = tm.get("n_problems", p.n_problems)
                 B += protocol_blocks(p, comparability(p))
             sec.summaries.append(Summary(name=name, kind="sweep (best, test)", models=f"trial {best.get('number')}",
-                                         dataset="-", protocol=pv[0].describe() if pv else "-",
+                                         dataset="-", protocol=pv[0].short() if pv else "-",
                                          comparable=comparability(pv[0]).level if pv else "-",
                                          after=fmt_metric(tm, "pass@1")))
     if trials:
@@ -456,7 +461,7 @@ def matrix_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> 
         if r.get("after"):
             sec.summaries.append(Summary(name=f"{name}/{r.get('config')}", kind="matrix row",
                                          models=f"{r.get('source')} -> {r.get('target')}", dataset=str(r.get("dataset")),
-                                         protocol=pv[0].describe() if pv else "-", comparable=pv[1].level if pv else "-",
+                                         protocol=pv[0].short() if pv else "-", comparable=pv[1].level if pv else "-",
                                          before=rows[-1][5], after=rows[-1][6], gain=rows[-1][7]))
     B.append(Table(["config", "source", "target", "same family", "dataset", "before pass@1", "after pass@1",
                     "gain [95% CI]", "comparable", "status"], rows, caption="pass@1 with 95% bootstrap CIs",
