@@ -89,7 +89,8 @@ def test_ablation(tmp_path):
     out.mkdir()
     (out / "ablation.json").write_text(json.dumps({
         "kind": "ablation", "base_config": "configs/demo.yaml", "dataset": "synth", "n_eval_problems": 100,
-        "eval_num_samples": 5, "reference": "full", "variants": variants}))
+        "eval_num_samples": 5, "reference": "full", "variants": variants,
+        "target_before": {"pass@1": metric(0.33, 0.25, 0.41)}, "source": {"pass@1": metric(0.75, 0.67, 0.82)}}))
     btp_config(out / "variants" / "full")
     paths = render_report([out], tmp_path / "rep")
     html = paths["html"].read_text()
@@ -100,6 +101,8 @@ def test_ablation(tmp_path):
                                     "-0.160 [-0.240, -0.080]", "-0.100 [-0.170, -0.030]"]
     assert rows["uniform"][6:8] == ["0", "done"] and rows["full"][6] == "3000"
     assert rows["grpo"][2] == "-" and rows["grpo"][7] == "skipped: needs a GPU"
+    assert t.tables["ablation-points"] == [["target before BTP", "0.330 [0.250, 0.410]"],
+                                           ["source", "0.750 [0.670, 0.820]"]]
     # the protocol of the reference variant's run: sampled, synth -> not comparable
     assert "Protocol: synth test split, 0-shot, sampled, T=0.2, top_p 0.95, n=5; preset sampled." in html
     assert "Not comparable with published numbers" in html

@@ -13,7 +13,7 @@ from codedistill.btp.plots import _plt, _save, ci_bounds
 
 
 def plot_ablation(variants: Sequence[Mapping[str, Any]], out: Path, metric: str = "pass@1",
-                  reference: str | None = None, title: str = "") -> Path:
+                  reference: str | None = None, title: str = "", baseline: float | None = None) -> Path:
     """Horizontal bars, one per finished variant, coloured by group: ``metric`` with its
     95% CI; the reference (full method) hatched and its value drawn as a vertical line."""
     plt = _plt()
@@ -42,14 +42,19 @@ def plot_ablation(variants: Sequence[Mapping[str, Any]], out: Path, metric: str 
     ax.set_yticklabels([f"{n} (reference)" if n == reference else n for n in names], fontsize=8)
     if reference in names:
         ax.axvline(vals[names.index(reference)], color="black", linestyle="--", linewidth=1)
+    if baseline is not None:
+        ax.axvline(baseline, color="tab:red", linestyle=":", linewidth=1.5, label="target before BTP")
     ax.set_xlim(0, 1.08)
     ax.set_xlabel(f"{metric} on held-out problems (95% bootstrap CI)")
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
-    if len(groups) > 1:
+    if len(groups) > 1 or baseline is not None:
+        from matplotlib.lines import Line2D
         from matplotlib.patches import Patch
 
         handles = [Patch(color=gcolor[g], label=g or "-") for g in groups]
+        if baseline is not None:
+            handles.append(Line2D([0], [0], color="tab:red", linestyle=":", label=f"target before BTP ({baseline:.3f})"))
         ax.legend(handles=handles, fontsize=7, title="group", title_fontsize=7,
                   loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set_title(title or f"ablation: {metric} per variant", fontsize=10)

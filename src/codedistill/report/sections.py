@@ -307,6 +307,8 @@ def _variant_protocol(root: Path, run_dir: str | None, dataset: str) -> tuple[Pr
     if not run_dir:
         return None
     d = root / run_dir
+    if not d.exists() and Path(run_dir).exists():  # recorded relative to the working directory
+        d = Path(run_dir)
     comp = load_json(d / "comparison.json")
     config = load_json(d / "config.json")
     if not comp and not config:
@@ -336,8 +338,8 @@ def ablation_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -
     if pv:
         B += protocol_blocks(*pv)
     else:
-        p = Protocol(dataset=str(a.get("dataset")), n_problems=a.get("n_eval_problems"),
-                     num_samples=int(a.get("eval_num_samples") or 1),
+        p = Protocol(dataset=str(a.get("dataset")), split=str(a.get("eval_split") or "test"),
+                     n_problems=a.get("n_eval_problems"), num_samples=int(a.get("eval_num_samples") or 1),
                      temperature=float(a.get("eval_temperature", 0.0) or 0.0), preset=a.get("eval_protocol"))
         B += protocol_blocks(p, comparability(p))
     ks = ks_of(*[v.get("metrics") for v in variants])
@@ -351,10 +353,19 @@ def ablation_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -
     B.append(Table(["variant", "group", *ks, *(f"diff {k} [95% CI]" for k in dks), "new programs", "status",
                     "description"], rows, caption="pass@k with 95% bootstrap CI per variant; diff = paired difference "
                    "to the reference", name="ablation"))
+    points = [(label, a.get(key)) for label, key in (("target before BTP", "target_before"), ("source", "source"))
+              if a.get(key)]
+    if points:
+        pks = ks_of(*[m for _, m in points])
+        B.append(Table(["reference point", *pks], [[label, *(fmt_metric(m, k) for k in pks)] for label, m in points],
+                       caption="the same held-out problems without BTP (the base target) and the source",
+                       name="ablation-points"))
     done = [v for v in variants if (v.get("metrics") or {}).get("pass@1")]
     if done:
+        before = (a.get("target_before") or {}).get("pass@1")
         fig = plot_ablation(done, Path(plot_dir) / "ablation_pass1.png", "pass@1", ref,
-                            title=f"{a.get('dataset')}: pass@1 per variant (95% CI); dashed line = {ref}")
+                            title=f"{a.get('dataset')}: pass@1 per variant (95% CI); dashed line = {ref}",
+                            baseline=before["value"] if before else None)
         B.append(Figure(fig, "ablation: pass@1 per variant with 95% bootstrap CIs; the reference hatched, its value dashed"))
     over = [[v.get("name", "?"), ", ".join(f"{k}={val}" for k, val in (v.get("overrides") or {}).items()) or "-"]
             for v in variants]
@@ -413,7 +424,9 @@ def sweep_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> S
                                              *(fmt_metric(tm, k) for k in ks)]],
                            caption="the best trial evaluated once on the test split (95% bootstrap CI)",
                            name="sweep-best-test"))
-            pv = _variant_protocol(run_dir, next((t.get("run_dir") for t in trials if t.get("number") == best.get("number")), None), "")
+            pv = (_variant_protocol(run_dir, best.get("test_run_dir"), "")
+                  or _variant_protocol(run_dir, best.get("run_dir") or next(
+                      (t.get("run_dir") for t in trials if t.get("number") == best.get("number")), None), ""))
             if pv:
                 p = pv[0]
                 p.split = "test"
