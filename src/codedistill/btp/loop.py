@@ -141,10 +141,14 @@ def iteration_slices(problems: Sequence[Problem], n: int) -> list[list[Problem]]
 
 
 def model_id(spec: Any) -> str:
-    """What identifies a model's weights for the generation cache (the tiny models' local
-    path carries their build hash)."""
+    """What identifies a model's weights for the generation cache (a tiny model: its spec
+    hash and the hash of its weights file, wherever it lies; shipped directories carry no hash)."""
     from codedistill.models.registry import local_path
 
+    if getattr(spec, "tiny", False):
+        from codedistill.models.tiny import weights_id
+
+        return f"{spec.alias}@{weights_id(local_path(spec))}"
     return f"{spec.alias}@{local_path(spec)}"
 
 

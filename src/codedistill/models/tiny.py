@@ -44,6 +44,7 @@ with the shipped files.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -71,6 +72,7 @@ __all__ = [
     "shipped_tiny_model",
     "spec_hash",
     "tiny_spec",
+    "weights_id",
 ]
 
 # Bump when the training code changes in a way that changes the weights (invalidates caches).
@@ -527,6 +529,20 @@ def rebuild_and_compare(
         path = ensure_tiny_model(spec, seed=seed, progress=progress, shipped=False)
     ref = Path(reference) if reference is not None else shipped_tiny_model(spec, seed)
     return path, (compare_tiny_models(path, ref) if ref is not None else None)
+
+
+def weights_id(path: str | os.PathLike[str]) -> str:
+    """``<spec hash>-<sha256 of model.safetensors, 12 hex>`` of a tiny model directory: what
+    identifies its weights wherever it lies (a shipped directory's name carries no hash)."""
+    p = Path(path)
+    meta = _read_meta(p) or {}
+    st = (p / "model.safetensors").stat()
+    return f"{meta.get('spec_hash', 'nospec')}-{_file_sha(str(p / 'model.safetensors'), st.st_mtime_ns, st.st_size)}"
+
+
+@functools.lru_cache(maxsize=32)
+def _file_sha(path: str, mtime_ns: int, size: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
 def ship_tiny_model(built: str | os.PathLike[str], dest_root: str | os.PathLike[str] | None = None) -> Path:
