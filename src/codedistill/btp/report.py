@@ -25,6 +25,10 @@ def fmt_improvement(imp: dict[str, Any] | None) -> str:
     return f"{imp['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def report_markdown(plan: Any, comparison: dict[str, Any], stats: Sequence[dict[str, Any]],
                     elapsed: float | None = None) -> str:
     cfg = plan.cfg
@@ -57,8 +61,8 @@ def report_markdown(plan: Any, comparison: dict[str, Any], stats: Sequence[dict[
 
     for ds, e in comparison["datasets"].items():
         proto = btp_protocol({"config": cfg.model_dump()}, comparison, ds)
-        L += [f"## {ds} test split ({e['n_problems']} problems)", "",
-              f"Protocol: {proto.describe()}; {comparability(proto).describe()}.", "",
+        L += [f"## {ds} {proto.split} split ({e['n_problems']} problems)", "",
+              f"Protocol: {proto.describe()}.", "", f"{_sentence(comparability(proto).describe())}.", "",
               "| model | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks)]
         L.append(f"| target before ({plan.target_spec.alias}) | " + " | ".join(fmt_metric(e["target_before"], k) for k in ks) + " |")
         for stage, m in e["target_per_iteration"].items():
