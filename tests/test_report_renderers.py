@@ -209,7 +209,8 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="unfinished btp .*comparison.json"):
         render_report([tmp_path / "run"], tmp_path / "rep")
     with pytest.raises(ConfigError, match="not a directory"):
-        render_report([tmp_path / "missing"], tmp_path / "rep")
+        render_report([tmp_path / "missing"])  # default output under the run dir: not created
+    assert not (tmp_path / "missing").exists()
 
 
 @pytest.mark.parametrize("proto,level", [

@@ -79,6 +79,8 @@ def render_report(run_dirs: Sequence[str | Path], out: str | Path | None = None)
         from codedistill.errors import ConfigError
 
         raise ConfigError("give at least one run directory")
+    for d in run_dirs:  # every input checked before anything is written
+        detect_kind(d)
     out = Path(out) if out else default_out(run_dirs)
     out.mkdir(parents=True, exist_ok=True)
     plots = out / "plots"
