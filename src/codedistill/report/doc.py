@@ -12,7 +12,7 @@ import html
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Union
 
 
 @dataclass
