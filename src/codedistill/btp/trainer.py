@@ -1,15 +1,19 @@
 """Fine-tune the target on replayed programs: completion-only causal-LM loss, LoRA or full.
 
-A plain torch loop (no Trainer): deterministic given a seed (LoRA init, shuffling and
-dropout all draw from generators seeded here), runs on CPU for tiny models and in bf16 on
-GPU. Prompts are rendered and tokenized with the *target's* tokenizer; the source's
-token ids never reach this module (only program text does).
+transformers' ``Trainer`` with one override (the completion-only, importance-weighted
+loss), so it runs single-process or under ``accelerate launch`` (DDP, FSDP, DeepSpeed),
+with gradient checkpointing, mixed precision and QLoRA where asked. Deterministic given a
+seed (LoRA init, data order and dropout all draw from generators seeded here). Prompts
+are rendered and tokenized with the *target's* tokenizer; the source's token ids never
+reach this module (only program text does).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,6 +48,11 @@ class TrainSettings:
     lora_target_modules: list[str] | str | None = None
     add_eos: bool = True
     prompt_special_tokens: bool = True  # False for chat templates (they hold BOS already)
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"  # no | bf16 | fp16 (autocast; fp32 master weights)
+    load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA only)
+    report_to: list[str] = field(default_factory=list)  # tensorboard | wandb | mlflow
+    logging_dir: str | None = None  # the Trainer's output_dir: trackers' logs (nothing else)
 
 
 @dataclass
@@ -53,6 +62,9 @@ class TrainResult:
     examples: int = 0
     completion_tokens: int = 0
     truncated: int = 0
+    straddled: int = 0  # examples whose boundary token straddled prompt and completion
+    tokens_per_second: float = 0.0
+    trainer: Any = field(default=None, repr=False, compare=False)  # the Trainer (saving sharded models)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +73,8 @@ class TrainResult:
             "examples": self.examples,
             "completion_tokens": self.completion_tokens,
             "truncated": self.truncated,
+            "straddled": self.straddled,
+            "tokens_per_second": round(self.tokens_per_second, 1),
             "first_loss": self.losses[0] if self.losses else None,
             "last_loss": self.losses[-1] if self.losses else None,
         }
@@ -243,9 +257,11 @@ def prepare_model(
     import warnings
 
     set_seed(seed)
+    if settings.load_in_4bit:
+        return _prepare_qlora(base_path, settings, device, init_from)
     if not settings.use_lora:
         return load_model(init_from or base_path, device, dtype)
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
 
     # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning
     # on every adapter, nothing a user can act on)
@@ -254,16 +270,49 @@ def prepare_model(
     model = load_model(base_path, device, dtype)
     if init_from is not None:
         return PeftModel.from_pretrained(model, str(init_from), is_trainable=True)
-    targets = settings.lora_target_modules or "all-linear"
-    cfg = LoraConfig(
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=targets,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, cfg)
+    return get_peft_model(model, _lora_config(settings))
+
+
+def _lora_config(settings: TrainSettings) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                      target_modules=settings.lora_target_modules or "all-linear", bias="none", task_type="CAUSAL_LM")
+
+
+def check_qlora(settings: TrainSettings, device: str) -> None:
+    """QLoRA's requirements, as ConfigErrors that name the fix."""
+    import importlib.util
+
+    from codedistill.errors import ConfigError
+
+    if not settings.load_in_4bit:
+        return
+    if not settings.use_lora:
+        raise ConfigError("--load-in-4bit (QLoRA) trains a LoRA adapter on a frozen 4-bit base: add --use-lora")
+    if not str(device).startswith("cuda"):
+        raise ConfigError(f"--load-in-4bit (QLoRA) needs a CUDA GPU (bitsandbytes' 4-bit kernels); device is "
+                          f"{device!r}: drop --load-in-4bit to train LoRA in full precision here")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("--load-in-4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes")
+
+
+def _prepare_qlora(base_path: str | Path, settings: TrainSettings, device: str, init_from: str | Path | None) -> Any:
+    """The base in 4-bit NF4 (double quantization, bf16 compute) + a LoRA adapter."""
+    import torch
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    check_qlora(settings, device)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    index = torch.device(device).index or 0
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), quantization_config=q, dtype=torch.bfloat16,
+                                                 device_map={"": index})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
+    if init_from is not None:
+        return PeftModel.from_pretrained(model, str(init_from), is_trainable=True)
+    return get_peft_model(model, _lora_config(settings))
 
 
 def train(
@@ -273,13 +322,39 @@ def train(
     settings: TrainSettings,
     seed: int,
     log: Any = None,
+    output_dir: str | Path | None = None,
 ) -> TrainResult:
-    """Fine-tune ``model`` in place on ``examples``; returns the per-step loss curve."""
+    """Fine-tune ``model`` in place on ``examples`` with transformers' ``Trainer``; returns
+    the per-step loss curve (the same on every process of a distributed run).
+
+    Why ``Trainer`` and not TRL's ``SFTTrainer``: BTP tokenizes each pair itself (jointly,
+    :func:`encode_example`, so the labels are the target's own tokens after its prompt) and
+    weights each example's loss by its importance-sampling weight; ``SFTTrainer`` would
+    re-tokenize prompt and completion its own way and has no per-example weight. What BTP
+    needs on top of ``Trainer`` is one ``compute_loss`` (:class:`CompletionTrainer`); the
+    rest (accelerate/DDP/FSDP/DeepSpeed, gradient accumulation and checkpointing, mixed
+    precision, ``report_to``) is the library's.
+
+    Reproduces the hand-written loop this replaced (bit for bit with ``grad_accum`` 1 and
+    no LoRA dropout, checked on the tiny Llama of tests/test_btp_trainer.py; with dropout
+    the Trainer's data loader draws from the global RNG, so the dropout masks differ, still
+    seeded): the same data order (one
+    ``torch.randperm`` per epoch from a generator seeded with ``seed``), ``torch.optim.AdamW``
+    on the trainable parameters, the same warmup-then-linear schedule, gradient clipping,
+    and a step's loss = importance-weighted token cross-entropy summed over the step's
+    completion tokens / their number (with ``grad_accum`` 1 this is the old per-batch mean;
+    with more, the token mean over the whole accumulated step; across processes, the token
+    mean over the global batch, so N processes with ``batch_size``/N each give the
+    single-process curve).
+    """
     import torch
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     result = TrainResult()
     if not examples:
         return result
+    _check_report_to(settings.report_to)
     set_seed(seed)
     feats = []
     for ex in examples:
@@ -287,54 +362,256 @@ def train(
                            settings.prompt_special_tokens)
         f["weight"] = ex.weight
         result.truncated += int(f["truncated"])
+        result.straddled += int(f["straddled"])
         result.completion_tokens += sum(1 for x in f["labels"] if x != IGNORE_INDEX)
         feats.append(f)
     result.examples = len(feats)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    bs = max(1, settings.batch_size)
-    steps_per_epoch = math.ceil(len(feats) / (bs * max(1, settings.grad_accum)))
-    total = max(1, steps_per_epoch * settings.epochs)
-    warm = int(settings.warmup_ratio * total)
 
+    from accelerate import PartialState
+
+    device = str(next(model.parameters()).device)
+    world = PartialState(cpu=device == "cpu").num_processes
+    bs = max(1, settings.batch_size)
+    if bs % world:
+        from codedistill.errors import ConfigError
+
+        raise ConfigError(f"train batch size {bs} is the global batch: it must be divisible by the "
+                          f"{world} processes (e.g. --train-batch-size {bs - bs % world or world})")
+    ga = max(1, settings.grad_accum)
+    steps_per_epoch = math.ceil(len(feats) / (bs * ga))
+    total = max(1, steps_per_epoch * settings.epochs)
+    # where trackers write (tensorboard: <dir>/runs/...); no checkpoints are saved there
+    out_s = output_dir or settings.logging_dir
+    out = Path(out_s) if out_s else Path(tempfile.mkdtemp(prefix="codedistill-train-"))
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=bs // world,
+        gradient_accumulation_steps=ga,
+        num_train_epochs=settings.epochs,
+        max_steps=total,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm or 0.0,
+        seed=seed,
+        bf16=settings.mixed_precision == "bf16",
+        fp16=settings.mixed_precision == "fp16",
+        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+        use_cpu=device == "cpu",
+        report_to=list(settings.report_to) or "none",
+        logging_strategy="steps" if settings.report_to else "no",
+        logging_steps=1,
+        save_strategy="no",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        average_tokens_across_devices=True,
+        ddp_find_unused_parameters=False,
+    )
+    CompletionTrainer, TrainProgress = _classes()
+    trainer = CompletionTrainer(
+        model=model,
+        args=args,
+        train_dataset=_ListDataset(feats),
+        data_collator=lambda fs: collate(fs, pad_id),
+        data_order=_EpochOrders(len(feats), settings.epochs, seed),
+        schedule=_lr_lambda(total, int(settings.warmup_ratio * total)),
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    progress = TrainProgress(trainer, result, log)
+    trainer.add_callback(progress)
+    trainer.train()
+    result.steps = len(result.losses)
+    result.tokens_per_second = progress.tokens_per_second
+    result.trainer = trainer
+    model.eval()
+    return result
+
+
+def _lr_lambda(total: int, warm: int) -> Any:
     def lr_at(step: int) -> float:
         if warm and step < warm:
             return (step + 1) / warm
         return max(0.0, (total - step) / max(1, total - warm))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    step = 0
-    for _epoch in range(settings.epochs):
-        order = torch.randperm(len(feats), generator=gen).tolist()
-        batches = [order[i:i + bs] for i in range(0, len(order), bs)]
-        for b0 in range(0, len(batches), max(1, settings.grad_accum)):
-            group = batches[b0:b0 + max(1, settings.grad_accum)]
-            opt.zero_grad(set_to_none=True)
-            tot = 0.0
-            for bidx in group:
-                batch = collate([feats[i] for i in bidx], pad_id)
-                out = model(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
-                )
-                loss = completion_loss(out.logits, batch["labels"].to(device), batch["weights"])
-                (loss / len(group)).backward()
-                tot += float(loss.detach()) / len(group)
-            if settings.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            opt.step()
-            sched.step()
-            step += 1
-            result.losses.append(tot)
-            if log is not None:
-                log(f"step {step}/{total} loss {tot:.4f}")
-    result.steps = step
-    model.eval()
-    return result
+    return lr_at
+
+
+class _ListDataset:
+    """A map-style dataset over already-encoded features."""
+
+    def __init__(self, feats: list[dict[str, Any]]):
+        self.feats = feats
+
+    def __len__(self) -> int:
+        return len(self.feats)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.feats[i]
+
+
+class _EpochOrders:
+    """The training order: epoch e is the e-th ``torch.randperm`` of a generator seeded
+    with the run's seed (the order of the loop this trainer replaced). Each iteration
+    (one per epoch; accelerate shards the batches built from it over processes) yields the
+    next epoch's permutation."""
+
+    def __init__(self, n: int, epochs: int, seed: int):
+        import torch
+
+        gen = torch.Generator().manual_seed(seed)
+        self.orders = [torch.randperm(n, generator=gen).tolist() for _ in range(max(1, epochs))]
+        self.n = n
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = self.orders[min(self.calls, len(self.orders) - 1)]
+        self.calls += 1
+        return iter(order)
+
+
+@functools.cache
+def _classes() -> tuple[type, type]:
+    """(CompletionTrainer, TrainProgress), defined on first use: importing transformers'
+    Trainer takes seconds, and this module is imported by every BTP command."""
+    from transformers import Trainer, TrainerCallback
+
+    class CompletionTrainer(Trainer):
+        """``Trainer`` with BTP's loss: completion tokens only, each weighted by its example's
+        importance-sampling weight, normalised by the step's (global) number of completion
+        tokens; plus the fixed data order and the old loop's optimizer and schedule."""
+
+        def __init__(self, *a: Any, data_order: Any, schedule: Any, **kw: Any):
+            super().__init__(*a, **kw)
+            self._data_order = data_order
+            self._schedule = schedule
+            # our compute_loss takes num_items_in_batch: Trainer then counts the labelled
+            # tokens of the whole (accumulated, all-process) step and does not divide by GA
+            self.model_accepts_loss_kwargs = True
+            self.step_loss = 0.0
+            self.step_tokens = 0
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            return self._data_order
+
+        def create_optimizer(self, model: Any = None) -> Any:
+            import torch
+
+            if self.optimizer is None:
+                params = [p for p in self.model.parameters() if p.requires_grad]
+                self.optimizer = torch.optim.AdamW(params, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
+            return self.optimizer
+
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            import torch
+
+            if self.lr_scheduler is None:
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, self._schedule)
+            return self.lr_scheduler
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            weights = inputs.pop("weights", None)
+            labels = inputs.pop("labels")
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            if num_items_in_batch is None:  # evaluation, or Trainer did not count
+                loss = completion_loss(outputs.logits, labels, weights)
+            else:
+                n_local = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+                loss = completion_loss(outputs.logits, labels, weights) * n_local / num_items_in_batch
+                self.step_loss += float(loss.detach())
+                if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                    loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+            self.step_tokens += int(inputs["attention_mask"].sum())
+            return (loss, outputs) if return_outputs else loss
+
+        def pop_step(self) -> tuple[float, int]:
+            """This step's loss (summed over processes) and tokens (all processes)."""
+            import torch
+
+            t = torch.tensor([self.step_loss, float(self.step_tokens)], device=self.args.device)
+            if self.accelerator.num_processes > 1:
+                t = self.accelerator.reduce(t, reduction="sum")
+            self.step_loss, self.step_tokens = 0.0, 0
+            return float(t[0]), int(t[1])
+
+
+    class TrainProgress(TrainerCallback):
+        """Records the per-step loss curve and shows a progress bar with loss and tokens/s
+        (tqdm, on the main process, only on a terminal); elsewhere one summary line at the end."""
+
+        def __init__(self, trainer: Any, result: TrainResult, log: Any = None):
+            self.trainer, self.result, self.log = trainer, result, log
+            self.bar = None
+            self.tokens = 0
+            self.t0 = 0.0
+            self.tokens_per_second = 0.0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            import sys
+            import time
+
+            self.t0 = time.perf_counter()
+            if state.is_world_process_zero and sys.stderr.isatty():
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=state.max_steps, desc="fine-tuning", unit="step", leave=False)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            import time
+
+            loss, tokens = self.trainer.pop_step()
+            self.result.losses.append(loss)
+            self.tokens += tokens
+            dt = max(1e-9, time.perf_counter() - self.t0)
+            self.tokens_per_second = self.tokens / dt
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens_per_second:.0f}", refresh=False)
+                self.bar.update(1)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            import sys
+            import time
+
+            if self.bar is not None:
+                self.bar.close()
+            if not state.is_world_process_zero or not self.result.losses:
+                return
+            L = self.result.losses
+            line = (f"fine-tuned {len(L)} steps in {time.perf_counter() - self.t0:.1f}s: loss {L[0]:.4f} -> "
+                    f"{L[-1]:.4f}, {self.tokens_per_second:.0f} tokens/s")
+            if self.log is not None:
+                self.log(line)
+            elif self.bar is None:
+                print(line, file=sys.stderr)
+
+    return CompletionTrainer, TrainProgress
+
+
+REPORT_TO = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def _check_report_to(report_to: Sequence[str]) -> None:
+    """Each tracker's package must be installed (none is in the default install); runs
+    stay offline: wandb in offline mode, mlflow to a local ./mlruns unless configured."""
+    import importlib.util
+    import os
+
+    from codedistill.errors import ConfigError
+
+    for name in report_to:
+        if name not in REPORT_TO:
+            raise ConfigError(f"unknown --report-to {name!r}; use one of {', '.join(REPORT_TO)}")
+        if importlib.util.find_spec(REPORT_TO[name]) is None:
+            raise ConfigError(f"--report-to {name} needs its package: pip install {name}")
+    if "wandb" in report_to:
+        os.environ.setdefault("WANDB_MODE", "offline")
 
 
 def save_trained(model: Any, tokenizer: Any, out_dir: str | Path, use_lora: bool) -> Path:

@@ -1,0 +1,120 @@
+"""The training phase under ``accelerate launch``: a real 2-process data-parallel run on
+CPU (gloo) of the embedded tiny target, against the single-process run with the same
+global batch; QLoRA's clear error on CPU; the launch command and configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+from codedistill.btp.trainer import TrainExample, TrainSettings, load_tokenizer, prepare_model, train  # noqa: E402
+from codedistill.errors import ConfigError  # noqa: E402
+from codedistill.training.launch import (  # noqa: E402
+    CONFIG_DIR,
+    NAMED_CONFIGS,
+    launch_command,
+    run_launched,
+    write_job,
+)
+
+# The same global batch (8) and order on 1 and 2 processes: each optimizer step's loss is
+# the token mean over the global batch either way; only the float summation order differs
+# (two half-batch gradients all-reduced vs one), measured below 1e-5 relative on the
+# development machine; the test allows 1e-3.
+LOSS_RTOL = 1e-3
+
+
+def _examples(n: int = 32) -> list[TrainExample]:
+    return [
+        TrainExample(
+            "You are an expert Python programmer, and here is your task: Write a function to add "
+            f"{k} to a number. Your code should pass these tests:\n\nassert add_{k}(1) == {1 + k}\n[BEGIN]\n",
+            f"def add_{k}(x):\n    return x + {k}\n[DONE]",
+            weight=1.0 if k % 3 else 0.5,  # importance weights on the loss, across processes too
+        )
+        for k in range(n)
+    ]
+
+
+SETTINGS = TrainSettings(learning_rate=3e-3, epochs=2, batch_size=8, use_lora=True, lora_r=8, lora_alpha=16,
+                         lora_dropout=0.0, warmup_ratio=0.1, max_length=256)
+
+
+@pytest.fixture(scope="module")
+def tiny_target() -> Path:
+    from codedistill.models.tiny import ensure_tiny_models
+
+    return Path(ensure_tiny_models(("tiny-target",), progress=False)["tiny-target"])
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_matches_single_process(tiny_target, tmp_path):
+    tok = load_tokenizer(tiny_target)
+    model = prepare_model(tiny_target, SETTINGS, seed=7, device="cpu")
+    single = train(model, tok, _examples(), SETTINGS, seed=7).losses
+    assert len(single) == 8  # 32 examples / batch 8 x 2 epochs
+
+    job = write_job(tmp_path / "job", base=tiny_target, settings=SETTINGS, examples=_examples(), seed=7,
+                    device="cpu", dtype="auto", init_from=None, out_dir=tmp_path / "iter_1")
+    res = run_launched(job, num_processes=2)
+    assert res["num_processes"] == 2 and res["distributed_type"] == "MULTI_CPU"
+    assert res["steps"] == len(single)
+    assert res["losses"] == pytest.approx(single, rel=LOSS_RTOL)
+    assert res["losses"][-1] < res["losses"][0]
+    # exactly one adapter, written once (by the main process)
+    assert sorted(p.name for p in (tmp_path / "iter_1").iterdir()) == ["adapter"]
+    files = sorted(p.name for p in (tmp_path / "iter_1" / "adapter").iterdir())
+    assert files.count("adapter_model.safetensors") == 1 and "adapter_config.json" in files
+    # and it is the trained adapter: it reproduces the single-process model's outputs
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_target), str(tmp_path / "iter_1" / "adapter"))
+    x = torch.tensor([tok(_examples()[0].prompt)["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=1e-3)
+
+
+def test_qlora_on_cpu_is_a_clear_error(tiny_target):
+    s = TrainSettings(use_lora=True, load_in_4bit=True)
+    with pytest.raises(ConfigError, match="CUDA GPU.*drop --load-in-4bit"):
+        prepare_model(tiny_target, s, seed=0, device="cpu")
+    with pytest.raises(ConfigError, match="--use-lora"):
+        prepare_model(tiny_target, TrainSettings(use_lora=False, load_in_4bit=True), seed=0, device="cuda")
+
+
+def test_launch_command_and_configs(tmp_path):
+    for name in NAMED_CONFIGS:
+        assert (CONFIG_DIR / f"{name}.yaml").is_file()
+    cmd = launch_command(tmp_path / "job.json", 2)
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in cmd
+    assert cmd[-3:] == ["-m", "codedistill.training.launch", str(tmp_path / "job.json")]
+    cmd = launch_command(tmp_path / "job.json", 4, "fsdp")
+    assert cmd[cmd.index("--config_file") + 1] == str(CONFIG_DIR / "fsdp.yaml")
+    assert cmd[cmd.index("--num_processes") + 1] == "4"
+    with pytest.raises(ConfigError, match="ddp, fsdp, zero2, zero3"):
+        launch_command(tmp_path / "job.json", 2, "zero4")
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        with pytest.raises(ConfigError, match=r"pip install 'codedistill\[deepspeed\]'"):
+            launch_command(tmp_path / "job.json", 2, "zero3")
+
+
+def test_report_to_needs_its_package(tiny_target):
+    import importlib.util
+
+    tok = load_tokenizer(tiny_target)
+    with pytest.raises(ConfigError, match="unknown --report-to"):
+        train(None, tok, _examples(2), TrainSettings(report_to=["neptune"]), seed=0)
+    for name in ("tensorboard", "wandb", "mlflow"):
+        if importlib.util.find_spec(name) is None:
+            with pytest.raises(ConfigError, match=f"pip install {name}"):
+                train(None, tok, _examples(2), TrainSettings(report_to=[name]), seed=0)
+    json.dumps(TrainSettings().__dict__)  # settings travel to launched processes as JSON
