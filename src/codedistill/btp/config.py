@@ -17,7 +17,11 @@ EVAL_EXTRA_DATASETS = ("humaneval", "mbpp", "mbpp-sanitized", "synth")
 
 # Settings that do not change results (where/how fast it runs): not compared on resume.
 NON_EXPERIMENT_KEYS = ("output_dir", "workers", "device", "gen_batch_size", "merge", "config",
-                       "generation_cache")
+                       "generation_cache", "num_processes", "accelerate_config", "gradient_checkpointing",
+                       "report_to")
+# training-at-scale settings that do change results: recorded only when not the default
+# (so runs made before they existed still resume)
+_SCALE_DEFAULTS = {"mixed_precision": "no", "load_in_4bit": False}
 
 
 class BTPConfig(BaseModel):
@@ -80,6 +84,13 @@ class BTPConfig(BaseModel):
     max_length: int = Field(1024, ge=8)
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     merge: bool = False
+    # training at scale (transformers Trainer; several processes via accelerate launch)
+    num_processes: int = Field(1, ge=1, description="training processes; generation stays single-process")
+    accelerate_config: Optional[str] = Field(None, description="ddp | fsdp | zero2 | zero3 | an accelerate YAML")
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    load_in_4bit: bool = Field(False, description="QLoRA: 4-bit NF4 base (bitsandbytes, CUDA only)")
+    report_to: list[str] = Field(default_factory=list, description="tensorboard | wandb | mlflow")
     # evaluation
     eval_num_samples: int = Field(10, ge=1)
     eval_temperature: float = Field(0.8, ge=0.0)
@@ -138,6 +149,19 @@ class BTPConfig(BaseModel):
                 out.append(x)
         return out
 
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, v: Any) -> list[str]:
+        if v is None:
+            return []
+        if isinstance(v, str):
+            v = [x for x in v.replace(",", " ").split() if x]
+        out = [str(x).lower() for x in v if str(x).lower() != "none"]
+        for x in out:
+            if x not in ("tensorboard", "wandb", "mlflow"):
+                raise ValueError(f"unknown tracker {x!r}; use tensorboard, wandb or mlflow")
+        return out
+
     @field_validator("sampling_method")
     @classmethod
     def _method(cls, v: str) -> str:
@@ -161,6 +185,9 @@ class BTPConfig(BaseModel):
         d.pop("serving", None)  # addresses, concurrency, vLLM sizes: recorded in generation.json
         for k in ("backend", "source_backend", "target_backend"):
             if d.get(k) is None:
+                d.pop(k, None)
+        for k, default in _SCALE_DEFAULTS.items():
+            if d.get(k) == default:
                 d.pop(k, None)
         return d
 

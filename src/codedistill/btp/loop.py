@@ -543,23 +543,40 @@ def train_iteration(plan: Plan, iteration: int, examples: list[TrainExample], lo
     if iteration > 1:
         prev = plan.out / f"iter_{iteration - 1}" / ("adapter" if cfg.use_lora else "model")
     settings = train_settings(plan)
+    settings.logging_dir = str(it_dir / "trainer")  # trackers (--report-to) write here
     device = cfg.device or _default_device()
     base = target_path(plan)
     tok = load_tokenizer(base)
     seed = derive_seed(cfg.seed, "train", iteration)
-    model = prepare_model(base, settings, seed=seed, device=device, dtype=_dtype(cfg, spec), init_from=prev)
     t0 = time.time()
     log(f"[iter {iteration}] fine-tuning {spec.alias} on {len(examples)} examples "
-        f"({'LoRA r=%d' % settings.lora_r if cfg.use_lora else 'full'})")
-    result = train(model, tok, examples, settings, seed=seed)
+        f"({'LoRA r=%d' % settings.lora_r if cfg.use_lora else 'full'}"
+        f"{', %d processes' % cfg.num_processes if cfg.num_processes > 1 else ''})")
+    if cfg.num_processes > 1 or cfg.accelerate_config:
+        from codedistill.training.launch import run_launched, write_job
+
+        job = write_job(it_dir / "launch", base=base, settings=settings, examples=examples, seed=seed,
+                        device=device, dtype=_dtype(cfg, spec), init_from=prev, out_dir=it_dir)
+        result_d = run_launched(job, cfg.num_processes, cfg.accelerate_config, log)
+        model = None
+    else:
+        model = prepare_model(base, settings, seed=seed, device=device, dtype=_dtype(cfg, spec), init_from=prev)
+        result = train(model, tok, examples, settings, seed=seed, log=log)
+        result_d = result.to_dict()
+        del result
+        save_trained(model, tok, it_dir, cfg.use_lora)
     with JsonlWriter(it_dir / "train_log.tmp.jsonl") as w:
-        for i, loss in enumerate(result.losses):
+        for i, loss in enumerate(result_d["losses"]):
             w.write({"step": i + 1, "loss": loss})
     (it_dir / "train_log.tmp.jsonl").replace(it_dir / "train_log.jsonl")
-    save_trained(model, tok, it_dir, cfg.use_lora)
     if cfg.merge:
+        if model is None:  # trained in other processes: fold the saved adapter into the base here
+            import dataclasses
+
+            model = prepare_model(base, dataclasses.replace(settings, load_in_4bit=False), seed=seed, device=device,
+                                  dtype=_dtype(cfg, spec), init_from=it_dir / ("adapter" if cfg.use_lora else "model"))
         merge_and_save(model, tok, it_dir / "merged")
-    info = {**result.to_dict(), "seconds": round(time.time() - t0, 2), "seed": seed,
+    info = {**result_d, "seconds": round(time.time() - t0, 2), "seed": seed,
             "init_from": str(prev) if prev else "base"}
     write_json(it_dir / "train.json", info)
     del model
@@ -578,6 +595,8 @@ def train_settings(plan: Plan) -> TrainSettings:
         grad_accum=cfg.grad_accum, max_length=cfg.max_length, warmup_ratio=cfg.warmup_ratio,
         use_lora=cfg.use_lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         lora_target_modules=targets, prompt_special_tokens=spec.prompt_style == "base",
+        gradient_checkpointing=cfg.gradient_checkpointing, mixed_precision=cfg.mixed_precision,
+        load_in_4bit=cfg.load_in_4bit, report_to=list(cfg.report_to),
     )
 
 
@@ -660,6 +679,9 @@ def run_btp(cfg: BTPConfig, log: Log = print,
     from codedistill.models.preflight import preflight_btp
 
     checked = preflight_btp(plan)  # unreachable hub / too large: one clear line, before any work
+    from codedistill.btp.trainer import check_training
+
+    check_training(train_settings(plan), cfg.device or _default_device())  # QLoRA / trackers, before any work
     _quiet_transformers()
     run = RunDir(plan.out)
     config = {**cfg.experiment_dict(), "source_spec": plan.source_spec.to_dict(),

@@ -297,6 +297,12 @@ def check_qlora(settings: TrainSettings, device: str) -> None:
         raise ConfigError("--load-in-4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes")
 
 
+def check_training(settings: TrainSettings, device: str) -> None:
+    """Everything about the training settings that can be checked before a run starts."""
+    check_qlora(settings, device)
+    _check_report_to(settings.report_to)
+
+
 def _prepare_qlora(base_path: str | Path, settings: TrainSettings, device: str, init_from: str | Path | None) -> Any:
     """The base in 4-bit NF4 (double quantization, bf16 compute) + a LoRA adapter."""
     import torch
