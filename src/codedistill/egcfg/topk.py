@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--missing", default="kth", choices=["kth", "zero"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    torch.set_num_threads(1)
     from codedistill.egcfg.measure import _load
 
     model, tok = _load(args.model)
