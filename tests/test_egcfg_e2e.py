@@ -47,8 +47,11 @@ def test_egcfg_baseline_writes_samples_metrics_and_log(tmp_path, dataset):
         else:
             assert rec["agents_run"] == rec["agents_total"] == 3
         guided = [a for a in rec["agents"] if a["spec"]["gamma"] != 0]
-        for a in guided:  # every guided line drew candidates; they were traced in the sandbox
-            assert all("candidates" in line for line in a["lines"])
+        for a in guided:  # every line after the def line drew candidates, traced in the sandbox
+            before = ""
+            for line in a["lines"]:
+                assert ("candidates" in line) == ("def " in before), (before, line)
+                before += line["text"]
         for a in guided:  # each guided agent ran its candidates in the sandbox (a one-line
             # program that ends at its first line needs exactly one execution)
             assert a["counters"]["sandbox_executions"] >= 1
