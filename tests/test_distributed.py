@@ -118,3 +118,29 @@ def test_report_to_needs_its_package(tiny_target):
             with pytest.raises(ConfigError, match=f"pip install {name}"):
                 train(None, tok, _examples(2), TrainSettings(report_to=[name]), seed=0)
     json.dumps(TrainSettings().__dict__)  # settings travel to launched processes as JSON
+
+
+@pytest.mark.slow
+def test_btp_num_processes_launches_its_training_phase(tmp_path):
+    """`codedistill btp --num-processes 2`: generation in this process, each fine-tuning
+    phase under accelerate launch; the second iteration continues the first's adapter."""
+    from typer.testing import CliRunner
+
+    from codedistill.btp._testing import build_throwaway_pair
+    from codedistill.btp.cli import btp_app
+
+    src, tgt = build_throwaway_pair(tmp_path / "models")
+    out = tmp_path / "run"
+    res = CliRunner().invoke(btp_app, [
+        "--source-model", str(src), "--target-model", str(tgt), "--dataset", "synth", "--max-problems", "4",
+        "--eval-max-problems", "2", "--num-beams", "2", "--n-iterations", "2", "--use-lora", "--lora-r", "4",
+        "--lora-alpha", "8", "--eval-num-samples", "1", "--max-new-tokens", "16", "--train-batch-size", "4",
+        "--no-eval-source", "--workers", "1", "--merge", "--num-processes", "2", "--output-dir", str(out)])
+    assert res.exit_code == 0, (res.output[-3000:], repr(res.exception))
+    for k in (1, 2):
+        info = json.loads((out / f"iter_{k}" / "train.json").read_text())
+        assert info["num_processes"] == 2 and info["distributed_type"] == "MULTI_CPU"
+        assert (out / f"iter_{k}" / "adapter" / "adapter_model.safetensors").is_file()
+        assert (out / f"iter_{k}" / "merged" / "model.safetensors").is_file()
+        assert len((out / f"iter_{k}" / "train_log.jsonl").read_text().splitlines()) == info["steps"] > 0
+    assert json.loads((out / "iter_2" / "train.json").read_text())["init_from"].endswith("iter_1/adapter")
