@@ -698,6 +698,11 @@ def run_btp(cfg: BTPConfig, log: Log = print,
     log(f"BTP run in {plan.out}{' (resuming)' if resumed else ''}: {len(plan.train)} train problems, "
         f"eval on {', '.join(f'{d} ({len(ps)})' for d, ps in plan.evals.items())}")
     plan.run_plan = announce_plan(plan, checked, log)
+    if (cfg.n_iterations > 1 and cfg.iteration_problems == "all" and cfg.mode == "finetune"
+            and cfg.generation == "beam"):
+        log("note: the source's beams are deterministic and iteration_problems=all, so iterations 2.."
+            f"{cfg.n_iterations} add no new programs: each re-draws the same buffer and trains further "
+            "(iteration_problems: slices gives each iteration fresh training problems)")
     models = Models(plan, log)
     buffer = ReplayBuffer(plan.out / "replay_buffer.jsonl")
     t_start = time.time()

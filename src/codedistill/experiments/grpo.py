@@ -95,7 +95,7 @@ def train_grpo(plan: Any, pool: Any, log: Log) -> dict[str, Any]:
         temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, learning_rate=cfg.learning_rate,
         num_train_epochs=1, logging_steps=1, save_strategy="no", report_to="none", seed=seed,
         data_seed=seed, use_cpu=device == "cpu", bf16=False, fp16=False, disable_tqdm=True,
-        warmup_ratio=cfg.warmup_ratio, beta=0.0,
+        beta=0.0,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=pass_rate_reward, args=args, train_dataset=dataset,
                           processing_class=tok, peft_config=peft_config)

@@ -1,0 +1,99 @@
+"""`codedistill sweep`: Optuna TPE on the validation split with a journal-file storage; a
+sweep killed with kill -9 mid-trial resumes that trial's run directory; a rerun of a
+finished sweep generates nothing; the best trial is evaluated once on the test split."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from codedistill.runs import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "step4_hparam_search.py"
+
+
+def test_search_space_and_storage(tmp_path):
+    import optuna
+
+    from codedistill.btp.config import build_config
+    from codedistill.experiments.sweep import make_storage, search_space, suggest
+
+    cfg = build_config({}, {"use_lora": True, "learning_rate": 1e-3, "epochs": 2})
+    space = search_space(cfg, 100)
+    assert set(space) == {"sampling_alpha", "p2_alpha", "replay_size", "learning_rate", "lora_r", "epochs", "num_beams"}
+    assert space["replay_size"]["choices"] == [50, 100, 200] and space["epochs"]["high"] == 4
+    assert "num_beams" not in search_space(build_config({}, {"generation": "sample"}), 100)
+    store, name = make_storage(tmp_path, None)
+    assert name == f"journal:{tmp_path / 'optuna_journal.log'}"
+    study = optuna.create_study(storage=store, study_name="s", sampler=optuna.samplers.TPESampler(seed=0))
+    t = study.ask()
+    p = suggest(t, space)
+    assert 0.5 <= p["sampling_alpha"] <= 12 and p["num_beams"] in (3, 5) and p["replay_size"] in (50, 100, 200)
+    # the journal file is the storage: a second process (here: a second storage object) sees the trial
+    again = optuna.load_study(study_name="s", storage=make_storage(tmp_path, None)[0])
+    assert again.trials[0].params == p
+
+
+@pytest.mark.slow
+def test_sweep_killed_mid_trial_resumes_and_rerun_generates_nothing(tmp_path):
+    from codedistill.btp._testing import build_throwaway_pair
+
+    src, tgt = build_throwaway_pair(tmp_path / "models")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(dict(
+        source_model=str(src), target_model=str(tgt), dataset="synth", max_problems=4, eval_max_problems=2,
+        num_beams=2, n_iterations=1, use_lora=True, lora_r=4, lora_alpha=8, eval_num_samples=2,
+        max_new_tokens=12, train_batch_size=4, learning_rate=1e-3, epochs=1, chunk_size=2, workers=2,
+        eval_source=False)))
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, str(SCRIPT), str(cfg), "--trials", "2", "--output-dir", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    # kill -9 once trial 0 has tested its first beams (its run directory is half done)
+    deadline = time.time() + 600
+    marker = out / "trials" / "0" / "generations" / "source_beam.verdicts.jsonl"
+    while time.time() < deadline and not (marker.exists() and marker.stat().st_size > 0):
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "trials" / "0" / "comparison.json").exists()
+
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "sweep.json").read_text())
+    states = [t["state"] for t in s["trials"]]
+    assert states.count("COMPLETE") == 2 and s["trials"][0]["state"] == "FAIL" and s["trials"][0]["interrupted"]
+    resumed = next(t for t in s["trials"] if t["state"] == "COMPLETE" and t["run_dir"] == "trials/0")
+    assert resumed["params"] == s["trials"][0]["params"]  # same parameters, same run directory
+    starts = read_jsonl(out / "trials" / "0" / "starts.jsonl")
+    assert [x["resumed"] for x in starts] == [False, True]
+    assert read_jsonl(out / "trials" / "0" / "generated.jsonl")[-1]["generated"]["source_beam"] < 4 * s["trials"][0]["params"]["num_beams"]
+    assert s["objective"] == "validation pass@1" and s["storage"].startswith("journal:")
+    best = s["best"]
+    assert best["value"] == max(t["value"] for t in s["trials"] if t["state"] == "COMPLETE")
+    assert set(best["test_metrics"]) == {"pass@1"} and 0 <= best["test_metrics"]["pass@1"]["value"] <= 1
+    test_comp = json.loads((out / best["test_run_dir"] / "comparison.json").read_text())
+    assert test_comp["eval_split"] == "test"
+    assert json.loads((out / best["run_dir"] / "comparison.json").read_text())["eval_split"] == "validation"
+    assert yaml.safe_load((out / "best.yaml").read_text())["sampling_alpha"] == best["params"]["sampling_alpha"]
+    assert (out / "plots" / "sweep_history.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| trial | state | value |" in (out / "sweep.md").read_text()
+
+    # a third invocation: no new trial, nothing generated anywhere
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s2 = json.loads((out / "sweep.json").read_text())
+    assert len(s2["trials"]) == len(s["trials"]) and s2["best"]["test_metrics"] == best["test_metrics"]
+    for d in [out / t["run_dir"] for t in s2["trials"] if t["state"] == "COMPLETE"] + [out / best["test_run_dir"]]:
+        assert read_jsonl(d / "generated.jsonl")[-1]["total"] == 0
