@@ -111,3 +111,25 @@ def test_slices_give_each_iteration_fresh_problems_on_the_validation_split(pair,
 
     val_ids = [p.task_id for p in load_problems("synth", "validation", max_problems=3)]
     assert [r["task_id"] for r in read_jsonl(out / "eval" / "target_iter0" / "synth" / "results.jsonl")][::2] == val_ids
+
+
+def test_paper_protocol_and_validation_split_choose_the_eval_problems():
+    from codedistill.btp.loop import Plan, protocol_record
+    from codedistill.data import load_problems
+
+    try:
+        load_problems("mbpp", "test", max_problems=1)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"MBPP not available here: {e}")
+    base = dict(source_model="tiny-source", target_model="tiny-target", dataset="mbpp", max_problems=5,
+                eval_max_problems=4, eval_datasets=["humaneval"], drop_overlap=True)
+    plan = Plan(build_config({}, {**base, "eval_protocol": "paper"}))
+    assert plan.eval_shots == {"mbpp": 3, "humaneval": 0}
+    first = plan.evals["mbpp"][0]
+    assert first.task_id.endswith("11") and first.prompt.count("[BEGIN]") == 4  # tasks 2, 3, 4 + the problem
+    rec = protocol_record(plan, "mbpp")
+    assert rec == {"preset": "paper", "shots": 3, "temperature": 0.0, "top_p": 0.95, "num_samples": 1,
+                   "split": "test", "n_problems": 4, "method": "plain"}
+    val = Plan(build_config({}, {**base, "eval_split": "validation"}))
+    assert list(val.evals) == ["mbpp"] and val.skipped_evals == ["humaneval"]
+    assert [int(p.task_id.split("/")[-1]) for p in val.evals["mbpp"]] == [511, 512, 513, 514]
