@@ -95,16 +95,21 @@ def test_launch_command_and_configs(tmp_path):
     cmd = launch_command(tmp_path / "job.json", 2)
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in cmd
     assert cmd[-3:] == ["-m", "codedistill.training.launch", str(tmp_path / "job.json")]
-    cmd = launch_command(tmp_path / "job.json", 4, "fsdp")
+    cmd = launch_command(tmp_path / "job.json", 4, "fsdp", device="cuda")
     assert cmd[cmd.index("--config_file") + 1] == str(CONFIG_DIR / "fsdp.yaml")
     assert cmd[cmd.index("--num_processes") + 1] == "4"
     with pytest.raises(ConfigError, match="ddp, fsdp, zero2, zero3"):
         launch_command(tmp_path / "job.json", 2, "zero4")
+    # accelerate shards (FSDP, DeepSpeed) only over accelerators: on CPU a clear error, not silent DDP
+    for name in ("fsdp", "zero2", "zero3"):
+        with pytest.raises(ConfigError, match="needs GPUs.*ddp"):
+            launch_command(tmp_path / "job.json", 2, name, device="cpu")
+    assert "--config_file" in launch_command(tmp_path / "job.json", 2, "ddp", device="cpu")
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
         with pytest.raises(ConfigError, match=r"pip install 'codedistill\[deepspeed\]'"):
-            launch_command(tmp_path / "job.json", 2, "zero3")
+            launch_command(tmp_path / "job.json", 2, "zero3", device="cuda")
 
 
 def test_report_to_needs_its_package(tiny_target):

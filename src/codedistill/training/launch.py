@@ -43,11 +43,19 @@ def resolve_accelerate_config(name: str | None) -> Path | None:
 
 
 def launch_command(job: Path, num_processes: int, accelerate_config: str | None = None,
-                   python: str = sys.executable) -> list[str]:
+                   python: str = sys.executable, device: str = "cuda") -> list[str]:
     cmd = [python, "-m", "accelerate.commands.launch"]
     cfg = resolve_accelerate_config(accelerate_config)
     if cfg is not None:
-        if "deepspeed" in cfg.read_text().lower():
+        text = cfg.read_text()
+        kind = "FSDP" if "distributed_type: FSDP" in text else "DeepSpeed" if "DEEPSPEED" in text else None
+        if kind and not device.startswith("cuda"):
+            # accelerate (1.15) switches to FSDP/DeepSpeed only from a multi-accelerator state
+            # (AcceleratorState: MULTI_GPU/NPU/XPU/...), never from MULTI_CPU: on CPU the run
+            # would silently be plain DDP
+            raise ConfigError(f"{cfg.name} ({kind}) needs GPUs: accelerate does not shard models over CPU "
+                              "processes; on CPU use --accelerate-config ddp (or just --num-processes N)")
+        if kind == "DeepSpeed":
             import importlib.util
 
             if importlib.util.find_spec("deepspeed") is None:
@@ -81,7 +89,7 @@ def run_launched(job: Path, num_processes: int, accelerate_config: str | None = 
     """Run one training phase under ``accelerate launch``; its result.json."""
     result = Path(json.loads(job.read_text())["result"])
     result.unlink(missing_ok=True)
-    cmd = launch_command(job, num_processes, accelerate_config)
+    cmd = launch_command(job, num_processes, accelerate_config, device=json.loads(job.read_text())["device"])
     if log is not None:
         log(f"  launching: {' '.join(cmd[1:])}")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
