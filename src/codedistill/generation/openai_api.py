@@ -144,6 +144,7 @@ class OpenAIGenerator:
         backend: str = "openai",
         logprob_semantics: str = "as reported by the server",
         fallback_temperature: float = 1.0,
+        starter: Any = None,
     ):
         import openai
 
@@ -163,8 +164,12 @@ class OpenAIGenerator:
                 f"{api_key_env} (export {api_key_env}=...), or name another one with --api-key-env."
             )
         self._key_given = bool(key)
-        self.replicas = [_Replica(u, openai.OpenAI(base_url=u, api_key=key or "EMPTY", max_retries=0,
-                                                   timeout=timeout)) for u in urls]
+        self._api_key, self._timeout = key or "EMPTY", timeout
+        self.replicas = [self._client_for(u) for u in urls]
+        # starter(): called before the first request that the cache cannot answer; returns
+        # the base URLs to use (VLLMGenerator starts its server there, not before)
+        self._starter = starter
+        self._check_lock = threading.Lock()
         self._rr = 0
         self.tokenizer = tokenizer if tokenizer is not None else (MessagesTemplate() if prompt_style == "chat" else None)
         self.token_ids = token_ids and tokenizer is not None
@@ -237,11 +242,25 @@ class OpenAIGenerator:
             except Exception:  # pragma: no cover
                 pass
 
+    def _client_for(self, url: str) -> _Replica:
+        import openai
+
+        return _Replica(url, openai.OpenAI(base_url=url, api_key=self._api_key, max_retries=0, timeout=self._timeout))
+
     # ---- the server -----------------------------------------------------------------
     def check(self) -> None:
         """Reachable, key accepted, and the model is served (else a ConfigError naming the fix)."""
         if self._checked:
             return
+        with self._check_lock:
+            if self._checked:
+                return
+            if self._starter is not None:
+                self.replicas = [self._client_for(u) for u in self._starter()]
+                self._starter = None
+            self._check_served()
+
+    def _check_served(self) -> None:
         import openai
 
         for rep in self.replicas:

@@ -316,7 +316,6 @@ class VLLMGenerator:
         served = served_name or Path(model_dir).name
         lora = {"adapter": str(adapter)} if adapter else {}
         self.server = VLLMServer(model_dir, served, lora_modules=lora, **(server_kwargs or {}))
-        self.server.start()
         self.name = name
         tok = AutoTokenizer.from_pretrained(str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").exists()
                                             else model_dir)
@@ -325,15 +324,21 @@ class VLLMGenerator:
         ident = {"model": fingerprint_dir(model_dir), "adapter": fingerprint_dir(adapter) if adapter else None,
                  "dtype": self.server.dtype}
         self.client = OpenAIGenerator(
-            "adapter" if adapter else served, self.server.base_url, name=name, prompt_style="base",
+            "adapter" if adapter else served, "http://127.0.0.1:0/v1", name=name, prompt_style="base",
             tokenizer=tok, token_ids=True, add_special_tokens=add_special_tokens, concurrency=concurrency,
             max_retries=max_retries, beam_search=True, send_seeds=not self.server.cpu,
             require_logprobs=require_logprobs, cache_path=cache_path, backend="vllm",
             model_id="vllm:" + json.dumps(ident, sort_keys=True),
             logprob_semantics="raw model log-probs (vLLM --logprobs-mode raw_logprobs: temperature 1)",
-            fallback_temperature=fallback_temperature,
+            fallback_temperature=fallback_temperature, starter=self._start,
         )
         self.tokenizer = tok
+
+    def _start(self) -> list[str]:
+        """The server starts on the first request the response cache cannot answer (a rerun
+        of a finished run starts none)."""
+        self.server.start()
+        return [self.server.base_url]
 
     # the Generator protocol, delegated
     def sample(self, *a: Any, **kw: Any):
@@ -356,7 +361,7 @@ class VLLMGenerator:
                             f"{self.server.log_tail(25)}") from e
 
     def _check_alive(self) -> None:
-        if not self.server.alive():
+        if self.server.port is not None and not self.server.alive():
             raise VLLMError(f"the vLLM server for {self.name} is gone. Its log ends with:\n{self.server.log_tail()}\n"
                             "Run the same command again: everything already answered is reused.")
 
