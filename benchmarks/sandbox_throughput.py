@@ -79,7 +79,8 @@ def _proc(pid: int) -> tuple[float, float, int, int]:
 
 # (from, to, what): steps of one run, from the server's and the run's timestamps
 _STEPS = [
-    ("s0", "s_ready", "server: collect earlier runs of the uid, take the ready sandbox"),
+    ("s0", "s_took", "server: take the ready sandbox (wait for the template's clone)"),
+    ("s_took", "s_ready", "server: wait until the last run of the same uid is gone"),
     ("s_ready", "s_sent", "server: compiled tests (cached) + write the job"),
     ("s_sent", "d_job", "run: wake up, read the job (its harness thread waits for it)"),
     ("d_job", "d_main", "run: rlimits, drop ctypes, harness arguments"),

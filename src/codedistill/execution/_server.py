@@ -634,6 +634,8 @@ class Server:
         if sb is None:
             sb = self._prepare(key, self._next_uid())
         self.n_runs += 1
+        if prof:
+            prof["s_took"] = _now()
         self.reap(uid=sb.uid)  # nothing of an earlier run of this uid may be left
         if prof:
             prof["s_ready"] = _now()

@@ -1,9 +1,9 @@
 """A pool of warm fork servers that runs sandboxed programs in parallel.
 
 Each worker owns one fork server process (``_server.py``), started lazily, restarted
-when it dies or stops answering, and fed by a dispatcher thread that keeps up to two
-jobs in flight on it (``os.cpu_count()`` workers by default); a hostile program can only ever kill its own forked
-child, never the server or this process. Servers are started in their own session with
+when it dies or stops answering, and fed by a dispatcher thread that keeps up to three
+jobs in flight on it (``os.cpu_count()`` workers by default); a hostile program can only
+ever kill its own forked child, never the server or this process. Servers are started in their own session with
 ``PR_SET_PDEATHSIG`` so they die with the pool's process, and are shut down on
 ``close()``, on leaving the ``with`` block, and at interpreter exit.
 """
@@ -33,7 +33,7 @@ from .sandbox import Job, Limits, Verdict, build_verdict
 _SERVER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_server.py")
 _WARNED: set[str] = set()
 _POOL_COUNTER = itertools.count()
-_DEPTH = 2  # jobs in flight per server (one running, one queued behind it)
+_DEPTH = 3  # jobs in flight per server (one running, two queued behind it)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _LIVE_POOLS: "weakref.WeakSet[SandboxPool]" = weakref.WeakSet()
 

@@ -34,9 +34,10 @@ it there); the layers above contain what goes around it.
 
 Throughput: each sandbox is made ready ahead of its job while the previous run executes
 (namespaces, mounts, uid switch, harness thread; nothing untrusted has run and the job is
-not known yet), the pool keeps two jobs in flight per server, and a run ends as soon as
-the harness's end record arrives (its namespace is killed then; when more jobs are
-queued its teardown is collected during the next run, which uses the other uid and
+not known yet), the pool keeps three jobs in flight per server (so that the next job is
+already queued when a run starts, and its sandbox is ready in time), and a run ends as
+soon as the harness's end record arrives (its namespace is killed then; when more jobs
+are queued its teardown is collected during the next run, which uses the other uid and
 namespaces of its own; nothing is left once the pool is idle). See ``_server.py``.
 
 Fallbacks (each announced once with ``warnings.warn``): without a mount namespace the
