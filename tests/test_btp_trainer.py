@@ -154,3 +154,21 @@ def test_lora_steps_lower_loss_touch_only_adapter_and_are_deterministic(tiny, tm
     # continuing from the saved adapter keeps training it (is_trainable)
     m4 = prepare_model(path, s, seed=5, device="cpu", init_from=out)
     assert any(p.requires_grad for n, p in m4.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_same_curve_and_one_summary_line(tiny):
+    """Gradient checkpointing recomputes activations: the same loss curve, bit for bit.
+    Off a terminal the progress is one summary line (loss first -> last, tokens/s)."""
+    import dataclasses
+
+    path, tok = tiny
+    s = TrainSettings(learning_rate=1e-2, epochs=1, batch_size=4, use_lora=True, lora_r=8, lora_alpha=16,
+                      lora_dropout=0.0, warmup_ratio=0.0)
+    lines: list[str] = []
+    plain = train(prepare_model(path, s, seed=3, device="cpu"), tok, _examples(), s, seed=3, log=lines.append)
+    gc = dataclasses.replace(s, gradient_checkpointing=True)
+    ckpt = train(prepare_model(path, gc, seed=3, device="cpu"), tok, _examples(), gc, seed=3)
+    assert len(plain.losses) == 4 and ckpt.losses == plain.losses
+    assert len(lines) == 1 and lines[0].startswith("fine-tuned 4 steps") and "tokens/s" in lines[0]
+    assert f"{plain.losses[0]:.4f} -> {plain.losses[-1]:.4f}" in lines[0] and plain.tokens_per_second > 0
