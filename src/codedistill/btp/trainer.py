@@ -402,8 +402,7 @@ def train(
         seed=seed,
         bf16=settings.mixed_precision == "bf16",
         fp16=settings.mixed_precision == "fp16",
-        gradient_checkpointing=settings.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+        **_checkpointing_args(settings.gradient_checkpointing),
         use_cpu=device == "cpu",
         report_to=list(settings.report_to) or "none",
         logging_strategy="steps" if settings.report_to else "no",
@@ -435,6 +434,16 @@ def train(
     result.trainer = trainer
     model.eval()
     return result
+
+
+def _checkpointing_args(on: bool) -> dict[str, Any]:
+    """Gradient (activation) checkpointing, non-reentrant (works with frozen inputs under
+    LoRA); transformers 5 renamed the argument ``activation_checkpointing``."""
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
 
 
 def _lr_lambda(total: int, warm: int) -> Any:
