@@ -33,6 +33,10 @@ pytest.importorskip("gguf", reason="pip install gguf (in the dev extra) to load 
 
 from codedistill.btp.trainer import IGNORE_INDEX, collate, completion_loss, encode_example  # noqa: E402
 
+# the first run downloads the 77 MB sdist and converts four vocabularies (about a minute);
+# later runs load the cached tokenizer.json files
+pytestmark = pytest.mark.slow
+
 SDIST = "llama-cpp-python==0.3.36"
 FAMILIES = ("deepseek-coder", "llama-spm", "qwen2", "starcoder")
 

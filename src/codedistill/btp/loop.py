@@ -543,7 +543,8 @@ def train_iteration(plan: Plan, iteration: int, examples: list[TrainExample], lo
     if iteration > 1:
         prev = plan.out / f"iter_{iteration - 1}" / ("adapter" if cfg.use_lora else "model")
     settings = train_settings(plan)
-    settings.logging_dir = str(it_dir / "trainer")  # trackers (--report-to) write here
+    if cfg.report_to:
+        settings.logging_dir = str(it_dir / "trainer")  # the trackers write here
     device = cfg.device or _default_device()
     base = target_path(plan)
     tok = load_tokenizer(base)

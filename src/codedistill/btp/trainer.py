@@ -344,16 +344,14 @@ def train(
     Reproduces the hand-written loop this replaced (bit for bit with ``grad_accum`` 1 and
     no LoRA dropout, checked on the tiny Llama of tests/test_btp_trainer.py; with dropout
     the Trainer's data loader draws from the global RNG, so the dropout masks differ, still
-    seeded): the same data order (one
-    ``torch.randperm`` per epoch from a generator seeded with ``seed``), ``torch.optim.AdamW``
-    on the trainable parameters, the same warmup-then-linear schedule, gradient clipping,
-    and a step's loss = importance-weighted token cross-entropy summed over the step's
+    seeded): the same data order (one ``torch.randperm`` per epoch from a generator seeded
+    with ``seed``), ``torch.optim.AdamW`` on the trainable parameters, the same
+    warmup-then-linear schedule, gradient clipping, and a step's loss = importance-weighted token cross-entropy summed over the step's
     completion tokens / their number (with ``grad_accum`` 1 this is the old per-batch mean;
     with more, the token mean over the whole accumulated step; across processes, the token
     mean over the global batch, so N processes with ``batch_size``/N each give the
     single-process curve).
     """
-    import torch
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -389,7 +387,8 @@ def train(
     total = max(1, steps_per_epoch * settings.epochs)
     # where trackers write (tensorboard: <dir>/runs/...); no checkpoints are saved there
     out_s = output_dir or settings.logging_dir
-    out = Path(out_s) if out_s else Path(tempfile.mkdtemp(prefix="codedistill-train-"))
+    scratch = None if out_s else tempfile.TemporaryDirectory(prefix="codedistill-train-")
+    out = Path(out_s) if out_s else Path(scratch.name)
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=bs // world,
@@ -428,7 +427,11 @@ def train(
     trainer.remove_callback(ProgressCallback)
     progress = TrainProgress(trainer, result, log)
     trainer.add_callback(progress)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
     result.steps = len(result.losses)
     result.tokens_per_second = progress.tokens_per_second
     result.trainer = trainer
