@@ -142,7 +142,7 @@ def test_sweep(tmp_path):
                                      ["2", "PRUNED", "-"], ["3", "FAIL", "-"]]
     assert rows[1][3:] == ["0.003", "8", "1: 0.520, 2: 0.580"]  # params sorted by name
     assert rows[2][3:5] == ["0.0001", "1"]
-    assert t.tables["sweep-best"] == [["sampling_alpha", "8.0"], ["learning_rate", "0.003"]]
+    assert t.tables["sweep-best"] == [["sampling_alpha", "8"], ["learning_rate", "0.003"]]
     assert t.tables["sweep-best-test"] == [["best trial 1 (test split)", "0.550 [0.460, 0.640]"]]
     # the best trial's numbers are on the test split (the objective was on validation)
     assert "Protocol: synth test split, 100 problems, 0-shot" in html

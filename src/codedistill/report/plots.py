@@ -95,6 +95,9 @@ def plot_sweep_history(trials: Sequence[Mapping[str, Any]], out: Path, direction
     numbers = [t["number"] for t in trials]
     if numbers:
         ax.set_xticks(sorted(set(numbers)))
+    shown = [t["value"] for t in done] + py
+    if "pass@" in objective and shown:  # a share of problems: keep the axis in [0, 1]
+        ax.set_ylim(-0.02, min(1.02, max(shown) * 1.15 + 0.05))
     ax.set_xlabel("trial number")
     ax.set_ylabel(objective)
     ax.grid(alpha=0.3)
@@ -109,9 +112,10 @@ def plot_importance(importances: Mapping[str, float], out: Path) -> Path:
     items = sorted(importances.items(), key=lambda kv: kv[1])
     fig, ax = plt.subplots(figsize=(7, max(2.2, 0.38 * len(items) + 1.2)))
     ax.barh([k for k, _ in items], [v for _, v in items], color="tab:blue", edgecolor="black", linewidth=0.5)
+    top = max([v for _, v in items] + [0.0])
     for y, (_, v) in enumerate(items):
-        ax.text(v + 0.01, y, f"{v:.2f}", va="center", fontsize=8)
-    ax.set_xlim(0, max([v for _, v in items] + [0.0]) * 1.18 + 0.02)
+        ax.text(v + 0.015 * top, y, f"{v:.2f}", va="center", fontsize=8)
+    ax.set_xlim(0, top * 1.15 + 1e-9)
     ax.set_xlabel("importance for the objective (share, sums to 1)")
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)

@@ -409,7 +409,8 @@ def sweep_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> S
     rows = []
     for t in sorted(trials, key=lambda t: t.get("number", 0)):
         inter = t.get("intermediate") or {}
-        rows.append([str(t.get("number")), str(t.get("state")), _num(t.get("value")),
+        rows.append([str(t.get("number")), str(t.get("state")) + (" (interrupted)" if t.get("interrupted") else ""),
+                     _num(t.get("value")),
                      *(_param((t.get("params") or {}).get(p, "-")) for p in params),
                      ", ".join(f"{k}: {float(v):.3f}" for k, v in sorted(inter.items(), key=lambda kv: int(kv[0]))) or "-"])
     B.append(Table(["trial", "state", "objective", *params, "per-iteration values"], rows,
@@ -417,7 +418,7 @@ def sweep_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> S
     best = s.get("best")
     if best:
         B.append(Heading("Best configuration", level + 1))
-        B.append(Table(["parameter", "value"], [[k, str(v)] for k, v in (best.get("params") or {}).items()],
+        B.append(Table(["parameter", "value"], [[k, _param(v)] for k, v in (best.get("params") or {}).items()],
                        caption=f"trial {best.get('number')}, objective {_num(best.get('value'))}; saved as best.yaml",
                        name="sweep-best"))
         tm = best.get("test_metrics")
