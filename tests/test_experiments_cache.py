@@ -133,3 +133,16 @@ def test_paper_protocol_and_validation_split_choose_the_eval_problems():
     val = Plan(build_config({}, {**base, "eval_split": "validation"}))
     assert list(val.evals) == ["mbpp"] and val.skipped_evals == ["humaneval"]
     assert [int(p.task_id.split("/")[-1]) for p in val.evals["mbpp"]] == [511, 512, 513, 514]
+
+
+def test_iteration_metrics_for_trackers(tmp_path):
+    from codedistill.btp.tracking import flat_metrics, log_iteration
+
+    m = {"synth": {"pass@1": {"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}, "n_problems": 3, "num_samples": 2}}
+    assert flat_metrics(m) == {"eval/synth/pass@1": 0.5, "eval/synth/pass@1_ci_low": 0.4,
+                               "eval/synth/pass@1_ci_high": 0.6}
+    log_iteration([], tmp_path, 1, m)  # no tracker: nothing written
+    assert not any(tmp_path.iterdir())
+    pytest.importorskip("tensorboard")
+    log_iteration(["tensorboard"], tmp_path, 1, m)
+    assert list((tmp_path / "tensorboard" / "eval").glob("events.out.tfevents.*"))

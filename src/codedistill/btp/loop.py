@@ -733,6 +733,10 @@ def run_btp(cfg: BTPConfig, log: Log = print,
             write_json(it_dir / "stats.json", stats)
             (it_dir / "DONE").write_text("done\n")
             all_stats.append(stats)
+            if getattr(cfg, "report_to", None):
+                from codedistill.btp.tracking import log_iteration
+
+                log_iteration(cfg.report_to, plan.out, k, stats["eval"])
             if on_iteration is not None:
                 on_iteration(k, stats["eval"])
     finally:
