@@ -90,10 +90,13 @@ def test_sweep_killed_mid_trial_resumes_and_rerun_generates_nothing(tmp_path):
     assert (out / "plots" / "sweep_history.png").read_bytes()[:4] == b"\x89PNG"
     assert "| trial | state | value |" in (out / "sweep.md").read_text()
 
-    # a third invocation: no new trial, nothing generated anywhere
+    # a third invocation: no new trial, no trial rerun, the test evaluation resumed with nothing generated
+    starts = {d: len(read_jsonl(d / "generated.jsonl")) for d in (out / "trials").iterdir()}
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     s2 = json.loads((out / "sweep.json").read_text())
     assert len(s2["trials"]) == len(s["trials"]) and s2["best"]["test_metrics"] == best["test_metrics"]
-    for d in [out / t["run_dir"] for t in s2["trials"] if t["state"] == "COMPLETE"] + [out / best["test_run_dir"]]:
-        assert read_jsonl(d / "generated.jsonl")[-1]["total"] == 0
+    assert {d: len(read_jsonl(d / "generated.jsonl")) for d in (out / "trials").iterdir()} == starts
+    test_gen = read_jsonl(out / best["test_run_dir"] / "generated.jsonl")
+    assert len(test_gen) == 2 and test_gen[0]["generated"]["eval/target_iter1"] > 0 and test_gen[-1]["total"] == 0
+    assert "source_beam" not in test_gen[0]["generated"]  # the trial's adapter was evaluated, not retrained
