@@ -40,3 +40,15 @@ def test_grpo_samples_as_many_programs_as_the_beam_phase_and_is_evaluated(tmp_pa
     run_grpo(cfg, log=lambda m: None)
     assert read_jsonl(out / "generated.jsonl")[-1]["total"] == 0
     assert (out / "iter_1" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_grpo_budget_equals_the_programs_btp_generates():
+    from codedistill.experiments.grpo import grpo_budget
+
+    assert grpo_budget(build_config({}, {"num_beams": 5}), 600) == {"num_generations": 5, "problems": 600,
+                                                                    "programs": 3000}
+    # sampled programs are drawn afresh each iteration: GRPO makes as many passes
+    s = grpo_budget(build_config({}, {"generation": "sample", "num_samples": 4, "n_iterations": 3}), 10)
+    assert s == {"num_generations": 4, "problems": 10, "programs": 120, "rounds": 3}
+    assert grpo_budget(build_config({}, {"generation": "sample", "num_samples": 4, "n_iterations": 3,
+                                         "iteration_problems": "slices"}), 10)["programs"] == 40

@@ -26,9 +26,15 @@ Log = Callable[[str], None]
 
 
 def grpo_budget(cfg: BTPConfig, n_problems: int) -> dict[str, int]:
-    """Programs per problem (the group size) and the total, equal to BTP's beam phase."""
+    """Programs per problem (the group size) and the total, equal to what BTP's source
+    generates: its beams once, or fresh samples every iteration (generation=sample with
+    iteration_problems=all), in which case GRPO makes as many passes over the problems."""
     g = cfg.num_beams if cfg.generation == "beam" else cfg.num_samples
-    return {"num_generations": g, "problems": n_problems, "programs": n_problems * g}
+    rounds = cfg.n_iterations if (cfg.generation == "sample" and cfg.iteration_problems == "all") else 1
+    out = {"num_generations": g, "problems": n_problems, "programs": n_problems * g * rounds}
+    if rounds > 1:
+        out["rounds"] = rounds
+    return out
 
 
 def train_grpo(plan: Any, pool: Any, log: Log) -> dict[str, Any]:
@@ -52,7 +58,7 @@ def train_grpo(plan: Any, pool: Any, log: Log) -> dict[str, Any]:
     tok = load_tokenizer(target_path(plan))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    budget = grpo_budget(cfg, len(plan.train))
+    budget = getattr(plan, "grpo_budget", None) or grpo_budget(cfg, len(plan.train))
     g = budget["num_generations"]
     if g < 2:
         from codedistill.errors import ConfigError
@@ -93,7 +99,7 @@ def train_grpo(plan: Any, pool: Any, log: Log) -> dict[str, Any]:
         output_dir=str(it_dir / "grpo_trainer"), per_device_train_batch_size=g * prompts_per_step,
         gradient_accumulation_steps=1, num_generations=g, max_completion_length=cfg.max_new_tokens,
         temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, learning_rate=cfg.learning_rate,
-        num_train_epochs=1, logging_steps=1, save_strategy="no", report_to="none", seed=seed,
+        num_train_epochs=budget.get("rounds", 1), logging_steps=1, save_strategy="no", report_to="none", seed=seed,
         data_seed=seed, use_cpu=device == "cpu", bf16=False, fp16=False, disable_tqdm=True,
         beta=0.0,
     )
@@ -136,10 +142,12 @@ def run_grpo(cfg: BTPConfig, log: Log = print) -> dict[str, Any]:
     from codedistill.execution import Limits, SandboxPool
     from codedistill.runs import JsonlWriter, RunDir, write_json
 
+    budget_cfg = cfg
     cfg = cfg.model_copy(update={"n_iterations": 1, "use_lora": True, "mode": "finetune"})
     plan = Plan(cfg)
+    plan.grpo_budget = grpo_budget(budget_cfg, len(plan.train))
     _quiet_transformers()
-    config = {**cfg.experiment_dict(), "method": "grpo", "grpo": grpo_budget(cfg, len(plan.train)),
+    config = {**cfg.experiment_dict(), "method": "grpo", "grpo": plan.grpo_budget,
               "target_spec": plan.target_spec.to_dict()}
     resumed = RunDir(plan.out).open(config, kind="grpo")
     log(f"GRPO run in {plan.out}{' (resuming)' if resumed else ''}")
