@@ -70,13 +70,14 @@ def main() -> None:
     prompts, stop, ds = load_prompts(args.problems)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf = make_generator(spec, "hf", device=device, dtype=args.dtype, batch_size=args.batch_size)
-    t0 = time.perf_counter()
     vl = make_generator(spec, "vllm", {"cache": False, "concurrency": args.concurrency}, dtype=args.dtype)
-    startup = time.perf_counter() - t0
     try:
-        # warm-up: one prompt each (kernels, allocator, HTTP connections)
+        # warm-up: one prompt each (kernels, allocator, HTTP connections); the vLLM server
+        # starts on its first request, so its warm-up is its start-up
         hf.sample(prompts[:1], n=2, temperature=args.temperature, top_p=1.0, max_new_tokens=16, stop=stop, seed=1)
+        t0 = time.perf_counter()
         vl.sample(prompts[:1], n=2, temperature=args.temperature, top_p=1.0, max_new_tokens=16, stop=stop, seed=1)
+        startup = time.perf_counter() - t0
         runs: dict[str, list[dict]] = {"hf": [], "vllm": []}
         for rep in range(args.reps):
             order = [("hf", hf), ("vllm", vl)] if rep % 2 == 0 else [("vllm", vl), ("hf", hf)]
@@ -86,6 +87,7 @@ def main() -> None:
                 print(f"rep {rep + 1} {name:5s} {r['tokens']:7d} tokens in {r['seconds']:7.1f} s = "
                       f"{r['tokens_per_s']:8.1f} tokens/s, {r['problems_per_min']:7.1f} problems/min", flush=True)
         med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in runs.items()}
+        load = os.getloadavg()
         info = vl.usage()["server"]
     finally:
         vl.close()
@@ -101,11 +103,12 @@ def main() -> None:
         print(f"| {k} | {m['tokens_per_s']:.1f} | {m['problems_per_min']:.1f} | {m['seconds']:.1f} | "
               f"{m['mean_tokens_per_sample']:.1f} |")
     print(f"vLLM / HF tokens/s: {ratio:.2f}x   (vLLM {info['vllm_version']} server start-up {startup:.0f} s, "
-          "not included)")
+          f"not included; load average at the end {load[0]:.1f} on {os.cpu_count()} cores)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "dataset": ds, "device": device_name, "median": med, "ratio": ratio,
-                       "vllm_startup_s": startup, "vllm": info, "runs": runs}, f, indent=2)
+                       "vllm_startup_s": startup, "vllm": info, "runs": runs,
+                       "loadavg": load}, f, indent=2)
 
 
 if __name__ == "__main__":
