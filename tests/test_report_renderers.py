@@ -243,3 +243,10 @@ def test_protocol_from_run_files():
                           {"n_problems": 50, "num_samples": 10})
     assert re.fullmatch(r"mbpp test split, 50 problems \(first 50 of 500\), 3-shot, sampled, T=0.8, top_p 0.95, n=10",
                         b.describe())
+    # EG-CFG has its own decoder: the sampling temperature does not describe it, and it is never "plain"
+    e = baseline_protocol({"config": {"dataset": "humaneval", "split": "test", "method": "egcfg",
+                                      "sampling": {"temperature": 0.8, "num_samples": 1},
+                                      "egcfg": {"gammas": [0.0, 1.0], "temperatures": [0.7]}}},
+                          {"n_problems": 164, "num_samples": 1})
+    assert "EG-CFG execution-guided decoding (gammas [0.0, 1.0], temperatures [0.7]), n=1" in e.describe()
+    assert "T=0.8" not in e.describe() and comparability(e).level == "no"

@@ -38,6 +38,7 @@ class Protocol:
     num_samples: int = 1
     preset: Optional[str] = None  # "paper" | "sampled" | None (not recorded)
     method: str = "plain"         # plain | egcfg | beam ...
+    decoding_note: Optional[str] = None  # replaces "greedy"/"sampled, T=..." for other decoders
 
     @property
     def greedy(self) -> bool:
@@ -45,6 +46,8 @@ class Protocol:
 
     @property
     def decoding(self) -> str:
+        if self.decoding_note:
+            return self.decoding_note
         if self.greedy:
             return "greedy" + (f" (n={self.num_samples})" if self.num_samples != 1 else "")
         tp = f", top_p {self.top_p:g}" if self.top_p is not None and self.top_p < 1 else ""
@@ -57,13 +60,14 @@ class Protocol:
         if full and self.split == "test" and self.n_problems is not None and self.n_problems < full:
             n += f" (first {self.n_problems} of {full})"
         pre = f"; preset {self.preset}" if self.preset else ""
-        meth = f"; decoding method {self.method}" if self.method not in ("plain", "") else ""
+        meth = f"; decoding method {self.method}" if self.method not in ("plain", "") and not self.decoding_note else ""
         return f"{self.dataset} {self.split} split{n}, {self.shots}-shot, {self.decoding}{meth}{pre}"
 
     def short(self) -> str:
         """``mbpp test (500), 3-shot, greedy`` for table cells."""
         n = f" ({self.n_problems})" if self.n_problems is not None else ""
-        dec = "greedy" if self.greedy else f"T={self.temperature:g} n={self.num_samples}"
+        dec = ("greedy" if self.greedy else f"T={self.temperature:g} n={self.num_samples}") if self.method in (
+            "plain", "") else f"{self.method} n={self.num_samples}"
         return f"{self.dataset} {self.split}{n}, {self.shots}-shot, {dec}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,8 +181,14 @@ def baseline_protocol(config_json: Mapping[str, Any] | None, metrics: Mapping[st
     n = m.get("num_samples")
     if isinstance(n, Mapping):  # {"min", "max"} when problems had different n
         n = n.get("min")
+    method = str(cfg.get("method", "plain"))
+    note = None
+    if method == "egcfg":  # its own decoder: the sampling temperature does not describe it
+        eg = cfg.get("egcfg") or {}
+        grid = ", ".join(f"{k} {eg[k]}" for k in ("gammas", "depths", "temperatures") if k in eg)
+        note = f"EG-CFG execution-guided decoding{' (' + grid + ')' if grid else ''}, n={_first(n, s.get('num_samples'), 1)}"
     return Protocol(dataset=str(cfg.get("dataset", "?")), split=str(cfg.get("split", "test")),
                     n_problems=m.get("n_problems"), shots=int(cfg.get("shots", 0) or 0),
                     temperature=float(_first(s.get("temperature"), 0.0)), top_p=s.get("top_p"),
                     num_samples=int(_first(n, s.get("num_samples"), 1)),
-                    preset=cfg.get("eval_protocol"), method=str(cfg.get("method", "plain")))
+                    preset=cfg.get("eval_protocol"), method=method, decoding_note=note)
