@@ -55,6 +55,7 @@ def plot_p2value_histograms(stats: Sequence[Mapping[str, Any]], out: Path) -> Pa
             _hist_bars(ax, samp["p2value_drawn"]["histogram"], color="tab:orange", alpha=0.75,
                        label=f"drawn ({samp['draws']}, {samp['method']} alpha {samp['alpha']:g})")
             ax.legend(fontsize=8, loc="upper center")
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # head room for the legend
         ax.set_title(f"iteration {st['iteration']}")
         ax.set_xlabel("P2Value")
     axes[0][0].set_ylabel("programs")
@@ -118,6 +119,8 @@ def plot_sampling_stats(stats: Sequence[Mapping[str, Any]], out: Path) -> Path:
     """Over iterations: what the buffer holds and what the sampler drew from it (shares of
     fully passing and zero-pass programs, mean P2Value), and the counts (buffer size,
     draws, unique programs drawn, effective sample size)."""
+    if len(stats) == 1:
+        return _sampling_bars(stats[0], out)
     plt = _plt()
     its = [s["iteration"] for s in stats]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -154,6 +157,45 @@ def plot_sampling_stats(stats: Sequence[Mapping[str, Any]], out: Path) -> Path:
         if len(its) == 1:
             ax.set_xlim(its[0] - 0.5, its[0] + 0.5)
         ax.grid(alpha=0.3)
+    return _save(plt, fig, out)
+
+
+def _sampling_bars(st: Mapping[str, Any], out: Path) -> Path:
+    """plot_sampling_stats for a single iteration: buffer vs drawn side by side as bars."""
+    plt = _plt()
+    b, sm = st["buffer"], st["sampling"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 2]})
+    drawn_p2 = (sm.get("p2value_drawn") or {}).get("mean")
+    groups = [("fully passing", b["share_fully_passing"], sm["share_fully_passing_drawn"]),
+              ("zero-pass", b["share_zero_pass"], sm["share_zero_pass_drawn"]),
+              ("mean P2Value", b["p2value"]["mean"] or 0.0, drawn_p2)]
+    w = 0.38
+    for j, (label, color) in enumerate((("buffer", "tab:gray"), ("drawn for fine-tuning", "tab:orange"))):
+        xs = [i + (j - 0.5) * w for i, g in enumerate(groups) if g[1 + j] is not None]
+        ys = [g[1 + j] for g in groups if g[1 + j] is not None]
+        a1.bar(xs, ys, width=w, color=color, label=label, edgecolor="black", linewidth=0.5)
+        for x, y in zip(xs, ys):
+            a1.text(x, y + 0.02, f"{y:.2f}", ha="center", va="bottom", fontsize=8)
+    a1.set_xticks(range(len(groups)))
+    a1.set_xticklabels([g[0] for g in groups])
+    a1.set_ylim(0, 1.3)
+    a1.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    a1.set_ylabel("share of programs / P2Value")
+    a1.set_title(f"iteration {st['iteration']}: buffer vs drawn", fontsize=10)
+    a1.legend(fontsize=8, loc="upper center", ncols=2, frameon=False)
+    counts = [("buffer", b["size"]), ("draws", sm["draws"]), ("unique\ndrawn", sm["unique_programs_drawn"]),
+              ("effective\nsample size", sm["effective_sample_size"])]
+    bars = a2.bar(range(len(counts)), [c for _, c in counts], color=["tab:gray", "tab:purple", "tab:orange", "tab:cyan"],
+                  edgecolor="black", linewidth=0.5)
+    a2.bar_label(bars, labels=[f"{c:.0f}" if float(c).is_integer() else f"{c:.1f}" for _, c in counts], fontsize=8)
+    a2.set_xticks(range(len(counts)))
+    a2.set_xticklabels([n for n, _ in counts], fontsize=8)
+    a2.set_ylim(0, max(c for _, c in counts) * 1.15 + 1)
+    a2.set_ylabel("programs")
+    a2.set_title("counts", fontsize=10)
+    for ax in (a1, a2):
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
     return _save(plt, fig, out)
 
 

@@ -257,8 +257,9 @@ def btp_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Sec
                             "for fine-tuning (orange), per iteration; draws are with replacement, so a program "
                             "drawn twice counts twice"))
         if "sampling_stats" in figs:
-            B.append(Figure(figs["sampling_stats"], "sampling statistics over iterations: shares in the buffer "
-                            "(dashed) and among the draws (solid); counts and effective sample size"))
+            B.append(Figure(figs["sampling_stats"], "sampling statistics per iteration: shares of fully passing and "
+                            "zero-pass programs and mean P2Value in the buffer and among the draws for fine-tuning; "
+                            "counts and effective sample size of the draws"))
         if "loss_curve" in figs:
             B.append(Figure(figs["loss_curve"], "fine-tuning loss per optimizer step"))
     return sec
