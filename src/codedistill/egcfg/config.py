@@ -64,6 +64,9 @@ class EGCFGConfig(BaseModel):
         description="prompt variants of the grid: name -> instruction added to the task "
                     "('default' adds none; 'long_code' is the paper's second prompt)",
     )
+    # Default compact: on synth test (200 problems, tiny-target, 3-agent grid) both templates gave
+    # the same pass@1 (0.435, paired diff 0.000, CI [0, 0]); compact cost 92 vs 132 forward passes
+    # and 4.6 vs 6.8 s per problem (README, EG-CFG section).
     trace_template: Literal["compact", "paper"] = Field(
         "compact", description="compact: changed variables per executed line + verdict, as comments; "
                                "paper: upstream's layout (function, invocation, per-step locals with "
