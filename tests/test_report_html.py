@@ -123,7 +123,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def rendered(runs, chromium, tmp_path_factory):
+def rendered(chromium, runs, tmp_path_factory):  # chromium first: skip before the runs are made
     from typer.testing import CliRunner
 
     from codedistill.cli import app
