@@ -1,7 +1,8 @@
 """Report sections, one builder per kind of result directory.
 
-Each builder reads a directory's JSON files (the layouts of /work/shared SCHEMAS and
-codedistill.btp.loop), draws its figures into ``plot_dir`` and returns blocks of a
+Each builder reads a directory's JSON files (comparison.json and iter_K/stats.json of
+codedistill.btp.loop, metrics.json of codedistill.baseline, ablation.json / sweep.json /
+matrix.json of codedistill.experiments), draws its figures into ``plot_dir`` and returns blocks of a
 :class:`~codedistill.report.doc.Document` plus one summary row for the cross-run table.
 Numbers are printed with 3 decimals from the files as they are; nothing is recomputed.
 """
@@ -85,7 +86,7 @@ def child_runs(run_dir: Path, depth: int = 2) -> list[Path]:
     for sub in sorted(p for p in Path(run_dir).iterdir() if p.is_dir() and not p.name.startswith(".")):
         if any((sub / f).exists() for f in RESULT_FILES.values()):
             found.append(sub)
-        elif sub.name not in ("plots", "eval", "generations", "report") and not sub.name.startswith("iter_"):
+        elif sub.name not in ("plots", "eval", "generations", "report", "cache") and not sub.name.startswith("iter_"):
             found += child_runs(sub, depth - 1)
     return found
 
