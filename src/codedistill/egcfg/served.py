@@ -77,6 +77,7 @@ class ServedEGCFG:
         t0 = time.time()
         stop = [s for s in stop if s]
         text, lines, requests, agreed, agree_n = "", [], 0, None, 0
+        steps: list[dict[str, Any]] = []  # every token: what it was chosen from (for the exact-CFG check)
         guided = agent.gamma != 0 and bool(problem.visible_tests)
         name = re.escape(problem.entry_point) if problem.entry_point else r"\w+"
         finish = "length"
@@ -124,6 +125,8 @@ class ServedEGCFG:
                     break
                 new += t
                 text += t
+                steps.append({"prefix": text[: len(text) - len(t)], "signal": sig, "token": t,
+                              "gamma": agent.gamma, "variant": agent.prompt})
                 if "\n" in t or cut_at_stop(text, stop)[1]:
                     break
             entry["text"] = new
@@ -133,7 +136,7 @@ class ServedEGCFG:
                 break
         completion, _ = cut_at_stop(text, stop)
         return {"agent": agent.name(), "spec": agent.model_dump(), "completion": completion, "finish_reason": finish,
-                "requests": requests, "lines": lines, "wall_time_s": time.time() - t0}
+                "requests": requests, "lines": lines, "steps": steps, "wall_time_s": time.time() - t0}
 
     def solve(self, problem: Problem, build: Callable[[str, str], str], stop: Sequence[str] = (),
               seed: int = 0) -> tuple[str, dict[str, Any]]:
@@ -157,3 +160,82 @@ class ServedEGCFG:
                "requests": sum(r["requests"] for r in results), "sandbox_executions": self.executor.executions,
                "agents": results}
         return results[winner]["completion"], rec
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """EG-CFG on a served model end to end, and its guided tokens against exact CFG on the same
+    model's full logits (HF, in process), teacher-forced on the served text:
+
+        python -m codedistill.egcfg.served --backend vllm --model tiny-target --max-problems 5
+    """
+    import argparse
+    import json
+
+    import torch
+
+    from codedistill.data import load_problems
+    from codedistill.egcfg.cfg import guided_logprobs
+    from codedistill.egcfg.measure import _load
+    from codedistill.egcfg.signal import prompt_builder
+    from codedistill.generation import make_generator
+    from codedistill.models.registry import resolve_model
+    from codedistill.prompts import PromptStyle, stops_for, to_program
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backend", default="vllm")
+    ap.add_argument("--model", default="tiny-target")
+    ap.add_argument("--dataset", default="synth")
+    ap.add_argument("--max-problems", type=int, default=5)
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--egcfg", default='{"prompts": {"default": ""}, "gammas": [1.0, 3.0], "depths": [2], '
+                                        '"temperatures": [0.7], "max_lines": 8, "candidate_max_tokens": 48, '
+                                        '"early_stop": false}')
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    style = PromptStyle("base")
+    gen = make_generator(resolve_model(args.model), args.backend, {}, require_logprobs=True)
+    model, tok = _load(args.model)
+    cfg = EGCFGConfig(**json.loads(args.egcfg))
+    problems = load_problems(args.dataset, "test", max_problems=args.max_problems)
+    eg = ServedEGCFG(gen, cfg, k=args.k, to_program=lambda p, x: to_program(p, style, x)[1],
+                     count_tokens=lambda x: len(tok.encode(x, add_special_tokens=False)))
+    same = total = 0
+    recs = []
+    try:
+        for p in problems:
+            build = prompt_builder(p, style)
+            completion, rec = eg.solve(p, build, list(stops_for(p, style)))
+            for a in rec["agents"]:
+                for st in a["steps"]:
+                    if not st["signal"]:
+                        continue
+                    u = tok.encode(build("", st["variant"]) + st["prefix"])
+                    c = tok.encode(build(st["signal"], st["variant"]) + st["prefix"])
+                    with torch.no_grad():
+                        lu = model(torch.tensor([u])).logits[0, -1]
+                        lc = model(torch.tensor([c])).logits[0, -1]
+                    exact = tok.decode([int(guided_logprobs(lc, lu, st["gamma"])[0].argmax())])
+                    total += 1
+                    same += exact == st["token"]
+                a.pop("steps", None)
+            recs.append({"task_id": p.task_id, "completion": completion, "visible_passed": rec["visible_passed"],
+                         "requests": rec["requests"]})
+            print(json.dumps(recs[-1]), flush=True)
+    finally:
+        eg.close()
+        if hasattr(gen, "close"):
+            gen.close()
+    res = {"backend": args.backend, "model": args.model, "k": args.k, "problems": len(problems),
+           "guided_tokens": total, "same_as_exact_cfg": (same / total) if total else None,
+           "requests": sum(r["requests"] for r in recs), "runs": recs}
+    print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=2))
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(json.dumps(res, indent=2))
+    return res
+
+
+if __name__ == "__main__":
+    main()
