@@ -613,6 +613,11 @@ def announce_plan(plan: Plan, checked: dict[str, Any], log: Log) -> Any:
     cfg, out = plan.cfg, plan.out
     per = cfg.num_beams if cfg.generation == "beam" else cfg.num_samples
     how = f"{cfg.num_beams} beams" if cfg.generation == "beam" else f"{cfg.num_samples} samples"
+    if cfg.generation == "egcfg":  # one program per EG-CFG agent that ran (fewer after an early stop)
+        from codedistill.egcfg.config import EGCFGConfig
+
+        per = len(EGCFGConfig(**{"max_new_tokens": cfg.max_new_tokens, **cfg.egcfg}).agents())
+        how = f"up to {per} EG-CFG agents' programs"
     n_eval = {d: len(ps) for d, ps in plan.evals.items()}
     ev_programs = sum(n_eval.values()) * cfg.eval_num_samples
     ev_sets = ", ".join(f"{d} {n}" for d, n in n_eval.items())
