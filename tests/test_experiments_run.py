@@ -119,6 +119,12 @@ def test_ablation_of_replay_settings_generates_nothing_new_and_rerun_is_free(pai
     for name in ("full", "sampling_uniform", "p_raw", "beam_3"):
         assert read_jsonl(out / "variants" / name / "generated.jsonl")[-1]["total"] == 0
     assert [v["metrics"] for v in again["variants"]] == [v["metrics"] for v in s["variants"]]
+    # --table-only tabulates finished run directories and runs nothing
+    t = run_ablation(cfg, out, "sampling_uniform,rft", log=lambda m: None, table_only=True)
+    rows_t = {v["name"]: v for v in t["variants"]}
+    assert rows_t["rft"]["status"] == "not run" and not (out / "variants" / "rft").exists()
+    assert rows_t["sampling_uniform"]["metrics"] == rows["sampling_uniform"]["metrics"]
+    assert rows_t["sampling_uniform"]["diff"] == rows["sampling_uniform"]["diff"]
 
 
 @pytest.mark.slow

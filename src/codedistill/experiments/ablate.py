@@ -65,7 +65,11 @@ def plan_variants(config_path: str | Path, out: Path, names: str | None,
 
 
 def run_ablation(config_path: str | Path, output_dir: str | Path, variants: str | None = None,
-                 overrides: Mapping[str, Any] | None = None, log: Log = print) -> dict[str, Any]:
+                 overrides: Mapping[str, Any] | None = None, log: Log = print,
+                 table_only: bool = False) -> dict[str, Any]:
+    """Run (or resume) every selected variant and write the table. ``table_only``: run
+    nothing, tabulate the variants whose run directories are finished (the others are
+    listed as not run)."""
     from codedistill.btp.loop import run_btp
     from codedistill.experiments.grpo import run_grpo
     from codedistill.experiments.run import ensure_models
@@ -80,6 +84,11 @@ def run_ablation(config_path: str | Path, output_dir: str | Path, variants: str 
         if row["cfg"] is None or row["run_name"] in results or row["run_name"] in errors:
             continue
         name = row["run_name"]
+        if table_only:
+            comp_path = out / "variants" / name / "comparison.json"
+            if comp_path.exists():
+                results[name] = json.loads(comp_path.read_text())
+            continue
         log(f"=== ablation variant {name}: {row['description']}")
         t = time.time()
         try:
@@ -113,7 +122,7 @@ def write_outputs(out: Path, config_path: str | Path, ref: BTPConfig, rows: list
         elif name in errors:
             entry["status"] = f"failed: {errors[name]}"
         elif name not in results:
-            entry["status"] = "pending"
+            entry["status"] = "not run"
         else:
             comp = results[name]
             e = comp["datasets"][ds]

@@ -58,12 +58,14 @@ def ablate_command(
                       "applies). Unknown names list the valid ones."),
     output_dir: Path = O(Path("results/ablation"), "--output-dir", help="OUT: variants/<name>/, ablation.json/.md, plots/."),
     set_: Optional[List[str]] = O(None, "--set", help=SET_HELP + " Applies to every variant."),
+    table_only: bool = O(False, "--table-only", help="Run nothing: tabulate the variants whose run "
+                         "directories are finished (e.g. while or after other workers run the rest)."),
 ) -> None:
     """Step 3: ablations of BTP's components, sharing generations; a table with paired CIs."""
     from codedistill.experiments.ablate import run_ablation
     from codedistill.experiments.run import parse_sets
 
-    run_ablation(config, output_dir, variants, parse_sets(set_), log=_log)
+    run_ablation(config, output_dir, variants, parse_sets(set_), log=_log, table_only=table_only)
     typer.echo((output_dir / "ablation.md").read_text())
 
 
