@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     eg = ServedEGCFG(gen, cfg, k=args.k, to_program=lambda p, x: to_program(p, style, x)[1],
                      count_tokens=lambda x: len(tok.encode(x, add_special_tokens=False)))
     same = total = 0
+    by_gamma: dict[str, list[int]] = {}
     recs = []
     try:
         for p in problems:
@@ -218,6 +219,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     exact = tok.decode([int(guided_logprobs(lc, lu, st["gamma"])[0].argmax())])
                     total += 1
                     same += exact == st["token"]
+                    g = by_gamma.setdefault(str(st["gamma"]), [0, 0])
+                    g[0] += exact == st["token"]
+                    g[1] += 1
                 a.pop("steps", None)
             recs.append({"task_id": p.task_id, "completion": completion, "visible_passed": rec["visible_passed"],
                          "requests": rec["requests"]})
@@ -228,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             gen.close()
     res = {"backend": args.backend, "model": args.model, "k": args.k, "problems": len(problems),
            "guided_tokens": total, "same_as_exact_cfg": (same / total) if total else None,
+           "same_by_gamma": {g: {"tokens": n, "same": k / n} for g, (k, n) in by_gamma.items()},
            "requests": sum(r["requests"] for r in recs), "runs": recs}
     print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=2))
     if args.out:
