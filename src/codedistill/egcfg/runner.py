@@ -125,6 +125,11 @@ def make_egcfg_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, p
 
     from codedistill.execution import Job
 
+    if not hasattr(gen, "model") or not hasattr(gen, "tokenizer"):
+        from codedistill.errors import ConfigError
+
+        raise ConfigError("--method egcfg decodes in process (HF backend: --backend hf); for a served model "
+                          "run EG-CFG through its top-k log-probs with python -m codedistill.egcfg.served")
     econf = egcfg_config_from(cfg)
     num_samples = cfg.sampling.num_samples
     solver = EGCFGSolver(
