@@ -59,3 +59,28 @@ def test_served_egcfg_runs_end_to_end(served):
     assert "candidates" not in agent["lines"][0]  # the def line itself is plain (guidance starts there)
     assert rec["sandbox_executions"] >= len(guided) + 1 and rec["requests"] > 2 * len(guided)
     assert completion.startswith("def ") and rec["visible_passed"] in (True, False)
+
+
+def test_baseline_method_egcfg_on_a_served_backend(served, tmp_path):
+    """`codedistill baseline --method egcfg --backend openai --base-url ...`: EG-CFG through the
+    server's top-k log-probs, its log and the EG-CFG report section in the run directory."""
+    import json
+    import subprocess
+
+    standin, _ = served
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "codedistill", "baseline", "--model", "tiny-target", "--dataset", "synth",
+           "--method", "egcfg", "--backend", "openai", "--base-url", standin.base_url,
+           "--served-model-name", "tiny-target", "--max-problems", "2", "--max-new-tokens", "64", "--workers", "1",
+           "--egcfg", json.dumps({"prompts": {"default": ""}, "gammas": [0.0, 1.0], "depths": [2],
+                                  "temperatures": [0.7], "max_lines": 4, "candidate_max_tokens": 32}),
+           "--output-dir", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = [json.loads(x) for x in (out / "egcfg_log.jsonl").read_text().splitlines()]
+    assert [x["task_id"] for x in log] == ["synth/test/0", "synth/test/1"]
+    assert all(x["requests"] > 0 and x["sandbox_executions"] >= 1 and x["guided"] for x in log)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_problems"] == 2 and m["egcfg"]["records"] == 2 and m["egcfg"]["first_agent_pass@1"] is not None
+    assert "What EG-CFG's pass@1 means" in (out / "report.md").read_text()

@@ -215,10 +215,11 @@ def run_baseline(cfg: BaselineConfig, output_dir: Path | None = None) -> tuple[P
     from codedistill.generation import check_served
 
     check_served(spec, backend, cfg.serving)
-    if backend != "hf" and cfg.method == "egcfg":
+    if backend != "hf" and cfg.method == "egcfg" and getattr(spec, "prompt_style", "base") != "base":
         from codedistill.errors import ConfigError
 
-        raise ConfigError("--method egcfg steers the model's logits line by line and needs --backend hf.")
+        raise ConfigError("--method egcfg on a served model guides through its top-k log-probs and takes base "
+                          "(completion) prompts: use the base variant (--variant base) or --backend hf.")
     if backend == "hf":
         from codedistill.models.preflight import preflight
 

@@ -35,6 +35,11 @@ def egcfg_config_from(cfg: Any) -> EGCFGConfig:
     return EGCFGConfig(**values)
 
 
+def _in_process(gen: Any) -> bool:
+    """An in-process transformers model (full logits) rather than a served one."""
+    return hasattr(getattr(gen, "model", None), "config") and getattr(gen, "tokenizer", None) is not None
+
+
 def _info(msg: str) -> None:
     from codedistill.ui import console
 
@@ -125,11 +130,8 @@ def make_egcfg_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, p
 
     from codedistill.execution import Job
 
-    if not hasattr(gen, "model") or not hasattr(gen, "tokenizer"):
-        from codedistill.errors import ConfigError
-
-        raise ConfigError("--method egcfg decodes in process (HF backend: --backend hf); for a served model "
-                          "run EG-CFG through its top-k log-probs with python -m codedistill.egcfg.served")
+    if not _in_process(gen):
+        return _served_sampler(gen, style, cfg, out, pool)
     econf = egcfg_config_from(cfg)
     num_samples = cfg.sampling.num_samples
     solver = EGCFGSolver(
@@ -194,7 +196,7 @@ def egcfg_agent_candidates(gen: Any, style: Any, problems: list[Problem], stop: 
     from codedistill.generation.base import Candidate
     from codedistill.prompts import render_prompt, to_program
 
-    if not hasattr(gen, "model") or not hasattr(gen, "tokenizer"):
+    if not _in_process(gen):
         raise ConfigError("generation=egcfg needs the in-process HF backend (EG-CFG guides full logits); "
                           "use --source-backend hf, or generation=beam/sample for served models")
     values = {"max_new_tokens": max_new_tokens, **(settings or {})} if max_new_tokens else dict(settings or {})
@@ -225,3 +227,62 @@ def egcfg_agent_candidates(gen: Any, style: Any, problems: list[Problem], stop: 
                                    meta={"agent": a["agent"], "visible": a["visible"]}))
         out.append(cands)
     return out
+
+
+def _served_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, pool: Any):
+    """``baseline --method egcfg`` on a served backend (vLLM, OpenAI-compatible): EG-CFG through
+    the server's top-k log-probs (:class:`~codedistill.egcfg.served.ServedEGCFG`). Base prompts
+    only; the returned program carries no log-prob (NaN: the guided tokens were chosen from two
+    top-k lists, not one distribution)."""
+    from codedistill.egcfg.served import ServedEGCFG
+    from codedistill.egcfg.signal import prompt_builder
+    from codedistill.errors import ConfigError
+    from codedistill.execution import Job
+    from codedistill.generation.base import Candidate
+    from codedistill.prompts import stops_for, to_program
+
+    if not hasattr(gen, "next_token_topk"):
+        raise ConfigError("--method egcfg needs full logits (HF backend: --backend hf) or a server with top-k "
+                          "log-probs (vLLM / OpenAI-compatible)")
+    if getattr(style, "style", style) != "base":
+        raise ConfigError("served EG-CFG takes base (completion) prompts; use the model's base variant "
+                          "(--variant base) or the HF backend for chat models")
+    econf = egcfg_config_from(cfg)
+    served = ServedEGCFG(gen, econf, pool=pool, k=min(20, int(getattr(gen, "top_logprobs_limit", 20) or 20)),
+                         to_program=lambda p, text: to_program(p, style, text)[1])
+    log_path = Path(out) / LOG_NAME if out is not None else None
+
+    def generate(chunk: list[Problem], chunk_seed: int) -> list[list[Any]]:
+        res = []
+        for p in chunk:
+            p, check = checked_visible_tests(p, pool)
+            if not p.visible_tests:
+                _warn(f"EG-CFG: {p.task_id} has no visible tests: it runs UNGUIDED (plain greedy decoding)")
+            build = prompt_builder(p, style, anchor=econf.signal_anchor, variants=econf.prompt_variants())
+            cands = []
+            for i in range(cfg.sampling.num_samples):
+                completion, rec = served.solve(p, build, list(stops_for(p, style)),
+                                               seed=derive_seed(chunk_seed, p.task_id, i) & 0xFFFFFFF)
+                rec.update(sample_index=i, guided=bool(p.visible_tests), visible_tests=list(p.visible_tests),
+                           counters={"sandbox_executions": rec["sandbox_executions"], "requests": rec["requests"],
+                                     "forward_passes": rec["requests"], "generated_tokens": 0,
+                                     "wall_time_s": rec["wall_time_s"]})
+                if check:
+                    rec["visible_check"] = check
+                if pool is not None and rec["agents"]:
+                    first = to_program(p, style, rec["agents"][0]["completion"])[1]
+                    rec["first_agent_passed"] = bool(pool.run([Job(first, list(p.tests), p.test_setup)])[0].passed)
+                for a in rec["agents"]:
+                    a.pop("steps", None)
+                if log_path is not None:
+                    append_log(log_path, rec)
+                _info(f"EG-CFG (served) {p.task_id}#{i}: {'guided' if rec['guided'] else 'UNGUIDED'}, "
+                      f"{rec['agents_run']}/{rec['agents_total']} agents, {rec['sandbox_executions']} sandbox runs, "
+                      f"{rec['requests']} requests ({rec['wall_time_s']:.1f} s)")
+                cands.append(Candidate(text=completion, num_tokens=0, logprob=float("nan"),
+                                       meta={"egcfg": rec["counters"], "served": True}))
+            res.append(cands)
+        return res
+
+    generate.solver = served  # type: ignore[attr-defined]
+    return generate

@@ -140,6 +140,7 @@ class ServedEGCFG:
 
     def solve(self, problem: Problem, build: Callable[[str, str], str], stop: Sequence[str] = (),
               seed: int = 0) -> tuple[str, dict[str, Any]]:
+        t0, runs0 = time.time(), self.executor.executions
         agents = self.cfg.agents()
         if not problem.visible_tests and self.cfg.line_temperature == 0:
             agents = agents[:1]
@@ -157,8 +158,9 @@ class ServedEGCFG:
             winner = max(range(len(results)), key=lambda j: ((results[j]["visible"] or {}).get("pass_rate", 0.0), -j))
         rec = {"task_id": problem.task_id, "winner_index": winner, "completion": results[winner]["completion"],
                "visible_passed": bool((results[winner]["visible"] or {}).get("passed")),
-               "requests": sum(r["requests"] for r in results), "sandbox_executions": self.executor.executions,
-               "agents": results}
+               "requests": sum(r["requests"] for r in results),
+               "sandbox_executions": self.executor.executions - runs0, "wall_time_s": time.time() - t0,
+               "agents_run": len(results), "agents_total": len(agents), "agents": results}
         return results[winner]["completion"], rec
 
 
