@@ -286,6 +286,10 @@ def plot_history(s: Mapping[str, Any], path: Path) -> None:
     pr = [t["number"] for t in s["trials"] if t["state"] == "PRUNED"]
     if pr:
         ax.plot(pr, [min(ys)] * len(pr), "x", color="gray", label="pruned")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(-0.02, 1.02)  # pass@1
     ax.set_xlabel("trial")
     ax.set_ylabel(s["objective"])
     ax.set_title("Optimisation history")
