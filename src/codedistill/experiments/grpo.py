@@ -72,6 +72,7 @@ def train_grpo(plan: Any, pool: Any, log: Log) -> dict[str, Any]:
     seed = derive_seed(cfg.seed, "grpo")
     device = cfg.device or _default_device()
     settings = train_settings(plan)
+    (it_dir / "grpo_samples.tmp.jsonl").unlink(missing_ok=True)  # a killed earlier start's samples
     samples_log = JsonlWriter(it_dir / "grpo_samples.tmp.jsonl")
     counter = {"programs": 0, "passed": 0, "reward_sum": 0.0}
 
