@@ -117,6 +117,47 @@ def _server_processes(marker: str) -> list[int]:
     return pids
 
 
+def _group_members(groups: list[int]) -> list[int]:
+    """Live processes in any of these process groups."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if os.getpgid(int(d.name)) in groups:
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_watchdog_kills_the_server_group_when_its_client_is_killed():
+    """The API server's PDEATHSIG does not reach vLLM's engine core (an orphan EngineCore
+    was seen here an hour after a kill -9); the watchdog kills the whole group. Real
+    processes, no vLLM needed: a client starts a two-process group and is SIGKILLed."""
+    code = (
+        "import subprocess, sys, time\n"
+        "from codedistill.generation.vllm import start_watchdog\n"
+        "p = subprocess.Popen(['bash', '-c', 'sleep 300 & sleep 300 & wait'], start_new_session=True)\n"
+        "start_watchdog(p.pid)\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    client = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    group = int(client.stdout.readline())
+    time.sleep(0.5)
+    assert len(_group_members([group])) >= 2
+    client.kill()
+    client.wait()
+    for _ in range(40):
+        if not _group_members([group]):
+            break
+        time.sleep(0.25)
+    left = _group_members([group])
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "the group outlived its killed client"
+
+
 def test_baseline_backend_vllm_agrees_with_hf_and_survives_kill_9(tmp_path):
     """`codedistill baseline --backend vllm` on synth, killed with SIGKILL after its first
     chunk and started again: no chunk is generated twice, no answered request is sent
@@ -139,6 +180,8 @@ def test_baseline_backend_vllm_agrees_with_hf_and_survives_kill_9(tmp_path):
             if proc.poll() is not None:
                 pytest.fail(f"the vLLM baseline ended before its first chunk: {proc.stderr.read()[-3000:]}")
             time.sleep(0.5)
+        groups = _server_processes(marker)  # the API server leads its own process group
+        assert groups, "no vLLM server seen while the baseline ran"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
@@ -152,10 +195,19 @@ def test_baseline_backend_vllm_agrees_with_hf_and_survives_kill_9(tmp_path):
         if not _server_processes(marker):
             break
         time.sleep(0.5)
-    left = _server_processes(marker)
+    # ... and so do its engine-core and worker processes (renamed VLLM::EngineCore /
+    # VLLM::Worker, same process group; the watchdog kills the group)
+    for _ in range(60):
+        if not _group_members(groups):
+            break
+        time.sleep(0.5)
+    left = _server_processes(marker) + _group_members(groups)
     for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    assert not left, "the vLLM server outlived its killed client"
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, "the vLLM server (or its engine core) outlived its killed client"
 
     r = _run(cmd)
     assert r.returncode == 0, r.stderr[-3000:]

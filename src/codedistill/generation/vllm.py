@@ -83,13 +83,47 @@ def check_vllm_python(python: str | os.PathLike | None = None, timeout: float = 
 def _die_with_parent() -> None:
     """In the server's process (before exec): SIGKILL it when codedistill dies, even by
     ``kill -9``, so no orphan server holds memory or a GPU (Linux ``PR_SET_PDEATHSIG``).
-    vLLM's engine process exits when its API server is gone."""
+    The PDEATHSIG reaches only the API server; its engine-core and worker processes (same
+    process group) are killed by the watchdog started beside it (``_WATCHDOG``): an
+    engine core was seen here outliving a ``kill -9``-ed run by an hour."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     except Exception:  # not Linux: the server is still stopped by stop() / the context manager
         pass
+
+
+# A separate, tiny process (its own session, so a kill of codedistill's group spares it) that
+# SIGKILLs the server's whole process group as soon as codedistill (argv[1]) is gone, and
+# exits by itself once the group is gone (a normal stop()).
+_WATCHDOG = """
+import os, signal, sys, time
+parent, group = int(sys.argv[1]), int(sys.argv[2])
+while True:
+    try:
+        os.killpg(group, 0)
+    except OSError:
+        break
+    try:
+        os.kill(parent, 0)
+    except ProcessLookupError:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except OSError:
+            pass
+        break
+    time.sleep(0.5)
+"""
+
+
+def start_watchdog(group: int) -> subprocess.Popen:
+    """Kill process group ``group`` when this process dies (even by ``kill -9``)."""
+    import sys
+
+    return subprocess.Popen([sys.executable, "-S", "-c", _WATCHDOG, str(os.getpid()), str(group)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
 
 
 def free_port() -> int:
@@ -208,6 +242,7 @@ class VLLMServer:
         self.proc = subprocess.Popen(self.command(str(py)), stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env, start_new_session=True,
                                      preexec_fn=_die_with_parent)
+        self._watchdog = start_watchdog(self.proc.pid)
         try:
             self.wait_healthy()
         except BaseException:
@@ -263,6 +298,14 @@ class VLLMServer:
             except (ProcessLookupError, PermissionError):
                 pass
         self.proc = None
+        wd = getattr(self, "_watchdog", None)
+        if wd is not None:  # it exits by itself once the group is gone
+            try:
+                wd.wait(5)
+            except subprocess.TimeoutExpired:
+                wd.kill()
+                wd.wait()
+            self._watchdog = None
         try:
             self._log.close()
         except Exception:
