@@ -44,6 +44,23 @@ def test_search_space_and_storage(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_resumed_study_proposes_new_parameters(tmp_path):
+    """Real Optuna journal storage: open, run one startup trial, open again as a restarted
+    process would, ask again: not the first trial's parameters (a bare-seed sampler repeats them)."""
+    import optuna
+
+    from codedistill.experiments.sweep import make_storage, open_study
+
+    store, _ = make_storage(tmp_path, None)
+    first = open_study("s", store, seed=0, n_trials=8)
+    t = first.ask()
+    x = t.suggest_float("x", 0, 1)
+    first.tell(t, x)
+    store2, _ = make_storage(tmp_path, None)
+    again = open_study("s", store2, seed=0, n_trials=8).ask()
+    assert again.suggest_float("x", 0, 1) != x
+
+
 def test_sweep_killed_mid_trial_resumes_and_rerun_generates_nothing(tmp_path):
     from codedistill.btp._testing import build_throwaway_pair
 
@@ -76,6 +93,10 @@ def test_sweep_killed_mid_trial_resumes_and_rerun_generates_nothing(tmp_path):
     assert states.count("COMPLETE") == 2 and s["trials"][0]["state"] == "FAIL" and s["trials"][0]["interrupted"]
     resumed = next(t for t in s["trials"] if t["state"] == "COMPLETE" and t["run_dir"] == "trials/0")
     assert resumed["params"] == s["trials"][0]["params"]  # same parameters, same run directory
+    # a new trial after the restart is a new point: a seeded sampler restarted from its seed
+    # proposed trial 0's parameters again (seen in a demo-size sweep)
+    fresh = [t for t in s["trials"] if t["state"] == "COMPLETE" and t["run_dir"] != "trials/0"]
+    assert fresh and all(t["params"] != s["trials"][0]["params"] for t in fresh)
     starts = read_jsonl(out / "trials" / "0" / "starts.jsonl")
     assert [x["resumed"] for x in starts] == [False, True]
     assert read_jsonl(out / "trials" / "0" / "generated.jsonl")[-1]["generated"]["source_beam"] < 4 * s["trials"][0]["params"]["num_beams"]

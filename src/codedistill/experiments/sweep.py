@@ -94,6 +94,24 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def open_study(name: str, storage: Any, seed: int, n_trials: int) -> Any:
+    """Create or load the study. Its TPE sampler is seeded by (seed, trials so far): a sampler
+    restarted from the bare seed would replay its random stream and propose the first
+    trials' parameters again after every resume (seen in a demo-size sweep)."""
+    import optuna
+
+    def sampler(s: int) -> Any:
+        return optuna.samplers.TPESampler(seed=s, n_startup_trials=min(4, max(1, n_trials // 2)))
+
+    study = optuna.create_study(
+        study_name=name, storage=storage, load_if_exists=True, direction="maximize",
+        sampler=sampler(seed), pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+    )
+    if study.trials:
+        study.sampler = sampler(seed + len(study.trials))
+    return study
+
+
 def recover_interrupted(study: Any, log: Log) -> int:
     """Trials RUNNING for a dead process of this host: FAIL + enqueue again (same run dir)."""
     from optuna.trial import TrialState
@@ -143,11 +161,7 @@ def run_sweep(config_path: str | Path, output_dir: str | Path, n_trials: int, st
     space = search_space(base, n_train)
     store, store_name = make_storage(out, storage)
     name = study_name or f"btp-sweep-{Path(config_path).stem}"
-    study = optuna.create_study(
-        study_name=name, storage=store, load_if_exists=True, direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=base.seed, n_startup_trials=min(4, max(1, n_trials // 2))),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
-    )
+    study = open_study(name, store, base.seed, n_trials)
     recover_interrupted(study, log)
     values = base.model_dump()
 
