@@ -74,6 +74,21 @@ def checked_visible_tests(problem: Problem, pool: Any) -> tuple[Problem, dict]:
     return dataclasses.replace(problem, visible_tests=keep), info
 
 
+def _annotate(rec: dict[str, Any], p: Problem, style: Any, index: int, check: dict, pool: Any) -> None:
+    """What every EG-CFG sample record carries (in-process and served alike): its index, whether
+    it was guided and by which visible tests, their reference check, and the first agent's own
+    program judged on the full tests (its pass@1, beside the any-agent number)."""
+    from codedistill.execution import Job
+    from codedistill.prompts import to_program
+
+    rec.update(sample_index=index, guided=bool(p.visible_tests), visible_tests=list(p.visible_tests))
+    if check:
+        rec["visible_check"] = check
+    if pool is not None and rec["agents"]:
+        first = to_program(p, style, rec["agents"][0]["completion"])[1]
+        rec["first_agent_passed"] = bool(pool.run([Job(first, list(p.tests), p.test_setup)])[0].passed)
+
+
 def summarize_log(path: Path | str, n_problems: int | None = None) -> dict[str, Any]:
     """What EG-CFG's numbers mean for one run, from its ``egcfg_log.jsonl`` (last record per
     (task_id, sample_index)): how many problems ran unguided (no visible tests), how often ANY
@@ -128,8 +143,6 @@ def make_egcfg_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, p
     from codedistill.egcfg.signal import prompt_builder
     from codedistill.prompts import render_prompt, stops_for, to_program
 
-    from codedistill.execution import Job
-
     if not _in_process(gen):
         return _served_sampler(gen, style, cfg, out, pool)
     econf = egcfg_config_from(cfg)
@@ -154,15 +167,7 @@ def make_egcfg_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, p
             cands = []
             for i in range(num_samples):
                 cand, rec = solver.solve(p, prompt, stop, seed=derive_seed(chunk_seed, p.task_id, i), build=build)
-                rec["sample_index"] = i
-                rec["guided"] = bool(p.visible_tests)
-                rec["visible_tests"] = list(p.visible_tests)
-                if check:
-                    rec["visible_check"] = check
-                if pool is not None and rec["agents"]:  # the first agent's own program, judged on the full tests
-                    first = rec["agents"][0]["completion"]
-                    rec["first_agent_passed"] = bool(pool.run([Job(to_program(p, style, first)[1], list(p.tests),
-                                                                   p.test_setup)])[0].passed)
+                _annotate(rec, p, style, i, check, pool)
                 if log_path is not None:
                     append_log(log_path, rec)
                 cnt = rec["counters"]
@@ -237,7 +242,6 @@ def _served_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, pool
     from codedistill.egcfg.served import ServedEGCFG
     from codedistill.egcfg.signal import prompt_builder
     from codedistill.errors import ConfigError
-    from codedistill.execution import Job
     from codedistill.generation.base import Candidate
     from codedistill.prompts import stops_for, to_program
 
@@ -263,15 +267,10 @@ def _served_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, pool
             for i in range(cfg.sampling.num_samples):
                 completion, rec = served.solve(p, build, list(stops_for(p, style)),
                                                seed=derive_seed(chunk_seed, p.task_id, i) & 0xFFFFFFF)
-                rec.update(sample_index=i, guided=bool(p.visible_tests), visible_tests=list(p.visible_tests),
-                           counters={"sandbox_executions": rec["sandbox_executions"], "requests": rec["requests"],
-                                     "forward_passes": rec["requests"], "generated_tokens": 0,
-                                     "wall_time_s": rec["wall_time_s"]})
-                if check:
-                    rec["visible_check"] = check
-                if pool is not None and rec["agents"]:
-                    first = to_program(p, style, rec["agents"][0]["completion"])[1]
-                    rec["first_agent_passed"] = bool(pool.run([Job(first, list(p.tests), p.test_setup)])[0].passed)
+                rec["counters"] = {"sandbox_executions": rec["sandbox_executions"], "requests": rec["requests"],
+                                   "forward_passes": rec["requests"], "generated_tokens": 0,
+                                   "wall_time_s": rec["wall_time_s"]}
+                _annotate(rec, p, style, i, check, pool)
                 for a in rec["agents"]:
                     a.pop("steps", None)
                 if log_path is not None:
