@@ -183,33 +183,13 @@ def ablation_markdown(s: Mapping[str, Any], ref: BTPConfig) -> str:
 
 
 def plot_ablation(s: Mapping[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The bar plot of the finished variants (drawn by the report's plot_ablation)."""
+    from codedistill.report.plots import plot_ablation as draw
 
     done = [v for v in s["variants"] if v["status"] == "done" and "pass@1" in v["metrics"]]
     if not done:
         return
-    names = [v["name"] for v in done]
-    vals = [v["metrics"]["pass@1"]["value"] for v in done]
-    lo = [v["metrics"]["pass@1"]["value"] - v["metrics"]["pass@1"]["low"] for v in done]
-    hi = [v["metrics"]["pass@1"]["high"] - v["metrics"]["pass@1"]["value"] for v in done]
-    colors = ["tab:orange" if v["name"] == "full" else ("tab:purple" if v["group"] == "outside baseline" else "tab:blue")
-              for v in done]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(done) + 1.6))
-    y = list(range(len(done)))[::-1]
-    ax.barh(y, vals, xerr=[lo, hi], color=colors, capsize=3)
-    ax.set_yticks(y, names)
-    if s.get("target_before") and "pass@1" in s["target_before"]:
-        ax.axvline(s["target_before"]["pass@1"]["value"], color="gray", ls="--", label="target before")
-    if s.get("source") and "pass@1" in (s["source"] or {}):
-        ax.axvline(s["source"]["pass@1"]["value"], color="green", ls=":", label="source")
-    ax.set_xlabel("pass@1 (95% CI)")
-    ax.set_xlim(0, 1)
-    ax.set_title(f"Ablation: {Path(s['base_config']).name} on {s['dataset']}")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    before = (s.get("target_before") or {}).get("pass@1")
+    draw(done, path, metric="pass@1", reference=s.get("reference", "full"),
+         title=f"Ablation: {Path(s['base_config']).name} on {s['dataset']}",
+         baseline=before["value"] if before else None)

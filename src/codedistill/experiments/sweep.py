@@ -281,51 +281,15 @@ def sweep_markdown(s: Mapping[str, Any]) -> str:
 
 
 def plot_history(s: Mapping[str, Any], path: Path) -> None:
-    import matplotlib
+    """Objective per trial and the best so far (drawn by the report's plot_sweep_history)."""
+    from codedistill.report.plots import plot_sweep_history
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = [(t["number"], t["value"]) for t in s["trials"] if t["state"] == "COMPLETE" and t["value"] is not None]
-    if not pts:
-        return
-    xs, ys = zip(*pts)
-    best, cur = [], float("-inf")
-    for y in ys:
-        cur = max(cur, y)
-        best.append(cur)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(xs, ys, "o", label="trial")
-    ax.step(xs, best, where="post", color="tab:red", label="best so far")
-    pr = [t["number"] for t in s["trials"] if t["state"] == "PRUNED"]
-    if pr:
-        ax.plot(pr, [min(ys)] * len(pr), "x", color="gray", label="pruned")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylim(-0.02, 1.02)  # pass@1
-    ax.set_xlabel("trial")
-    ax.set_ylabel(s["objective"])
-    ax.set_title("Optimisation history")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    if any(t["state"] == "COMPLETE" and t["value"] is not None for t in s["trials"]):
+        plot_sweep_history(s["trials"], path, direction=s.get("direction", "maximize"), objective=s["objective"])
 
 
 def plot_importance(imp: Mapping[str, float], path: Path) -> None:
-    import matplotlib
+    """Hyperparameter importances (drawn by the report's plot_importance)."""
+    from codedistill.report.plots import plot_importance as draw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    items = sorted(imp.items(), key=lambda kv: kv[1])
-    fig, ax = plt.subplots(figsize=(7, 0.4 * len(items) + 1.5))
-    ax.barh([k for k, _ in items], [v for _, v in items], color="tab:blue")
-    ax.set_xlabel("importance (PED-ANOVA)")
-    ax.set_title("Hyperparameter importance for validation pass@1")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    draw(imp, path)

@@ -27,8 +27,9 @@ def plot_ablation(variants: Sequence[Mapping[str, Any]], out: Path, metric: str 
         errs[0].append(v["metrics"][metric]["value"] - lo)
         errs[1].append(hi - v["metrics"][metric]["value"])
     groups = sorted({str(v.get("group", "")) for v in rows})
-    cmap = plt.get_cmap("tab10")
-    gcolor = {g: cmap(i % 10) for i, g in enumerate(groups)}
+    n_colors = 10 if len(groups) <= 10 else 20  # tab10 repeated its colours past 10 groups
+    cmap = plt.get_cmap(f"tab{n_colors}")
+    gcolor = {g: cmap(i % n_colors) for i, g in enumerate(groups)}
     colors = [gcolor[str(v.get("group", ""))] for v in rows]
     ys = list(range(len(rows)))[::-1]
     bars = ax.barh(ys, vals, xerr=errs, color=colors, alpha=0.85, capsize=3, edgecolor="black", linewidth=0.5)
