@@ -209,3 +209,63 @@ def test_generation_keeps_the_labelled_tokens_and_text(family, case):
     with torch.no_grad():
         loss = completion_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"])
     assert score == pytest.approx(-float(loss) * len(kept), rel=1e-4)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_served_token_ids_keep_the_labelled_text(family, case):
+    """vLLM's completions with ``return_tokens_as_token_ids``: the response's ``token_id:N``
+    list (here the training labels, then more) is decoded after the prompt, exactly as the
+    HF backend does; decoded alone, SentencePiece's first ``▁▁▁`` loses a space of indentation."""
+    from codedistill.generation.openai_api import OpenAIGenerator
+
+    name, tok = family
+    prompt, program, end, stops = CASES[case]
+    f = encode_example(tok, prompt, program + end + "\ndef unrelated():\n    pass\n", max_length=2048,
+                       add_eos=False)
+    emitted = labelled(f)
+    gen = OpenAIGenerator("m", "http://127.0.0.1:9/v1", tokenizer=tok, token_ids=True, backend="vllm")
+    choice = {"index": 0, "text": "(unused: the ids are decoded)", "finish_reason": "stop",
+              "logprobs": {"tokens": [f"token_id:{t}" for t in emitted], "token_logprobs": [-0.5] * len(emitted)}}
+    body = gen._body(prompt, 1, 0.0, 1.0, 256, stops, None)[1]
+    cand = gen._candidate("completions", choice, stops, 0, gen._context_ids("completions", body))
+    assert cand.text == program
+    kept = cand.meta["token_ids"]
+    prog = labelled(encode_example(tok, prompt, program, max_length=2048, add_eos=False))
+    assert kept == emitted[: len(kept)] and len(kept) == len(prog) and kept[:-1] == prog[:-1]
+    assert cand.logprob == pytest.approx(-0.5 * len(kept))
+    if name == "llama-spm" and case == "humaneval":  # the defect this guards against
+        assert tok.decode(emitted, skip_special_tokens=True).startswith("   for")
+
+
+def test_egcfg_lines_decode_after_the_prompt_on_sentencepiece():
+    """EG-CFG's line decoder on a Llama-vocabulary model that always emits ``▁▁▁▁`` (four
+    spaces): every line and the completion are the text those ids add after the prompt (4
+    spaces a token), not the ids decoded alone (the first token's space dropped)."""
+    from codedistill.data.problem import Problem
+    from codedistill.egcfg.agents import EGCFGSolver
+    from codedistill.egcfg.config import AgentSpec, EGCFGConfig
+
+    tok = load_family("llama-spm")
+    model = tiny_model("llama-spm", tok)
+    four = tok.convert_tokens_to_ids("▁▁▁▁")
+    head = torch.nn.Linear(model.config.hidden_size, len(tok), bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[four] = 10.0
+    model.lm_head = head
+    prefix = "def total(xs):\n"
+    problem = Problem(task_id="toy/add", prompt=prefix, entry_point="total", code_prefix=prefix,
+                      tests=("assert total([1, 2]) == 3",), visible_tests=("assert total([1, 2]) == 3",))
+    solver = EGCFGSolver(model, tok, EGCFGConfig(max_lines=3, max_line_tokens=5, max_new_tokens=15,
+                                                 candidate_max_tokens=6, exec_workers=1))
+    try:
+        for gamma in (0.0, 1.0):  # plain lines, and lines guided by real traces (of blank candidates)
+            res = solver.decoder.decode_agent(problem, prefix, [], AgentSpec(temperature=0.7, depth=1,
+                                                                          num_candidates=2, gamma=gamma), seed=0)
+            assert res.token_ids == [four] * 15
+            assert res.completion == " " * 60 == res.raw_text
+            assert [line["text"] for line in res.lines] == [" " * 20] * 3
+            assert tok.decode(res.token_ids, skip_special_tokens=True) == " " * 59  # decoded alone
+    finally:
+        solver.close()

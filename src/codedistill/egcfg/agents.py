@@ -121,7 +121,7 @@ class EGCFGSolver:
         total.wall_time_s = time.time() - t0
         cand = Candidate(
             text=best.completion, num_tokens=best.num_tokens, logprob=best.plain_logprob,
-            raw_text=self.decoder.decode(best.token_ids),
+            raw_text=best.raw_text,
             finish_reason="length" if best.finish_reason == "length" else "stop",
             meta={"agent": best.agent.name(), "guided_logprob": best.guided_logprob,
                   "visible_passed": bool(best.visible and best.visible["passed"]),

@@ -36,7 +36,7 @@ from codedistill.egcfg.cfg import cfg_generate
 from codedistill.egcfg.config import AgentSpec, EGCFGConfig
 from codedistill.egcfg.executor import TraceExecutor
 from codedistill.egcfg.signal import build_signal, count_tokens_fn, make_executable_ex, prompt_builder
-from codedistill.generation.hf import kept_token_count
+from codedistill.generation.hf import decode_continuation, kept_token_count
 from codedistill.generation.postprocess import cut_at_stop
 
 
@@ -85,6 +85,7 @@ class AgentResult:
     lines: list[dict] = field(default_factory=list)
     counters: Counters = field(default_factory=Counters)
     visible: dict | None = None  # {"passed", "pass_rate"} on the visible tests
+    raw_text: str = ""  # all generated ids decoded after the prompt (uncut)
 
     def log(self) -> dict[str, Any]:
         return {
@@ -114,8 +115,10 @@ class LineDecoder:
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=self.add_special_tokens))
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], context: Sequence[int] = ()) -> str:
+        """The text of ``ids`` after ``context`` (the tokens before them): decoded alone,
+        SentencePiece ids lose the first token's leading space, i.e. indentation."""
+        return decode_continuation(self.tok, ids, context)
 
     # ------------------------------------------------------------------ candidates + signal
     def candidates(self, ids: list[int], agent: AgentSpec, stop: Sequence[str], gen: torch.Generator,
@@ -125,7 +128,7 @@ class LineDecoder:
         d = agent.depth
 
         def deep_enough(new: list[int]) -> bool:
-            t = self.decode(new)
+            t = self.decode(new, ids)
             return t.count("\n") >= d or cut_at_stop(t, stop)[1]
 
         mode = "beam" if self.cfg.candidate_mode == "beam" else "sample"
@@ -143,11 +146,11 @@ class LineDecoder:
         out = []
         kept: list[tuple[list[int], list[float]]] = []
         for toks, plps in zip(res.tokens, res.token_plain_logprobs):
-            t = self.decode(toks)
+            t = self.decode(toks, ids)
             t, _ = cut_at_stop(t, stop)
             lines = t.split("\n")
             text = "\n".join(lines[: d]) + ("\n" if len(lines) > d else "")
-            m = kept_token_count(self.tok, toks, text) if text != self.decode(toks) else len(toks)
+            m = kept_token_count(self.tok, toks, text, ids) if text != self.decode(toks, ids) else len(toks)
             out.append(text)
             kept.append((list(toks[:m]), list(plps[:m])))
         return out, kept
@@ -252,7 +255,7 @@ class LineDecoder:
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
                 break
-            prefix_text = self.decode(ids)
+            prefix_text = self.decode(ids, prompt_ids)
             entry: dict[str, Any] = {"line": line_no}
             sig = ""
             if use_signal and self.guided_from_here(problem, prefix_text):
@@ -271,7 +274,7 @@ class LineDecoder:
                         ids += toks
                         plain_lps += plps
                         guided_lps += plps  # chosen by sampling the plain model, not by guidance
-                        entry["text"] = self.decode(toks)
+                        entry["text"] = self.decode(toks, prompt_ids + ids[: -len(toks)])
                         entry["tokens"] = len(toks)
                         entry["agreement_stop"] = True
                         lines.append(entry)
@@ -282,9 +285,10 @@ class LineDecoder:
                 cond_ids = self.encode(build(sig, agent.prompt)) + ids
             line_budget = min(self.cfg.max_line_tokens, self.cfg.max_new_tokens - len(ids))
             tail_from = max(0, len(prefix_text) - max_stop)
+            ctx_ids = prompt_ids + ids  # what this line's tokens follow
 
             def line_done(new: list[int]) -> bool:
-                t = self.decode(new)
+                t = self.decode(new, ctx_ids)
                 if "\n" in t:
                     return True
                 return bool(stop) and cut_at_stop((prefix_text + t)[tail_from:], stop)[1]
@@ -304,25 +308,25 @@ class LineDecoder:
             ids += new
             plain_lps += res.token_plain_logprobs[0]
             guided_lps += res.token_guided_logprobs[0]
-            entry["text"] = self.decode(new)
+            entry["text"] = self.decode(new, ctx_ids)
             entry["tokens"] = len(new)
             lines.append(entry)
-            text = self.decode(ids)
+            text = self.decode(ids, prompt_ids)
             if cut_at_stop(text, stop)[1] or (new and new[-1] in self.eos):
                 finish = "stop"
                 break
             if len(ids) >= self.cfg.max_new_tokens:
                 finish = "length"
                 break
-        text = self.decode(ids)
+        text = self.decode(ids, prompt_ids)
         completion, _ = cut_at_stop(text, stop)
         if completion != text:
-            m = kept_token_count(self.tok, ids, completion)
+            m = kept_token_count(self.tok, ids, completion, prompt_ids)
         else:  # like HFGenerator: the eos that ended generation is not a kept token
             m = len(ids) - (1 if ids and ids[-1] in self.eos else 0)
         c.wall_time_s = time.time() - t0
         return AgentResult(
-            agent=agent, completion=completion, token_ids=ids, num_tokens=m,
+            agent=agent, completion=completion, token_ids=ids, num_tokens=m, raw_text=text,
             plain_logprob=float(sum(plain_lps[:m])), guided_logprob=float(sum(guided_lps[:m])),
             finish_reason=finish, lines=lines, counters=c,
         )

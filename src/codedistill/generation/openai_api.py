@@ -476,7 +476,17 @@ class OpenAIGenerator:
             self._warned_no_logprobs = True
             self._note("the server returns no log-probs: logprob/seq_prob are NaN (fine for pass@k)")
 
-    def _candidate(self, kind: str, choice: dict[str, Any], stop: Sequence[str], prompt_index: int) -> Candidate:
+    def _context_ids(self, kind: str, body: dict[str, Any]) -> list[int]:
+        """The prompt's last token ids, to decode returned token ids in context (token-id mode only)."""
+        if not self.token_ids or kind != "completions":
+            return []
+        from codedistill.generation.hf import CONTEXT_TOKENS
+
+        ids = self.tokenizer(body["prompt"], add_special_tokens=self.add_special_tokens)["input_ids"]
+        return list(ids)[-CONTEXT_TOKENS:]
+
+    def _candidate(self, kind: str, choice: dict[str, Any], stop: Sequence[str], prompt_index: int,
+                   context_ids: Sequence[int] = ()) -> Candidate:
         finish = "length" if choice.get("finish_reason") == "length" else "stop"
         if kind == "chat":
             msg = choice.get("message") or {}
@@ -495,7 +505,7 @@ class OpenAIGenerator:
             return Candidate(text=text, num_tokens=0, logprob=float("nan"), prompt_index=prompt_index,
                              raw_text=raw, finish_reason=finish, meta={"logprobs": False})
         if self.token_ids:
-            return self._candidate_from_ids(toks, vals, stop, prompt_index, finish)
+            return self._candidate_from_ids(toks, vals, stop, prompt_index, finish, context_ids)
         text, _ = cut_at_stop(raw, stop)
         m = kept_tokens_by_text(toks, text)
         lp_sum = float(sum(float(v) for v in vals[:m] if v is not None))
@@ -503,9 +513,11 @@ class OpenAIGenerator:
                          finish_reason=finish, meta={"tokens": list(toks[:m])})
 
     def _candidate_from_ids(self, toks: Sequence[str], vals: Sequence[float | None], stop: Sequence[str],
-                            prompt_index: int, finish: str) -> Candidate:
-        """vLLM with ``return_tokens_as_token_ids``: the HF backend's exact rule on token ids."""
-        from codedistill.generation.hf import kept_token_count
+                            prompt_index: int, finish: str, context_ids: Sequence[int] = ()) -> Candidate:
+        """vLLM with ``return_tokens_as_token_ids``: the HF backend's exact rule on token ids,
+        decoded after ``context_ids`` (the prompt's last tokens) as the HF backend does: on
+        their own, SentencePiece ids lose the first token's leading space (indentation)."""
+        from codedistill.generation.hf import decode_continuation, kept_token_count
 
         tok = self.tokenizer
         ids = [int(t.split(":", 1)[1]) for t in toks]
@@ -516,9 +528,9 @@ class OpenAIGenerator:
                 ids, vals = ids[:i], vals[:i]
                 finish = "stop"
                 break
-        raw = tok.decode(ids, skip_special_tokens=True)
+        raw = decode_continuation(tok, ids, context_ids)
         text, hit = cut_at_stop(raw, stop)
-        m = kept_token_count(tok, ids, text) if hit else len(ids)
+        m = kept_token_count(tok, ids, text, context_ids) if hit else len(ids)
         return Candidate(text=text, num_tokens=m, logprob=float(sum(vals[:m])), prompt_index=prompt_index,
                          raw_text=raw, finish_reason="stop" if hit else finish, meta={"token_ids": ids[:m]})
 
@@ -567,7 +579,8 @@ class OpenAIGenerator:
                 return self._run_job((i, j, cnt, b, kind), stop)
             raise e.as_error(self.name) from e
         choices = sorted(resp.get("choices") or [], key=lambda c: c.get("index", 0))
-        return [self._candidate(kind, c, stop, i) for c in choices]
+        ctx = self._context_ids(kind, body)
+        return [self._candidate(kind, c, stop, i, ctx) for c in choices]
 
     def beam_search(self, prompts: Sequence[str], num_beams: int, num_return_sequences: int | None = None,
                     max_new_tokens: int = 256, stop: Sequence[str] = (), length_penalty: float = 1.0) -> list[list[Candidate]]:
@@ -593,7 +606,8 @@ class OpenAIGenerator:
             body["length_penalty"] = length_penalty
             resp = self._request(kind, body)
             choices = sorted(resp.get("choices") or [], key=lambda c: c.get("index", 0))
-            cs = [self._candidate(kind, c, stop, i) for c in choices][:nrs]
+            ctx = self._context_ids(kind, body)
+            cs = [self._candidate(kind, c, stop, i, ctx) for c in choices][:nrs]
             for r, c in enumerate(cs):
                 c.meta["beam_rank"] = r
             return cs
@@ -629,10 +643,14 @@ class OpenAIGenerator:
                 self._no_logprobs()
                 return {}
             items = sorted(((t, float(v)) for t, v in (tops[0] or {}).items()), key=lambda x: -x[1])[:k]
-            if self.token_ids:  # "token_id:N" -> the token's text (the most likely one wins a tie)
+            if self.token_ids:  # "token_id:N" -> the token's text after the prompt (the most likely wins a tie)
+                from codedistill.generation.hf import decode_continuation
+
+                ctx = self._context_ids(kind, body)
                 dec: dict[str, float] = {}
                 for t, v in items:
-                    s = self.tokenizer.decode([int(t.split(":", 1)[1])]) if t.startswith("token_id:") else t
+                    s = (decode_continuation(self.tokenizer, [int(t.split(":", 1)[1])], ctx)
+                         if t.startswith("token_id:") else t)
                     dec.setdefault(s, v)
                 return dec
             return dict(items)
