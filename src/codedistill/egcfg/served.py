@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from codedistill.egcfg.measure import _load
     from codedistill.egcfg.signal import prompt_builder
     from codedistill.generation import make_generator
+    from codedistill.generation.hf import decode_continuation
     from codedistill.models.registry import resolve_model
     from codedistill.prompts import PromptStyle, stops_for, to_program
 
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     with torch.no_grad():
                         lu = model(torch.tensor([u])).logits[0, -1]
                         lc = model(torch.tensor([c])).logits[0, -1]
-                    exact = tok.decode([int(guided_logprobs(lc, lu, st["gamma"])[0].argmax())])
+                    exact = decode_continuation(tok, [int(guided_logprobs(lc, lu, st["gamma"])[0].argmax())], u)
                     total += 1
                     same += exact == st["token"]
                     g = by_gamma.setdefault(str(st["gamma"]), [0, 0])
