@@ -101,6 +101,8 @@ def test_ablation(tmp_path):
                                     "-0.160 [-0.240, -0.080]", "-0.100 [-0.170, -0.030]"]
     assert rows["uniform"][6:8] == ["0", "done"] and rows["full"][6] == "3000"
     assert rows["grpo"][2] == "-" and rows["grpo"][7] == "skipped: needs a GPU"
+    assert all(len(r) == 8 for r in rows.values())  # descriptions go to the variants table, not this wide one
+    assert t.tables["ablation-overrides"][1] == ["uniform", "uniform replay", "sampling_method=uniform"]
     assert t.tables["ablation-points"] == [["target before BTP", "0.330 [0.250, 0.410]"],
                                            ["source", "0.750 [0.670, 0.820]"]]
     # the protocol of the reference variant's run: sampled, synth -> not comparable
@@ -250,3 +252,12 @@ def test_protocol_from_run_files():
                           {"n_problems": 164, "num_samples": 1})
     assert "EG-CFG execution-guided decoding (gammas [0.0, 1.0], temperatures [0.7]), n=1" in e.describe()
     assert "T=0.8" not in e.describe() and comparability(e).level == "no"
+
+
+def test_numeric_cells_are_numbers_not_text_that_starts_with_one():
+    from codedistill.report.doc import _is_num
+
+    for x in ("0.618 [0.530, 0.702]", "+0.022 [-0.046, +0.090]", "4500", "98%", "1e-3", "5.2 s", "-"):
+        assert _is_num(x) == (x != "-"), x
+    for x in ("3 beams per problem (the paper's width)", "2 iterations", "skipped: needs a GPU", "nan"):
+        assert not _is_num(x), x

@@ -101,7 +101,7 @@ CSS = """
 * { box-sizing: border-box; }
 body { font: 15px/1.5 -apple-system, "Segoe UI", "DejaVu Sans", Helvetica, Arial, sans-serif;
        color: var(--fg); background: #ffffff; margin: 0; }
-main { max-width: 1100px; margin: 0 auto; padding: 24px 32px 64px; }
+main { max-width: 1240px; margin: 0 auto; padding: 24px 32px 64px; }
 h1 { font-size: 26px; margin: 8px 0 16px; border-bottom: 3px solid var(--accent); padding-bottom: 8px; }
 h2 { font-size: 21px; margin: 32px 0 10px; border-bottom: 1px solid var(--line); padding-bottom: 4px; }
 h3 { font-size: 17px; margin: 22px 0 8px; }
@@ -113,10 +113,11 @@ code { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 1
 .note { background: var(--notebg); border-left: 4px solid var(--accent); padding: 8px 12px; }
 .warn, .caution { background: var(--warnbg); border-left: 4px solid var(--warn); color: var(--warn); padding: 8px 12px; }
 .ok { background: var(--okbg); border-left: 4px solid var(--ok); color: var(--ok); padding: 8px 12px; }
-table { border-collapse: collapse; margin: 8px 0 16px; font-size: 14px; }
+table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; }
+div.scroll { overflow-x: auto; max-width: 100%; }
 p.caption { color: var(--muted); font-size: 13px; margin: 14px 0 2px; }
-p.caption + table { margin-top: 2px; }
-th, td { border: 1px solid var(--line); padding: 5px 10px; text-align: left; vertical-align: top; }
+p.caption + div.scroll table { margin-top: 2px; }
+th, td { border: 1px solid var(--line); padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: var(--head); font-weight: 600; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.nowrap { white-space: nowrap; }
@@ -133,8 +134,12 @@ _NUMERIC_START = set("+-0123456789.")
 
 
 def _is_num(s: str) -> bool:
+    """A number, with or without its CI, unit or sign ("0.618 [0.530, 0.702]", "+0.02", "12%",
+    "1e-3", "5.2 s"), not text that starts with one ("3 beams per problem")."""
     s = str(s).strip()
-    return bool(s) and (s[0] in _NUMERIC_START or s.endswith("%")) and any(ch.isdigit() for ch in s)
+    letters = sum(ch.isalpha() for ch in s)
+    return (bool(s) and (s[0] in _NUMERIC_START or s.endswith("%")) and any(ch.isdigit() for ch in s)
+            and letters <= 3)
 
 
 def _img_data_uri(path: Path) -> str:
@@ -172,7 +177,7 @@ def to_html(doc: Document, footer: str = "") -> str:
         elif isinstance(b, Table):
             name = f' data-table="{e(b.name)}"' if b.name else ""
             parts = [f'<p class="caption">{e(b.caption)}</p>'] if b.caption else []
-            parts.append(f"<table{name}>")
+            parts.append(f'<div class="scroll"><table{name}>')
             parts.append("<thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in b.headers) + "</tr></thead><tbody>")
             for r in b.rows:
                 cells = []
@@ -180,7 +185,7 @@ def to_html(doc: Document, footer: str = "") -> str:
                     cls = "num" if _is_num(c) else ("nowrap" if i in b.nowrap else "")
                     cells.append(f'<td class="{cls}">{e(str(c))}</td>' if cls else f"<td>{e(str(c))}</td>")
                 parts.append("<tr>" + "".join(cells) + "</tr>")
-            parts.append("</tbody></table>")
+            parts.append("</tbody></table></div>")
             body.append("".join(parts))
         elif isinstance(b, Figure):
             body.append(f'<figure><img alt="{e(b.caption)}" src="{_img_data_uri(b.path)}">'

@@ -354,9 +354,8 @@ def ablation_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -
         m, d = v.get("metrics") or {}, v.get("diff") or {}
         rows.append([v.get("name", "?"), str(v.get("group", "")), *(fmt_metric(m, k) for k in ks),
                      *(("reference" if v.get("name") == ref else fmt_improvement(d.get(k))) for k in dks),
-                     str(v.get("generated_new", "-")), str(v.get("status", "-")), str(v.get("description", ""))])
-    B.append(Table(["variant", "group", *ks, *(f"diff {k} [95% CI]" for k in dks), "new programs", "status",
-                    "description"], rows, caption="pass@k with 95% bootstrap CI per variant; diff = paired difference "
+                     str(v.get("generated_new", "-")), str(v.get("status", "-"))])
+    B.append(Table(["variant", "group", *ks, *(f"diff {k} [95% CI]" for k in dks), "new programs", "status"], rows, caption="pass@k with 95% bootstrap CI per variant; diff = paired difference "
                    "to the reference", name="ablation"))
     points = [(label, a.get(key)) for label, key in (("target before BTP", "target_before"), ("source", "source"))
               if a.get(key)]
@@ -372,9 +371,9 @@ def ablation_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -
                             title=f"{a.get('dataset')}: pass@1 per variant (95% CI); dashed line = {ref}",
                             baseline=before["value"] if before else None)
         B.append(Figure(fig, "ablation: pass@1 per variant with 95% bootstrap CIs; the reference hatched, its value dashed"))
-    over = [[v.get("name", "?"), ", ".join(f"{k}={val}" for k, val in (v.get("overrides") or {}).items()) or "-"]
-            for v in variants]
-    B.append(Table(["variant", "overrides of the base config"], over, name="ablation-overrides"))
+    over = [[v.get("name", "?"), str(v.get("description", "")),
+             ", ".join(f"{k}={val}" for k, val in (v.get("overrides") or {}).items()) or "-"] for v in variants]
+    B.append(Table(["variant", "what it changes", "overrides of the base config"], over, name="ablation-overrides"))
     if refv and (refv.get("metrics") or {}).get("pass@1"):
         p = pv[0] if pv else None
         sec.summaries.append(Summary(name=name, kind="ablation (reference)", models=str(a.get("base_config")),
