@@ -12,7 +12,7 @@ from codedistill.runs import read_jsonl
 
 
 @pytest.mark.slow
-def test_grpo_samples_as_many_programs_as_the_beam_phase_and_is_evaluated(tmp_path):
+def test_grpo_samples_as_many_programs_as_the_beam_phase_and_is_evaluated(tmp_path, capsys):
     from codedistill.btp._testing import build_throwaway_pair
     from codedistill.experiments.grpo import run_grpo
 
@@ -22,8 +22,15 @@ def test_grpo_samples_as_many_programs_as_the_beam_phase_and_is_evaluated(tmp_pa
                                 use_lora=True, lora_r=4, lora_alpha=8, learning_rate=1e-3, chunk_size=2,
                                 workers=2, eval_source=False, output_dir=str(tmp_path / "grpo"),
                                 generation_cache=str(tmp_path / "cache")))
-    comp = run_grpo(cfg, log=lambda m: None)
+    lines: list[str] = []
+    comp = run_grpo(cfg, log=lines.append)
     out = tmp_path / "grpo"
+    # TRL's per-step metrics go to a file, one summary line to the log, nothing to the console
+    steps = read_jsonl(out / "iter_1" / "grpo_log.jsonl")
+    assert [s["step"] for s in steps if "reward" in s] == [1]  # 4 problems x 2 programs = one step of 8
+    assert any(line.startswith("[grpo] 1 step, 8 programs sampled and tested (0 passed)") for line in lines), lines
+    printed = capsys.readouterr()
+    assert "'loss'" not in printed.out + printed.err and "gradient_checkpointing" not in printed.err
     samples = read_jsonl(out / "iter_1" / "grpo_samples.jsonl")
     assert len(samples) == 4 * 2  # problems x beams, each run in the sandbox
     assert {s["task_id"] for s in samples} == {f"synth/train/{i}" for i in range(4)} or len({s["task_id"] for s in samples}) == 4

@@ -771,6 +771,11 @@ def run_btp(cfg: BTPConfig, log: Log = print,
 
 
 def _quiet_transformers() -> None:
+    import warnings
+
+    # transformers 5.x renamed gradient checkpointing; peft and TRL still use the old names on
+    # every adapter load and GRPO step (a FutureWarning each, nothing for the user to do)
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`(is_)?gradient_checkpointing\w*` is deprecated")
     try:
         from transformers.utils import logging as hf_logging
 

@@ -42,6 +42,7 @@ def train_grpo(plan: Any, pool: Any, log: Log) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from codedistill.btp.loop import _default_device, _dtype, _style, target_path, train_settings
@@ -106,6 +107,10 @@ def train_grpo(plan: Any, pool: Any, log: Log) -> dict[str, Any]:
     )
     trainer = GRPOTrainer(model=model, reward_funcs=pass_rate_reward, args=args, train_dataset=dataset,
                           processing_class=tok, peft_config=peft_config)
+    # TRL's per-step metrics go to iter_1/grpo_log.jsonl, not to the console (150 dict lines)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_grpo_progress(it_dir / "grpo_log.jsonl", counter))
     t0 = time.time()
     log(f"[grpo] {budget['problems']} problems x {g} programs = {budget['programs']} sampled programs "
         f"({len(dataset) // prompts_per_step} steps of {g * prompts_per_step})")
@@ -113,6 +118,12 @@ def train_grpo(plan: Any, pool: Any, log: Log) -> dict[str, Any]:
     samples_log.close()
     (it_dir / "grpo_samples.tmp.jsonl").replace(it_dir / "grpo_samples.jsonl")
     trainer.model.save_pretrained(str(it_dir / "adapter"))
+    rw = [float(h["reward"]) for h in trainer.state.log_history if "reward" in h]
+    q = max(1, len(rw) // 10)
+    took = _fmt_s(time.time() - t0)
+    log(f"[grpo] {len(rw)} step{'' if len(rw) == 1 else 's'}, {counter['programs']} programs sampled and tested "
+        f"({counter['passed']} passed) in {took}; mean reward first {q} steps {sum(rw[:q]) / q:.3f} -> last {q} "
+        f"{sum(rw[-q:]) / q:.3f}" if rw else f"[grpo] no steps logged in {took}")
     tok.save_pretrained(str(it_dir / "adapter"))
     hist = [h for h in trainer.state.log_history if "loss" in h]
     losses = [float(h["loss"]) for h in hist]
@@ -134,6 +145,51 @@ def train_grpo(plan: Any, pool: Any, log: Log) -> dict[str, Any]:
                      "prompts_per_step": prompts_per_step, "num_generations": g, "beta": 0.0,
                      "rewards": [h.get("reward") for h in hist]},
     }
+
+
+def _fmt_s(sec: float) -> str:
+    return f"{sec:.0f} s" if sec < 60 else f"{int(sec // 60)} min {int(sec % 60):02d} s"
+
+
+def _grpo_progress(path: Any, counter: dict[str, Any]) -> Any:
+    """A TrainerCallback: every logged step's metrics to ``path`` (JSONL), and a progress bar
+    with the mean reward on a terminal."""
+    import sys
+
+    from transformers import TrainerCallback
+
+    from codedistill.runs import JsonlWriter
+
+    class GRPOProgress(TrainerCallback):
+        def __init__(self) -> None:
+            self.bar = None
+            self.writer = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            path.unlink(missing_ok=True)  # a killed earlier start's steps: this start trains from scratch
+            self.writer = JsonlWriter(path)
+            if state.is_world_process_zero and sys.stderr.isatty():
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=state.max_steps, desc="GRPO", unit="step", leave=False)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if self.writer is not None and logs:
+                self.writer.write({"step": state.global_step, **{k: v for k, v in logs.items()}})
+            if self.bar is not None:
+                self.bar.n = state.global_step
+                if logs and "reward" in logs:
+                    self.bar.set_postfix(reward=f"{float(logs['reward']):.3f}", programs=counter["programs"],
+                                         refresh=False)
+                self.bar.refresh()
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.bar is not None:
+                self.bar.close()
+            if self.writer is not None:
+                self.writer.close()
+
+    return GRPOProgress()
 
 
 def run_grpo(cfg: BTPConfig, log: Log = print) -> dict[str, Any]:
