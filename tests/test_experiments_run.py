@@ -64,6 +64,17 @@ def test_variants_cover_the_plan_and_apply_by_config():
     beam3 = next(v for v in all_variants() if v.name == "beam_3")
     assert beam3.applies(build_config({}, {"generation": "sample"})) is not None
     assert beam3.applies(build_config({}, {})) is None
+    # rank replay runs at its own alpha: at the power method's alpha 8, 1/rank^8 puts almost all
+    # of 3,000 programs' draws on the top one, which ablates nothing but the draw's diversity
+    import numpy as np
+
+    from codedistill.btp.samplers import sampling_probs
+
+    rank = next(v for v in all_variants() if v.name == "sampling_rank")
+    assert rank.overrides == {"sampling_method": "rank", "sampling_alpha": 0.7}
+    values = np.linspace(1.0, 0.0, 3000)
+    assert sampling_probs(values, "rank", 8.0)[0] > 0.99
+    assert sampling_probs(values, "rank", 0.7)[:600].sum() == pytest.approx(0.58, abs=0.02)
 
 
 def _tiny_yaml(tmp_path: Path, pair, **kw) -> Path:
