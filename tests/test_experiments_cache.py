@@ -143,6 +143,17 @@ def test_iteration_metrics_for_trackers(tmp_path):
                                "eval/synth/pass@1_ci_high": 0.6}
     log_iteration([], tmp_path, 1, m)  # no tracker: nothing written
     assert not any(tmp_path.iterdir())
-    pytest.importorskip("tensorboard")
+    # tensorboard is in the dev extra: offline, real event files, read back with its own reader
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     log_iteration(["tensorboard"], tmp_path, 1, m)
-    assert list((tmp_path / "tensorboard" / "eval").glob("events.out.tfevents.*"))
+    log_iteration(["tensorboard"], tmp_path, 2, {"synth": {"pass@1": {"value": 0.75, "ci_low": 0.5, "ci_high": 1.0}}})
+    files = list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert files
+    got = {}
+    for d in sorted({f.parent for f in files}):
+        acc = EventAccumulator(str(d))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            got.setdefault(tag, []).extend((e.step, round(e.value, 6)) for e in acc.Scalars(tag))
+    assert sorted(got["eval/synth/pass@1"]) == [(1, 0.5), (2, 0.75)]
