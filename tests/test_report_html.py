@@ -16,10 +16,10 @@ import os
 import re
 import shutil
 import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from html_tables import Tables
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -45,47 +45,6 @@ def chromium():
         pytest.skip("headless Chromium is not installed (apt-get install -y chromium); "
                     "set CODEDISTILL_REQUIRE_CHROMIUM=1 to make this a failure")
     return path
-
-
-class Tables(HTMLParser):
-    """{data-table name: [[cell text, ...] per body row]} of an HTML page."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tables: dict[str, list[list[str]]] = {}
-        self.imgs: list[str] = []
-        self._name: str | None = None
-        self._row: list[str] | None = None
-        self._cell: list[str] | None = None
-        self._in_body = False
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag == "table":
-            self._name = a.get("data-table", f"table{len(self.tables)}")
-            self.tables[self._name] = []
-        elif tag == "tbody":
-            self._in_body = True
-        elif tag == "tr" and self._in_body:
-            self._row = []
-        elif tag == "td" and self._row is not None:
-            self._cell = []
-        elif tag == "img":
-            self.imgs.append(a.get("src", ""))
-
-    def handle_endtag(self, tag):
-        if tag == "td" and self._cell is not None:
-            self._row.append("".join(self._cell).strip())
-            self._cell = None
-        elif tag == "tr" and self._row is not None:
-            self.tables[self._name].append(self._row)
-            self._row = None
-        elif tag == "tbody":
-            self._in_body = False
-
-    def handle_data(self, data):
-        if self._cell is not None:
-            self._cell.append(data)
 
 
 def parse_ci(cell: str) -> tuple[float, float, float]:

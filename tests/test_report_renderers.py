@@ -6,49 +6,14 @@ from __future__ import annotations
 
 import json
 import re
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from html_tables import Tables
 
 from codedistill.errors import ConfigError
 from codedistill.report.build import render_report
 from codedistill.report.protocol import Protocol, baseline_protocol, btp_protocol, comparability
-
-
-class Tables(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.tables: dict[str, list[list[str]]] = {}
-        self.imgs: list[str] = []
-        self._name = None
-        self._row = None
-        self._cell = None
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag == "table":
-            self._name = a.get("data-table", f"t{len(self.tables)}")
-            self.tables[self._name] = []
-        elif tag == "tr":
-            self._row = []
-        elif tag == "td" and self._row is not None:
-            self._cell = []
-        elif tag == "img":
-            self.imgs.append(a["src"])
-
-    def handle_endtag(self, tag):
-        if tag == "td":
-            self._row.append("".join(self._cell).strip())
-            self._cell = None
-        elif tag == "tr":
-            if self._row:
-                self.tables[self._name].append(self._row)
-            self._row = None
-
-    def handle_data(self, data):
-        if self._cell is not None:
-            self._cell.append(data)
 
 
 def metric(v, lo, hi):

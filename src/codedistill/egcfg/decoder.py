@@ -146,11 +146,11 @@ class LineDecoder:
         out = []
         kept: list[tuple[list[int], list[float]]] = []
         for toks, plps in zip(res.tokens, res.token_plain_logprobs):
-            t = self.decode(toks, ids)
-            t, _ = cut_at_stop(t, stop)
+            full = self.decode(toks, ids)
+            t, _ = cut_at_stop(full, stop)
             lines = t.split("\n")
             text = "\n".join(lines[: d]) + ("\n" if len(lines) > d else "")
-            m = kept_token_count(self.tok, toks, text, ids) if text != self.decode(toks, ids) else len(toks)
+            m = kept_token_count(self.tok, toks, text, ids) if text != full else len(toks)
             out.append(text)
             kept.append((list(toks[:m]), list(plps[:m])))
         return out, kept

@@ -74,6 +74,14 @@ def checked_visible_tests(problem: Problem, pool: Any) -> tuple[Problem, dict]:
     return dataclasses.replace(problem, visible_tests=keep), info
 
 
+def _checked_or_warned(problem: Problem, pool: Any) -> tuple[Problem, dict]:
+    """:func:`checked_visible_tests`, with a warning when nothing is left to guide by."""
+    problem, check = checked_visible_tests(problem, pool)
+    if not problem.visible_tests:
+        _warn(f"EG-CFG: {problem.task_id} has no visible tests: it runs UNGUIDED (plain greedy decoding)")
+    return problem, check
+
+
 def _annotate(rec: dict[str, Any], p: Problem, style: Any, index: int, check: dict, pool: Any) -> None:
     """What every EG-CFG sample record carries (in-process and served alike): its index, whether
     it was guided and by which visible tests, their reference check, and the first agent's own
@@ -157,9 +165,7 @@ def make_egcfg_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, p
     def generate(chunk: list[Problem], chunk_seed: int) -> list[list[Any]]:
         res = []
         for p in chunk:
-            p, check = checked_visible_tests(p, pool)
-            if not p.visible_tests:
-                _warn(f"EG-CFG: {p.task_id} has no visible tests: it runs UNGUIDED (plain greedy decoding)")
+            p, check = _checked_or_warned(p, pool)
             prompt = render_prompt(p, style, gen.tokenizer)
             build = prompt_builder(p, style, gen.tokenizer, anchor=econf.signal_anchor,
                                    variants=econf.prompt_variants(), prompt=prompt)
@@ -259,9 +265,7 @@ def _served_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, pool
     def generate(chunk: list[Problem], chunk_seed: int) -> list[list[Any]]:
         res = []
         for p in chunk:
-            p, check = checked_visible_tests(p, pool)
-            if not p.visible_tests:
-                _warn(f"EG-CFG: {p.task_id} has no visible tests: it runs UNGUIDED (plain greedy decoding)")
+            p, check = _checked_or_warned(p, pool)
             build = prompt_builder(p, style, anchor=econf.signal_anchor, variants=econf.prompt_variants())
             cands = []
             for i in range(cfg.sampling.num_samples):

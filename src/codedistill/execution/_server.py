@@ -378,6 +378,15 @@ class _Input:
                 self.pump()
 
 
+def _report_child_error(ctl_w: int, e: BaseException) -> None:
+    """In a forked child that failed before its job: say why on the control pipe (best
+    effort; the caller then ``_exit``s)."""
+    try:
+        os.write(ctl_w, json.dumps({"error": repr(e)}).encode() + b"\n")
+    except OSError:
+        pass
+
+
 def _close_fds_except(keep) -> None:
     lo = 0
     for fd in sorted(set(keep)):
@@ -572,10 +581,7 @@ class Server:
                     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the server's death ends D
                     self._warm_child(tmp_mb, network, uid, res_w, out_w, err_w, ctl_w, job_r)
                 except BaseException as e:  # noqa: BLE001
-                    try:
-                        os.write(ctl_w, json.dumps({"error": repr(e)}).encode() + b"\n")
-                    except OSError:
-                        pass
+                    _report_child_error(ctl_w, e)
                 finally:
                     os._exit(70)
             try:
@@ -746,10 +752,7 @@ class Server:
                     os.close(fd)
                 self._nsparent(job, res_w, out_w, err_w, ctl_w)
             except BaseException as e:  # noqa: BLE001
-                try:
-                    os.write(ctl_w, json.dumps({"error": repr(e)}).encode() + b"\n")
-                except OSError:
-                    pass
+                _report_child_error(ctl_w, e)
             finally:
                 os._exit(code)
         for fd in (res_w, out_w, err_w, ctl_w):

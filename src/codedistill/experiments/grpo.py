@@ -50,6 +50,7 @@ def train_grpo(plan: Any, pool: Any, log: Log) -> dict[str, Any]:
     from codedistill.evaluation import execute
     from codedistill.prompts import render_prompt, to_program
     from codedistill.runs import JsonlWriter, derive_seed
+    from codedistill.ui import fmt_seconds
 
     cfg = plan.cfg
     it_dir = plan.out / "iter_1"
@@ -120,10 +121,9 @@ def train_grpo(plan: Any, pool: Any, log: Log) -> dict[str, Any]:
     trainer.model.save_pretrained(str(it_dir / "adapter"))
     rw = [float(h["reward"]) for h in trainer.state.log_history if "reward" in h]
     q = max(1, len(rw) // 10)
-    took = _fmt_s(time.time() - t0)
+    trend = f"; mean reward first {q} steps {sum(rw[:q]) / q:.3f} -> last {q} {sum(rw[-q:]) / q:.3f}" if rw else ""
     log(f"[grpo] {len(rw)} step{'' if len(rw) == 1 else 's'}, {counter['programs']} programs sampled and tested "
-        f"({counter['passed']} passed) in {took}; mean reward first {q} steps {sum(rw[:q]) / q:.3f} -> last {q} "
-        f"{sum(rw[-q:]) / q:.3f}" if rw else f"[grpo] no steps logged in {took}")
+        f"({counter['passed']} passed) in {fmt_seconds(time.time() - t0)}{trend}")
     tok.save_pretrained(str(it_dir / "adapter"))
     hist = [h for h in trainer.state.log_history if "loss" in h]
     losses = [float(h["loss"]) for h in hist]
@@ -145,10 +145,6 @@ def train_grpo(plan: Any, pool: Any, log: Log) -> dict[str, Any]:
                      "prompts_per_step": prompts_per_step, "num_generations": g, "beta": 0.0,
                      "rewards": [h.get("reward") for h in hist]},
     }
-
-
-def _fmt_s(sec: float) -> str:
-    return f"{sec:.0f} s" if sec < 60 else f"{int(sec // 60)} min {int(sec % 60):02d} s"
 
 
 def _grpo_progress(path: Any, counter: dict[str, Any]) -> Any:
@@ -175,7 +171,7 @@ def _grpo_progress(path: Any, counter: dict[str, Any]) -> Any:
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             if self.writer is not None and logs:
-                self.writer.write({"step": state.global_step, **{k: v for k, v in logs.items()}})
+                self.writer.write({"step": state.global_step, **logs})
             if self.bar is not None:
                 self.bar.n = state.global_step
                 if logs and "reward" in logs:
