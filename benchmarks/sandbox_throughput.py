@@ -92,10 +92,12 @@ _STEPS = [
 
 
 _FLOOR = r"""
-import gc, importlib, os, resource, sys, time
-sys.path[:0] = [sys.argv[1]]
-import _server as S
-for m in S.PREIMPORT:
+import gc, importlib, importlib.util, os, resource, sys, time
+spec = importlib.util.spec_from_file_location("launch", sys.argv[1])
+launch = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(launch)
+S = launch.load("syscalls")
+for m in launch.load("server").PREIMPORT:
     try:
         importlib.import_module(m)
     except Exception:
@@ -141,12 +143,11 @@ def floor() -> None:
     """What no run can do without (see the module docstring); root only."""
     import subprocess
 
-    import codedistill.execution as ex
+    from codedistill.execution.forkserver import ENTRY
 
     print(f"per run, in a process loaded like a fork server (least of 5 x 100), load avg "
           f"{os.getloadavg()[0]:.2f}:", flush=True)
-    subprocess.run([sys.executable, "-I", "-S", "-c", _FLOOR,
-                    os.path.dirname(os.path.abspath(ex.__file__))], check=True)
+    subprocess.run([sys.executable, "-I", "-S", "-c", _FLOOR, ENTRY], check=True)
 
 
 def profile(cases, timeout: float) -> None:

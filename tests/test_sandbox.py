@@ -195,9 +195,9 @@ def test_sandbox_call_is_isolated(pool):
         assert v.payload["uid"] in pool.sandbox_uids and v.payload["uid"] != 0
     # the working dir (/tmp) is empty but for import paths that live under /tmp (a checkout
     # or venv in /tmp), bound back read-only so that call targets can be imported
-    from codedistill.execution._server import _paths_under_tmp
+    from codedistill.execution.forkserver.syscalls import paths_under_tmp
 
-    kept = _paths_under_tmp(sys.path + [sys.prefix, sys.base_prefix, sys.exec_prefix])
+    kept = paths_under_tmp(sys.path + [sys.prefix, sys.base_prefix, sys.exec_prefix])
     assert sorted(v.payload["listdir"]) == sorted({k.split("/")[2] for k in kept})
     assert v.payload["pid"] != os.getpid()
     v = pool.call("codedistill.execution._selftest:run_untrusted",
@@ -236,7 +236,16 @@ def test_fast_eq_rewrite_matches_reference():
     # reference NodeTransformer (+ fix_missing_locations), locations included.
     import ast
 
-    from codedistill.execution._harness import _EqRewriter, _rewrite_eq
+    from codedistill.execution.forkserver.harness import EQ_NAME, rewrite_eq
+
+    class EqRewriter(ast.NodeTransformer):
+        def visit_Compare(self, node: ast.Compare):
+            self.generic_visit(node)
+            if len(node.ops) == 1 and isinstance(node.ops[0], ast.Eq):
+                call = ast.Call(func=ast.Name(id=EQ_NAME, ctx=ast.Load()),
+                                args=[node.left, node.comparators[0]], keywords=[])
+                return ast.copy_location(call, node)
+            return node
 
     srcs = ["assert f(1) == 2", "assert a == b == c", "assert (x == 1) == (y == 2)",
             "f(lambda: a == b)\nx = [i == 2 for i in y if i == 3]",
@@ -245,8 +254,8 @@ def test_fast_eq_rewrite_matches_reference():
             "class T:\n    def t(self):\n        return [a == b for a, b in z] == [True]"]
     srcs += [r["test_list"][0] for r in map(json.loads, open(MBPP))][:50]
     for s in srcs:
-        ref = ast.fix_missing_locations(_EqRewriter().visit(ast.parse(s)))
-        assert ast.dump(_rewrite_eq(ast.parse(s)), include_attributes=True) == \
+        ref = ast.fix_missing_locations(EqRewriter().visit(ast.parse(s)))
+        assert ast.dump(rewrite_eq(ast.parse(s)), include_attributes=True) == \
             ast.dump(ref, include_attributes=True), s
 
 

@@ -12,8 +12,13 @@ def sleep(seconds: float) -> float:
 
 
 def whoami() -> dict:
-    return {"uid": os.getuid(), "gid": os.getgid(), "pid": os.getpid(), "cwd": os.getcwd(),
-            "listdir": sorted(os.listdir("."))}
+    return {
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "pid": os.getpid(),
+        "cwd": os.getcwd(),
+        "listdir": sorted(os.listdir(".")),
+    }
 
 
 def run_untrusted(code: str) -> dict:

@@ -1,16 +1,17 @@
 """A pool of warm fork servers that runs sandboxed programs in parallel.
 
-Each worker owns one fork server process (``_server.py``), started lazily, restarted
+Each worker owns one fork server process (:mod:`.forkserver`), started lazily, restarted
 when it dies or stops answering, and fed by a dispatcher thread that keeps up to three
 jobs in flight on it (``os.cpu_count()`` workers by default); a hostile program can only
-ever kill its own forked child, never the server or this process. Servers are started in their own session with
-``PR_SET_PDEATHSIG`` so they die with the pool's process, and are shut down on
-``close()``, on leaving the ``with`` block, and at interpreter exit.
+ever kill its own forked child, never the server or this process. Servers are started in
+their own session with ``PR_SET_PDEATHSIG`` so they die with the pool's process, and are
+shut down on ``close()``, on leaving the ``with`` block, and at interpreter exit.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import itertools
 import os
@@ -24,18 +25,18 @@ import time
 import warnings
 import weakref
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, as_completed
-from typing import Callable, Iterable, Iterator
+from typing import Self
 
-from . import _server as _proto
-from .sandbox import Job, Limits, Verdict, build_verdict
+from .forkserver import ENTRY, wire
+from .types import Job, Limits, Verdict, build_verdict
 
-_SERVER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_server.py")
 _WARNED: set[str] = set()
 _POOL_COUNTER = itertools.count()
 _DEPTH = 3  # jobs in flight per server (one running, two queued behind it)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_LIVE_POOLS: "weakref.WeakSet[SandboxPool]" = weakref.WeakSet()
+_LIVE_POOLS: weakref.WeakSet[SandboxPool] = weakref.WeakSet()
 
 
 def _warn_once(msg: str) -> None:
@@ -49,10 +50,14 @@ class _ServerHandle:
 
     def __init__(self, uids: list[int] | None, namespaces: bool, warm_targets: list[str]):
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", _SERVER_FILE],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            start_new_session=True, close_fds=True,
+            [sys.executable, "-I", "-S", ENTRY],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
         )
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # PIPE
         self.inp = self.proc.stdin.fileno()
         self.out = self.proc.stdout.fileno()
         for fd in (self.inp, self.out):  # room for jobs queued ahead and big results
@@ -60,10 +65,17 @@ class _ServerHandle:
                 fcntl.fcntl(fd, _F_SETPIPE_SZ, 1 << 20)
             except OSError:
                 pass
-        _proto.send(self.inp, {"sys_path": [p for p in sys.path if p],
-                               "uid": uids[0] if uids else None, "uids": uids,
-                               "parent": os.getpid(), "namespaces": namespaces,
-                               "warm_targets": warm_targets})
+        wire.send(
+            self.inp,
+            {
+                "sys_path": [p for p in sys.path if p],
+                "uid": uids[0] if uids else None,
+                "uids": uids,
+                "parent": os.getpid(),
+                "namespaces": namespaces,
+                "warm_targets": warm_targets,
+            },
+        )
         hello = self.recv(30.0)
         self.caps = hello["caps"]
         self.pid = hello["pid"]
@@ -75,47 +87,38 @@ class _ServerHandle:
         r, _, _ = select.select([self.out], [], [], max(0.0, timeout))
         if not r:
             raise TimeoutError("fork server did not answer")
-        return _proto.recv(self.out)
+        return wire.recv(self.out)
 
     def send_raw(self, data: bytes) -> None:
-        _proto.write_all(self.inp, data)
+        wire.write_all(self.inp, data)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def kill(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        try:
+        with contextlib.suppress(OSError):
             self.proc.kill()
-        except OSError:
-            pass
-        try:
+        with contextlib.suppress(Exception):
             self.proc.wait(timeout=5)
-        except Exception:  # noqa: BLE001
-            pass
         for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except Exception:  # noqa: BLE001
-                pass
+            if f is not None:
+                with contextlib.suppress(Exception):
+                    f.close()
 
     def close(self) -> None:
-        try:
-            _proto.send(self.inp, {"op": "exit"})
+        with contextlib.suppress(Exception):
+            wire.send(self.inp, {"op": "exit"})
             self.proc.wait(timeout=2)
-        except Exception:  # noqa: BLE001
-            pass
         self.kill()
 
 
 class _Task:
-    __slots__ = ("data", "n_tests", "mode", "timeout", "future", "attempts")
+    __slots__ = ("attempts", "data", "future", "mode", "n_tests", "timeout")
 
-    def __init__(self, wire: dict, n_tests: int, mode: str, timeout: float):
-        self.data = _proto.frame(wire)
+    def __init__(self, message: dict, n_tests: int, mode: str, timeout: float):
+        self.data = wire.frame(message)
         self.n_tests, self.mode, self.timeout = n_tests, mode, timeout
         self.future: Future = Future()
         self.attempts = 0
@@ -131,13 +134,12 @@ class _Core:
     answers its jobs in order.
     """
 
-    def __init__(self, workers: int, uids: list[list[int]], namespaces: bool,
-                 warm_targets: list[str]):
+    def __init__(self, workers: int, uids: list[list[int]], namespaces: bool, warm_targets: list[str]):
         self.workers = workers
         self.uids = uids
         self.namespaces = namespaces
         self.warm_targets = warm_targets
-        self.queue: "queue.SimpleQueue[_Task | None]" = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self.servers: list[_ServerHandle | None] = [None] * workers
         self.locks = [threading.Lock() for _ in range(workers)]
         self.threads: list[threading.Thread] = []
@@ -150,8 +152,7 @@ class _Core:
             if s is None or not s.alive():
                 if s is not None:
                     s.kill()
-                s = _ServerHandle(self.uids[slot] if os.geteuid() == 0 else None,
-                                  self.namespaces, self.warm_targets)
+                s = _ServerHandle(self.uids[slot] if os.geteuid() == 0 else None, self.namespaces, self.warm_targets)
                 self.servers[slot] = s
             return s
 
@@ -168,76 +169,11 @@ class _Core:
             with self.start_lock:
                 if not self.threads:
                     for i in range(self.workers):
-                        t = threading.Thread(target=self._dispatch, args=(i,),
-                                             name=f"sandbox-{i}", daemon=True)
+                        t = threading.Thread(target=_Dispatcher(self, i).run, name=f"sandbox-{i}", daemon=True)
                         t.start()
                         self.threads.append(t)
         self.queue.put(task)
         return task.future
-
-    def _dispatch(self, slot: int) -> None:
-        inflight: deque[_Task] = deque()
-        retry: deque[_Task] = deque()
-        stop = False
-        head_since = 0.0
-        server = None
-        while True:
-            while len(inflight) < _DEPTH and not stop:
-                if retry:
-                    task = retry.popleft()
-                else:
-                    try:
-                        task = self.queue.get(block=not inflight)
-                    except queue.Empty:
-                        break
-                    if task is None:
-                        stop = True
-                        break
-                    if not task.future.set_running_or_notify_cancel():
-                        continue
-                try:
-                    server = self.server(slot)
-                    server.send_raw(task.data)
-                except Exception as e:  # noqa: BLE001
-                    if server is not None:
-                        self.drop(slot, server)
-                    self._failed([task] + list(inflight), retry, e)
-                    inflight.clear()
-                    server = None
-                    continue
-                if not inflight:
-                    head_since = time.monotonic()
-                inflight.append(task)
-            if not inflight:
-                if stop:
-                    return
-                continue
-            task = inflight[0]
-            try:
-                raw = server.recv(head_since + task.timeout + 30.0 - time.monotonic())
-            except (EOFError, OSError, TimeoutError, ValueError) as e:
-                self.drop(slot, server)
-                server = None
-                self._failed(list(inflight), retry, e)
-                inflight.clear()
-                continue
-            inflight.popleft()
-            head_since = time.monotonic()
-            try:
-                task.future.set_result(build_verdict(raw, task.n_tests, task.mode))
-            except BaseException as e:  # noqa: BLE001
-                task.future.set_exception(e)
-
-    @staticmethod
-    def _failed(tasks: list[_Task], retry: deque, err: BaseException) -> None:
-        """The server died or stopped answering: each job gets one more try."""
-        for t in tasks:
-            t.attempts += 1
-            if t.attempts >= 2:
-                t.future.set_result(Verdict(False, f"failed: sandbox error: {err!r}", 0,
-                                            t.n_tests, 0.0, [False] * t.n_tests))
-            else:
-                retry.append(t)
 
     def close(self) -> None:
         if self.closed:
@@ -261,6 +197,89 @@ class _Core:
                 self.servers[i] = None
 
 
+class _Dispatcher:
+    """The thread that feeds one server: keeps up to ``_DEPTH`` jobs in flight on it and
+    hands out its answers, in order. When the server dies or stops answering, it is
+    dropped (the next job starts a new one) and each job in flight gets one more try."""
+
+    def __init__(self, core: _Core, slot: int):
+        self.core, self.slot = core, slot
+        self.inflight: deque[_Task] = deque()
+        self.retry: deque[_Task] = deque()
+        self.stop = False
+        self.head_since = 0.0  # when the oldest job in flight became the one the server runs
+        self.server: _ServerHandle | None = None
+
+    def run(self) -> None:
+        while True:
+            self._fill()
+            if self.inflight:
+                self._answer_head()
+            elif self.stop:
+                return
+
+    def _fill(self) -> None:
+        while len(self.inflight) < _DEPTH and not self.stop:
+            task = self._next_task()
+            if task is None:
+                return
+            self._send(task)
+
+    def _next_task(self) -> _Task | None:
+        """A job to send now (a retry first); None when there is none (or ``stop``)."""
+        if self.retry:
+            return self.retry.popleft()
+        while True:
+            try:
+                task = self.core.queue.get(block=not self.inflight)
+            except queue.Empty:
+                return None
+            if task is None:
+                self.stop = True
+                return None
+            if task.future.set_running_or_notify_cancel():
+                return task
+
+    def _send(self, task: _Task) -> None:
+        try:
+            self.server = self.core.server(self.slot)
+            self.server.send_raw(task.data)
+        except Exception as e:  # noqa: BLE001
+            self._lost([task], e)
+            return
+        if not self.inflight:
+            self.head_since = time.monotonic()
+        self.inflight.append(task)
+
+    def _answer_head(self) -> None:
+        task = self.inflight[0]
+        assert self.server is not None  # a job is in flight on it
+        try:
+            raw = self.server.recv(self.head_since + task.timeout + 30.0 - time.monotonic())
+        except (EOFError, OSError, TimeoutError, ValueError) as e:
+            self._lost([], e)
+            return
+        self.inflight.popleft()
+        self.head_since = time.monotonic()
+        try:
+            task.future.set_result(build_verdict(raw, task.n_tests, task.mode))
+        except BaseException as e:  # noqa: BLE001
+            task.future.set_exception(e)
+
+    def _lost(self, unsent: list[_Task], err: BaseException) -> None:
+        """The server died or stopped answering: drop it; each job gets one more try."""
+        if self.server is not None:
+            self.core.drop(self.slot, self.server)
+        self.server = None
+        for t in unsent + list(self.inflight):
+            t.attempts += 1
+            if t.attempts >= 2:
+                t.future.set_result(Verdict.failure(f"failed: sandbox error: {err!r}", t.n_tests))
+            else:
+                self.retry.append(t)
+        self.inflight.clear()
+
+
 class SandboxPool:
     """Runs :class:`Job` s (and trusted calls) in sandboxes, ``workers`` at a time.
 
@@ -270,8 +289,14 @@ class SandboxPool:
     ``namespaces=False`` forces the fallback isolation (for tests of that path).
     """
 
-    def __init__(self, workers: int | None = None, limits: Limits | None = None, *,
-                 namespaces: bool = True, warm_targets: Iterable[str] = ()):
+    def __init__(
+        self,
+        workers: int | None = None,
+        limits: Limits | None = None,
+        *,
+        namespaces: bool = True,
+        warm_targets: Iterable[str] = (),
+    ):
         self.workers = max(1, int(workers or os.cpu_count() or 1))
         self.limits = limits or Limits()
         self.namespaces = namespaces
@@ -285,23 +310,25 @@ class SandboxPool:
         _LIVE_POOLS.add(self)
 
     # ------------------------------------------------------------------ plumbing
-    def __enter__(self) -> "SandboxPool":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self):
-        try:
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:  # noqa: BLE001
-            pass
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._core.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def server_pids(self) -> list[int]:
@@ -318,17 +345,21 @@ class SandboxPool:
         """The isolation layers the (first) fork server could set up."""
         return dict(self._core.server(0).caps)
 
-    def _submit(self, wire: dict, limits: Limits, n_tests: int, mode: str) -> Future:
+    def _submit(self, message: dict, limits: Limits, n_tests: int, mode: str) -> Future:
         if self._closed:
             raise RuntimeError("SandboxPool is closed")
-        wire["limits"] = limits.to_wire()
-        return self._core.submit(_Task(wire, n_tests, mode, limits.timeout))
+        message["limits"] = limits.to_wire()
+        return self._core.submit(_Task(message, n_tests, mode, limits.timeout))
 
     def _submit_job(self, job: Job) -> Future:
         limits = job.limits or self.limits
         tests = list(job.tests)
-        return self._submit({"mode": "tests", "program": job.program, "tests": tests,
-                             "test_setup": job.test_setup}, limits, len(tests), "tests")
+        return self._submit(
+            {"mode": "tests", "program": job.program, "tests": tests, "test_setup": job.test_setup},
+            limits,
+            len(tests),
+            "tests",
+        )
 
     # ------------------------------------------------------------------ programs
     def run_one(self, job: Job) -> Verdict:
@@ -344,8 +375,7 @@ class SandboxPool:
             for fut in futures:
                 fut.cancel()
 
-    def run(self, jobs: Iterable[Job],
-            progress: Callable[[int], None] | None = None) -> list[Verdict]:
+    def run(self, jobs: Iterable[Job], progress: Callable[[int], None] | None = None) -> list[Verdict]:
         """Run all jobs; verdicts in input order. ``progress(n_done)`` after each."""
         jobs = list(jobs)
         out: list[Verdict | None] = [None] * len(jobs)
@@ -362,37 +392,22 @@ class SandboxPool:
         if ":" not in target:
             raise ValueError("target must look like 'package.module:function'")
         limits = limits or self.limits
-        return self._submit({"mode": "call", "target": target, "args": args,
-                             "payload_cap": limits.max_payload_bytes}, limits, 1, "call")
+        return self._submit(
+            {"mode": "call", "target": target, "args": args, "payload_cap": limits.max_payload_bytes}, limits, 1, "call"
+        )
 
     def call(self, target: str, args: dict, limits: Limits | None = None) -> Verdict:
         """Run trusted ``target`` ("pkg.mod:func") with ``args`` in a sandbox."""
         return self._submit_call(target, args, limits).result()
 
-    def call_many(self, target: str, args_list: Iterable[dict],
-                  limits: Limits | None = None) -> list[Verdict]:
+    def call_many(self, target: str, args_list: Iterable[dict], limits: Limits | None = None) -> list[Verdict]:
         """``call`` for each args dict, in parallel; results in input order."""
         futs = [self._submit_call(target, a, limits) for a in args_list]
         return [f.result() for f in futs]
 
 
-_DEFAULT: SandboxPool | None = None
-_DEFAULT_LOCK = threading.Lock()
-
-
-def default_pool() -> SandboxPool:
-    """The shared pool behind :func:`run_program` and :func:`sandbox_call`."""
-    global _DEFAULT
-    with _DEFAULT_LOCK:
-        if _DEFAULT is None or _DEFAULT._closed:
-            _DEFAULT = SandboxPool()
-        return _DEFAULT
-
-
 @atexit.register
 def _shutdown_all() -> None:
     for pool in list(_LIVE_POOLS):
-        try:
+        with contextlib.suppress(Exception):
             pool.close()
-        except Exception:  # noqa: BLE001
-            pass

