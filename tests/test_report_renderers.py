@@ -14,14 +14,16 @@ from html_tables import Tables
 from codedistill.errors import ConfigError
 from codedistill.report.build import render_report
 from codedistill.report.protocol import Protocol, baseline_protocol, btp_protocol, comparability
+from codedistill.results import Estimate, PairedDifference
 
 
 def metric(v, lo, hi):
-    return {"value": v, "low": lo, "high": hi}  # SCHEMAS spelling (metrics.py writes ci_low/ci_high)
+    return Estimate(v, lo, hi).to_dict()
 
 
 def imp(d, lo, hi):
-    return {"diff": d, "low": lo, "high": hi, "p_value_no_improvement": 0.5}
+    return PairedDifference(k=1, n_problems=100, before=0.5, after=0.5 + d, diff=Estimate(d, lo, hi),
+                            p_value_no_improvement=0.5).to_dict()
 
 
 def btp_config(out: Path, **kw) -> None:

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from codedistill import __version__
+from codedistill.errors import ConfigError
 from codedistill.report.doc import Document, Heading, Para, Table, to_html, to_markdown
 from codedistill.report.sections import SECTION_BUILDERS, Section, Summary, child_runs, detect_kind
 
@@ -76,8 +78,6 @@ def render_report(run_dirs: Sequence[str | Path], out: str | Path | None = None)
     returns {"markdown", "html", "plots"}."""
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
-        from codedistill.errors import ConfigError
-
         raise ConfigError("give at least one run directory")
     for d in run_dirs:  # every input checked before anything is written
         detect_kind(d)
@@ -85,8 +85,6 @@ def render_report(run_dirs: Sequence[str | Path], out: str | Path | None = None)
     out.mkdir(parents=True, exist_ok=True)
     plots = out / "plots"
     doc, _ = build_document(run_dirs, plots)
-    from codedistill import __version__
-
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     footer = f"codedistill {__version__}, rendered {stamp} from: " + ", ".join(str(d) for d in run_dirs)
     md_path, html_path = out / "report.md", out / "report.html"

@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from codedistill.report.build import render_report
 from codedistill.ui import console, friendly_errors
 
 
@@ -20,8 +21,6 @@ def report_command(
     """Render report.md and one self-contained report.html (tables, embedded plots, the
     evaluation protocol and whether the numbers compare with published ones); several
     run directories also get a cross-run table."""
-    from codedistill.report.build import render_report
-
     paths = render_report(run_dirs, out)
     console.print(f"markdown: {paths['markdown']}\nhtml: {paths['html']}\nplots: {paths['plots']}/",
                   highlight=False, markup=False)

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional
 
+from codedistill.report.files import settings
+
 # Full size of each published test split.
 FULL_TEST_SIZE = {"mbpp": 500, "mbpp-sanitized": 257, "humaneval": 164}
 # The paper preset's shots per dataset.
@@ -127,14 +129,6 @@ def comparability(p: Protocol) -> Verdict:
 # ----------------------------------------------------------------------------- from run files
 
 
-def _cfg(config_json: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The experiment settings of a config.json ({"kind", "config": {...}, ...}) or a bare dict."""
-    if not config_json:
-        return {}
-    c = config_json.get("config", config_json)
-    return dict(c) if isinstance(c, Mapping) else {}
-
-
 def _first(*vals: Any) -> Any:
     for v in vals:
         if v is not None:
@@ -150,7 +144,7 @@ def btp_protocol(config_json: Mapping[str, Any] | None, comparison: Mapping[str,
     or for the run), then config.json's eval_* settings; ``eval_protocol: paper`` fills in
     the paper preset's shots and greedy decoding when the numbers were not recorded.
     """
-    cfg = _cfg(config_json)
+    cfg = settings(config_json)
     comp = comparison or {}
     entry = (comp.get("datasets") or {}).get(dataset, {})
     rec = entry.get("protocol") or comp.get("protocol") or {}
@@ -175,7 +169,7 @@ def btp_protocol(config_json: Mapping[str, Any] | None, comparison: Mapping[str,
 
 def baseline_protocol(config_json: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None) -> Protocol:
     """Protocol of a step-1 (baseline) run: config.json's dataset/split/shots/sampling."""
-    cfg = _cfg(config_json)
+    cfg = settings(config_json)
     s = cfg.get("sampling") or {}
     m = metrics or {}
     n = m.get("num_samples")
