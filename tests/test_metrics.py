@@ -5,9 +5,7 @@ import numpy as np
 import pytest
 
 from codedistill.errors import DataError
-from codedistill.metrics import (
-    bootstrap_mean, counts_from_results, paired_bootstrap, pass_at_k, pass_at_k_report,
-)
+from codedistill.metrics import bootstrap_mean, counts_from_results, paired_bootstrap, pass_at_k, pass_at_k_report
 from codedistill.results import Estimate, PairedDifference
 
 
@@ -18,7 +16,8 @@ def brute_pass_at_k(n, c, k):
     return sum(any(items[i] for i in s) for s in subsets) / len(subsets)
 
 
-@pytest.mark.parametrize("n,c,k", [(10, 0, 1), (10, 3, 1), (10, 3, 5), (10, 9, 5), (10, 10, 10), (7, 2, 3), (12, 1, 10)])
+@pytest.mark.parametrize("n,c,k", [(10, 0, 1), (10, 3, 1), (10, 3, 5), (10, 9, 5), (10, 10, 10), (7, 2, 3),
+                                   (12, 1, 10)])
 def test_pass_at_k_is_unbiased_estimator(n, c, k):
     assert pass_at_k(n, c, k) == pytest.approx(brute_pass_at_k(n, c, k), abs=1e-12)
     assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)

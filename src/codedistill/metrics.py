@@ -9,7 +9,8 @@ interval accounts for problem difficulty shared by both.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -10,8 +10,9 @@ Intervals are 95% percentile bootstrap intervals (codedistill.metrics).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from codedistill.errors import DataError
 

@@ -23,7 +23,6 @@ training is rerun from the previous iteration's saved adapter with the same seed
 from __future__ import annotations
 
 import gc
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence

@@ -7,8 +7,9 @@ the same files.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from codedistill.errors import ConfigError
 from codedistill.report.files import iteration_stats, load_json, settings
@@ -83,12 +84,13 @@ def _settings_lines(cfg: Mapping[str, Any], c: Mapping[str, Any], elapsed: float
     tuning = (f"LoRA r={cfg['lora_r']:d} alpha={cfg['lora_alpha']:d} dropout={cfg['lora_dropout']:g}"
               if cfg["use_lora"] else "full")
     lines = [
-        f"- training: {cfg['dataset']} train split, {c['n_train_problems']} problems; {cfg['generation']} ({generation})",
+        f"- training: {cfg['dataset']} train split, {c['n_train_problems']} problems; "
+        f"{cfg['generation']} ({generation})",
         f"- replay: P2Value = {cfg['p2_alpha']:g}*P + {1 - cfg['p2_alpha']:g}*pass_rate; sampling "
         f"{cfg['sampling_method']} (alpha {cfg['sampling_alpha']:g}){weights}; "
         f"replay size {cfg['replay_size'] or 'buffer size'}",
-        f"- fine-tuning: {tuning}, lr {cfg['learning_rate']:g}, epochs {cfg['epochs']}, batch {cfg['train_batch_size']}, "
-        f"{cfg['n_iterations']} iterations, seed {cfg['seed']}",
+        f"- fine-tuning: {tuning}, lr {cfg['learning_rate']:g}, epochs {cfg['epochs']}, "
+        f"batch {cfg['train_batch_size']}, {cfg['n_iterations']} iterations, seed {cfg['seed']}",
         f"- evaluation: {cfg['eval_num_samples']} samples per problem at T={cfg['eval_temperature']:g}, "
         f"top_p {cfg['eval_top_p']:g}",
     ]
@@ -129,7 +131,8 @@ def _iteration_lines(stats: Sequence[Mapping[str, Any]]) -> list[str]:
     for s in stats:
         b, sm, t = s["buffer"], s["sampling"], s["training"]
         loss = f"{t['first_loss']:.3f} -> {t['last_loss']:.3f}" if t.get("first_loss") is not None else "-"
-        lines.append(f"| {s['iteration']} | {b['size']} | {b['new_this_iteration']} | {b['p2value']['mean'] or 0:.3f} | "
-                     f"{sm['draws']} | {sm['unique_programs_drawn']} | {sm['share_fully_passing_drawn']:.1%} | "
-                     f"{sm['share_zero_pass_drawn']:.1%} | {sm['effective_sample_size']:.1f} | {loss} |")
+        lines.append(f"| {s['iteration']} | {b['size']} | {b['new_this_iteration']} | "
+                     f"{b['p2value']['mean'] or 0:.3f} | {sm['draws']} | {sm['unique_programs_drawn']} | "
+                     f"{sm['share_fully_passing_drawn']:.1%} | {sm['share_zero_pass_drawn']:.1%} | "
+                     f"{sm['effective_sample_size']:.1f} | {loss} |")
     return lines + [""]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -13,9 +12,9 @@ from codedistill.ui import console, friendly_errors
 
 @friendly_errors
 def report_command(
-    run_dirs: List[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Run directories: BTP, baseline, ablation, sweep, matrix "
-                                                    "(or a folder holding several)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN_DIR/report for one run, "
+    run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Run directories: BTP, baseline, ablation, "
+                                          "sweep, matrix (or a folder holding several)."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (default: RUN_DIR/report for one run, "
                                                            "results/report for several)."),
 ) -> None:
     """Render report.md and one self-contained report.html (tables, embedded plots, the

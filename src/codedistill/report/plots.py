@@ -8,8 +8,9 @@ optimisation history, hyperparameter importance, before/after bars.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from codedistill.results import Estimate
 
@@ -162,18 +163,19 @@ def _sampling_bars(st: Mapping[str, Any], out: Path) -> Path:
     b, sm = st["buffer"], st["sampling"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 2]})
     drawn_p2 = (sm.get("p2value_drawn") or {}).get("mean")
-    groups = [("fully passing", b["share_fully_passing"], sm["share_fully_passing_drawn"]),
-              ("zero-pass", b["share_zero_pass"], sm["share_zero_pass_drawn"]),
-              ("mean P2Value", b["p2value"]["mean"] or 0.0, drawn_p2)]
+    groups = ["fully passing", "zero-pass", "mean P2Value"]
+    series = [("buffer", "tab:gray", [b["share_fully_passing"], b["share_zero_pass"], b["p2value"]["mean"] or 0.0]),
+              ("drawn for fine-tuning", "tab:orange",
+               [sm["share_fully_passing_drawn"], sm["share_zero_pass_drawn"], drawn_p2])]
     w = 0.38
-    for j, (label, color) in enumerate((("buffer", "tab:gray"), ("drawn for fine-tuning", "tab:orange"))):
-        xs = [i + (j - 0.5) * w for i, g in enumerate(groups) if g[1 + j] is not None]
-        ys = [g[1 + j] for g in groups if g[1 + j] is not None]
+    for j, (label, color, values) in enumerate(series):
+        xs = [i + (j - 0.5) * w for i, v in enumerate(values) if v is not None]
+        ys = [v for v in values if v is not None]
         a1.bar(xs, ys, width=w, color=color, label=label, edgecolor="black", linewidth=0.5)
         for x, y in zip(xs, ys):
             a1.text(x, y + 0.02, f"{y:.2f}", ha="center", va="bottom", fontsize=8)
     a1.set_xticks(range(len(groups)))
-    a1.set_xticklabels([g[0] for g in groups])
+    a1.set_xticklabels(groups)
     a1.set_ylim(0, 1.3)
     a1.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     a1.set_ylabel("share of programs / P2Value")
@@ -181,8 +183,8 @@ def _sampling_bars(st: Mapping[str, Any], out: Path) -> Path:
     a1.legend(fontsize=8, loc="upper center", ncols=2, frameon=False)
     counts = [("buffer", b["size"]), ("draws", sm["draws"]), ("unique\ndrawn", sm["unique_programs_drawn"]),
               ("effective\nsample size", sm["effective_sample_size"])]
-    bars = a2.bar(range(len(counts)), [c for _, c in counts], color=["tab:gray", "tab:purple", "tab:orange", "tab:cyan"],
-                  edgecolor="black", linewidth=0.5)
+    bars = a2.bar(range(len(counts)), [c for _, c in counts],
+                  color=["tab:gray", "tab:purple", "tab:orange", "tab:cyan"], edgecolor="black", linewidth=0.5)
     a2.bar_label(bars, labels=[f"{c:.0f}" if float(c).is_integer() else f"{c:.1f}" for _, c in counts], fontsize=8)
     a2.set_xticks(range(len(counts)))
     a2.set_xticklabels([n for n, _ in counts], fontsize=8)
@@ -255,12 +257,14 @@ def plot_ablation(variants: Sequence[Mapping[str, Any]], out: Path, metric: str 
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
     if len(groups) > 1 or baseline is not None:
+        from matplotlib.artist import Artist
         from matplotlib.lines import Line2D
         from matplotlib.patches import Patch
 
-        handles = [Patch(color=gcolor[g], label=g or "-") for g in groups]
+        handles: list[Artist] = [Patch(color=gcolor[g], label=g or "-") for g in groups]
         if baseline is not None:
-            handles.append(Line2D([0], [0], color="tab:red", linestyle=":", label=f"target before BTP ({baseline:.3f})"))
+            handles.append(Line2D([0], [0], color="tab:red", linestyle=":",
+                                  label=f"target before BTP ({baseline:.3f})"))
         ax.legend(handles=handles, fontsize=7, title="group", title_fontsize=7,
                   loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set_title(title or f"ablation: {metric} per variant", fontsize=10)
@@ -337,8 +341,8 @@ def plot_before_after(rows: Sequence[tuple[str, Mapping[str, Any], Mapping[str, 
     w = 0.38
     for j, (name, color) in enumerate((("before", "tab:gray"), ("after", "tab:blue"))):
         xs, ys, lo, hi = [], [], [], []
-        for i, r in enumerate(rows):
-            m = r[1 + j]
+        for i, (_, before, after) in enumerate(rows):
+            m = (before, after)[j]
             if not m or metric not in m:
                 continue
             e = Estimate.from_dict(m[metric])
@@ -350,7 +354,9 @@ def plot_before_after(rows: Sequence[tuple[str, Mapping[str, Any], Mapping[str, 
                       edgecolor="black", linewidth=0.5)
         ax.bar_label(bars, labels=[f"{y:.2f}" for y in ys], fontsize=7, padding=2)
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([r[0] for r in rows], fontsize=8, rotation=15 if len(rows) > 3 else 0, ha="right" if len(rows) > 3 else "center")
+    crowded = len(rows) > 3
+    ax.set_xticklabels([r[0] for r in rows], fontsize=8, rotation=15 if crowded else 0,
+                       ha="right" if crowded else "center")
     ax.set_ylim(0, 1.12)
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel(f"{metric} (95% CI)")

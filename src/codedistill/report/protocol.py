@@ -16,8 +16,9 @@ inside the project and says nothing about published numbers. The verdict says wh
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from codedistill.report.files import settings
 
@@ -33,14 +34,14 @@ class Protocol:
 
     dataset: str
     split: str = "test"
-    n_problems: Optional[int] = None
+    n_problems: int | None = None
     shots: int = 0
     temperature: float = 0.0
-    top_p: Optional[float] = None
+    top_p: float | None = None
     num_samples: int = 1
-    preset: Optional[str] = None  # "paper" | "sampled" | None (not recorded)
+    preset: str | None = None  # "paper" | "sampled" | None (not recorded)
     method: str = "plain"         # plain | egcfg | beam ...
-    decoding_note: Optional[str] = None  # replaces "greedy"/"sampled, T=..." for other decoders
+    decoding_note: str | None = None  # replaces "greedy"/"sampled, T=..." for other decoders
 
     @property
     def greedy(self) -> bool:
@@ -180,7 +181,8 @@ def baseline_protocol(config_json: Mapping[str, Any] | None, metrics: Mapping[st
     if method == "egcfg":  # its own decoder: the sampling temperature does not describe it
         eg = cfg.get("egcfg") or {}
         grid = ", ".join(f"{k} {eg[k]}" for k in ("gammas", "depths", "temperatures") if k in eg)
-        note = f"EG-CFG execution-guided decoding{' (' + grid + ')' if grid else ''}, n={_first(n, s.get('num_samples'), 1)}"
+        n_eg = _first(n, s.get("num_samples"), 1)
+        note = f"EG-CFG execution-guided decoding{' (' + grid + ')' if grid else ''}, n={n_eg}"
     return Protocol(dataset=str(cfg.get("dataset", "?")), split=str(cfg.get("split", "test")),
                     n_problems=m.get("n_problems"), shots=int(cfg.get("shots", 0) or 0),
                     temperature=float(_first(s.get("temperature"), 0.0)), top_p=s.get("top_p"),

@@ -9,16 +9,23 @@ Numbers are printed with 3 decimals from the files as they are; nothing is recom
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 from codedistill.errors import ConfigError
 from codedistill.report.doc import Block, Bullets, Figure, Heading, Para, Table
 from codedistill.report.files import iteration_stats, load_json, settings
 from codedistill.report.format import fmt_diff, fmt_metric, fmt_num, fmt_param, fmt_pct
-from codedistill.report.plots import (plot_ablation, plot_before_after, plot_btp_run, plot_importance, plot_pass_at_k,
-                                      plot_sweep_history)
+from codedistill.report.plots import (
+    plot_ablation,
+    plot_before_after,
+    plot_btp_run,
+    plot_importance,
+    plot_pass_at_k,
+    plot_sweep_history,
+)
 from codedistill.report.protocol import Protocol, Verdict, baseline_protocol, btp_protocol, comparability
 from codedistill.results import Estimate
 
@@ -84,12 +91,12 @@ def child_runs(run_dir: Path, depth: int = 2) -> list[Path]:
     return found
 
 
-def _cell(report: Optional[Mapping[str, Any]], k: str) -> str:
+def _cell(report: Mapping[str, Any] | None, k: str) -> str:
     """Metric ``k`` of a pass@k report with its CI ("-" where the report or the metric is absent)."""
     return fmt_metric((report or {}).get(k))
 
 
-def ks_of(*metrics: Optional[Mapping[str, Any]]) -> list[str]:
+def ks_of(*metrics: Mapping[str, Any] | None) -> list[str]:
     ks = {k for m in metrics if m for k in m if k.startswith("pass@")}
     return sorted(ks, key=lambda s: int(s[5:]))
 
@@ -109,7 +116,8 @@ def _provenance(config_json: Mapping[str, Any] | None) -> list[str]:
     if prov.get("time"):
         out.append(f"started {prov['time']}")
     pk = prov.get("packages") or {}
-    vers = ", ".join(f"{k} {v}" for k, v in pk.items() if v and k in ("codedistill", "torch", "transformers", "peft", "vllm"))
+    shown = ("codedistill", "torch", "transformers", "peft", "vllm")
+    vers = ", ".join(f"{k} {v}" for k, v in pk.items() if v and k in shown)
     if vers:
         out.append(vers)
     if prov.get("devices"):
@@ -126,7 +134,8 @@ def btp_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Sec
     config = load_json(run_dir / "config.json") or {}
     cfg = settings(config)
     stats = iteration_stats(run_dir, int(comp.get("n_iterations") or cfg.get("n_iterations") or 0))
-    src, tgt = comp.get("source_model", cfg.get("source_model", "?")), comp.get("target_model", cfg.get("target_model", "?"))
+    src = comp.get("source_model", cfg.get("source_model", "?"))
+    tgt = comp.get("target_model", cfg.get("target_model", "?"))
     sec = Section()
     B = sec.blocks
     B.append(Heading(f"BTP: {src} -> {tgt} ({comp.get('mode', cfg.get('mode', '?'))}) — {name}", level))
@@ -135,15 +144,17 @@ def btp_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Sec
     if cfg:
         gen = (f"beam search, {cfg.get('num_beams')} beams" if cfg.get("generation") == "beam" else
                f"temperature sampling, n={cfg.get('num_samples')}, T={cfg.get('gen_temperature')}")
-        items.append(f"training problems: {comp.get('n_train_problems')} from the {comp.get('train_dataset', cfg.get('dataset'))} "
-                     f"train split; the source generates by {gen}")
+        items.append(f"training problems: {comp.get('n_train_problems')} from the "
+                     f"{comp.get('train_dataset', cfg.get('dataset'))} train split; the source generates by {gen}")
         p2a = cfg.get("p2_alpha")
         if p2a is not None:
             items.append(f"replay: P2Value = {p2a:g}*P + {1 - p2a:g}*pass_rate; sampling {cfg.get('sampling_method')} "
-                         f"(alpha {cfg.get('sampling_alpha')}); draws per iteration {cfg.get('replay_size') or 'buffer size'}")
-        ft = (f"LoRA r={cfg.get('lora_r')} alpha={cfg.get('lora_alpha')}" if cfg.get("use_lora") else "full fine-tuning")
+                         f"(alpha {cfg.get('sampling_alpha')}); draws per iteration "
+                         f"{cfg.get('replay_size') or 'buffer size'}")
+        ft = f"LoRA r={cfg.get('lora_r')} alpha={cfg.get('lora_alpha')}" if cfg.get("use_lora") else "full fine-tuning"
         items.append(f"fine-tuning: {ft}, lr {cfg.get('learning_rate')}, {cfg.get('epochs')} epoch(s) per iteration, "
-                     f"batch {cfg.get('train_batch_size')}, {comp.get('n_iterations')} iteration(s), seed {comp.get('seed', cfg.get('seed'))}")
+                     f"batch {cfg.get('train_batch_size')}, {comp.get('n_iterations')} iteration(s), "
+                     f"seed {comp.get('seed', cfg.get('seed'))}")
     items += _provenance(config)
     B.append(Bullets(items))
     if comp.get("allow_overlap"):
@@ -180,7 +191,8 @@ def btp_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Sec
                              fmt_num(p), str(imp.get("n_problems", "-"))])
         if imp_rows:
             B.append(Table(["metric", "before", "after", "after - before [95% CI]", "p(no improvement)", "problems"],
-                           imp_rows, caption="paired bootstrap over the same problems (last iteration vs the base target)",
+                           imp_rows,
+                           caption="paired bootstrap over the same problems (last iteration vs the base target)",
                            name=f"btp-improvement-{ds}"))
         if f"pass_at_k_{ds}" in figs:
             B.append(Figure(figs[f"pass_at_k_{ds}"], f"{ds}: pass@k of the target before and after each iteration, "
@@ -316,8 +328,9 @@ def ablation_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -
         rows.append([v.get("name", "?"), str(v.get("group", "")), *(_cell(m, k) for k in ks),
                      *(("reference" if v.get("name") == ref else fmt_diff(d.get(k))) for k in dks),
                      str(v.get("generated_new", "-")), str(v.get("status", "-"))])
-    B.append(Table(["variant", "group", *ks, *(f"diff {k} [95% CI]" for k in dks), "new programs", "status"], rows, caption="pass@k with 95% bootstrap CI per variant; diff = paired difference "
-                   "to the reference", name="ablation"))
+    B.append(Table(["variant", "group", *ks, *(f"diff {k} [95% CI]" for k in dks), "new programs", "status"], rows,
+                   caption="pass@k with 95% bootstrap CI per variant; diff = paired difference to the reference",
+                   name="ablation"))
     points = [(label, a.get(key)) for label, key in (("target before BTP", "target_before"), ("source", "source"))
               if a.get(key)]
     if points:
@@ -331,14 +344,14 @@ def ablation_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -
         fig = plot_ablation(done, Path(plot_dir) / "ablation_pass1.png", "pass@1", ref,
                             title=f"{a.get('dataset')}: pass@1 per variant (95% CI); dashed line = {ref}",
                             baseline=before["value"] if before else None)
-        B.append(Figure(fig, "ablation: pass@1 per variant with 95% bootstrap CIs; the reference hatched, its value dashed"))
+        B.append(Figure(fig, "ablation: pass@1 per variant with 95% bootstrap CIs; the reference hatched, "
+                             "its value dashed"))
     over = [[v.get("name", "?"), str(v.get("description", "")),
              ", ".join(f"{k}={val}" for k, val in (v.get("overrides") or {}).items()) or "-"] for v in variants]
     B.append(Table(["variant", "what it changes", "overrides of the base config"], over, name="ablation-overrides"))
     if refv and (refv.get("metrics") or {}).get("pass@1"):
-        p = pv[0] if pv else None
         sec.summaries.append(Summary(name=name, kind="ablation (reference)", models=str(a.get("base_config")),
-                                     dataset=str(a.get("dataset")), protocol=p.short() if p else "-",
+                                     dataset=str(a.get("dataset")), protocol=pv[0].short() if pv else "-",
                                      comparable=pv[1].level if pv else "-",
                                      after=_cell(refv["metrics"], "pass@1")))
     return sec
@@ -372,14 +385,16 @@ def sweep_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> S
         rows.append([str(t.get("number")), str(t.get("state")) + (" (interrupted)" if t.get("interrupted") else ""),
                      fmt_num(t.get("value")),
                      *(fmt_param((t.get("params") or {}).get(p, "-")) for p in params),
-                     ", ".join(f"{k}: {float(v):.3f}" for k, v in sorted(inter.items(), key=lambda kv: int(kv[0]))) or "-"])
+                     ", ".join(f"{k}: {float(v):.3f}" for k, v in sorted(inter.items(), key=lambda kv: int(kv[0])))
+                     or "-"])
     B.append(Table(["trial", "state", "objective", *params, "per-iteration values"], rows,
                    caption=f"all trials; objective = {s.get('objective')}", name="sweep-trials"))
     best = s.get("best")
     if best:
         B.append(Heading("Best configuration", level + 1))
         B.append(Table(["parameter", "value"], [[k, fmt_param(v)] for k, v in (best.get("params") or {}).items()],
-                       caption=f"trial {best.get('number')}, objective {fmt_num(best.get('value'))}; saved as best.yaml",
+                       caption=f"trial {best.get('number')}, objective {fmt_num(best.get('value'))}; "
+                               "saved as best.yaml",
                        name="sweep-best"))
         tm = best.get("test_metrics")
         if tm:
@@ -434,7 +449,8 @@ def matrix_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> 
             plot_rows.append((f"{r.get('source')}\n-> {r.get('target')}", b, a))
         if r.get("after"):
             sec.summaries.append(Summary(name=f"{name}/{r.get('config')}", kind="matrix row",
-                                         models=f"{r.get('source')} -> {r.get('target')}", dataset=str(r.get("dataset")),
+                                         models=f"{r.get('source')} -> {r.get('target')}",
+                                         dataset=str(r.get("dataset")),
                                          protocol=pv[0].short() if pv else "-", comparable=pv[1].level if pv else "-",
                                          before=rows[-1][5], after=rows[-1][6], gain=rows[-1][7]))
     B.append(Table(["config", "source", "target", "same family", "dataset", "before pass@1", "after pass@1",
