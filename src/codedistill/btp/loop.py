@@ -923,7 +923,8 @@ def build_comparison(plan: Plan, evals: dict[str, Any]) -> dict[str, Any]:
             "target_before": before["metrics"],
             "target_after": after["metrics"],
             "target_per_iteration": {k: v[ds]["metrics"] for k, v in evals.items() if k.startswith("target_iter")},
-            "improvement": {f"pass@{k}": paired_bootstrap(before["counts"], after["counts"], k=k, seed=cfg.seed).to_dict()
+            "improvement": {f"pass@{k}": paired_bootstrap(before["counts"], after["counts"], k=k,
+                                                          seed=cfg.seed).to_dict()
                             for k in cfg.ks()},
         }
         if "source" in evals:
