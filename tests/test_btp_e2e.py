@@ -175,10 +175,11 @@ def test_overlap_is_refused_unless_allowed_and_then_reported_in_bold(pair, tmp_p
     assert "Mbpp/601" not in [p.task_id for p in dropped.train]
     # MBPP's four same-description pairs are listed, not refused
     assert ["Mbpp/602", "Mbpp/217"] in find_near_duplicates(tr, te)
-    from codedistill.btp.report import report_markdown
+    from codedistill.report.btp_run import run_markdown
 
-    fake = {"datasets": {}}
-    assert "**WARNING: --allow-overlap" in report_markdown(plan, fake, [])
+    fake = {"source_model": "s", "target_model": "t", "mode": "finetune", "allow_overlap": True,
+            "overlapping_train_problems": plan.overlap, "n_train_problems": len(plan.train), "datasets": {}}
+    assert "**WARNING: --allow-overlap" in run_markdown({"config": plan.cfg.model_dump()}, fake, [])
 
 
 def test_mixed_mode_sampling_generation_and_is_weights(pair, tmp_path):

@@ -112,7 +112,7 @@ def test_ablation_of_replay_settings_generates_nothing_new_and_rerun_is_free(pai
         assert g["source_beam"] == 0 and g["eval/target_iter0"] == 0 and g["eval/source"] == 0
         assert rows[name]["generated_new"] == 3 * 2  # only its own trained target's evaluation
         d = rows[name]["diff"]["pass@1"]
-        assert d["low"] <= d["diff"] <= d["high"] and d["n_problems"] == 3
+        assert d["ci_low"] <= d["diff"] <= d["ci_high"] and d["n_problems"] == 3
     # keep_all has the reference's settings (min_pass_rate 0): it shares the reference's run
     assert rows["keep_all"]["run_dir"] == "variants/full" and rows["keep_all"]["generated_new"] == 0
     assert rows["keep_all"]["diff"]["pass@1"]["diff"] == 0.0
@@ -122,7 +122,7 @@ def test_ablation_of_replay_settings_generates_nothing_new_and_rerun_is_free(pai
     on_disk = json.loads((out / "ablation.json").read_text())
     assert on_disk["kind"] == "ablation" and on_disk["reference"] == "full" and on_disk["n_eval_problems"] == 3
     m = on_disk["variants"][0]["metrics"]["pass@1"]
-    assert 0 <= m["low"] <= m["value"] <= m["high"] <= 1
+    assert 0 <= m["ci_low"] <= m["value"] <= m["ci_high"] <= 1
     assert "| sampling_uniform |" in (out / "ablation.md").read_text()
     assert (out / "plots" / "ablation_pass1.png").read_bytes()[:4] == b"\x89PNG"
     # a second invocation generates nothing and gives the same table

@@ -4,9 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from codedistill.metrics import (
-    bootstrap_mean, counts_from_results, paired_bootstrap, pass_at_k, pass_at_k_report,
-)
+from codedistill.errors import DataError
+from codedistill.metrics import bootstrap_mean, counts_from_results, paired_bootstrap, pass_at_k, pass_at_k_report
+from codedistill.results import Estimate, PairedDifference
 
 
 def brute_pass_at_k(n, c, k):
@@ -16,7 +16,8 @@ def brute_pass_at_k(n, c, k):
     return sum(any(items[i] for i in s) for s in subsets) / len(subsets)
 
 
-@pytest.mark.parametrize("n,c,k", [(10, 0, 1), (10, 3, 1), (10, 3, 5), (10, 9, 5), (10, 10, 10), (7, 2, 3), (12, 1, 10)])
+@pytest.mark.parametrize("n,c,k", [(10, 0, 1), (10, 3, 1), (10, 3, 5), (10, 9, 5), (10, 10, 10), (7, 2, 3),
+                                   (12, 1, 10)])
 def test_pass_at_k_is_unbiased_estimator(n, c, k):
     assert pass_at_k(n, c, k) == pytest.approx(brute_pass_at_k(n, c, k), abs=1e-12)
     assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
@@ -50,7 +51,23 @@ def test_paired_bootstrap_detects_improvement_and_null():
     before = {f"t{i}": (10, i % 3) for i in range(60)}
     after = {f"t{i}": (10, i % 3 + 4) for i in range(60)}
     res = paired_bootstrap(before, after, k=1)
-    assert res["diff"] == pytest.approx(0.4)
-    assert res["ci_low"] > 0.3 and res["p_value_no_improvement"] == 0.0
+    assert res.diff.value == pytest.approx(0.4) and res.after - res.before == pytest.approx(0.4)
+    assert res.diff.low > 0.3 and res.p_value_no_improvement == 0.0 and (res.k, res.n_problems) == (1, 60)
     same = paired_bootstrap(before, before, k=1)
-    assert same["diff"] == 0.0 and same["p_value_no_improvement"] == 1.0
+    assert same.diff.value == 0.0 and same.p_value_no_improvement == 1.0
+
+
+def test_results_have_one_spelling_on_disk_and_read_back():
+    rows = [{"task_id": f"t{i}", "passed": j < i % 4} for i in range(40) for j in range(5)]
+    rep = pass_at_k_report(counts_from_results(rows))
+    assert set(rep["pass@1"]) == {"value", "ci_low", "ci_high"}
+    est = Estimate.from_dict(rep["pass@1"])
+    assert est.to_dict() == rep["pass@1"] and est.low < est.value < est.high
+    counts = {f"t{i}": (10, i % 3) for i in range(30)}
+    diff = paired_bootstrap(counts, {t: (n, c + 1) for t, (n, c) in counts.items()}, k=1)
+    on_disk = diff.to_dict()
+    assert list(on_disk) == ["k", "n_problems", "before", "after", "diff", "ci_low", "ci_high",
+                             "p_value_no_improvement"]
+    assert PairedDifference.from_dict(on_disk) == diff
+    with pytest.raises(DataError, match="lacks ci_low, ci_high"):
+        Estimate.from_dict({"value": 0.5, "low": 0.4, "high": 0.6})

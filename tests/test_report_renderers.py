@@ -14,14 +14,16 @@ from html_tables import Tables
 from codedistill.errors import ConfigError
 from codedistill.report.build import render_report
 from codedistill.report.protocol import Protocol, baseline_protocol, btp_protocol, comparability
+from codedistill.results import Estimate, PairedDifference
 
 
 def metric(v, lo, hi):
-    return {"value": v, "low": lo, "high": hi}  # SCHEMAS spelling (metrics.py writes ci_low/ci_high)
+    return Estimate(v, lo, hi).to_dict()
 
 
 def imp(d, lo, hi):
-    return {"diff": d, "low": lo, "high": hi, "p_value_no_improvement": 0.5}
+    return PairedDifference(k=1, n_problems=100, before=0.5, after=0.5 + d, diff=Estimate(d, lo, hi),
+                            p_value_no_improvement=0.5).to_dict()
 
 
 def btp_config(out: Path, **kw) -> None:
@@ -145,8 +147,9 @@ def test_matrix_and_cross_run_table(tmp_path):
     assert mx[1][3:10] == ["no", "mbpp", "0.280 [0.240, 0.320]", "0.270 [0.230, 0.310]",
                            "-0.010 [-0.040, +0.020]", "no", "done"]
     cross = t.tables["cross-run"]  # two matrix rows -> a cross-run table
-    assert [r[3:7] for r in cross] == [["0.300 [0.260, 0.340]", "0.360 [0.320, 0.400]", "+0.060 [+0.030, +0.090]", "yes"],
-                                       ["0.280 [0.240, 0.320]", "0.270 [0.230, 0.310]", "-0.010 [-0.040, +0.020]", "no"]]
+    assert [r[3:7] for r in cross] == [
+        ["0.300 [0.260, 0.340]", "0.360 [0.320, 0.400]", "+0.060 [+0.030, +0.090]", "yes"],
+        ["0.280 [0.240, 0.320]", "0.270 [0.230, 0.310]", "-0.010 [-0.040, +0.020]", "no"]]
     assert (paths["plots"] / "matrix_pass1.png").is_file()
 
 
@@ -226,3 +229,101 @@ def test_numeric_cells_are_numbers_not_text_that_starts_with_one():
         assert _is_num(x) == (x != "-"), x
     for x in ("3 beams per problem (the paper's width)", "2 iterations", "skipped: needs a GPU", "nan"):
         assert not _is_num(x), x
+
+
+def btp_run_dir(out: Path) -> None:
+    """A finished one-iteration BTP run's files (config.json, comparison.json, iter_1/stats.json,
+    generation.json) with numbers from codedistill.metrics."""
+    from codedistill.metrics import paired_bootstrap, pass_at_k_report
+
+    before = {f"synth/{i}": (5, i % 3) for i in range(30)}
+    after = {t: (n, min(n, c + 2)) for t, (n, c) in before.items()}
+    cfg = dict(dataset="synth", generation="beam", num_beams=5, num_samples=5, gen_temperature=0.8, p2_alpha=0.2,
+               sampling_method="power", sampling_alpha=8.0, is_weights=False, is_beta=0.4, replay_size=600,
+               use_lora=True, lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=0.003, epochs=4,
+               train_batch_size=16, n_iterations=1, seed=0, eval_num_samples=5, eval_temperature=0.2, eval_top_p=0.95,
+               beam_search_fallback="the server offers no beam search; sampled instead")
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"kind": "btp", "config": cfg}))
+    rep_b, rep_a = pass_at_k_report(before, ks=(1, 5)), pass_at_k_report(after, ks=(1, 5))
+    (out / "comparison.json").write_text(json.dumps({
+        "source_model": "tiny-source", "target_model": "tiny-target", "mode": "finetune", "n_train_problems": 600,
+        "n_iterations": 1, "seed": 0, "allow_overlap": False, "overlapping_train_problems": [],
+        "near_duplicate_descriptions": [], "dropped_overlapping_train_problems": ["synth/train/7"],
+        "datasets": {"synth": {"n_problems": 30, "target_before": rep_b, "target_after": rep_a, "source": rep_a,
+                               "target_per_iteration": {"target_iter0": rep_b, "target_iter1": rep_a},
+                               "improvement": {f"pass@{k}": paired_bootstrap(before, after, k=k).to_dict()
+                                               for k in (1, 5)}}}}))
+    hist = {"edges": [0.0, 0.5, 1.0], "counts": [10, 20]}
+    (out / "iter_1").mkdir()
+    (out / "iter_1" / "stats.json").write_text(json.dumps({
+        "iteration": 1,
+        "buffer": {"size": 3000, "new_this_iteration": 3000, "share_fully_passing": 0.6, "share_zero_pass": 0.2,
+                   "p2value": {"mean": 0.61, "histogram": hist}},
+        "sampling": {"method": "power", "alpha": 8.0, "draws": 600, "unique_programs_drawn": 420,
+                     "share_fully_passing_drawn": 0.98, "share_zero_pass_drawn": 0.0, "effective_sample_size": 390.5,
+                     "p2value_drawn": {"mean": 0.8, "histogram": hist}},
+        "training": {"first_loss": 1.2345, "last_loss": 0.4321, "losses": [1.2345, 0.8, 0.4321]}}))
+    (out / "generation.json").write_text(json.dumps({"starts": [{}], "totals": {"tiny-source": {
+        "backend": "vllm", "requests_sent": 120, "cache_hits": 3, "retries_total": 0, "prompt_tokens": 9000,
+        "completion_tokens": 4000, "fallbacks": [], "notes": []}}}))
+
+
+def test_write_run_report_renders_a_btp_run_from_its_files(tmp_path):
+    from codedistill.report import write_run_report
+    from codedistill.report.format import fmt_diff, fmt_metric
+
+    run = tmp_path / "run"
+    btp_run_dir(run)
+    path = write_run_report(run, elapsed=12.34)
+    md = path.read_text()
+    comp = json.loads((run / "comparison.json").read_text())["datasets"]["synth"]
+    assert md.startswith("# BTP: tiny-source -> tiny-target (finetune)\n\n"
+                         "Left out of training (also evaluation problems, --drop-overlap): synth/train/7.\n")
+    assert ("- training: synth train split, 600 problems; beam (num_beams 5)\n"
+            "- replay: P2Value = 0.2*P + 0.8*pass_rate; sampling power (alpha 8); replay size 600\n"
+            "- fine-tuning: LoRA r=16 alpha=32 dropout=0, lr 0.003, epochs 4, batch 16, 1 iterations, seed 0\n"
+            "- evaluation: 5 samples per problem at T=0.2, top_p 0.95\n"
+            "- wall time of this start: 12.3 s\n") in md
+    assert "| model | pass@1 | pass@5 |" in md
+    before, after = comp["target_before"], comp["target_after"]
+    assert (f"| target before (tiny-target) | {fmt_metric(before['pass@1'])} | {fmt_metric(before['pass@5'])} |\n"
+            f"| target after iteration 1 | {fmt_metric(after['pass@1'])} | {fmt_metric(after['pass@5'])} |\n") in md
+    imp = comp["improvement"]["pass@1"]
+    assert f"- pass@1: {fmt_diff(imp)}, p(no improvement) = {imp['p_value_no_improvement']:.3f}\n" in md
+    assert "| 1 | 3000 | 3000 | 0.610 | 600 | 420 | 98.0% | 0.0% | 390.5 | 1.234 -> 0.432 |" in md
+    assert md.endswith("**Beam search fallback:** the server offers no beam search; sampled instead.\n\n"
+                       "## Served generation\n\n"
+                       "- tiny-source (vllm): 120 requests sent over 1 start(s), 3 answered from the cache, 0 retries, "
+                       "9000 prompt + 4000 completion tokens\n")
+    pngs = sorted(p.name for p in (run / "plots").iterdir())
+    assert pngs == ["loss_curve.png", "p2value_hist.png", "pass_at_k_synth.png", "sampling_stats.png"]
+    assert all((run / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    with pytest.raises(ConfigError, match="not a finished BTP run"):
+        write_run_report(tmp_path / "empty")
+
+
+def test_formatters_read_the_one_spelling_and_refuse_others():
+    from codedistill.errors import DataError
+    from codedistill.report.format import fmt_diff, fmt_metric
+
+    assert fmt_metric(metric(0.4361, 0.3559, 0.5221)) == "0.436 [0.356, 0.522]"
+    assert fmt_diff(imp(0.1824, 0.1061, 0.2604)) == "+0.182 [+0.106, +0.260]"
+    assert fmt_metric(None) == fmt_diff({}) == "-"
+    with pytest.raises(DataError, match="lacks ci_low, ci_high"):
+        fmt_metric({"value": 0.4, "low": 0.3, "high": 0.5})
+
+
+def test_report_package_reads_files_and_imports_no_producer():
+    import ast
+
+    import codedistill.report as report
+
+    producers = ("btp", "experiments", "generation", "training", "execution", "egcfg", "baseline", "evaluation")
+    for path in Path(report.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                parts = name.split(".")
+                assert not (parts[0] == "codedistill" and len(parts) > 1 and parts[1] in producers), (path.name, name)

@@ -17,6 +17,7 @@ from codedistill.data.problem import Problem
 from codedistill.evaluation import RESULT_FIELDS, execute
 from codedistill.metrics import counts_from_results, pass_at_k_report
 from codedistill.prompts import PromptStyle, render_prompt, stops_for, to_program
+from codedistill.report.served import served_generation_lines
 from codedistill.runs import JsonlWriter, RunDir, chunks, derive_seed, read_jsonl, write_json
 from codedistill.ui import Tracker, console, progress_tasks
 
@@ -279,29 +280,6 @@ def record_generation(out: Path, gens: dict[str, Any], serving: Any = None) -> d
     return rec
 
 
-def generation_report_lines(out: Path) -> list[str]:
-    """report.md lines on served generation (requests, tokens, cost, fallbacks)."""
-    import json
-
-    try:
-        rec = json.loads((out / "generation.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    lines = ["", "", "## Served generation", ""]
-    for role, t in rec.get("totals", {}).items():
-        cost = f", cost ${t['cost_usd']:.4f}" if t.get("cost_usd") is not None else ""
-        ver = f", vLLM {t['vllm_version']}" if t.get("vllm_version") else ""
-        lines.append(f"- {role} ({t.get('backend')}{ver}): {t['requests_sent']} requests sent over "
-                     f"{len(rec.get('starts', []))} start(s), {t['cache_hits']} answered from the cache, "
-                     f"{t['retries_total']} retries, {t['prompt_tokens']} prompt + {t['completion_tokens']} "
-                     f"completion tokens{cost}")
-        for f in t.get("fallbacks", []):
-            lines.append(f"  - fallback: {f}")
-        for n in t.get("notes", []):
-            lines.append(f"  - note: {n}")
-    return lines
-
-
 def _run_baseline(cfg: BaselineConfig, out: Path, spec: Any, gen: Any, problems: list, plan: Any,
                   t0: float) -> tuple[Path, dict]:
     style = PromptStyle.of(spec)
@@ -335,6 +313,6 @@ def _run_baseline(cfg: BaselineConfig, out: Path, spec: Any, gen: Any, problems:
     if generator_usage(gen) is not None:  # this start's counters, so the report can say them
         record_generation(out, {spec.alias: gen}, cfg.serving)
         gen.usage_recorded = True
-    report = report_markdown(cfg, metrics, time.time() - t0) + "\n".join(generation_report_lines(out) + egcfg_lines)
+    report = report_markdown(cfg, metrics, time.time() - t0) + "\n".join(served_generation_lines(out) + egcfg_lines)
     (out / "report.md").write_text(report.rstrip("\n") + "\n", encoding="utf-8")
     return out, metrics

@@ -11,6 +11,7 @@ import typer
 
 from codedistill.btp.cli import btp_command
 from codedistill.report.cli import report_command
+from codedistill.report.format import fmt_diff, fmt_metric
 from codedistill.ui import console, friendly_errors, progress_bar
 
 app = typer.Typer(
@@ -153,7 +154,6 @@ def demo(
 
     from codedistill.btp.config import EMBEDDED_DEFAULT, build_config
     from codedistill.btp.loop import run_btp
-    from codedistill.btp.report import fmt_improvement, fmt_metric
     from codedistill.models.tiny import ensure_tiny_models
 
     ensure_tiny_models()  # first use: both built side by side
@@ -166,11 +166,11 @@ def demo(
     table.add_column("model")
     for k in ks:
         table.add_column(k)
-    table.add_row("tiny-source (teacher)", *(fmt_metric(e["source"], k) for k in ks))
-    table.add_row("tiny-target before BTP", *(fmt_metric(e["target_before"], k) for k in ks))
+    table.add_row("tiny-source (teacher)", *(fmt_metric(e["source"].get(k)) for k in ks))
+    table.add_row("tiny-target before BTP", *(fmt_metric(e["target_before"].get(k)) for k in ks))
     table.add_row(f"tiny-target after BTP ({cfg.n_iterations} iteration)",
-                  *(fmt_metric(e["target_after"], k) for k in ks))
-    table.add_row("improvement (paired bootstrap)", *(fmt_improvement(e["improvement"][k]) for k in ks))
+                  *(fmt_metric(e["target_after"].get(k)) for k in ks))
+    table.add_row("improvement (paired bootstrap)", *(fmt_diff(e["improvement"][k]) for k in ks))
     console.print(table)
     console.print(f"report: {output_dir / 'report.md'}   plots: {output_dir / 'plots'}/   "
                   f"adapter: {output_dir / 'iter_1' / 'adapter'}/")

@@ -9,10 +9,12 @@ interval accounts for problem difficulty shared by both.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+
+from codedistill.results import Estimate, PairedDifference
 
 DEFAULT_KS = (1, 5, 10)
 
@@ -35,7 +37,7 @@ def per_problem_pass_at_k(counts: Sequence[tuple[int, int]], k: int) -> np.ndarr
     return np.array([pass_at_k(n, c, k) for n, c in counts], dtype=float)
 
 
-def counts_from_results(rows: Iterable[Mapping]) -> "OrderedDict[str, tuple[int, int]]":
+def counts_from_results(rows: Iterable[Mapping[str, Any]]) -> OrderedDict[str, tuple[int, int]]:
     """(n, c) per task_id from result rows with ``task_id`` and ``passed``, in first-seen order."""
     n: OrderedDict[str, list[int]] = OrderedDict()
     for r in rows:
@@ -45,19 +47,7 @@ def counts_from_results(rows: Iterable[Mapping]) -> "OrderedDict[str, tuple[int,
     return OrderedDict((t, (a, b)) for t, (a, b) in n.items())
 
 
-@dataclass(frozen=True)
-class Estimate:
-    value: float
-    low: float
-    high: float
-
-    def to_dict(self) -> dict[str, float]:
-        return {"value": self.value, "ci_low": self.low, "ci_high": self.high}
-
-
-def bootstrap_mean(
-    values: np.ndarray, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0
-) -> Estimate:
+def bootstrap_mean(values: np.ndarray, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> Estimate:
     """Mean with a percentile bootstrap CI, resampling the entries of ``values``."""
     values = np.asarray(values, dtype=float)
     if values.size == 0:
@@ -78,15 +68,15 @@ def pass_at_k_report(
     ks: Sequence[int] = DEFAULT_KS,
     n_boot: int = 2000,
     seed: int = 0,
-) -> dict:
-    """``{"pass@1": {"value", "ci_low", "ci_high"}, ..., "n_problems", "num_samples"}``.
+) -> dict[str, Any]:
+    """``{"pass@1": Estimate.to_dict(), ..., "n_problems", "num_samples"}``.
 
     k runs over ``ks`` where k <= the smallest n of any problem.
     """
     if not counts:
         raise ValueError("no results")
     ns = [n for n, _ in counts.values()]
-    out: dict = {}
+    out: dict[str, Any] = {}
     for k in ks_for(min(ns), ks):
         est = bootstrap_mean(per_problem_pass_at_k(list(counts.values()), k), n_boot, seed=seed)
         out[f"pass@{k}"] = est.to_dict()
@@ -102,7 +92,7 @@ def paired_bootstrap(
     n_boot: int = 5000,
     confidence: float = 0.95,
     seed: int = 0,
-) -> dict:
+) -> PairedDifference:
     """Difference after - before of pass@k over the problems both runs share.
 
     Resamples problems once per replicate for both runs. Returns the difference, its CI,
@@ -118,13 +108,6 @@ def paired_bootstrap(
     idx = rng.integers(0, d.size, size=(n_boot, d.size))
     means = d[idx].mean(axis=1)
     alpha = (1.0 - confidence) / 2.0
-    return {
-        "k": k,
-        "n_problems": len(common),
-        "before": float(b.mean()),
-        "after": float(a.mean()),
-        "diff": float(d.mean()),
-        "ci_low": float(np.quantile(means, alpha)),
-        "ci_high": float(np.quantile(means, 1 - alpha)),
-        "p_value_no_improvement": float((means <= 0).mean()),
-    }
+    diff = Estimate(float(d.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+    return PairedDifference(k=k, n_problems=len(common), before=float(b.mean()), after=float(a.mean()),
+                            diff=diff, p_value_no_improvement=float((means <= 0).mean()))

@@ -23,7 +23,6 @@ training is rerun from the previous iteration's saved adapter with the same seed
 from __future__ import annotations
 
 import gc
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,6 +31,7 @@ import numpy as np
 
 from codedistill.evaluation import execute
 from codedistill.metrics import pass_at_k_report
+from codedistill.report import write_run_report
 from codedistill.btp.config import BTPConfig
 from codedistill.runs import JsonlWriter, chunks, derive_seed, read_jsonl, write_json
 from codedistill.btp.replay import ReplayBuffer, ReplayEntry
@@ -720,11 +720,9 @@ def run_btp(cfg: BTPConfig, log: Log = print,
                                                           "target_iter0", pool, log)}
         if cfg.eval_source:
             evals["source"] = evaluate(plan, models.source, plan.source_spec, "source", pool, log)
-        all_stats: list[dict[str, Any]] = []
         for k in range(1, cfg.n_iterations + 1):
             it_dir = plan.out / f"iter_{k}"
             if (it_dir / "DONE").exists():
-                all_stats.append(json.loads((it_dir / "stats.json").read_text()))
                 evals[f"target_iter{k}"] = evaluate(plan, lambda: models.target(k), plan.target_spec,
                                                     f"target_iter{k}", pool, log)
                 if on_iteration is not None:
@@ -737,7 +735,6 @@ def run_btp(cfg: BTPConfig, log: Log = print,
             stats["eval"] = {ds: r["metrics"] for ds, r in evals[f"target_iter{k}"].items()}
             write_json(it_dir / "stats.json", stats)
             (it_dir / "DONE").write_text("done\n")
-            all_stats.append(stats)
             if getattr(cfg, "report_to", None):
                 from codedistill.btp.tracking import log_iteration
 
@@ -756,17 +753,7 @@ def run_btp(cfg: BTPConfig, log: Log = print,
             w.write({"generated": dict(plan.generated), "total": int(sum(plan.generated.values()))})
     comparison = build_comparison(plan, evals)
     write_json(plan.out / "comparison.json", comparison)
-    make_plots(plan, comparison, all_stats)
-    from codedistill.btp.report import report_markdown
-
-    from codedistill.baseline import generation_report_lines
-
-    report = report_markdown(plan, comparison, all_stats, time.time() - t_start).rstrip("\n")
-    if plan.beam_fallback:
-        report += f"\n\n**Beam search fallback:** {plan.beam_fallback}."
-    report += "\n".join(generation_report_lines(plan.out))
-    (plan.out / "report.md").write_text(report + "\n", encoding="utf-8")
-    log(f"done: {plan.out / 'report.md'}")
+    log(f"done: {write_run_report(plan.out, elapsed=time.time() - t_start)}")
     return comparison
 
 
@@ -936,16 +923,11 @@ def build_comparison(plan: Plan, evals: dict[str, Any]) -> dict[str, Any]:
             "target_before": before["metrics"],
             "target_after": after["metrics"],
             "target_per_iteration": {k: v[ds]["metrics"] for k, v in evals.items() if k.startswith("target_iter")},
-            "improvement": {f"pass@{k}": paired_bootstrap(before["counts"], after["counts"], k=k, seed=cfg.seed)
+            "improvement": {f"pass@{k}": paired_bootstrap(before["counts"], after["counts"], k=k,
+                                                          seed=cfg.seed).to_dict()
                             for k in cfg.ks()},
         }
         if "source" in evals:
             entry["source"] = evals["source"][ds]["metrics"]
         out["datasets"][ds] = entry
     return out
-
-
-def make_plots(plan: Plan, comparison: dict[str, Any], stats: list[dict[str, Any]]) -> None:
-    from codedistill.btp.plots import plot_btp_run
-
-    plot_btp_run(plan.out / "plots", comparison, stats)

@@ -77,11 +77,13 @@ def summarize(rows: list[dict], methods: list[str]) -> dict[str, Any]:
     for m in methods:
         if m == "plain_greedy" or not by[m] or not base:
             continue
-        out["paired"][f"{m} - plain_greedy"] = paired_bootstrap(base, counts(m))
-        out["paired"][f"{m}[first agent] - plain_greedy"] = paired_bootstrap(base, counts(m, "first_agent_passed"))
+        out["paired"][f"{m} - plain_greedy"] = paired_bootstrap(base, counts(m)).to_dict()
+        first = counts(m, "first_agent_passed")
+        out["paired"][f"{m}[first agent] - plain_greedy"] = paired_bootstrap(base, first).to_dict()
     eg = [m for m in methods if m.startswith("egcfg_") and by[m]]
     if "egcfg_compact" in eg and "egcfg_paper" in eg:
-        out["paired"]["egcfg_paper - egcfg_compact"] = paired_bootstrap(counts("egcfg_compact"), counts("egcfg_paper"))
+        paper_vs_compact = paired_bootstrap(counts("egcfg_compact"), counts("egcfg_paper"))
+        out["paired"]["egcfg_paper - egcfg_compact"] = paper_vs_compact.to_dict()
     return out
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from codedistill.btp.config import BTPConfig, build_config
-from codedistill.experiments.run import (fmt_diff, fmt_metric, generated_total, improvement, load_experiment,
-                                         metric)
+from codedistill.experiments.run import generated_total, load_experiment
 from codedistill.experiments.variants import Variant, select
+from codedistill.report.format import fmt_diff, fmt_metric
+from codedistill.report.plots import plot_ablation as draw_ablation
 from codedistill.runs import read_jsonl, write_json
 
 Log = Callable[[str], None]
@@ -127,21 +128,21 @@ def write_outputs(out: Path, config_path: str | Path, ref: BTPConfig, rows: list
             comp = results[name]
             e = comp["datasets"][ds]
             entry["status"] = "done"
-            entry["metrics"] = {k: metric(v) for k, v in e["target_after"].items() if k.startswith("pass@")}
+            entry["metrics"] = {k: v for k, v in e["target_after"].items() if k.startswith("pass@")}
             run_dir = out / "variants" / name
             entry["generated_new"] = generated_total(run_dir) if name == row["name"] else 0
             last = read_jsonl(run_dir / "generated.jsonl")
             entry["generated_new_last_start"] = int(last[-1]["total"]) if last and name == row["name"] else 0
             if row["name"] != "full" and ref_counts is not None:
                 counts = final_counts(run_dir, comp, ds)
-                entry["diff"] = {f"pass@{k}": improvement(paired_bootstrap(ref_counts, counts, k=k, seed=ref.seed))
+                entry["diff"] = {f"pass@{k}": paired_bootstrap(ref_counts, counts, k=k, seed=ref.seed).to_dict()
                                  for k in ref.ks()}
         table.append(entry)
     before = source = None
     if ref_comp:
         e = ref_comp["datasets"][ds]
-        before = {k: metric(v) for k, v in e["target_before"].items() if k.startswith("pass@")}
-        source = {k: metric(v) for k, v in e.get("source", {}).items() if k.startswith("pass@")} or None
+        before = {k: v for k, v in e["target_before"].items() if k.startswith("pass@")}
+        source = {k: v for k, v in e.get("source", {}).items() if k.startswith("pass@")} or None
     summary = {
         "kind": "ablation", "base_config": str(config_path), "dataset": ds,
         "n_eval_problems": ref_comp["datasets"][ds]["n_problems"] if ref_comp else None,
@@ -184,12 +185,10 @@ def ablation_markdown(s: Mapping[str, Any], ref: BTPConfig) -> str:
 
 def plot_ablation(s: Mapping[str, Any], path: Path) -> None:
     """The bar plot of the finished variants (drawn by the report's plot_ablation)."""
-    from codedistill.report.plots import plot_ablation as draw
-
     done = [v for v in s["variants"] if v["status"] == "done" and "pass@1" in v["metrics"]]
     if not done:
         return
     before = (s.get("target_before") or {}).get("pass@1")
-    draw(done, path, metric="pass@1", reference=s.get("reference", "full"),
+    draw_ablation(done, path, metric="pass@1", reference=s.get("reference", "full"),
          title=f"Ablation: {Path(s['base_config']).name} on {s['dataset']}",
          baseline=before["value"] if before else None)

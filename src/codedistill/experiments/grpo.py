@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from codedistill.btp.config import BTPConfig
+from codedistill.report.plots import plot_loss_curves
 
 Log = Callable[[str], None]
 
@@ -190,8 +191,7 @@ def _grpo_progress(path: Any, counter: dict[str, Any]) -> Any:
 
 def run_grpo(cfg: BTPConfig, log: Log = print) -> dict[str, Any]:
     """The GRPO baseline as a run directory shaped like a one-iteration BTP run."""
-    from codedistill.btp.loop import (Models, Plan, _quiet_transformers, build_comparison, evaluate,
-                                      make_plots)
+    from codedistill.btp.loop import Models, Plan, _quiet_transformers, build_comparison, evaluate
     from codedistill.execution import Limits, SandboxPool
     from codedistill.runs import JsonlWriter, RunDir, write_json
 
@@ -234,10 +234,7 @@ def run_grpo(cfg: BTPConfig, log: Log = print) -> dict[str, Any]:
     comparison["grpo"] = stats[0].get("budget")
     write_json(plan.out / "comparison.json", comparison)
     try:
-        from codedistill.btp.plots import plot_loss_curves
-
         plot_loss_curves([(1, stats[0]["training"]["losses"])], plan.out / "plots" / "loss_curve.png")
     except Exception:  # a plot never fails a run
         pass
-    del make_plots
     return comparison

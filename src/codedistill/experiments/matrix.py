@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from codedistill.experiments.run import (fmt_diff, fmt_metric, improvement, load_experiment, metric,
-                                         run_experiment)
+from codedistill.experiments.run import load_experiment, run_experiment
+from codedistill.report.format import fmt_diff, fmt_metric
 from codedistill.runs import write_json
 
 Log = Callable[[str], None]
@@ -43,8 +43,8 @@ def run_matrix(configs: Sequence[str | Path], output_dir: str | Path,
             log(f"=== matrix: {path} ({src.alias} -> {tgt.alias})")
             comp = run_experiment(cfg, log=log)
             e = comp["datasets"][cfg.dataset]
-            row.update(before=metric(e["target_before"]["pass@1"]), after=metric(e["target_after"]["pass@1"]),
-                       gain=improvement(e["improvement"]["pass@1"]), status="done",
+            row.update(before=e["target_before"]["pass@1"], after=e["target_after"]["pass@1"],
+                       gain=e["improvement"]["pass@1"], status="done",
                        eval_protocol=cfg.eval_protocol)
         except Exception as e:  # noqa: BLE001 - one failing pairing does not stop the matrix
             row["status"] = f"failed: {type(e).__name__}: {e}"

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from codedistill.btp.config import BTPConfig, build_config, load_config_file
 from codedistill.errors import ConfigError
+from codedistill.report.format import fmt_diff, fmt_metric
 
 Log = Callable[[str], None]
 
@@ -78,32 +79,6 @@ def run_experiment(cfg: BTPConfig, log: Log = print) -> dict[str, Any]:
     return run_btp(cfg, log=log)
 
 
-def metric(m: Mapping[str, Any] | None) -> dict[str, float] | None:
-    """A metrics.py estimate with the SCHEMAS names added (value, low, high + ci_low, ci_high)."""
-    if not m:
-        return None
-    return {"value": m["value"], "low": m["ci_low"], "high": m["ci_high"],
-            "ci_low": m["ci_low"], "ci_high": m["ci_high"]}
-
-
-def improvement(d: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if not d:
-        return None
-    return {**d, "low": d["ci_low"], "high": d["ci_high"]}
-
-
-def fmt_metric(m: Mapping[str, Any] | None) -> str:
-    if not m:
-        return "-"
-    return f"{m['value']:.3f} [{m.get('low', m.get('ci_low')):.3f}, {m.get('high', m.get('ci_high')):.3f}]"
-
-
-def fmt_diff(d: Mapping[str, Any] | None) -> str:
-    if not d:
-        return "-"
-    return f"{d['diff']:+.3f} [{d.get('low', d.get('ci_low')):+.3f}, {d.get('high', d.get('ci_high')):+.3f}]"
-
-
 def generated_total(run_dir: str | Path) -> int:
     """Programs a run directory's starts generated, over all its starts."""
     from codedistill.runs import read_jsonl
@@ -115,7 +90,7 @@ def summary_lines(comparison: Mapping[str, Any]) -> list[str]:
     lines = []
     for ds, e in comparison["datasets"].items():
         for k, imp in e["improvement"].items():
-            lines.append(f"{ds} {k}: target {fmt_metric(metric(e['target_before'].get(k)))} -> "
-                         f"{fmt_metric(metric(e['target_after'].get(k)))}, gain {fmt_diff(improvement(imp))}"
-                         + (f"; source {fmt_metric(metric(e['source'].get(k)))}" if "source" in e else ""))
+            lines.append(f"{ds} {k}: target {fmt_metric(e['target_before'].get(k))} -> "
+                         f"{fmt_metric(e['target_after'].get(k))}, gain {fmt_diff(imp)}"
+                         + (f"; source {fmt_metric(e['source'].get(k))}" if "source" in e else ""))
     return lines

@@ -27,7 +27,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from codedistill.btp.config import BTPConfig, build_config, load_config_file
-from codedistill.experiments.run import fmt_metric, load_experiment, metric
+from codedistill.experiments.run import load_experiment
+from codedistill.report.format import fmt_metric
+from codedistill.report.plots import plot_importance as draw_importance
+from codedistill.report.plots import plot_sweep_history
 from codedistill.runs import write_json
 
 Log = Callable[[str], None]
@@ -253,7 +256,7 @@ def evaluate_on_test(out: Path, base: BTPConfig, bt: Any, trial_dir: str, log: L
     log(f"=== best trial {bt.number} on the test split (evaluation only)")
     comp = run_btp(cfg, log=log)
     e = comp["datasets"][cfg.dataset]
-    return ({k: metric(v) for k, v in e["target_after"].items() if k.startswith("pass@")},
+    return ({k: v for k, v in e["target_after"].items() if k.startswith("pass@")},
             str(dest.relative_to(out)))
 
 
@@ -282,14 +285,10 @@ def sweep_markdown(s: Mapping[str, Any]) -> str:
 
 def plot_history(s: Mapping[str, Any], path: Path) -> None:
     """Objective per trial and the best so far (drawn by the report's plot_sweep_history)."""
-    from codedistill.report.plots import plot_sweep_history
-
     if any(t["state"] == "COMPLETE" and t["value"] is not None for t in s["trials"]):
         plot_sweep_history(s["trials"], path, direction=s.get("direction", "maximize"), objective=s["objective"])
 
 
 def plot_importance(imp: Mapping[str, float], path: Path) -> None:
     """Hyperparameter importances (drawn by the report's plot_importance)."""
-    from codedistill.report.plots import plot_importance as draw
-
-    draw(imp, path)
+    draw_importance(imp, path)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
+from codedistill import __version__
+from codedistill.errors import ConfigError
 from codedistill.report.doc import Document, Heading, Para, Table, to_html, to_markdown
 from codedistill.report.sections import SECTION_BUILDERS, Section, Summary, child_runs, detect_kind
 
@@ -74,21 +76,17 @@ def cross_run_table(summaries: Sequence[Summary]) -> Table:
 def render_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[str, Path]:
     """Write OUT/report.md (figures in OUT/plots/) and OUT/report.html (figures embedded);
     returns {"markdown", "html", "plots"}."""
-    run_dirs = [Path(d) for d in run_dirs]
-    if not run_dirs:
-        from codedistill.errors import ConfigError
-
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
         raise ConfigError("give at least one run directory")
-    for d in run_dirs:  # every input checked before anything is written
+    for d in dirs:  # every input checked before anything is written
         detect_kind(d)
-    out = Path(out) if out else default_out(run_dirs)
+    out = Path(out) if out else default_out(dirs)
     out.mkdir(parents=True, exist_ok=True)
     plots = out / "plots"
-    doc, _ = build_document(run_dirs, plots)
-    from codedistill import __version__
-
+    doc, _ = build_document(dirs, plots)
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    footer = f"codedistill {__version__}, rendered {stamp} from: " + ", ".join(str(d) for d in run_dirs)
+    footer = f"codedistill {__version__}, rendered {stamp} from: " + ", ".join(str(d) for d in dirs)
     md_path, html_path = out / "report.md", out / "report.html"
     md_path.write_text(to_markdown(doc, out) + f"\n---\n{footer}\n", encoding="utf-8")
     html_path.write_text(to_html(doc, footer), encoding="utf-8")

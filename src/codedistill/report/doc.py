@@ -12,7 +12,6 @@ import html
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 
 @dataclass
@@ -48,7 +47,7 @@ class Figure:
     caption: str
 
 
-Block = Union[Heading, Para, Bullets, Table, Figure]
+Block = Heading | Para | Bullets | Table | Figure
 
 
 @dataclass
@@ -56,7 +55,7 @@ class Document:
     title: str
     blocks: list[Block] = field(default_factory=list)
 
-    def add(self, *blocks: Block) -> "Document":
+    def add(self, *blocks: Block) -> Document:
         self.blocks.extend(blocks)
         return self
 
@@ -111,7 +110,8 @@ ul { margin: 6px 0 10px 0; padding-left: 22px; }
 code { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 13px; background: #f2f4f7;
        padding: 1px 4px; border-radius: 3px; }
 .note { background: var(--notebg); border-left: 4px solid var(--accent); padding: 8px 12px; }
-.warn, .caution { background: var(--warnbg); border-left: 4px solid var(--warn); color: var(--warn); padding: 8px 12px; }
+.warn, .caution { background: var(--warnbg); border-left: 4px solid var(--warn); color: var(--warn);
+                  padding: 8px 12px; }
 .ok { background: var(--okbg); border-left: 4px solid var(--ok); color: var(--ok); padding: 8px 12px; }
 table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; }
 div.scroll { overflow-x: auto; max-width: 100%; }

@@ -16,8 +16,11 @@ inside the project and says nothing about published numbers. The verdict says wh
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any
+
+from codedistill.report.files import settings
 
 # Full size of each published test split.
 FULL_TEST_SIZE = {"mbpp": 500, "mbpp-sanitized": 257, "humaneval": 164}
@@ -31,14 +34,14 @@ class Protocol:
 
     dataset: str
     split: str = "test"
-    n_problems: Optional[int] = None
+    n_problems: int | None = None
     shots: int = 0
     temperature: float = 0.0
-    top_p: Optional[float] = None
+    top_p: float | None = None
     num_samples: int = 1
-    preset: Optional[str] = None  # "paper" | "sampled" | None (not recorded)
+    preset: str | None = None  # "paper" | "sampled" | None (not recorded)
     method: str = "plain"         # plain | egcfg | beam ...
-    decoding_note: Optional[str] = None  # replaces "greedy"/"sampled, T=..." for other decoders
+    decoding_note: str | None = None  # replaces "greedy"/"sampled, T=..." for other decoders
 
     @property
     def greedy(self) -> bool:
@@ -127,14 +130,6 @@ def comparability(p: Protocol) -> Verdict:
 # ----------------------------------------------------------------------------- from run files
 
 
-def _cfg(config_json: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The experiment settings of a config.json ({"kind", "config": {...}, ...}) or a bare dict."""
-    if not config_json:
-        return {}
-    c = config_json.get("config", config_json)
-    return dict(c) if isinstance(c, Mapping) else {}
-
-
 def _first(*vals: Any) -> Any:
     for v in vals:
         if v is not None:
@@ -150,7 +145,7 @@ def btp_protocol(config_json: Mapping[str, Any] | None, comparison: Mapping[str,
     or for the run), then config.json's eval_* settings; ``eval_protocol: paper`` fills in
     the paper preset's shots and greedy decoding when the numbers were not recorded.
     """
-    cfg = _cfg(config_json)
+    cfg = settings(config_json)
     comp = comparison or {}
     entry = (comp.get("datasets") or {}).get(dataset, {})
     rec = entry.get("protocol") or comp.get("protocol") or {}
@@ -175,7 +170,7 @@ def btp_protocol(config_json: Mapping[str, Any] | None, comparison: Mapping[str,
 
 def baseline_protocol(config_json: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None) -> Protocol:
     """Protocol of a step-1 (baseline) run: config.json's dataset/split/shots/sampling."""
-    cfg = _cfg(config_json)
+    cfg = settings(config_json)
     s = cfg.get("sampling") or {}
     m = metrics or {}
     n = m.get("num_samples")
@@ -186,7 +181,8 @@ def baseline_protocol(config_json: Mapping[str, Any] | None, metrics: Mapping[st
     if method == "egcfg":  # its own decoder: the sampling temperature does not describe it
         eg = cfg.get("egcfg") or {}
         grid = ", ".join(f"{k} {eg[k]}" for k in ("gammas", "depths", "temperatures") if k in eg)
-        note = f"EG-CFG execution-guided decoding{' (' + grid + ')' if grid else ''}, n={_first(n, s.get('num_samples'), 1)}"
+        n_eg = _first(n, s.get("num_samples"), 1)
+        note = f"EG-CFG execution-guided decoding{' (' + grid + ')' if grid else ''}, n={n_eg}"
     return Protocol(dataset=str(cfg.get("dataset", "?")), split=str(cfg.get("split", "test")),
                     n_problems=m.get("n_problems"), shots=int(cfg.get("shots", 0) or 0),
                     temperature=float(_first(s.get("temperature"), 0.0)), top_p=s.get("top_p"),

@@ -9,16 +9,25 @@ Numbers are printed with 3 decimals from the files as they are; nothing is recom
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
-from codedistill.btp.plots import ci_bounds
-from codedistill.btp.report import fmt_improvement, fmt_metric
-from codedistill.errors import ConfigError, DataError
+from codedistill.errors import ConfigError
 from codedistill.report.doc import Block, Bullets, Figure, Heading, Para, Table
+from codedistill.report.files import iteration_stats, load_json, settings
+from codedistill.report.format import fmt_diff, fmt_metric, fmt_num, fmt_param, fmt_pct
+from codedistill.report.plots import (
+    plot_ablation,
+    plot_before_after,
+    plot_btp_run,
+    plot_importance,
+    plot_pass_at_k,
+    plot_sweep_history,
+)
 from codedistill.report.protocol import Protocol, Verdict, baseline_protocol, btp_protocol, comparability
+from codedistill.results import Estimate
 
 RESULT_FILES = {"ablation": "ablation.json", "sweep": "sweep.json", "matrix": "matrix.json",
                 "btp": "comparison.json", "baseline": "metrics.json"}
@@ -43,15 +52,6 @@ class Summary:
 class Section:
     blocks: list[Block] = field(default_factory=list)
     summaries: list[Summary] = field(default_factory=list)
-
-
-def load_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}).") from e
 
 
 def detect_kind(run_dir: Path) -> str:
@@ -91,12 +91,12 @@ def child_runs(run_dir: Path, depth: int = 2) -> list[Path]:
     return found
 
 
-def _cfg(config_json: Mapping[str, Any] | None) -> dict[str, Any]:
-    c = (config_json or {}).get("config", config_json or {})
-    return dict(c) if isinstance(c, Mapping) else {}
+def _cell(report: Mapping[str, Any] | None, k: str) -> str:
+    """Metric ``k`` of a pass@k report with its CI ("-" where the report or the metric is absent)."""
+    return fmt_metric((report or {}).get(k))
 
 
-def ks_of(*metrics: Optional[Mapping[str, Any]]) -> list[str]:
+def ks_of(*metrics: Mapping[str, Any] | None) -> list[str]:
     ks = {k for m in metrics if m for k in m if k.startswith("pass@")}
     return sorted(ks, key=lambda s: int(s[5:]))
 
@@ -116,7 +116,8 @@ def _provenance(config_json: Mapping[str, Any] | None) -> list[str]:
     if prov.get("time"):
         out.append(f"started {prov['time']}")
     pk = prov.get("packages") or {}
-    vers = ", ".join(f"{k} {v}" for k, v in pk.items() if v and k in ("codedistill", "torch", "transformers", "peft", "vllm"))
+    shown = ("codedistill", "torch", "transformers", "peft", "vllm")
+    vers = ", ".join(f"{k} {v}" for k, v in pk.items() if v and k in shown)
     if vers:
         out.append(vers)
     if prov.get("devices"):
@@ -124,44 +125,17 @@ def _provenance(config_json: Mapping[str, Any] | None) -> list[str]:
     return out
 
 
-def _param(v: Any) -> str:
-    """A hyperparameter value: floats to 4 significant digits (1e-05, 0.003, 8), the rest as they are."""
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _pct(x: Any) -> str:
-    return "-" if x is None else f"{float(x):.1%}"
-
-
-def _num(x: Any, nd: int = 3) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, bool):
-        return str(x)
-    if isinstance(x, int):
-        return str(x)
-    try:
-        return f"{float(x):.{nd}f}"
-    except (TypeError, ValueError):
-        return str(x)
-
-
 # ----------------------------------------------------------------------------- BTP
 
 
 def btp_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Section:
-    from codedistill.btp.plots import plot_btp_run
-
     run_dir = Path(run_dir)
     comp = load_json(run_dir / "comparison.json")
     config = load_json(run_dir / "config.json") or {}
-    cfg = _cfg(config)
-    stats = []
-    for k in range(1, int(comp.get("n_iterations") or cfg.get("n_iterations") or 0) + 1):
-        st = load_json(run_dir / f"iter_{k}" / "stats.json")
-        if st:
-            stats.append(st)
-    src, tgt = comp.get("source_model", cfg.get("source_model", "?")), comp.get("target_model", cfg.get("target_model", "?"))
+    cfg = settings(config)
+    stats = iteration_stats(run_dir, int(comp.get("n_iterations") or cfg.get("n_iterations") or 0))
+    src = comp.get("source_model", cfg.get("source_model", "?"))
+    tgt = comp.get("target_model", cfg.get("target_model", "?"))
     sec = Section()
     B = sec.blocks
     B.append(Heading(f"BTP: {src} -> {tgt} ({comp.get('mode', cfg.get('mode', '?'))}) — {name}", level))
@@ -170,15 +144,17 @@ def btp_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Sec
     if cfg:
         gen = (f"beam search, {cfg.get('num_beams')} beams" if cfg.get("generation") == "beam" else
                f"temperature sampling, n={cfg.get('num_samples')}, T={cfg.get('gen_temperature')}")
-        items.append(f"training problems: {comp.get('n_train_problems')} from the {comp.get('train_dataset', cfg.get('dataset'))} "
-                     f"train split; the source generates by {gen}")
+        items.append(f"training problems: {comp.get('n_train_problems')} from the "
+                     f"{comp.get('train_dataset', cfg.get('dataset'))} train split; the source generates by {gen}")
         p2a = cfg.get("p2_alpha")
         if p2a is not None:
             items.append(f"replay: P2Value = {p2a:g}*P + {1 - p2a:g}*pass_rate; sampling {cfg.get('sampling_method')} "
-                         f"(alpha {cfg.get('sampling_alpha')}); draws per iteration {cfg.get('replay_size') or 'buffer size'}")
-        ft = (f"LoRA r={cfg.get('lora_r')} alpha={cfg.get('lora_alpha')}" if cfg.get("use_lora") else "full fine-tuning")
+                         f"(alpha {cfg.get('sampling_alpha')}); draws per iteration "
+                         f"{cfg.get('replay_size') or 'buffer size'}")
+        ft = f"LoRA r={cfg.get('lora_r')} alpha={cfg.get('lora_alpha')}" if cfg.get("use_lora") else "full fine-tuning"
         items.append(f"fine-tuning: {ft}, lr {cfg.get('learning_rate')}, {cfg.get('epochs')} epoch(s) per iteration, "
-                     f"batch {cfg.get('train_batch_size')}, {comp.get('n_iterations')} iteration(s), seed {comp.get('seed', cfg.get('seed'))}")
+                     f"batch {cfg.get('train_batch_size')}, {comp.get('n_iterations')} iteration(s), "
+                     f"seed {comp.get('seed', cfg.get('seed'))}")
     items += _provenance(config)
     B.append(Bullets(items))
     if comp.get("allow_overlap"):
@@ -199,23 +175,24 @@ def btp_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Sec
         B.append(Heading(f"{ds}: held-out results ({e['n_problems']} problems)", level + 1))
         B += protocol_blocks(proto, verdict)
         ks = ks_of(e["target_before"], e["target_after"], e.get("source"))
-        rows = [[f"target before ({tgt})"] + [fmt_metric(e["target_before"], k) for k in ks]]
+        rows = [[f"target before ({tgt})"] + [_cell(e["target_before"], k) for k in ks]]
         per = e.get("target_per_iteration") or {"target_iter1": e["target_after"]}
         for stage, m in per.items():
             if stage != "target_iter0":
-                rows.append([f"target after iteration {stage.rsplit('iter', 1)[1]}"] + [fmt_metric(m, k) for k in ks])
+                rows.append([f"target after iteration {stage.rsplit('iter', 1)[1]}"] + [_cell(m, k) for k in ks])
         if e.get("source"):
-            rows.append([f"source ({src})"] + [fmt_metric(e["source"], k) for k in ks])
+            rows.append([f"source ({src})"] + [_cell(e["source"], k) for k in ks])
         B.append(Table(["model"] + ks, rows, caption="pass@k with 95% bootstrap CI over problems",
                        name=f"btp-passk-{ds}"))
         imp_rows = []
         for k, imp in (e.get("improvement") or {}).items():
             p = imp.get("p_value_no_improvement")
-            imp_rows.append([k, _num(imp.get("before")), _num(imp.get("after")), fmt_improvement(imp),
-                             _num(p), str(imp.get("n_problems", "-"))])
+            imp_rows.append([k, fmt_num(imp.get("before")), fmt_num(imp.get("after")), fmt_diff(imp),
+                             fmt_num(p), str(imp.get("n_problems", "-"))])
         if imp_rows:
             B.append(Table(["metric", "before", "after", "after - before [95% CI]", "p(no improvement)", "problems"],
-                           imp_rows, caption="paired bootstrap over the same problems (last iteration vs the base target)",
+                           imp_rows,
+                           caption="paired bootstrap over the same problems (last iteration vs the base target)",
                            name=f"btp-improvement-{ds}"))
         if f"pass_at_k_{ds}" in figs:
             B.append(Figure(figs[f"pass_at_k_{ds}"], f"{ds}: pass@k of the target before and after each iteration, "
@@ -225,8 +202,8 @@ def btp_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Sec
             imp = (e.get("improvement") or {}).get(k1)
             sec.summaries.append(Summary(
                 name=name, kind="btp", models=f"{src} -> {tgt}", dataset=ds, protocol=proto.short(),
-                comparable=verdict.level, before=fmt_metric(e["target_before"], k1),
-                after=fmt_metric(e["target_after"], k1), gain=fmt_improvement(imp) if imp else "-"))
+                comparable=verdict.level, before=_cell(e["target_before"], k1),
+                after=_cell(e["target_after"], k1), gain=fmt_diff(imp) if imp else "-"))
     if stats:
         B.append(Heading("Iterations", level + 1))
         rows = []
@@ -234,9 +211,9 @@ def btp_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Sec
             b, sm, t = s["buffer"], s["sampling"], s.get("training") or {}
             fl = (f"{t['first_loss']:.3f} -> {t['last_loss']:.3f}" if t.get("first_loss") is not None else "-")
             rows.append([str(s["iteration"]), str(b["size"]), str(b["new_this_iteration"]),
-                         _num(b["p2value"].get("mean")), str(sm["draws"]), str(sm["unique_programs_drawn"]),
-                         _pct(sm["share_fully_passing_drawn"]), _pct(sm["share_zero_pass_drawn"]),
-                         _num(sm["effective_sample_size"], 1), fl])
+                         fmt_num(b["p2value"].get("mean")), str(sm["draws"]), str(sm["unique_programs_drawn"]),
+                         fmt_pct(sm["share_fully_passing_drawn"]), fmt_pct(sm["share_zero_pass_drawn"]),
+                         fmt_num(sm["effective_sample_size"], 1), fl])
         B.append(Table(["iteration", "buffer", "new", "mean P2Value", "drawn", "unique drawn", "fully passing drawn",
                         "zero-pass drawn", "ESS", "loss first -> last"], rows,
                        caption="replay buffer and prioritized sampling per iteration", name="btp-iterations"))
@@ -245,8 +222,8 @@ def btp_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Sec
             for role, g in (s.get("generation") or {}).items():
                 grows.append([str(s["iteration"]), role, str(g.get("model")), str(g.get("problems", "-")),
                               str(g.get("candidates")), str(g.get("generated_new", "-")),
-                              _pct(g.get("share_passing")), _num(g.get("mean_pass_rate")),
-                              str(g.get("problems_solved")), _num(g.get("mean_seq_prob"))])
+                              fmt_pct(g.get("share_passing")), fmt_num(g.get("mean_pass_rate")),
+                              str(g.get("problems_solved")), fmt_num(g.get("mean_seq_prob"))])
         if grows:
             B.append(Table(["iteration", "role", "model", "problems", "programs", "generated by this run",
                             "fully passing", "mean pass rate", "problems solved", "mean sequence prob."], grows,
@@ -270,12 +247,10 @@ def btp_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Sec
 
 
 def baseline_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Section:
-    from codedistill.btp.plots import plot_pass_at_k
-
     run_dir = Path(run_dir)
     metrics = load_json(run_dir / "metrics.json") or {}
     config = load_json(run_dir / "config.json") or {}
-    cfg = _cfg(config)
+    cfg = settings(config)
     proto = baseline_protocol(config, metrics)
     verdict = comparability(proto)
     model = cfg.get("model", "?")
@@ -289,8 +264,8 @@ def baseline_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -
     ks = ks_of(metrics)
     rows = []
     for k in ks:
-        lo, hi = ci_bounds(metrics[k])
-        rows.append([k, f"{metrics[k]['value']:.3f}", f"[{lo:.3f}, {hi:.3f}]"])
+        e = Estimate.from_dict(metrics[k])
+        rows.append([k, f"{e.value:.3f}", f"[{e.low:.3f}, {e.high:.3f}]"])
     B.append(Table(["metric", "value", "95% CI"], rows,
                    caption=f"{metrics.get('n_problems')} problems, {metrics.get('num_samples')} samples per problem; "
                            "percentile bootstrap over problems", name="baseline-passk"))
@@ -301,7 +276,7 @@ def baseline_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -
         k1 = ks[0]
         sec.summaries.append(Summary(name=name, kind="baseline", models=model, dataset=proto.dataset,
                                      protocol=proto.short(), comparable=verdict.level,
-                                     after=fmt_metric(metrics, k1) + (f" ({k1})" if k1 != "pass@1" else "")))
+                                     after=_cell(metrics, k1) + (f" ({k1})" if k1 != "pass@1" else "")))
     return sec
 
 
@@ -320,14 +295,12 @@ def _variant_protocol(root: Path, run_dir: str | None, dataset: str) -> tuple[Pr
         return None
     names = list((comp or {}).get("datasets") or {})
     ds = dataset if dataset in names or not names else names[0]
-    ds = ds or str(_cfg(config).get("dataset", "?"))
+    ds = ds or str(settings(config).get("dataset", "?"))
     p = btp_protocol(config, comp, ds)
     return p, comparability(p)
 
 
 def ablation_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Section:
-    from codedistill.report.plots import plot_ablation
-
     run_dir = Path(run_dir)
     a = load_json(run_dir / "ablation.json")
     variants = a.get("variants") or []
@@ -352,16 +325,17 @@ def ablation_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -
     rows = []
     for v in variants:
         m, d = v.get("metrics") or {}, v.get("diff") or {}
-        rows.append([v.get("name", "?"), str(v.get("group", "")), *(fmt_metric(m, k) for k in ks),
-                     *(("reference" if v.get("name") == ref else fmt_improvement(d.get(k))) for k in dks),
+        rows.append([v.get("name", "?"), str(v.get("group", "")), *(_cell(m, k) for k in ks),
+                     *(("reference" if v.get("name") == ref else fmt_diff(d.get(k))) for k in dks),
                      str(v.get("generated_new", "-")), str(v.get("status", "-"))])
-    B.append(Table(["variant", "group", *ks, *(f"diff {k} [95% CI]" for k in dks), "new programs", "status"], rows, caption="pass@k with 95% bootstrap CI per variant; diff = paired difference "
-                   "to the reference", name="ablation"))
+    B.append(Table(["variant", "group", *ks, *(f"diff {k} [95% CI]" for k in dks), "new programs", "status"], rows,
+                   caption="pass@k with 95% bootstrap CI per variant; diff = paired difference to the reference",
+                   name="ablation"))
     points = [(label, a.get(key)) for label, key in (("target before BTP", "target_before"), ("source", "source"))
               if a.get(key)]
     if points:
         pks = ks_of(*[m for _, m in points])
-        B.append(Table(["reference point", *pks], [[label, *(fmt_metric(m, k) for k in pks)] for label, m in points],
+        B.append(Table(["reference point", *pks], [[label, *(_cell(m, k) for k in pks)] for label, m in points],
                        caption="the same held-out problems without BTP (the base target) and the source",
                        name="ablation-points"))
     done = [v for v in variants if (v.get("metrics") or {}).get("pass@1")]
@@ -370,16 +344,16 @@ def ablation_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -
         fig = plot_ablation(done, Path(plot_dir) / "ablation_pass1.png", "pass@1", ref,
                             title=f"{a.get('dataset')}: pass@1 per variant (95% CI); dashed line = {ref}",
                             baseline=before["value"] if before else None)
-        B.append(Figure(fig, "ablation: pass@1 per variant with 95% bootstrap CIs; the reference hatched, its value dashed"))
+        B.append(Figure(fig, "ablation: pass@1 per variant with 95% bootstrap CIs; the reference hatched, "
+                             "its value dashed"))
     over = [[v.get("name", "?"), str(v.get("description", "")),
              ", ".join(f"{k}={val}" for k, val in (v.get("overrides") or {}).items()) or "-"] for v in variants]
     B.append(Table(["variant", "what it changes", "overrides of the base config"], over, name="ablation-overrides"))
     if refv and (refv.get("metrics") or {}).get("pass@1"):
-        p = pv[0] if pv else None
         sec.summaries.append(Summary(name=name, kind="ablation (reference)", models=str(a.get("base_config")),
-                                     dataset=str(a.get("dataset")), protocol=p.short() if p else "-",
+                                     dataset=str(a.get("dataset")), protocol=pv[0].short() if pv else "-",
                                      comparable=pv[1].level if pv else "-",
-                                     after=fmt_metric(refv["metrics"], "pass@1")))
+                                     after=_cell(refv["metrics"], "pass@1")))
     return sec
 
 
@@ -387,8 +361,6 @@ def ablation_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -
 
 
 def sweep_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Section:
-    from codedistill.report.plots import plot_importance, plot_sweep_history
-
     run_dir = Path(run_dir)
     s = load_json(run_dir / "sweep.json")
     trials = s.get("trials") or []
@@ -411,22 +383,24 @@ def sweep_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> S
     for t in sorted(trials, key=lambda t: t.get("number", 0)):
         inter = t.get("intermediate") or {}
         rows.append([str(t.get("number")), str(t.get("state")) + (" (interrupted)" if t.get("interrupted") else ""),
-                     _num(t.get("value")),
-                     *(_param((t.get("params") or {}).get(p, "-")) for p in params),
-                     ", ".join(f"{k}: {float(v):.3f}" for k, v in sorted(inter.items(), key=lambda kv: int(kv[0]))) or "-"])
+                     fmt_num(t.get("value")),
+                     *(fmt_param((t.get("params") or {}).get(p, "-")) for p in params),
+                     ", ".join(f"{k}: {float(v):.3f}" for k, v in sorted(inter.items(), key=lambda kv: int(kv[0])))
+                     or "-"])
     B.append(Table(["trial", "state", "objective", *params, "per-iteration values"], rows,
                    caption=f"all trials; objective = {s.get('objective')}", name="sweep-trials"))
     best = s.get("best")
     if best:
         B.append(Heading("Best configuration", level + 1))
-        B.append(Table(["parameter", "value"], [[k, _param(v)] for k, v in (best.get("params") or {}).items()],
-                       caption=f"trial {best.get('number')}, objective {_num(best.get('value'))}; saved as best.yaml",
+        B.append(Table(["parameter", "value"], [[k, fmt_param(v)] for k, v in (best.get("params") or {}).items()],
+                       caption=f"trial {best.get('number')}, objective {fmt_num(best.get('value'))}; "
+                               "saved as best.yaml",
                        name="sweep-best"))
         tm = best.get("test_metrics")
         if tm:
             ks = ks_of(tm)
             B.append(Table(["model", *ks], [[f"best trial {best.get('number')} (test split)",
-                                             *(fmt_metric(tm, k) for k in ks)]],
+                                             *(_cell(tm, k) for k in ks)]],
                            caption="the best trial evaluated once on the test split (95% bootstrap CI)",
                            name="sweep-best-test"))
             pv = (_variant_protocol(run_dir, best.get("test_run_dir"), "")
@@ -440,7 +414,7 @@ def sweep_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> S
             sec.summaries.append(Summary(name=name, kind="sweep (best, test)", models=f"trial {best.get('number')}",
                                          dataset="-", protocol=pv[0].short() if pv else "-",
                                          comparable=comparability(pv[0]).level if pv else "-",
-                                         after=fmt_metric(tm, "pass@1")))
+                                         after=_cell(tm, "pass@1")))
     if trials:
         fig = plot_sweep_history(trials, Path(plot_dir) / "sweep_history.png", s.get("direction", "maximize"),
                                  str(s.get("objective", "objective")))
@@ -455,8 +429,6 @@ def sweep_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> S
 
 
 def matrix_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Section:
-    from codedistill.report.plots import plot_before_after
-
     run_dir = Path(run_dir)
     mx = load_json(run_dir / "matrix.json")
     rows_in = mx.get("rows") or []
@@ -470,15 +442,15 @@ def matrix_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> 
         pv = _variant_protocol(run_dir, r.get("run_dir"), r.get("dataset", ""))
         rows.append([str(r.get("config")), str(r.get("source")), str(r.get("target")),
                      "yes" if r.get("same_family") else "no", str(r.get("dataset")),
-                     fmt_metric(r.get("before"), "pass@1") if r.get("before") and "pass@1" in r["before"] else _one(r.get("before")),
-                     fmt_metric(r.get("after"), "pass@1") if r.get("after") and "pass@1" in r["after"] else _one(r.get("after")),
-                     fmt_improvement(_imp(r.get("gain"))), pv[1].level if pv else "-", str(r.get("status", "-"))])
+                     _one(r.get("before")), _one(r.get("after")),
+                     fmt_diff(_imp(r.get("gain"))), pv[1].level if pv else "-", str(r.get("status", "-"))])
         b, a = _as_metrics(r.get("before")), _as_metrics(r.get("after"))
         if b and a:
             plot_rows.append((f"{r.get('source')}\n-> {r.get('target')}", b, a))
         if r.get("after"):
             sec.summaries.append(Summary(name=f"{name}/{r.get('config')}", kind="matrix row",
-                                         models=f"{r.get('source')} -> {r.get('target')}", dataset=str(r.get("dataset")),
+                                         models=f"{r.get('source')} -> {r.get('target')}",
+                                         dataset=str(r.get("dataset")),
                                          protocol=pv[0].short() if pv else "-", comparable=pv[1].level if pv else "-",
                                          before=rows[-1][5], after=rows[-1][6], gain=rows[-1][7]))
     B.append(Table(["config", "source", "target", "same family", "dataset", "before pass@1", "after pass@1",
@@ -492,7 +464,7 @@ def matrix_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> 
 
 
 def _as_metrics(m: Any) -> dict[str, Any] | None:
-    """A matrix cell is a metric ({value, low, high}) or a pass@k report ({"pass@1": metric})."""
+    """A matrix cell is an estimate ({value, ci_low, ci_high}) or a pass@k report ({"pass@1": estimate})."""
     if not m:
         return None
     if "pass@1" in m:
@@ -503,8 +475,7 @@ def _as_metrics(m: Any) -> dict[str, Any] | None:
 
 
 def _one(m: Any) -> str:
-    mm = _as_metrics(m)
-    return fmt_metric(mm, "pass@1") if mm else "-"
+    return _cell(_as_metrics(m), "pass@1")
 
 
 def _imp(g: Any) -> Any:
