@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, TypeVar
+from typing import Any, Literal, Mapping, Optional, TypeVar
 
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError,
                       field_serializer, field_validator, model_serializer, model_validator)
@@ -282,14 +282,15 @@ SECTIONS: tuple[type[BaseModel], ...] = (ModelSettings, DataSettings, Generation
                                          TrainingSettings, EvaluationSettings, RuntimeSettings, BackendSettings)
 
 
-def build_config(yaml_values: dict[str, Any] | None, overrides: dict[str, Any]) -> BTPConfig:
+def build_config(yaml_values: Mapping[str, Any] | None, overrides: Mapping[str, Any],
+                 config_cls: type[BTPConfig] = BTPConfig) -> BTPConfig:
     """Defaults < YAML file < flags (``None`` flags are "not given")."""
     vals: dict[str, Any] = dict(yaml_values or {})
     vals.update({k: v for k, v in overrides.items() if v is not None})
     # YAML may use dashes like the flags
     vals = {k.replace("-", "_"): v for k, v in vals.items()}
     try:
-        return BTPConfig(**vals)
+        return config_cls(**vals)
     except ValidationError as e:
         msgs = "; ".join(
             f"{'.'.join(str(x) for x in err['loc']) or 'config'}: {err['msg']}" for err in e.errors()
