@@ -15,8 +15,9 @@ from __future__ import annotations
 import inspect
 import sys
 import types
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import typer
 from pydantic import BaseModel
@@ -56,7 +57,7 @@ EXPANDED: dict[str, tuple[type[BaseModel], Mapping[str, Mapping[str, Any]]]] = {
     "serving": (ServingConfig, SERVING_OPTIONS),
 }
 CONFIG_OPTION = inspect.Parameter(
-    "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+    "config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
     default=typer.Option(None, "--config", help="YAML file of settings (flags override it)."))
 Run = Callable[[BTPConfig], None]
 
@@ -98,7 +99,7 @@ def field_option(name: str, f: FieldInfo, overrides: Mapping[str, Any] | None = 
     extra = {**(f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}), **(overrides or {})}
     typ = option_type(f.annotation, bool(extra.get(REPEAT)))
     opt = typer.Option(None, *option_names(name, f.annotation, extra), help=_help(f, extra))
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=Optional[typ])
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=typ | None)
 
 
 def config_options(config_cls: type[BTPConfig] = BTPConfig) -> list[inspect.Parameter]:
@@ -135,7 +136,7 @@ def make_command(run: Run, config_cls: type[BTPConfig] = BTPConfig, doc: str = "
     """A typer command with ``--config`` and one option per setting of ``config_cls``; it calls
     ``run`` with the resolved config."""
 
-    def command(config: Optional[Path] = None, **flags: Any) -> None:
+    def command(config: Path | None = None, **flags: Any) -> None:
         run(config_from_flags(config, flags, config_cls))
 
     params = [CONFIG_OPTION, *config_options(config_cls)]

@@ -10,11 +10,21 @@ stay flat; ``cfg.section(ReplaySettings)`` gives one section on its own.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, TypeVar
+from typing import Any, Literal, TypeVar
 
-from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError,
-                      field_serializer, field_validator, model_serializer, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from codedistill.btp.p2value import DEFAULT_P2_ALPHA
 from codedistill.btp.samplers import MAX_SAMPLING_ALPHA, SAMPLING_METHODS
@@ -45,8 +55,8 @@ class ModelSettings(BaseModel):
 
     source_model: str = Field("tiny-source", description="Alias (StarCoder2-15B, tiny-source, ...), hub id or dir.")
     target_model: str = Field("tiny-target", description="Alias, hub id or dir of the model to fine-tune.")
-    source_variant: Optional[Literal["base", "instruct"]] = Field(None, description="base | instruct")
-    target_variant: Optional[Literal["base", "instruct"]] = Field(None, description="base | instruct")
+    source_variant: Literal["base", "instruct"] | None = Field(None, description="base | instruct")
+    target_variant: Literal["base", "instruct"] | None = Field(None, description="base | instruct")
     mode: Literal["finetune", "self", "mixed"] = Field(
         "finetune", description="finetune (source teaches) | self (target teaches itself) | mixed")
 
@@ -57,9 +67,9 @@ class DataSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field("mbpp", description="Training set: mbpp | mbpp-sanitized | synth (train split).")
-    data_path: Optional[str] = Field(None, description="Local dataset file/folder.")
-    max_problems: Optional[int] = Field(None, ge=1, description="First N training problems.")
-    eval_max_problems: Optional[int] = Field(None, ge=1, description="First N held-out problems.")
+    data_path: str | None = Field(None, description="Local dataset file/folder.")
+    max_problems: int | None = Field(None, ge=1, description="First N training problems.")
+    eval_max_problems: int | None = Field(None, ge=1, description="First N held-out problems.")
     eval_datasets: list[str] = Field(default_factory=list,
                                      description="Extra held-out sets, e.g. humaneval (comma-separated).")
     allow_overlap: bool = Field(False, description="Allow train/eval overlap (reported in bold).")
@@ -97,7 +107,7 @@ class GenerationSettings(BaseModel):
     generation: Literal["beam", "sample", "egcfg"] = Field(
         "beam", description="beam | sample | egcfg (EG-CFG's agents write the programs; HF backend)")
     egcfg: EGCFGConfig = Field(
-        default_factory=EGCFGConfig,
+        default_factory=lambda: EGCFGConfig.model_validate({}),
         description="EG-CFG settings (EGCFGConfig fields; a JSON object on the command line) with "
                     "generation=egcfg: every agent's program enters the buffer. max_new_tokens defaults "
                     "to the run's; the resolved config records the fields given.")
@@ -147,7 +157,7 @@ class ReplaySettings(BaseModel):
                                   description=f"Priority exponent (0-{MAX_SAMPLING_ALPHA:g}).")
     is_weights: bool = Field(False, description="Importance-sampling weights on the loss.")
     is_beta: float = Field(0.4, ge=0.0, le=1.0, description="IS exponent beta in [0, 1].")
-    replay_size: Optional[int] = Field(None, ge=1, description="Draws per iteration (default: buffer size).")
+    replay_size: int | None = Field(None, ge=1, description="Draws per iteration (default: buffer size).")
     p_mode: Literal["normalized", "raw"] = Field(
         "normalized", description="P in P2Value: exp(mean token logprob) or the paper's raw exp(sum logprob)")
     min_pass_rate: float = Field(
@@ -196,17 +206,17 @@ class RuntimeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    generation_cache: Optional[str] = Field(
+    generation_cache: str | None = Field(
         None, description="directory shared by runs (ablation variants, sweep trials) holding generations, "
         "verdicts and base-model evaluations keyed by their settings; reused instead of regenerated")
     seed: int = Field(0, description="Seed of sampling, replay draws and training.")
     timeout: float = Field(3.0, gt=0, description="Seconds per program in the sandbox.")
-    workers: Optional[int] = Field(None, ge=1, description="Parallel sandboxes.")
-    device: Optional[str] = Field(None, description="cpu | cuda (default: cuda if available).")
+    workers: int | None = Field(None, ge=1, description="Parallel sandboxes.")
+    device: str | None = Field(None, description="cpu | cuda (default: cuda if available).")
     dtype: str = Field("auto", description="auto | bf16 | fp16 | fp32")
     gen_batch_size: int = Field(16, ge=1, description="Sequences per generate call.")
     chunk_size: int = Field(8, ge=1, description="Problems per checkpointed chunk.")
-    output_dir: Optional[str] = Field(None, description="Run directory (restart the same command to resume).")
+    output_dir: str | None = Field(None, description="Run directory (restart the same command to resume).")
 
 
 class BackendSettings(BaseModel):
@@ -215,14 +225,15 @@ class BackendSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Optional[Literal["hf", "vllm", "openai"]] = Field(
+    backend: Literal["hf", "vllm", "openai"] | None = Field(
         None, description="hf | vllm | openai for both roles (default: the registry's: hf, or openai for API models).")
-    source_backend: Optional[Literal["hf", "vllm", "openai"]] = Field(
+    source_backend: Literal["hf", "vllm", "openai"] | None = Field(
         None, description="hf | vllm | openai for the source.")
-    target_backend: Optional[Literal["hf", "vllm"]] = Field(
+    target_backend: Literal["hf", "vllm"] | None = Field(
         None, description="hf | vllm for the target's generation (self-samples, evaluations; vllm serves "
                           "its LoRA adapter).")
-    serving: ServingConfig = Field(default_factory=ServingConfig, description="endpoints, keys, vLLM settings")
+    serving: ServingConfig = Field(default_factory=lambda: ServingConfig.model_validate({}),
+                                   description="endpoints, keys, vLLM settings")
 
 
 class BTPConfig(BackendSettings, RuntimeSettings, EvaluationSettings, TrainingSettings, ReplaySettings,

@@ -9,8 +9,9 @@ the section, so its values and defaults come from the same declarations.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -41,7 +42,7 @@ class TrainingSettings(BaseModel):
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling alpha.")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
-    lora_target_modules: Optional[list[str]] = Field(
+    lora_target_modules: list[str] | None = Field(
         None, description="Modules LoRA adapts, comma-separated (default: the registry's per-family list; "
                           "all-linear: every linear layer).")
     learning_rate: float = Field(2e-4, gt=0.0, description="Peak learning rate (AdamW, linear warmup and decay).",
@@ -55,7 +56,7 @@ class TrainingSettings(BaseModel):
     merge: bool = Field(False, description="Also write iter_K/merged/ (LoRA folded in).")
     num_processes: int = Field(1, ge=1, description="Training processes: each fine-tuning phase runs under "
                                                     "`accelerate launch` (generation stays single-process).")
-    accelerate_config: Optional[str] = Field(
+    accelerate_config: str | None = Field(
         None, description="ddp | fsdp | zero2 | zero3 (configs/accelerate/) or an accelerate YAML.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory).")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
