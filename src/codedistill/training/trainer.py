@@ -10,79 +10,30 @@ reach this module (only program text does).
 
 from __future__ import annotations
 
-import functools
 import math
 import random
+import sys
 import tempfile
-from dataclasses import dataclass, field
+import time
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from codedistill.errors import ConfigError
+from codedistill.models.loading import load_causal_lm
+from codedistill.training.settings import TrainExample, TrainResult, TrainSettings, check_qlora, check_report_to
 
 IGNORE_INDEX = -100
 
 
-@dataclass
-class TrainExample:
-    prompt: str
-    completion: str
-    weight: float = 1.0
-    task_id: str = ""
-
-
-@dataclass
-class TrainSettings:
-    learning_rate: float = 2e-4
-    epochs: int = 1
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 1024
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    max_grad_norm: float = 1.0
-    use_lora: bool = True
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] | str | None = None
-    add_eos: bool = True
-    prompt_special_tokens: bool = True  # False for chat templates (they hold BOS already)
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"  # no | bf16 | fp16 (autocast; fp32 master weights)
-    load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA only)
-    report_to: list[str] = field(default_factory=list)  # tensorboard | wandb | mlflow
-    logging_dir: str | None = None  # the Trainer's output_dir: trackers' logs (nothing else)
-
-
-@dataclass
-class TrainResult:
-    losses: list[float] = field(default_factory=list)  # one per optimizer step
-    steps: int = 0
-    examples: int = 0
-    completion_tokens: int = 0
-    truncated: int = 0
-    straddled: int = 0  # examples whose boundary token straddled prompt and completion
-    tokens_per_second: float = 0.0
-    trainer: Any = field(default=None, repr=False, compare=False)  # the Trainer (saving sharded models)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "losses": self.losses,
-            "steps": self.steps,
-            "examples": self.examples,
-            "completion_tokens": self.completion_tokens,
-            "truncated": self.truncated,
-            "straddled": self.straddled,
-            "tokens_per_second": round(self.tokens_per_second, 1),
-            "first_loss": self.losses[0] if self.losses else None,
-            "last_loss": self.losses[-1] if self.losses else None,
-        }
-
-
 def set_seed(seed: int) -> None:
-    import torch
-
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -114,8 +65,6 @@ def split_prompt_completion(
         enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
                         return_special_tokens_mask=True)
     except NotImplementedError:  # a slow (pure Python) tokenizer has no offsets
-        from codedistill.errors import ConfigError
-
         raise ConfigError(
             f"{type(tokenizer).__name__} gives no character offsets; load the fast tokenizer "
             "(AutoTokenizer.from_pretrained(path), use_fast=True) to fine-tune on it"
@@ -175,8 +124,6 @@ def encode_example(
 
 
 def collate(features: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    import torch
-
     n = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), n), pad_id, dtype=torch.long)
     labels = torch.full((len(features), n), IGNORE_INDEX, dtype=torch.long)
@@ -190,12 +137,19 @@ def collate(features: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "weights": weights}
 
 
+class PaddingCollator:
+    """Batches encoded examples (:func:`collate`), padding with the tokenizer's pad id."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return collate(features, self.pad_id)
+
+
 def completion_loss(logits: Any, labels: Any, weights: Any | None = None) -> Any:
     """Mean next-token cross-entropy over labelled (completion) positions; each token
     weighted by its example's importance weight (sum w*ce / number of tokens)."""
-    import torch
-    import torch.nn.functional as F
-
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     ce = F.cross_entropy(
@@ -213,34 +167,6 @@ def completion_loss(logits: Any, labels: Any, weights: Any | None = None) -> Any
     return (ce * valid_w).sum() / denom
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_model(path: str | Path, device: str, dtype: str = "auto") -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if dtype == "auto":
-        td = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    else:
-        td = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-              "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=td)
-    return model.to(device)
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
-    return tok
-
-
 def prepare_model(
     base_path: str | Path,
     settings: TrainSettings,
@@ -254,20 +180,18 @@ def prepare_model(
     ``init_from`` is the previous iteration's ``adapter/`` (LoRA) or ``model/`` (full).
     The global RNG is seeded first, so a new adapter's initialisation is reproducible.
     """
-    import warnings
-
     set_seed(seed)
     if settings.load_in_4bit:
         return _prepare_qlora(base_path, settings, device, init_from)
     if not settings.use_lora:
-        return load_model(init_from or base_path, device, dtype)
+        return load_causal_lm(init_from or base_path, device, dtype)
     from peft import PeftModel, get_peft_model
 
     # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning
     # on every adapter, nothing a user can act on)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-    model = load_model(base_path, device, dtype)
+    model = load_causal_lm(base_path, device, dtype)
     if init_from is not None:
         return PeftModel.from_pretrained(model, str(init_from), is_trainable=True)
     return get_peft_model(model, _lora_config(settings))
@@ -280,34 +204,9 @@ def _lora_config(settings: TrainSettings) -> Any:
                       target_modules=settings.lora_target_modules or "all-linear", bias="none", task_type="CAUSAL_LM")
 
 
-def check_qlora(settings: TrainSettings, device: str) -> None:
-    """QLoRA's requirements, as ConfigErrors that name the fix."""
-    import importlib.util
-
-    from codedistill.errors import ConfigError
-
-    if not settings.load_in_4bit:
-        return
-    if not settings.use_lora:
-        raise ConfigError("--load-in-4bit (QLoRA) trains a LoRA adapter on a frozen 4-bit base: add --use-lora")
-    if not str(device).startswith("cuda"):
-        raise ConfigError(f"--load-in-4bit (QLoRA) needs a CUDA GPU (bitsandbytes' 4-bit kernels); device is "
-                          f"{device!r}: drop --load-in-4bit to train LoRA in full precision here")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("--load-in-4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes")
-
-
-def check_training(settings: TrainSettings, device: str) -> None:
-    """Everything about the training settings that can be checked before a run starts."""
-    check_qlora(settings, device)
-    _check_report_to(settings.report_to)
-
-
 def _prepare_qlora(base_path: str | Path, settings: TrainSettings, device: str, init_from: str | Path | None) -> Any:
     """The base in 4-bit NF4 (double quantization, bf16 compute) + a LoRA adapter."""
-    import torch
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     check_qlora(settings, device)
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -327,7 +226,7 @@ def train(
     examples: Sequence[TrainExample],
     settings: TrainSettings,
     seed: int,
-    log: Any = None,
+    log: Callable[[str], None] | None = None,
     output_dir: str | Path | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place on ``examples`` with transformers' ``Trainer``; returns
@@ -341,25 +240,62 @@ def train(
     rest (accelerate/DDP/FSDP/DeepSpeed, gradient accumulation and checkpointing, mixed
     precision, ``report_to``) is the library's.
 
-    Reproduces the hand-written loop this replaced (bit for bit with ``grad_accum`` 1 and
-    no LoRA dropout, checked on the tiny Llama of tests/test_btp_trainer.py; with dropout
-    the Trainer's data loader draws from the global RNG, so the dropout masks differ, still
-    seeded): the same data order (one ``torch.randperm`` per epoch from a generator seeded
-    with ``seed``), ``torch.optim.AdamW`` on the trainable parameters, the same
-    warmup-then-linear schedule, gradient clipping, and a step's loss = importance-weighted token cross-entropy summed over the step's
-    completion tokens / their number (with ``grad_accum`` 1 this is the old per-batch mean;
-    with more, the token mean over the whole accumulated step; across processes, the token
-    mean over the global batch, so N processes with ``batch_size``/N each give the
-    single-process curve).
+    The data order is one ``torch.randperm`` per epoch from a generator seeded with ``seed``;
+    the optimizer ``torch.optim.AdamW`` on the trainable parameters, with linear warmup then
+    linear decay and gradient clipping. A step's loss is the importance-weighted token
+    cross-entropy summed over the step's completion tokens / their number (with
+    ``grad_accum`` 1 the per-batch mean; with more, the token mean over the whole
+    accumulated step; across processes, the token mean over the global batch, so N
+    processes with ``batch_size``/N each give the single-process curve). Bit for bit
+    reproducible given the seed with ``grad_accum`` 1 and no LoRA dropout; with dropout the
+    Trainer's data loader draws from the global RNG, still seeded.
     """
-    from transformers import TrainingArguments
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     result = TrainResult()
     if not examples:
         return result
-    _check_report_to(settings.report_to)
+    check_report_to(settings.report_to)
     set_seed(seed)
+    feats = _encode_all(tokenizer, examples, settings, result)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = str(next(model.parameters()).device)
+    world = PartialState(cpu=device == "cpu").num_processes
+    bs = max(1, settings.batch_size)
+    if bs % world:
+        raise ConfigError(f"train batch size {bs} is the global batch: it must be divisible by the "
+                          f"{world} processes (e.g. --train-batch-size {bs - bs % world or world})")
+    ga = max(1, settings.grad_accum)
+    total = max(1, math.ceil(len(feats) / (bs * ga)) * settings.epochs)
+    # where trackers write (tensorboard: <dir>/runs/...); no checkpoints are saved there
+    out_s = output_dir or settings.logging_dir
+    scratch = None if out_s else tempfile.TemporaryDirectory(prefix="codedistill-train-")
+    out = Path(out_s) if out_s else Path(scratch.name)  # type: ignore[union-attr]
+    trainer = CompletionTrainer(
+        model=model,
+        args=_training_args(settings, out, bs // world, seed, total, device),
+        train_dataset=_ListDataset(feats),
+        data_collator=PaddingCollator(pad_id),
+        data_order=_EpochOrders(len(feats), settings.epochs, seed),
+        schedule=_lr_lambda(total, int(settings.warmup_ratio * total)),
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    progress = TrainProgress(trainer, result, log)
+    trainer.add_callback(progress)
+    try:
+        trainer.train()
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    result.steps = len(result.losses)
+    result.tokens_per_second = progress.tokens_per_second
+    result.trainer = trainer
+    model.eval()
+    return result
+
+
+def _encode_all(tokenizer: Any, examples: Sequence[TrainExample], settings: TrainSettings,
+                result: TrainResult) -> list[dict[str, Any]]:
+    """Every example encoded (:func:`encode_example`) with its weight; counts into ``result``."""
     feats = []
     for ex in examples:
         f = encode_example(tokenizer, ex.prompt, ex.completion, settings.max_length, settings.add_eos,
@@ -370,29 +306,15 @@ def train(
         result.completion_tokens += sum(1 for x in f["labels"] if x != IGNORE_INDEX)
         feats.append(f)
     result.examples = len(feats)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return feats
 
-    from accelerate import PartialState
 
-    device = str(next(model.parameters()).device)
-    world = PartialState(cpu=device == "cpu").num_processes
-    bs = max(1, settings.batch_size)
-    if bs % world:
-        from codedistill.errors import ConfigError
-
-        raise ConfigError(f"train batch size {bs} is the global batch: it must be divisible by the "
-                          f"{world} processes (e.g. --train-batch-size {bs - bs % world or world})")
-    ga = max(1, settings.grad_accum)
-    steps_per_epoch = math.ceil(len(feats) / (bs * ga))
-    total = max(1, steps_per_epoch * settings.epochs)
-    # where trackers write (tensorboard: <dir>/runs/...); no checkpoints are saved there
-    out_s = output_dir or settings.logging_dir
-    scratch = None if out_s else tempfile.TemporaryDirectory(prefix="codedistill-train-")
-    out = Path(out_s) if out_s else Path(scratch.name)
-    args = TrainingArguments(
+def _training_args(settings: TrainSettings, out: Path, per_device_batch: int, seed: int, total: int,
+                   device: str) -> TrainingArguments:
+    return TrainingArguments(
         output_dir=str(out),
-        per_device_train_batch_size=bs // world,
-        gradient_accumulation_steps=ga,
+        per_device_train_batch_size=per_device_batch,
+        gradient_accumulation_steps=max(1, settings.grad_accum),
         num_train_epochs=settings.epochs,
         max_steps=total,
         learning_rate=settings.learning_rate,
@@ -414,42 +336,17 @@ def train(
         average_tokens_across_devices=True,
         ddp_find_unused_parameters=False,
     )
-    CompletionTrainer, TrainProgress = _classes()
-    trainer = CompletionTrainer(
-        model=model,
-        args=args,
-        train_dataset=_ListDataset(feats),
-        data_collator=lambda fs: collate(fs, pad_id),
-        data_order=_EpochOrders(len(feats), settings.epochs, seed),
-        schedule=_lr_lambda(total, int(settings.warmup_ratio * total)),
-    )
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    progress = TrainProgress(trainer, result, log)
-    trainer.add_callback(progress)
-    try:
-        trainer.train()
-    finally:
-        if scratch is not None:
-            scratch.cleanup()
-    result.steps = len(result.losses)
-    result.tokens_per_second = progress.tokens_per_second
-    result.trainer = trainer
-    model.eval()
-    return result
 
 
 def _checkpointing_args(on: bool) -> dict[str, Any]:
     """Gradient (activation) checkpointing, non-reentrant (works with frozen inputs under
     LoRA); transformers 5 renamed the argument ``activation_checkpointing``."""
-    from transformers import TrainingArguments
-
     name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
         else "gradient_checkpointing"
     return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
 
 
-def _lr_lambda(total: int, warm: int) -> Any:
+def _lr_lambda(total: int, warm: int) -> Callable[[int], float]:
     def lr_at(step: int) -> float:
         if warm and step < warm:
             return (step + 1) / warm
@@ -473,13 +370,10 @@ class _ListDataset:
 
 class _EpochOrders:
     """The training order: epoch e is the e-th ``torch.randperm`` of a generator seeded
-    with the run's seed (the order of the loop this trainer replaced). Each iteration
-    (one per epoch; accelerate shards the batches built from it over processes) yields the
-    next epoch's permutation."""
+    with the run's seed. Each iteration (one per epoch; accelerate shards the batches built
+    from it over processes) yields the next epoch's permutation."""
 
     def __init__(self, n: int, epochs: int, seed: int):
-        import torch
-
         gen = torch.Generator().manual_seed(seed)
         self.orders = [torch.randperm(n, generator=gen).tolist() for _ in range(max(1, epochs))]
         self.n = n
@@ -488,148 +382,106 @@ class _EpochOrders:
     def __len__(self) -> int:
         return self.n
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         order = self.orders[min(self.calls, len(self.orders) - 1)]
         self.calls += 1
         return iter(order)
 
 
-@functools.cache
-def _classes() -> tuple[type, type]:
-    """(CompletionTrainer, TrainProgress), defined on first use: importing transformers'
-    Trainer takes seconds, and this module is imported by every BTP command."""
-    from transformers import Trainer, TrainerCallback
+class CompletionTrainer(Trainer):
+    """``Trainer`` with BTP's loss: completion tokens only, each weighted by its example's
+    importance-sampling weight, normalised by the step's (global) number of completion
+    tokens; plus the fixed data order, AdamW on the trainable parameters and the schedule."""
 
-    class CompletionTrainer(Trainer):
-        """``Trainer`` with BTP's loss: completion tokens only, each weighted by its example's
-        importance-sampling weight, normalised by the step's (global) number of completion
-        tokens; plus the fixed data order and the old loop's optimizer and schedule."""
+    def __init__(self, *a: Any, data_order: Any, schedule: Callable[[int], float], **kw: Any):
+        super().__init__(*a, **kw)
+        self._data_order = data_order
+        self._schedule = schedule
+        # our compute_loss takes num_items_in_batch: Trainer then counts the labelled
+        # tokens of the whole (accumulated, all-process) step and does not divide by GA
+        self.model_accepts_loss_kwargs = True
+        self.step_loss = 0.0
+        self.step_tokens = 0
 
-        def __init__(self, *a: Any, data_order: Any, schedule: Any, **kw: Any):
-            super().__init__(*a, **kw)
-            self._data_order = data_order
-            self._schedule = schedule
-            # our compute_loss takes num_items_in_batch: Trainer then counts the labelled
-            # tokens of the whole (accumulated, all-process) step and does not divide by GA
-            self.model_accepts_loss_kwargs = True
-            self.step_loss = 0.0
-            self.step_tokens = 0
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        return self._data_order
 
-        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            return self._data_order
+    def create_optimizer(self, model: Any = None) -> Any:
+        if self.optimizer is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.AdamW(params, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
+        return self.optimizer
 
-        def create_optimizer(self, model: Any = None) -> Any:
-            import torch
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        if self.lr_scheduler is None:
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, self._schedule)
+        return self.lr_scheduler
 
-            if self.optimizer is None:
-                params = [p for p in self.model.parameters() if p.requires_grad]
-                self.optimizer = torch.optim.AdamW(params, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
-            return self.optimizer
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        weights = inputs.pop("weights", None)
+        labels = inputs.pop("labels")
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        if num_items_in_batch is None:  # evaluation, or Trainer did not count
+            loss = completion_loss(outputs.logits, labels, weights)
+        else:
+            n_local = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+            loss = completion_loss(outputs.logits, labels, weights) * n_local / num_items_in_batch
+            self.step_loss += float(loss.detach())
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        self.step_tokens += int(inputs["attention_mask"].sum())
+        return (loss, outputs) if return_outputs else loss
 
-        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-            import torch
-
-            if self.lr_scheduler is None:
-                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, self._schedule)
-            return self.lr_scheduler
-
-        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
-            weights = inputs.pop("weights", None)
-            labels = inputs.pop("labels")
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            if num_items_in_batch is None:  # evaluation, or Trainer did not count
-                loss = completion_loss(outputs.logits, labels, weights)
-            else:
-                n_local = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
-                loss = completion_loss(outputs.logits, labels, weights) * n_local / num_items_in_batch
-                self.step_loss += float(loss.detach())
-                if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-                    loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
-            self.step_tokens += int(inputs["attention_mask"].sum())
-            return (loss, outputs) if return_outputs else loss
-
-        def pop_step(self) -> tuple[float, int]:
-            """This step's loss (summed over processes) and tokens (all processes)."""
-            import torch
-
-            t = torch.tensor([self.step_loss, float(self.step_tokens)], device=self.args.device)
-            if self.accelerator.num_processes > 1:
-                t = self.accelerator.reduce(t, reduction="sum")
-            self.step_loss, self.step_tokens = 0.0, 0
-            return float(t[0]), int(t[1])
+    def pop_step(self) -> tuple[float, int]:
+        """This step's loss (summed over processes) and tokens (all processes)."""
+        t = torch.tensor([self.step_loss, float(self.step_tokens)], device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            t = self.accelerator.reduce(t, reduction="sum")
+        self.step_loss, self.step_tokens = 0.0, 0
+        return float(t[0]), int(t[1])
 
 
-    class TrainProgress(TrainerCallback):
-        """Records the per-step loss curve and shows a progress bar with loss and tokens/s
-        (tqdm, on the main process, only on a terminal); elsewhere one summary line at the end."""
+class TrainProgress(TrainerCallback):
+    """Records the per-step loss curve and shows a progress bar with loss and tokens/s
+    (tqdm, on the main process, only on a terminal); elsewhere one summary line at the end."""
 
-        def __init__(self, trainer: Any, result: TrainResult, log: Any = None):
-            self.trainer, self.result, self.log = trainer, result, log
-            self.bar = None
-            self.tokens = 0
-            self.t0 = 0.0
-            self.tokens_per_second = 0.0
+    def __init__(self, trainer: CompletionTrainer, result: TrainResult, log: Callable[[str], None] | None = None):
+        self.trainer, self.result, self.log = trainer, result, log
+        self.bar: Any = None
+        self.tokens = 0
+        self.t0 = 0.0
+        self.tokens_per_second = 0.0
 
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            import sys
-            import time
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.t0 = time.perf_counter()
+        if state.is_world_process_zero and sys.stderr.isatty():
+            from tqdm.auto import tqdm
 
-            self.t0 = time.perf_counter()
-            if state.is_world_process_zero and sys.stderr.isatty():
-                from tqdm.auto import tqdm
+            self.bar = tqdm(total=state.max_steps, desc="fine-tuning", unit="step", leave=False)
 
-                self.bar = tqdm(total=state.max_steps, desc="fine-tuning", unit="step", leave=False)
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        loss, tokens = self.trainer.pop_step()
+        self.result.losses.append(loss)
+        self.tokens += tokens
+        dt = max(1e-9, time.perf_counter() - self.t0)
+        self.tokens_per_second = self.tokens / dt
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens_per_second:.0f}", refresh=False)
+            self.bar.update(1)
 
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            import time
-
-            loss, tokens = self.trainer.pop_step()
-            self.result.losses.append(loss)
-            self.tokens += tokens
-            dt = max(1e-9, time.perf_counter() - self.t0)
-            self.tokens_per_second = self.tokens / dt
-            if self.bar is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens_per_second:.0f}", refresh=False)
-                self.bar.update(1)
-
-        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            import sys
-            import time
-
-            if self.bar is not None:
-                self.bar.close()
-            if not state.is_world_process_zero or not self.result.losses:
-                return
-            L = self.result.losses
-            line = (f"fine-tuned {len(L)} steps in {time.perf_counter() - self.t0:.1f}s: loss {L[0]:.4f} -> "
-                    f"{L[-1]:.4f}, {self.tokens_per_second:.0f} tokens/s")
-            if self.log is not None:
-                self.log(line)
-            elif self.bar is None:
-                print(line, file=sys.stderr)
-
-    return CompletionTrainer, TrainProgress
-
-
-REPORT_TO = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-
-
-def _check_report_to(report_to: Sequence[str]) -> None:
-    """Each tracker's package must be installed (none is in the default install); runs
-    stay offline: wandb in offline mode, mlflow to a local ./mlruns unless configured."""
-    import importlib.util
-    import os
-
-    from codedistill.errors import ConfigError
-
-    for name in report_to:
-        if name not in REPORT_TO:
-            raise ConfigError(f"unknown --report-to {name!r}; use one of {', '.join(REPORT_TO)}")
-        if importlib.util.find_spec(REPORT_TO[name]) is None:
-            raise ConfigError(f"--report-to {name} needs its package: pip install {name}")
-    if "wandb" in report_to:
-        os.environ.setdefault("WANDB_MODE", "offline")
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if not state.is_world_process_zero or not self.result.losses:
+            return
+        L = self.result.losses
+        line = (f"fine-tuned {len(L)} steps in {time.perf_counter() - self.t0:.1f}s: loss {L[0]:.4f} -> "
+                f"{L[-1]:.4f}, {self.tokens_per_second:.0f} tokens/s")
+        if self.log is not None:
+            self.log(line)
+        elif self.bar is None:
+            print(line, file=sys.stderr)
 
 
 def save_trained(model: Any, tokenizer: Any, out_dir: str | Path, use_lora: bool) -> Path:
