@@ -4,8 +4,9 @@ returned ``ui.RunPlan`` adds an estimate of the time after the first chunk."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from codedistill.btp.models import generating_roles
 from codedistill.btp.phases.generate import generation_tag

@@ -24,7 +24,8 @@ training is rerun from the previous iteration's saved adapter with the same seed
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from codedistill.baseline import generation_report_lines
 from codedistill.btp.announce import announce_plan

@@ -5,7 +5,8 @@ stops a vLLM server) before fine-tuning and at the end of a run."""
 from __future__ import annotations
 
 import gc
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from codedistill.btp.plan import ResolvedInputs
 from codedistill.generation import close_generator, generator_usage, make_generator, merge_usage

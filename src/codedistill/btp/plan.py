@@ -4,8 +4,9 @@ that no training problem is an evaluation problem."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from codedistill.btp.config import BTPConfig
 from codedistill.data import load_problems

@@ -12,8 +12,9 @@ it finds in ``iter_K/``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from codedistill.baseline import record_generation
 from codedistill.btp.gencache import GenerationCache

@@ -3,9 +3,9 @@ pool, the shared generation cache, the time estimate, and how many programs it g
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from codedistill.btp.gencache import GenerationCache
 from codedistill.btp.models import GeneratorCache

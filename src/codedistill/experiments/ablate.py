@@ -15,13 +15,25 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from codedistill.btp.config import BTPConfig, build_config
-from codedistill.experiments.run import (fmt_diff, fmt_metric, generated_total, improvement, load_experiment,
-                                         metric)
-from codedistill.experiments.variants import Variant, select
+from codedistill.btp.loop import run_btp
+from codedistill.experiments.grpo import run_grpo
+from codedistill.experiments.run import (
+    ensure_models,
+    fmt_diff,
+    fmt_metric,
+    generated_total,
+    improvement,
+    load_experiment,
+    metric,
+)
+from codedistill.experiments.variants import select
+from codedistill.metrics import counts_from_results, paired_bootstrap
+from codedistill.report.plots import plot_ablation as draw
 from codedistill.runs import read_jsonl, write_json
 
 Log = Callable[[str], None]
@@ -29,8 +41,6 @@ Log = Callable[[str], None]
 
 def final_counts(run_dir: Path, comparison: Mapping[str, Any], ds: str) -> dict[str, tuple[int, int]]:
     """(n, c) per problem of a run's last evaluation of the target."""
-    from codedistill.metrics import counts_from_results
-
     stage = f"target_iter{comparison['n_iterations']}"
     return dict(counts_from_results(read_jsonl(run_dir / "eval" / stage / ds / "results.jsonl")))
 
@@ -70,10 +80,6 @@ def run_ablation(config_path: str | Path, output_dir: str | Path, variants: str 
     """Run (or resume) every selected variant and write the table. ``table_only``: run
     nothing, tabulate the variants whose run directories are finished (the others are
     listed as not run)."""
-    from codedistill.btp.loop import run_btp
-    from codedistill.experiments.grpo import run_grpo
-    from codedistill.experiments.run import ensure_models
-
     out = Path(output_dir)
     ref, rows = plan_variants(config_path, out, variants, overrides)
     ensure_models(ref)
@@ -106,8 +112,6 @@ def run_ablation(config_path: str | Path, output_dir: str | Path, variants: str 
 
 def write_outputs(out: Path, config_path: str | Path, ref: BTPConfig, rows: list[dict[str, Any]],
                   results: Mapping[str, Any], errors: Mapping[str, str]) -> dict[str, Any]:
-    from codedistill.metrics import paired_bootstrap
-
     ds = ref.dataset
     ref_comp = results.get("full")
     ref_counts = final_counts(out / "variants" / "full", ref_comp, ds) if ref_comp else None
@@ -168,9 +172,10 @@ def ablation_markdown(s: Mapping[str, Any], ref: BTPConfig) -> str:
              "- diff: the variant minus the full method on the same problems and evaluation seeds "
              "(paired bootstrap).", ""]
     if s.get("target_before"):
-        lines.append(f"- target before training: " + ", ".join(f"{k} {fmt_metric(s['target_before'].get(k))}" for k in ks))
+        lines.append("- target before training: "
+                     + ", ".join(f"{k} {fmt_metric(s['target_before'].get(k))}" for k in ks))
     if s.get("source"):
-        lines.append(f"- source (teacher): " + ", ".join(f"{k} {fmt_metric(s['source'].get(k))}" for k in ks))
+        lines.append("- source (teacher): " + ", ".join(f"{k} {fmt_metric(s['source'].get(k))}" for k in ks))
     lines += ["", "| variant | group | " + " | ".join(ks) + " | diff pass@1 vs full | generated | status |",
               "|---|---|" + "---|" * len(ks) + "---|---|---|"]
     for v in s["variants"]:
@@ -184,8 +189,6 @@ def ablation_markdown(s: Mapping[str, Any], ref: BTPConfig) -> str:
 
 def plot_ablation(s: Mapping[str, Any], path: Path) -> None:
     """The bar plot of the finished variants (drawn by the report's plot_ablation)."""
-    from codedistill.report.plots import plot_ablation as draw
-
     done = [v for v in s["variants"] if v["status"] == "done" and "pass@1" in v["metrics"]]
     if not done:
         return

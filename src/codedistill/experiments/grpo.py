@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from codedistill.btp.config import BTPConfig
 from codedistill.btp.phases.finetune import train_settings
@@ -104,7 +105,7 @@ def train_grpo(run: RunState, budget: dict[str, int]) -> dict[str, Any]:
         data_seed=seed, use_cpu=inputs.device == "cpu", bf16=False, fp16=False, disable_tqdm=True,
         beta=0.0,
     )
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
+    trainer: Any = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
                           processing_class=tok, peft_config=peft_config)
     # TRL's per-step metrics go to iter_1/grpo_log.jsonl, not to the console (150 dict lines)
     trainer.remove_callback(PrinterCallback)
@@ -155,7 +156,8 @@ class PassRateReward:
         self.samples_log = JsonlWriter(samples_path)
         self.counter: dict[str, Any] = {"programs": 0, "passed": 0, "reward_sum": 0.0}
 
-    def __call__(self, prompts: list[Any], completions: list[Any], task_id: list[str], **kw: Any) -> list[float]:
+    def __call__(self, prompts: list[Any], completions: list[Any], task_id: list[str],
+                 **kw: Any) -> list[float | None]:
         cfg = self.run.inputs.cfg
         pairs, recs = [], []
         for text, tid in zip(completions, task_id):
@@ -164,12 +166,12 @@ class PassRateReward:
             pairs.append((program, prob))
             recs.append({"task_id": tid, "completion": completion})
         verdicts = execute(pairs, workers=cfg.workers, timeout=cfg.timeout, pool=self.run.pool)
-        rewards = [float(v["pass_rate"]) for v in verdicts]
+        rewards: list[float | None] = [float(v["pass_rate"]) for v in verdicts]
         for r, v in zip(recs, verdicts):
             self.samples_log.write({**r, "pass_rate": v["pass_rate"], "passed": v["passed"]})
         self.counter["programs"] += len(rewards)
         self.counter["passed"] += sum(bool(v["passed"]) for v in verdicts)
-        self.counter["reward_sum"] += sum(rewards)
+        self.counter["reward_sum"] += sum(float(v["pass_rate"]) for v in verdicts)
         return rewards
 
     def close(self) -> None:
@@ -191,8 +193,8 @@ def _grpo_progress(path: Any, counter: dict[str, Any]) -> Any:
 
     class GRPOProgress(TrainerCallback):
         def __init__(self) -> None:
-            self.bar = None
-            self.writer = None
+            self.bar: Any = None
+            self.writer: JsonlWriter | None = None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             path.unlink(missing_ok=True)  # a killed earlier start's steps: this start trains from scratch

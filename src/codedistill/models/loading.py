@@ -50,7 +50,8 @@ def load_causal_lm(path: str | Path, device: str, dtype: str = "auto", spread: b
     if spread and device == "cuda":
         kwargs["device_map"] = "auto"
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs).to(device)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    return model.to(device)
 
 
 def ensure_pad_token(tokenizer: Any) -> Any:

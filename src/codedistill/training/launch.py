@@ -19,9 +19,10 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from codedistill.errors import ConfigError
 from codedistill.models.loading import load_tokenizer

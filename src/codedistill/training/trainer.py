@@ -16,8 +16,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,7 +86,8 @@ def split_prompt_completion(
         return ids[:b], completion_ids, False
     p_enc = tokenizer(prompt, add_special_tokens=add_special_tokens, return_special_tokens_mask=True)
     p_ids = list(p_enc["input_ids"])
-    while p_ids and p_enc["special_tokens_mask"][len(p_ids) - 1] and p_ids[-1] == getattr(tokenizer, "eos_token_id", None):
+    eos = getattr(tokenizer, "eos_token_id", None)
+    while p_ids and p_enc["special_tokens_mask"][len(p_ids) - 1] and p_ids[-1] == eos:
         p_ids.pop()  # a tokenizer that appends EOS to every text
     head = list(tokenizer(text[n:offsets[b][1]], add_special_tokens=False)["input_ids"])
     return p_ids, head + completion_ids[1:], True
@@ -408,13 +410,16 @@ class CompletionTrainer(Trainer):
 
     def create_optimizer(self, model: Any = None) -> Any:
         if self.optimizer is None:
+            assert self.model is not None
             params = [p for p in self.model.parameters() if p.requires_grad]
             self.optimizer = torch.optim.AdamW(params, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         if self.lr_scheduler is None:
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, self._schedule)
+            optimizer = optimizer or self.optimizer
+            assert optimizer is not None
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._schedule)
         return self.lr_scheduler
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from codedistill.baseline import evaluate_generator, make_sampler
 from codedistill.btp.gencache import ids_hash, model_id

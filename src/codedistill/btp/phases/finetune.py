@@ -8,8 +8,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from codedistill.btp.plan import ResolvedInputs
 from codedistill.models.loading import load_tokenizer
@@ -51,8 +52,8 @@ def train_iteration(inputs: ResolvedInputs, iteration: int, examples: list[Train
     seed = derive_seed(cfg.seed, "train", iteration)
     t0 = time.time()
     log(f"[iter {iteration}] fine-tuning {inputs.target_spec.alias} on {len(examples)} examples "
-        f"({'LoRA r=%d' % settings.lora_r if cfg.use_lora else 'full'}"
-        f"{', %d processes' % cfg.num_processes if cfg.num_processes > 1 else ''})")
+        f"({f'LoRA r={settings.lora_r}' if cfg.use_lora else 'full'}"
+        f"{f', {cfg.num_processes} processes' if cfg.num_processes > 1 else ''})")
     training = _Training(inputs, iteration, settings, seed, prev)
     if cfg.num_processes > 1 or cfg.accelerate_config:
         result = training.launched(examples, log)

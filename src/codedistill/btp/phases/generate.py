@@ -10,7 +10,8 @@ redone after a kill gives the same programs.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -155,7 +156,7 @@ class _Phase:
 
     def plan_chunks(self, rec: _Records, problems: Sequence[Problem]) -> list[list[Problem]]:
         """The chunks with untested problems; sizes the progress bars and says how many."""
-        todo = [c for c in chunks(problems, self.cfg.chunk_size) if any(p.task_id not in rec.verd for p in c)]
+        todo = [c for c in chunks(list(problems), self.cfg.chunk_size) if any(p.task_id not in rec.verd for p in c)]
         if todo:
             n = sum(len(c) for c in todo)
             self.run.log(f"[iter {self.iteration}] {self.role}: {self.cfg.generation} on {n} problems"

@@ -4,8 +4,9 @@ prioritized draw (P2Value over the eligible programs) and the training examples 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
