@@ -74,7 +74,7 @@ def train_grpo(run: RunState, budget: dict[str, int]) -> dict[str, Any]:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     inputs = run.inputs
     cfg = inputs.cfg
@@ -97,16 +97,9 @@ def train_grpo(run: RunState, budget: dict[str, int]) -> dict[str, Any]:
     model = load_causal_lm(inputs.target_path, inputs.device, inputs.dtype(spec))
     peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                              target_modules=settings.lora_target_modules, task_type="CAUSAL_LM")
-    args = GRPOConfig(
-        output_dir=str(it_dir / "grpo_trainer"), per_device_train_batch_size=g * prompts_per_step,
-        gradient_accumulation_steps=1, num_generations=g, max_completion_length=cfg.max_new_tokens,
-        temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, learning_rate=cfg.learning_rate,
-        num_train_epochs=budget.get("rounds", 1), logging_steps=1, save_strategy="no", report_to="none", seed=seed,
-        data_seed=seed, use_cpu=inputs.device == "cpu", bf16=False, fp16=False, disable_tqdm=True,
-        beta=0.0,
-    )
+    args = _grpo_config(inputs, it_dir, budget, prompts_per_step, seed)
     trainer: Any = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
-                          processing_class=tok, peft_config=peft_config)
+                               processing_class=tok, peft_config=peft_config)
     # TRL's per-step metrics go to iter_1/grpo_log.jsonl, not to the console (150 dict lines)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -127,19 +120,41 @@ def train_grpo(run: RunState, budget: dict[str, int]) -> dict[str, Any]:
             w.write({"step": i + 1, "loss": float(h["loss"]), "reward": h.get("reward")})
     del trainer, model
     torch.manual_seed(0)
-    counter = reward.counter
+    training = {"method": "grpo", "losses": losses, "steps": len(losses), "seconds": round(time.time() - t0, 2),
+                "seed": seed, "learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,
+                "prompts_per_step": prompts_per_step, "num_generations": g, "beta": 0.0,
+                "rewards": [h.get("reward") for h in hist]}
+    return _grpo_stats(inputs, reward.counter, budget, training)
+
+
+def _grpo_config(inputs: ResolvedInputs, it_dir: Path, budget: dict[str, int], prompts_per_step: int,
+                 seed: int) -> Any:
+    from trl import GRPOConfig
+
+    cfg = inputs.cfg
+    g = budget["num_generations"]
+    return GRPOConfig(
+        output_dir=str(it_dir / "grpo_trainer"), per_device_train_batch_size=g * prompts_per_step,
+        gradient_accumulation_steps=1, num_generations=g, max_completion_length=cfg.max_new_tokens,
+        temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, learning_rate=cfg.learning_rate,
+        num_train_epochs=budget.get("rounds", 1), logging_steps=1, save_strategy="no", report_to="none", seed=seed,
+        data_seed=seed, use_cpu=inputs.device == "cpu", bf16=False, fp16=False, disable_tqdm=True,
+        beta=0.0,
+    )
+
+
+def _grpo_stats(inputs: ResolvedInputs, counter: dict[str, Any], budget: dict[str, int],
+                training: dict[str, Any]) -> dict[str, Any]:
+    """iter_1/stats.json's content (before the evaluation is added)."""
     n = max(1, counter["programs"])
     return {
         "iteration": 1, "mode": "grpo",
-        "generation": {"target": {"model": spec.alias, "candidates": counter["programs"],
+        "generation": {"target": {"model": inputs.target_spec.alias, "candidates": counter["programs"],
                                   "generated_new": counter["programs"], "problems": len(inputs.train),
                                   "share_passing": counter["passed"] / n,
                                   "mean_pass_rate": counter["reward_sum"] / n}},
         "budget": budget,
-        "training": {"method": "grpo", "losses": losses, "steps": len(losses), "seconds": round(time.time() - t0, 2),
-                     "seed": seed, "learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,
-                     "prompts_per_step": prompts_per_step, "num_generations": g, "beta": 0.0,
-                     "rewards": [h.get("reward") for h in hist]},
+        "training": training,
     }
 
 
