@@ -83,12 +83,12 @@ def test_output_dir_of_another_run_is_refused(tmp_path):
     out = tmp_path / "run"
     base = ["--source-model", "tiny-source", "--target-model", "tiny-target", "--dataset", "synth",
             "--max-problems", "3", "--output-dir", str(out)]
-    from codedistill.btp.loop import Plan
+    from codedistill.btp.plan import ResolvedInputs
     from codedistill.runs import RunDir
 
     cfg = build_config({}, {"source_model": "tiny-source", "target_model": "tiny-target", "dataset": "synth",
                             "max_problems": 3, "seed": 5, "output_dir": str(out)})
-    plan = Plan(cfg)
+    plan = ResolvedInputs(cfg)
     RunDir(out).open({**cfg.experiment_dict(), "source_spec": plan.source_spec.to_dict(),
                       "target_spec": plan.target_spec.to_dict()}, kind="btp")
     r = _run(base, timeout=120)

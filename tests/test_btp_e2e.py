@@ -14,7 +14,8 @@ pytest.importorskip("peft")
 from codedistill.btp._testing import build_throwaway_pair  # noqa: E402
 from codedistill.btp.config import BTPConfig, build_config  # noqa: E402
 from codedistill.runs import read_jsonl  # noqa: E402
-from codedistill.btp.loop import Plan, find_near_duplicates, find_overlap, run_btp  # noqa: E402
+from codedistill.btp.loop import run_btp  # noqa: E402
+from codedistill.btp.plan import ResolvedInputs, find_near_duplicates, find_overlap  # noqa: E402
 from codedistill.errors import ConfigError  # noqa: E402
 
 
@@ -131,7 +132,7 @@ def test_rerun_of_finished_run_is_a_noop_and_other_config_is_refused(run_dir, pa
 
 def test_bad_input_is_refused_early(pair, tmp_path):
     with pytest.raises(ConfigError, match="Unknown model"):
-        Plan(small_cfg(pair, tmp_path / "a", source_model="NoSuchModel-9B"))
+        ResolvedInputs(small_cfg(pair, tmp_path / "a", source_model="NoSuchModel-9B"))
     with pytest.raises(ConfigError, match="sampling method"):
         small_cfg(pair, tmp_path / "b", sampling_method="boltzmann")
     with pytest.raises(ConfigError, match="sampling_alpha"):
@@ -159,8 +160,8 @@ def test_overlap_is_refused_unless_allowed_and_then_reported_in_bold(pair, tmp_p
     data = _mbpp_with_leak(tmp_path)
     kw = dict(dataset="mbpp", data_path=str(data), max_problems=2, eval_max_problems=2)
     with pytest.raises(ConfigError, match="allow-overlap"):
-        Plan(small_cfg(pair, tmp_path / "r1", **kw))
-    plan = Plan(small_cfg(pair, tmp_path / "r2", allow_overlap=True, **kw))
+        ResolvedInputs(small_cfg(pair, tmp_path / "r1", **kw))
+    plan = ResolvedInputs(small_cfg(pair, tmp_path / "r2", allow_overlap=True, **kw))
     assert plan.overlap == ["Mbpp/601"]
     # the real MBPP splits are disjoint
     from codedistill.data import load_problems
@@ -170,7 +171,7 @@ def test_overlap_is_refused_unless_allowed_and_then_reported_in_bold(pair, tmp_p
     # MBPP's standard split leaks one problem (704 == 248: same description and reference)
     assert find_overlap(tr, te) == ["Mbpp/704"]
     assert find_overlap(tr[:100], te) == []  # the seed command's --max-problems 100 is clean
-    dropped = Plan(small_cfg(pair, tmp_path / "r3", drop_overlap=True, **kw))
+    dropped = ResolvedInputs(small_cfg(pair, tmp_path / "r3", drop_overlap=True, **kw))
     assert dropped.overlap == [] and dropped.dropped == ["Mbpp/601"]
     assert "Mbpp/601" not in [p.task_id for p in dropped.train]
     # MBPP's four same-description pairs are listed, not refused
@@ -207,6 +208,6 @@ def test_mixed_mode_sampling_generation_and_is_weights(pair, tmp_path):
 
 
 def test_humaneval_as_extra_eval_set(pair, tmp_path):
-    plan = Plan(small_cfg(pair, tmp_path / "he", eval_datasets=["humaneval"], eval_max_problems=3))
+    plan = ResolvedInputs(small_cfg(pair, tmp_path / "he", eval_datasets=["humaneval"], eval_max_problems=3))
     assert list(plan.evals) == ["synth", "humaneval"]
     assert len(plan.evals["humaneval"]) == 3 and plan.overlap == []

@@ -8,10 +8,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from codedistill.btp.trainer import (  # noqa: E402
+from codedistill.training.settings import TrainExample, TrainSettings  # noqa: E402
+from codedistill.training.trainer import (  # noqa: E402
     IGNORE_INDEX,
-    TrainExample,
-    TrainSettings,
     collate,
     completion_loss,
     encode_example,

@@ -13,8 +13,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-from codedistill.btp.trainer import TrainExample, TrainSettings, load_tokenizer, prepare_model, train  # noqa: E402
 from codedistill.errors import ConfigError  # noqa: E402
+from codedistill.models.loading import load_tokenizer  # noqa: E402
+from codedistill.training.settings import TrainExample, TrainSettings  # noqa: E402
+from codedistill.training.trainer import prepare_model, train  # noqa: E402
 from codedistill.training.launch import (  # noqa: E402
     CONFIG_DIR,
     NAMED_CONFIGS,

@@ -159,7 +159,7 @@ def test_empty_completion_has_no_probability_mass():
     program with the same pass rate, and an EG-CFG candidate with no tokens carries P = 0."""
     import math
 
-    from codedistill.btp.loop import sequence_p
+    from codedistill.btp.phases.replay import sequence_p
     from codedistill.btp.p2value import p2value
     from codedistill.generation.base import Candidate, seq_prob
 

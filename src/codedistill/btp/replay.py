@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from codedistill.runs import JsonlWriter, read_jsonl
 from codedistill.btp.p2value import DEFAULT_P2_ALPHA, p2value, program_key
+from codedistill.runs import JsonlWriter, read_jsonl
 
 
 @dataclass
@@ -48,7 +49,7 @@ class ReplayEntry:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ReplayEntry":
+    def from_dict(cls, d: dict[str, Any]) -> ReplayEntry:
         names = cls.__dataclass_fields__.keys()
         return cls(**{k: v for k, v in d.items() if k in names})
 

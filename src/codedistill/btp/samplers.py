@@ -18,8 +18,8 @@ their maximum so they only scale the loss down.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -38,7 +38,7 @@ def check_sampling(method: str, alpha: float) -> None:
         )
 
 
-def ranks(values: Sequence[float]) -> np.ndarray:
+def ranks(values: Sequence[float] | np.ndarray) -> np.ndarray:
     """1-based ranks, highest value first, ties in index order."""
     v = np.asarray(values, dtype=float)
     order = np.lexsort((np.arange(len(v)), -v))  # primary: -v, secondary: index

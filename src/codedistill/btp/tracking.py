@@ -9,8 +9,9 @@ The training loss curves go there through the trainer's own ``report_to``.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 
 def flat_metrics(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:

@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from codedistill.btp.config import BTPConfig, build_config
-from codedistill.experiments.run import generated_total, load_experiment
-from codedistill.experiments.variants import Variant, select
+from codedistill.btp.loop import run_btp
+from codedistill.experiments.grpo import run_grpo
+from codedistill.experiments.run import ensure_models, generated_total, load_experiment
+from codedistill.experiments.variants import select
+from codedistill.metrics import counts_from_results, paired_bootstrap
 from codedistill.report.format import fmt_diff, fmt_metric
-from codedistill.report.plots import plot_ablation as draw_ablation
+from codedistill.report.plots import plot_ablation as draw
 from codedistill.runs import read_jsonl, write_json
 
 Log = Callable[[str], None]
@@ -30,8 +34,6 @@ Log = Callable[[str], None]
 
 def final_counts(run_dir: Path, comparison: Mapping[str, Any], ds: str) -> dict[str, tuple[int, int]]:
     """(n, c) per problem of a run's last evaluation of the target."""
-    from codedistill.metrics import counts_from_results
-
     stage = f"target_iter{comparison['n_iterations']}"
     return dict(counts_from_results(read_jsonl(run_dir / "eval" / stage / ds / "results.jsonl")))
 
@@ -71,10 +73,6 @@ def run_ablation(config_path: str | Path, output_dir: str | Path, variants: str 
     """Run (or resume) every selected variant and write the table. ``table_only``: run
     nothing, tabulate the variants whose run directories are finished (the others are
     listed as not run)."""
-    from codedistill.btp.loop import run_btp
-    from codedistill.experiments.grpo import run_grpo
-    from codedistill.experiments.run import ensure_models
-
     out = Path(output_dir)
     ref, rows = plan_variants(config_path, out, variants, overrides)
     ensure_models(ref)
@@ -107,8 +105,6 @@ def run_ablation(config_path: str | Path, output_dir: str | Path, variants: str 
 
 def write_outputs(out: Path, config_path: str | Path, ref: BTPConfig, rows: list[dict[str, Any]],
                   results: Mapping[str, Any], errors: Mapping[str, str]) -> dict[str, Any]:
-    from codedistill.metrics import paired_bootstrap
-
     ds = ref.dataset
     ref_comp = results.get("full")
     ref_counts = final_counts(out / "variants" / "full", ref_comp, ds) if ref_comp else None
@@ -169,9 +165,10 @@ def ablation_markdown(s: Mapping[str, Any], ref: BTPConfig) -> str:
              "- diff: the variant minus the full method on the same problems and evaluation seeds "
              "(paired bootstrap).", ""]
     if s.get("target_before"):
-        lines.append(f"- target before training: " + ", ".join(f"{k} {fmt_metric(s['target_before'].get(k))}" for k in ks))
+        lines.append("- target before training: "
+                     + ", ".join(f"{k} {fmt_metric(s['target_before'].get(k))}" for k in ks))
     if s.get("source"):
-        lines.append(f"- source (teacher): " + ", ".join(f"{k} {fmt_metric(s['source'].get(k))}" for k in ks))
+        lines.append("- source (teacher): " + ", ".join(f"{k} {fmt_metric(s['source'].get(k))}" for k in ks))
     lines += ["", "| variant | group | " + " | ".join(ks) + " | diff pass@1 vs full | generated | status |",
               "|---|---|" + "---|" * len(ks) + "---|---|---|"]
     for v in s["variants"]:
@@ -189,6 +186,6 @@ def plot_ablation(s: Mapping[str, Any], path: Path) -> None:
     if not done:
         return
     before = (s.get("target_before") or {}).get("pass@1")
-    draw_ablation(done, path, metric="pass@1", reference=s.get("reference", "full"),
+    draw(done, path, metric="pass@1", reference=s.get("reference", "full"),
          title=f"Ablation: {Path(s['base_config']).name} on {s['dataset']}",
          baseline=before["value"] if before else None)

@@ -15,13 +15,24 @@ is restarted from the base model with the same seed (on CPU it takes minutes).
 
 from __future__ import annotations
 
-import json
+import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from codedistill.btp.config import BTPConfig
+from codedistill.btp.phases.finetune import train_settings
+from codedistill.btp.plan import ResolvedInputs
 from codedistill.report.plots import plot_loss_curves
+from codedistill.btp.runner import open_run_dir, run_experiment
+from codedistill.btp.state import RunState
+from codedistill.errors import ConfigError
+from codedistill.evaluation import execute
+from codedistill.models.loading import load_causal_lm, load_tokenizer
+from codedistill.prompts import PromptStyle, render_prompt, to_program
+from codedistill.runs import JsonlWriter, derive_seed
+from codedistill.ui import fmt_seconds
 
 Log = Callable[[str], None]
 
@@ -38,93 +49,69 @@ def grpo_budget(cfg: BTPConfig, n_problems: int) -> dict[str, int]:
     return out
 
 
-def train_grpo(plan: Any, pool: Any, log: Log) -> dict[str, Any]:
-    """GRPO on plan.train; saves iter_1/adapter (+ tokenizer). Returns the stats."""
+class GRPOStep:
+    """GRPO as the experiment's training step (one iteration)."""
+
+    def __init__(self, budget: dict[str, int]):
+        self.budget = budget
+
+    def train(self, run: RunState, k: int) -> dict[str, Any]:
+        run.models.release()
+        stats = train_grpo(run, self.budget)
+        run.generated["target_grpo"] = stats["generation"]["target"]["generated_new"]
+        return stats
+
+    def comparison_fields(self, stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return {"method": "grpo", "grpo": stats[0].get("budget")}
+
+    def close(self) -> None:
+        pass
+
+
+def train_grpo(run: RunState, budget: dict[str, int]) -> dict[str, Any]:
+    """GRPO on the training problems; saves iter_1/adapter (+ tokenizer). Returns the stats."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
-    from codedistill.btp.loop import _default_device, _dtype, _style, target_path, train_settings
-    from codedistill.btp.trainer import load_model, load_tokenizer
-    from codedistill.evaluation import execute
-    from codedistill.prompts import render_prompt, to_program
-    from codedistill.runs import JsonlWriter, derive_seed
-    from codedistill.ui import fmt_seconds
-
-    cfg = plan.cfg
-    it_dir = plan.out / "iter_1"
+    inputs = run.inputs
+    cfg = inputs.cfg
+    it_dir = inputs.out / "iter_1"
     it_dir.mkdir(parents=True, exist_ok=True)
-    spec = plan.target_spec
-    style = _style(spec)
-    tok = load_tokenizer(target_path(plan))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    budget = getattr(plan, "grpo_budget", None) or grpo_budget(cfg, len(plan.train))
+    spec = inputs.target_spec
+    style = PromptStyle.of(spec)
+    tok = load_tokenizer(inputs.target_path)
     g = budget["num_generations"]
     if g < 2:
-        from codedistill.errors import ConfigError
-
         raise ConfigError("GRPO needs at least 2 programs per problem (num_beams / num_samples >= 2)")
-    prompts_per_step = max(1, min(4, len(plan.train)))
-    by_id = {p.task_id: p for p in plan.train}
+    prompts_per_step = max(1, min(4, len(inputs.train)))
     rows = [{"prompt": render_prompt(p, style, tok if style.style == "chat" else None), "task_id": p.task_id}
-            for p in plan.train]
+            for p in inputs.train]
     dataset = Dataset.from_list(rows)
     seed = derive_seed(cfg.seed, "grpo")
-    device = cfg.device or _default_device()
-    settings = train_settings(plan)
+    settings = train_settings(inputs)
     (it_dir / "grpo_samples.tmp.jsonl").unlink(missing_ok=True)  # a killed earlier start's samples
-    samples_log = JsonlWriter(it_dir / "grpo_samples.tmp.jsonl")
-    counter = {"programs": 0, "passed": 0, "reward_sum": 0.0}
-
-    def pass_rate_reward(prompts, completions, task_id, **kw):  # noqa: ANN001 - TRL's signature
-        pairs, recs = [], []
-        for text, tid in zip(completions, task_id):
-            prob = by_id[tid]
-            completion, program = to_program(prob, style, text if isinstance(text, str) else text[-1]["content"])
-            pairs.append((program, prob))
-            recs.append({"task_id": tid, "completion": completion})
-        verdicts = execute(pairs, workers=cfg.workers, timeout=cfg.timeout, pool=pool)
-        rewards = [float(v["pass_rate"]) for v in verdicts]
-        for r, v in zip(recs, verdicts):
-            samples_log.write({**r, "pass_rate": v["pass_rate"], "passed": v["passed"]})
-        counter["programs"] += len(rewards)
-        counter["passed"] += sum(bool(v["passed"]) for v in verdicts)
-        counter["reward_sum"] += sum(rewards)
-        return rewards
-
-    model = load_model(target_path(plan), device, _dtype(cfg, spec))
-    targets = settings.lora_target_modules
+    reward = PassRateReward(run, it_dir / "grpo_samples.tmp.jsonl")
+    model = load_causal_lm(inputs.target_path, inputs.device, inputs.dtype(spec))
     peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                             target_modules=targets, task_type="CAUSAL_LM")
-    args = GRPOConfig(
-        output_dir=str(it_dir / "grpo_trainer"), per_device_train_batch_size=g * prompts_per_step,
-        gradient_accumulation_steps=1, num_generations=g, max_completion_length=cfg.max_new_tokens,
-        temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, learning_rate=cfg.learning_rate,
-        num_train_epochs=budget.get("rounds", 1), logging_steps=1, save_strategy="no", report_to="none", seed=seed,
-        data_seed=seed, use_cpu=device == "cpu", bf16=False, fp16=False, disable_tqdm=True,
-        beta=0.0,
-    )
-    trainer = GRPOTrainer(model=model, reward_funcs=pass_rate_reward, args=args, train_dataset=dataset,
-                          processing_class=tok, peft_config=peft_config)
+                             target_modules=settings.lora_target_modules, task_type="CAUSAL_LM")
+    args = _grpo_config(inputs, it_dir, budget, prompts_per_step, seed)
+    trainer: Any = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
+                               processing_class=tok, peft_config=peft_config)
     # TRL's per-step metrics go to iter_1/grpo_log.jsonl, not to the console (150 dict lines)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_grpo_progress(it_dir / "grpo_log.jsonl", counter))
+    trainer.add_callback(_grpo_progress(it_dir / "grpo_log.jsonl", reward.counter))
     t0 = time.time()
-    log(f"[grpo] {budget['problems']} problems x {g} programs = {budget['programs']} sampled programs "
-        f"({len(dataset) // prompts_per_step} steps of {g * prompts_per_step})")
+    run.log(f"[grpo] {budget['problems']} problems x {g} programs = {budget['programs']} sampled programs "
+            f"({len(dataset) // prompts_per_step} steps of {g * prompts_per_step})")
     trainer.train()
-    samples_log.close()
+    reward.close()
     (it_dir / "grpo_samples.tmp.jsonl").replace(it_dir / "grpo_samples.jsonl")
     trainer.model.save_pretrained(str(it_dir / "adapter"))
-    rw = [float(h["reward"]) for h in trainer.state.log_history if "reward" in h]
-    q = max(1, len(rw) // 10)
-    trend = f"; mean reward first {q} steps {sum(rw[:q]) / q:.3f} -> last {q} {sum(rw[-q:]) / q:.3f}" if rw else ""
-    log(f"[grpo] {len(rw)} step{'' if len(rw) == 1 else 's'}, {counter['programs']} programs sampled and tested "
-        f"({counter['passed']} passed) in {fmt_seconds(time.time() - t0)}{trend}")
+    _log_rewards(run.log, trainer.state.log_history, reward.counter, time.time() - t0)
     tok.save_pretrained(str(it_dir / "adapter"))
     hist = [h for h in trainer.state.log_history if "loss" in h]
     losses = [float(h["loss"]) for h in hist]
@@ -133,34 +120,96 @@ def train_grpo(plan: Any, pool: Any, log: Log) -> dict[str, Any]:
             w.write({"step": i + 1, "loss": float(h["loss"]), "reward": h.get("reward")})
     del trainer, model
     torch.manual_seed(0)
+    training = {"method": "grpo", "losses": losses, "steps": len(losses), "seconds": round(time.time() - t0, 2),
+                "seed": seed, "learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,
+                "prompts_per_step": prompts_per_step, "num_generations": g, "beta": 0.0,
+                "rewards": [h.get("reward") for h in hist]}
+    return _grpo_stats(inputs, reward.counter, budget, training)
+
+
+def _grpo_config(inputs: ResolvedInputs, it_dir: Path, budget: dict[str, int], prompts_per_step: int,
+                 seed: int) -> Any:
+    from trl import GRPOConfig
+
+    cfg = inputs.cfg
+    g = budget["num_generations"]
+    return GRPOConfig(
+        output_dir=str(it_dir / "grpo_trainer"), per_device_train_batch_size=g * prompts_per_step,
+        gradient_accumulation_steps=1, num_generations=g, max_completion_length=cfg.max_new_tokens,
+        temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, learning_rate=cfg.learning_rate,
+        num_train_epochs=budget.get("rounds", 1), logging_steps=1, save_strategy="no", report_to="none", seed=seed,
+        data_seed=seed, use_cpu=inputs.device == "cpu", bf16=False, fp16=False, disable_tqdm=True,
+        beta=0.0,
+    )
+
+
+def _grpo_stats(inputs: ResolvedInputs, counter: dict[str, Any], budget: dict[str, int],
+                training: dict[str, Any]) -> dict[str, Any]:
+    """iter_1/stats.json's content (before the evaluation is added)."""
     n = max(1, counter["programs"])
     return {
         "iteration": 1, "mode": "grpo",
-        "generation": {"target": {"model": spec.alias, "candidates": counter["programs"],
-                                  "generated_new": counter["programs"], "problems": len(plan.train),
+        "generation": {"target": {"model": inputs.target_spec.alias, "candidates": counter["programs"],
+                                  "generated_new": counter["programs"], "problems": len(inputs.train),
                                   "share_passing": counter["passed"] / n,
                                   "mean_pass_rate": counter["reward_sum"] / n}},
         "budget": budget,
-        "training": {"method": "grpo", "losses": losses, "steps": len(losses), "seconds": round(time.time() - t0, 2),
-                     "seed": seed, "learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,
-                     "prompts_per_step": prompts_per_step, "num_generations": g, "beta": 0.0,
-                     "rewards": [h.get("reward") for h in hist]},
+        "training": training,
     }
+
+
+class PassRateReward:
+    """TRL's reward function: each sampled program run in the sandbox (the run's pool),
+    rewarded with its pass rate; every sample logged to ``samples_path``."""
+
+    __name__ = "pass_rate_reward"  # TRL names the reward's metrics after it
+
+    def __init__(self, run: RunState, samples_path: Path):
+        self.run = run
+        self.by_id = {p.task_id: p for p in run.inputs.train}
+        self.style = PromptStyle.of(run.inputs.target_spec)
+        self.samples_log = JsonlWriter(samples_path)
+        self.counter: dict[str, Any] = {"programs": 0, "passed": 0, "reward_sum": 0.0}
+
+    def __call__(self, prompts: list[Any], completions: list[Any], task_id: list[str],
+                 **kw: Any) -> list[float | None]:
+        cfg = self.run.inputs.cfg
+        pairs, recs = [], []
+        for text, tid in zip(completions, task_id):
+            prob = self.by_id[tid]
+            completion, program = to_program(prob, self.style, text if isinstance(text, str) else text[-1]["content"])
+            pairs.append((program, prob))
+            recs.append({"task_id": tid, "completion": completion})
+        verdicts = execute(pairs, workers=cfg.workers, timeout=cfg.timeout, pool=self.run.pool)
+        rewards: list[float | None] = [float(v["pass_rate"]) for v in verdicts]
+        for r, v in zip(recs, verdicts):
+            self.samples_log.write({**r, "pass_rate": v["pass_rate"], "passed": v["passed"]})
+        self.counter["programs"] += len(rewards)
+        self.counter["passed"] += sum(bool(v["passed"]) for v in verdicts)
+        self.counter["reward_sum"] += sum(float(v["pass_rate"]) for v in verdicts)
+        return rewards
+
+    def close(self) -> None:
+        self.samples_log.close()
+
+
+def _log_rewards(log: Log, history: list[dict[str, Any]], counter: dict[str, Any], seconds: float) -> None:
+    rw = [float(h["reward"]) for h in history if "reward" in h]
+    q = max(1, len(rw) // 10)
+    trend = f"; mean reward first {q} steps {sum(rw[:q]) / q:.3f} -> last {q} {sum(rw[-q:]) / q:.3f}" if rw else ""
+    log(f"[grpo] {len(rw)} step{'' if len(rw) == 1 else 's'}, {counter['programs']} programs sampled and tested "
+        f"({counter['passed']} passed) in {fmt_seconds(seconds)}{trend}")
 
 
 def _grpo_progress(path: Any, counter: dict[str, Any]) -> Any:
     """A TrainerCallback: every logged step's metrics to ``path`` (JSONL), and a progress bar
     with the mean reward on a terminal."""
-    import sys
-
     from transformers import TrainerCallback
-
-    from codedistill.runs import JsonlWriter
 
     class GRPOProgress(TrainerCallback):
         def __init__(self) -> None:
-            self.bar = None
-            self.writer = None
+            self.bar: Any = None
+            self.writer: JsonlWriter | None = None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             path.unlink(missing_ok=True)  # a killed earlier start's steps: this start trains from scratch
@@ -191,50 +240,15 @@ def _grpo_progress(path: Any, counter: dict[str, Any]) -> Any:
 
 def run_grpo(cfg: BTPConfig, log: Log = print) -> dict[str, Any]:
     """The GRPO baseline as a run directory shaped like a one-iteration BTP run."""
-    from codedistill.btp.loop import Models, Plan, _quiet_transformers, build_comparison, evaluate
-    from codedistill.execution import Limits, SandboxPool
-    from codedistill.runs import JsonlWriter, RunDir, write_json
-
-    budget_cfg = cfg
-    cfg = cfg.model_copy(update={"n_iterations": 1, "use_lora": True, "mode": "finetune"})
-    plan = Plan(cfg)
-    plan.grpo_budget = grpo_budget(budget_cfg, len(plan.train))
-    _quiet_transformers()
-    config = {**cfg.experiment_dict(), "method": "grpo", "grpo": plan.grpo_budget,
-              "target_spec": plan.target_spec.to_dict()}
-    resumed = RunDir(plan.out).open(config, kind="grpo")
-    log(f"GRPO run in {plan.out}{' (resuming)' if resumed else ''}")
-    models = Models(plan, log)
-    pool = SandboxPool(workers=cfg.workers, limits=Limits(timeout=cfg.timeout))
-    it_dir = plan.out / "iter_1"
-    stats: list[dict[str, Any]] = []
+    inputs = ResolvedInputs(cfg.model_copy(update={"n_iterations": 1, "use_lora": True, "mode": "finetune"}))
+    budget = grpo_budget(cfg, len(inputs.train))
+    config = {**inputs.cfg.experiment_dict(), "method": "grpo", "grpo": budget,
+              "target_spec": inputs.target_spec.to_dict()}
+    resumed = open_run_dir(inputs, config, kind="grpo")
+    log(f"GRPO run in {inputs.out}{' (resuming)' if resumed else ''}")
+    outcome = run_experiment(inputs, GRPOStep(budget), log)
     try:
-        evals: dict[str, Any] = {"target_iter0": evaluate(plan, lambda: models.target(0), plan.target_spec,
-                                                          "target_iter0", pool, log)}
-        if cfg.eval_source:
-            evals["source"] = evaluate(plan, models.source, plan.source_spec, "source", pool, log)
-        if (it_dir / "DONE").exists():
-            st = json.loads((it_dir / "stats.json").read_text())
-        else:
-            models._drop()
-            st = train_grpo(plan, pool, log)
-            plan.generated["target_grpo"] = st["generation"]["target"]["generated_new"]
-        evals["target_iter1"] = evaluate(plan, lambda: models.target(1), plan.target_spec, "target_iter1", pool, log)
-        if not (it_dir / "DONE").exists():
-            st["eval"] = {ds: r["metrics"] for ds, r in evals["target_iter1"].items()}
-            write_json(it_dir / "stats.json", st)
-            (it_dir / "DONE").write_text("done\n")
-        stats.append(st)
-    finally:
-        pool.close()
-        with JsonlWriter(plan.out / "generated.jsonl") as w:
-            w.write({"generated": dict(plan.generated), "total": int(sum(plan.generated.values()))})
-    comparison = build_comparison(plan, evals)
-    comparison["method"] = "grpo"
-    comparison["grpo"] = stats[0].get("budget")
-    write_json(plan.out / "comparison.json", comparison)
-    try:
-        plot_loss_curves([(1, stats[0]["training"]["losses"])], plan.out / "plots" / "loss_curve.png")
+        plot_loss_curves([(1, outcome.stats[0]["training"]["losses"])], inputs.out / "plots" / "loss_curve.png")
     except Exception:  # a plot never fails a run
         pass
-    return comparison
+    return outcome.comparison

@@ -10,10 +10,13 @@ error as its status, and the others still run.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
+from codedistill.btp.config import load_config_file
 from codedistill.experiments.run import load_experiment, run_experiment
+from codedistill.models.registry import resolve_model
 from codedistill.report.format import fmt_diff, fmt_metric
 from codedistill.runs import write_json
 
@@ -22,9 +25,6 @@ Log = Callable[[str], None]
 
 def run_matrix(configs: Sequence[str | Path], output_dir: str | Path,
                overrides: Mapping[str, Any] | None = None, log: Log = print) -> dict[str, Any]:
-    from codedistill.btp.config import load_config_file
-    from codedistill.models.registry import resolve_model
-
     out = Path(output_dir)
     rows: list[dict[str, Any]] = []
     for path in configs:

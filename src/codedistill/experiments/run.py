@@ -8,12 +8,16 @@ and skips whatever the run directory already holds.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from codedistill.btp.config import BTPConfig, build_config, load_config_file
+from codedistill.btp.loop import run_btp
 from codedistill.errors import ConfigError
+from codedistill.models.tiny import ensure_tiny_models
 from codedistill.report.format import fmt_diff, fmt_metric
+from codedistill.runs import read_jsonl
 
 Log = Callable[[str], None]
 
@@ -67,22 +71,16 @@ def load_experiment(config_path: str | Path, overrides: Mapping[str, Any] | None
 def ensure_models(cfg: BTPConfig) -> None:
     """Build the embedded tiny models side by side on first use (one lock, one wait)."""
     if "tiny-" in cfg.source_model or "tiny-" in cfg.target_model:
-        from codedistill.models.tiny import ensure_tiny_models
-
         ensure_tiny_models()
 
 
 def run_experiment(cfg: BTPConfig, log: Log = print) -> dict[str, Any]:
-    from codedistill.btp.loop import run_btp
-
     ensure_models(cfg)
     return run_btp(cfg, log=log)
 
 
 def generated_total(run_dir: str | Path) -> int:
     """Programs a run directory's starts generated, over all its starts."""
-    from codedistill.runs import read_jsonl
-
     return int(sum(r.get("total", 0) for r in read_jsonl(Path(run_dir) / "generated.jsonl")))
 
 

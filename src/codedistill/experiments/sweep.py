@@ -23,13 +23,16 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from codedistill.btp.config import BTPConfig, build_config, load_config_file
-from codedistill.experiments.run import load_experiment
+from codedistill.btp.loop import run_btp
+from codedistill.data import load_problems
+from codedistill.experiments.run import ensure_models, load_experiment
 from codedistill.report.format import fmt_metric
-from codedistill.report.plots import plot_importance as draw_importance
+from codedistill.report.plots import plot_importance as draw
 from codedistill.report.plots import plot_sweep_history
 from codedistill.runs import write_json
 
@@ -75,8 +78,6 @@ def suggest(trial: Any, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any
 
 
 def make_storage(out: Path, storage: str | None) -> tuple[Any, str]:
-    import optuna
-
     if storage and "://" in storage:
         return storage, storage  # a database URL (RDB storage) for a cluster
     path = Path(storage) if storage else out / "optuna_journal.log"
@@ -149,16 +150,12 @@ def run_sweep(config_path: str | Path, output_dir: str | Path, n_trials: int, st
     import optuna
     from optuna.trial import TrialState
 
-    from codedistill.btp.loop import run_btp
-    from codedistill.experiments.run import ensure_models
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(output_dir)
     cache = str(cache_dir or out / "cache")
     base = load_experiment(config_path, {**(overrides or {}), "generation_cache": cache,
                                          "eval_split": "validation"}, output_dir=out / "trials" / "base")
     ensure_models(base)
-    from codedistill.data import load_problems
 
     n_train = len(load_problems(base.dataset, "train", data_path=base.data_path, max_problems=base.max_problems))
     space = search_space(base, n_train)
@@ -245,8 +242,6 @@ def write_sweep(study: Any, out: Path, config_path: str | Path, base: BTPConfig,
 def evaluate_on_test(out: Path, base: BTPConfig, bt: Any, trial_dir: str, log: Log) -> tuple[dict, str]:
     """The best trial's trained target on the test split, once: its iteration folders are
     copied into best_test/trial_<n>/ and run_btp only evaluates (nothing is retrained)."""
-    from codedistill.btp.loop import run_btp
-
     dest = out / "best_test" / f"trial_{bt.number}"
     src = out / trial_dir
     cfg = build_config({**base.model_dump(), **bt.params, "eval_split": "test", "output_dir": str(dest)}, {})
@@ -291,4 +286,4 @@ def plot_history(s: Mapping[str, Any], path: Path) -> None:
 
 def plot_importance(imp: Mapping[str, float], path: Path) -> None:
     """Hyperparameter importances (drawn by the report's plot_importance)."""
-    draw_importance(imp, path)
+    draw(imp, path)

@@ -6,10 +6,12 @@ it applies to a config. Variants whose resolved settings equal another's share i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 from codedistill.btp.config import BTPConfig
+from codedistill.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -20,18 +22,18 @@ class Variant:
     overrides: dict[str, Any] = field(default_factory=dict)
     kind: str = "btp"  # btp | grpo
     # None when it applies to the config, else why not
-    applies: Callable[[BTPConfig], Optional[str]] = lambda cfg: None
+    applies: Callable[[BTPConfig], str | None] = lambda cfg: None
 
 
 #: the rank method's alpha in the rank variant (prioritized experience replay's rank-based value)
 RANK_ALPHA = 0.7
 
 
-def _beam_only(cfg: BTPConfig) -> Optional[str]:
+def _beam_only(cfg: BTPConfig) -> str | None:
     return None if cfg.generation == "beam" else "the config samples (generation=sample): no beam width"
 
 
-def _prioritised(cfg: BTPConfig) -> Optional[str]:
+def _prioritised(cfg: BTPConfig) -> str | None:
     return None if cfg.sampling_method in ("power", "rank") else \
         f"sampling alpha has no effect with sampling_method={cfg.sampling_method}"
 
@@ -96,8 +98,6 @@ def variant_names() -> list[str]:
 def select(names: str | None) -> list[Variant]:
     """``None``/``all`` -> every variant; else the comma-separated names (the reference is
     always included, first)."""
-    from codedistill.errors import ConfigError
-
     every = all_variants()
     if not names or names.strip().lower() == "all":
         return every

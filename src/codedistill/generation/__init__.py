@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from codedistill.errors import ConfigError
+from codedistill.models.loading import merge_adapter
 
 BACKENDS = ("hf", "vllm", "openai")
 
@@ -177,12 +178,10 @@ def make_generator(
     if model_path is None:
         preflight(spec, device, dtype)  # unreachable hub / too large: one clear line, before any weights
     if adapter:
-        from peft import PeftModel
-
         from codedistill.generation.hf import load_model_and_tokenizer
 
         model, tok = load_model_and_tokenizer(str(path), device=device, dtype=dtype)
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model = merge_adapter(model, adapter)
         model.eval()
         return HFGenerator(model, tok, name=name, batch_size=batch_size, add_special_tokens=base_special)
     return HFGenerator.from_pretrained(str(path), name=name, device=device, dtype=dtype, batch_size=batch_size,

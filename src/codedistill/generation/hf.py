@@ -20,44 +20,18 @@ import torch
 
 from codedistill.generation.base import Candidate
 from codedistill.generation.postprocess import cut_at_stop
+from codedistill.models.loading import default_device, ensure_pad_token, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 
-def pick_dtype(name: str, device: str) -> torch.dtype:
-    if name in ("float32", "fp32"):
-        return torch.float32
-    if name in ("bfloat16", "bf16"):
-        return torch.bfloat16
-    if name in ("float16", "fp16"):
-        return torch.float16
-    if name != "auto":
-        raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_model_and_tokenizer(path: str, device: str | None = None, dtype: str = "auto", trust_remote_code: bool = False):
-    """``from_pretrained`` exactly as for a hub model; ``device_map='auto'`` on GPUs."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def load_model_and_tokenizer(path: str, device: str | None = None, dtype: str = "auto",
+                             trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """``from_pretrained`` exactly as for a hub model; ``device_map='auto'`` on GPUs; left padding."""
     device = device or default_device()
-    torch_dtype = pick_dtype(dtype, device)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-    if device == "cuda":
-        kwargs["device_map"] = "auto"  # spreads models larger than one GPU over all GPUs
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if device != "cuda":
-        model.to(device)
+    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(path, device, dtype, spread=True, trust_remote_code=trust_remote_code)
     model.eval()
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return model, tok
 
@@ -115,8 +89,7 @@ class HFGenerator:
         self.name = name
         self.batch_size = batch_size
         self.add_special_tokens = add_special_tokens
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        ensure_pad_token(tokenizer)
         tokenizer.padding_side = "left"
         self.forward_passes = 0
         self.generated_tokens = 0

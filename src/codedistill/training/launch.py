@@ -14,16 +14,19 @@ processes). The parent then reads it back.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from codedistill.errors import ConfigError
+from codedistill.models.loading import load_tokenizer
+from codedistill.training.settings import TrainExample, TrainSettings
 
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "accelerate"
 NAMED_CONFIGS = ("ddp", "fsdp", "zero2", "zero3")
@@ -56,8 +59,6 @@ def launch_command(job: Path, num_processes: int, accelerate_config: str | None 
             raise ConfigError(f"{cfg.name} ({kind}) needs GPUs: accelerate does not shard models over CPU "
                               "processes; on CPU use --accelerate-config ddp (or just --num-processes N)")
         if kind == "DeepSpeed":
-            import importlib.util
-
             if importlib.util.find_spec("deepspeed") is None:
                 raise ConfigError(f"{cfg.name} uses DeepSpeed: pip install 'codedistill[deepspeed]' (or deepspeed)")
         cmd += ["--config_file", str(cfg)]
@@ -69,8 +70,8 @@ def launch_command(job: Path, num_processes: int, accelerate_config: str | None 
     return cmd + ["-m", "codedistill.training.launch", str(job)]
 
 
-def write_job(job_dir: Path, *, base: str | Path, settings: Any, examples: Sequence[Any], seed: int,
-              device: str, dtype: str, init_from: str | Path | None, out_dir: str | Path) -> Path:
+def write_job(job_dir: Path, *, base: str | Path, settings: TrainSettings, examples: Sequence[TrainExample],
+              seed: int, device: str, dtype: str, init_from: str | Path | None, out_dir: str | Path) -> Path:
     job_dir.mkdir(parents=True, exist_ok=True)
     ex_path = job_dir / "examples.jsonl"
     with ex_path.open("w") as f:
@@ -85,7 +86,7 @@ def write_job(job_dir: Path, *, base: str | Path, settings: Any, examples: Seque
 
 
 def run_launched(job: Path, num_processes: int, accelerate_config: str | None = None,
-                 log: Any = None) -> dict[str, Any]:
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run one training phase under ``accelerate launch``; its result.json."""
     result = Path(json.loads(job.read_text())["result"])
     result.unlink(missing_ok=True)
@@ -103,8 +104,7 @@ def run_job(job_path: str | Path) -> dict[str, Any]:
     """What every launched process runs."""
     from accelerate import PartialState
 
-    from codedistill.btp.trainer import (TrainExample, TrainSettings, load_tokenizer, prepare_model, save_trained,
-                                         train)
+    from codedistill.training.trainer import prepare_model, save_trained, train
 
     job = json.loads(Path(job_path).read_text())
     device = job["device"]
@@ -144,10 +144,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if len(args) != 1:
         sys.exit("usage: accelerate launch ... -m codedistill.training.launch JOB.json")
     run_job(args[0])
-
-
-def cleanup(job_dir: Path) -> None:
-    shutil.rmtree(job_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

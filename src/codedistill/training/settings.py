@@ -5,15 +5,22 @@ constraints and description are also its YAML key, its ``codedistill btp`` optio
 option's help. ``TrainSettings`` is what one fine-tuning phase runs with (plain data, sent as
 JSON to processes started by ``accelerate launch``); :func:`train_settings_from` fills it from
 the section, so its values and defaults come from the same declarations.
+
+Also the light types a phase is given and returns (``TrainExample``, ``TrainResult``) and the
+checks of its settings that run before any work (no torch here).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from codedistill.errors import ConfigError
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 #: field metadata (``json_schema_extra``) naming the TrainSettings field a section field fills
@@ -84,6 +91,15 @@ class TrainingSettings(BaseModel):
         return out
 
 
+@dataclass
+class TrainExample:
+    prompt: str
+    completion: str
+    weight: float = 1.0
+    task_id: str = ""
+
+
+
 def _default(name: str) -> Any:
     return TrainingSettings.model_fields[name].get_default(call_default_factory=True)
 
@@ -136,3 +152,62 @@ def train_settings_from(training: TrainingSettings, *, default_lora_targets: Seq
     values["lora_target_modules"] = "all-linear" if targets == ["all-linear"] else targets
     values["report_to"] = list(training.report_to)
     return TrainSettings(**values, prompt_special_tokens=prompt_special_tokens)
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+    steps: int = 0
+    examples: int = 0
+    completion_tokens: int = 0
+    truncated: int = 0
+    straddled: int = 0  # examples whose boundary token straddled prompt and completion
+    tokens_per_second: float = 0.0
+    trainer: Any = field(default=None, repr=False, compare=False)  # the Trainer (saving sharded models)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "losses": self.losses,
+            "steps": self.steps,
+            "examples": self.examples,
+            "completion_tokens": self.completion_tokens,
+            "truncated": self.truncated,
+            "straddled": self.straddled,
+            "tokens_per_second": round(self.tokens_per_second, 1),
+            "first_loss": self.losses[0] if self.losses else None,
+            "last_loss": self.losses[-1] if self.losses else None,
+        }
+
+
+REPORT_TO = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_qlora(settings: TrainSettings, device: str) -> None:
+    """QLoRA's requirements, as ConfigErrors that name the fix."""
+    if not settings.load_in_4bit:
+        return
+    if not settings.use_lora:
+        raise ConfigError("--load-in-4bit (QLoRA) trains a LoRA adapter on a frozen 4-bit base: add --use-lora")
+    if not str(device).startswith("cuda"):
+        raise ConfigError(f"--load-in-4bit (QLoRA) needs a CUDA GPU (bitsandbytes' 4-bit kernels); device is "
+                          f"{device!r}: drop --load-in-4bit to train LoRA in full precision here")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("--load-in-4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes")
+
+
+def check_report_to(report_to: Sequence[str]) -> None:
+    """Each tracker's package must be installed (none is in the default install); runs
+    stay offline: wandb in offline mode, mlflow to a local ./mlruns unless configured."""
+    for name in report_to:
+        if name not in REPORT_TO:
+            raise ConfigError(f"unknown --report-to {name!r}; use one of {', '.join(REPORT_TO)}")
+        if importlib.util.find_spec(REPORT_TO[name]) is None:
+            raise ConfigError(f"--report-to {name} needs its package: pip install {name}")
+    if "wandb" in report_to:
+        os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def check_training(settings: TrainSettings, device: str) -> None:
+    """Everything about the training settings that can be checked before a run starts."""
+    check_qlora(settings, device)
+    check_report_to(settings.report_to)

@@ -1,0 +1,154 @@
+"""A BTP run's inputs, resolved and checked before any expensive work: the two models and
+their generation backends, the training problems, the evaluation sets, and the guard
+that no training problem is an evaluation problem."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from codedistill.btp.config import BTPConfig
+from codedistill.data import load_problems
+from codedistill.data.problem import Problem
+from codedistill.errors import ConfigError
+from codedistill.generation import beam_fallback_note, check_served
+from codedistill.models.loading import default_device
+from codedistill.models.registry import local_path, resolve_model
+
+
+class ResolvedInputs:
+    """Models, backends, training problems and evaluation sets of one run, checked."""
+
+    def __init__(self, cfg: BTPConfig):
+        self.cfg = cfg
+        self.source_spec = resolve_model(cfg.source_model, cfg.source_variant)
+        self.target_spec = resolve_model(cfg.target_model, cfg.target_variant)
+        if self.target_spec.backend == "openai":
+            raise ConfigError(f"{self.target_spec.alias} cannot be fine-tuned: it is an API model. Pick a "
+                              "target whose weights are here (e.g. DeepSeek-Coder-1.3B).")
+        self._resolve_backends()
+        self.train = load_problems(cfg.dataset, "train", data_path=cfg.data_path, max_problems=cfg.max_problems)
+        if not self.train:
+            raise ConfigError(f"no training problems in {cfg.dataset}")
+        self.evals: dict[str, list[Problem]] = {}
+        self.eval_shots: dict[str, int] = {}
+        self.skipped_evals: list[str] = []  # extra sets without the chosen split (HumanEval: test only)
+        self._load_eval_sets()
+        self.overlap: list[str] = []
+        self.near_duplicates: list[list[str]] = []
+        self.dropped: list[str] = []
+        self._guard_overlap()
+        self.out = Path(cfg.output_dir) if cfg.output_dir else cfg.default_output_dir()
+
+    @property
+    def uses_source(self) -> bool:
+        return self.cfg.mode in ("finetune", "mixed") or self.cfg.eval_source
+
+    def _resolve_backends(self) -> None:
+        """Generation backend per role (codedistill.generation.make_generator), checked."""
+        cfg = self.cfg
+        self.source_backend = cfg.role_backend("source", self.source_spec) if self.uses_source else "hf"
+        self.target_backend = cfg.role_backend("target", self.target_spec)
+        if self.uses_source:
+            check_served(self.source_spec, self.source_backend, cfg.serving)
+        check_served(self.target_spec, self.target_backend, cfg.serving)
+        self.beam_fallback = None
+        if cfg.generation == "beam" and cfg.mode in ("finetune", "mixed"):
+            self.beam_fallback = beam_fallback_note(self.source_spec.alias, self.source_backend, cfg.serving,
+                                                    cfg.num_beams)
+
+    def _load_eval_sets(self) -> None:
+        cfg = self.cfg
+        for d in [cfg.dataset] + [d for d in cfg.eval_datasets if d != cfg.dataset]:
+            path = cfg.data_path if d == cfg.dataset else None
+            if cfg.eval_split == "validation" and d == "humaneval":
+                self.skipped_evals.append(d)
+                continue
+            # the paper protocol: MBPP 3-shot (tasks 2-4), HumanEval and synth 0-shot
+            shots = 3 if cfg.eval_protocol == "paper" and d in ("mbpp", "mbpp-sanitized") else 0
+            self.eval_shots[d] = shots
+            self.evals[d] = load_problems(d, cfg.eval_split, data_path=path, max_problems=cfg.eval_max_problems,
+                                          shots=shots)
+
+    def _guard_overlap(self) -> None:
+        """Refuse to train on evaluation problems unless asked (drop them, or allow them)."""
+        cfg = self.cfg
+        all_eval = [p for ps in self.evals.values() for p in ps]
+        self.overlap = find_overlap(self.train, all_eval)
+        self.near_duplicates = find_near_duplicates(self.train, all_eval)
+        if self.overlap and cfg.drop_overlap:
+            self.dropped = list(self.overlap)
+            self.train = [p for p in self.train if p.task_id not in set(self.dropped)]
+            self.overlap = []
+            if not self.train:
+                raise ConfigError("every training problem overlaps the evaluation sets")
+        if self.overlap and not cfg.allow_overlap:
+            raise ConfigError(
+                f"{len(self.overlap)} training problem(s) also appear in the evaluation sets "
+                f"({', '.join(self.overlap[:5])}); refusing to train on test problems. Pass "
+                "--drop-overlap to leave them out of training, or --allow-overlap to train on them "
+                "anyway (the report will say so in bold)."
+            )
+
+    def iteration_problems(self, k: int) -> list[Problem]:
+        """The training problems iteration ``k`` generates on (see BTPConfig.iteration_problems)."""
+        if self.cfg.iteration_problems == "all" or self.cfg.n_iterations == 1:
+            return list(self.train)
+        return iteration_slices(self.train, self.cfg.n_iterations)[k - 1]
+
+    @property
+    def target_path(self) -> str:
+        """Where the target's base weights are."""
+        return local_path(self.target_spec)
+
+    @property
+    def device(self) -> str:
+        return self.cfg.device or default_device()
+
+    def dtype(self, spec: Any) -> str:
+        """The dtype to load ``spec`` in: the config's, else the model's registry entry's."""
+        if self.cfg.dtype != "auto":
+            return self.cfg.dtype
+        return spec.dtype if spec.dtype not in (None, "auto") else "auto"
+
+
+def iteration_slices(problems: Sequence[Problem], n: int) -> list[list[Problem]]:
+    """``n`` consecutive, disjoint, near-equal slices (sizes differ by at most one)."""
+    if n > len(problems):
+        raise ConfigError(f"iteration_problems=slices needs at least n_iterations ({n}) training problems, "
+                          f"got {len(problems)}")
+    q, r = divmod(len(problems), n)
+    out, i = [], 0
+    for j in range(n):
+        m = q + (1 if j < r else 0)
+        out.append(list(problems[i:i + m]))
+        i += m
+    return out
+
+
+def _norm_text(s: str, lower: bool = False) -> str:
+    return " ".join((s.lower() if lower else s).split())
+
+
+def find_overlap(train: Sequence[Problem], evals: Sequence[Problem]) -> list[str]:
+    """Training task_ids that *are* evaluation problems: same task_id, same prompt
+    (description + tests), or same reference solution."""
+    ids = {p.task_id for p in evals}
+    prompts = {_norm_text(p.prompt) for p in evals}
+    refs = {_norm_text(p.reference) for p in evals if p.reference.strip()}
+    return [p.task_id for p in train
+            if p.task_id in ids or _norm_text(p.prompt) in prompts
+            or (p.reference.strip() and _norm_text(p.reference) in refs)]
+
+
+def find_near_duplicates(train: Sequence[Problem], evals: Sequence[Problem]) -> list[list[str]]:
+    """[train id, eval id] pairs with the same description but different tests and
+    reference (MBPP has four such pairs across its standard train/test split). Not
+    refused (they are different problems) but listed in comparison.json and the report."""
+    descs: dict[str, str] = {}
+    for p in evals:
+        if p.description.strip():
+            descs.setdefault(_norm_text(p.description, lower=True), p.task_id)
+    return [[p.task_id, descs[_norm_text(p.description, lower=True)]] for p in train
+            if p.description.strip() and _norm_text(p.description, lower=True) in descs]
