@@ -17,10 +17,10 @@ pytestmark = pytest.mark.slow  # a real tiny model behind HTTP, two requests per
 def served():
     from standin_openai import StandIn
 
-    from codedistill.generation.openai_api import OpenAIGenerator
+    from codedistill.generation.openai_api import OpenAIGenerator, OpenAISettings
 
     s = StandIn("tiny-target", served_name="tiny-target", faults={}).start()
-    gen = OpenAIGenerator("tiny-target", s.base_url, prompt_style="base", concurrency=2, require_logprobs=True)
+    gen = OpenAIGenerator("tiny-target", s.base_url, OpenAISettings(concurrency=2, require_logprobs=True))
     yield s, gen
     s.stop()
 

@@ -25,7 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from standin_openai import StandIn  # noqa: E402
 
 from codedistill.errors import ConfigError  # noqa: E402
-from codedistill.generation.openai_api import OpenAIGenerator, ServerError  # noqa: E402
+from codedistill.generation.openai_api import (  # noqa: E402
+    OpenAIGenerator,
+    OpenAISettings,
+    RetryPolicy,
+    ServerError,
+    ServerFeatures,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # every test talks to a real tiny model behind HTTP
@@ -53,8 +59,9 @@ def test_deepseek_like_faults_and_n1_split_are_survived_and_recorded(standin, tm
     recorded; a second generator on the same cache sends nothing."""
     standin.faults = {standin.posts + k: f for k, f in {2: "429", 3: "429", 5: "500", 8: "drop"}.items()}
     cache = tmp_path / "cache.sqlite"
-    gen = OpenAIGenerator("deepseek-chat", standin.base_url, prompt_style="chat", concurrency=3,
-                          backoff_base=0.05, cache_path=cache, require_logprobs=True)
+    gen = OpenAIGenerator("deepseek-chat", standin.base_url, OpenAISettings(
+        prompt_style="chat", concurrency=3, cache_path=cache, require_logprobs=True,
+        retry=RetryPolicy(backoff_base=0.05)))
     prompts, stop = _synth_prompts(3, "chat", gen)
     out = gen.sample(prompts, n=3, temperature=0.8, top_p=0.95, max_new_tokens=48, stop=stop, seed=7)
     assert [len(cs) for cs in out] == [3, 3, 3]
@@ -68,7 +75,7 @@ def test_deepseek_like_faults_and_n1_split_are_survived_and_recorded(standin, tm
     assert any("n=1" in f for f in u["fallbacks"]), u["fallbacks"]
     assert u["requests_sent"] == 9 and u["completion_tokens"] > 0
     posts = standin.posts
-    again = OpenAIGenerator("deepseek-chat", standin.base_url, prompt_style="chat", cache_path=cache)
+    again = OpenAIGenerator("deepseek-chat", standin.base_url, OpenAISettings(prompt_style="chat", cache_path=cache))
     out2 = again.sample(prompts, n=3, temperature=0.8, top_p=0.95, max_new_tokens=48, stop=stop, seed=7)
     assert standin.posts == posts, "a repeated request reached the server"
     assert again.usage()["requests_sent"] == 0 and again.usage()["cache_hits"] == 3  # one per prompt (n=3)
@@ -78,7 +85,7 @@ def test_deepseek_like_faults_and_n1_split_are_survived_and_recorded(standin, tm
 
 
 def test_no_beam_search_falls_back_to_samples_and_says_so(standin):
-    gen = OpenAIGenerator("deepseek-chat", standin.base_url, prompt_style="base", max_n=1)
+    gen = OpenAIGenerator("deepseek-chat", standin.base_url, OpenAISettings(server=ServerFeatures(max_n=1)))
     prompts, stop = _synth_prompts(2, "base", gen)
     out = gen.beam_search(prompts, num_beams=2, max_new_tokens=32, stop=stop)
     assert [len(cs) for cs in out] == [2, 2]
@@ -164,14 +171,14 @@ def test_bad_endpoints_are_clear_errors(standin, monkeypatch):
         OpenAIGenerator("gpt-x", standin.base_url).check()
     monkeypatch.delenv("DEEPSEEK_API_KEY", raising=False)
     with pytest.raises(ConfigError, match="set the environment variable DEEPSEEK_API_KEY"):
-        OpenAIGenerator("deepseek-chat", "https://api.deepseek.com", api_key_env="DEEPSEEK_API_KEY")
+        OpenAIGenerator("deepseek-chat", "https://api.deepseek.com", OpenAISettings(api_key_env="DEEPSEEK_API_KEY"))
     standin.api_key = "sk-test"
     try:
         monkeypatch.delenv("CD_TEST_KEY", raising=False)
         with pytest.raises(ConfigError, match="needs an API key: set the environment variable CD_TEST_KEY"):
-            OpenAIGenerator("deepseek-chat", standin.base_url, api_key_env="CD_TEST_KEY").check()
+            OpenAIGenerator("deepseek-chat", standin.base_url, OpenAISettings(api_key_env="CD_TEST_KEY")).check()
         monkeypatch.setenv("CD_TEST_KEY", "sk-test")
-        OpenAIGenerator("deepseek-chat", standin.base_url, api_key_env="CD_TEST_KEY").check()
+        OpenAIGenerator("deepseek-chat", standin.base_url, OpenAISettings(api_key_env="CD_TEST_KEY")).check()
     finally:
         standin.api_key = None
 
@@ -179,7 +186,7 @@ def test_bad_endpoints_are_clear_errors(standin, monkeypatch):
 def test_a_server_without_logprobs_is_refused_for_btp_and_allowed_for_pass_at_k(standin):
     standin.logprobs = False
     try:
-        btp = OpenAIGenerator("deepseek-chat", standin.base_url, require_logprobs=True)
+        btp = OpenAIGenerator("deepseek-chat", standin.base_url, OpenAISettings(require_logprobs=True))
         prompts, stop = _synth_prompts(1, "base", btp)
         with pytest.raises(ConfigError, match="returns no log-probs, and BTP needs them"):
             btp.sample(prompts, n=1, max_new_tokens=16, stop=stop, seed=1)
@@ -194,7 +201,7 @@ def test_a_server_without_logprobs_is_refused_for_btp_and_allowed_for_pass_at_k(
 def test_load_balancing_over_replicas(standin):
     """Two --base-url replicas (here the same server twice): requests spread over both."""
     gen = OpenAIGenerator("deepseek-chat", [standin.base_url, standin.base_url.replace("127.0.0.1", "localhost")],
-                          max_n=1, concurrency=2)
+                          OpenAISettings(concurrency=2, server=ServerFeatures(max_n=1)))
     prompts, stop = _synth_prompts(2, "base", gen)
     seen: list[str] = []
     orig = gen._replica

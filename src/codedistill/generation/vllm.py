@@ -19,19 +19,25 @@ What is pinned on the command line and why:
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from codedistill.errors import CodedistillError, ConfigError
+from codedistill.generation.openai_api import (OpenAIGenerator, OpenAISettings, RetryPolicy, ServerError,
+                                               ServerFeatures)
 
 VLLM_ENV_VAR = "CODEDISTILL_VLLM_VENV"
 VLLM_PYTHON_VAR = "CODEDISTILL_VLLM_PYTHON"
@@ -87,8 +93,6 @@ def _die_with_parent() -> None:
     process group) are killed by the watchdog started beside it (``_WATCHDOG``): an
     engine core was seen here outliving a ``kill -9``-ed run by an hour."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     except Exception:  # not Linux: the server is still stopped by stop() / the context manager
         pass
@@ -119,8 +123,6 @@ while True:
 
 def start_watchdog(group: int) -> subprocess.Popen:
     """Kill process group ``group`` when this process dies (even by ``kill -9``)."""
-    import sys
-
     return subprocess.Popen([sys.executable, "-S", "-c", _WATCHDOG, str(os.getpid()), str(group)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -329,8 +331,6 @@ class VLLMServer:
 def fingerprint_dir(path: str | os.PathLike) -> str:
     """A short identity of a model or adapter directory for cache keys: full hashes of small
     files, (name, size, mtime) of large ones."""
-    import hashlib
-
     h = hashlib.sha256()
     p = Path(path)
     if not p.is_dir():
@@ -354,8 +354,6 @@ class VLLMGenerator:
                  fallback_temperature: float = 1.0):
         from transformers import AutoTokenizer
 
-        from codedistill.generation.openai_api import OpenAIGenerator
-
         served = served_name or Path(model_dir).name
         lora = {"adapter": str(adapter)} if adapter else {}
         self.server = VLLMServer(model_dir, served, lora_modules=lora, **(server_kwargs or {}))
@@ -366,15 +364,16 @@ class VLLMGenerator:
             tok.pad_token = tok.eos_token
         ident = {"model": fingerprint_dir(model_dir), "adapter": fingerprint_dir(adapter) if adapter else None,
                  "dtype": self.server.dtype}
-        self.client = OpenAIGenerator(
-            "adapter" if adapter else served, "http://127.0.0.1:0/v1", name=name, prompt_style="base",
-            tokenizer=tok, token_ids=True, add_special_tokens=add_special_tokens, concurrency=concurrency,
-            max_retries=max_retries, beam_search=True, send_seeds=not self.server.cpu,
-            require_logprobs=require_logprobs, cache_path=cache_path, backend="vllm",
-            model_id="vllm:" + json.dumps(ident, sort_keys=True),
+        settings = OpenAISettings(
+            name=name, concurrency=concurrency, require_logprobs=require_logprobs, cache_path=cache_path,
+            backend="vllm", model_id="vllm:" + json.dumps(ident, sort_keys=True),
             logprob_semantics="raw model log-probs (vLLM --logprobs-mode raw_logprobs: temperature 1)",
-            fallback_temperature=fallback_temperature, starter=self._start,
+            fallback_temperature=fallback_temperature, retry=RetryPolicy(max_retries=max_retries),
+            server=ServerFeatures(beam_search=True, send_seeds=not self.server.cpu, token_ids=True,
+                                  add_special_tokens=add_special_tokens),
         )
+        self.client = OpenAIGenerator("adapter" if adapter else served, "http://127.0.0.1:0/v1", settings,
+                                      tokenizer=tok, starter=self._start)
         self.tokenizer = tok
 
     def _start(self) -> list[str]:
@@ -394,8 +393,6 @@ class VLLMGenerator:
         return self._call(self.client.next_token_topk, prompts, k)
 
     def _call(self, fn: Any, *a: Any, **kw: Any) -> Any:
-        from codedistill.generation.openai_api import ServerError
-
         self._check_alive()
         try:
             return fn(*a, **kw)
