@@ -158,29 +158,6 @@ def report_markdown(cfg: BaselineConfig, metrics: dict, elapsed: float | None = 
     return "\n".join(lines) + "\n"
 
 
-def require_hf_backend(spec: Any) -> None:
-    from codedistill.errors import ConfigError
-
-    if spec.backend != "hf":
-        raise ConfigError(
-            f"{spec.alias} is served through an API ({spec.backend}); its backend is not built yet. "
-            "Pick a model the HF backend can load."
-        )
-
-
-def load_generator(spec: Any, device: str | None = None, dtype: str = "auto", batch_size: int = 16):
-    """Load a resolved ModelSpec with the HF backend (builds the tiny models on first use)."""
-    from codedistill.generation.hf import HFGenerator
-    from codedistill.models.preflight import preflight
-    from codedistill.models.registry import local_path
-
-    require_hf_backend(spec)
-    preflight(spec, device, dtype)  # unreachable hub / too large: one clear line, before any weights
-    dtype = spec.dtype if dtype == "auto" else dtype
-    return HFGenerator.from_pretrained(local_path(spec), name=spec.alias, device=device, dtype=dtype,
-                                       batch_size=batch_size, add_special_tokens=spec.prompt_style == "base")
-
-
 def run_plan(cfg: BaselineConfig, spec: Any, problems: list[Problem], out: Path, checked: dict) -> Any:
     """Say what the run will do (and record it in ``plan.json``); the estimate of its time
     follows the first chunk."""

@@ -1,7 +1,6 @@
 """Throwaway tiny model + tokenizer for EG-CFG's equality tests (random weights).
 
-Prefers ``codedistill.models.tiny.ensure_tiny_model`` when it exists; otherwise builds a
-2-layer LlamaForCausalLM with random weights and a byte-level BPE tokenizer trained in
+A 2-layer LlamaForCausalLM with random weights and a byte-level BPE tokenizer trained in
 memory on a small Python corpus. Random weights are fine for equality tests (greedy /
 guided decoding must match a reference token for token, whatever the model).
 """
@@ -69,15 +68,3 @@ def random_tiny_model(seed: int = 0, vocab_size: int = 300, layers: int = 2, hid
         nl = [i for t, i in hf_tok.get_vocab().items() if "Ċ" in t]
         model.lm_head.weight[nl] *= 1.2
     return model, hf_tok
-
-
-def tiny_model(name: str = "tiny-target"):
-    """A trained tiny model when ``codedistill.models.tiny`` is there, else the random one."""
-    try:
-        from codedistill.models.tiny import ensure_tiny_model  # type: ignore
-    except Exception:  # not landed yet
-        return random_tiny_model()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = ensure_tiny_model(name)
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)

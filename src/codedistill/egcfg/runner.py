@@ -12,16 +12,31 @@ record per (task_id, sample_index).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from codedistill.data.problem import Problem
 from codedistill.egcfg.agents import EGCFGSolver, append_log
 from codedistill.egcfg.config import EGCFGConfig
+from codedistill.egcfg.served import ServedEGCFG
+from codedistill.egcfg.signal import prompt_builder
+from codedistill.errors import ConfigError
+from codedistill.execution import Job
+from codedistill.generation.base import Candidate, Generator, InProcessGenerator, TopKGenerator
+from codedistill.prompts import render_prompt, stops_for, to_program
 from codedistill.runs import derive_seed
+from codedistill.ui import console
 
 LOG_NAME = "egcfg_log.jsonl"
+
+Sampler = Callable[[list[Problem], int], list[list[Candidate]]]
+
+# BTP's EG-CFG solver per generator, kept while its settings stay the same
+_SOLVERS: weakref.WeakKeyDictionary[Any, tuple[str, EGCFGSolver]] = weakref.WeakKeyDictionary()
 
 
 def egcfg_config_from(cfg: Any) -> EGCFGConfig:
@@ -35,20 +50,16 @@ def egcfg_config_from(cfg: Any) -> EGCFGConfig:
     return EGCFGConfig(**values)
 
 
-def _in_process(gen: Any) -> bool:
+def _in_process(gen: Generator) -> TypeGuard[InProcessGenerator]:
     """An in-process transformers model (full logits) rather than a served one."""
     return hasattr(getattr(gen, "model", None), "config") and getattr(gen, "tokenizer", None) is not None
 
 
 def _info(msg: str) -> None:
-    from codedistill.ui import console
-
     console.print(msg, highlight=False, markup=False)
 
 
 def _warn(msg: str) -> None:
-    from codedistill.ui import console
-
     console.print(f"[yellow]{msg}[/yellow]", highlight=False)
 
 
@@ -57,13 +68,9 @@ def checked_visible_tests(problem: Problem, pool: Any) -> tuple[Problem, dict]:
     reference solution in the sandbox, as upstream validated them; the ones the reference
     fails (an example that is not an executable check, e.g. HumanEval/130's ``tri(4) = 3``)
     are dropped. Other problems are returned as they are."""
-    import dataclasses
-
     if (pool is None or not problem.visible_tests or not problem.reference
             or problem.meta.get("visible_tests_from") != "docstring"):
         return problem, {}
-    from codedistill.execution import Job
-
     v = pool.run([Job(problem.reference, list(problem.visible_tests), problem.test_setup)])[0]
     per = list(getattr(v, "per_test", []) or [])
     if len(per) != len(problem.visible_tests):
@@ -86,9 +93,6 @@ def _annotate(rec: dict[str, Any], p: Problem, style: Any, index: int, check: di
     """What every EG-CFG sample record carries (in-process and served alike): its index, whether
     it was guided and by which visible tests, their reference check, and the first agent's own
     program judged on the full tests (its pass@1, beside the any-agent number)."""
-    from codedistill.execution import Job
-    from codedistill.prompts import to_program
-
     rec.update(sample_index=index, guided=bool(p.visible_tests), visible_tests=list(p.visible_tests))
     if check:
         rec["visible_check"] = check
@@ -146,23 +150,20 @@ def summary_markdown(s: dict[str, Any], dataset: str = "") -> list[str]:
     return lines
 
 
-def make_egcfg_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, pool: Any = None):
+def make_egcfg_sampler(gen: Generator, style: Any, cfg: Any, out: Path | str | None, pool: Any = None) -> Sampler:
     """``generate(problems, chunk_seed) -> [[Candidate] * num_samples]`` for the baseline."""
-    from codedistill.egcfg.signal import prompt_builder
-    from codedistill.prompts import render_prompt, stops_for, to_program
-
     if not _in_process(gen):
         return _served_sampler(gen, style, cfg, out, pool)
     econf = egcfg_config_from(cfg)
     num_samples = cfg.sampling.num_samples
     solver = EGCFGSolver(
         gen.model, gen.tokenizer, econf, pool=pool,
-        add_special_tokens=getattr(gen, "add_special_tokens", True),
+        add_special_tokens=gen.add_special_tokens,
         to_program=lambda p, text: to_program(p, style, text)[1],
     )
     log_path = Path(out) / LOG_NAME if out is not None else None
 
-    def generate(chunk: list[Problem], chunk_seed: int) -> list[list[Any]]:
+    def generate(chunk: list[Problem], chunk_seed: int) -> list[list[Candidate]]:
         res = []
         for p in chunk:
             p, check = _checked_or_warned(p, pool)
@@ -182,9 +183,8 @@ def make_egcfg_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, p
                       f"{cnt['forward_passes']} forward passes, visible tests "
                       f"{'passed' if rec['visible_passed'] else 'not passed'} ({cnt['wall_time_s']:.1f} s)")
                 # what the baseline's generator counters would say
-                if hasattr(gen, "forward_passes"):
-                    gen.forward_passes += rec["counters"]["forward_passes"]
-                    gen.generated_tokens += rec["counters"]["generated_tokens"]
+                gen.forward_passes += rec["counters"]["forward_passes"]
+                gen.generated_tokens += rec["counters"]["generated_tokens"]
                 cands.append(cand)
             res.append(cands)
         return res
@@ -193,33 +193,22 @@ def make_egcfg_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, p
     return generate
 
 
-def egcfg_agent_candidates(gen: Any, style: Any, problems: list[Problem], stop: Any, settings: dict | None,
+def egcfg_agent_candidates(gen: Generator, style: Any, problems: list[Problem], stop: Any, settings: dict | None,
                            pool: Any, seed: int = 0, max_new_tokens: int | None = None,
-                           log_path: Path | str | None = None) -> list[list[Any]]:
+                           log_path: Path | str | None = None) -> list[list[Candidate]]:
     """BTP's sampler with ``--generation egcfg``: EG-CFG's agents write each problem's programs
     with execution guidance, and EVERY agent's final program (not only the returned one) is a
     candidate, with P from its plain log-prob (the model without the signal, temperature 1, over
     its kept tokens) so that P2Value compares it with beam-search programs. With ``early_stop``
     (default) a problem's agents stop at the first one passing the visible tests, so the number
     of candidates per problem varies. Needs the in-process HF backend (full logits)."""
-    from codedistill.egcfg.signal import prompt_builder
-    from codedistill.errors import ConfigError
-    from codedistill.generation.base import Candidate
-    from codedistill.prompts import render_prompt, to_program
-
     if not _in_process(gen):
         raise ConfigError("generation=egcfg needs the in-process HF backend (EG-CFG guides full logits); "
                           "use --source-backend hf, or generation=beam/sample for served models")
     values = {"max_new_tokens": max_new_tokens, **(settings or {})} if max_new_tokens else dict(settings or {})
     econf = EGCFGConfig(**values)
-    key = json.dumps(econf.model_dump(), sort_keys=True, default=str)
-    solver = getattr(gen, "_egcfg_solver", None)
-    if solver is None or getattr(gen, "_egcfg_key", None) != key:
-        solver = EGCFGSolver(gen.model, gen.tokenizer, econf, pool=pool,
-                             add_special_tokens=getattr(gen, "add_special_tokens", True),
-                             to_program=lambda p, text: to_program(p, style, text)[1], log_signals=False)
-        gen._egcfg_solver, gen._egcfg_key = solver, key
-    out: list[list[Any]] = []
+    solver = _btp_solver(gen, econf, style, pool)
+    out: list[list[Candidate]] = []
     for p in problems:
         q, _ = checked_visible_tests(p, pool)
         prompt = render_prompt(q, style, gen.tokenizer)
@@ -240,18 +229,24 @@ def egcfg_agent_candidates(gen: Any, style: Any, problems: list[Problem], stop: 
     return out
 
 
-def _served_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, pool: Any):
+def _btp_solver(gen: InProcessGenerator, econf: EGCFGConfig, style: Any, pool: Any) -> EGCFGSolver:
+    """The solver of ``gen`` for ``econf`` (made once per generator and settings)."""
+    key = json.dumps(econf.model_dump(), sort_keys=True, default=str)
+    cached = _SOLVERS.get(gen)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    solver = EGCFGSolver(gen.model, gen.tokenizer, econf, pool=pool, add_special_tokens=gen.add_special_tokens,
+                         to_program=lambda p, text: to_program(p, style, text)[1], log_signals=False)
+    _SOLVERS[gen] = (key, solver)
+    return solver
+
+
+def _served_sampler(gen: Generator, style: Any, cfg: Any, out: Path | str | None, pool: Any) -> Sampler:
     """``baseline --method egcfg`` on a served backend (vLLM, OpenAI-compatible): EG-CFG through
     the server's top-k log-probs (:class:`~codedistill.egcfg.served.ServedEGCFG`). Base prompts
     only; the returned program carries no log-prob (NaN: the guided tokens were chosen from two
     top-k lists, not one distribution)."""
-    from codedistill.egcfg.served import ServedEGCFG
-    from codedistill.egcfg.signal import prompt_builder
-    from codedistill.errors import ConfigError
-    from codedistill.generation.base import Candidate
-    from codedistill.prompts import stops_for, to_program
-
-    if not hasattr(gen, "next_token_topk"):
+    if not isinstance(gen, TopKGenerator):
         raise ConfigError("--method egcfg needs full logits (HF backend: --backend hf) or a server with top-k "
                           "log-probs (vLLM / OpenAI-compatible)")
     if getattr(style, "style", style) != "base":
@@ -262,7 +257,7 @@ def _served_sampler(gen: Any, style: Any, cfg: Any, out: Path | str | None, pool
                          to_program=lambda p, text: to_program(p, style, text)[1])
     log_path = Path(out) / LOG_NAME if out is not None else None
 
-    def generate(chunk: list[Problem], chunk_seed: int) -> list[list[Any]]:
+    def generate(chunk: list[Problem], chunk_seed: int) -> list[list[Candidate]]:
         res = []
         for p in chunk:
             p, check = _checked_or_warned(p, pool)

@@ -16,27 +16,27 @@ re-tokenises prompt + completion, as upstream does with its endpoint).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from codedistill.data.problem import Problem
 from codedistill.egcfg.config import AgentSpec, EGCFGConfig
 from codedistill.egcfg.decoder import agreement_step
+from codedistill.egcfg.executor import TraceExecutor
 from codedistill.egcfg.signal import build_signal, make_executable_ex
 from codedistill.egcfg.topk import guided_token
+from codedistill.errors import ConfigError
+from codedistill.generation.base import Generator, TopKGenerator
 from codedistill.generation.postprocess import cut_at_stop
 
 
 class ServedEGCFG:
     """``solve(problem, build, stop, seed) -> (completion, record)`` on a served generator."""
 
-    def __init__(self, gen: Any, config: EGCFGConfig | None = None, pool: Any = None, k: int = 20,
+    def __init__(self, gen: Generator, config: EGCFGConfig | None = None, pool: Any = None, k: int = 20,
                  missing: str = "kth", to_program: Callable[[Problem, str], str] | None = None,
                  count_tokens: Callable[[str], int] | None = None):
-        from codedistill.egcfg.executor import TraceExecutor
-
-        if not hasattr(gen, "next_token_topk"):
-            from codedistill.errors import ConfigError
-
+        if not isinstance(gen, TopKGenerator):
             raise ConfigError(f"{getattr(gen, 'name', gen)} does not return top-k log-probs (next_token_topk); "
                               "EG-CFG on a served model needs an OpenAI-compatible server with logprobs")
         self.gen, self.cfg, self.k, self.missing = gen, config or EGCFGConfig(), k, missing

@@ -95,10 +95,6 @@ _LOWER = {k.lower(): k for k in REGISTRY}
 _HUB_FAMILY_HINTS = (("starcoder2", "starcoder2"), ("qwen", "qwen2"), ("llama", "llama"), ("deepseek-coder", "llama"))
 
 
-def known_aliases() -> list[str]:
-    return list(REGISTRY)
-
-
 def _family_of_config(path: Path) -> str:
     try:
         import json
