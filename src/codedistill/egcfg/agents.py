@@ -111,8 +111,8 @@ class EGCFGSolver:
         winner: int | None = None
         if self.config.agent_workers == 1:
             for i, a in enumerate(agents):
-                results[i] = self._run_agent(problem, prompt, stop, a, _agent_seed(seed, i), None, build)
-                if self.config.early_stop and results[i].visible and results[i].visible["passed"]:
+                res = results[i] = self._run_agent(problem, prompt, stop, a, _agent_seed(seed, i), None, build)
+                if self.config.early_stop and res.visible and res.visible["passed"]:
                     winner = i
                     break
         else:
@@ -126,8 +126,8 @@ class EGCFGSolver:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for f in done:
                         i = futs[f]
-                        results[i] = f.result()
-                        v = results[i].visible
+                        res = results[i] = f.result()
+                        v = res.visible
                         if winner is None and self.config.early_stop and v and v["passed"]:
                             winner = i
                             cancel.set()
@@ -137,6 +137,8 @@ class EGCFGSolver:
         if winner is None:  # best visible pass rate, first agent on ties
             winner = max(ran, key=lambda ir: (ir[1].visible["pass_rate"] if ir[1].visible else 0.0, -ir[0]))[0]
         best = results[winner]
+        if best is None:
+            raise RuntimeError(f"EG-CFG: agent {winner} of {problem.task_id} left no result")
         total = Counters()
         for r in results:
             if r is not None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from transformers import DynamicCache
@@ -131,7 +131,7 @@ class _Streams:
     def select(self, rows: torch.Tensor) -> None:
         """Keep / reorder / repeat rows (index into the current rows)."""
         rows = rows.to(self.mask.device)
-        self.cache.reorder_cache(rows)
+        self.cache.reorder_cache(cast(torch.LongTensor, rows))
         self.mask = self.mask.index_select(0, rows)
         self.next_pos = self.next_pos.index_select(0, rows)
         self.last_logits = self.last_logits.index_select(0, rows)
@@ -191,7 +191,7 @@ def cfg_generate(
     if strategy == "sample" and temperature <= 0:
         strategy = "greedy" if num_sequences == 1 else strategy
     B = num_sequences
-    prompts = [list(cond_ids), list(uncond_ids)] if use_cond else [list(uncond_ids)]
+    prompts = [list(cond_ids), list(uncond_ids)] if use_cond and cond_ids is not None else [list(uncond_ids)]
     st = _Streams(model, prompts, pad_token_id)
     # expand the prefilled rows to B hypotheses each: [cond]*B + [uncond]*B
     base = torch.tensor([0] * B + ([1] * B if use_cond else []), dtype=torch.long)

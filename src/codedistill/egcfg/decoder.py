@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -146,7 +146,7 @@ class LineDecoder:
             t = self.decode(new, ids)
             return t.count("\n") >= d or cut_at_stop(t, stop)[1]
 
-        mode = "beam" if self.cfg.candidate_mode == "beam" else "sample"
+        mode: Literal["beam", "sample"] = "beam" if self.cfg.candidate_mode == "beam" else "sample"
         res = cfg_generate(
             self.model,
             ids,

@@ -24,7 +24,7 @@ from codedistill.egcfg.config import AgentSpec, EGCFGConfig
 from codedistill.egcfg.decoder import agreement_step
 from codedistill.egcfg.executor import TraceExecutor
 from codedistill.egcfg.signal import build_signal, make_executable_ex
-from codedistill.egcfg.topk import guided_token
+from codedistill.egcfg.topk import Missing, guided_token
 from codedistill.errors import ConfigError
 from codedistill.generation.base import Generator, TopKGenerator
 from codedistill.generation.postprocess import cut_at_stop
@@ -39,7 +39,7 @@ class ServedEGCFG:
         config: EGCFGConfig | None = None,
         pool: Any = None,
         k: int = 20,
-        missing: str = "kth",
+        missing: Missing = "kth",
         to_program: Callable[[Problem, str], str] | None = None,
         count_tokens: Callable[[str], int] | None = None,
     ):
@@ -51,7 +51,7 @@ class ServedEGCFG:
         self.gen, self.cfg, self.k, self.missing = gen, config or EGCFGConfig(), k, missing
         self.executor = TraceExecutor(pool, workers=self.cfg.exec_workers, timeout=self.cfg.exec_timeout_s)
         self.to_program = to_program or (lambda p, text: p.program(text))
-        tok = getattr(gen, "tokenizer", None)
+        tok: Any = gen.tokenizer
         self.eos_texts = {
             t
             for t in (getattr(tok, "eos_token", None), "<|endoftext|>", "</s>", "<|EOT|>", "<｜end▁of▁sentence｜>")
@@ -115,7 +115,8 @@ class ServedEGCFG:
         name = re.escape(problem.entry_point) if problem.entry_point else r"\w+"
         finish = "length"
         for line_no in range(self.cfg.max_lines):
-            sig, entry = "", {"line": line_no}
+            sig = ""
+            entry: dict[str, Any] = {"line": line_no}
             started = (
                 not self.cfg.guide_from_def
                 or re.search(rf"^\s*def\s+{name}\s*\(", problem.code_prefix + text, re.M) is not None
@@ -164,7 +165,7 @@ class ServedEGCFG:
                 if not lu:
                     finish = "stop"
                     break
-                t = guided_token(lc, lu, agent.gamma, self.missing) if lc else max(lu, key=lu.get)
+                t = guided_token(lc, lu, agent.gamma, self.missing) if lc else max(lu, key=lambda tok: lu[tok])
                 if t == "" or t in self.eos_texts:  # end of sequence
                     finish = "stop"
                     break

@@ -295,7 +295,7 @@ def _run_one(program: str, setup: str, test: str, opts: dict) -> dict:
         try:
             exec(code, ns)
             stage = "test"
-            if call_src is not None:
+            if call_src is not None and exp_src is not None:
                 value = eval(compile(call_src, TEST_FILE, "eval"), ns)
                 sys.settrace(None)
                 out["result"] = safe_repr(value, int(opts["max_repr"]))
