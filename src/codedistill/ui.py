@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import typer
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -23,14 +24,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from codedistill.errors import CodedistillError
+from codedistill.runs import write_json
+
 console = Console(stderr=True, soft_wrap=True)
 
 
 def friendly_errors(fn):
     """CLI commands: print our own errors as one clear line (exit 2), not a traceback."""
-    import typer
-
-    from codedistill.errors import CodedistillError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -205,8 +206,6 @@ class RunPlan:
         self._write()
 
     def _write(self) -> None:
-        from codedistill.runs import write_json
-
         if self.path is not None:
             write_json(self.path, self.record)
 

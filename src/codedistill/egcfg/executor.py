@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from codedistill.execution import Job, Limits, SandboxPool
+
 TRACER_TARGET = "codedistill.egcfg.tracer:trace"
 
 
@@ -31,8 +33,6 @@ class TraceExecutor:
     """Runs tracer / check jobs in the sandbox pool, counting executions."""
 
     def __init__(self, pool: Any = None, workers: int = 2, timeout: float = 10.0):
-        from codedistill.execution import Limits, SandboxPool
-
         self.workers = max(1, workers)
         self.timeout = timeout
         self.executions = 0
@@ -83,8 +83,6 @@ class TraceExecutor:
             return []
         if not tests:
             return [{"passed": False, "pass_rate": 0.0, "tests_total": 0} for _ in programs]
-        from codedistill.execution import Job
-
         self._count(len(programs))
         verdicts = self.pool.run([Job(p, list(tests), test_setup) for p in programs])
         return [

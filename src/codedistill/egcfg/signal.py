@@ -26,6 +26,8 @@ import ast
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from codedistill.prompts import chat_instruction
+
 DEFAULT_HEADER = "# Execution feedback: candidate continuations were run on the tests.\n"
 DEFAULT_TEMPLATE = "{header}{traces}# End of execution feedback.\n"
 
@@ -383,8 +385,6 @@ def prompt_builder(
         return variants.get(variant, "")
 
     if name == "chat":
-        from codedistill.prompts import chat_instruction
-
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat prompts need a tokenizer with a chat template")
         messages = [{"role": "user", "content": chat_instruction(problem)}]

@@ -10,10 +10,10 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from codedistill.data.problem import Problem
+
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
-
-    from codedistill.data.problem import Problem
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 DONE = "[DONE]"

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from codedistill.errors import ConfigError
+from codedistill.models.registry import REGISTRY
 
 __all__ = [
     "available_memory",
@@ -243,8 +244,6 @@ def _resolve_dtype(dtype: str, spec_dtype: str, device: str) -> str:
 
 
 def _smaller_fitting(avail: float, dtype: str, purpose: str, exclude: str) -> list[str]:
-    from codedistill.models.registry import REGISTRY
-
     fit = [
         s
         for s in REGISTRY.values()

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from codedistill.errors import ConfigError
+from codedistill.models.tiny import ensure_tiny_model
 
 # LoRA targets per architecture family (the attention and MLP projections).
 LORA_TARGETS = {
@@ -207,7 +208,5 @@ def local_path(spec: ModelSpec) -> str:
     """What to hand ``from_pretrained``: the shipped tiny models' directory (built into a
     cache only for a spec the package does not ship)."""
     if spec.tiny:
-        from codedistill.models.tiny import ensure_tiny_model
-
         return str(ensure_tiny_model(spec.path))
     return spec.path

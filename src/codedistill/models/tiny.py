@@ -56,6 +56,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from codedistill.data.synth import load_synth
+from codedistill.models._tiny_train import encode_examples, train_lm, train_tokenizer
+
 __all__ = [
     "SHIPPED_DIR",
     "TINY_BUILD_VERSION",
@@ -233,8 +236,6 @@ def _make_config(spec: TinySpec, tokenizer: Any) -> Any:
 def _train_problems(spec: TinySpec, seed: int) -> list[Any]:
     """The first ``n_train`` synth train problems (of the 2000) in the spec's families and
     not of its excluded templates (fewer if the filter leaves fewer)."""
-    from codedistill.data.synth import load_synth
-
     fams = set(spec.train_families) if spec.train_families else None
     excluded = set(spec.exclude_templates)
     keep = [
@@ -292,9 +293,6 @@ def build_tiny_model(
 def _build(name: str | TinySpec, out_dir: str | os.PathLike[str], seed: int, progress: bool) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
-
-    from codedistill.data.synth import load_synth
-    from codedistill.models._tiny_train import encode_examples, train_lm, train_tokenizer
 
     spec = _spec_of(name)
     out = Path(out_dir)
