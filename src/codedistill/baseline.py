@@ -93,77 +93,88 @@ def evaluate_generator(
     Progress: a bar over problems on a terminal, and one summary line (problems, programs,
     passed, wall time). ``on_first_chunk(programs, seconds)`` is called once, after the
     first chunk generated and tested here (for an estimate of the whole run's time)."""
-    samples_path = out_dir / "samples.jsonl" if out_dir else None
-    results_path = out_dir / "results.jsonl" if out_dir else None
-    done_rows: list[dict] = []
-    if out_dir:
-        prev_s = read_jsonl(samples_path)
-        prev_r = read_jsonl(results_path)
-        done = _complete_tasks(prev_s, num_samples) & _complete_tasks(prev_r, num_samples)
-        # keep only whole problems whose samples and verdicts both landed; rewrite both
-        keep_s = [r for r in prev_s if r["task_id"] in done]
-        keep_r = {(r["task_id"], r["sample_index"]): r for r in prev_r if r["task_id"] in done}
-        for path, rows in (
-            (samples_path, keep_s),
-            (results_path, [keep_r[(r["task_id"], r["sample_index"])] for r in keep_s]),
-        ):
-            tmp = path.with_name(path.name + ".tmp")
-            with JsonlWriter(tmp) as w:
-                w.write_many(rows)
-            tmp.replace(path)
-        done_rows = [{**s, **{k: keep_r[(s["task_id"], s["sample_index"])][k] for k in RESULT_FIELDS}} for s in keep_s]
-        if done:
-            console.print(f"resuming: {len(done)} of {len(problems)} problems already done")
-    else:
-        done = set()
+    done, done_rows = resume_rows(out_dir, num_samples) if out_dir else (set(), [])
+    if done:
+        console.print(f"resuming: {len(done)} of {len(problems)} problems already done")
     by_task = {p.task_id: p for p in problems}
-    sw = JsonlWriter(samples_path) if samples_path else None
-    rw = JsonlWriter(results_path) if results_path else None
-    cw = JsonlWriter(out_dir / "chunks.jsonl") if out_dir else None  # what each start generated
     new_rows: list[dict] = []
     bar = Tracker(desc, len(problems), "problems", start=len(done))
     n_passed = 0
-    try:
-        with progress_tasks(bar):
-            for chunk in chunks(problems, chunk_size):
-                todo = [p for p in chunk if p.task_id not in done]
-                if not todo:
-                    continue
-                t_chunk = time.perf_counter()
-                # the seed depends on the chunk (fixed by config), not on what is left of it
-                cands = generate(chunk, derive_seed(seed, chunk[0].task_id))
-                rows = [
-                    r
-                    for p, cs in zip(chunk, cands)
-                    if p.task_id not in done
-                    for r in sample_rows(p, cs, style, model_name)
-                ]
-                verdicts = execute(
-                    [(r["program"], by_task[r["task_id"]]) for r in rows], workers=workers, timeout=timeout, pool=pool
-                )
-                if sw:
-                    sw.write_many(rows)
-                    rw.write_many(
-                        [
-                            {"task_id": r["task_id"], "sample_index": r["sample_index"], **v}
-                            for r, v in zip(rows, verdicts)
-                        ]
-                    )
-                    cw.write({"chunk_start": chunk[0].task_id, "generated": [p.task_id for p in todo]})
-                new_rows += [{**r, **v} for r, v in zip(rows, verdicts)]
-                if on_first_chunk and len(new_rows) == len(rows):
-                    on_first_chunk(len(rows), time.perf_counter() - t_chunk)
-                bar.advance(len(todo))
-                n_passed += sum(bool(v["passed"]) for v in verdicts)
-                bar.note = f"{len(new_rows)} programs generated and tested, {n_passed} passed"
-    finally:
-        for w in (sw, rw, cw):
-            if w:
-                w.close()
+    with RunFiles(out_dir) as files, progress_tasks(bar):
+        for chunk in chunks(problems, chunk_size):
+            todo = [p for p in chunk if p.task_id not in done]
+            if not todo:
+                continue
+            t_chunk = time.perf_counter()
+            # the seed depends on the chunk (fixed by config), not on what is left of it
+            cands = generate(chunk, derive_seed(seed, chunk[0].task_id))
+            rows = [
+                r for p, cs in zip(chunk, cands) if p.task_id not in done for r in sample_rows(p, cs, style, model_name)
+            ]
+            verdicts = execute(
+                [(r["program"], by_task[r["task_id"]]) for r in rows], workers=workers, timeout=timeout, pool=pool
+            )
+            files.append(chunk[0].task_id, todo, rows, verdicts)
+            new_rows += [{**r, **v} for r, v in zip(rows, verdicts)]
+            if on_first_chunk and len(new_rows) == len(rows):
+                on_first_chunk(len(rows), time.perf_counter() - t_chunk)
+            bar.advance(len(todo))
+            n_passed += sum(bool(v["passed"]) for v in verdicts)
+            bar.note = f"{len(new_rows)} programs generated and tested, {n_passed} passed"
     order = {p.task_id: i for i, p in enumerate(problems)}
     all_rows = sorted(done_rows + new_rows, key=lambda r: (order[r["task_id"]], r["sample_index"]))
     metrics = pass_at_k_report(counts_from_results(all_rows), seed=seed)
     return all_rows, metrics
+
+
+def resume_rows(out_dir: Path, num_samples: int) -> tuple[set[str], list[dict]]:
+    """The problems whose samples and verdicts both landed in ``out_dir`` (whole problems
+    only; both files are rewritten to hold just those) and their rows with verdicts."""
+    samples_path, results_path = out_dir / "samples.jsonl", out_dir / "results.jsonl"
+    prev_s = read_jsonl(samples_path)
+    prev_r = read_jsonl(results_path)
+    done = _complete_tasks(prev_s, num_samples) & _complete_tasks(prev_r, num_samples)
+    keep_s = [r for r in prev_s if r["task_id"] in done]
+    keep_r = {(r["task_id"], r["sample_index"]): r for r in prev_r if r["task_id"] in done}
+    for path, rows in (
+        (samples_path, keep_s),
+        (results_path, [keep_r[(r["task_id"], r["sample_index"])] for r in keep_s]),
+    ):
+        tmp = path.with_name(path.name + ".tmp")
+        with JsonlWriter(tmp) as w:
+            w.write_many(rows)
+        tmp.replace(path)
+    done_rows = [{**s, **{k: keep_r[(s["task_id"], s["sample_index"])][k] for k in RESULT_FIELDS}} for s in keep_s]
+    return done, done_rows
+
+
+class RunFiles:
+    """The run directory's append-only records (nothing without a directory): ``samples.jsonl``,
+    ``results.jsonl`` and ``chunks.jsonl`` (what each start generated)."""
+
+    def __init__(self, out_dir: Path | None):
+        self.writers = (
+            [JsonlWriter(out_dir / name) for name in ("samples.jsonl", "results.jsonl", "chunks.jsonl")]
+            if out_dir
+            else []
+        )
+
+    def append(self, chunk_start: str, todo: list[Problem], rows: list[dict], verdicts: list[dict]) -> None:
+        if not self.writers:
+            return
+        samples, results, chunk_log = self.writers
+        samples.write_many(rows)
+        results.write_many(
+            [{"task_id": r["task_id"], "sample_index": r["sample_index"], **v} for r, v in zip(rows, verdicts)]
+        )
+        chunk_log.write({"chunk_start": chunk_start, "generated": [p.task_id for p in todo]})
+
+    def __enter__(self) -> RunFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for w in self.writers:
+            w.close()
 
 
 def make_sampler(gen: Generator, style: PromptStyle, sampling: SamplingConfig, tokenizer: Any = None) -> Sampler:
