@@ -27,12 +27,25 @@ def run_ok(cmd: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_step1_mbpp_tiny_target_end_to_end(tmp_path):
     out = tmp_path / "mbpp"
-    run_ok(step1(out, "--model-name", "tiny-target", "--dataset", "mbpp", "--max-problems", "20",
-                 "--num-samples", "2", "--max-new-tokens", "64"))
+    run_ok(
+        step1(
+            out,
+            "--model-name",
+            "tiny-target",
+            "--dataset",
+            "mbpp",
+            "--max-problems",
+            "20",
+            "--num-samples",
+            "2",
+            "--max-new-tokens",
+            "64",
+        )
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_problems"] == 20 and metrics["num_samples"] == 2 and "pass@1" in metrics
-    samples = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
-    results = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(samples) == len(results) == 40
     assert samples[0]["task_id"] == "Mbpp/11"
     for s in samples:
@@ -47,13 +60,26 @@ def test_step1_mbpp_tiny_target_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_kill9_resume_matches_uninterrupted_run(tmp_path):
-    args = ["--model-name", "tiny-target", "--dataset", "synth", "--max-problems", "24",
-            "--num-samples", "3", "--max-new-tokens", "96", "--seed", "5"]
+    args = [
+        "--model-name",
+        "tiny-target",
+        "--dataset",
+        "synth",
+        "--max-problems",
+        "24",
+        "--num-samples",
+        "3",
+        "--max-new-tokens",
+        "96",
+        "--seed",
+        "5",
+    ]
     ref = tmp_path / "ref"
     run_ok(step1(ref, *args))
     out = tmp_path / "killed"
-    proc = subprocess.Popen(step1(out, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        step1(out, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     chunks = out / "chunks.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
@@ -63,24 +89,31 @@ def test_kill9_resume_matches_uninterrupted_run(tmp_path):
     assert proc.poll() is None, "the run finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    first = [json.loads(l) for l in chunks.read_text().splitlines() if l.endswith("}")]
+    first = [json.loads(line) for line in chunks.read_text().splitlines() if line.endswith("}")]
     done_before = {t for rec in first for t in rec["generated"]}
     assert 0 < len(done_before) < 24
     assert not (out / "metrics.json").exists()
     run_ok(step1(out, *args))
-    recs = [json.loads(l) for l in chunks.read_text().splitlines()]
+    recs = [json.loads(line) for line in chunks.read_text().splitlines()]
     generated = [t for rec in recs for t in rec["generated"]]
     assert len(generated) == len(set(generated)) == 24, "a finished problem was generated twice"
     assert json.loads((out / "metrics.json").read_text()) == json.loads((ref / "metrics.json").read_text())
-    strip = lambda p: [{k: v for k, v in json.loads(l).items()} for l in p.read_text().splitlines()]
-    assert strip(out / "samples.jsonl") == strip(ref / "samples.jsonl")
+
+    def rows(p):
+        return [json.loads(line) for line in p.read_text().splitlines()]
+
+    assert rows(out / "samples.jsonl") == rows(ref / "samples.jsonl")
     starts = (out / "starts.jsonl").read_text().splitlines()
     assert [json.loads(s)["resumed"] for s in starts] == [False, True]
 
 
 def test_unknown_alias_is_a_clear_error(tmp_path):
-    p = subprocess.run(step1(tmp_path / "x", "--model-name", "StarCoder9-1B", "--dataset", "synth"),
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        step1(tmp_path / "x", "--model-name", "StarCoder9-1B", "--dataset", "synth"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2
     assert "Unknown model 'StarCoder9-1B'" in p.stderr and "StarCoder2-15B" in p.stderr
     assert not (tmp_path / "x").exists()

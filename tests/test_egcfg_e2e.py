@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
-SMALL = {"max_agents": 3, "max_lines": 6, "max_line_tokens": 24, "candidate_max_tokens": 32,
-         "trace_budget_tokens": 256, "exec_workers": 2}
+SMALL = {
+    "max_agents": 3,
+    "max_lines": 6,
+    "max_line_tokens": 24,
+    "candidate_max_tokens": 32,
+    "trace_budget_tokens": 256,
+    "exec_workers": 2,
+}
 
 
 def _run(tmp_path: Path, dataset: str, n: int):
@@ -18,9 +24,19 @@ def _run(tmp_path: Path, dataset: str, n: int):
 
     # tiny-target by default; a saved model directory can stand in for it (same weights, no rebuild)
     model = os.environ.get("CODEDISTILL_EGCFG_TEST_MODEL", "tiny-target")
-    cfg = BaselineConfig(model=model, dataset=dataset, split="test", max_problems=n, method="egcfg",
-                         sampling=SamplingConfig(num_samples=1, max_new_tokens=96), egcfg=SMALL,
-                         workers=2, chunk_size=n, seed=0, device="cpu")
+    cfg = BaselineConfig(
+        model=model,
+        dataset=dataset,
+        split="test",
+        max_problems=n,
+        method="egcfg",
+        sampling=SamplingConfig(num_samples=1, max_new_tokens=96),
+        egcfg=SMALL,
+        workers=2,
+        chunk_size=n,
+        seed=0,
+        device="cpu",
+    )
     return run_baseline(cfg, tmp_path / dataset)
 
 

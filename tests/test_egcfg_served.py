@@ -15,12 +15,11 @@ pytestmark = pytest.mark.slow  # a real tiny model behind HTTP, two requests per
 
 @pytest.fixture(scope="module")
 def served():
+    from codedistill.generation.openai_api import OpenAIGenerator, OpenAISettings
     from standin_openai import StandIn
 
-    from codedistill.generation.openai_api import OpenAIGenerator
-
     s = StandIn("tiny-target", served_name="tiny-target", faults={}).start()
-    gen = OpenAIGenerator("tiny-target", s.base_url, prompt_style="base", concurrency=2, require_logprobs=True)
+    gen = OpenAIGenerator("tiny-target", s.base_url, OpenAISettings(concurrency=2, require_logprobs=True))
     yield s, gen
     s.stop()
 
@@ -46,8 +45,15 @@ def test_served_egcfg_runs_end_to_end(served):
     finally:
         plain.close()
     # gamma = 1: candidates from the server, traced in the sandbox, signal, guided tokens
-    cfg = EGCFGConfig(gammas=[1.0], prompts={"default": ""}, depths=[2], temperatures=[0.7], max_lines=4,
-                      candidate_max_tokens=32, trace_budget_tokens=400)
+    cfg = EGCFGConfig(
+        gammas=[1.0],
+        prompts={"default": ""},
+        depths=[2],
+        temperatures=[0.7],
+        max_lines=4,
+        candidate_max_tokens=32,
+        trace_budget_tokens=400,
+    )
     eg = ServedEGCFG(gen, cfg, to_program=tp, k=20)
     try:
         completion, rec = eg.solve(p0, prompt_builder(p0, style), stop, seed=3)
@@ -70,12 +76,43 @@ def test_baseline_method_egcfg_on_a_served_backend(served, tmp_path):
     standin, _ = served
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "codedistill", "baseline", "--model", "tiny-target", "--dataset", "synth",
-           "--method", "egcfg", "--backend", "openai", "--base-url", standin.base_url,
-           "--served-model-name", "tiny-target", "--max-problems", "2", "--max-new-tokens", "64", "--workers", "1",
-           "--egcfg", json.dumps({"prompts": {"default": ""}, "gammas": [0.0, 1.0], "depths": [2],
-                                  "temperatures": [0.7], "max_lines": 4, "candidate_max_tokens": 32}),
-           "--output-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "codedistill",
+        "baseline",
+        "--model",
+        "tiny-target",
+        "--dataset",
+        "synth",
+        "--method",
+        "egcfg",
+        "--backend",
+        "openai",
+        "--base-url",
+        standin.base_url,
+        "--served-model-name",
+        "tiny-target",
+        "--max-problems",
+        "2",
+        "--max-new-tokens",
+        "64",
+        "--workers",
+        "1",
+        "--egcfg",
+        json.dumps(
+            {
+                "prompts": {"default": ""},
+                "gammas": [0.0, 1.0],
+                "depths": [2],
+                "temperatures": [0.7],
+                "max_lines": 4,
+                "candidate_max_tokens": 32,
+            }
+        ),
+        "--output-dir",
+        str(out),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     log = [json.loads(x) for x in (out / "egcfg_log.jsonl").read_text().splitlines()]

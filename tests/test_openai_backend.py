@@ -22,10 +22,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from standin_openai import StandIn  # noqa: E402
-
 from codedistill.errors import ConfigError  # noqa: E402
-from codedistill.generation.openai_api import OpenAIGenerator, ServerError  # noqa: E402
+from codedistill.generation.openai_api import (  # noqa: E402
+    OpenAIGenerator,
+    OpenAISettings,
+    RetryPolicy,
+    ServerFeatures,
+)
+from standin_openai import StandIn  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # every test talks to a real tiny model behind HTTP
@@ -53,8 +57,17 @@ def test_deepseek_like_faults_and_n1_split_are_survived_and_recorded(standin, tm
     recorded; a second generator on the same cache sends nothing."""
     standin.faults = {standin.posts + k: f for k, f in {2: "429", 3: "429", 5: "500", 8: "drop"}.items()}
     cache = tmp_path / "cache.sqlite"
-    gen = OpenAIGenerator("deepseek-chat", standin.base_url, prompt_style="chat", concurrency=3,
-                          backoff_base=0.05, cache_path=cache, require_logprobs=True)
+    gen = OpenAIGenerator(
+        "deepseek-chat",
+        standin.base_url,
+        OpenAISettings(
+            prompt_style="chat",
+            concurrency=3,
+            cache_path=cache,
+            require_logprobs=True,
+            retry=RetryPolicy(backoff_base=0.05),
+        ),
+    )
     prompts, stop = _synth_prompts(3, "chat", gen)
     out = gen.sample(prompts, n=3, temperature=0.8, top_p=0.95, max_new_tokens=48, stop=stop, seed=7)
     assert [len(cs) for cs in out] == [3, 3, 3]
@@ -68,7 +81,7 @@ def test_deepseek_like_faults_and_n1_split_are_survived_and_recorded(standin, tm
     assert any("n=1" in f for f in u["fallbacks"]), u["fallbacks"]
     assert u["requests_sent"] == 9 and u["completion_tokens"] > 0
     posts = standin.posts
-    again = OpenAIGenerator("deepseek-chat", standin.base_url, prompt_style="chat", cache_path=cache)
+    again = OpenAIGenerator("deepseek-chat", standin.base_url, OpenAISettings(prompt_style="chat", cache_path=cache))
     out2 = again.sample(prompts, n=3, temperature=0.8, top_p=0.95, max_new_tokens=48, stop=stop, seed=7)
     assert standin.posts == posts, "a repeated request reached the server"
     assert again.usage()["requests_sent"] == 0 and again.usage()["cache_hits"] == 3  # one per prompt (n=3)
@@ -78,7 +91,7 @@ def test_deepseek_like_faults_and_n1_split_are_survived_and_recorded(standin, tm
 
 
 def test_no_beam_search_falls_back_to_samples_and_says_so(standin):
-    gen = OpenAIGenerator("deepseek-chat", standin.base_url, prompt_style="base", max_n=1)
+    gen = OpenAIGenerator("deepseek-chat", standin.base_url, OpenAISettings(server=ServerFeatures(max_n=1)))
     prompts, stop = _synth_prompts(2, "base", gen)
     out = gen.beam_search(prompts, num_beams=2, max_new_tokens=32, stop=stop)
     assert [len(cs) for cs in out] == [2, 2]
@@ -91,9 +104,32 @@ def test_no_beam_search_falls_back_to_samples_and_says_so(standin):
 
 
 def _baseline_cmd(url: str, out: Path, cache: Path | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "codedistill", "baseline", "--model", "DeepSeek-V3-0324", "--dataset", "synth",
-           "--max-problems", "4", "-n", "2", "--max-new-tokens", "48", "--base-url", url, "--output-dir", str(out),
-           "--workers", "1", "--price-input", "0.27", "--price-output", "1.10"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "codedistill",
+        "baseline",
+        "--model",
+        "DeepSeek-V3-0324",
+        "--dataset",
+        "synth",
+        "--max-problems",
+        "4",
+        "-n",
+        "2",
+        "--max-new-tokens",
+        "48",
+        "--base-url",
+        url,
+        "--output-dir",
+        str(out),
+        "--workers",
+        "1",
+        "--price-input",
+        "0.27",
+        "--price-output",
+        "1.10",
+    ]
     return cmd + (["--response-cache", str(cache)] if cache else [])
 
 
@@ -111,13 +147,16 @@ def test_baseline_on_the_api_then_the_same_command_sends_zero_requests(standin, 
     r = _run(_baseline_cmd(standin.base_url, tmp_path / "a", cache))
     assert r.returncode == 0, r.stderr[-3000:]
     a = tmp_path / "a"
-    rows = [json.loads(l) for l in (a / "samples.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (a / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and all(math.isfinite(x["logprob"]) for x in rows)
     gen = json.loads((a / "generation.json").read_text())["totals"]["DeepSeek-V3-0324"]
     assert gen["requests_sent"] == 8 and gen["retries_total"] == 2 and gen["cost_usd"] > 0
     cfg = json.loads((a / "config.json").read_text())["config"]
-    assert cfg["generation_backend"] == {"backend": "openai", "served_model_name": "deepseek-chat",
-                                         "beam_search": False}
+    assert cfg["generation_backend"] == {
+        "backend": "openai",
+        "served_model_name": "deepseek-chat",
+        "beam_search": False,
+    }
     assert "Served generation" in (a / "report.md").read_text()
     posts = standin.posts
     for out in (a, tmp_path / "b"):  # the same command (records), then a new run (cache)
@@ -145,7 +184,7 @@ def test_server_dying_mid_run_is_resumed_without_repeating_requests(standin, tmp
     standin.faults = {}
     r = _run(cmd)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(l) for l in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 8
     from codedistill.generation.cache import ResponseCache
 
@@ -164,14 +203,14 @@ def test_bad_endpoints_are_clear_errors(standin, monkeypatch):
         OpenAIGenerator("gpt-x", standin.base_url).check()
     monkeypatch.delenv("DEEPSEEK_API_KEY", raising=False)
     with pytest.raises(ConfigError, match="set the environment variable DEEPSEEK_API_KEY"):
-        OpenAIGenerator("deepseek-chat", "https://api.deepseek.com", api_key_env="DEEPSEEK_API_KEY")
+        OpenAIGenerator("deepseek-chat", "https://api.deepseek.com", OpenAISettings(api_key_env="DEEPSEEK_API_KEY"))
     standin.api_key = "sk-test"
     try:
         monkeypatch.delenv("CD_TEST_KEY", raising=False)
         with pytest.raises(ConfigError, match="needs an API key: set the environment variable CD_TEST_KEY"):
-            OpenAIGenerator("deepseek-chat", standin.base_url, api_key_env="CD_TEST_KEY").check()
+            OpenAIGenerator("deepseek-chat", standin.base_url, OpenAISettings(api_key_env="CD_TEST_KEY")).check()
         monkeypatch.setenv("CD_TEST_KEY", "sk-test")
-        OpenAIGenerator("deepseek-chat", standin.base_url, api_key_env="CD_TEST_KEY").check()
+        OpenAIGenerator("deepseek-chat", standin.base_url, OpenAISettings(api_key_env="CD_TEST_KEY")).check()
     finally:
         standin.api_key = None
 
@@ -179,7 +218,7 @@ def test_bad_endpoints_are_clear_errors(standin, monkeypatch):
 def test_a_server_without_logprobs_is_refused_for_btp_and_allowed_for_pass_at_k(standin):
     standin.logprobs = False
     try:
-        btp = OpenAIGenerator("deepseek-chat", standin.base_url, require_logprobs=True)
+        btp = OpenAIGenerator("deepseek-chat", standin.base_url, OpenAISettings(require_logprobs=True))
         prompts, stop = _synth_prompts(1, "base", btp)
         with pytest.raises(ConfigError, match="returns no log-probs, and BTP needs them"):
             btp.sample(prompts, n=1, max_new_tokens=16, stop=stop, seed=1)
@@ -193,8 +232,11 @@ def test_a_server_without_logprobs_is_refused_for_btp_and_allowed_for_pass_at_k(
 
 def test_load_balancing_over_replicas(standin):
     """Two --base-url replicas (here the same server twice): requests spread over both."""
-    gen = OpenAIGenerator("deepseek-chat", [standin.base_url, standin.base_url.replace("127.0.0.1", "localhost")],
-                          max_n=1, concurrency=2)
+    gen = OpenAIGenerator(
+        "deepseek-chat",
+        [standin.base_url, standin.base_url.replace("127.0.0.1", "localhost")],
+        OpenAISettings(concurrency=2, server=ServerFeatures(max_n=1)),
+    )
     prompts, stop = _synth_prompts(2, "base", gen)
     seen: list[str] = []
     orig = gen._replica
@@ -218,15 +260,54 @@ def test_step2_command_with_deepseek_v3_against_the_standin(standin, tmp_path):
     samples is said in config.json and report.md; the same command again sends nothing."""
     standin.faults = {standin.posts + 2: "429", standin.posts + 4: "drop"}
     out = tmp_path / "btp"
-    cmd = [sys.executable, "experiments/step2_btp_finetune_experiment.py", "--source-model", "DeepSeek-V3-0324",
-           "--target-model", "tiny-target", "--mode", "finetune", "--dataset", "synth", "--max-problems", "4",
-           "--eval-max-problems", "4", "--num-beams", "2", "--n-iterations", "1", "--sampling-method", "power",
-           "--sampling-alpha", "1.5", "--use-lora", "--epochs", "1", "--eval-num-samples", "2",
-           "--max-new-tokens", "48", "--workers", "1", "--base-url", standin.base_url, "--output-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "experiments/step2_btp_finetune_experiment.py",
+        "--source-model",
+        "DeepSeek-V3-0324",
+        "--target-model",
+        "tiny-target",
+        "--mode",
+        "finetune",
+        "--dataset",
+        "synth",
+        "--max-problems",
+        "4",
+        "--eval-max-problems",
+        "4",
+        "--num-beams",
+        "2",
+        "--n-iterations",
+        "1",
+        "--sampling-method",
+        "power",
+        "--sampling-alpha",
+        "1.5",
+        "--use-lora",
+        "--epochs",
+        "1",
+        "--eval-num-samples",
+        "2",
+        "--max-new-tokens",
+        "48",
+        "--workers",
+        "1",
+        "--base-url",
+        standin.base_url,
+        "--output-dir",
+        str(out),
+    ]
     r = _run(cmd)
     assert r.returncode == 0, r.stderr[-4000:]
-    for f in ("config.json", "comparison.json", "report.md", "replay_buffer.jsonl", "generation.json",
-              "iter_1/adapter/adapter_config.json", "iter_1/stats.json"):
+    for f in (
+        "config.json",
+        "comparison.json",
+        "report.md",
+        "replay_buffer.jsonl",
+        "generation.json",
+        "iter_1/adapter/adapter_config.json",
+        "iter_1/stats.json",
+    ):
         assert (out / f).exists(), f
     cfg = json.loads((out / "config.json").read_text())["config"]
     assert "without beam search" in cfg["beam_search_fallback"]

@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -22,10 +21,22 @@ from codedistill.models.registry import resolve_model
 
 # bigcode/starcoder2-15b's config.json (the fields that set its size)
 STARCODER2_15B = {
-    "architectures": ["Starcoder2ForCausalLM"], "model_type": "starcoder2", "hidden_size": 6144,
-    "intermediate_size": 24576, "num_attention_heads": 48, "num_hidden_layers": 40, "num_key_value_heads": 4,
-    "vocab_size": 49152, "max_position_embeddings": 16384, "use_bias": True, "hidden_act": "gelu_pytorch_tanh",
-    "norm_epsilon": 1e-05, "rope_theta": 100000, "sliding_window": 4096, "bos_token_id": 0, "eos_token_id": 0,
+    "architectures": ["Starcoder2ForCausalLM"],
+    "model_type": "starcoder2",
+    "hidden_size": 6144,
+    "intermediate_size": 24576,
+    "num_attention_heads": 48,
+    "num_hidden_layers": 40,
+    "num_key_value_heads": 4,
+    "vocab_size": 49152,
+    "max_position_embeddings": 16384,
+    "use_bias": True,
+    "hidden_act": "gelu_pytorch_tanh",
+    "norm_epsilon": 1e-05,
+    "rope_theta": 100000,
+    "sliding_window": 4096,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
 }
 # what transformers instantiates from that config on the meta device (sum of p.numel())
 STARCODER2_15B_PARAMS = 15_655_899_136
@@ -62,8 +73,17 @@ def test_offline_uncached_hub_model_is_one_clear_line(monkeypatch, tmp_path):
     with pytest.raises(ConfigError) as e:
         pf.preflight(spec, device="cpu")
     print(f"offline refusal in {time.perf_counter() - t0:.3f} s")
-    _one_line_with(str(e.value), "StarCoder2-15B", "bigcode/starcoder2-15b", "HF_HUB_OFFLINE is set",
-                   "unreachable", "not cached", "save_pretrained", "HF_HUB_OFFLINE=1", "--backend vllm|openai")
+    _one_line_with(
+        str(e.value),
+        "StarCoder2-15B",
+        "bigcode/starcoder2-15b",
+        "HF_HUB_OFFLINE is set",
+        "unreachable",
+        "not cached",
+        "save_pretrained",
+        "HF_HUB_OFFLINE=1",
+        "--backend vllm|openai",
+    )
 
 
 def test_unreachable_hub_is_probed_not_waited_for(monkeypatch, tmp_path):
@@ -108,9 +128,26 @@ def test_cli_says_it_in_one_line_and_writes_no_run_dir(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty-cache"))
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "codedistill", "baseline", "--model-name", "StarCoder2-15B",
-                          "--dataset", "synth", "--num-samples", "10", "--output-dir", str(out)],
-                         capture_output=True, text=True, env=env, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "codedistill",
+            "baseline",
+            "--model-name",
+            "StarCoder2-15B",
+            "--dataset",
+            "synth",
+            "--num-samples",
+            "10",
+            "--output-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     print(f"CLI refusal in {time.perf_counter() - t0:.1f} s (process start and imports included)")
     assert res.returncode == 2, res.stderr[-3000:]
     assert "Traceback" not in res.stderr and "OSError" not in res.stderr
@@ -130,8 +167,16 @@ def test_parameter_count_matches_transformers(arch, tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(arch, vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = AutoConfig.for_model(
+        arch,
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     cfg.save_pretrained(tmp_path)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
@@ -142,12 +187,24 @@ def test_parameter_count_matches_transformers(arch, tmp_path):
 def test_too_large_refusal_names_the_alternatives():
     """A 15B model in fp32 on a 24 GB CPU machine: refused, with what would work."""
     with pytest.raises(ConfigError) as e:
-        pf.check_fit("StarCoder2-15B (bigcode/starcoder2-15b)", STARCODER2_15B_PARAMS, "float32", "inference",
-                     24e9, "CPU RAM")
+        pf.check_fit(
+            "StarCoder2-15B (bigcode/starcoder2-15b)", STARCODER2_15B_PARAMS, "float32", "inference", 24e9, "CPU RAM"
+        )
     msg = str(e.value)
-    _one_line_with(msg, "needs about 75 GB to generate in float32", "15.7B parameters", "4 bytes each",
-                   "24.0 GB available", "StarCoder2-3B", "DeepSeek-Coder-1.3B", "--dtype bfloat16",
-                   "--backend vllm", "tensor parallel", "--backend openai", pf.SKIP_ENV)
+    _one_line_with(
+        msg,
+        "needs about 75 GB to generate in float32",
+        "15.7B parameters",
+        "4 bytes each",
+        "24.0 GB available",
+        "StarCoder2-3B",
+        "DeepSeek-Coder-1.3B",
+        "--dtype bfloat16",
+        "--backend vllm",
+        "tensor parallel",
+        "--backend openai",
+        pf.SKIP_ENV,
+    )
     assert "Qwen2.5-Coder-7B" not in msg  # 7B in fp32 (~34 GB) does not fit 24 GB either
     pf.check_fit("StarCoder2-3B", 3e9, "float32", "inference", 24e9, "CPU RAM")  # 14.4 GB: fits
     pf.check_fit("StarCoder2-15B", STARCODER2_15B_PARAMS, "bfloat16", "inference", 80e9, "1 GPU(s)")  # 37.6 GB

@@ -68,45 +68,98 @@ def test_fmt_seconds():
 
 def test_run_plan_records_and_estimates(tmp_path):
     said: list[str] = []
-    plan = RunPlan(tmp_path / "plan.json", [{"phase": "a", "programs": 100, "done_programs": 20},
-                                           {"phase": "b", "programs": 50}], log=said.append, note="x not included")
+    plan = RunPlan(
+        tmp_path / "plan.json",
+        [{"phase": "a", "programs": 100, "done_programs": 20}, {"phase": "b", "programs": 50}],
+        log=said.append,
+        note="x not included",
+    )
     assert json.loads((tmp_path / "plan.json").read_text())["programs_to_generate"] == 130
     plan.first_chunk(10, 2.0)
     plan.first_chunk(10, 100.0)  # once only
     rec = json.loads((tmp_path / "plan.json").read_text())
     assert rec["estimate"]["estimated_seconds"] == pytest.approx(26.0)
-    assert said == ["estimate: first chunk 10 programs in 2.0 s (0.20 s each) -> about 26.0 s for the 130 "
-                    "programs of this run (from one chunk; x not included)"]
+    assert said == [
+        "estimate: first chunk 10 programs in 2.0 s (0.20 s each) -> about 26.0 s for the 130 "
+        "programs of this run (from one chunk; x not included)"
+    ]
 
 
 def _run(args: list[str], tmp_path: Path, timeout: int) -> subprocess.CompletedProcess:
     env = dict(os.environ, COLUMNS="100")
     env.pop("FORCE_COLOR", None)
     env.pop("TTY_COMPATIBLE", None)
-    return subprocess.run([sys.executable, "-m", "codedistill", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=tmp_path)
+    return subprocess.run(
+        [sys.executable, "-m", "codedistill", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
 
 
 @pytest.mark.slow
 def test_baseline_not_a_terminal_plan_summary_no_control_chars(tmp_path, random_lm):
     _, _, model = random_lm
     out = tmp_path / "run"
-    r = _run(["baseline", "--model", str(model), "--dataset", "synth", "--max-problems", "5", "-n", "2",
-              "--max-new-tokens", "8", "--output-dir", str(out), "--workers", "2"], tmp_path, 300)
+    r = _run(
+        [
+            "baseline",
+            "--model",
+            str(model),
+            "--dataset",
+            "synth",
+            "--max-problems",
+            "5",
+            "-n",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--output-dir",
+            str(out),
+            "--workers",
+            "2",
+        ],
+        tmp_path,
+        300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert not CONTROL.search(r.stderr) and not CONTROL.search(r.stdout), repr(r.stderr[-2000:])
     err = r.stderr
     assert "plan: random_lm" in err and "5 problems x 2 samples = 10 programs to generate and test" in err
     assert re.search(r"estimate: first chunk 10 programs in .* -> about .* for the 10 programs", err), err
-    assert re.search(r"random_lm\S* on synth: 5/5 problems, 10 programs generated and tested, \d+ passed in "
-                     r"\d+\.\d s", err), err
+    assert re.search(
+        r"random_lm\S* on synth: 5/5 problems, 10 programs generated and tested, \d+ passed in "
+        r"\d+\.\d s",
+        err,
+    ), err
     plan = json.loads((out / "plan.json").read_text())
     assert plan["programs_to_generate"] == 10 and plan["phases"][0]["samples_per_problem"] == 2
     assert plan["estimate"]["first_chunk_programs"] == 10
     assert plan["model_check"]["source"] == "local directory"
     # a second start finds everything done: nothing generated, said so
-    r2 = _run(["baseline", "--model", str(model), "--dataset", "synth", "--max-problems", "5", "-n", "2",
-               "--max-new-tokens", "8", "--output-dir", str(out), "--workers", "2"], tmp_path, 300)
+    r2 = _run(
+        [
+            "baseline",
+            "--model",
+            str(model),
+            "--dataset",
+            "synth",
+            "--max-problems",
+            "5",
+            "-n",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--output-dir",
+            str(out),
+            "--workers",
+            "2",
+        ],
+        tmp_path,
+        300,
+    )
     assert r2.returncode == 0 and "5 problems done before" in r2.stderr and "estimate:" not in r2.stderr
 
 
@@ -117,10 +170,40 @@ def test_btp_not_a_terminal_phase_summaries(tmp_path):
 
     src, tgt = build_throwaway_pair(tmp_path / "models")
     out = tmp_path / "run"
-    r = _run(["btp", "--source-model", str(src), "--target-model", str(tgt), "--dataset", "synth",
-              "--max-problems", "4", "--eval-max-problems", "3", "--eval-num-samples", "2", "--num-beams", "3",
-              "--n-iterations", "1", "--use-lora", "--lora-r", "4", "--max-new-tokens", "16",
-              "--chunk-size", "2", "--workers", "2", "--output-dir", str(out)], tmp_path, 900)
+    r = _run(
+        [
+            "btp",
+            "--source-model",
+            str(src),
+            "--target-model",
+            str(tgt),
+            "--dataset",
+            "synth",
+            "--max-problems",
+            "4",
+            "--eval-max-problems",
+            "3",
+            "--eval-num-samples",
+            "2",
+            "--num-beams",
+            "3",
+            "--n-iterations",
+            "1",
+            "--use-lora",
+            "--lora-r",
+            "4",
+            "--max-new-tokens",
+            "16",
+            "--chunk-size",
+            "2",
+            "--workers",
+            "2",
+            "--output-dir",
+            str(out),
+        ],
+        tmp_path,
+        900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert not CONTROL.search(r.stderr) and not CONTROL.search(r.stdout), repr(r.stderr[-2000:])
     err = r.stderr
@@ -130,8 +213,9 @@ def test_btp_not_a_terminal_phase_summaries(tmp_path):
     assert "in all 30 programs to generate and test" in err
     assert "estimate: first chunk" in err
     for stage in ("target_iter0", "source", "target_iter1"):
-        assert re.search(rf"eval {stage} on synth: 3/3 problems, 6 programs generated and tested, \d+ passed in ",
-                         err), (stage, err)
+        assert re.search(
+            rf"eval {stage} on synth: 3/3 problems, 6 programs generated and tested, \d+ passed in ", err
+        ), (stage, err)
     assert re.search(r"\[iter 1\] source beam search: 4/4 problems, 12 candidates in \d+\.\d s", err), err
     assert re.search(r"\[iter 1\] testing source's programs: 12/12 programs, \d+ passed in \d+\.\d s", err), err
     plan = json.loads((out / "plan.json").read_text())

@@ -216,14 +216,15 @@ def test_served_token_ids_keep_the_labelled_text(family, case):
     """vLLM's completions with ``return_tokens_as_token_ids``: the response's ``token_id:N``
     list (here the training labels, then more) is decoded after the prompt, exactly as the
     HF backend does; decoded alone, SentencePiece's first ``▁▁▁`` loses a space of indentation."""
-    from codedistill.generation.openai_api import OpenAIGenerator
+    from codedistill.generation.openai_api import OpenAIGenerator, OpenAISettings, ServerFeatures
 
     name, tok = family
     prompt, program, end, stops = CASES[case]
     f = encode_example(tok, prompt, program + end + "\ndef unrelated():\n    pass\n", max_length=2048,
                        add_eos=False)
     emitted = labelled(f)
-    gen = OpenAIGenerator("m", "http://127.0.0.1:9/v1", tokenizer=tok, token_ids=True, backend="vllm")
+    gen = OpenAIGenerator("m", "http://127.0.0.1:9/v1", OpenAISettings(backend="vllm", server=ServerFeatures(token_ids=True)),
+                          tokenizer=tok)
     choice = {"index": 0, "text": "(unused: the ids are decoded)", "finish_reason": "stop",
               "logprobs": {"tokens": [f"token_id:{t}" for t in emitted], "token_logprobs": [-0.5] * len(emitted)}}
     body = gen._body(prompt, 1, 0.0, 1.0, 256, stops, None)[1]

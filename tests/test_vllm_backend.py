@@ -99,9 +99,33 @@ def test_vllm_logprobs_equal_hf_teacher_forcing(target_server):
 
 
 def _baseline(out: Path, backend: str, extra: tuple[str, ...] = ()) -> list[str]:
-    return [sys.executable, "-m", "codedistill", "baseline", "--model", "tiny-target", "--dataset", "synth",
-            "--max-problems", "40", "-n", "10", "--temperature", "0.8", "--top-p", "1.0", "--max-new-tokens", "64",
-            "--workers", "2", "--backend", backend, "--output-dir", str(out), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "codedistill",
+        "baseline",
+        "--model",
+        "tiny-target",
+        "--dataset",
+        "synth",
+        "--max-problems",
+        "40",
+        "-n",
+        "10",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "1.0",
+        "--max-new-tokens",
+        "64",
+        "--workers",
+        "2",
+        "--backend",
+        backend,
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def _server_processes(marker: str) -> list[int]:
@@ -243,20 +267,68 @@ def test_btp_with_vllm_source_and_lora_evaluation_on_vllm(tmp_path):
     the HF backend's evaluation of the merged model (iter_1/merged) within its 95% CI."""
     _vllm_or_skip()
     out = tmp_path / "btp"
-    cmd = [sys.executable, "-m", "codedistill", "btp", "--source-model", "tiny-source", "--target-model",
-           "tiny-target", "--dataset", "synth", "--max-problems", "24", "--eval-max-problems", "40",
-           "--num-beams", "3", "--n-iterations", "1", "--use-lora", "--merge", "--epochs", "2", "--lr", "3e-3",
-           "--sampling-alpha", "8", "--eval-num-samples", "10", "--eval-temperature", "0.8", "--max-new-tokens", "64",
-           "--no-eval-source", "--workers", "2", "--backend", "vllm", "--output-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "codedistill",
+        "btp",
+        "--source-model",
+        "tiny-source",
+        "--target-model",
+        "tiny-target",
+        "--dataset",
+        "synth",
+        "--max-problems",
+        "24",
+        "--eval-max-problems",
+        "40",
+        "--num-beams",
+        "3",
+        "--n-iterations",
+        "1",
+        "--use-lora",
+        "--merge",
+        "--epochs",
+        "2",
+        "--lr",
+        "3e-3",
+        "--sampling-alpha",
+        "8",
+        "--eval-num-samples",
+        "10",
+        "--eval-temperature",
+        "0.8",
+        "--max-new-tokens",
+        "64",
+        "--no-eval-source",
+        "--workers",
+        "2",
+        "--backend",
+        "vllm",
+        "--output-dir",
+        str(out),
+    ]
     r = _run(cmd)
     assert r.returncode == 0, r.stderr[-4000:]
-    for f in ("config.json", "comparison.json", "report.md", "replay_buffer.jsonl", "generation.json",
-              "generations/source_beam.jsonl", "iter_1/adapter/adapter_config.json", "iter_1/merged/config.json",
-              "iter_1/stats.json", "eval/target_iter1/synth/samples.jsonl"):
+    for f in (
+        "config.json",
+        "comparison.json",
+        "report.md",
+        "replay_buffer.jsonl",
+        "generation.json",
+        "generations/source_beam.jsonl",
+        "iter_1/adapter/adapter_config.json",
+        "iter_1/merged/config.json",
+        "iter_1/stats.json",
+        "eval/target_iter1/synth/samples.jsonl",
+    ):
         assert (out / f).exists(), f
     cfg = json.loads((out / "config.json").read_text())["config"]
-    assert cfg["generation_backends"]["source"] == {"backend": "vllm", "beam_search": True,
-                                                    "logprobs_mode": "raw_logprobs"}
+    assert cfg["generation_backends"]["source"] == {
+        "backend": "vllm",
+        "beam_search": True,
+        "logprobs_mode": "raw_logprobs",
+    }
     assert "beam_search_fallback" not in cfg
     gen = json.loads((out / "generation.json").read_text())["totals"]
     after_name = "tiny-target@iter1"
@@ -264,20 +336,45 @@ def test_btp_with_vllm_source_and_lora_evaluation_on_vllm(tmp_path):
     assert gen[after_name]["requests_sent"] > 0 and gen[after_name]["vllm_version"]
     usage = json.loads((out / "generation.json").read_text())["starts"][-1]["by_model"][after_name]
     assert usage["server"]["lora_modules"] == {"adapter": str(out / "iter_1" / "adapter")}
-    beams = [json.loads(l) for l in (out / "generations" / "source_beam.jsonl").read_text().splitlines()]
-    assert all(len(b["candidates"]) == 3 and all(math.isfinite(c["logprob"]) for c in b["candidates"])
-               for b in beams)
+    beams = [json.loads(line) for line in (out / "generations" / "source_beam.jsonl").read_text().splitlines()]
+    assert all(len(b["candidates"]) == 3 and all(math.isfinite(c["logprob"]) for c in b["candidates"]) for b in beams)
     assert not _server_processes(str(out))
     after = json.loads((out / "comparison.json").read_text())["datasets"]["synth"]["target_after"]["pass@1"]["value"]
 
-    r = _run([sys.executable, "-m", "codedistill", "baseline", "--model", str(out / "iter_1" / "merged"),
-              "--dataset", "synth", "--max-problems", "40", "-n", "10", "--temperature", "0.8",
-              "--top-p", "0.95", "--max-new-tokens", "64", "--workers", "2", "--backend", "hf",
-              "--output-dir", str(tmp_path / "merged_hf")])
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "codedistill",
+            "baseline",
+            "--model",
+            str(out / "iter_1" / "merged"),
+            "--dataset",
+            "synth",
+            "--max-problems",
+            "40",
+            "-n",
+            "10",
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.95",
+            "--max-new-tokens",
+            "64",
+            "--workers",
+            "2",
+            "--backend",
+            "hf",
+            "--output-dir",
+            str(tmp_path / "merged_hf"),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "merged_hf" / "metrics.json").read_text())["pass@1"]
-    print(f"after-BTP pass@1: vLLM + LoRA adapter {after:.3f}; HF merged {m['value']:.3f} "
-          f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
+    print(
+        f"after-BTP pass@1: vLLM + LoRA adapter {after:.3f}; HF merged {m['value']:.3f} "
+        f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+    )
     assert m["ci_low"] <= after <= m["ci_high"]
 
 

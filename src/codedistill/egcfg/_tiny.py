@@ -1,7 +1,6 @@
 """Throwaway tiny model + tokenizer for EG-CFG's equality tests (random weights).
 
-Prefers ``codedistill.models.tiny.ensure_tiny_model`` when it exists; otherwise builds a
-2-layer LlamaForCausalLM with random weights and a byte-level BPE tokenizer trained in
+A 2-layer LlamaForCausalLM with random weights and a byte-level BPE tokenizer trained in
 memory on a small Python corpus. Random weights are fine for equality tests (greedy /
 guided decoding must match a reference token for token, whatever the model).
 """
@@ -51,17 +50,26 @@ def random_tiny_model(seed: int = 0, vocab_size: int = 300, layers: int = 2, hid
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer=trainer)
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=2048, pad_token_id=hf_tok.pad_token_id,
-        eos_token_id=hf_tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False,
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=hf_tok.pad_token_id,
+        eos_token_id=hf_tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(cfg).eval()
     # Make the random model emit newlines now and then so line-by-line decoding has lines.
@@ -69,15 +77,3 @@ def random_tiny_model(seed: int = 0, vocab_size: int = 300, layers: int = 2, hid
         nl = [i for t, i in hf_tok.get_vocab().items() if "Ċ" in t]
         model.lm_head.weight[nl] *= 1.2
     return model, hf_tok
-
-
-def tiny_model(name: str = "tiny-target"):
-    """A trained tiny model when ``codedistill.models.tiny`` is there, else the random one."""
-    try:
-        from codedistill.models.tiny import ensure_tiny_model  # type: ignore
-    except Exception:  # not landed yet
-        return random_tiny_model()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = ensure_tiny_model(name)
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)

@@ -23,9 +23,10 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from codedistill.data.problem import Problem
 from codedistill.egcfg.config import EGCFGConfig
@@ -41,18 +42,31 @@ def _agent_seed(seed: int, index: int) -> int:
 class EGCFGSolver:
     """``solve(problem, prompt, stop, seed) -> (Candidate, log record)``."""
 
-    def __init__(self, model, tokenizer, config: EGCFGConfig | None = None, pool: Any = None,
-                 add_special_tokens: bool = True, log_signals: bool = True,
-                 to_program: Callable[[Problem, str], str] | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        config: EGCFGConfig | None = None,
+        pool: Any = None,
+        add_special_tokens: bool = True,
+        log_signals: bool = True,
+        to_program: Callable[[Problem, str], str] | None = None,
+    ):
         """``to_program(problem, completion) -> program`` (default ``problem.program``; the
         baseline passes ``codedistill.prompts.to_program`` for its prompt style)."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EGCFGConfig()
         self.executor = TraceExecutor(pool, workers=self.config.exec_workers, timeout=self.config.exec_timeout_s)
-        self.decoder = LineDecoder(model, tokenizer, self.config, self.executor,
-                                   add_special_tokens=add_special_tokens, log_signals=log_signals,
-                                   to_program=to_program)
+        self.decoder = LineDecoder(
+            model,
+            tokenizer,
+            self.config,
+            self.executor,
+            add_special_tokens=add_special_tokens,
+            log_signals=log_signals,
+            to_program=to_program,
+        )
         self.to_program = self.decoder.to_program
 
     def close(self) -> None:
@@ -64,8 +78,9 @@ class EGCFGSolver:
             res.visible = {"passed": False, "pass_rate": 0.0, "tests_total": 0}
             return
         before = self.executor.executions
-        res.visible = self.executor.check_many([self.to_program(problem, res.completion)], list(problem.visible_tests),
-                                               problem.test_setup)[0]
+        res.visible = self.executor.check_many(
+            [self.to_program(problem, res.completion)], list(problem.visible_tests), problem.test_setup
+        )[0]
         res.counters.sandbox_executions += self.executor.executions - before if self.config.agent_workers == 1 else 1
 
     def _run_agent(self, problem, prompt, stop, agent, seed, cancel, build=None) -> AgentResult:
@@ -76,8 +91,14 @@ class EGCFGSolver:
             res.counters.wall_time_s += time.time() - t0
         return res
 
-    def solve(self, problem: Problem, prompt: str, stop: Sequence[str] = (), seed: int = 0,
-              build: Callable[[str, str], str] | None = None) -> tuple[Candidate, dict[str, Any]]:
+    def solve(
+        self,
+        problem: Problem,
+        prompt: str,
+        stop: Sequence[str] = (),
+        seed: int = 0,
+        build: Callable[[str, str], str] | None = None,
+    ) -> tuple[Candidate, dict[str, Any]]:
         """``build(signal, prompt variant) -> prompt`` places the signal (chat prompts need it:
         :func:`~codedistill.egcfg.signal.prompt_builder`); default: base insertion into ``prompt``."""
         t0 = time.time()
@@ -90,21 +111,23 @@ class EGCFGSolver:
         winner: int | None = None
         if self.config.agent_workers == 1:
             for i, a in enumerate(agents):
-                results[i] = self._run_agent(problem, prompt, stop, a, _agent_seed(seed, i), None, build)
-                if self.config.early_stop and results[i].visible and results[i].visible["passed"]:
+                res = results[i] = self._run_agent(problem, prompt, stop, a, _agent_seed(seed, i), None, build)
+                if self.config.early_stop and res.visible and res.visible["passed"]:
                     winner = i
                     break
         else:
             with ThreadPoolExecutor(self.config.agent_workers) as ex:
-                futs = {ex.submit(self._run_agent, problem, prompt, stop, a, _agent_seed(seed, i), cancel, build): i
-                        for i, a in enumerate(agents)}
+                futs = {
+                    ex.submit(self._run_agent, problem, prompt, stop, a, _agent_seed(seed, i), cancel, build): i
+                    for i, a in enumerate(agents)
+                }
                 pending = set(futs)
                 while pending:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for f in done:
                         i = futs[f]
-                        results[i] = f.result()
-                        v = results[i].visible
+                        res = results[i] = f.result()
+                        v = res.visible
                         if winner is None and self.config.early_stop and v and v["passed"]:
                             winner = i
                             cancel.set()
@@ -114,23 +137,36 @@ class EGCFGSolver:
         if winner is None:  # best visible pass rate, first agent on ties
             winner = max(ran, key=lambda ir: (ir[1].visible["pass_rate"] if ir[1].visible else 0.0, -ir[0]))[0]
         best = results[winner]
+        if best is None:
+            raise RuntimeError(f"EG-CFG: agent {winner} of {problem.task_id} left no result")
         total = Counters()
         for r in results:
             if r is not None:
                 total.add(r.counters)
         total.wall_time_s = time.time() - t0
         cand = Candidate(
-            text=best.completion, num_tokens=best.num_tokens, logprob=best.plain_logprob,
+            text=best.completion,
+            num_tokens=best.num_tokens,
+            logprob=best.plain_logprob,
             raw_text=best.raw_text,
             finish_reason="length" if best.finish_reason == "length" else "stop",
-            meta={"agent": best.agent.name(), "guided_logprob": best.guided_logprob,
-                  "visible_passed": bool(best.visible and best.visible["passed"]),
-                  "egcfg": total.to_dict()},
+            meta={
+                "agent": best.agent.name(),
+                "guided_logprob": best.guided_logprob,
+                "visible_passed": bool(best.visible and best.visible["passed"]),
+                "egcfg": total.to_dict(),
+            },
         )
         record = {
-            "task_id": problem.task_id, "seed": seed, "winner": best.agent.name(), "winner_index": winner,
-            "visible_passed": cand.meta["visible_passed"], "completion": best.completion,
-            "agents_run": len(ran), "agents_total": len(agents), "counters": total.to_dict(),
+            "task_id": problem.task_id,
+            "seed": seed,
+            "winner": best.agent.name(),
+            "winner_index": winner,
+            "visible_passed": cand.meta["visible_passed"],
+            "completion": best.completion,
+            "agents_run": len(ran),
+            "agents_total": len(agents),
+            "counters": total.to_dict(),
             "agents": [r.log() for r in results if r is not None],
         }
         return cand, record

@@ -25,8 +25,9 @@ decoding; B rows).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Literal, cast
 
 import torch
 from transformers import DynamicCache
@@ -102,8 +103,8 @@ class _Streams:
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError("empty prompt")
-            ids[i, n - len(p):] = torch.tensor(p, dtype=torch.long, device=dev)
-            mask[i, n - len(p):] = 1
+            ids[i, n - len(p) :] = torch.tensor(p, dtype=torch.long, device=dev)
+            mask[i, n - len(p) :] = 1
         self.mask = mask
         self.cache = DynamicCache(config=model.config)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -130,7 +131,7 @@ class _Streams:
     def select(self, rows: torch.Tensor) -> None:
         """Keep / reorder / repeat rows (index into the current rows)."""
         rows = rows.to(self.mask.device)
-        self.cache.reorder_cache(rows)
+        self.cache.reorder_cache(cast(torch.LongTensor, rows))
         self.mask = self.mask.index_select(0, rows)
         self.next_pos = self.next_pos.index_select(0, rows)
         self.last_logits = self.last_logits.index_select(0, rows)
@@ -190,7 +191,7 @@ def cfg_generate(
     if strategy == "sample" and temperature <= 0:
         strategy = "greedy" if num_sequences == 1 else strategy
     B = num_sequences
-    prompts = [list(cond_ids), list(uncond_ids)] if use_cond else [list(uncond_ids)]
+    prompts = [list(cond_ids), list(uncond_ids)] if use_cond and cond_ids is not None else [list(uncond_ids)]
     st = _Streams(model, prompts, pad_token_id)
     # expand the prefilled rows to B hypotheses each: [cond]*B + [uncond]*B
     base = torch.tensor([0] * B + ([1] * B if use_cond else []), dtype=torch.long)
@@ -206,8 +207,9 @@ def cfg_generate(
         return torch.cat([sel, sel + n]) if use_cond else sel
 
     if strategy == "beam":
-        return _beam(st, B, gamma, use_cond, max_new_tokens, eos, stop_fn, length_penalty, steps,
-                     split_logits, rows_index)
+        return _beam(
+            st, B, gamma, use_cond, max_new_tokens, eos, stop_fn, length_penalty, steps, split_logits, rows_index
+        )
 
     seqs: list[list[int]] = [[] for _ in range(B)]
     g_tok: list[list[float]] = [[] for _ in range(B)]
@@ -245,14 +247,22 @@ def cfg_generate(
         st.step(torch.cat([tok, tok]) if use_cond else tok)
     g_lp = [float(sum(x)) for x in g_tok]
     return CFGResult(
-        tokens=seqs, guided_logprob=g_lp, plain_logprob=[float(sum(x)) for x in p_tok],
-        finished=finished, forward_passes=st.forward_passes, rows_tokens=st.rows_tokens,
-        scores=list(g_lp), steps=steps, token_guided_logprobs=g_tok, token_plain_logprobs=p_tok,
+        tokens=seqs,
+        guided_logprob=g_lp,
+        plain_logprob=[float(sum(x)) for x in p_tok],
+        finished=finished,
+        forward_passes=st.forward_passes,
+        rows_tokens=st.rows_tokens,
+        scores=list(g_lp),
+        steps=steps,
+        token_guided_logprobs=g_tok,
+        token_plain_logprobs=p_tok,
     )
 
 
-def _beam(st: _Streams, B, gamma, use_cond, max_new_tokens, eos, stop_fn, length_penalty, steps,
-          split_logits, rows_index) -> CFGResult:
+def _beam(
+    st: _Streams, B, gamma, use_cond, max_new_tokens, eos, stop_fn, length_penalty, steps, split_logits, rows_index
+) -> CFGResult:
     dev = st.mask.device
     seqs: list[list[int]] = [[] for _ in range(B)]
     beam_scores = torch.full((B,), float("-inf"), device=dev)
@@ -280,8 +290,16 @@ def _beam(st: _Streams, B, gamma, use_cond, max_new_tokens, eos, stop_fn, length
             new_seq = seqs[b] + [t]
             if t in eos or (stop_fn is not None and stop_fn(new_seq)):
                 if rank < B:
-                    done.append((norm(sc, len(new_seq)), new_seq, sc, True,
-                                 gtok[b] + [float(glp[b, t])], ptok[b] + [float(plp[b, t])]))
+                    done.append(
+                        (
+                            norm(sc, len(new_seq)),
+                            new_seq,
+                            sc,
+                            True,
+                            gtok[b] + [float(glp[b, t])],
+                            ptok[b] + [float(plp[b, t])],
+                        )
+                    )
                 continue
             next_beams.append((b, t, sc))
             if len(next_beams) == B:
@@ -296,8 +314,16 @@ def _beam(st: _Streams, B, gamma, use_cond, max_new_tokens, eos, stop_fn, length
             break
         if last_step:
             for b, t, sc in next_beams:
-                done.append((norm(sc, step + 1), seqs[b] + [t], sc, False,
-                             gtok[b] + [float(glp[b, t])], ptok[b] + [float(plp[b, t])]))
+                done.append(
+                    (
+                        norm(sc, step + 1),
+                        seqs[b] + [t],
+                        sc,
+                        False,
+                        gtok[b] + [float(glp[b, t])],
+                        ptok[b] + [float(plp[b, t])],
+                    )
+                )
             break
         while len(next_beams) < B:  # pad with dead beams
             next_beams.append((next_beams[0][0], next_beams[0][1], float("-inf")))
@@ -312,9 +338,14 @@ def _beam(st: _Streams, B, gamma, use_cond, max_new_tokens, eos, stop_fn, length
     done.sort(key=lambda d: -d[0])
     done = [d for d in done if math.isfinite(d[2])][:B]
     return CFGResult(
-        tokens=[d[1] for d in done], guided_logprob=[d[2] for d in done],
-        plain_logprob=[float(sum(d[5])) for d in done], finished=[d[3] for d in done],
-        forward_passes=st.forward_passes, rows_tokens=st.rows_tokens,
-        scores=[d[0] for d in done], steps=steps,
-        token_guided_logprobs=[d[4] for d in done], token_plain_logprobs=[d[5] for d in done],
+        tokens=[d[1] for d in done],
+        guided_logprob=[d[2] for d in done],
+        plain_logprob=[float(sum(d[5])) for d in done],
+        finished=[d[3] for d in done],
+        forward_passes=st.forward_passes,
+        rows_tokens=st.rows_tokens,
+        scores=[d[0] for d in done],
+        steps=steps,
+        token_guided_logprobs=[d[4] for d in done],
+        token_plain_logprobs=[d[5] for d in done],
     )

@@ -26,8 +26,9 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -65,7 +66,7 @@ class Counters:
     sandbox_executions: int = 0  # tracer jobs + test checks
     wall_time_s: float = 0.0
 
-    def add(self, other: "Counters") -> None:
+    def add(self, other: Counters) -> None:
         for k in self.__dataclass_fields__:
             setattr(self, k, getattr(self, k) + getattr(other, k))
 
@@ -89,17 +90,30 @@ class AgentResult:
 
     def log(self) -> dict[str, Any]:
         return {
-            "agent": self.agent.name(), "spec": self.agent.model_dump(), "completion": self.completion,
-            "num_tokens": self.num_tokens, "plain_logprob": self.plain_logprob,
-            "guided_logprob": self.guided_logprob, "finish_reason": self.finish_reason,
-            "visible": self.visible, "counters": self.counters.to_dict(), "lines": self.lines,
+            "agent": self.agent.name(),
+            "spec": self.agent.model_dump(),
+            "completion": self.completion,
+            "num_tokens": self.num_tokens,
+            "plain_logprob": self.plain_logprob,
+            "guided_logprob": self.guided_logprob,
+            "finish_reason": self.finish_reason,
+            "visible": self.visible,
+            "counters": self.counters.to_dict(),
+            "lines": self.lines,
         }
 
 
 class LineDecoder:
-    def __init__(self, model, tokenizer, config: EGCFGConfig, executor: TraceExecutor,
-                 add_special_tokens: bool = True, log_signals: bool = True,
-                 to_program: Callable[[Problem, str], str] | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        config: EGCFGConfig,
+        executor: TraceExecutor,
+        add_special_tokens: bool = True,
+        log_signals: bool = True,
+        to_program: Callable[[Problem, str], str] | None = None,
+    ):
         self.to_program = to_program or (lambda problem, text: problem.program(text))
         self.model = model
         self.tok = tokenizer
@@ -121,8 +135,9 @@ class LineDecoder:
         return decode_continuation(self.tok, ids, context)
 
     # ------------------------------------------------------------------ candidates + signal
-    def candidates(self, ids: list[int], agent: AgentSpec, stop: Sequence[str], gen: torch.Generator,
-                   c: Counters) -> tuple[list[str], list[tuple[list[int], list[float]]]]:
+    def candidates(
+        self, ids: list[int], agent: AgentSpec, stop: Sequence[str], gen: torch.Generator, c: Counters
+    ) -> tuple[list[str], list[tuple[list[int], list[float]]]]:
         """``s`` continuations of ``ids``, each up to ``d`` newlines (or a stop / eos), and
         each one's kept (token ids, plain log-probs)."""
         d = agent.depth
@@ -131,12 +146,21 @@ class LineDecoder:
             t = self.decode(new, ids)
             return t.count("\n") >= d or cut_at_stop(t, stop)[1]
 
-        mode = "beam" if self.cfg.candidate_mode == "beam" else "sample"
+        mode: Literal["beam", "sample"] = "beam" if self.cfg.candidate_mode == "beam" else "sample"
         res = cfg_generate(
-            self.model, ids, None, gamma=0.0, strategy=mode, num_sequences=agent.num_candidates,
-            temperature=agent.temperature, top_p=self.cfg.top_p,
-            max_new_tokens=self.cfg.candidate_max_tokens, eos_token_id=self.eos, stop_fn=deep_enough,
-            generator=gen, pad_token_id=self.pad,
+            self.model,
+            ids,
+            None,
+            gamma=0.0,
+            strategy=mode,
+            num_sequences=agent.num_candidates,
+            temperature=agent.temperature,
+            top_p=self.cfg.top_p,
+            max_new_tokens=self.cfg.candidate_max_tokens,
+            eos_token_id=self.eos,
+            stop_fn=deep_enough,
+            generator=gen,
+            pad_token_id=self.pad,
         )
         c.forward_passes += res.forward_passes
         c.forward_rows_tokens += res.rows_tokens
@@ -149,14 +173,21 @@ class LineDecoder:
             full = self.decode(toks, ids)
             t, _ = cut_at_stop(full, stop)
             lines = t.split("\n")
-            text = "\n".join(lines[: d]) + ("\n" if len(lines) > d else "")
+            text = "\n".join(lines[:d]) + ("\n" if len(lines) > d else "")
             m = kept_token_count(self.tok, toks, text, ids) if text != full else len(toks)
             out.append(text)
             kept.append((list(toks[:m]), list(plps[:m])))
         return out, kept
 
-    def signal(self, problem: Problem, prefix_text: str, cands: list[str], agent: AgentSpec,
-               c: Counters, budget: int | None = None) -> tuple[str, list[dict], list[str]]:
+    def signal(
+        self,
+        problem: Problem,
+        prefix_text: str,
+        cands: list[str],
+        agent: AgentSpec,
+        c: Counters,
+        budget: int | None = None,
+    ) -> tuple[str, list[dict], list[str]]:
         """Trace the candidates on the visible tests: the signal block, a log per candidate and
         the distinct executable programs (for the agreement stop)."""
         first_new = len(self.to_program(problem, prefix_text).split("\n"))
@@ -173,11 +204,19 @@ class LineDecoder:
             log.append(entry)
         tests = list(problem.visible_tests)[: self.cfg.max_traced_tests]
         paper = self.cfg.trace_template == "paper"
-        jobs = [{"program": p, "tests": tests, "test_setup": problem.test_setup,
-                 "max_events": self.cfg.trace_max_events, "max_chars": self.cfg.trace_max_chars,
-                 "max_repr": self.cfg.trace_max_repr, "timeout_s": self.cfg.trace_timeout_s,
-                 "types": paper}
-                for p in programs]
+        jobs = [
+            {
+                "program": p,
+                "tests": tests,
+                "test_setup": problem.test_setup,
+                "max_events": self.cfg.trace_max_events,
+                "max_chars": self.cfg.trace_max_chars,
+                "max_repr": self.cfg.trace_max_repr,
+                "timeout_s": self.cfg.trace_timeout_s,
+                "types": paper,
+            }
+            for p in programs
+        ]
         before = self.executor.executions
         traces = self.executor.trace_many(jobs)
         c.sandbox_executions += self.executor.executions - before if self.cfg.agent_workers == 1 else len(jobs)
@@ -185,15 +224,26 @@ class LineDecoder:
             i = e.get("program_index")
             if i is not None:
                 tr = traces[i]
-                e["tests"] = [{"passed": t.get("passed"), "result": t.get("result"),
-                               "exception": (t.get("exception") or {}).get("type")}
-                              for t in tr.get("tests", [])]
+                e["tests"] = [
+                    {
+                        "passed": t.get("passed"),
+                        "result": t.get("result"),
+                        "exception": (t.get("exception") or {}).get("type"),
+                    }
+                    for t in tr.get("tests", [])
+                ]
                 if tr.get("error"):
                     e["error"] = tr["error"]
         template, header = self.cfg.frame()
-        sig = build_signal([(p, t, first_new, dr) for p, t, dr in zip(programs, traces, dropped)], self.count_tokens,
-                           self.cfg.budget_for(None, 0) if budget is None else budget, template=template,
-                           header=header, max_tests=self.cfg.max_traced_tests, formatter=self.cfg.trace_template)
+        sig = build_signal(
+            [(p, t, first_new, dr) for p, t, dr in zip(programs, traces, dropped)],
+            self.count_tokens,
+            self.cfg.budget_for(None, 0) if budget is None else budget,
+            template=template,
+            header=header,
+            max_tests=self.cfg.max_traced_tests,
+            formatter=self.cfg.trace_template,
+        )
         return sig, log, programs
 
     # ------------------------------------------------------------------ where guidance starts
@@ -213,9 +263,14 @@ class LineDecoder:
                 return v
         return None
 
-    def _finish_on_agreement(self, problem: Problem, kept_prefix: str, cands: list[str],
-                             kept: list[tuple[list[int], list[float]]], agreed: str | None
-                             ) -> tuple[list[int], list[float]] | None:
+    def _finish_on_agreement(
+        self,
+        problem: Problem,
+        kept_prefix: str,
+        cands: list[str],
+        kept: list[tuple[list[int], list[float]]],
+        agreed: str | None,
+    ) -> tuple[list[int], list[float]] | None:
         """(tokens, plain log-probs) of a candidate whose whole program is the agreed one."""
         for text, (toks, plps) in zip(cands, kept):
             prog, dropped = make_executable_ex(self.to_program(problem, kept_prefix + text))
@@ -224,18 +279,27 @@ class LineDecoder:
         return None
 
     # ------------------------------------------------------------------ one agent
-    def builder(self, problem: Problem, prompt: str,
-                build: Callable[[str, str], str] | None = None) -> Callable[[str, str], str]:
+    def builder(
+        self, problem: Problem, prompt: str, build: Callable[[str, str], str] | None = None
+    ) -> Callable[[str, str], str]:
         """``build(signal, variant) -> prompt``: the given one (chat prompts: see
         :func:`~codedistill.egcfg.signal.prompt_builder`), else base insertion into ``prompt``."""
         if build is not None:
             return build
-        return prompt_builder(problem, "base", anchor=self.cfg.signal_anchor,
-                              variants=self.cfg.prompt_variants(), prompt=prompt)
+        return prompt_builder(
+            problem, "base", anchor=self.cfg.signal_anchor, variants=self.cfg.prompt_variants(), prompt=prompt
+        )
 
-    def decode_agent(self, problem: Problem, prompt: str, stop: Sequence[str], agent: AgentSpec,
-                     seed: int, cancel: threading.Event | None = None,
-                     build: Callable[[str, str], str] | None = None) -> AgentResult:
+    def decode_agent(
+        self,
+        problem: Problem,
+        prompt: str,
+        stop: Sequence[str],
+        agent: AgentSpec,
+        seed: int,
+        cancel: threading.Event | None = None,
+        build: Callable[[str, str], str] | None = None,
+    ) -> AgentResult:
         t0 = time.time()
         c = Counters()
         gen = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFF)
@@ -295,10 +359,18 @@ class LineDecoder:
 
             line_temp = self.cfg.line_temperature
             res = cfg_generate(
-                self.model, prompt_ids + ids, cond_ids, gamma=agent.gamma,
-                strategy="sample" if line_temp > 0 else "greedy", temperature=max(line_temp, 1e-6),
-                top_p=self.cfg.top_p if line_temp > 0 else 1.0, max_new_tokens=line_budget,
-                eos_token_id=self.eos, stop_fn=line_done, generator=gen, pad_token_id=self.pad,
+                self.model,
+                prompt_ids + ids,
+                cond_ids,
+                gamma=agent.gamma,
+                strategy="sample" if line_temp > 0 else "greedy",
+                temperature=max(line_temp, 1e-6),
+                top_p=self.cfg.top_p if line_temp > 0 else 1.0,
+                max_new_tokens=line_budget,
+                eos_token_id=self.eos,
+                stop_fn=line_done,
+                generator=gen,
+                pad_token_id=self.pad,
             )
             new = res.tokens[0]
             c.forward_passes += res.forward_passes
@@ -326,7 +398,14 @@ class LineDecoder:
             m = len(ids) - (1 if ids and ids[-1] in self.eos else 0)
         c.wall_time_s = time.time() - t0
         return AgentResult(
-            agent=agent, completion=completion, token_ids=ids, num_tokens=m, raw_text=text,
-            plain_logprob=float(sum(plain_lps[:m])), guided_logprob=float(sum(guided_lps[:m])),
-            finish_reason=finish, lines=lines, counters=c,
+            agent=agent,
+            completion=completion,
+            token_ids=ids,
+            num_tokens=m,
+            raw_text=text,
+            plain_logprob=float(sum(plain_lps[:m])),
+            guided_logprob=float(sum(guided_lps[:m])),
+            finish_reason=finish,
+            lines=lines,
+            counters=c,
         )

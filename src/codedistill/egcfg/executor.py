@@ -10,24 +10,29 @@ pre-imported) when none is given.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
+
+from codedistill.execution import Job, Limits, SandboxPool
 
 TRACER_TARGET = "codedistill.egcfg.tracer:trace"
 
 
 def _timeout_result(tests: Sequence[str], why: str) -> dict:
-    return {"tests": [], "compile_error": None, "error": why, "timed_out": "timeout" in why.lower() or "timed out" in why.lower(),
-            "n_tests": len(tests)}
-
+    return {
+        "tests": [],
+        "compile_error": None,
+        "error": why,
+        "timed_out": "timeout" in why.lower() or "timed out" in why.lower(),
+        "n_tests": len(tests),
+    }
 
 
 class TraceExecutor:
     """Runs tracer / check jobs in the sandbox pool, counting executions."""
 
     def __init__(self, pool: Any = None, workers: int = 2, timeout: float = 10.0):
-        from codedistill.execution import Limits, SandboxPool
-
         self.workers = max(1, workers)
         self.timeout = timeout
         self.executions = 0
@@ -43,7 +48,7 @@ class TraceExecutor:
             self.pool.close()
             self.pool = None
 
-    def __enter__(self) -> "TraceExecutor":
+    def __enter__(self) -> TraceExecutor:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -78,9 +83,8 @@ class TraceExecutor:
             return []
         if not tests:
             return [{"passed": False, "pass_rate": 0.0, "tests_total": 0} for _ in programs]
-        from codedistill.execution import Job
-
         self._count(len(programs))
         verdicts = self.pool.run([Job(p, list(tests), test_setup) for p in programs])
-        return [{"passed": bool(v.passed), "pass_rate": float(v.pass_rate), "tests_total": len(tests)}
-                for v in verdicts]
+        return [
+            {"passed": bool(v.passed), "pass_rate": float(v.pass_rate), "tests_total": len(tests)} for v in verdicts
+        ]

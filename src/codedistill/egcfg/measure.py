@@ -122,16 +122,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     confs = {t: EGCFGConfig(**{**json.loads(args.egcfg), "trace_template": t}) for t in templates}
     methods = ["plain_greedy"] + [f"egcfg_{t}" for t in templates]
     rows_path = out / "rows.jsonl"
-    rows: list[dict] = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()] \
-        if rows_path.exists() else []
+    rows: list[dict] = (
+        [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()] if rows_path.exists() else []
+    )
     done = {t for t in {r["task_id"] for r in rows} if {r["method"] for r in rows if r["task_id"] == t} >= set(methods)}
     rows = [r for r in rows if r["task_id"] in done]
-    (out / "config.json").write_text(json.dumps({"args": vars(args), "egcfg": {t: c.model_dump() for t, c in confs.items()}},
-                                                indent=2))
-    with SandboxPool(workers=args.workers, limits=Limits(timeout=5.0),
-                     warm_targets=["codedistill.egcfg.tracer:trace"]) as pool:
-        solvers = {t: EGCFGSolver(model, tok, c, pool=pool, to_program=lambda p, x: to_program(p, style, x)[1])
-                   for t, c in confs.items()}
+    (out / "config.json").write_text(
+        json.dumps({"args": vars(args), "egcfg": {t: c.model_dump() for t, c in confs.items()}}, indent=2)
+    )
+    with SandboxPool(
+        workers=args.workers, limits=Limits(timeout=5.0), warm_targets=["codedistill.egcfg.tracer:trace"]
+    ) as pool:
+        solvers = {
+            t: EGCFGSolver(model, tok, c, pool=pool, to_program=lambda p, x: to_program(p, style, x)[1])
+            for t, c in confs.items()
+        }
 
         def judge(p, completion):
             prog = to_program(p, style, completion)[1]
@@ -144,11 +149,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             stop = list(stops_for(p, style))
             new: list[dict] = []
             f0, g0, t0 = gen.forward_passes, gen.generated_tokens, time.time()
-            c = gen.sample([prompt], n=1, temperature=0.0, max_new_tokens=confs[templates[0]].max_new_tokens,
-                           stop=stop, seed=args.seed + i)[0][0]
-            new.append({"task_id": p.task_id, "method": "plain_greedy", "passed": judge(p, c.text),
-                        "forward_passes": gen.forward_passes - f0, "generated_tokens": gen.generated_tokens - g0,
-                        "sandbox_executions": 0, "wall_time_s": time.time() - t0, "completion": c.text})
+            c = gen.sample(
+                [prompt],
+                n=1,
+                temperature=0.0,
+                max_new_tokens=confs[templates[0]].max_new_tokens,
+                stop=stop,
+                seed=args.seed + i,
+            )[0][0]
+            new.append(
+                {
+                    "task_id": p.task_id,
+                    "method": "plain_greedy",
+                    "passed": judge(p, c.text),
+                    "forward_passes": gen.forward_passes - f0,
+                    "generated_tokens": gen.generated_tokens - g0,
+                    "sandbox_executions": 0,
+                    "wall_time_s": time.time() - t0,
+                    "completion": c.text,
+                }
+            )
             for t, solver in solvers.items():
                 t0 = time.time()
                 cand, rec = solver.solve(p, prompt, stop, seed=args.seed + i)
@@ -157,26 +177,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cnt = rec["counters"]
                 first = rec["agents"][0]["completion"]
                 per_agent = {a["agent"]: judge(p, a["completion"]) for a in rec["agents"]}
-                new.append({"per_agent_passed": per_agent, "task_id": p.task_id, "method": f"egcfg_{t}", "passed": judge(p, cand.text),
-                            "first_agent_passed": judge(p, first), "visible_passed": rec["visible_passed"],
-                            "guided": bool(p.visible_tests), "winner": rec["winner"], "agents_run": rec["agents_run"],
-                            "agreement_stops": sum(bool(a["lines"] and a["lines"][-1].get("agreement_stop"))
-                                                   for a in rec["agents"]),
-                            **{k: cnt[k] for k in COST_KEYS if k != "wall_time_s"}, "wall_time_s": wall,
-                            "completion": cand.text})
+                new.append(
+                    {
+                        "per_agent_passed": per_agent,
+                        "task_id": p.task_id,
+                        "method": f"egcfg_{t}",
+                        "passed": judge(p, cand.text),
+                        "first_agent_passed": judge(p, first),
+                        "visible_passed": rec["visible_passed"],
+                        "guided": bool(p.visible_tests),
+                        "winner": rec["winner"],
+                        "agents_run": rec["agents_run"],
+                        "agreement_stops": sum(
+                            bool(a["lines"] and a["lines"][-1].get("agreement_stop")) for a in rec["agents"]
+                        ),
+                        **{k: cnt[k] for k in COST_KEYS if k != "wall_time_s"},
+                        "wall_time_s": wall,
+                        "completion": cand.text,
+                    }
+                )
             rows += new
             with open(rows_path, "a", encoding="utf-8") as f:
                 for r in new:
                     f.write(json.dumps(r) + "\n")
             k = len({r["task_id"] for r in rows})
-            print(f"[{i + 1}/{len(problems)}] {p.task_id}: "
-                  + ", ".join(f"{r['method']}={'PASS' if r['passed'] else 'fail'}" for r in new)
-                  + " | so far " + ", ".join(f"{m} {sum(r['passed'] for r in rows if r['method'] == m) / k:.3f}"
-                                             for m in methods), flush=True)
+            print(
+                f"[{i + 1}/{len(problems)}] {p.task_id}: "
+                + ", ".join(f"{r['method']}={'PASS' if r['passed'] else 'fail'}" for r in new)
+                + " | so far "
+                + ", ".join(f"{m} {sum(r['passed'] for r in rows if r['method'] == m) / k:.3f}" for m in methods),
+                flush=True,
+            )
         for s in solvers.values():
             s.close()
-    summary = {"model": args.model, "dataset": args.dataset, "split": args.split, "n_problems": len(problems),
-               "templates": templates, **summarize(rows, methods)}
+    summary = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "split": args.split,
+        "n_problems": len(problems),
+        "templates": templates,
+        **summarize(rows, methods),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in ("methods", "paired")}, indent=2))
     return summary

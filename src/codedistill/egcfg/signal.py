@@ -23,13 +23,28 @@
 from __future__ import annotations
 
 import ast
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from codedistill.prompts import chat_instruction
 
 DEFAULT_HEADER = "# Execution feedback: candidate continuations were run on the tests.\n"
 DEFAULT_TEMPLATE = "{header}{traces}# End of execution feedback.\n"
 
-_BLOCK_OPENERS = ("def ", "class ", "if ", "elif ", "else", "for ", "while ", "with ", "try",
-                  "except", "finally", "async ")
+_BLOCK_OPENERS = (
+    "def ",
+    "class ",
+    "if ",
+    "elif ",
+    "else",
+    "for ",
+    "while ",
+    "with ",
+    "try",
+    "except",
+    "finally",
+    "async ",
+)
 
 
 def _parses(code: str) -> bool:
@@ -53,7 +68,7 @@ def make_executable_ex(code: str) -> tuple[str, str]:
         chunk = lines[:end]
         while chunk and not chunk[-1].strip():
             chunk = chunk[:-1]
-        dropped = "\n".join(x for x in lines[len(chunk):] if x.strip())
+        dropped = "\n".join(x for x in lines[len(chunk) :] if x.strip())
         text = "\n".join(chunk)
         if _parses(text):
             return (text + "\n" if text else ""), dropped
@@ -72,8 +87,9 @@ def _fmt_vars(d: dict[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items())
 
 
-def format_trace(program: str, trace: dict, new_from_line: int = 1, max_tests: int | None = None,
-                 dropped: str = "") -> list[str]:
+def format_trace(
+    program: str, trace: dict, new_from_line: int = 1, max_tests: int | None = None, dropped: str = ""
+) -> list[str]:
     """Comment lines describing one candidate's execution (see module doc).
 
     ``program`` is the executed program, ``trace`` the tracer's result, ``new_from_line``
@@ -148,8 +164,12 @@ def strip_docstrings(code: str) -> str:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
-                    and isinstance(body[0].value.value, str):
+            first = body[0] if body else None
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
                 node.body = body[1:] or [ast.Pass()]
     return ast.unparse(tree)
 
@@ -190,12 +210,14 @@ def paper_trace_steps(program: str, test: dict) -> list[str]:
             vals.update(e.get("vars", {}))
             typ.update(e.get("types", {}))
         elif kind == "return":
-            out += [f"{depth} {_state(vals, typ)}", f"RETURN: {code(e.get('line'))}",
-                    f"Return Value: {e.get('value')}"]
+            out += [f"{depth} {_state(vals, typ)}", f"RETURN: {code(e.get('line'))}", f"Return Value: {e.get('value')}"]
             stack.pop()
         elif kind == "exception":
-            out += [f"{depth} {_state(vals, typ)}", f"EXCEPTION: {code(e.get('line'))}",
-                    f"{e.get('type')}: {e.get('message')}"]
+            out += [
+                f"{depth} {_state(vals, typ)}",
+                f"EXCEPTION: {code(e.get('line'))}",
+                f"{e.get('type')}: {e.get('message')}",
+            ]
     if test.get("truncated"):
         out.append("... (trace truncated)")
     exc = test.get("exception")
@@ -205,8 +227,9 @@ def paper_trace_steps(program: str, test: dict) -> list[str]:
     return out
 
 
-def format_trace_paper(program: str, trace: dict, new_from_line: int = 1, max_tests: int | None = None,
-                       dropped: str = "") -> list[str]:
+def format_trace_paper(
+    program: str, trace: dict, new_from_line: int = 1, max_tests: int | None = None, dropped: str = ""
+) -> list[str]:
     """One candidate in upstream's layout: per test, ``# Function:`` (the executable candidate
     program, docstrings and comments removed), ``# Invocation:`` (the call) and ``# Execution
     Trace:`` (:func:`paper_trace_steps`). ``new_from_line`` and ``dropped`` are accepted for the
@@ -217,8 +240,14 @@ def format_trace_paper(program: str, trace: dict, new_from_line: int = 1, max_te
         return ["# Function:", function, "", "# Execution Trace:", f"Execution stopped: {trace['error']}", ""]
     err = trace.get("compile_error")
     if err:
-        return ["# Function:", function, "", "# Execution Trace:",
-                f"SyntaxError (line {err.get('line')}): {err.get('message')}", ""]
+        return [
+            "# Function:",
+            function,
+            "",
+            "# Execution Trace:",
+            f"SyntaxError (line {err.get('line')}): {err.get('message')}",
+            "",
+        ]
     tests = trace.get("tests", [])
     if max_tests is not None:
         tests = tests[:max_tests]
@@ -268,8 +297,10 @@ def build_signal(
     if left <= 0:
         return ""
     share = left // len(candidates)
-    parts = [_fit(formatter(c[0], c[1], c[2], max_tests, c[3] if len(c) > 3 else ""), share, count_tokens)
-             for c in candidates]
+    parts = [
+        _fit(formatter(c[0], c[1], c[2], max_tests, c[3] if len(c) > 3 else ""), share, count_tokens)
+        for c in candidates
+    ]
     parts = [p for p in parts if p]
     if not parts:
         return ""
@@ -291,8 +322,9 @@ def insert_signal(prompt: str, signal: str, code_prefix: str = "", anchor: str |
     return prompt + ("" if prompt.endswith("\n") or not prompt else "\n") + signal
 
 
-def chat_prompt_with_signal(tokenizer: Any, messages: Sequence[dict], signal: str, extra: str = "",
-                            add_generation_prompt: bool = True) -> str:
+def chat_prompt_with_signal(
+    tokenizer: Any, messages: Sequence[dict], signal: str, extra: str = "", add_generation_prompt: bool = True
+) -> str:
     """``messages`` rendered with ``tokenizer``'s chat template after appending ``extra``
     (an instruction, e.g. the long-code one) and then ``signal`` to the LAST user message.
 
@@ -302,8 +334,10 @@ def chat_prompt_with_signal(tokenizer: Any, messages: Sequence[dict], signal: st
     msgs = [dict(m) for m in messages]
     users = [i for i, m in enumerate(msgs) if m.get("role") == "user"]
     if not users:
-        raise ValueError("chat prompts need a user message to carry the execution signal; "
-                         "pass messages with at least one {'role': 'user', ...} entry")
+        raise ValueError(
+            "chat prompts need a user message to carry the execution signal; "
+            "pass messages with at least one {'role': 'user', ...} entry"
+        )
     i = users[-1]
     if extra or signal:
         content = str(msgs[i].get("content", "")).rstrip("\n")
@@ -314,20 +348,26 @@ def chat_prompt_with_signal(tokenizer: Any, messages: Sequence[dict], signal: st
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def base_prompt_with_signal(prompt: str, signal: str, code_prefix: str = "", anchor: str | None = "[BEGIN]",
-                            extra: str = "") -> str:
+def base_prompt_with_signal(
+    prompt: str, signal: str, code_prefix: str = "", anchor: str | None = "[BEGIN]", extra: str = ""
+) -> str:
     """A base prompt with ``extra`` (as ``#`` comment lines) and then ``signal`` before the answer
     marker (:func:`insert_signal`)."""
     block = ""
     if extra:
-        block += "".join(f"# {l}".rstrip() + "\n" for l in extra.strip("\n").split("\n"))
+        block += "".join(f"# {line}".rstrip() + "\n" for line in extra.strip("\n").split("\n"))
     block += signal
     return insert_signal(prompt, block, code_prefix, anchor)
 
 
-def prompt_builder(problem: Any, style: Any = "base", tokenizer: Any = None, anchor: str | None = "[BEGIN]",
-                   variants: dict[str, str] | None = None, prompt: str | None = None
-                   ) -> Callable[[str, str], str]:
+def prompt_builder(
+    problem: Any,
+    style: Any = "base",
+    tokenizer: Any = None,
+    anchor: str | None = "[BEGIN]",
+    variants: dict[str, str] | None = None,
+    prompt: str | None = None,
+) -> Callable[[str, str], str]:
     """``build(signal, variant="default") -> prompt`` for one problem.
 
     ``style`` (a :class:`codedistill.prompts.PromptStyle` or "base"/"chat"): base prompts get
@@ -345,23 +385,24 @@ def prompt_builder(problem: Any, style: Any = "base", tokenizer: Any = None, anc
         return variants.get(variant, "")
 
     if name == "chat":
-        from codedistill.prompts import chat_instruction
-
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat prompts need a tokenizer with a chat template")
         messages = [{"role": "user", "content": chat_instruction(problem)}]
 
         def build_chat(signal: str = "", variant: str = "default") -> str:
             return chat_prompt_with_signal(tokenizer, messages, signal, extra_of(variant))
+
         return build_chat
     base = problem.prompt if prompt is None else prompt
 
     def build_base(signal: str = "", variant: str = "default") -> str:
         return base_prompt_with_signal(base, signal, problem.code_prefix, anchor, extra_of(variant))
+
     return build_base
 
 
 def count_tokens_fn(tokenizer: Any) -> Callable[[str], int]:
     def count(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
+
     return count

@@ -24,25 +24,29 @@ the exact argmax lies outside the union or when a stand-in value reorders the un
 from __future__ import annotations
 
 import math
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
 
 Missing = Literal["kth", "zero"]
+Token = TypeVar("Token", int, str)  # a token id, or a token's text (served top-k)
 EPS = 1e-8
 
 
-def topk_cfg(cond: Mapping[int, float], uncond: Mapping[int, float], gamma: float,
-             missing: Missing = "kth", eps: float = EPS) -> dict[int, float]:
+def topk_cfg(
+    cond: Mapping[Token, float], uncond: Mapping[Token, float], gamma: float, missing: Missing = "kth", eps: float = EPS
+) -> dict[Token, float]:
     """Guided log-probs (normalised over the union of the two top-k sets) from the
     conditional and unconditional top-k ``{token id: log-prob}``. ``gamma = 0``: the
     unconditional top-k as is (renormalised); ``gamma = 1``: the conditional one."""
     if not uncond:
         raise ValueError("the unconditional top-k is empty")
+    items: dict[Token, float]
     if gamma == 0 or not cond:
         items = dict(uncond)
     elif gamma == 1:
         items = dict(cond)
     else:
-        union = list(dict.fromkeys([*uncond, *cond]))
+        union: list[Token] = list(uncond) + [t for t in cond if t not in uncond]
         items = {}
         if missing == "kth":
             fill_c, fill_u = min(cond.values()), min(uncond.values())
@@ -60,8 +64,9 @@ def topk_cfg(cond: Mapping[int, float], uncond: Mapping[int, float], gamma: floa
     return {t: v - z for t, v in items.items()}
 
 
-def guided_token(cond: Mapping[int, float], uncond: Mapping[int, float], gamma: float,
-                 missing: Missing = "kth") -> int:
+def guided_token(
+    cond: Mapping[Token, float], uncond: Mapping[Token, float], gamma: float, missing: Missing = "kth"
+) -> Token:
     """The greedy guided token: argmax of :func:`topk_cfg` (ties: the lower token id)."""
     lp = topk_cfg(cond, uncond, gamma, missing)
     return min(lp, key=lambda t: (-lp[t], t))
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, tok = _load(args.model)
     problems = {p.task_id: p for p in load_problems(args.dataset, args.split)}
-    steps = []
+    steps: list[tuple[Any, Any]] = []  # (conditional, unconditional) logits per token
     with open(args.log, encoding="utf-8") as f:
         recs = [json.loads(x) for x in f if x.strip()]
     for rec in recs:
@@ -131,16 +136,21 @@ def main(argv: list[str] | None = None) -> dict:
                 if sig and text and len(steps) < 100_000 and args.max_lines > 0:
                     args.max_lines -= 1
                     prefix = tok.encode(done, add_special_tokens=False) if done else []
-                    new = tok.encode(done + text, add_special_tokens=False)[len(prefix):]
+                    new = tok.encode(done + text, add_special_tokens=False)[len(prefix) :]
                     u = tok.encode(build("", a["spec"]["prompt"])) + prefix
                     c = tok.encode(build(sig, a["spec"]["prompt"])) + prefix
                     with torch.no_grad():  # teacher-forced: every position of the line in one pass each
-                        lu = model(torch.tensor([u + new])).logits[0, len(u) - 1:-1].float()
-                        lc = model(torch.tensor([c + new])).logits[0, len(c) - 1:-1].float()
+                        lu = model(torch.tensor([u + new])).logits[0, len(u) - 1 : -1].float()
+                        lc = model(torch.tensor([c + new])).logits[0, len(c) - 1 : -1].float()
                     steps += list(zip(lc, lu))
                 done += text
-    res = {"log": args.log, "model": args.model, "missing": args.missing, "steps": len(steps),
-           "agreement": agreement_on_steps(steps, missing=args.missing)}
+    res = {
+        "log": args.log,
+        "model": args.model,
+        "missing": args.missing,
+        "steps": len(steps),
+        "agreement": agreement_on_steps(steps, missing=args.missing),
+    }
     print(json.dumps(res, indent=2))
     if args.out:
         from pathlib import Path

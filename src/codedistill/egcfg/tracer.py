@@ -30,8 +30,8 @@ import reprlib
 import signal
 import sys
 import threading
-import traceback
 import time
+import traceback
 import types
 from typing import Any
 
@@ -75,8 +75,9 @@ def safe_repr(x: Any, limit: int = 80) -> str:
 
 
 class _Recorder:
-    def __init__(self, max_events: int, max_chars: int, max_repr: int, deadline: float | None = None,
-                 types: bool = False):
+    def __init__(
+        self, max_events: int, max_chars: int, max_repr: int, deadline: float | None = None, types: bool = False
+    ):
         self.deadline = deadline
         self.types = types
         self.prev_types: dict[int, dict[str, str]] = {}
@@ -154,8 +155,11 @@ class _Recorder:
             self.prev_line[key] = None
             self.raised.discard(key)
             if func != "<module>":
-                self._add(self._with_types({"event": "call", "func": func, "line": frame.f_lineno,
-                                            "args": self._delta(frame)}))
+                self._add(
+                    self._with_types(
+                        {"event": "call", "func": func, "line": frame.f_lineno, "args": self._delta(frame)}
+                    )
+                )
         elif event == "line":
             prev = self.prev_line.get(key)
             if prev is not None:
@@ -171,8 +175,7 @@ class _Recorder:
             if key in self.raised:  # leaving by an exception, not a return
                 self.raised.discard(key)
             elif func != "<module>":
-                ev = {"event": "return", "func": func, "line": frame.f_lineno,
-                      "value": safe_repr(arg, self.max_repr)}
+                ev = {"event": "return", "func": func, "line": frame.f_lineno, "value": safe_repr(arg, self.max_repr)}
                 if self.types:
                     ev["type"] = type(arg).__name__
                 self._add(ev)
@@ -181,8 +184,15 @@ class _Recorder:
         elif event == "exception":
             exc_type, exc, _ = arg
             self.raised.add(key)
-            self._add({"event": "exception", "func": func, "line": frame.f_lineno,
-                       "type": exc_type.__name__, "message": _msg(exc, self.max_repr)})
+            self._add(
+                {
+                    "event": "exception",
+                    "func": func,
+                    "line": frame.f_lineno,
+                    "type": exc_type.__name__,
+                    "message": _msg(exc, self.max_repr),
+                }
+            )
         if self.truncated:
             frame.f_trace = None
             return None
@@ -247,10 +257,22 @@ def _alarm(signum, frame):  # noqa: ARG001
 
 
 def _run_one(program: str, setup: str, test: str, opts: dict) -> dict:
-    rec = _Recorder(int(opts["max_events"]), int(opts["max_chars"]), int(opts["max_repr"]),
-                    deadline=time.monotonic() + float(opts["timeout_s"]), types=bool(opts.get("types")))
-    out: dict[str, Any] = {"test": test, "call": None, "result": None, "expected": None,
-                           "passed": False, "exception": None, "stdout": ""}
+    rec = _Recorder(
+        int(opts["max_events"]),
+        int(opts["max_chars"]),
+        int(opts["max_repr"]),
+        deadline=time.monotonic() + float(opts["timeout_s"]),
+        types=bool(opts.get("types")),
+    )
+    out: dict[str, Any] = {
+        "test": test,
+        "call": None,
+        "result": None,
+        "expected": None,
+        "passed": False,
+        "exception": None,
+        "stdout": "",
+    }
     call_src, exp_src = split_assert(test)
     out["call"] = call_src
     ns: dict[str, Any] = {"__name__": "__main__"}
@@ -273,7 +295,7 @@ def _run_one(program: str, setup: str, test: str, opts: dict) -> dict:
         try:
             exec(code, ns)
             stage = "test"
-            if call_src is not None:
+            if call_src is not None and exp_src is not None:
                 value = eval(compile(call_src, TEST_FILE, "eval"), ns)
                 sys.settrace(None)
                 out["result"] = safe_repr(value, int(opts["max_repr"]))
@@ -286,8 +308,11 @@ def _run_one(program: str, setup: str, test: str, opts: dict) -> dict:
         finally:
             sys.settrace(None)
     except _Timeout:
-        out["exception"] = {"type": "TimeoutError", "message": f"{stage} exceeded {opts['timeout_s']}s",
-                            "line": rec.prev_line and list(rec.prev_line.values())[-1] or None}
+        out["exception"] = {
+            "type": "TimeoutError",
+            "message": f"{stage} exceeded {opts['timeout_s']}s",
+            "line": rec.prev_line and list(rec.prev_line.values())[-1] or None,
+        }
     except BaseException as e:  # noqa: BLE001  (SystemExit, KeyboardInterrupt from user code too)
         sys.settrace(None)
         out["exception"] = _exc_info(e, int(opts["max_repr"]))

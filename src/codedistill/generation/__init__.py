@@ -133,7 +133,8 @@ def make_generator(
     dtype = spec.dtype if dtype in (None, "auto") else dtype
     base_special = spec.prompt_style == "base"
     if backend == "openai":
-        from codedistill.generation.openai_api import OpenAIGenerator
+        from codedistill.generation.openai_api import (OpenAIGenerator, OpenAISettings, Pricing, RetryPolicy,
+                                                       ServerFeatures)
 
         if adapter:
             raise ConfigError("a LoRA adapter cannot be attached to a remote OpenAI endpoint; use --backend vllm "
@@ -141,17 +142,18 @@ def make_generator(
         urls = serving.base_url or ([spec.base_url] if getattr(spec, "base_url", None) else [])
         if not urls:
             raise ConfigError(f"{spec.alias}: --backend openai needs --base-url (the server's /v1 address).")
-        return OpenAIGenerator(
-            serving.served_model_name or getattr(spec, "served_name", None) or spec.path, urls, name=name,
-            prompt_style=spec.prompt_style, api_key_env=serving.api_key_env or getattr(spec, "api_key_env", None),
-            concurrency=serving.concurrency, max_retries=serving.max_retries, timeout=serving.request_timeout,
-            max_n=serving.max_n if serving.max_n is not None else getattr(spec, "max_n", None),
-            beam_search=has_beam_search(backend, serving), require_logprobs=require_logprobs,
-            price_input_per_1m=serving.price_input_per_1m, price_output_per_1m=serving.price_output_per_1m,
-            cache_path=cache_path if serving.cache else None, backend="openai",
-            fallback_temperature=serving.fallback_temperature,
-            model_id=f"openai:{serving.served_model_name or getattr(spec, 'served_name', None) or spec.path}",
+        served_name = serving.served_model_name or getattr(spec, "served_name", None) or spec.path
+        settings = OpenAISettings(
+            name=name, prompt_style=spec.prompt_style,
+            api_key_env=serving.api_key_env or getattr(spec, "api_key_env", None), concurrency=serving.concurrency,
+            require_logprobs=require_logprobs, fallback_temperature=serving.fallback_temperature,
+            cache_path=cache_path if serving.cache else None, model_id=f"openai:{served_name}",
+            retry=RetryPolicy(max_retries=serving.max_retries, timeout=serving.request_timeout),
+            server=ServerFeatures(max_n=serving.max_n if serving.max_n is not None else getattr(spec, "max_n", None),
+                                  beam_search=has_beam_search(backend, serving)),
+            pricing=Pricing(serving.price_input_per_1m, serving.price_output_per_1m),
         )
+        return OpenAIGenerator(served_name, urls, settings)
     from codedistill.models.registry import local_path
 
     path = model_path or local_path(spec)

@@ -1,10 +1,11 @@
-"""The generator interface every backend implements (HF transformers, later vLLM/OpenAI)."""
+"""The generator interface every backend implements (HF transformers, vLLM, OpenAI-compatible servers)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Generator(Protocol):
     """What BTP, EG-CFG and the baseline need from a model backend."""
 
     name: str
+    tokenizer: Any  # renders prompts (a chat template); None when the server renders them
 
     def sample(
         self,
@@ -74,3 +76,21 @@ class Generator(Protocol):
     ) -> list[list[Candidate]]:
         """All returned beams per prompt, best first."""
         ...
+
+
+@runtime_checkable
+class TopKGenerator(Generator, Protocol):
+    """A served generator that returns the top-k next-token log-probs (EG-CFG through a server)."""
+
+    def next_token_topk(self, prompts: Sequence[str], k: int) -> list[dict[str, float]]:
+        """``{token text: logprob}`` of the ``k`` most likely next tokens, per prompt."""
+        ...
+
+
+class InProcessGenerator(Generator, Protocol):
+    """A generator holding the model in this process (full logits: EG-CFG's exact CFG)."""
+
+    model: Any
+    add_special_tokens: bool
+    forward_passes: int
+    generated_tokens: int

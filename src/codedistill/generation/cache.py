@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -30,7 +31,7 @@ def request_key(payload: dict[str, Any]) -> str:
 class ResponseCache:
     """``get(key)`` / ``put(key, value)`` of JSON values in one SQLite file."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -55,8 +56,9 @@ class ResponseCache:
     def put(self, key: str, value: Any) -> None:
         blob = json.dumps(value, ensure_ascii=False)
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO responses (key, value, created) VALUES (?, ?, ?)",
-                             (key, blob, time.time()))
+            self._db.execute(
+                "INSERT OR REPLACE INTO responses (key, value, created) VALUES (?, ?, ?)", (key, blob, time.time())
+            )
 
     def __len__(self) -> int:
         with self._lock:

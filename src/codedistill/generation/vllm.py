@@ -19,19 +19,24 @@ What is pinned on the command line and why:
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import IO, Any
 
 from codedistill.errors import CodedistillError, ConfigError
+from codedistill.generation.openai_api import OpenAIGenerator, OpenAISettings, RetryPolicy, ServerError, ServerFeatures
 
 VLLM_ENV_VAR = "CODEDISTILL_VLLM_VENV"
 VLLM_PYTHON_VAR = "CODEDISTILL_VLLM_PYTHON"
@@ -64,14 +69,21 @@ def default_vllm_python() -> Path:
 def check_vllm_python(python: str | os.PathLike | None = None, timeout: float = 300) -> tuple[Path, str]:
     """(interpreter, vLLM version) or a ConfigError that names ``make setup-vllm``."""
     py = Path(python) if python else default_vllm_python()
-    fix = ("Build it with `make setup-vllm` (scripts/setup_vllm.sh), or point "
-           f"{VLLM_ENV_VAR} / --vllm-python at an environment where `import vllm` works.")
+    fix = (
+        "Build it with `make setup-vllm` (scripts/setup_vllm.sh), or point "
+        f"{VLLM_ENV_VAR} / --vllm-python at an environment where `import vllm` works."
+    )
     if not py.exists():
         raise ConfigError(f"no vLLM environment: {py} does not exist. {fix}")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     try:
-        r = subprocess.run([str(py), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
-                           text=True, timeout=timeout, env=env)
+        r = subprocess.run(
+            [str(py), "-c", "import vllm; print(vllm.__version__)"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise ConfigError(f"the vLLM environment at {py} is broken ({e}). {fix}") from e
     if r.returncode != 0:
@@ -87,8 +99,6 @@ def _die_with_parent() -> None:
     process group) are killed by the watchdog started beside it (``_WATCHDOG``): an
     engine core was seen here outliving a ``kill -9``-ed run by an hour."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     except Exception:  # not Linux: the server is still stopped by stop() / the context manager
         pass
@@ -119,11 +129,13 @@ while True:
 
 def start_watchdog(group: int) -> subprocess.Popen:
     """Kill process group ``group`` when this process dies (even by ``kill -9``)."""
-    import sys
-
-    return subprocess.Popen([sys.executable, "-S", "-c", _WATCHDOG, str(os.getpid()), str(group)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-S", "-c", _WATCHDOG, str(os.getpid()), str(group)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def free_port() -> int:
@@ -195,6 +207,8 @@ class VLLMServer:
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="vllm-", suffix=".log")[1])
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
+        self._watchdog: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
         self.version: str | None = None
         self.startup_seconds: float | None = None
 
@@ -203,10 +217,26 @@ class VLLMServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def command(self, python: str) -> list[str]:
-        cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
-               "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
-               "--dtype", self.dtype, "--logprobs-mode", "raw_logprobs",
-               "--max-logprobs", str(self.max_logprobs), "--disable-log-stats"]
+        cmd = [
+            python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model_dir,
+            "--served-model-name",
+            self.served_name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dtype",
+            self.dtype,
+            "--logprobs-mode",
+            "raw_logprobs",
+            "--max-logprobs",
+            str(self.max_logprobs),
+            "--disable-log-stats",
+        ]
         if self.cpu:
             cmd += ["--enforce-eager"]
         if self.tensor_parallel_size > 1:
@@ -219,9 +249,15 @@ class VLLMServer:
             cmd += ["--max-model-len", str(self.max_model_len)]
         if self.lora_modules:
             rank = self.max_lora_rank or max(adapter_rank(p) for p in self.lora_modules.values())
-            cmd += ["--enable-lora", "--max-lora-rank", str(lora_rank_for(rank)),
-                    "--max-loras", str(len(self.lora_modules)), "--lora-modules",
-                    *[f"{n}={p}" for n, p in self.lora_modules.items()]]
+            cmd += [
+                "--enable-lora",
+                "--max-lora-rank",
+                str(lora_rank_for(rank)),
+                "--max-loras",
+                str(len(self.lora_modules)),
+                "--lora-modules",
+                *[f"{n}={p}" for n, p in self.lora_modules.items()],
+            ]
         return cmd + self.extra_args
 
     def log_tail(self, lines: int = 40) -> str:
@@ -230,7 +266,7 @@ class VLLMServer:
         except OSError:
             return "(no log)"
 
-    def start(self) -> "VLLMServer":
+    def start(self) -> VLLMServer:
         py, self.version = check_vllm_python(self.python)
         self.port = free_port()
         env = {**os.environ}
@@ -239,9 +275,15 @@ class VLLMServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         t0 = time.time()
-        self.proc = subprocess.Popen(self.command(str(py)), stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(
+            self.command(str(py)),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         self._watchdog = start_watchdog(self.proc.pid)
         try:
             self.wait_healthy()
@@ -298,28 +340,40 @@ class VLLMServer:
             except (ProcessLookupError, PermissionError):
                 pass
         self.proc = None
-        wd = getattr(self, "_watchdog", None)
-        if wd is not None:  # it exits by itself once the group is gone
-            try:
-                wd.wait(5)
-            except subprocess.TimeoutExpired:
-                wd.kill()
-                wd.wait()
-            self._watchdog = None
-        try:
+        self._stop_watchdog()
+        if self._log is not None:
             self._log.close()
-        except Exception:
-            pass
+            self._log = None
+
+    def _stop_watchdog(self) -> None:
+        """The watchdog exits by itself once the server's group is gone; wait for it."""
+        wd, self._watchdog = self._watchdog, None
+        if wd is None:
+            return
+        try:
+            wd.wait(5)
+        except subprocess.TimeoutExpired:
+            wd.kill()
+            wd.wait()
 
     def info(self) -> dict[str, Any]:
-        return {"vllm_version": self.version, "model_dir": self.model_dir, "served_name": self.served_name,
-                "dtype": self.dtype, "tensor_parallel_size": self.tensor_parallel_size,
-                "data_parallel_size": self.data_parallel_size, "cpu": self.cpu,
-                "gpu_memory_utilization": self.gpu_memory_utilization, "max_model_len": self.max_model_len,
-                "lora_modules": self.lora_modules, "logprobs_mode": "raw_logprobs",
-                "startup_seconds": self.startup_seconds, "log": str(self.log_path)}
+        return {
+            "vllm_version": self.version,
+            "model_dir": self.model_dir,
+            "served_name": self.served_name,
+            "dtype": self.dtype,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "data_parallel_size": self.data_parallel_size,
+            "cpu": self.cpu,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "max_model_len": self.max_model_len,
+            "lora_modules": self.lora_modules,
+            "logprobs_mode": "raw_logprobs",
+            "startup_seconds": self.startup_seconds,
+            "log": str(self.log_path),
+        }
 
-    def __enter__(self) -> "VLLMServer":
+    def __enter__(self) -> VLLMServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -329,8 +383,6 @@ class VLLMServer:
 def fingerprint_dir(path: str | os.PathLike) -> str:
     """A short identity of a model or adapter directory for cache keys: full hashes of small
     files, (name, size, mtime) of large ones."""
-    import hashlib
-
     h = hashlib.sha256()
     p = Path(path)
     if not p.is_dir():
@@ -348,32 +400,53 @@ def fingerprint_dir(path: str | os.PathLike) -> str:
 class VLLMGenerator:
     """The Generator protocol on a vLLM server this object starts (and stops on ``close``)."""
 
-    def __init__(self, model_dir: str, name: str, *, served_name: str | None = None, adapter: str | None = None,
-                 add_special_tokens: bool = True, cache_path: str | None = None, require_logprobs: bool = False,
-                 concurrency: int = 16, server_kwargs: dict[str, Any] | None = None, max_retries: int = 3,
-                 fallback_temperature: float = 1.0):
+    def __init__(
+        self,
+        model_dir: str,
+        name: str,
+        *,
+        served_name: str | None = None,
+        adapter: str | None = None,
+        add_special_tokens: bool = True,
+        cache_path: str | None = None,
+        require_logprobs: bool = False,
+        concurrency: int = 16,
+        server_kwargs: dict[str, Any] | None = None,
+        max_retries: int = 3,
+        fallback_temperature: float = 1.0,
+    ):
         from transformers import AutoTokenizer
-
-        from codedistill.generation.openai_api import OpenAIGenerator
 
         served = served_name or Path(model_dir).name
         lora = {"adapter": str(adapter)} if adapter else {}
         self.server = VLLMServer(model_dir, served, lora_modules=lora, **(server_kwargs or {}))
         self.name = name
-        tok = AutoTokenizer.from_pretrained(str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").exists()
-                                            else model_dir)
+        tok = AutoTokenizer.from_pretrained(
+            str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model_dir
+        )
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        ident = {"model": fingerprint_dir(model_dir), "adapter": fingerprint_dir(adapter) if adapter else None,
-                 "dtype": self.server.dtype}
-        self.client = OpenAIGenerator(
-            "adapter" if adapter else served, "http://127.0.0.1:0/v1", name=name, prompt_style="base",
-            tokenizer=tok, token_ids=True, add_special_tokens=add_special_tokens, concurrency=concurrency,
-            max_retries=max_retries, beam_search=True, send_seeds=not self.server.cpu,
-            require_logprobs=require_logprobs, cache_path=cache_path, backend="vllm",
+        ident = {
+            "model": fingerprint_dir(model_dir),
+            "adapter": fingerprint_dir(adapter) if adapter else None,
+            "dtype": self.server.dtype,
+        }
+        settings = OpenAISettings(
+            name=name,
+            concurrency=concurrency,
+            require_logprobs=require_logprobs,
+            cache_path=cache_path,
+            backend="vllm",
             model_id="vllm:" + json.dumps(ident, sort_keys=True),
             logprob_semantics="raw model log-probs (vLLM --logprobs-mode raw_logprobs: temperature 1)",
-            fallback_temperature=fallback_temperature, starter=self._start,
+            fallback_temperature=fallback_temperature,
+            retry=RetryPolicy(max_retries=max_retries),
+            server=ServerFeatures(
+                beam_search=True, send_seeds=not self.server.cpu, token_ids=True, add_special_tokens=add_special_tokens
+            ),
+        )
+        self.client = OpenAIGenerator(
+            "adapter" if adapter else served, "http://127.0.0.1:0/v1", settings, tokenizer=tok, starter=self._start
         )
         self.tokenizer = tok
 
@@ -394,19 +467,20 @@ class VLLMGenerator:
         return self._call(self.client.next_token_topk, prompts, k)
 
     def _call(self, fn: Any, *a: Any, **kw: Any) -> Any:
-        from codedistill.generation.openai_api import ServerError
-
         self._check_alive()
         try:
             return fn(*a, **kw)
         except ServerError as e:
-            raise VLLMError(f"{e}\nThe vLLM server's log ({self.server.log_path}) ends with:\n"
-                            f"{self.server.log_tail(25)}") from e
+            raise VLLMError(
+                f"{e}\nThe vLLM server's log ({self.server.log_path}) ends with:\n{self.server.log_tail(25)}"
+            ) from e
 
     def _check_alive(self) -> None:
         if self.server.port is not None and not self.server.alive():
-            raise VLLMError(f"the vLLM server for {self.name} is gone. Its log ends with:\n{self.server.log_tail()}\n"
-                            "Run the same command again: everything already answered is reused.")
+            raise VLLMError(
+                f"the vLLM server for {self.name} is gone. Its log ends with:\n{self.server.log_tail()}\n"
+                "Run the same command again: everything already answered is reused."
+            )
 
     @property
     def generated_tokens(self) -> int:
@@ -421,7 +495,7 @@ class VLLMGenerator:
         finally:
             self.server.stop()
 
-    def __enter__(self) -> "VLLMGenerator":
+    def __enter__(self) -> VLLMGenerator:
         return self
 
     def __exit__(self, *exc: Any) -> None:

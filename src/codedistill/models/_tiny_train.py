@@ -7,12 +7,13 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from codedistill.data.problem import Problem
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
-
-    from codedistill.data.problem import Problem
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 DONE = "[DONE]"
@@ -32,12 +33,12 @@ _EXTRA_CORPUS = (
 )
 
 
-def completion_text(problem: "Problem") -> str:
+def completion_text(problem: Problem) -> str:
     """What a model is trained to write after the prompt: the program, then ``[DONE]``."""
     return problem.reference_completion() + DONE
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> "PreTrainedTokenizerFast":
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``texts``, wrapped for ``AutoTokenizer``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -64,7 +65,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 
 
 def encode_examples(
-    tokenizer: "PreTrainedTokenizerFast", problems: Sequence["Problem"], max_len: int
+    tokenizer: PreTrainedTokenizerFast, problems: Sequence[Problem], max_len: int
 ) -> list[tuple[list[int], int]]:
     """(token ids, prompt length) per problem: prompt ids + completion ids + eos.
 
@@ -82,7 +83,7 @@ def encode_examples(
 
 
 def train_lm(
-    model: "PreTrainedModel",
+    model: PreTrainedModel,
     examples: list[tuple[list[int], int]],
     pad_id: int,
     steps: int,
@@ -102,8 +103,8 @@ def train_lm(
     copying (function names and constants from the asserts) emerge much sooner: the three
     asserts repeat the function name, a free copy-task signal.
     """
-    import torch.nn.functional as F
     import torch
+    import torch.nn.functional as F
 
     g = random.Random(seed)
     model.train()

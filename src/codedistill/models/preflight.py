@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from codedistill.errors import ConfigError
+from codedistill.models.registry import REGISTRY
 
 __all__ = [
     "available_memory",
@@ -70,7 +71,9 @@ def _hub_endpoint() -> str:
 def _hub_cache() -> Path:
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "huggingface")
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "huggingface"
+    )
     return Path(home) / "hub"
 
 
@@ -84,8 +87,9 @@ def hub_cached_dir(repo_id: str) -> Path | None:
     if not isinstance(found, str):
         return None
     snap = Path(found).parent
-    weights = [p for pat in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
-               for p in snap.glob(pat)]
+    weights = [
+        p for pat in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json") for p in snap.glob(pat)
+    ]
     return snap if weights else None
 
 
@@ -240,12 +244,16 @@ def _resolve_dtype(dtype: str, spec_dtype: str, device: str) -> str:
 
 
 def _smaller_fitting(avail: float, dtype: str, purpose: str, exclude: str) -> list[str]:
-    from codedistill.models.registry import REGISTRY
-
-    fit = [s for s in REGISTRY.values()
-           if s.size_b and s.backend == "hf" and s.alias != exclude and s.role in ("target", "any")
-           and memory_needed(s.size_b * 1e9, dtype, purpose) <= avail]
-    return [s.alias for s in sorted(fit, key=lambda s: -s.size_b)] + ["tiny-target"]
+    fit = [
+        s
+        for s in REGISTRY.values()
+        if s.size_b
+        and s.backend == "hf"
+        and s.alias != exclude
+        and s.role in ("target", "any")
+        and memory_needed(s.size_b * 1e9, dtype, purpose) <= avail
+    ]
+    return [s.alias for s in sorted(fit, key=lambda s: -(s.size_b or 0.0))] + ["tiny-target"]
 
 
 # ----------------------------------------------------------------------------- the check
@@ -298,24 +306,30 @@ def preflight(spec: Any, device: str | None = None, dtype: str = "auto", purpose
     info.update(device=dev, dtype=dt, params=params)
     if params:
         avail, where = available_memory(dev)
-        info.update(needed_gb=round(memory_needed(params, dt, purpose) / GB, 2),
-                    available_gb=round(avail / GB, 2) if avail else None)
+        info.update(
+            needed_gb=round(memory_needed(params, dt, purpose) / GB, 2),
+            available_gb=round(avail / GB, 2) if avail else None,
+        )
         if avail is not None and os.environ.get(SKIP_ENV, "").lower() not in _TRUE:
             check_fit(_name(spec), params, dt, purpose, avail, where, info["params_from"])
     _checked[key] = info
     return info
 
 
-def check_fit(name: str, params: float, dtype: str, purpose: str, avail: float, where: str,
-              params_from: str = "config.json") -> None:
+def check_fit(
+    name: str, params: float, dtype: str, purpose: str, avail: float, where: str, params_from: str = "config.json"
+) -> None:
     """Raise ConfigError (one line, with the alternatives) when ``params`` in ``dtype`` for
     ``purpose`` need more than ``avail`` bytes."""
     need = memory_needed(params, dtype, purpose)
     if need <= avail:
         return
     what = {"inference": "to generate", "lora": "to fine-tune with LoRA", "full": "to fine-tune fully"}[purpose]
-    margin = ("weights + gradients + Adam states" if purpose == "full"
-              else f"+{round((MARGIN[purpose] - 1) * 100)}% for activations")
+    margin = (
+        "weights + gradients + Adam states"
+        if purpose == "full"
+        else f"+{round((MARGIN[purpose] - 1) * 100)}% for activations"
+    )
     smaller = ", ".join(_smaller_fitting(avail, dtype, purpose, name.split(" ")[0]))
     raise ConfigError(
         f"{name} needs about {need / GB:.0f} GB {what} in {dtype} ({params / 1e9:.1f}B parameters "
@@ -341,7 +355,10 @@ def preflight_btp(plan: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     source_backend = getattr(plan, "source_backend", "hf")
     if cfg.mode in ("finetune", "mixed") or cfg.eval_source:
-        out["source"] = (preflight(plan.source_spec, cfg.device, cfg.dtype) if source_backend == "hf"
-                         else {"model": plan.source_spec.alias, "source": f"served ({source_backend})"})
+        out["source"] = (
+            preflight(plan.source_spec, cfg.device, cfg.dtype)
+            if source_backend == "hf"
+            else {"model": plan.source_spec.alias, "source": f"served ({source_backend})"}
+        )
     out["target"] = preflight(plan.target_spec, cfg.device, cfg.dtype, "lora" if cfg.use_lora else "full")
     return out

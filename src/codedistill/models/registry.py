@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from codedistill.errors import ConfigError
+from codedistill.models.tiny import ensure_tiny_model
 
 # LoRA targets per architecture family (the attention and MLP projections).
 LORA_TARGETS = {
@@ -40,7 +41,7 @@ class ModelSpec:
     tiny: bool = False
     notes: str = ""
 
-    def with_variant(self, variant: str) -> "ModelSpec":
+    def with_variant(self, variant: str) -> ModelSpec:
         if variant == self.variant:
             return self
         if variant == "instruct":
@@ -57,46 +58,98 @@ class ModelSpec:
 
 def _spec(alias, base, instruct, family, role, size, **kw) -> ModelSpec:
     return ModelSpec(
-        alias=alias, path=base or instruct, family=family, role=role, size_b=size,
-        variant="base" if base else "instruct", prompt_style="base" if base else "chat",
-        lora_target_modules=tuple(LORA_TARGETS[family]), instruct_path=instruct, **kw,
+        alias=alias,
+        path=base or instruct,
+        family=family,
+        role=role,
+        size_b=size,
+        variant="base" if base else "instruct",
+        prompt_style="base" if base else "chat",
+        lora_target_modules=tuple(LORA_TARGETS[family]),
+        instruct_path=instruct,
+        **kw,
     )
 
 
 REGISTRY: dict[str, ModelSpec] = {
     s.alias: s
     for s in [
-        _spec("StarCoder2-15B", "bigcode/starcoder2-15b", "bigcode/starcoder2-15b-instruct-v0.1", "starcoder2", "source", 15.0),
-        _spec("Qwen2.5-Coder-32B", "Qwen/Qwen2.5-Coder-32B", "Qwen/Qwen2.5-Coder-32B-Instruct", "qwen2", "source", 32.0),
-        _spec("CodeLlama-34B", "codellama/CodeLlama-34b-hf", "codellama/CodeLlama-34b-Instruct-hf", "llama", "source", 34.0),
         _spec(
-            "DeepSeek-V3-0324", None, "deepseek-ai/DeepSeek-V3-0324", "deepseek", "source", 671.0,
-            backend="openai", served_name="deepseek-chat", base_url="https://api.deepseek.com",
-            api_key_env="DEEPSEEK_API_KEY", max_n=1,
+            "StarCoder2-15B",
+            "bigcode/starcoder2-15b",
+            "bigcode/starcoder2-15b-instruct-v0.1",
+            "starcoder2",
+            "source",
+            15.0,
+        ),
+        _spec(
+            "Qwen2.5-Coder-32B", "Qwen/Qwen2.5-Coder-32B", "Qwen/Qwen2.5-Coder-32B-Instruct", "qwen2", "source", 32.0
+        ),
+        _spec(
+            "CodeLlama-34B",
+            "codellama/CodeLlama-34b-hf",
+            "codellama/CodeLlama-34b-Instruct-hf",
+            "llama",
+            "source",
+            34.0,
+        ),
+        _spec(
+            "DeepSeek-V3-0324",
+            None,
+            "deepseek-ai/DeepSeek-V3-0324",
+            "deepseek",
+            "source",
+            671.0,
+            backend="openai",
+            served_name="deepseek-chat",
+            base_url="https://api.deepseek.com",
+            api_key_env="DEEPSEEK_API_KEY",
+            max_n=1,
             notes="671B MoE chat model: served through an OpenAI-compatible API (DeepSeek's, chat "
             "completions, n=1, logprobs with top_logprobs<=20, no beam search -> the beam phase samples), "
             "or vLLM on a multi-GPU node (--backend vllm); not loadable with the HF backend on one node.",
         ),
         _spec("StarCoder2-3B", "bigcode/starcoder2-3b", None, "starcoder2", "target", 3.0),
         _spec("Qwen2.5-Coder-7B", "Qwen/Qwen2.5-Coder-7B", "Qwen/Qwen2.5-Coder-7B-Instruct", "qwen2", "target", 7.0),
-        _spec("CodeLlama-7B", "codellama/CodeLlama-7b-hf", "codellama/CodeLlama-7b-Instruct-hf", "llama", "target", 7.0),
-        _spec("DeepSeek-Coder-1.3B", "deepseek-ai/deepseek-coder-1.3b-base", "deepseek-ai/deepseek-coder-1.3b-instruct", "llama", "target", 1.3),
-        ModelSpec(alias="tiny-source", path="tiny-source", family="tiny", role="source", size_b=None, tiny=True,
-                  dtype="float32", lora_target_modules=tuple(LORA_TARGETS["tiny"]),
-                  notes="embedded default: shipped with the package (rebuild: codedistill make-tiny-model)"),
-        ModelSpec(alias="tiny-target", path="tiny-target", family="tiny", role="target", size_b=None, tiny=True,
-                  dtype="float32", lora_target_modules=tuple(LORA_TARGETS["tiny"]),
-                  notes="embedded default: shipped with the package (rebuild: codedistill make-tiny-model)"),
+        _spec(
+            "CodeLlama-7B", "codellama/CodeLlama-7b-hf", "codellama/CodeLlama-7b-Instruct-hf", "llama", "target", 7.0
+        ),
+        _spec(
+            "DeepSeek-Coder-1.3B",
+            "deepseek-ai/deepseek-coder-1.3b-base",
+            "deepseek-ai/deepseek-coder-1.3b-instruct",
+            "llama",
+            "target",
+            1.3,
+        ),
+        ModelSpec(
+            alias="tiny-source",
+            path="tiny-source",
+            family="tiny",
+            role="source",
+            size_b=None,
+            tiny=True,
+            dtype="float32",
+            lora_target_modules=tuple(LORA_TARGETS["tiny"]),
+            notes="embedded default: shipped with the package (rebuild: codedistill make-tiny-model)",
+        ),
+        ModelSpec(
+            alias="tiny-target",
+            path="tiny-target",
+            family="tiny",
+            role="target",
+            size_b=None,
+            tiny=True,
+            dtype="float32",
+            lora_target_modules=tuple(LORA_TARGETS["tiny"]),
+            notes="embedded default: shipped with the package (rebuild: codedistill make-tiny-model)",
+        ),
     ]
 }
 _LOWER = {k.lower(): k for k in REGISTRY}
 
 
 _HUB_FAMILY_HINTS = (("starcoder2", "starcoder2"), ("qwen", "qwen2"), ("llama", "llama"), ("deepseek-coder", "llama"))
-
-
-def known_aliases() -> list[str]:
-    return list(REGISTRY)
 
 
 def _family_of_config(path: Path) -> str:
@@ -126,13 +179,25 @@ def resolve_model(name: str, variant: str | None = None) -> ModelSpec:
             raise ConfigError(f"{p} is a directory without config.json: not a saved model.")
         fam = _family_of_config(p)
         chat = variant == "instruct"
-        return ModelSpec(alias=p.name, path=str(p), family=fam, variant="instruct" if chat else "base",
-                         prompt_style="chat" if chat else "base", lora_target_modules=tuple(LORA_TARGETS[fam]))
+        return ModelSpec(
+            alias=p.name,
+            path=str(p),
+            family=fam,
+            variant="instruct" if chat else "base",
+            prompt_style="chat" if chat else "base",
+            lora_target_modules=tuple(LORA_TARGETS[fam]),
+        )
     if "/" in key and not key.startswith((".", "/")) and key.count("/") == 1:
         chat = variant == "instruct" or "instruct" in low or low.endswith("-chat")
         fam = next((f for sub, f in _HUB_FAMILY_HINTS if sub in low), "auto")
-        return ModelSpec(alias=key, path=key, family=fam, variant="instruct" if chat else "base",
-                         prompt_style="chat" if chat else "base", lora_target_modules=tuple(LORA_TARGETS[fam]))
+        return ModelSpec(
+            alias=key,
+            path=key,
+            family=fam,
+            variant="instruct" if chat else "base",
+            prompt_style="chat" if chat else "base",
+            lora_target_modules=tuple(LORA_TARGETS[fam]),
+        )
     raise ConfigError(
         f"Unknown model {name!r}. Known aliases: {', '.join(REGISTRY)}. "
         "Or pass a hub id (owner/name) or a local directory saved with save_pretrained."
@@ -143,7 +208,5 @@ def local_path(spec: ModelSpec) -> str:
     """What to hand ``from_pretrained``: the shipped tiny models' directory (built into a
     cache only for a spec the package does not ship)."""
     if spec.tiny:
-        from codedistill.models.tiny import ensure_tiny_model
-
         return str(ensure_tiny_model(spec.path))
     return spec.path

@@ -56,6 +56,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from codedistill.data.synth import load_synth
+from codedistill.models._tiny_train import encode_examples, train_lm, train_tokenizer
+
 __all__ = [
     "SHIPPED_DIR",
     "TINY_BUILD_VERSION",
@@ -233,12 +236,11 @@ def _make_config(spec: TinySpec, tokenizer: Any) -> Any:
 def _train_problems(spec: TinySpec, seed: int) -> list[Any]:
     """The first ``n_train`` synth train problems (of the 2000) in the spec's families and
     not of its excluded templates (fewer if the filter leaves fewer)."""
-    from codedistill.data.synth import load_synth
-
     fams = set(spec.train_families) if spec.train_families else None
     excluded = set(spec.exclude_templates)
     keep = [
-        p for p in load_synth("train", seed=seed)
+        p
+        for p in load_synth("train", seed=seed)
         if (fams is None or p.meta["family"] in fams) and p.meta["template"] not in excluded
     ]
     return keep[: spec.n_train]
@@ -291,9 +293,6 @@ def build_tiny_model(
 def _build(name: str | TinySpec, out_dir: str | os.PathLike[str], seed: int, progress: bool) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
-
-    from codedistill.data.synth import load_synth
-    from codedistill.models._tiny_train import encode_examples, train_lm, train_tokenizer
 
     spec = _spec_of(name)
     out = Path(out_dir)
@@ -398,7 +397,10 @@ def shipped_tiny_model(name: str | TinySpec, seed: int = 0) -> Path | None:
 
 
 def ensure_tiny_model(
-    name: str | TinySpec, cache_dir: str | os.PathLike[str] | None = None, seed: int = 0, progress: bool = True,
+    name: str | TinySpec,
+    cache_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    progress: bool = True,
     shipped: bool = True,
 ) -> Path:
     """The directory of the tiny model ``name``: the shipped one (see ``shipped_tiny_model``)
@@ -434,18 +436,28 @@ def ensure_tiny_model(
     return final
 
 
-def ensure_tiny_models(names: tuple[str, ...] = ("tiny-source", "tiny-target"), progress: bool = True) -> dict[str, Path]:
+def ensure_tiny_models(
+    names: tuple[str, ...] = ("tiny-source", "tiny-target"), progress: bool = True
+) -> dict[str, Path]:
     """Build the missing ones side by side, one process (one thread) each, so that two
     builds on a 2-core machine take the time of one; then return every directory."""
     import subprocess
     import sys
 
-    missing = [n for n in names if shipped_tiny_model(n) is None
-               and not _is_built(default_cache_dir() / f"{n}-{spec_hash(_spec_of(n))}")]
+    missing = [
+        n
+        for n in names
+        if shipped_tiny_model(n) is None and not _is_built(default_cache_dir() / f"{n}-{spec_hash(_spec_of(n))}")
+    ]
     if len(missing) > 1:
-        procs = [subprocess.Popen([sys.executable, "-m", "codedistill", "make-tiny-model", n],
-                                  stdout=None if progress else subprocess.DEVNULL,
-                                  stderr=None if progress else subprocess.DEVNULL) for n in missing]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "codedistill", "make-tiny-model", n],
+                stdout=None if progress else subprocess.DEVNULL,
+                stderr=None if progress else subprocess.DEVNULL,
+            )
+            for n in missing
+        ]
         for proc in procs:
             proc.wait()
     return {n: ensure_tiny_model(n, progress=progress) for n in names}
@@ -461,8 +473,6 @@ def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike[str] | No
 def tiny_spec(name: str, **overrides: Any) -> TinySpec:
     """A copy of a registered spec with some fields changed (e.g. fewer steps in tests)."""
     return replace(_spec_of(name), **overrides)
-
-
 
 
 # ----------------------------------------------------------------------------- shipping, comparing
@@ -483,7 +493,7 @@ def compare_tiny_models(built: str | os.PathLike[str], reference: str | os.PathL
         else:
             diffs[k] = float((wa[k].double() - wb[k].double()).abs().max()) if wa[k].numel() else 0.0
     differing = {k: d for k, d in diffs.items() if d != 0.0}
-    worst = max(differing, key=differing.get) if differing else None
+    worst = max(differing, key=lambda k: differing[k]) if differing else None
 
     def same(name: str) -> bool:
         fa, fb = a / name, b / name
@@ -505,18 +515,28 @@ def compare_tiny_models(built: str | os.PathLike[str], reference: str | os.PathL
 def describe_comparison(name: str, cmp: dict[str, Any]) -> str:
     """One plain sentence for the CLI."""
     if cmp["identical"]:
-        return (f"{name}: identical to the shipped model ({cmp['tensors']} tensors bit for bit, same "
-                "tokenizer and config).")
-    parts = [f"{cmp['differing']} of {cmp['tensors']} tensors differ (max abs diff "
-             f"{cmp['max_abs_diff']:.3g}, in {cmp['worst_tensor']})" if cmp["differing"] else "all tensors equal"]
+        return (
+            f"{name}: identical to the shipped model ({cmp['tensors']} tensors bit for bit, same tokenizer and config)."
+        )
+    parts = [
+        f"{cmp['differing']} of {cmp['tensors']} tensors differ (max abs diff "
+        f"{cmp['max_abs_diff']:.3g}, in {cmp['worst_tensor']})"
+        if cmp["differing"]
+        else "all tensors equal"
+    ]
     parts.append("same tokenizer" if cmp["tokenizer_identical"] else "the tokenizer differs")
     parts.append("same config" if cmp["config_identical"] else "the config differs")
-    return (f"{name}: differs from the shipped model: {', '.join(parts)}. Not an error: float training "
-            "differs between CPUs and thread counts; `tiny-source`/`tiny-target` keep loading the shipped files.")
+    return (
+        f"{name}: differs from the shipped model: {', '.join(parts)}. Not an error: float training "
+        "differs between CPUs and thread counts; `tiny-source`/`tiny-target` keep loading the shipped files."
+    )
 
 
 def rebuild_and_compare(
-    name: str | TinySpec, out: str | os.PathLike[str] | None = None, seed: int = 0, progress: bool = True,
+    name: str | TinySpec,
+    out: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    progress: bool = True,
     reference: str | os.PathLike[str] | None = None,
 ) -> tuple[Path, dict[str, Any] | None]:
     """Build ``name`` from its spec (into ``out``, or into the cache, reused if already
