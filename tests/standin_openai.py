@@ -34,7 +34,9 @@ from typing import Any
 
 DEEPSEEK_LIKE_FAULTS = {2: "429", 3: "429", 5: "500", 8: "drop"}
 
-_CHAT_RE = re.compile(r"^(?P<desc>.*?)\nYour code should pass these tests:\n\n(?P<tests>.*?)\n\nWrite the Python code", re.S)
+_CHAT_RE = re.compile(
+    r"^(?P<desc>.*?)\nYour code should pass these tests:\n\n(?P<tests>.*?)\n\nWrite the Python code", re.S
+)
 
 
 def base_prompt_from_chat(messages: list[dict[str, str]]) -> str:
@@ -43,22 +45,33 @@ def base_prompt_from_chat(messages: list[dict[str, str]]) -> str:
     m = _CHAT_RE.match(text)
     if not m:
         return text
-    return ("You are an expert Python programmer, and here is your task: "
-            f"{m.group('desc').strip()} Your code should pass these tests:\n\n{m.group('tests').strip()}\n[BEGIN]\n")
+    return (
+        "You are an expert Python programmer, and here is your task: "
+        f"{m.group('desc').strip()} Your code should pass these tests:\n\n{m.group('tests').strip()}\n[BEGIN]\n"
+    )
 
 
 class StandIn:
     """The server; ``start()`` runs it in a thread, ``stop()`` shuts it down."""
 
-    def __init__(self, model: str = "tiny-source", served_name: str = "deepseek-chat", port: int = 0,
-                 faults: dict[int, str] | None = None, api_key: str | None = None, retry_after: str = "1",
-                 max_top_logprobs: int = 20, logprobs: bool = True):
+    def __init__(
+        self,
+        model: str = "tiny-source",
+        served_name: str = "deepseek-chat",
+        port: int = 0,
+        faults: dict[int, str] | None = None,
+        api_key: str | None = None,
+        retry_after: str = "1",
+        max_top_logprobs: int = 20,
+        logprobs: bool = True,
+    ):
         from codedistill.generation.hf import HFGenerator
         from codedistill.models.registry import local_path, resolve_model
 
         spec = resolve_model(model)
-        self.gen = HFGenerator.from_pretrained(local_path(spec), name=served_name, device="cpu", dtype="float32",
-                                               batch_size=1)
+        self.gen = HFGenerator.from_pretrained(
+            local_path(spec), name=served_name, device="cpu", dtype="float32", batch_size=1
+        )
         self.served_name = served_name
         self.faults = dict(DEEPSEEK_LIKE_FAULTS if faults is None else faults)
         self.api_key = api_key
@@ -85,7 +98,7 @@ class StandIn:
             out[k] = out.get(k, 0) + 1
         return out
 
-    def start(self) -> "StandIn":
+    def start(self) -> StandIn:
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self._thread.start()
         return self
@@ -94,7 +107,7 @@ class StandIn:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def __enter__(self) -> "StandIn":
+    def __enter__(self) -> StandIn:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -115,7 +128,7 @@ class StandIn:
         ids_t = torch.tensor([p_ids + ids])
         with torch.no_grad():
             logits = model(input_ids=ids_t).logits[0].float()
-        lp = torch.log_softmax(logits[len(p_ids) - 1: len(p_ids) - 1 + len(ids)], -1)
+        lp = torch.log_softmax(logits[len(p_ids) - 1 : len(p_ids) - 1 + len(ids)], -1)
         vals = [float(lp[i, t]) for i, t in enumerate(ids)]
         tops = [self._topk(lp[i], k) for i in range(len(ids))] if k else []
         return vals, tops
@@ -132,14 +145,27 @@ class StandIn:
         if isinstance(stop, str):
             stop = [stop]
         with self._gen_lock:
-            c = self.gen.sample([prompt], n=1, temperature=temperature, top_p=float(body.get("top_p", 1.0)),
-                                max_new_tokens=int(body.get("max_tokens", 64)), stop=stop,
-                                seed=body.get("seed"))[0][0]
+            c = self.gen.sample(
+                [prompt],
+                n=1,
+                temperature=temperature,
+                top_p=float(body.get("top_p", 1.0)),
+                max_new_tokens=int(body.get("max_tokens", 64)),
+                stop=stop,
+                seed=body.get("seed"),
+            )[0][0]
             ids = c.meta["token_ids"]
             vals, tops = self._token_logprobs(prompt, ids, k)
         tokens = [self.gen.tokenizer.decode([t]) for t in ids]
-        return {"text": c.text, "tokens": tokens, "logprobs": vals, "top": tops, "finish_reason": c.finish_reason,
-                "prompt_tokens": len(self.gen.tokenizer(prompt)["input_ids"]), "completion_tokens": len(ids)}
+        return {
+            "text": c.text,
+            "tokens": tokens,
+            "logprobs": vals,
+            "top": tops,
+            "finish_reason": c.finish_reason,
+            "prompt_tokens": len(self.gen.tokenizer(prompt)["input_ids"]),
+            "completion_tokens": len(ids),
+        }
 
     # ---- HTTP -----------------------------------------------------------------------
     def _handler(self) -> type[BaseHTTPRequestHandler]:
@@ -159,8 +185,9 @@ class StandIn:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def _error(self, code: int, msg: str, kind: str = "invalid_request_error",
-                       headers: dict[str, str] | None = None) -> None:
+            def _error(
+                self, code: int, msg: str, kind: str = "invalid_request_error", headers: dict[str, str] | None = None
+            ) -> None:
                 self._json(code, {"error": {"message": msg, "type": kind, "param": None, "code": None}}, headers)
 
             def _authorized(self) -> bool:
@@ -175,8 +202,13 @@ class StandIn:
                 if not self._authorized():
                     return
                 if self.path.rstrip("/") == "/v1/models":
-                    self._json(200, {"object": "list", "data": [
-                        {"id": standin.served_name, "object": "model", "owned_by": "deepseek"}]})
+                    self._json(
+                        200,
+                        {
+                            "object": "list",
+                            "data": [{"id": standin.served_name, "object": "model", "owned_by": "deepseek"}],
+                        },
+                    )
                 else:
                     self._error(404, f"no route {self.path}")
 
@@ -194,8 +226,9 @@ class StandIn:
                     self.connection.close()  # no answer at all
                     return
                 if fault == "429":
-                    self._error(429, "Rate limit reached", "rate_limit_error",
-                                headers={"Retry-After": standin.retry_after})
+                    self._error(
+                        429, "Rate limit reached", "rate_limit_error", headers={"Retry-After": standin.retry_after}
+                    )
                     return
                 if fault == "500":
                     self._error(500, "Internal server error", "server_error")
@@ -236,13 +269,26 @@ class StandIn:
                 if chat:
                     lp = None
                     if want_lp:
-                        lp = {"content": [
-                            {"token": t, "logprob": v, "bytes": list(t.encode()),
-                             "top_logprobs": [{"token": a, "logprob": b, "bytes": list(a.encode())}
-                                              for a, b in (r["top"][i].items() if r["top"] else [])]}
-                            for i, (t, v) in enumerate(zip(r["tokens"], r["logprobs"]))]}
-                    choice = {"index": 0, "message": {"role": "assistant", "content": r["text"]},
-                              "logprobs": lp, "finish_reason": r["finish_reason"]}
+                        lp = {
+                            "content": [
+                                {
+                                    "token": t,
+                                    "logprob": v,
+                                    "bytes": list(t.encode()),
+                                    "top_logprobs": [
+                                        {"token": a, "logprob": b, "bytes": list(a.encode())}
+                                        for a, b in (r["top"][i].items() if r["top"] else [])
+                                    ],
+                                }
+                                for i, (t, v) in enumerate(zip(r["tokens"], r["logprobs"]))
+                            ]
+                        }
+                    choice = {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": r["text"]},
+                        "logprobs": lp,
+                        "finish_reason": r["finish_reason"],
+                    }
                     obj = "chat.completion"
                 else:
                     lp = None
@@ -251,17 +297,31 @@ class StandIn:
                         for t in r["tokens"]:
                             offs.append(o)
                             o += len(t)
-                        lp = {"tokens": r["tokens"], "token_logprobs": r["logprobs"], "text_offset": offs,
-                              "top_logprobs": r["top"] or None}
+                        lp = {
+                            "tokens": r["tokens"],
+                            "token_logprobs": r["logprobs"],
+                            "text_offset": offs,
+                            "top_logprobs": r["top"] or None,
+                        }
                     choice = {"index": 0, "text": r["text"], "logprobs": lp, "finish_reason": r["finish_reason"]}
                     obj = "text_completion"
                 with standin._lock:
                     standin.served += 1
-                self._json(200, {
-                    "id": f"standin-{ordinal}", "object": obj, "created": int(time.time()),
-                    "model": standin.served_name, "choices": [choice],
-                    "usage": {"prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
-                              "total_tokens": r["prompt_tokens"] + r["completion_tokens"]}})
+                self._json(
+                    200,
+                    {
+                        "id": f"standin-{ordinal}",
+                        "object": obj,
+                        "created": int(time.time()),
+                        "model": standin.served_name,
+                        "choices": [choice],
+                        "usage": {
+                            "prompt_tokens": r["prompt_tokens"],
+                            "completion_tokens": r["completion_tokens"],
+                            "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
+                        },
+                    },
+                )
 
         return Handler
 

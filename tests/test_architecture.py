@@ -25,6 +25,8 @@ LAYERS: dict[str, int] = {
     "runs": 0,
     "ui": 0,
     "metrics": 0,
+    "results": 0,
+    "resources": 0,
     "data": 1,
     "execution": 1,
     "models": 2,

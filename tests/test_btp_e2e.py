@@ -13,10 +13,10 @@ pytest.importorskip("peft")
 
 from codedistill.btp._testing import build_throwaway_pair  # noqa: E402
 from codedistill.btp.config import BTPConfig, build_config  # noqa: E402
-from codedistill.runs import read_jsonl  # noqa: E402
 from codedistill.btp.loop import run_btp  # noqa: E402
 from codedistill.btp.plan import ResolvedInputs, find_near_duplicates, find_overlap  # noqa: E402
 from codedistill.errors import ConfigError  # noqa: E402
+from codedistill.runs import read_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +26,28 @@ def pair(tmp_path_factory):
 
 def small_cfg(pair, out, **kw) -> BTPConfig:
     src, tgt = pair
-    vals = dict(source_model=str(src), target_model=str(tgt), dataset="synth", max_problems=4,
-                eval_max_problems=4, num_beams=3, n_iterations=2, use_lora=True, lora_r=4, lora_alpha=8,
-                eval_num_samples=2, max_new_tokens=24, train_batch_size=4, learning_rate=1e-3,
-                sampling_method="power", sampling_alpha=1.5, output_dir=str(out), chunk_size=2,
-                workers=2, merge=True)
+    vals = dict(
+        source_model=str(src),
+        target_model=str(tgt),
+        dataset="synth",
+        max_problems=4,
+        eval_max_problems=4,
+        num_beams=3,
+        n_iterations=2,
+        use_lora=True,
+        lora_r=4,
+        lora_alpha=8,
+        eval_num_samples=2,
+        max_new_tokens=24,
+        train_batch_size=4,
+        learning_rate=1e-3,
+        sampling_method="power",
+        sampling_alpha=1.5,
+        output_dir=str(out),
+        chunk_size=2,
+        workers=2,
+        merge=True,
+    )
     vals.update(kw)
     return build_config({}, vals)
 
@@ -178,8 +195,15 @@ def test_overlap_is_refused_unless_allowed_and_then_reported_in_bold(pair, tmp_p
     assert ["Mbpp/602", "Mbpp/217"] in find_near_duplicates(tr, te)
     from codedistill.report.btp_run import run_markdown
 
-    fake = {"source_model": "s", "target_model": "t", "mode": "finetune", "allow_overlap": True,
-            "overlapping_train_problems": plan.overlap, "n_train_problems": len(plan.train), "datasets": {}}
+    fake = {
+        "source_model": "s",
+        "target_model": "t",
+        "mode": "finetune",
+        "allow_overlap": True,
+        "overlapping_train_problems": plan.overlap,
+        "n_train_problems": len(plan.train),
+        "datasets": {},
+    }
     assert "**WARNING: --allow-overlap" in run_markdown({"config": plan.cfg.model_dump()}, fake, [])
 
 
@@ -187,16 +211,32 @@ def test_mixed_mode_sampling_generation_and_is_weights(pair, tmp_path):
     """mode=mixed: source and the current target both feed the buffer; sampled (not beam)
     generation; greedy replay; importance weights; full fine-tuning checkpoints."""
     out = tmp_path / "mixed"
-    cfg = small_cfg(pair, out, mode="mixed", generation="sample", num_samples=2, n_iterations=2,
-                    sampling_method="rank", sampling_alpha=1.0, is_weights=True, is_beta=0.5,
-                    replay_size=5, use_lora=False, merge=False, eval_source=False, learning_rate=1e-4)
+    cfg = small_cfg(
+        pair,
+        out,
+        mode="mixed",
+        generation="sample",
+        num_samples=2,
+        n_iterations=2,
+        sampling_method="rank",
+        sampling_alpha=1.0,
+        is_weights=True,
+        is_beta=0.5,
+        replay_size=5,
+        use_lora=False,
+        merge=False,
+        eval_source=False,
+        learning_rate=1e-4,
+    )
     comp = run_btp(cfg, log=lambda m: None)
     assert "source" not in comp["datasets"]["synth"]
     buf = read_jsonl(out / "replay_buffer.jsonl")
     assert {r["source"] for r in buf} >= {"src"} and any(r["source"].startswith("tgt") for r in buf)
     assert {r["iteration"] for r in buf} == {1, 2}  # samples differ per iteration: new programs
     assert any(r["source"] == "tgt@iter1" for r in buf)  # iteration 2 sampled the fine-tuned target
-    assert (out / "generations" / "source_iter1.jsonl").exists() and (out / "generations" / "target_iter2.jsonl").exists()
+    assert (out / "generations" / "source_iter1.jsonl").exists() and (
+        out / "generations" / "target_iter2.jsonl"
+    ).exists()
     st = json.loads((out / "iter_2" / "stats.json").read_text())
     assert st["sampling"]["draws"] == 5 and st["sampling"]["method"] == "rank"
     w = json.loads((out / "iter_2" / "draw.json").read_text())["is_weights"]

@@ -46,14 +46,28 @@ def test_btp_raises_tiny_target_pass_at_1_on_synth(tmp_path):
     assert res.exit_code == 0, res.output[-3000:]
     assert "improvement" in res.output and "[iter 1] drew 600" in res.output
     comp = json.loads((tmp_path / "run" / "comparison.json").read_text())
-    for name in ("report.md", "plots/p2value_hist.png", "plots/pass_at_k_synth.png", "plots/loss_curve.png",
-                 "iter_1/adapter/adapter_model.safetensors"):
+    for name in (
+        "report.md",
+        "plots/p2value_hist.png",
+        "plots/pass_at_k_synth.png",
+        "plots/loss_curve.png",
+        "iter_1/adapter/adapter_model.safetensors",
+    ):
         assert (tmp_path / "run" / name).is_file(), name
     e = comp["datasets"]["synth"]
     before, after, src = (e[k]["pass@1"]["value"] for k in ("target_before", "target_after", "source"))
     imp = e["improvement"]["pass@1"]
-    print(json.dumps({"before": e["target_before"]["pass@1"], "after": e["target_after"]["pass@1"],
-                      "source": e["source"]["pass@1"], "improvement": imp, "seconds": round(elapsed, 1)}))
+    print(
+        json.dumps(
+            {
+                "before": e["target_before"]["pass@1"],
+                "after": e["target_after"]["pass@1"],
+                "source": e["source"]["pass@1"],
+                "improvement": imp,
+                "seconds": round(elapsed, 1),
+            }
+        )
+    )
     assert src > before + 0.15, "the source must be clearly better than the target for this test to mean anything"
     assert imp["diff"] >= 0.12
     assert imp["ci_low"] > 0.05  # paired bootstrap over the 100 held-out problems

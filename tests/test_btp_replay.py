@@ -8,7 +8,6 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from codedistill.runs import JsonlWriter, read_jsonl
 from codedistill.btp.p2value import DEFAULT_P2_ALPHA, normalize_program, p2value, program_key
 from codedistill.btp.replay import ReplayBuffer, ReplayEntry
 from codedistill.btp.samplers import (
@@ -18,6 +17,7 @@ from codedistill.btp.samplers import (
     ranks,
     sampling_probs,
 )
+from codedistill.runs import JsonlWriter, read_jsonl
 
 
 def test_p2value_formula_and_bounds():
@@ -56,8 +56,17 @@ def test_normalize_program_ignores_comments_blank_lines_and_formatting():
 
 
 def _entry(task, prog, p=0.8, pr=1.0, it=0):
-    return ReplayEntry(task_id=task, completion=prog, program=prog, p=p, pass_rate=pr,
-                       tests_passed=int(pr * 3), tests_total=3, source="src", iteration=it)
+    return ReplayEntry(
+        task_id=task,
+        completion=prog,
+        program=prog,
+        p=p,
+        pass_rate=pr,
+        tests_passed=int(pr * 3),
+        tests_total=3,
+        source="src",
+        iteration=it,
+    )
 
 
 def test_replay_buffer_dedups_per_problem_and_persists(tmp_path):

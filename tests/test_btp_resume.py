@@ -24,12 +24,49 @@ SCRIPT = ROOT / "experiments" / "step2_btp_finetune_experiment.py"
 
 
 def _cmd(src: Path, tgt: Path, out: Path) -> list[str]:
-    return [sys.executable, str(SCRIPT), "--source-model", str(src), "--target-model", str(tgt),
-            "--mode", "finetune", "--dataset", "synth", "--max-problems", "6", "--eval-max-problems", "4",
-            "--num-beams", "3", "--n-iterations", "2", "--sampling-method", "rank", "--sampling-alpha", "1.0",
-            "--generation", "beam", "--use-lora", "--lora-r", "4", "--eval-num-samples", "2",
-            "--max-new-tokens", "24", "--chunk-size", "2", "--train-batch-size", "4", "--lr", "1e-3",
-            "--workers", "2", "--output-dir", str(out)]
+    return [
+        sys.executable,
+        str(SCRIPT),
+        "--source-model",
+        str(src),
+        "--target-model",
+        str(tgt),
+        "--mode",
+        "finetune",
+        "--dataset",
+        "synth",
+        "--max-problems",
+        "6",
+        "--eval-max-problems",
+        "4",
+        "--num-beams",
+        "3",
+        "--n-iterations",
+        "2",
+        "--sampling-method",
+        "rank",
+        "--sampling-alpha",
+        "1.0",
+        "--generation",
+        "beam",
+        "--use-lora",
+        "--lora-r",
+        "4",
+        "--eval-num-samples",
+        "2",
+        "--max-new-tokens",
+        "24",
+        "--chunk-size",
+        "2",
+        "--train-batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--workers",
+        "2",
+        "--output-dir",
+        str(out),
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -41,8 +78,9 @@ def _env() -> dict[str, str]:
 
 def _run_until(cmd: list[str], ready, timeout: float = 400) -> bool:
     """Start ``cmd``; SIGKILL it as soon as ``ready()`` holds. True if it was killed."""
-    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     t0 = time.time()
     try:
         while p.poll() is None:

@@ -34,8 +34,12 @@ def _tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tr = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tr = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS, trainer=tr)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
@@ -46,9 +50,19 @@ def tiny(tmp_path_factory):
 
     tok = _tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.3,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = LlamaForCausalLM(cfg)
     d = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(d)
@@ -68,7 +82,7 @@ def test_prompt_tokens_carry_no_label(tiny):
     assert len(p_ids) > 10 and len(c_ids) > 3
     assert f["input_ids"] == p_ids + c_ids + [tok.eos_token_id]
     assert f["labels"][: len(p_ids)] == [IGNORE_INDEX] * len(p_ids)
-    assert f["labels"][len(p_ids):] == c_ids + [tok.eos_token_id]
+    assert f["labels"][len(p_ids) :] == c_ids + [tok.eos_token_id]
     labelled = [t for t in f["labels"] if t != IGNORE_INDEX]
     assert tok.decode(labelled, skip_special_tokens=True) == COMPLETION
 
@@ -95,7 +109,7 @@ def test_completion_loss_has_no_gradient_on_prompt_positions(tiny):
     P = f["prompt_len"]
     # logits at position t predict token t+1: positions < P-1 predict prompt tokens
     assert torch.all(g[: P - 1] == 0)
-    assert torch.all(g[P - 1: len(f["input_ids"]) - 1] > 0)
+    assert torch.all(g[P - 1 : len(f["input_ids"]) - 1] > 0)
     # and the value equals the mean CE over the completion tokens (incl. EOS) only
     lp = torch.log_softmax(logits.detach()[0].float(), -1)
     ids = f["input_ids"]
@@ -122,8 +136,16 @@ def _examples():
 
 def test_lora_steps_lower_loss_touch_only_adapter_and_are_deterministic(tiny, tmp_path):
     path, tok = tiny
-    s = TrainSettings(learning_rate=1e-2, epochs=4, batch_size=4, use_lora=True, lora_r=8,
-                      lora_alpha=16, lora_dropout=0.0, warmup_ratio=0.0)
+    s = TrainSettings(
+        learning_rate=1e-2,
+        epochs=4,
+        batch_size=4,
+        use_lora=True,
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        warmup_ratio=0.0,
+    )
     m1 = prepare_model(path, s, seed=3, device="cpu")
     base_before = {n: p.detach().clone() for n, p in m1.named_parameters() if "lora_" not in n}
     r1 = train(m1, tok, _examples(), s, seed=3)
@@ -162,8 +184,16 @@ def test_gradient_checkpointing_same_curve_and_one_summary_line(tiny):
     import dataclasses
 
     path, tok = tiny
-    s = TrainSettings(learning_rate=1e-2, epochs=1, batch_size=4, use_lora=True, lora_r=8, lora_alpha=16,
-                      lora_dropout=0.0, warmup_ratio=0.0)
+    s = TrainSettings(
+        learning_rate=1e-2,
+        epochs=1,
+        batch_size=4,
+        use_lora=True,
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        warmup_ratio=0.0,
+    )
     lines: list[str] = []
     plain = train(prepare_model(path, s, seed=3, device="cpu"), tok, _examples(), s, seed=3, log=lines.append)
     gc = dataclasses.replace(s, gradient_checkpointing=True)

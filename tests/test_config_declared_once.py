@@ -64,8 +64,14 @@ def _extra(name: str, f: FieldInfo) -> dict[str, Any]:
 def _flag(name: str, f: FieldInfo, value: bool | None = None) -> str:
     """The option that sets ``name``: its declared flags, else ``--name`` (``--no-name`` for False)."""
     extra = _extra(name, f)
-    decls = list(extra.get(FLAGS) or [f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}"
-                                      if value is not None else f"--{name.replace('_', '-')}"])
+    decls = list(
+        extra.get(FLAGS)
+        or [
+            f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}"
+            if value is not None
+            else f"--{name.replace('_', '-')}"
+        ]
+    )
     if value is None:
         return decls[-1]
     on, off = decls[0].split("/")
@@ -140,17 +146,20 @@ def test_the_shipped_command_has_one_option_per_setting_with_its_description():
             assert params[name].default.help.startswith(text), name
 
 
-@pytest.mark.parametrize("args, field, value", [
-    (["--lr", "0.003"], "learning_rate", 0.003),
-    (["--learning-rate", "0.003"], "learning_rate", 0.003),
-    (["--use-lora"], "use_lora", True),
-    (["--full-finetune"], "use_lora", False),
-    (["--train-batch-size", "4"], "train_batch_size", 4),
-    (["--price-input", "0.27"], ("serving", "price_input_per_1m"), 0.27),
-    (["--price-output", "1.1"], ("serving", "price_output_per_1m"), 1.1),
-    (["--response-cache", "r.sqlite"], ("serving", "cache_path"), "r.sqlite"),
-    (["--no-eval-source"], "eval_source", False),
-])
+@pytest.mark.parametrize(
+    "args, field, value",
+    [
+        (["--lr", "0.003"], "learning_rate", 0.003),
+        (["--learning-rate", "0.003"], "learning_rate", 0.003),
+        (["--use-lora"], "use_lora", True),
+        (["--full-finetune"], "use_lora", False),
+        (["--train-batch-size", "4"], "train_batch_size", 4),
+        (["--price-input", "0.27"], ("serving", "price_input_per_1m"), 0.27),
+        (["--price-output", "1.1"], ("serving", "price_output_per_1m"), 1.1),
+        (["--response-cache", "r.sqlite"], ("serving", "cache_path"), "r.sqlite"),
+        (["--no-eval-source"], "eval_source", False),
+    ],
+)
 def test_the_plans_flag_names_keep_their_meaning(args, field, value):
     [cfg] = _invoke(_capturing(), args)
     got = getattr(cfg.serving, field[1]) if isinstance(field, tuple) else getattr(cfg, field)
@@ -189,8 +198,11 @@ def test_a_yaml_with_every_key_round_trips(tmp_path):
 
 def test_the_resolved_config_keeps_its_keys_and_records_egcfg_as_given():
     d = BTPConfig().model_dump()
-    quiet = {n for n, f in BTPConfig.model_fields.items()
-             if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get(DUMP_WHEN_CHANGED)}
+    quiet = {
+        n
+        for n, f in BTPConfig.model_fields.items()
+        if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get(DUMP_WHEN_CHANGED)
+    }
     assert quiet == {"weight_decay", "max_grad_norm"}
     assert set(d) == set(BTPConfig.model_fields) - quiet and d["egcfg"] == {}
     cfg = build_config({"generation": "egcfg", "egcfg": {"max_agents": 3}, "max_new_tokens": 50}, {})
@@ -230,11 +242,14 @@ def test_every_trainer_setting_comes_from_a_declared_setting():
 
 def test_lora_targets_default_to_the_models_and_all_linear_is_peft_string():
     cfg = build_config({}, {})
-    assert train_settings_from(cfg, default_lora_targets=("q", "v"),
-                               prompt_special_tokens=True).lora_target_modules == ["q", "v"]
+    assert train_settings_from(
+        cfg, default_lora_targets=("q", "v"), prompt_special_tokens=True
+    ).lora_target_modules == ["q", "v"]
     cfg = build_config({"lora_target_modules": "all-linear"}, {})
-    assert train_settings_from(cfg, default_lora_targets=("q",),
-                               prompt_special_tokens=True).lora_target_modules == "all-linear"
+    assert (
+        train_settings_from(cfg, default_lora_targets=("q",), prompt_special_tokens=True).lora_target_modules
+        == "all-linear"
+    )
 
 
 class NewSection(BaseModel):

@@ -1,11 +1,10 @@
-import json
+from pathlib import Path
 
 import pytest
 
 from codedistill.data import load_problems
 from codedistill.data.mbpp import load_mbpp
 from codedistill.errors import DataError
-from pathlib import Path
 
 MBPP_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mbpp"
 

@@ -15,8 +15,6 @@ pytest.importorskip("accelerate")
 
 from codedistill.errors import ConfigError  # noqa: E402
 from codedistill.models.loading import load_tokenizer  # noqa: E402
-from codedistill.training.settings import TrainExample, TrainSettings  # noqa: E402
-from codedistill.training.trainer import prepare_model, train  # noqa: E402
 from codedistill.training.launch import (  # noqa: E402
     CONFIG_DIR,
     NAMED_CONFIGS,
@@ -24,6 +22,8 @@ from codedistill.training.launch import (  # noqa: E402
     run_launched,
     write_job,
 )
+from codedistill.training.settings import TrainExample, TrainSettings  # noqa: E402
+from codedistill.training.trainer import prepare_model, train  # noqa: E402
 
 # The same global batch (8) and order on 1 and 2 processes: each optimizer step's loss is
 # the token mean over the global batch either way; only the float summation order differs
@@ -44,8 +44,17 @@ def _examples(n: int = 32) -> list[TrainExample]:
     ]
 
 
-SETTINGS = TrainSettings(learning_rate=3e-3, epochs=2, batch_size=8, use_lora=True, lora_r=8, lora_alpha=16,
-                         lora_dropout=0.0, warmup_ratio=0.1, max_length=256)
+SETTINGS = TrainSettings(
+    learning_rate=3e-3,
+    epochs=2,
+    batch_size=8,
+    use_lora=True,
+    lora_r=8,
+    lora_alpha=16,
+    lora_dropout=0.0,
+    warmup_ratio=0.1,
+    max_length=256,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +71,17 @@ def test_two_process_data_parallel_matches_single_process(tiny_target, tmp_path)
     single = train(model, tok, _examples(), SETTINGS, seed=7).losses
     assert len(single) == 8  # 32 examples / batch 8 x 2 epochs
 
-    job = write_job(tmp_path / "job", base=tiny_target, settings=SETTINGS, examples=_examples(), seed=7,
-                    device="cpu", dtype="auto", init_from=None, out_dir=tmp_path / "iter_1")
+    job = write_job(
+        tmp_path / "job",
+        base=tiny_target,
+        settings=SETTINGS,
+        examples=_examples(),
+        seed=7,
+        device="cpu",
+        dtype="auto",
+        init_from=None,
+        out_dir=tmp_path / "iter_1",
+    )
     res = run_launched(job, num_processes=2)
     assert res["num_processes"] == 2 and res["distributed_type"] == "MULTI_CPU"
     assert res["steps"] == len(single)
@@ -77,7 +95,9 @@ def test_two_process_data_parallel_matches_single_process(tiny_target, tmp_path)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_target), str(tmp_path / "iter_1" / "adapter"))
+    loaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_target), str(tmp_path / "iter_1" / "adapter")
+    )
     x = torch.tensor([tok(_examples()[0].prompt)["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=1e-3)
@@ -138,11 +158,44 @@ def test_btp_num_processes_launches_its_training_phase(tmp_path):
 
     src, tgt = build_throwaway_pair(tmp_path / "models")
     out = tmp_path / "run"
-    res = CliRunner().invoke(btp_app, [
-        "--source-model", str(src), "--target-model", str(tgt), "--dataset", "synth", "--max-problems", "4",
-        "--eval-max-problems", "2", "--num-beams", "2", "--n-iterations", "2", "--use-lora", "--lora-r", "4",
-        "--lora-alpha", "8", "--eval-num-samples", "1", "--max-new-tokens", "16", "--train-batch-size", "4",
-        "--no-eval-source", "--workers", "1", "--merge", "--num-processes", "2", "--output-dir", str(out)])
+    res = CliRunner().invoke(
+        btp_app,
+        [
+            "--source-model",
+            str(src),
+            "--target-model",
+            str(tgt),
+            "--dataset",
+            "synth",
+            "--max-problems",
+            "4",
+            "--eval-max-problems",
+            "2",
+            "--num-beams",
+            "2",
+            "--n-iterations",
+            "2",
+            "--use-lora",
+            "--lora-r",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--eval-num-samples",
+            "1",
+            "--max-new-tokens",
+            "16",
+            "--train-batch-size",
+            "4",
+            "--no-eval-source",
+            "--workers",
+            "1",
+            "--merge",
+            "--num-processes",
+            "2",
+            "--output-dir",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, (res.output[-3000:], repr(res.exception))
     for k in (1, 2):
         info = json.loads((out / f"iter_{k}" / "train.json").read_text())

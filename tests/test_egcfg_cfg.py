@@ -21,10 +21,14 @@ def tiny():
 
 def _hf_greedy(model, ids, n):
     out = model.generate(
-        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        pad_token_id=0,
     )
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 def test_gamma0_equals_plain_greedy(tiny):
@@ -78,8 +82,7 @@ def test_cfg_logits_equal_full_recomputation_greedy(tiny, gamma):
 def test_cfg_logits_equal_full_recomputation_beam(tiny, gamma):
     model, tok = tiny
     u, c = tok.encode(UNCOND), tok.encode(COND)
-    res = cfg_generate(model, u, c, gamma=gamma, strategy="beam", num_sequences=3, max_new_tokens=10,
-                       record_steps=True)
+    res = cfg_generate(model, u, c, gamma=gamma, strategy="beam", num_sequences=3, max_new_tokens=10, record_steps=True)
     err, checked = _max_err(model, res, u, c, gamma)
     assert checked >= 3 * 9
     assert err < 1e-4
@@ -92,8 +95,9 @@ def test_cfg_logits_equal_full_recomputation_beam(tiny, gamma):
     assert reordered
     # returned beam scores are the recomputed guided log-probs of the returned sequences
     for seq, glp in zip(res.tokens, res.guided_logprob):
-        ref = sum(float(reference_guided_logprobs(model, c + seq[:i], u + seq[:i], gamma)[seq[i]])
-                  for i in range(len(seq)))
+        ref = sum(
+            float(reference_guided_logprobs(model, c + seq[:i], u + seq[:i], gamma)[seq[i]]) for i in range(len(seq))
+        )
         assert abs(ref - glp) < 1e-3
     assert res.scores == sorted(res.scores, reverse=True)
     # per-token plain log-probs follow the beams through reordering too
@@ -106,19 +110,37 @@ def test_cfg_sampling_logits_and_plain_logprob(tiny):
     model, tok = tiny
     u, c = tok.encode(UNCOND), tok.encode(COND)
     g = torch.Generator().manual_seed(3)
-    res = cfg_generate(model, u, c, gamma=3.0, strategy="sample", num_sequences=3, temperature=0.9,
-                       max_new_tokens=8, record_steps=True, generator=g)
+    res = cfg_generate(
+        model,
+        u,
+        c,
+        gamma=3.0,
+        strategy="sample",
+        num_sequences=3,
+        temperature=0.9,
+        max_new_tokens=8,
+        record_steps=True,
+        generator=g,
+    )
     err, checked = _max_err(model, res, u, c, 3.0)
     assert checked == 3 * 8 and err < 1e-4
     assert len({tuple(t) for t in res.tokens}) > 1
     # plain_logprob is the unconditional model's log-prob of the sampled tokens
     for seq, plp in zip(res.tokens, res.plain_logprob):
-        ref = sum(float(reference_guided_logprobs(model, None, u + seq[:i], 0.0)[seq[i]])
-                  for i in range(len(seq)))
+        ref = sum(float(reference_guided_logprobs(model, None, u + seq[:i], 0.0)[seq[i]]) for i in range(len(seq)))
         assert abs(ref - plp) < 1e-3
     # same seed, same samples
-    again = cfg_generate(model, u, c, gamma=3.0, strategy="sample", num_sequences=3, temperature=0.9,
-                         max_new_tokens=8, generator=torch.Generator().manual_seed(3))
+    again = cfg_generate(
+        model,
+        u,
+        c,
+        gamma=3.0,
+        strategy="sample",
+        num_sequences=3,
+        temperature=0.9,
+        max_new_tokens=8,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert again.tokens == res.tokens
 
 
@@ -126,8 +148,18 @@ def test_stop_fn_ends_rows_and_drops_them(tiny):
     model, tok = tiny
     u, c = tok.encode(UNCOND), tok.encode(COND)
     stop = lambda ids: len(ids) >= 3  # noqa: E731
-    res = cfg_generate(model, u, c, gamma=1.0, strategy="sample", num_sequences=2, temperature=1.0,
-                       max_new_tokens=20, stop_fn=stop, generator=torch.Generator().manual_seed(0))
+    res = cfg_generate(
+        model,
+        u,
+        c,
+        gamma=1.0,
+        strategy="sample",
+        num_sequences=2,
+        temperature=1.0,
+        max_new_tokens=20,
+        stop_fn=stop,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert [len(t) for t in res.tokens] == [3, 3]
     assert res.finished == [True, True]
     assert res.forward_passes == 3  # prefill + 2 steps, cond and uncond batched together

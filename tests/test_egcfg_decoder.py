@@ -14,11 +14,23 @@ from codedistill.egcfg.config import AgentSpec, EGCFGConfig
 from codedistill.egcfg.signal import insert_signal
 
 PREFIX = "def total(xs):\n"
-PROBLEM = Problem(task_id="toy/add", prompt=PREFIX, entry_point="total", code_prefix=PREFIX,
-                  tests=("assert total([1, 2]) == 3", "assert total([2, 5]) == 7"),
-                  visible_tests=("assert total([1, 2]) == 3",))
-SMALL = dict(max_lines=3, max_line_tokens=10, max_new_tokens=30, candidate_max_tokens=12,
-             trace_budget_tokens=800, exec_workers=2, exec_timeout_s=5.0)
+PROBLEM = Problem(
+    task_id="toy/add",
+    prompt=PREFIX,
+    entry_point="total",
+    code_prefix=PREFIX,
+    tests=("assert total([1, 2]) == 3", "assert total([2, 5]) == 7"),
+    visible_tests=("assert total([1, 2]) == 3",),
+)
+SMALL = dict(
+    max_lines=3,
+    max_line_tokens=10,
+    max_new_tokens=30,
+    candidate_max_tokens=12,
+    trace_budget_tokens=800,
+    exec_workers=2,
+    exec_timeout_s=5.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +47,15 @@ def solver(tiny):
 
 
 def hf_greedy(model, ids, n):
-    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+    out = model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        pad_token_id=0,
+    )
+    return out[0, len(ids) :].tolist()
 
 
 def test_empty_signal_equals_plain_greedy(tiny, solver):
@@ -52,7 +70,7 @@ def test_empty_signal_equals_plain_greedy(tiny, solver):
         assert res.token_ids == hf_greedy(model, prompt_ids, len(res.token_ids))
         # the reported log-prob is the plain model's
         full = torch.tensor([prompt_ids + res.token_ids])
-        lp = torch.log_softmax(model(full).logits[0, len(prompt_ids) - 1:-1].float(), -1)
+        lp = torch.log_softmax(model(full).logits[0, len(prompt_ids) - 1 : -1].float(), -1)
         ref = lp.gather(-1, torch.tensor(res.token_ids)[:, None]).sum().item()
         assert abs(ref - res.plain_logprob) < 1e-3
 
@@ -71,8 +89,8 @@ def test_gamma1_lines_equal_greedy_on_conditional_prompt(tiny, solver):
         assert "# Test: assert total([1, 2]) == 3" in line["signal"]
         cond = tok.encode(insert_signal(PREFIX, line["signal"], PREFIX, None)) + ids
         n = line["tokens"]
-        assert res.token_ids[len(ids):len(ids) + n] == hf_greedy(model, cond, n)
-        ids = ids + res.token_ids[len(ids):len(ids) + n]
+        assert res.token_ids[len(ids) : len(ids) + n] == hf_greedy(model, cond, n)
+        ids = ids + res.token_ids[len(ids) : len(ids) + n]
     assert ids == res.token_ids and signals == 3
     # and the signal did change the output relative to plain greedy
     assert res.token_ids != hf_greedy(model, prompt_ids, len(res.token_ids))
@@ -113,9 +131,14 @@ def test_early_stop_when_visible_tests_pass(tiny):
     that keeps it valid passes; the first agent (plain greedy) is checked and wins."""
     model, tok = tiny
     cfg = EGCFGConfig(**{**SMALL, "max_lines": 1, "max_line_tokens": 1})
-    prob = Problem(task_id="toy/done", prompt=PREFIX, entry_point="total",
-                   code_prefix=PREFIX + "    return sum(xs)\n", tests=PROBLEM.tests,
-                   visible_tests=PROBLEM.visible_tests)
+    prob = Problem(
+        task_id="toy/done",
+        prompt=PREFIX,
+        entry_point="total",
+        code_prefix=PREFIX + "    return sum(xs)\n",
+        tests=PROBLEM.tests,
+        visible_tests=PROBLEM.visible_tests,
+    )
     with_comment = lambda p, text: p.code_prefix + "# " + text.replace("\n", " ") + "\n"  # noqa: E731
     s = EGCFGSolver(model, tok, cfg, to_program=with_comment)
     try:
@@ -137,8 +160,7 @@ def test_without_visible_tests_one_plain_greedy_agent_runs(tiny, solver):
 
 def test_beam_candidates_and_parallel_agents(tiny, solver):
     model, tok = tiny
-    cfg = EGCFGConfig(**{**SMALL, "max_lines": 2, "max_agents": 3, "candidate_mode": "beam",
-                         "agent_workers": 2})
+    cfg = EGCFGConfig(**{**SMALL, "max_lines": 2, "max_agents": 3, "candidate_mode": "beam", "agent_workers": 2})
     par = EGCFGSolver(model, tok, cfg, pool=solver.executor.pool)
     cand, rec = par.solve(PROBLEM, PREFIX, [], seed=1)
     assert rec["agents_run"] == 3 and not rec["visible_passed"]
@@ -148,8 +170,12 @@ def test_beam_candidates_and_parallel_agents(tiny, solver):
             assert len(cands) == 3  # s beams
             assert all(c["text"].count("\n") <= 2 for c in cands)  # at most d lines deep
     # beam candidates are deterministic: the same agents' first-line candidates match a sequential run
-    seq = EGCFGSolver(model, tok, EGCFGConfig(**{**SMALL, "max_lines": 2, "max_agents": 3,
-                                                "candidate_mode": "beam"}), pool=solver.executor.pool)
+    seq = EGCFGSolver(
+        model,
+        tok,
+        EGCFGConfig(**{**SMALL, "max_lines": 2, "max_agents": 3, "candidate_mode": "beam"}),
+        pool=solver.executor.pool,
+    )
     _, rec2 = seq.solve(PROBLEM, PREFIX, [], seed=1)
     assert [a["completion"] for a in rec2["agents"]] == [a["completion"] for a in rec["agents"]]
 
@@ -159,8 +185,8 @@ def test_empty_completion_has_no_probability_mass():
     program with the same pass rate, and an EG-CFG candidate with no tokens carries P = 0."""
     import math
 
-    from codedistill.btp.phases.replay import sequence_p
     from codedistill.btp.p2value import p2value
+    from codedistill.btp.phases.replay import sequence_p
     from codedistill.generation.base import Candidate, seq_prob
 
     assert seq_prob(0.0, 0) == 0.0 and seq_prob(-3.0, 0) == 0.0
@@ -192,8 +218,14 @@ def test_agreement_early_stop_fires(tiny):
     in a row; the agreed candidate ends the completion."""
     model, tok = tiny
     done = PREFIX + "    return sum(xs)\n"
-    prob = Problem(task_id="toy/agree", prompt=PREFIX, entry_point="total", code_prefix=done,
-                   tests=PROBLEM.tests, visible_tests=PROBLEM.visible_tests)
+    prob = Problem(
+        task_id="toy/agree",
+        prompt=PREFIX,
+        entry_point="total",
+        code_prefix=done,
+        tests=PROBLEM.tests,
+        visible_tests=PROBLEM.visible_tests,
+    )
     agent = AgentSpec(temperature=0.7, depth=2, num_candidates=3, gamma=1.0)
     outs = {}
     for n in (4, 0):
@@ -217,8 +249,14 @@ def test_agreement_early_stop_fires(tiny):
 def test_guidance_starts_at_the_def_line(tiny):
     """With guide_from_def, lines before the entry point's def get no candidates/signal."""
     model, tok = tiny
-    prob = Problem(task_id="toy/nodef", prompt="# write total\n", entry_point="total", code_prefix="",
-                   tests=PROBLEM.tests, visible_tests=PROBLEM.visible_tests)
+    prob = Problem(
+        task_id="toy/nodef",
+        prompt="# write total\n",
+        entry_point="total",
+        code_prefix="",
+        tests=PROBLEM.tests,
+        visible_tests=PROBLEM.visible_tests,
+    )
     agent = AgentSpec(temperature=0.7, depth=2, num_candidates=2, gamma=1.0)
     s = EGCFGSolver(model, tok, EGCFGConfig(**{**SMALL, "max_lines": 2}))
     try:

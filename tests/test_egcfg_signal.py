@@ -12,12 +12,16 @@ from codedistill.egcfg.tracer import split_assert
 
 def test_make_executable_drops_incomplete_lines_and_fills_empty_blocks():
     assert make_executable("def f(x):\n    y = x +") == "def f(x):\n    pass\n"
-    assert make_executable("def f(x):\n    y = x + 1\n    if y > 2:\n") == \
-        "def f(x):\n    y = x + 1\n    if y > 2:\n        pass\n"
+    assert (
+        make_executable("def f(x):\n    y = x + 1\n    if y > 2:\n")
+        == "def f(x):\n    y = x + 1\n    if y > 2:\n        pass\n"
+    )
     assert make_executable("def f(x):\n    return (x +\n") == "def f(x):\n    pass\n"
     assert make_executable("x = 1\ny = [1, 2,\n") == "x = 1\n"
-    assert make_executable("def f(xs):\n    for x in xs:\n        s = x\n    return s") == \
-        "def f(xs):\n    for x in xs:\n        s = x\n    return s\n"
+    assert (
+        make_executable("def f(xs):\n    for x in xs:\n        s = x\n    return s")
+        == "def f(xs):\n    for x in xs:\n        s = x\n    return s\n"
+    )
     assert make_executable("%%% garbage") == ""
     for code in ("def f(x):\n    while x:\n", "class A:\n    def m(self):\n        return [1,"):
         out = make_executable(code)
@@ -33,15 +37,27 @@ def test_split_assert():
     assert split_assert("assert f(1) != 3") == (None, None)
 
 
-TRACE = {"compile_error": None, "tests": [{
-    "test": "assert total([1, 2]) == 4", "call": "total([1, 2])", "result": "3", "expected": "4",
-    "passed": False, "exception": None, "truncated": True, "events": [
-        {"event": "call", "func": "total", "line": 1, "args": {"xs": "[1, 2]"}},
-        {"event": "line", "func": "total", "line": 2, "vars": {"s": "0"}},
-        {"event": "line", "func": "total", "line": 3, "vars": {"x": "1"}},
-        {"event": "line", "func": "total", "line": 4, "vars": {"s": "1"}},
-        {"event": "return", "func": "total", "line": 5, "value": "3"},
-    ]}]}
+TRACE = {
+    "compile_error": None,
+    "tests": [
+        {
+            "test": "assert total([1, 2]) == 4",
+            "call": "total([1, 2])",
+            "result": "3",
+            "expected": "4",
+            "passed": False,
+            "exception": None,
+            "truncated": True,
+            "events": [
+                {"event": "call", "func": "total", "line": 1, "args": {"xs": "[1, 2]"}},
+                {"event": "line", "func": "total", "line": 2, "vars": {"s": "0"}},
+                {"event": "line", "func": "total", "line": 3, "vars": {"x": "1"}},
+                {"event": "line", "func": "total", "line": 4, "vars": {"s": "1"}},
+                {"event": "return", "func": "total", "line": 5, "value": "3"},
+            ],
+        }
+    ],
+}
 PROG = "def total(xs):\n    s = 0\n    for x in xs:\n        s += x\n    return s\n"
 
 
@@ -61,13 +77,30 @@ def test_format_trace():
         "#   ... (trace truncated)",
         "#   Result: total([1, 2]) = 3; expected 4 (failed)",
     ]
-    exc = {"compile_error": None, "tests": [{"test": "assert total(None) == 0", "call": "total(None)",
-           "exception": {"type": "TypeError", "message": "'NoneType' object is not iterable", "line": 3},
-           "events": [{"event": "exception", "func": "total", "line": 3, "type": "TypeError",
-                       "message": "'NoneType' object is not iterable"}]}]}
+    exc = {
+        "compile_error": None,
+        "tests": [
+            {
+                "test": "assert total(None) == 0",
+                "call": "total(None)",
+                "exception": {"type": "TypeError", "message": "'NoneType' object is not iterable", "line": 3},
+                "events": [
+                    {
+                        "event": "exception",
+                        "func": "total",
+                        "line": 3,
+                        "type": "TypeError",
+                        "message": "'NoneType' object is not iterable",
+                    }
+                ],
+            }
+        ],
+    }
     out = format_trace(PROG, exc, new_from_line=6)
-    assert out[-2:] == ["#   line 3: for x in xs:  !! TypeError: 'NoneType' object is not iterable",
-                        "#   Result: TypeError at line 3: 'NoneType' object is not iterable"]
+    assert out[-2:] == [
+        "#   line 3: for x in xs:  !! TypeError: 'NoneType' object is not iterable",
+        "#   Result: TypeError at line 3: 'NoneType' object is not iterable",
+    ]
     assert format_trace(PROG, {"error": "timed out"}, 1)[-1] == "#   Execution stopped: timed out"
 
 
@@ -88,7 +121,7 @@ def test_insert_signal_positions():
     sig = "# feedback\n"
     mbpp = "You are an expert...\nassert f(1) == 2\n[BEGIN]\n"
     assert insert_signal(mbpp, sig) == "You are an expert...\nassert f(1) == 2\n# feedback\n[BEGIN]\n"
-    he = "def f(x):\n    \"\"\"doc\"\"\"\n"
+    he = 'def f(x):\n    """doc"""\n'
     assert insert_signal("import os\n" + he, sig, he) == "import os\n# feedback\n" + he
     assert insert_signal("plain prompt", sig, "", None) == "plain prompt\n# feedback\n"
     assert insert_signal(mbpp, "") == mbpp
@@ -142,8 +175,23 @@ def deepseek_vocab_file():
             return found[0]
         sdists = sorted(cache.glob("llama_cpp_python-0.3.36.tar.gz"))
         if not sdists:
-            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                                VOCAB_SDIST, "-d", str(cache)], capture_output=True, text=True, timeout=900)
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    VOCAB_SDIST,
+                    "-d",
+                    str(cache),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
             sdists = sorted(cache.glob("llama_cpp_python-0.3.36.tar.gz"))
             if r.returncode != 0 or not sdists:
                 pytest.skip(f"could not fetch {VOCAB_SDIST} from PyPI: {r.stderr[-300:]}")
@@ -177,8 +225,14 @@ def test_chat_signal_lands_in_the_user_turn_of_deepseek_coder_instruct(deepseek_
 
     tok = deepseek_tok
     assert len(tok) > 32000  # the real DeepSeek-Coder vocabulary, not a stand-in
-    problem = Problem(task_id="t/1", prompt="", entry_point="total", description="Sum a list.",
-                      tests=("assert total([1, 2]) == 3",), visible_tests=("assert total([1, 2]) == 3",))
+    problem = Problem(
+        task_id="t/1",
+        prompt="",
+        entry_point="total",
+        description="Sum a list.",
+        tests=("assert total([1, 2]) == 3",),
+        visible_tests=("assert total([1, 2]) == 3",),
+    )
     style = PromptStyle("chat")
     build = prompt_builder(problem, style, tok, variants={"long_code": LONG_CODE_INSTRUCTION})
     plain = build("", "default")
@@ -189,20 +243,24 @@ def test_chat_signal_lands_in_the_user_turn_of_deepseek_coder_instruct(deepseek_
     instr, resp = cond.rfind("### Instruction:\n"), cond.rfind("### Response:")
     assert 0 < instr < cond.index(sig.strip("\n")) < resp and cond.endswith("### Response:")
     assert cond.count("### Response:") == plain.count("### Response:") == 1
-    user = cond[instr + len("### Instruction:\n"):resp]
-    assert user.startswith(plain[instr + len("### Instruction:\n"):plain.rfind("### Response:")].rstrip("\n"))
+    user = cond[instr + len("### Instruction:\n") : resp]
+    assert user.startswith(plain[instr + len("### Instruction:\n") : plain.rfind("### Response:")].rstrip("\n"))
     assert user.rstrip("\n").endswith(sig.rstrip("\n"))
     # on the token level: both prompts open with BOS and end with the same assistant header tokens,
     # and the signal's tokens all come before that header
     p_ids, c_ids = tok.encode(plain, add_special_tokens=False), tok.encode(cond, add_special_tokens=False)
     head = tok.encode("\n### Response:", add_special_tokens=False)
     assert p_ids[0] == c_ids[0] == tok.bos_token_id
-    assert p_ids[-len(head):] == c_ids[-len(head):] == head and len(c_ids) > len(p_ids) + 50
+    assert p_ids[-len(head) :] == c_ids[-len(head) :] == head and len(c_ids) > len(p_ids) + 50
     assert "Execution feedback" in tok.decode(c_ids[: len(c_ids) - len(head)])
     # the long-code variant also goes into the user turn, before the signal
     lc = build(sig, "long_code")
-    assert lc.rfind("### Instruction:\n") < lc.index("many short, simple lines") < lc.index(sig.strip("\n")) \
+    assert (
+        lc.rfind("### Instruction:\n")
+        < lc.index("many short, simple lines")
+        < lc.index(sig.strip("\n"))
         < lc.rfind("### Response:")
+    )
     with pytest.raises(ValueError, match="unknown prompt variant"):
         build(sig, "nope")
 
@@ -216,8 +274,10 @@ def test_base_prompt_builder_puts_signal_and_variant_before_the_marker():
     build = prompt_builder(problem, "base", variants={"long_code": "Write many lines.\nOne step each."})
     assert build("", "default") == mbpp
     assert build("# feedback\n", "default") == "You are an expert...\nassert f(1) == 2\n# feedback\n[BEGIN]\n"
-    assert build("# feedback\n", "long_code") == \
-        "You are an expert...\nassert f(1) == 2\n# Write many lines.\n# One step each.\n# feedback\n[BEGIN]\n"
+    assert (
+        build("# feedback\n", "long_code")
+        == "You are an expert...\nassert f(1) == 2\n# Write many lines.\n# One step each.\n# feedback\n[BEGIN]\n"
+    )
 
 
 def test_paper_template_renders_an_upstream_shaped_trace_for_a_known_function():
@@ -232,8 +292,13 @@ def test_paper_template_renders_an_upstream_shaped_trace_for_a_known_function():
 
     prog = 'def total(xs):\n    """Sum."""\n    s = 0\n    for x in xs:\n        s += x  # add\n    return s\n'
     args = {"program": prog, "tests": ["assert total([1, 2]) == 4"], "types": True}
-    r = subprocess.run([sys.executable, "-m", "codedistill.egcfg.tracer"], input=json.dumps(args),
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "codedistill.egcfg.tracer"],
+        input=json.dumps(args),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     trace = json.loads(r.stdout)
     lines = format_trace_paper(prog, trace)
     assert lines == [
@@ -244,32 +309,59 @@ def test_paper_template_renders_an_upstream_shaped_trace_for_a_known_function():
         "total([1, 2])",
         "",
         "# Execution Trace:",
-        "== {'xs': [1, 2]} , {'xs': 'list'}", "CALL: def total(xs):",
-        "== {'xs': [1, 2]} , {'xs': 'list'}", "LINE: s = 0",
-        "== {'xs': [1, 2], 's': 0} , {'xs': 'list', 's': 'int'}", "LINE: for x in xs:",
-        "== {'xs': [1, 2], 's': 0, 'x': 1} , {'xs': 'list', 's': 'int', 'x': 'int'}", "LINE: s += x  # add",
-        "== {'xs': [1, 2], 's': 1, 'x': 1} , {'xs': 'list', 's': 'int', 'x': 'int'}", "LINE: for x in xs:",
-        "== {'xs': [1, 2], 's': 1, 'x': 2} , {'xs': 'list', 's': 'int', 'x': 'int'}", "LINE: s += x  # add",
-        "== {'xs': [1, 2], 's': 3, 'x': 2} , {'xs': 'list', 's': 'int', 'x': 'int'}", "LINE: for x in xs:",
-        "== {'xs': [1, 2], 's': 3, 'x': 2} , {'xs': 'list', 's': 'int', 'x': 'int'}", "RETURN: return s",
+        "== {'xs': [1, 2]} , {'xs': 'list'}",
+        "CALL: def total(xs):",
+        "== {'xs': [1, 2]} , {'xs': 'list'}",
+        "LINE: s = 0",
+        "== {'xs': [1, 2], 's': 0} , {'xs': 'list', 's': 'int'}",
+        "LINE: for x in xs:",
+        "== {'xs': [1, 2], 's': 0, 'x': 1} , {'xs': 'list', 's': 'int', 'x': 'int'}",
+        "LINE: s += x  # add",
+        "== {'xs': [1, 2], 's': 1, 'x': 1} , {'xs': 'list', 's': 'int', 'x': 'int'}",
+        "LINE: for x in xs:",
+        "== {'xs': [1, 2], 's': 1, 'x': 2} , {'xs': 'list', 's': 'int', 'x': 'int'}",
+        "LINE: s += x  # add",
+        "== {'xs': [1, 2], 's': 3, 'x': 2} , {'xs': 'list', 's': 'int', 'x': 'int'}",
+        "LINE: for x in xs:",
+        "== {'xs': [1, 2], 's': 3, 'x': 2} , {'xs': 'list', 's': 'int', 'x': 'int'}",
+        "RETURN: return s",
         "Return Value: 3",
         "",
     ]
     text = "\n".join(lines)
     assert "passed" not in text and "failed" not in text and "expected" not in text  # no verdict
     # the whole block: the paper template's header, one entry per candidate and test
-    sig = build_signal([(prog, trace, 3), (prog, trace, 3)], lambda s: len(s.split()), 10_000, formatter="paper",
-                       template="\n{header}{traces}", header=PAPER_HEADER)
+    sig = build_signal(
+        [(prog, trace, 3), (prog, trace, 3)],
+        lambda s: len(s.split()),
+        10_000,
+        formatter="paper",
+        template="\n{header}{traces}",
+        header=PAPER_HEADER,
+    )
     assert sig.startswith("\n" + PAPER_HEADER) and sig.count("# Invocation:\ntotal([1, 2])") == 2
     # an exception is shown where it happened, with its message
-    bad = {"compile_error": None, "tests": [{"test": "assert total(None) == 0", "call": "total(None)", "events": [
-        {"event": "call", "func": "total", "line": 1, "args": {"xs": "None"}, "types": {"xs": "NoneType"}},
-        {"event": "line", "func": "total", "line": 3, "vars": {"s": "0"}, "types": {"s": "int"}},
-        {"event": "exception", "func": "total", "line": 4, "type": "TypeError", "message": "not iterable"}],
-        "exception": {"type": "TypeError", "message": "not iterable", "line": 4}}]}
+    bad = {
+        "compile_error": None,
+        "tests": [
+            {
+                "test": "assert total(None) == 0",
+                "call": "total(None)",
+                "events": [
+                    {"event": "call", "func": "total", "line": 1, "args": {"xs": "None"}, "types": {"xs": "NoneType"}},
+                    {"event": "line", "func": "total", "line": 3, "vars": {"s": "0"}, "types": {"s": "int"}},
+                    {"event": "exception", "func": "total", "line": 4, "type": "TypeError", "message": "not iterable"},
+                ],
+                "exception": {"type": "TypeError", "message": "not iterable", "line": 4},
+            }
+        ],
+    }
     assert format_trace_paper(prog, bad)[-4:] == [
-        "== {'xs': None, 's': 0} , {'xs': 'NoneType', 's': 'int'}", "EXCEPTION: for x in xs:",
-        "TypeError: not iterable", ""]
+        "== {'xs': None, 's': 0} , {'xs': 'NoneType', 's': 'int'}",
+        "EXCEPTION: for x in xs:",
+        "TypeError: not iterable",
+        "",
+    ]
 
 
 def test_trace_budget_scales_with_the_context():

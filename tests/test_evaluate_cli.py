@@ -11,8 +11,9 @@ from codedistill.data import load_problems
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "codedistill", "evaluate", *args],
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "codedistill", "evaluate", *args], capture_output=True, text=True, timeout=900
+    )
 
 
 def write(path: Path, rows) -> Path:
@@ -62,12 +63,15 @@ def test_mixed_verdicts_and_pass_rates(tmp_path):
     assert json.loads(p.stdout)["pass@1"]["value"] == pytest.approx(1 / 3)
 
 
-@pytest.mark.parametrize("line,needle", [
-    ("{not json", "m.jsonl:2: not valid JSON"),
-    ('{"task_id": "HumanEval/9999", "completion": "x"}', "m.jsonl:2: unknown task_id 'HumanEval/9999'"),
-    ('{"task_id": "HumanEval/1"}', "m.jsonl:2: needs a string 'completion'"),
-    ('[1, 2]', "m.jsonl:2: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line,needle",
+    [
+        ("{not json", "m.jsonl:2: not valid JSON"),
+        ('{"task_id": "HumanEval/9999", "completion": "x"}', "m.jsonl:2: unknown task_id 'HumanEval/9999'"),
+        ('{"task_id": "HumanEval/1"}', "m.jsonl:2: needs a string 'completion'"),
+        ("[1, 2]", "m.jsonl:2: expected a JSON object"),
+    ],
+)
 def test_bad_lines_are_named(tmp_path, line, needle):
     s = tmp_path / "m.jsonl"
     s.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    return True\n"}) + "\n" + line + "\n")
@@ -78,8 +82,10 @@ def test_bad_lines_are_named(tmp_path, line, needle):
 
 
 def test_evaluate_path_imports_no_ml_stack():
-    code = ("import sys, codedistill.cli, codedistill.evaluation, codedistill.data, codedistill.metrics;"
-            "heavy = [m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules];"
-            "print(heavy)")
+    code = (
+        "import sys, codedistill.cli, codedistill.evaluation, codedistill.data, codedistill.metrics;"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules];"
+        "print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -19,8 +19,17 @@ from codedistill.runs import read_jsonl
 
 
 def _entry(rate: float) -> ReplayEntry:
-    return ReplayEntry(task_id="t", completion=f"x{rate}", program=f"x = {rate}", p=0.5, pass_rate=rate,
-                       tests_passed=int(rate * 3), tests_total=3, source="s", iteration=1)
+    return ReplayEntry(
+        task_id="t",
+        completion=f"x{rate}",
+        program=f"x = {rate}",
+        p=0.5,
+        pass_rate=rate,
+        tests_passed=int(rate * 3),
+        tests_total=3,
+        source="s",
+        iteration=1,
+    )
 
 
 def test_min_pass_rate_filters_before_the_draw():
@@ -61,10 +70,26 @@ def pair(tmp_path_factory):
 
 def _cfg(pair, out, cache, **kw):
     src, tgt = pair
-    vals = dict(source_model=str(src), target_model=str(tgt), dataset="synth", max_problems=4,
-                eval_max_problems=3, num_beams=2, n_iterations=1, use_lora=True, lora_r=4, lora_alpha=8,
-                eval_num_samples=2, max_new_tokens=16, train_batch_size=4, learning_rate=1e-3,
-                output_dir=str(out), chunk_size=2, workers=2, generation_cache=str(cache))
+    vals = dict(
+        source_model=str(src),
+        target_model=str(tgt),
+        dataset="synth",
+        max_problems=4,
+        eval_max_problems=3,
+        num_beams=2,
+        n_iterations=1,
+        use_lora=True,
+        lora_r=4,
+        lora_alpha=8,
+        eval_num_samples=2,
+        max_new_tokens=16,
+        train_batch_size=4,
+        learning_rate=1e-3,
+        output_dir=str(out),
+        chunk_size=2,
+        workers=2,
+        generation_cache=str(cache),
+    )
     vals.update(kw)
     return build_config({}, vals)
 
@@ -78,8 +103,10 @@ def test_replay_variant_generates_nothing_new_and_rerun_is_free(pair, tmp_path):
     assert first[0]["generated"]["eval/target_iter0"] == 3 * 2 and first[0]["generated"]["eval/source"] == 3 * 2
 
     # a replay-only variant: same source beams, verdicts and before/source evaluations
-    var = run_btp(_cfg(pair, tmp_path / "uniform", cache, sampling_method="uniform", p_mode="raw",
-                       min_pass_rate=0.0), log=lambda m: None)
+    var = run_btp(
+        _cfg(pair, tmp_path / "uniform", cache, sampling_method="uniform", p_mode="raw", min_pass_rate=0.0),
+        log=lambda m: None,
+    )
     g = read_jsonl(tmp_path / "uniform" / "generated.jsonl")[-1]
     assert g["generated"]["source_beam"] == 0 and g["generated"]["eval/target_iter0"] == 0
     assert g["generated"]["eval/source"] == 0
@@ -88,8 +115,9 @@ def test_replay_variant_generates_nothing_new_and_rerun_is_free(pair, tmp_path):
     assert st["generation"]["source"]["generated_new"] == 0 and st["sampling"]["p_mode"] == "raw"
     e_ref, e_var = ref["datasets"]["synth"], var["datasets"]["synth"]
     assert e_ref["target_before"] == e_var["target_before"] and e_ref["source"] == e_var["source"]
-    assert (read_jsonl(tmp_path / "ref" / "generations" / "source_beam.verdicts.jsonl")
-            == read_jsonl(tmp_path / "uniform" / "generations" / "source_beam.verdicts.jsonl"))
+    assert read_jsonl(tmp_path / "ref" / "generations" / "source_beam.verdicts.jsonl") == read_jsonl(
+        tmp_path / "uniform" / "generations" / "source_beam.verdicts.jsonl"
+    )
     assert e_var["protocol"]["preset"] == "sampled" and e_var["protocol"]["split"] == "test"
 
     # a second invocation of a finished run generates nothing
@@ -100,14 +128,27 @@ def test_replay_variant_generates_nothing_new_and_rerun_is_free(pair, tmp_path):
 @pytest.mark.slow
 def test_slices_give_each_iteration_fresh_problems_on_the_validation_split(pair, tmp_path):
     out = tmp_path / "run"
-    comp = run_btp(_cfg(pair, out, tmp_path / "cache", n_iterations=2, iteration_problems="slices",
-                        eval_split="validation", min_pass_rate=0.0), log=lambda m: None)
+    comp = run_btp(
+        _cfg(
+            pair,
+            out,
+            tmp_path / "cache",
+            n_iterations=2,
+            iteration_problems="slices",
+            eval_split="validation",
+            min_pass_rate=0.0,
+        ),
+        log=lambda m: None,
+    )
     assert comp["iteration_problem_counts"] == [2, 2] and comp["eval_split"] == "validation"
     s1 = json.loads((out / "iter_1" / "stats.json").read_text())
     s2 = json.loads((out / "iter_2" / "stats.json").read_text())
     assert s1["generation"]["source"]["generated_new"] == 2 * 2 == s2["generation"]["source"]["generated_new"]
     buf = read_jsonl(out / "replay_buffer.jsonl")
-    by_iter = {1: {r["task_id"] for r in buf if r["iteration"] == 1}, 2: {r["task_id"] for r in buf if r["iteration"] == 2}}
+    by_iter = {
+        1: {r["task_id"] for r in buf if r["iteration"] == 1},
+        2: {r["task_id"] for r in buf if r["iteration"] == 2},
+    }
     assert by_iter[1] and by_iter[2] and not (by_iter[1] & by_iter[2])
     from codedistill.data import load_problems
 
@@ -124,15 +165,30 @@ def test_paper_protocol_and_validation_split_choose_the_eval_problems():
         load_problems("mbpp", "test", max_problems=1)
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"MBPP not available here: {e}")
-    base = dict(source_model="tiny-source", target_model="tiny-target", dataset="mbpp", max_problems=5,
-                eval_max_problems=4, eval_datasets=["humaneval"], drop_overlap=True)
+    base = dict(
+        source_model="tiny-source",
+        target_model="tiny-target",
+        dataset="mbpp",
+        max_problems=5,
+        eval_max_problems=4,
+        eval_datasets=["humaneval"],
+        drop_overlap=True,
+    )
     plan = ResolvedInputs(build_config({}, {**base, "eval_protocol": "paper"}))
     assert plan.eval_shots == {"mbpp": 3, "humaneval": 0}
     first = plan.evals["mbpp"][0]
     assert first.task_id.endswith("11") and first.prompt.count("[BEGIN]") == 4  # tasks 2, 3, 4 + the problem
     rec = protocol_record(plan, "mbpp")
-    assert rec == {"preset": "paper", "shots": 3, "temperature": 0.0, "top_p": 0.95, "num_samples": 1,
-                   "split": "test", "n_problems": 4, "method": "plain"}
+    assert rec == {
+        "preset": "paper",
+        "shots": 3,
+        "temperature": 0.0,
+        "top_p": 0.95,
+        "num_samples": 1,
+        "split": "test",
+        "n_problems": 4,
+        "method": "plain",
+    }
     val = ResolvedInputs(build_config({}, {**base, "eval_split": "validation"}))
     assert list(val.evals) == ["mbpp"] and val.skipped_evals == ["humaneval"]
     assert [int(p.task_id.split("/")[-1]) for p in val.evals["mbpp"]] == [511, 512, 513, 514]
@@ -142,8 +198,11 @@ def test_iteration_metrics_for_trackers(tmp_path):
     from codedistill.btp.tracking import flat_metrics, log_iteration
 
     m = {"synth": {"pass@1": {"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}, "n_problems": 3, "num_samples": 2}}
-    assert flat_metrics(m) == {"eval/synth/pass@1": 0.5, "eval/synth/pass@1_ci_low": 0.4,
-                               "eval/synth/pass@1_ci_high": 0.6}
+    assert flat_metrics(m) == {
+        "eval/synth/pass@1": 0.5,
+        "eval/synth/pass@1_ci_low": 0.4,
+        "eval/synth/pass@1_ci_high": 0.6,
+    }
     log_iteration([], tmp_path, 1, m)  # no tracker: nothing written
     assert not any(tmp_path.iterdir())
     # tensorboard is in the dev extra: offline, real event files, read back with its own reader

@@ -29,7 +29,12 @@ def test_set_overrides_are_yaml_scalars_validated_by_btpconfig(tmp_path):
     sets = parse_sets(["sampling_alpha=3", "use-lora=false", "eval_datasets=[humaneval]", "replay_size=null"])
     assert sets == {"sampling_alpha": 3, "use_lora": False, "eval_datasets": ["humaneval"], "replay_size": None}
     cfg = load_experiment(REPO / "configs" / "demo.yaml", sets, output_dir=tmp_path / "r")
-    assert (cfg.sampling_alpha, cfg.use_lora, cfg.replay_size, cfg.output_dir) == (3.0, False, None, str(tmp_path / "r"))
+    assert (cfg.sampling_alpha, cfg.use_lora, cfg.replay_size, cfg.output_dir) == (
+        3.0,
+        False,
+        None,
+        str(tmp_path / "r"),
+    )
     assert load_experiment(REPO / "configs" / "demo.yaml").output_dir == str(Path("results/run/demo"))
     with pytest.raises(ConfigError, match="unknown setting 'sampling_alfa'.*valid keys: .*sampling_alpha"):
         parse_sets(["sampling_alfa=3"])
@@ -42,8 +47,9 @@ def test_set_overrides_are_yaml_scalars_validated_by_btpconfig(tmp_path):
 def test_cli_errors_name_the_fix(tmp_path):
     r = CliRunner().invoke(app, ["run", str(REPO / "configs" / "demo.yaml"), "--set", "nope=1"])
     assert r.exit_code == 2 and "valid keys" in r.output
-    r = CliRunner().invoke(app, ["ablate", str(REPO / "configs" / "demo.yaml"), "--variants", "full,beam_7",
-                                 "--output-dir", str(tmp_path)])
+    r = CliRunner().invoke(
+        app, ["ablate", str(REPO / "configs" / "demo.yaml"), "--variants", "full,beam_7", "--output-dir", str(tmp_path)]
+    )
     assert r.exit_code == 2 and "unknown variant(s) beam_7" in r.output and "testing_off" in r.output
     bad = tmp_path / "bad.yaml"
     bad.write_text("source_model: tiny-source\nbeams: 3\n")
@@ -53,8 +59,21 @@ def test_cli_errors_name_the_fix(tmp_path):
 
 def test_variants_cover_the_plan_and_apply_by_config():
     names = {v.name for v in all_variants()}
-    assert {"full", "testing_off", "sampling_uniform", "beam_3", "beam_5", "sample_generation", "p_raw", "rft",
-            "drop_zero_pass", "keep_all", "mode_self", "mode_mixed", "grpo"} <= names
+    assert {
+        "full",
+        "testing_off",
+        "sampling_uniform",
+        "beam_3",
+        "beam_5",
+        "sample_generation",
+        "p_raw",
+        "rft",
+        "drop_zero_pass",
+        "keep_all",
+        "mode_self",
+        "mode_mixed",
+        "grpo",
+    } <= names
     assert {f"p2_alpha_{a}" for a in ("0", "0.25", "0.5", "0.75", "1")} <= names
     assert {f"alpha_{a}" for a in ("1", "1.5", "3", "8")} <= names
     assert {f"sampling_{m}" for m in ("power", "rank", "greedy", "uniform")} <= names
@@ -79,10 +98,24 @@ def test_variants_cover_the_plan_and_apply_by_config():
 
 def _tiny_yaml(tmp_path: Path, pair, **kw) -> Path:
     src, tgt = pair
-    vals = dict(source_model=str(src), target_model=str(tgt), dataset="synth", max_problems=4,
-                eval_max_problems=3, num_beams=2, n_iterations=1, use_lora=True, lora_r=4, lora_alpha=8,
-                eval_num_samples=2, max_new_tokens=16, train_batch_size=4, learning_rate=1e-3, chunk_size=2,
-                workers=2)
+    vals = dict(
+        source_model=str(src),
+        target_model=str(tgt),
+        dataset="synth",
+        max_problems=4,
+        eval_max_problems=3,
+        num_beams=2,
+        n_iterations=1,
+        use_lora=True,
+        lora_r=4,
+        lora_alpha=8,
+        eval_num_samples=2,
+        max_new_tokens=16,
+        train_batch_size=4,
+        learning_rate=1e-3,
+        chunk_size=2,
+        workers=2,
+    )
     vals.update(kw)
     p = tmp_path / "tiny.yaml"
     p.write_text(yaml.safe_dump(vals))
@@ -146,8 +179,9 @@ def test_run_command_then_matrix_reuses_the_run(pair, tmp_path):
     assert "synth pass@1: target" in r.output
     conf = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
     assert conf["sampling_method"] == "greedy" and conf["eval_protocol"] == "sampled"
-    r = CliRunner().invoke(app, ["matrix", str(cfg), "--set", "sampling_method=greedy",
-                                 "--output-dir", str(tmp_path / "mx")])
+    r = CliRunner().invoke(
+        app, ["matrix", str(cfg), "--set", "sampling_method=greedy", "--output-dir", str(tmp_path / "mx")]
+    )
     assert r.exit_code == 0, r.output
     mx = json.loads((tmp_path / "mx" / "matrix.json").read_text())
     row = mx["rows"][0]

@@ -47,7 +47,6 @@ def test_search_space_and_storage(tmp_path):
 def test_a_resumed_study_proposes_new_parameters(tmp_path):
     """Real Optuna journal storage: open, run one startup trial, open again as a restarted
     process would, ask again: not the first trial's parameters (a bare-seed sampler repeats them)."""
-    import optuna
 
     from codedistill.experiments.sweep import make_storage, open_study
 
@@ -66,16 +65,36 @@ def test_sweep_killed_mid_trial_resumes_and_rerun_generates_nothing(tmp_path):
 
     src, tgt = build_throwaway_pair(tmp_path / "models")
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(dict(
-        source_model=str(src), target_model=str(tgt), dataset="synth", max_problems=4, eval_max_problems=2,
-        num_beams=2, n_iterations=1, use_lora=True, lora_r=4, lora_alpha=8, eval_num_samples=2,
-        max_new_tokens=12, train_batch_size=4, learning_rate=1e-3, epochs=1, chunk_size=2, workers=2,
-        eval_source=False)))
+    cfg.write_text(
+        yaml.safe_dump(
+            dict(
+                source_model=str(src),
+                target_model=str(tgt),
+                dataset="synth",
+                max_problems=4,
+                eval_max_problems=2,
+                num_beams=2,
+                n_iterations=1,
+                use_lora=True,
+                lora_r=4,
+                lora_alpha=8,
+                eval_num_samples=2,
+                max_new_tokens=12,
+                train_batch_size=4,
+                learning_rate=1e-3,
+                epochs=1,
+                chunk_size=2,
+                workers=2,
+                eval_source=False,
+            )
+        )
+    )
     out = tmp_path / "sweep"
     cmd = [sys.executable, str(SCRIPT), str(cfg), "--trials", "2", "--output-dir", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     # kill -9 once trial 0 has tested its first beams (its run directory is half done)
     deadline = time.time() + 600
     marker = out / "trials" / "0" / "generations" / "source_beam.verdicts.jsonl"
@@ -99,7 +118,10 @@ def test_sweep_killed_mid_trial_resumes_and_rerun_generates_nothing(tmp_path):
     assert fresh and all(t["params"] != s["trials"][0]["params"] for t in fresh)
     starts = read_jsonl(out / "trials" / "0" / "starts.jsonl")
     assert [x["resumed"] for x in starts] == [False, True]
-    assert read_jsonl(out / "trials" / "0" / "generated.jsonl")[-1]["generated"]["source_beam"] < 4 * s["trials"][0]["params"]["num_beams"]
+    assert (
+        read_jsonl(out / "trials" / "0" / "generated.jsonl")[-1]["generated"]["source_beam"]
+        < 4 * s["trials"][0]["params"]["num_beams"]
+    )
     assert s["objective"] == "validation pass@1" and s["storage"].startswith("journal:")
     best = s["best"]
     assert best["value"] == max(t["value"] for t in s["trials"] if t["state"] == "COMPLETE")

@@ -1,6 +1,5 @@
 """HF backend: reported log-probs equal a teacher-forced recomputation of the same tokens."""
 
-import pytest
 import torch
 
 from codedistill.generation.hf import HFGenerator

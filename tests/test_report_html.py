@@ -19,12 +19,22 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from html_tables import Tables
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--hide-scrollbars"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+]
 
 
 def chromium_binary() -> str | None:
@@ -40,10 +50,13 @@ def chromium():
     path = chromium_binary()
     if path is None:
         if os.environ.get("CODEDISTILL_REQUIRE_CHROMIUM"):
-            pytest.fail("CODEDISTILL_REQUIRE_CHROMIUM is set but no chromium binary is on PATH "
-                        "(apt-get install -y chromium)")
-        pytest.skip("headless Chromium is not installed (apt-get install -y chromium); "
-                    "set CODEDISTILL_REQUIRE_CHROMIUM=1 to make this a failure")
+            pytest.fail(
+                "CODEDISTILL_REQUIRE_CHROMIUM is set but no chromium binary is on PATH (apt-get install -y chromium)"
+            )
+        pytest.skip(
+            "headless Chromium is not installed (apt-get install -y chromium); "
+            "set CODEDISTILL_REQUIRE_CHROMIUM=1 to make this a failure"
+        )
     return path
 
 
@@ -70,13 +83,32 @@ def runs(tmp_path_factory):
     from codedistill.config import BaselineConfig, build
 
     root = tmp_path_factory.mktemp("report_runs")
-    cfg = build_config(load_config_file(ROOT / "configs" / "btp_tiny.yaml"), dict(
-        max_problems=24, eval_max_problems=12, eval_num_samples=2, epochs=1, replay_size=48,
-        n_iterations=2, output_dir=str(root / "btp"), workers=2))
+    cfg = build_config(
+        load_config_file(ROOT / "configs" / "btp_tiny.yaml"),
+        dict(
+            max_problems=24,
+            eval_max_problems=12,
+            eval_num_samples=2,
+            epochs=1,
+            replay_size=48,
+            n_iterations=2,
+            output_dir=str(root / "btp"),
+            workers=2,
+        ),
+    )
     run_btp(cfg, log=lambda m: None)
-    bcfg = build(BaselineConfig, dict(model="tiny-target", dataset="synth", split="test", max_problems=8,
-                                      seed=0, workers=2, sampling=dict(num_samples=2, temperature=0.2,
-                                                                       max_new_tokens=96)))
+    bcfg = build(
+        BaselineConfig,
+        dict(
+            model="tiny-target",
+            dataset="synth",
+            split="test",
+            max_problems=8,
+            seed=0,
+            workers=2,
+            sampling=dict(num_samples=2, temperature=0.2, max_new_tokens=96),
+        ),
+    )
     run_baseline(bcfg, root / "baseline")
     return root / "btp", root / "baseline"
 
@@ -95,10 +127,15 @@ def rendered(chromium, runs, tmp_path_factory):  # chromium first: skip before t
     shot = out / "screenshot.png"
     prof = tmp_path_factory.mktemp("chromium_profile")
     base_cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={prof}"]
-    subprocess.run([*base_cmd, f"--screenshot={shot}", "--window-size=1200,3000", page.as_uri()],
-                   check=True, capture_output=True, timeout=180)
-    dom = subprocess.run([*base_cmd, "--dump-dom", page.as_uri()], check=True, capture_output=True,
-                         text=True, timeout=180).stdout
+    subprocess.run(
+        [*base_cmd, f"--screenshot={shot}", "--window-size=1200,3000", page.as_uri()],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    dom = subprocess.run(
+        [*base_cmd, "--dump-dom", page.as_uri()], check=True, capture_output=True, text=True, timeout=180
+    ).stdout
     if os.environ.get("CODEDISTILL_KEEP_SCREENSHOT"):  # for a human to look at
         shutil.copy(shot, os.environ["CODEDISTILL_KEEP_SCREENSHOT"])
     return out, shot, dom
@@ -153,8 +190,10 @@ def test_rendered_tables_equal_the_metrics_files(rendered, runs):
     assert row[2] == f"[{m['pass@1']['ci_low']:.3f}, {m['pass@1']['ci_high']:.3f}]"
     # the cross-run table: one row per run, the same numbers
     cross = t.tables["cross-run"]
-    assert [r[:3] for r in cross] == [["btp", "tiny-source -> tiny-target", "synth test (12), 0-shot, T=0.2 n=2"],
-                                      ["baseline", "tiny-target", "synth test (8), 0-shot, T=0.2 n=2"]]
+    assert [r[:3] for r in cross] == [
+        ["btp", "tiny-source -> tiny-target", "synth test (12), 0-shot, T=0.2 n=2"],
+        ["baseline", "tiny-target", "synth test (8), 0-shot, T=0.2 n=2"],
+    ]
     same(e["target_before"]["pass@1"], cross[0][3])
     same(e["target_after"]["pass@1"], cross[0][4])
     same(imp, cross[0][5], key="diff")

@@ -37,18 +37,29 @@ def test_all_pass():
     assert v.pass_rate == 1.0
     d = v.to_dict()
     assert json.loads(json.dumps(d))["tests_passed"] == 2
-    assert set(d) >= {"passed", "result", "tests_passed", "tests_total", "pass_rate",
-                      "per_test", "stdout", "stderr", "duration_s"}
+    assert set(d) >= {
+        "passed",
+        "result",
+        "tests_passed",
+        "tests_total",
+        "pass_rate",
+        "per_test",
+        "stdout",
+        "stderr",
+        "duration_s",
+    }
 
 
-@pytest.mark.parametrize("program,tests,result", [
-    ("def f(:\n  pass", ["assert f() == 1"], "failed: SyntaxError"),
-    ("def f():\n    return g()", ["assert f() == 1"], "failed: NameError: name 'g' is not defined"),
-    ("raise ValueError('boom')\ndef f(): return 1", ["assert f() == 1"],
-     "failed: ValueError: boom"),
-    ("def f():\n    return 1", ["assert f() == 2, 'want two'"], "failed: AssertionError: want two"),
-    ("def f():\n    return 1", ["assert f() == 1"], "passed"),
-])
+@pytest.mark.parametrize(
+    "program,tests,result",
+    [
+        ("def f(:\n  pass", ["assert f() == 1"], "failed: SyntaxError"),
+        ("def f():\n    return g()", ["assert f() == 1"], "failed: NameError: name 'g' is not defined"),
+        ("raise ValueError('boom')\ndef f(): return 1", ["assert f() == 1"], "failed: ValueError: boom"),
+        ("def f():\n    return 1", ["assert f() == 2, 'want two'"], "failed: AssertionError: want two"),
+        ("def f():\n    return 1", ["assert f() == 1"], "passed"),
+    ],
+)
 def test_result_strings(pool, program, tests, result):
     v = pool.run([Job(program, tests)])[0]
     assert v.result.startswith(result), v.result
@@ -63,8 +74,7 @@ def test_program_error_fails_every_test(pool):
 
 def test_setup_shares_the_namespace(pool):
     setup = "import math\nEXPECTED = 3\n"
-    v = pool.run([Job(ADD, ["assert add(1, 2) == EXPECTED", "assert math.isclose(add(.1, .2), .3)"],
-                      setup)])[0]
+    v = pool.run([Job(ADD, ["assert add(1, 2) == EXPECTED", "assert math.isclose(add(.1, .2), .3)"], setup)])[0]
     assert v.passed, v.result
     bad_setup = pool.run([Job(ADD, ["assert True"], "raise KeyError('x')")])[0]
     assert bad_setup.result == "failed: KeyError: 'x'" and bad_setup.per_test == [False]
@@ -82,8 +92,7 @@ def test_timeout_keeps_earlier_tests(pool):
 
 def test_cpu_limit_without_wall_timeout(pool):
     # A CPU-bound loop is stopped by RLIMIT_CPU even when the wall-clock budget is larger.
-    v = pool.run([Job("while True:\n    pass", ["assert True"],
-                      limits=Limits(timeout=20.0, cpu_time=1.0))])[0]
+    v = pool.run([Job("while True:\n    pass", ["assert True"], limits=Limits(timeout=20.0, cpu_time=1.0))])[0]
     assert not v.passed
     assert v.result in ("failed: CPU time limit exceeded", "failed: killed by SIGKILL")
     assert v.duration_s < 15
@@ -91,8 +100,10 @@ def test_cpu_limit_without_wall_timeout(pool):
 
 def test_output_is_captured_and_capped(pool):
     lim = Limits(timeout=5.0, max_output_bytes=1000)
-    prog = ("import sys\nprint('hello out')\nprint('hello err', file=sys.stderr)\n"
-            "for _ in range(10000):\n    print('x' * 100)\n" + ADD)
+    prog = (
+        "import sys\nprint('hello out')\nprint('hello err', file=sys.stderr)\n"
+        "for _ in range(10000):\n    print('x' * 100)\n" + ADD
+    )
     v = pool.run([Job(prog, ["assert add(1, 1) == 2"], limits=lim)])[0]
     assert v.passed, v.result
     assert v.stdout.startswith("hello out\n")
@@ -108,9 +119,11 @@ def test_stdin_is_empty(pool):
 
 
 def test_private_writable_workdir(pool):
-    prog = ("import os, tempfile\nopen('a.txt', 'w').write('hi')\n"
-            "fd, p = tempfile.mkstemp()\nos.write(fd, b'ok')\nos.close(fd)\n"
-            "CONTENT = open('a.txt').read() + open(p).read()\n")
+    prog = (
+        "import os, tempfile\nopen('a.txt', 'w').write('hi')\n"
+        "fd, p = tempfile.mkstemp()\nos.write(fd, b'ok')\nos.close(fd)\n"
+        "CONTENT = open('a.txt').read() + open(p).read()\n"
+    )
     v = pool.run([Job(prog, ["assert CONTENT == 'hiok'"])])[0]
     assert v.passed, v.result
     # ... and it is private: the next run does not see the file
@@ -133,8 +146,7 @@ def test_memory_limit(pool):
 
 
 def test_pool_order_and_imap(pool):
-    jobs = [Job(f"def f():\n    return {i}\n", [f"assert f() == {i if i % 3 else -1}"])
-            for i in range(12)]
+    jobs = [Job(f"def f():\n    return {i}\n", [f"assert f() == {i if i % 3 else -1}"]) for i in range(12)]
     seen = []
     vs = pool.run(jobs, progress=seen.append)
     assert [v.passed for v in vs] == [bool(i % 3) for i in range(12)]
@@ -149,9 +161,12 @@ def test_mbpp_asserts():
     jobs = [Job(r["code"], r["test_list"], r.get("test_setup_code", "")) for r in rows]
     # Break every third one: return None instead of the answer.
     for i in range(0, 30, 3):
-        jobs[i] = Job("def _(): pass\n" + "\n".join(
-            ln for ln in jobs[i].program.splitlines() if "return" not in ln or "def" in ln),
-            jobs[i].tests, jobs[i].test_setup)
+        jobs[i] = Job(
+            "def _(): pass\n"
+            + "\n".join(ln for ln in jobs[i].program.splitlines() if "return" not in ln or "def" in ln),
+            jobs[i].tests,
+            jobs[i].test_setup,
+        )
     with SandboxPool(workers=2) as p:
         vs = p.run(jobs)
     for i, v in enumerate(vs):
@@ -180,8 +195,7 @@ def test_sandbox_call_errors_and_caps(pool):
     assert v.result == "timed out"
     v = pool.call("builtins:bytes", {}, Limits(max_payload_bytes=10))
     assert v.result == "ok"
-    v = pool.call("textwrap:indent", {"text": "x" * 5000, "prefix": ""},
-                  Limits(max_payload_bytes=1000))
+    v = pool.call("textwrap:indent", {"text": "x" * 5000, "prefix": ""}, Limits(max_payload_bytes=1000))
     assert v.result.startswith("failed: payload too large")
     with pytest.raises(ValueError):
         pool.call("nocolon", {})
@@ -200,8 +214,10 @@ def test_sandbox_call_is_isolated(pool):
     kept = paths_under_tmp(sys.path + [sys.prefix, sys.base_prefix, sys.exec_prefix])
     assert sorted(v.payload["listdir"]) == sorted({k.split("/")[2] for k in kept})
     assert v.payload["pid"] != os.getpid()
-    v = pool.call("codedistill.execution._selftest:run_untrusted",
-                  {"code": "import math\nX = math.sqrt(16)\nopen('/etc/evil', 'w')"})
+    v = pool.call(
+        "codedistill.execution._selftest:run_untrusted",
+        {"code": "import math\nX = math.sqrt(16)\nopen('/etc/evil', 'w')"},
+    )
     assert v.result.startswith("failed: ") and not os.path.exists("/etc/evil")
     v = pool.call("codedistill.execution._selftest:run_untrusted", {"code": "A = 1\nB = 2"})
     assert v.payload == {"names": ["A", "B"]}
@@ -217,14 +233,16 @@ def test_every_thread_is_unprivileged(pool):
     # The harness thread of a sandbox made ready ahead of its job starts before the
     # privileges are dropped: every thread must end up with the sandbox uid, no
     # capabilities and no_new_privs. A batch, so that ready-made sandboxes are used.
-    prog = ("import os\nBAD = []\nN = 0\n"
-            "for t in os.listdir('/proc/self/task'):\n"
-            "    N += 1\n"
-            "    st = dict(l.split(':', 1) for l in open(f'/proc/self/task/{t}/status')"
-            ".read().splitlines() if ':' in l)\n"
-            "    if st['Uid'].split()[0] == '0' or st['Uid'].split()[1] == '0' \\\n"
-            "            or int(st['CapEff'], 16) or st['NoNewPrivs'].strip() != '1':\n"
-            "        BAD.append((t, st['Uid'], st['CapEff'], st['NoNewPrivs']))\n")
+    prog = (
+        "import os\nBAD = []\nN = 0\n"
+        "for t in os.listdir('/proc/self/task'):\n"
+        "    N += 1\n"
+        "    st = dict(l.split(':', 1) for l in open(f'/proc/self/task/{t}/status')"
+        ".read().splitlines() if ':' in l)\n"
+        "    if st['Uid'].split()[0] == '0' or st['Uid'].split()[1] == '0' \\\n"
+        "            or int(st['CapEff'], 16) or st['NoNewPrivs'].strip() != '1':\n"
+        "        BAD.append((t, st['Uid'], st['CapEff'], st['NoNewPrivs']))\n"
+    )
     vs = pool.run([Job(prog, ["assert N >= 2", "assert BAD == [], BAD"])] * 6)
     for v in vs:
         if os.geteuid() == 0:
@@ -242,21 +260,25 @@ def test_fast_eq_rewrite_matches_reference():
         def visit_Compare(self, node: ast.Compare):
             self.generic_visit(node)
             if len(node.ops) == 1 and isinstance(node.ops[0], ast.Eq):
-                call = ast.Call(func=ast.Name(id=EQ_NAME, ctx=ast.Load()),
-                                args=[node.left, node.comparators[0]], keywords=[])
+                call = ast.Call(
+                    func=ast.Name(id=EQ_NAME, ctx=ast.Load()), args=[node.left, node.comparators[0]], keywords=[]
+                )
                 return ast.copy_location(call, node)
             return node
 
-    srcs = ["assert f(1) == 2", "assert a == b == c", "assert (x == 1) == (y == 2)",
-            "f(lambda: a == b)\nx = [i == 2 for i in y if i == 3]",
-            "def check(c):\n    assert {k: v == 1 for k, v in c()} == {}, 'm'\n"
-            "    assert abs(c(2) - 1) < 1e-6\n    assert not c(3) != 4",
-            "class T:\n    def t(self):\n        return [a == b for a, b in z] == [True]"]
+    srcs = [
+        "assert f(1) == 2",
+        "assert a == b == c",
+        "assert (x == 1) == (y == 2)",
+        "f(lambda: a == b)\nx = [i == 2 for i in y if i == 3]",
+        "def check(c):\n    assert {k: v == 1 for k, v in c()} == {}, 'm'\n"
+        "    assert abs(c(2) - 1) < 1e-6\n    assert not c(3) != 4",
+        "class T:\n    def t(self):\n        return [a == b for a, b in z] == [True]",
+    ]
     srcs += [r["test_list"][0] for r in map(json.loads, open(MBPP))][:50]
     for s in srcs:
         ref = ast.fix_missing_locations(EqRewriter().visit(ast.parse(s)))
-        assert ast.dump(rewrite_eq(ast.parse(s)), include_attributes=True) == \
-            ast.dump(ref, include_attributes=True), s
+        assert ast.dump(rewrite_eq(ast.parse(s)), include_attributes=True) == ast.dump(ref, include_attributes=True), s
 
 
 def test_import_paths_under_tmp_stay_visible_and_read_only(tmp_path_factory, monkeypatch):

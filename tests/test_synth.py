@@ -133,8 +133,13 @@ def test_references_fail_other_problems_tests(splits: dict[str, list[Problem]]) 
     """Tests discriminate: a reference of a different problem fails them (mostly)."""
     probs = splits["test"][:60]
     swapped = [
-        Problem(task_id="x", prompt="", entry_point=b.entry_point, tests=b.tests,
-                reference=a.reference.replace(f"def {a.entry_point}(", f"def {b.entry_point}(", 1))
+        Problem(
+            task_id="x",
+            prompt="",
+            entry_point=b.entry_point,
+            tests=b.tests,
+            reference=a.reference.replace(f"def {a.entry_point}(", f"def {b.entry_point}(", 1),
+        )
         for a, b in zip(probs, probs[1:] + probs[:1])
         if a.meta["key"] != b.meta["key"]
     ]

@@ -243,6 +243,7 @@ def test_ship_copies_a_build(built: dict[str, Path], tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- slow: the shipped models' quality
 
+
 def _greedy_pass_rate(path: Path, n: int) -> float:
     """Greedy pass@1 on the first n synth test problems, through the project's own
     generator and sandbox (the same path as `codedistill baseline`)."""
@@ -254,8 +255,9 @@ def _greedy_pass_rate(path: Path, n: int) -> float:
     gen = HFGenerator.from_pretrained(path, device="cpu", dtype="float32", batch_size=n)
     style = PromptStyle("base")
     sampling = SamplingConfig(num_samples=1, temperature=0.0, max_new_tokens=96)
-    _, metrics = evaluate_generator(make_sampler(gen, style, sampling, gen.tokenizer),
-                                    load_synth("test", n=n), style, path.name, 1, chunk_size=n)
+    _, metrics = evaluate_generator(
+        make_sampler(gen, style, sampling, gen.tokenizer), load_synth("test", n=n), style, path.name, 1, chunk_size=n
+    )
     return metrics["pass@1"]["value"]
 
 

@@ -82,8 +82,18 @@ def fetch_vocabularies() -> Path:
     sdists = sorted(cache.glob("llama_cpp_python-0.3.36.tar.gz"))
     if not sdists:
         # the sdist only (its build backend comes as wheels: nothing is compiled)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
-               SDIST, "-d", str(cache)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            "llama-cpp-python",
+            SDIST,
+            "-d",
+            str(cache),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         sdists = sorted(cache.glob("llama_cpp_python-0.3.36.tar.gz"))
         if res.returncode != 0 or not sdists:
@@ -120,13 +130,28 @@ def family(request):
 
 def tiny_model(family: str, tok):
     """A 2-layer, hidden-32 random model of the family's architecture and vocabulary size."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Starcoder2Config, \
-        Starcoder2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Starcoder2Config,
+        Starcoder2ForCausalLM,
+    )
 
     torch.manual_seed(0)
-    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     if family == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
     if family == "starcoder":
@@ -152,16 +177,16 @@ def test_labels_are_the_joint_tokenization_after_the_prompt(family, case):
         # the prompt's own tokens are a prefix of the joint tokenization, so "the joint
         # tokens after the prompt" is well defined without offsets: they are the labels
         assert joint[: len(p_ids)] == p_ids and not f["straddled"]
-        assert labelled(f) == joint[len(p_ids):] + [tok.eos_token_id]
+        assert labelled(f) == joint[len(p_ids) :] + [tok.eos_token_id]
         assert f["input_ids"] == joint + [tok.eos_token_id]
     else:
         # StarCoder merges the prompt's final newline with the program's indentation
         # ("\n   "): the context stays the prompt's own tokens and the labels are that
         # token's completion part tokenized alone, then the joint tokens after it
         b = len(p_ids) - 1
-        assert joint[:b] == p_ids[:b] and tok.convert_ids_to_tokens(joint[b:b + 1]) == ["ĊĠĠĠ"]
+        assert joint[:b] == p_ids[:b] and tok.convert_ids_to_tokens(joint[b : b + 1]) == ["ĊĠĠĠ"]
         assert f["straddled"]
-        assert labelled(f) == tok("   ", add_special_tokens=False)["input_ids"] + joint[b + 1:] + [tok.eos_token_id]
+        assert labelled(f) == tok("   ", add_special_tokens=False)["input_ids"] + joint[b + 1 :] + [tok.eos_token_id]
     # and the labels decode, after the prompt, to exactly the completion
     text = tok.decode(f["input_ids"][:-1], skip_special_tokens=True)
     assert text.endswith(completion) and text[: -len(completion)] == tok.decode(p_ids, skip_special_tokens=True)
@@ -173,7 +198,7 @@ def test_sentencepiece_completion_alone_differs_from_in_context():
     tok = load_family("llama-spm")
     alone = tok(MBPP_PROGRAM, add_special_tokens=False)["input_ids"]
     p_ids = tok(MBPP_PROMPT)["input_ids"]
-    after = tok(MBPP_PROMPT + MBPP_PROGRAM)["input_ids"][len(p_ids):]
+    after = tok(MBPP_PROMPT + MBPP_PROGRAM)["input_ids"][len(p_ids) :]
     assert tok.convert_ids_to_tokens(alone[:1]) == ["▁def"]
     assert tok.convert_ids_to_tokens(after[:1]) == ["def"]
     assert labelled(encode_example(tok, MBPP_PROMPT, MBPP_PROGRAM))[:-1] == after
@@ -220,13 +245,20 @@ def test_served_token_ids_keep_the_labelled_text(family, case):
 
     name, tok = family
     prompt, program, end, stops = CASES[case]
-    f = encode_example(tok, prompt, program + end + "\ndef unrelated():\n    pass\n", max_length=2048,
-                       add_eos=False)
+    f = encode_example(tok, prompt, program + end + "\ndef unrelated():\n    pass\n", max_length=2048, add_eos=False)
     emitted = labelled(f)
-    gen = OpenAIGenerator("m", "http://127.0.0.1:9/v1", OpenAISettings(backend="vllm", server=ServerFeatures(token_ids=True)),
-                          tokenizer=tok)
-    choice = {"index": 0, "text": "(unused: the ids are decoded)", "finish_reason": "stop",
-              "logprobs": {"tokens": [f"token_id:{t}" for t in emitted], "token_logprobs": [-0.5] * len(emitted)}}
+    gen = OpenAIGenerator(
+        "m",
+        "http://127.0.0.1:9/v1",
+        OpenAISettings(backend="vllm", server=ServerFeatures(token_ids=True)),
+        tokenizer=tok,
+    )
+    choice = {
+        "index": 0,
+        "text": "(unused: the ids are decoded)",
+        "finish_reason": "stop",
+        "logprobs": {"tokens": [f"token_id:{t}" for t in emitted], "token_logprobs": [-0.5] * len(emitted)},
+    }
     body = gen._body(prompt, 1, 0.0, 1.0, 256, stops, None)[1]
     cand = gen._candidate("completions", choice, stops, 0, gen._context_ids("completions", body))
     assert cand.text == program
@@ -256,14 +288,24 @@ def test_egcfg_lines_decode_after_the_prompt_on_sentencepiece():
         head.bias[four] = 10.0
     model.lm_head = head
     prefix = "def total(xs):\n"
-    problem = Problem(task_id="toy/add", prompt=prefix, entry_point="total", code_prefix=prefix,
-                      tests=("assert total([1, 2]) == 3",), visible_tests=("assert total([1, 2]) == 3",))
-    solver = EGCFGSolver(model, tok, EGCFGConfig(max_lines=3, max_line_tokens=5, max_new_tokens=15,
-                                                 candidate_max_tokens=6, exec_workers=1))
+    problem = Problem(
+        task_id="toy/add",
+        prompt=prefix,
+        entry_point="total",
+        code_prefix=prefix,
+        tests=("assert total([1, 2]) == 3",),
+        visible_tests=("assert total([1, 2]) == 3",),
+    )
+    solver = EGCFGSolver(
+        model,
+        tok,
+        EGCFGConfig(max_lines=3, max_line_tokens=5, max_new_tokens=15, candidate_max_tokens=6, exec_workers=1),
+    )
     try:
         for gamma in (0.0, 1.0):  # plain lines, and lines guided by real traces (of blank candidates)
-            res = solver.decoder.decode_agent(problem, prefix, [], AgentSpec(temperature=0.7, depth=1,
-                                                                          num_candidates=2, gamma=gamma), seed=0)
+            res = solver.decoder.decode_agent(
+                problem, prefix, [], AgentSpec(temperature=0.7, depth=1, num_candidates=2, gamma=gamma), seed=0
+            )
             assert res.token_ids == [four] * 15
             assert res.completion == " " * 60 == res.raw_text
             assert [line["text"] for line in res.lines] == [" " * 20] * 3

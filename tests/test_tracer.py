@@ -27,8 +27,13 @@ def h(d):
 
 
 def run_tracer(args: dict) -> dict:
-    r = subprocess.run([sys.executable, "-m", "codedistill.egcfg.tracer"], input=json.dumps(args),
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "codedistill.egcfg.tracer"],
+        input=json.dumps(args),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -44,9 +49,12 @@ def test_trace_of_known_function():
     assert ev == [
         ("call", 1, {"xs": "[1, 2, 3]"}),
         ("line", 2, {"s": "0"}),
-        ("line", 3, {"x": "1"}), ("line", 4, {"s": "1"}),
-        ("line", 3, {"x": "2"}), ("line", 4, {"s": "3"}),
-        ("line", 3, {"x": "3"}), ("line", 4, {"s": "6"}),
+        ("line", 3, {"x": "1"}),
+        ("line", 4, {"s": "1"}),
+        ("line", 3, {"x": "2"}),
+        ("line", 4, {"s": "3"}),
+        ("line", 3, {"x": "3"}),
+        ("line", 4, {"s": "6"}),
         ("line", 3, {}),
         ("return", 5, "12"),
     ]
@@ -72,8 +80,15 @@ def test_exceptions_with_line_numbers():
 
 
 def test_million_iteration_loop_is_truncated_and_fast():
-    res = run_tracer({"program": PROG, "tests": ["assert g(1000000) == 1000000"],
-                      "max_events": 50, "max_chars": 100000, "timeout_s": 20})
+    res = run_tracer(
+        {
+            "program": PROG,
+            "tests": ["assert g(1000000) == 1000000"],
+            "max_events": 50,
+            "max_chars": 100000,
+            "timeout_s": 20,
+        }
+    )
     t = res["tests"][0]
     assert t["passed"] is True and t["result"] == "1000000"
     assert t["truncated"] is True
@@ -83,10 +98,11 @@ def test_million_iteration_loop_is_truncated_and_fast():
 
 
 def test_char_budget_and_long_values():
-    prog = ("def big(n):\n    xs = list(range(n))\n    s = 'a' * n\n"
-            "    for i in range(50):\n        s = s + str(i)\n    return xs\n")
-    res = run_tracer({"program": prog, "tests": ["assert big(100000) == []"], "max_chars": 400,
-                      "max_repr": 40})
+    prog = (
+        "def big(n):\n    xs = list(range(n))\n    s = 'a' * n\n"
+        "    for i in range(50):\n        s = s + str(i)\n    return xs\n"
+    )
+    res = run_tracer({"program": prog, "tests": ["assert big(100000) == []"], "max_chars": 400, "max_repr": 40})
     t = res["tests"][0]
     assert t["passed"] is False and len(t["result"]) <= 40 and t["result"].startswith("[0, 1, 2")
     assert sum(len(json.dumps(e)) for e in t["events"]) <= 400
@@ -95,8 +111,9 @@ def test_char_budget_and_long_values():
 
 def test_endless_loop_times_out_per_test_and_other_tests_still_run():
     prog = "def spin():\n    while True:\n        pass\n\ndef one():\n    return 1\n"
-    res = run_tracer({"program": prog, "tests": ["assert spin() == 1", "assert one() == 1"],
-                      "timeout_s": 0.5, "max_events": 20})
+    res = run_tracer(
+        {"program": prog, "tests": ["assert spin() == 1", "assert one() == 1"], "timeout_s": 0.5, "max_events": 20}
+    )
     t0, t1 = res["tests"]
     assert t0["exception"]["type"] == "TimeoutError"
     assert t1["passed"] is True
@@ -122,15 +139,21 @@ def pool():
 def test_trace_through_sandbox_call(pool):
     from codedistill.execution import Limits
 
-    args = {"program": PROG, "tests": ["assert f([1, 2, 3]) == 12", "assert h({}) == 1",
-                                        "assert g(1000000) == 1000000"], "max_events": 30}
+    args = {
+        "program": PROG,
+        "tests": ["assert f([1, 2, 3]) == 12", "assert h({}) == 1", "assert g(1000000) == 1000000"],
+        "max_events": 30,
+    }
     verdicts = pool.call_many("codedistill.egcfg.tracer:trace", [args, args], Limits(timeout=10.0))
     for v in verdicts:
         res = v.payload
         assert isinstance(res, dict), v.result
         t0, t1, t2 = res["tests"]
-        assert t0["passed"] and t0["result"] == "12" and t0["events"][-1] == \
-            {"event": "return", "func": "f", "line": 5, "value": "12"}
+        assert (
+            t0["passed"]
+            and t0["result"] == "12"
+            and t0["events"][-1] == {"event": "return", "func": "f", "line": 5, "value": "12"}
+        )
         assert t1["exception"]["type"] == "KeyError" and t1["exception"]["line"] == 15
         assert t2["passed"] and t2["truncated"] and len(t2["events"]) == 30
     assert verdicts[0].payload == verdicts[1].payload
@@ -141,11 +164,21 @@ def test_sandboxed_tracer_stops_endless_loop_while_recording(pool):
     checked by the trace function itself, so the other tests still run."""
     from codedistill.execution import Limits
 
-    prog = ("import time\ndef spin():\n    i = 0\n    while True:\n        time.sleep(0.001)\n"
-            "        i += 1\n\ndef one():\n    return 1\n")
-    v = pool.call("codedistill.egcfg.tracer:trace",
-                  {"program": prog, "tests": ["assert spin() == 1", "assert one() == 1"], "timeout_s": 0.5,
-                   "max_events": 10**6, "max_chars": 500_000}, Limits(timeout=10.0))
+    prog = (
+        "import time\ndef spin():\n    i = 0\n    while True:\n        time.sleep(0.001)\n"
+        "        i += 1\n\ndef one():\n    return 1\n"
+    )
+    v = pool.call(
+        "codedistill.egcfg.tracer:trace",
+        {
+            "program": prog,
+            "tests": ["assert spin() == 1", "assert one() == 1"],
+            "timeout_s": 0.5,
+            "max_events": 10**6,
+            "max_chars": 500_000,
+        },
+        Limits(timeout=10.0),
+    )
     assert v.payload is not None, v.result
     t0, t1 = v.payload["tests"]
     assert t0["exception"]["type"] == "TimeoutError" and t1["passed"] is True
@@ -156,16 +189,22 @@ def test_sandboxed_tracer_cannot_touch_the_host(pool, tmp_path):
 
     target = tmp_path / "owned.txt"
     prog = f"def w():\n    open({str(target)!r}, 'w').write('x')\n    return 1\n"
-    v = pool.call("codedistill.egcfg.tracer:trace", {"program": prog, "tests": ["assert w() == 1"]},
-                  Limits(timeout=5.0))
+    v = pool.call(
+        "codedistill.egcfg.tracer:trace", {"program": prog, "tests": ["assert w() == 1"]}, Limits(timeout=5.0)
+    )
     t = v.payload["tests"][0]
     assert t["passed"] is False and t["exception"]["type"] in ("PermissionError", "OSError", "FileNotFoundError")
     assert not target.exists()
 
 
 def test_setup_names_are_not_program_state():
-    res = run_tracer({"program": "LIMIT = 3\ndef f(x):\n    return x + LIMIT\n", "tests": ["assert f(1) == 4"],
-                      "test_setup": "METADATA = {'author': 'x'}\nimport math\n"})
+    res = run_tracer(
+        {
+            "program": "LIMIT = 3\ndef f(x):\n    return x + LIMIT\n",
+            "tests": ["assert f(1) == 4"],
+            "test_setup": "METADATA = {'author': 'x'}\nimport math\n",
+        }
+    )
     t = res["tests"][0]
     assert t["passed"]
     module_vars = [e["vars"] for e in t["events"] if e["func"] == "<module>"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -27,23 +27,23 @@ class BaselineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    variant: Optional[Literal["base", "instruct"]] = None
+    variant: Literal["base", "instruct"] | None = None
     dataset: str = "mbpp"
     split: str = "test"
-    data_path: Optional[str] = None
-    max_problems: Optional[int] = Field(None, ge=1)
+    data_path: str | None = None
+    max_problems: int | None = Field(None, ge=1)
     shots: int = Field(0, ge=0)
     method: Literal["plain", "egcfg"] = "plain"
     sampling: SamplingConfig = SamplingConfig()
     seed: int = 0
     batch_size: int = Field(16, ge=1, description="sequences per generate call")
     chunk_size: int = Field(8, ge=1, description="problems per checkpointed chunk")
-    workers: Optional[int] = Field(None, ge=1)
+    workers: int | None = Field(None, ge=1)
     timeout: float = Field(3.0, gt=0)
-    device: Optional[str] = None
+    device: str | None = None
     dtype: str = "auto"
     egcfg: dict[str, Any] = Field(default_factory=dict, description="EG-CFG settings (method=egcfg)")
-    backend: Optional[Literal["hf", "vllm", "openai"]] = Field(None, description="default: the registry's (hf)")
+    backend: Literal["hf", "vllm", "openai"] | None = Field(None, description="default: the registry's (hf)")
     serving: ServingConfig = Field(default_factory=ServingConfig, description="served backends (vllm/openai)")
 
     @field_validator("dataset")

@@ -109,5 +109,11 @@ def paired_bootstrap(
     means = d[idx].mean(axis=1)
     alpha = (1.0 - confidence) / 2.0
     diff = Estimate(float(d.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
-    return PairedDifference(k=k, n_problems=len(common), before=float(b.mean()), after=float(a.mean()),
-                            diff=diff, p_value_no_improvement=float((means <= 0).mean()))
+    return PairedDifference(
+        k=k,
+        n_problems=len(common),
+        before=float(b.mean()),
+        after=float(a.mean()),
+        diff=diff,
+        p_value_no_improvement=float((means <= 0).mean()),
+    )

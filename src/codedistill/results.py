@@ -20,8 +20,10 @@ from codedistill.errors import DataError
 def _floats(d: Mapping[str, Any], *keys: str) -> list[float]:
     missing = [k for k in keys if k not in d]
     if missing:
-        raise DataError(f"a result record lacks {', '.join(missing)} (has {', '.join(map(str, d)) or 'nothing'}); "
-                        "it was not written by codedistill.metrics: rerun the command that made it.")
+        raise DataError(
+            f"a result record lacks {', '.join(missing)} (has {', '.join(map(str, d)) or 'nothing'}); "
+            "it was not written by codedistill.metrics: rerun the command that made it."
+        )
     return [float(d[k]) for k in keys]
 
 
@@ -54,12 +56,20 @@ class PairedDifference:
     p_value_no_improvement: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"k": self.k, "n_problems": self.n_problems, "before": self.before, "after": self.after,
-                "diff": self.diff.value, "ci_low": self.diff.low, "ci_high": self.diff.high,
-                "p_value_no_improvement": self.p_value_no_improvement}
+        return {
+            "k": self.k,
+            "n_problems": self.n_problems,
+            "before": self.before,
+            "after": self.after,
+            "diff": self.diff.value,
+            "ci_low": self.diff.low,
+            "ci_high": self.diff.high,
+            "p_value_no_improvement": self.p_value_no_improvement,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PairedDifference:
         k, n, before, after, diff, low, high, p = _floats(
-            d, "k", "n_problems", "before", "after", "diff", "ci_low", "ci_high", "p_value_no_improvement")
+            d, "k", "n_problems", "before", "after", "diff", "ci_low", "ci_high", "p_value_no_improvement"
+        )
         return cls(int(k), int(n), before, after, Estimate(diff, low, high), p)

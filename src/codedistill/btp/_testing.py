@@ -15,8 +15,9 @@ def build_throwaway_pair(root: str | Path) -> tuple[Path, Path]:
     from codedistill.models.tiny import build_tiny_model, tiny_spec
 
     root = Path(root)
-    small = dict(steps=3, hidden_size=32, num_layers=1, intermediate_size=64, tokenizer_problems=200,
-                 n_train=64, batch_size=8)
+    small = dict(
+        steps=3, hidden_size=32, num_layers=1, intermediate_size=64, tokenizer_problems=200, n_train=64, batch_size=8
+    )
     src, tgt = root / "src", root / "tgt"
     if not (src / "config.json").exists():
         build_tiny_model(tiny_spec("tiny-source", **small), src, progress=False)

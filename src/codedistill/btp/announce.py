@@ -21,13 +21,19 @@ def announce_plan(inputs: ResolvedInputs, checked: dict[str, Any], log: Log) -> 
     cfg = inputs.cfg
     per, how = programs_per_problem(inputs)
     phases = _phases(inputs, per)
-    run_plan = RunPlan(inputs.out / "plan.json", phases, extra={"model_check": checked}, log=log,
-                       note="model loading and fine-tuning not included")
+    run_plan = RunPlan(
+        inputs.out / "plan.json",
+        phases,
+        extra={"model_check": checked},
+        log=log,
+        note="model loading and fine-tuning not included",
+    )
     n_eval = {d: len(ps) for d, ps in inputs.evals.items()}
     ev_programs = sum(n_eval.values()) * cfg.eval_num_samples
     ev_sets = ", ".join(f"{d} {n}" for d, n in n_eval.items())
-    gen_programs = sum(p["programs"] for p in phases if " fine-tuning" not in p["phase"]
-                       and not p["phase"].startswith("eval"))
+    gen_programs = sum(
+        p["programs"] for p in phases if " fine-tuning" not in p["phase"] and not p["phase"].startswith("eval")
+    )
     done = sum(int(p.get("done_programs", 0)) for p in phases)
     n_stages = sum(p["phase"].startswith("eval") for p in phases)
     run_plan.announce(
@@ -38,7 +44,8 @@ def announce_plan(inputs: ResolvedInputs, checked: dict[str, Any], log: Log) -> 
         f" = {n_stages * ev_programs} programs",
         f"  fine-tuning: {cfg.n_iterations} x {cfg.epochs} epoch(s), {'LoRA' if cfg.use_lora else 'full'}, on "
         + (f"{cfg.replay_size} drawn programs" if cfg.replay_size else "as many drawn programs as the buffer holds"),
-        f"  in all {run_plan.todo} programs to generate and test" + (f" ({done} done before)" if done else "")
+        f"  in all {run_plan.todo} programs to generate and test"
+        + (f" ({done} done before)" if done else "")
         + "; an estimate of the time follows the first chunk",
     )
     return run_plan
@@ -63,8 +70,14 @@ def _eval_phase(inputs: ResolvedInputs, stage: str, model: str) -> dict[str, Any
     cfg = inputs.cfg
     n_eval = {d: len(ps) for d, ps in inputs.evals.items()}
     done = sum(_rows(inputs.out / "eval" / stage / d / "results.jsonl") for d in inputs.evals)
-    return {"phase": f"eval {stage}", "model": model, "problems": n_eval, "samples_per_problem":
-            cfg.eval_num_samples, "programs": sum(n_eval.values()) * cfg.eval_num_samples, "done_programs": done}
+    return {
+        "phase": f"eval {stage}",
+        "model": model,
+        "problems": n_eval,
+        "samples_per_problem": cfg.eval_num_samples,
+        "programs": sum(n_eval.values()) * cfg.eval_num_samples,
+        "done_programs": done,
+    }
 
 
 def _phases(inputs: ResolvedInputs, per: int) -> list[dict[str, Any]]:
@@ -83,13 +96,30 @@ def _phases(inputs: ResolvedInputs, per: int) -> list[dict[str, Any]]:
             if tag == "beam":  # the source's beams: computed once per problem
                 ids = [i for i in ids if i not in seen_source]
                 seen_source.update(ids)
-            done = _rows(inputs.out / "generations" / f"{role}_{tag}.verdicts.jsonl") * per \
-                if k == 1 or tag != "beam" else 0
-            phases.append({"phase": f"iter {k} {role} {cfg.generation}", "model": spec.alias, "problems": len(ids),
-                           "programs_per_problem": per, "programs": len(ids) * per,
-                           "done_programs": min(done, len(ids) * per)})
-        phases.append({"phase": f"iter {k} fine-tuning", "model": target, "programs": 0,
-                       "epochs": cfg.epochs, "draws": cfg.replay_size or "buffer size",
-                       "method": "LoRA" if cfg.use_lora else "full"})
+            done = (
+                _rows(inputs.out / "generations" / f"{role}_{tag}.verdicts.jsonl") * per
+                if k == 1 or tag != "beam"
+                else 0
+            )
+            phases.append(
+                {
+                    "phase": f"iter {k} {role} {cfg.generation}",
+                    "model": spec.alias,
+                    "problems": len(ids),
+                    "programs_per_problem": per,
+                    "programs": len(ids) * per,
+                    "done_programs": min(done, len(ids) * per),
+                }
+            )
+        phases.append(
+            {
+                "phase": f"iter {k} fine-tuning",
+                "model": target,
+                "programs": 0,
+                "epochs": cfg.epochs,
+                "draws": cfg.replay_size or "buffer size",
+                "method": "LoRA" if cfg.use_lora else "full",
+            }
+        )
         phases.append(_eval_phase(inputs, f"target_iter{k}", f"{target}@iter{k}"))
     return phases

@@ -47,8 +47,10 @@ SERVING_OPTIONS: dict[str, dict[str, Any]] = {
     "max_model_len": {HELP: "vLLM: context length."},
     "price_input_per_1m": {FLAGS: ["--price-input"], HELP: "USD per 1M prompt tokens (cost in the report)."},
     "price_output_per_1m": {FLAGS: ["--price-output"], HELP: "USD per 1M completion tokens."},
-    "cache_path": {FLAGS: ["--response-cache"],
-                   HELP: "Response cache file shared by runs (default: one in the run directory)."},
+    "cache_path": {
+        FLAGS: ["--response-cache"],
+        HELP: "Response cache file shared by runs (default: one in the run directory).",
+    },
     "startup_timeout": {HELP: "vLLM: seconds the server may take to start."},
     "extra_args": {REPEAT: True, HELP: "A vLLM server flag (repeatable)."},
 }
@@ -57,8 +59,11 @@ EXPANDED: dict[str, tuple[type[BaseModel], Mapping[str, Mapping[str, Any]]]] = {
     "serving": (ServingConfig, SERVING_OPTIONS),
 }
 CONFIG_OPTION = inspect.Parameter(
-    "config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
-    default=typer.Option(None, "--config", help="YAML file of settings (flags override it)."))
+    "config",
+    inspect.Parameter.KEYWORD_ONLY,
+    annotation=Path | None,
+    default=typer.Option(None, "--config", help="YAML file of settings (flags override it)."),
+)
 Run = Callable[[BTPConfig], None]
 
 
@@ -118,8 +123,9 @@ def config_options(config_cls: type[BTPConfig] = BTPConfig) -> list[inspect.Para
     return params
 
 
-def config_from_flags(config_path: Path | None, flags: Mapping[str, Any],
-                      config_cls: type[BTPConfig] = BTPConfig) -> BTPConfig:
+def config_from_flags(
+    config_path: Path | None, flags: Mapping[str, Any], config_cls: type[BTPConfig] = BTPConfig
+) -> BTPConfig:
     """Defaults < the YAML file < the flags given; an expanded section's flags override the YAML's
     values of that section one by one."""
     yaml_values = load_config_file(config_path) if config_path else {}
@@ -153,13 +159,14 @@ def run_and_summarize(cfg: BTPConfig) -> None:
     for ds, e in comparison["datasets"].items():
         b, a = e["target_before"].get("pass@1"), e["target_after"].get("pass@1")
         if b and a:
-            typer.echo(f"{ds}: target pass@1 {b['value']:.3f} -> {a['value']:.3f} "
-                       f"({e['improvement']['pass@1']['diff']:+.3f})")
+            typer.echo(
+                f"{ds}: target pass@1 {b['value']:.3f} -> {a['value']:.3f} ({e['improvement']['pass@1']['diff']:+.3f})"
+            )
 
 
 btp_command = make_command(
-    run_and_summarize,
-    doc="Step 2, BTP: source beams -> tests -> P2Value-prioritized replay -> fine-tune the target.")
+    run_and_summarize, doc="Step 2, BTP: source beams -> tests -> P2Value-prioritized replay -> fine-tune the target."
+)
 btp_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 btp_app.command(name="btp")(btp_command)
 

@@ -38,9 +38,19 @@ TRAIN_DATASETS = ("mbpp", "mbpp-sanitized", "synth")
 EVAL_EXTRA_DATASETS = ("humaneval", "mbpp", "mbpp-sanitized", "synth")
 
 # Settings that do not change results (where/how fast it runs): not compared on resume.
-NON_EXPERIMENT_KEYS = ("output_dir", "workers", "device", "gen_batch_size", "merge", "config",
-                       "generation_cache", "num_processes", "accelerate_config", "gradient_checkpointing",
-                       "report_to")
+NON_EXPERIMENT_KEYS = (
+    "output_dir",
+    "workers",
+    "device",
+    "gen_batch_size",
+    "merge",
+    "config",
+    "generation_cache",
+    "num_processes",
+    "accelerate_config",
+    "gradient_checkpointing",
+    "report_to",
+)
 # training-at-scale settings that do change results: recorded only when not the default
 # (so runs made before they existed still resume)
 _SCALE_DEFAULTS = {"mixed_precision": "no", "load_in_4bit": False}
@@ -58,7 +68,8 @@ class ModelSettings(BaseModel):
     source_variant: Literal["base", "instruct"] | None = Field(None, description="base | instruct")
     target_variant: Literal["base", "instruct"] | None = Field(None, description="base | instruct")
     mode: Literal["finetune", "self", "mixed"] = Field(
-        "finetune", description="finetune (source teaches) | self (target teaches itself) | mixed")
+        "finetune", description="finetune (source teaches) | self (target teaches itself) | mixed"
+    )
 
 
 class DataSettings(BaseModel):
@@ -70,8 +81,9 @@ class DataSettings(BaseModel):
     data_path: str | None = Field(None, description="Local dataset file/folder.")
     max_problems: int | None = Field(None, ge=1, description="First N training problems.")
     eval_max_problems: int | None = Field(None, ge=1, description="First N held-out problems.")
-    eval_datasets: list[str] = Field(default_factory=list,
-                                     description="Extra held-out sets, e.g. humaneval (comma-separated).")
+    eval_datasets: list[str] = Field(
+        default_factory=list, description="Extra held-out sets, e.g. humaneval (comma-separated)."
+    )
     allow_overlap: bool = Field(False, description="Allow train/eval overlap (reported in bold).")
     drop_overlap: bool = Field(False, description="Leave training problems that are also eval problems out.")
 
@@ -105,12 +117,14 @@ class GenerationSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     generation: Literal["beam", "sample", "egcfg"] = Field(
-        "beam", description="beam | sample | egcfg (EG-CFG's agents write the programs; HF backend)")
+        "beam", description="beam | sample | egcfg (EG-CFG's agents write the programs; HF backend)"
+    )
     egcfg: EGCFGConfig = Field(
         default_factory=lambda: EGCFGConfig.model_validate({}),
         description="EG-CFG settings (EGCFGConfig fields; a JSON object on the command line) with "
-                    "generation=egcfg: every agent's program enters the buffer. max_new_tokens defaults "
-                    "to the run's; the resolved config records the fields given.")
+        "generation=egcfg: every agent's program enters the buffer. max_new_tokens defaults "
+        "to the run's; the resolved config records the fields given.",
+    )
     num_beams: int = Field(5, ge=1, description="Beams per problem (all returned).")
     num_samples: int = Field(5, ge=1, description="Programs per problem with --generation sample.")
     gen_temperature: float = Field(0.8, gt=0.0, description="Temperature of --generation sample.")
@@ -127,8 +141,9 @@ class GenerationSettings(BaseModel):
             try:
                 v = json.loads(v) if v.strip() else {}
             except ValueError as e:
-                raise ValueError(f"expected a JSON object of EG-CFG settings, e.g. '{{\"max_agents\": 3}}' "
-                                 f"({e})") from e
+                raise ValueError(
+                    f"expected a JSON object of EG-CFG settings, e.g. '{{\"max_agents\": 3}}' ({e})"
+                ) from e
         return v
 
     @model_validator(mode="after")
@@ -150,23 +165,35 @@ class ReplaySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    p2_alpha: float = Field(DEFAULT_P2_ALPHA, ge=0.0, le=1.0,
-                            description=f"a in P2Value = a*P + (1-a)*pass_rate (default {DEFAULT_P2_ALPHA}).")
+    p2_alpha: float = Field(
+        DEFAULT_P2_ALPHA,
+        ge=0.0,
+        le=1.0,
+        description=f"a in P2Value = a*P + (1-a)*pass_rate (default {DEFAULT_P2_ALPHA}).",
+    )
     sampling_method: str = Field("power", description=f"{' | '.join(SAMPLING_METHODS)}")
-    sampling_alpha: float = Field(1.0, ge=0.0, le=MAX_SAMPLING_ALPHA,
-                                  description=f"Priority exponent (0-{MAX_SAMPLING_ALPHA:g}).")
+    sampling_alpha: float = Field(
+        1.0, ge=0.0, le=MAX_SAMPLING_ALPHA, description=f"Priority exponent (0-{MAX_SAMPLING_ALPHA:g})."
+    )
     is_weights: bool = Field(False, description="Importance-sampling weights on the loss.")
     is_beta: float = Field(0.4, ge=0.0, le=1.0, description="IS exponent beta in [0, 1].")
     replay_size: int | None = Field(None, ge=1, description="Draws per iteration (default: buffer size).")
     p_mode: Literal["normalized", "raw"] = Field(
-        "normalized", description="P in P2Value: exp(mean token logprob) or the paper's raw exp(sum logprob)")
+        "normalized", description="P in P2Value: exp(mean token logprob) or the paper's raw exp(sum logprob)"
+    )
     min_pass_rate: float = Field(
-        0.0, ge=0.0, le=1.0, description="drop buffer programs below this pass rate before the draw "
-        "(0 keeps all; any value > 0 also drops zero-pass programs; 1.0 = rejection-sampling fine-tuning)")
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="drop buffer programs below this pass rate before the draw "
+        "(0 keeps all; any value > 0 also drops zero-pass programs; 1.0 = rejection-sampling fine-tuning)",
+    )
     iteration_problems: Literal["all", "slices"] = Field(
-        "all", description="all: every iteration generates on all training problems (deterministic "
+        "all",
+        description="all: every iteration generates on all training problems (deterministic "
         "source beams are then computed once and iterations 2..n re-draw the same buffer); slices: "
-        "iteration k generates on the k-th of n_iterations disjoint slices (fresh problems per iteration)")
+        "iteration k generates on the k-th of n_iterations disjoint slices (fresh problems per iteration)",
+    )
     n_iterations: int = Field(3, ge=1, description="BTP iterations.")
 
     @field_validator("sampling_method")
@@ -188,10 +215,13 @@ class EvaluationSettings(BaseModel):
     eval_top_p: float = Field(0.95, gt=0.0, le=1.0, description="Top-p of the evaluations.")
     eval_source: bool = Field(True, description="Also evaluate the source.")
     eval_split: Literal["test", "validation"] = Field(
-        "test", description="held-out split of the training dataset (validation for hyperparameter search)")
+        "test", description="held-out split of the training dataset (validation for hyperparameter search)"
+    )
     eval_protocol: Literal["sampled", "paper"] = Field(
-        "sampled", description="sampled: eval_num_samples at eval_temperature (pass@1/5/10); paper: the "
-        "literature's protocol (MBPP 3-shot prompts with tasks 2-4, HumanEval 0-shot, greedy pass@1)")
+        "sampled",
+        description="sampled: eval_num_samples at eval_temperature (pass@1/5/10); paper: the "
+        "literature's protocol (MBPP 3-shot prompts with tasks 2-4, HumanEval 0-shot, greedy pass@1)",
+    )
 
     @model_validator(mode="after")
     def _protocol(self) -> EvaluationSettings:
@@ -207,8 +237,10 @@ class RuntimeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     generation_cache: str | None = Field(
-        None, description="directory shared by runs (ablation variants, sweep trials) holding generations, "
-        "verdicts and base-model evaluations keyed by their settings; reused instead of regenerated")
+        None,
+        description="directory shared by runs (ablation variants, sweep trials) holding generations, "
+        "verdicts and base-model evaluations keyed by their settings; reused instead of regenerated",
+    )
     seed: int = Field(0, description="Seed of sampling, replay draws and training.")
     timeout: float = Field(3.0, gt=0, description="Seconds per program in the sandbox.")
     workers: int | None = Field(None, ge=1, description="Parallel sandboxes.")
@@ -226,18 +258,30 @@ class BackendSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backend: Literal["hf", "vllm", "openai"] | None = Field(
-        None, description="hf | vllm | openai for both roles (default: the registry's: hf, or openai for API models).")
+        None, description="hf | vllm | openai for both roles (default: the registry's: hf, or openai for API models)."
+    )
     source_backend: Literal["hf", "vllm", "openai"] | None = Field(
-        None, description="hf | vllm | openai for the source.")
+        None, description="hf | vllm | openai for the source."
+    )
     target_backend: Literal["hf", "vllm"] | None = Field(
-        None, description="hf | vllm for the target's generation (self-samples, evaluations; vllm serves "
-                          "its LoRA adapter).")
-    serving: ServingConfig = Field(default_factory=lambda: ServingConfig.model_validate({}),
-                                   description="endpoints, keys, vLLM settings")
+        None,
+        description="hf | vllm for the target's generation (self-samples, evaluations; vllm serves its LoRA adapter).",
+    )
+    serving: ServingConfig = Field(
+        default_factory=lambda: ServingConfig.model_validate({}), description="endpoints, keys, vLLM settings"
+    )
 
 
-class BTPConfig(BackendSettings, RuntimeSettings, EvaluationSettings, TrainingSettings, ReplaySettings,
-                GenerationSettings, DataSettings, ModelSettings):
+class BTPConfig(
+    BackendSettings,
+    RuntimeSettings,
+    EvaluationSettings,
+    TrainingSettings,
+    ReplaySettings,
+    GenerationSettings,
+    DataSettings,
+    ModelSettings,
+):
     """Step 2: Beam search -> Testing -> Prioritized replay -> fine-tune the target.
 
     The sections are listed last-first: a field's place in the resolved config follows the
@@ -289,12 +333,21 @@ class BTPConfig(BackendSettings, RuntimeSettings, EvaluationSettings, TrainingSe
         return [k for k in (1, 5, 10) if k <= self.eval_num_samples]
 
 
-SECTIONS: tuple[type[BaseModel], ...] = (ModelSettings, DataSettings, GenerationSettings, ReplaySettings,
-                                         TrainingSettings, EvaluationSettings, RuntimeSettings, BackendSettings)
+SECTIONS: tuple[type[BaseModel], ...] = (
+    ModelSettings,
+    DataSettings,
+    GenerationSettings,
+    ReplaySettings,
+    TrainingSettings,
+    EvaluationSettings,
+    RuntimeSettings,
+    BackendSettings,
+)
 
 
-def build_config(yaml_values: Mapping[str, Any] | None, overrides: Mapping[str, Any],
-                 config_cls: type[BTPConfig] = BTPConfig) -> BTPConfig:
+def build_config(
+    yaml_values: Mapping[str, Any] | None, overrides: Mapping[str, Any], config_cls: type[BTPConfig] = BTPConfig
+) -> BTPConfig:
     """Defaults < YAML file < flags (``None`` flags are "not given")."""
     vals: dict[str, Any] = dict(yaml_values or {})
     vals.update({k: v for k, v in overrides.items() if v is not None})
@@ -303,9 +356,7 @@ def build_config(yaml_values: Mapping[str, Any] | None, overrides: Mapping[str, 
     try:
         return config_cls(**vals)
     except ValidationError as e:
-        msgs = "; ".join(
-            f"{'.'.join(str(x) for x in err['loc']) or 'config'}: {err['msg']}" for err in e.errors()
-        )
+        msgs = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'config'}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"invalid BTP settings: {msgs}") from e
 
 

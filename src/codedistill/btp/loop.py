@@ -65,16 +65,24 @@ class ReplayFinetune:
         all_entries = list(self.buffer.entries)
         replay = prioritized_draw(all_entries, cfg, k)
         samp = replay.stats
-        log(f"[iter {k}] drew {len(replay.drawn.indices)} ({samp['unique_programs_drawn']} unique programs, "
-            f"{samp['share_fully_passing_drawn']:.0%} fully passing, {samp['share_zero_pass_drawn']:.0%} zero-pass)")
+        log(
+            f"[iter {k}] drew {len(replay.drawn.indices)} ({samp['unique_programs_drawn']} unique programs, "
+            f"{samp['share_fully_passing_drawn']:.0%} fully passing, {samp['share_zero_pass_drawn']:.0%} zero-pass)"
+        )
         write_json(run.out / f"iter_{k}" / "draw.json", replay.record())
         # 5. fine-tune the target on prompts in the target's format
         examples = training_examples(run.inputs, replay)
         run.models.release()
         train_info = train_iteration(run.inputs, k, examples, log)
-        return {"iteration": k, "mode": cfg.mode, "generation": gen_stats,
-                "buffer": buffer_stats(all_entries, cfg.p2_alpha, k), "p2_alpha": cfg.p2_alpha,
-                "sampling": samp, "training": train_info}
+        return {
+            "iteration": k,
+            "mode": cfg.mode,
+            "generation": gen_stats,
+            "buffer": buffer_stats(all_entries, cfg.p2_alpha, k),
+            "p2_alpha": cfg.p2_alpha,
+            "sampling": samp,
+            "training": train_info,
+        }
 
     def comparison_fields(self, stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return {}
@@ -93,14 +101,17 @@ def run_btp(cfg: BTPConfig, log: Log = print, on_iteration: OnIteration | None =
     checked = preflight_btp(inputs)  # unreachable hub / too large: one clear line, before any work
     check_training(train_settings(inputs), inputs.device)  # QLoRA / trackers, before any work
     resumed = open_run_dir(inputs, run_config(inputs, log), kind="btp")
-    log(f"BTP run in {inputs.out}{' (resuming)' if resumed else ''}: {len(inputs.train)} train problems, "
-        f"eval on {', '.join(f'{d} ({len(ps)})' for d, ps in inputs.evals.items())}")
+    log(
+        f"BTP run in {inputs.out}{' (resuming)' if resumed else ''}: {len(inputs.train)} train problems, "
+        f"eval on {', '.join(f'{d} ({len(ps)})' for d, ps in inputs.evals.items())}"
+    )
     estimate = announce_plan(inputs, checked, log)
-    if (cfg.n_iterations > 1 and cfg.iteration_problems == "all" and cfg.mode == "finetune"
-            and cfg.generation == "beam"):
-        log("note: the source's beams are deterministic and iteration_problems=all, so iterations 2.."
+    if cfg.n_iterations > 1 and cfg.iteration_problems == "all" and cfg.mode == "finetune" and cfg.generation == "beam":
+        log(
+            "note: the source's beams are deterministic and iteration_problems=all, so iterations 2.."
             f"{cfg.n_iterations} add no new programs: each re-draws the same buffer and trains further "
-            "(iteration_problems: slices gives each iteration fresh training problems)")
+            "(iteration_problems: slices gives each iteration fresh training problems)"
+        )
     t_start = time.time()
     outcome = run_experiment(inputs, ReplayFinetune(inputs), log, estimate, on_iteration)
     log(f"done: {write_run_report(inputs.out, elapsed=time.time() - t_start)}")
@@ -110,14 +121,17 @@ def run_btp(cfg: BTPConfig, log: Log = print, on_iteration: OnIteration | None =
 def run_config(inputs: ResolvedInputs, log: Log) -> dict[str, Any]:
     """config.json's experiment part: the settings, both models, served backends, a beam fallback."""
     cfg = inputs.cfg
-    config = {**cfg.experiment_dict(), "source_spec": inputs.source_spec.to_dict(),
-              "target_spec": inputs.target_spec.to_dict()}
+    config = {
+        **cfg.experiment_dict(),
+        "source_spec": inputs.source_spec.to_dict(),
+        "target_spec": inputs.target_spec.to_dict(),
+    }
     if inputs.source_backend != "hf" or inputs.target_backend != "hf":
         config["generation_backends"] = {
             "source": describe(inputs.source_spec, inputs.source_backend, cfg.serving),
-            "target": describe(inputs.target_spec, inputs.target_backend, cfg.serving)}
+            "target": describe(inputs.target_spec, inputs.target_backend, cfg.serving),
+        }
     if inputs.beam_fallback:
         config["beam_search_fallback"] = inputs.beam_fallback
         log(f"note: {inputs.beam_fallback}")
     return config
-

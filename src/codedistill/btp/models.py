@@ -14,8 +14,11 @@ from codedistill.generation import close_generator, generator_usage, make_genera
 Log = Callable[[str], None]
 
 #: the models whose programs fill the replay buffer, per BTP mode
-GENERATING_ROLES: dict[str, tuple[str, ...]] = {"finetune": ("source",), "self": ("target",),
-                                                "mixed": ("source", "target")}
+GENERATING_ROLES: dict[str, tuple[str, ...]] = {
+    "finetune": ("source",),
+    "self": ("target",),
+    "mixed": ("source", "target"),
+}
 
 
 def generating_roles(mode: str) -> tuple[str, ...]:
@@ -53,9 +56,13 @@ class GeneratorCache:
                 it_dir = self.inputs.out / f"iter_{iteration}"
                 lora = self.inputs.cfg.use_lora
                 base = None if self.inputs.target_backend != "hf" else self.inputs.target_path
-                self._loaded[key] = self._make("target", spec, f"{spec.alias}@iter{iteration}",
-                                               model_path=base if lora else str(it_dir / "model"),
-                                               adapter=str(it_dir / "adapter") if lora else None)
+                self._loaded[key] = self._make(
+                    "target",
+                    spec,
+                    f"{spec.alias}@iter{iteration}",
+                    model_path=base if lora else str(it_dir / "model"),
+                    adapter=str(it_dir / "adapter") if lora else None,
+                )
         return self._loaded[key]
 
     def release(self) -> None:
@@ -71,16 +78,24 @@ class GeneratorCache:
         gc.collect()
         _empty_cuda_cache()
 
-    def _make(self, role: str, spec: Any, name: str, model_path: str | None = None,
-              adapter: str | None = None) -> Any:
+    def _make(self, role: str, spec: Any, name: str, model_path: str | None = None, adapter: str | None = None) -> Any:
         cfg = self.inputs.cfg
         out = self.inputs.out
         backend = self.inputs.source_backend if role == "source" else self.inputs.target_backend
         return make_generator(
-            spec, backend, cfg.serving, name=name, model_path=model_path, adapter=adapter,
-            cache_path=str(out / "generation_cache.sqlite"), device=cfg.device, dtype=self.inputs.dtype(spec),
-            batch_size=cfg.gen_batch_size, require_logprobs=role in generating_roles(cfg.mode),
-            log_path=str(out / "logs" / f"vllm_{name.replace('/', '_')}.log"))
+            spec,
+            backend,
+            cfg.serving,
+            name=name,
+            model_path=model_path,
+            adapter=adapter,
+            cache_path=str(out / "generation_cache.sqlite"),
+            device=cfg.device,
+            dtype=self.inputs.dtype(spec),
+            batch_size=cfg.gen_batch_size,
+            require_logprobs=role in generating_roles(cfg.mode),
+            log_path=str(out / "logs" / f"vllm_{name.replace('/', '_')}.log"),
+        )
 
 
 def _empty_cuda_cache() -> None:

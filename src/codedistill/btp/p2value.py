@@ -61,9 +61,7 @@ def _strip_comments_lines(program: str) -> str:
                 lines[r - 1] = line[:c0] + line[c1:]
         text = "\n".join(lines)
     except (tokenize.TokenError, IndentationError, SyntaxError):
-        text = "\n".join(
-            ln for ln in text.split("\n") if not ln.lstrip().startswith("#")
-        )
+        text = "\n".join(ln for ln in text.split("\n") if not ln.lstrip().startswith("#"))
     out = [ln.rstrip() for ln in text.split("\n")]
     return "\n".join(ln for ln in out if ln.strip())
 

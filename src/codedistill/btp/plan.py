@@ -25,8 +25,10 @@ class ResolvedInputs:
         self.source_spec = resolve_model(cfg.source_model, cfg.source_variant)
         self.target_spec = resolve_model(cfg.target_model, cfg.target_variant)
         if self.target_spec.backend == "openai":
-            raise ConfigError(f"{self.target_spec.alias} cannot be fine-tuned: it is an API model. Pick a "
-                              "target whose weights are here (e.g. DeepSeek-Coder-1.3B).")
+            raise ConfigError(
+                f"{self.target_spec.alias} cannot be fine-tuned: it is an API model. Pick a "
+                "target whose weights are here (e.g. DeepSeek-Coder-1.3B)."
+            )
         self._resolve_backends()
         self.train = load_problems(cfg.dataset, "train", data_path=cfg.data_path, max_problems=cfg.max_problems)
         if not self.train:
@@ -55,8 +57,9 @@ class ResolvedInputs:
         check_served(self.target_spec, self.target_backend, cfg.serving)
         self.beam_fallback = None
         if cfg.generation == "beam" and cfg.mode in ("finetune", "mixed"):
-            self.beam_fallback = beam_fallback_note(self.source_spec.alias, self.source_backend, cfg.serving,
-                                                    cfg.num_beams)
+            self.beam_fallback = beam_fallback_note(
+                self.source_spec.alias, self.source_backend, cfg.serving, cfg.num_beams
+            )
 
     def _load_eval_sets(self) -> None:
         cfg = self.cfg
@@ -68,8 +71,9 @@ class ResolvedInputs:
             # the paper protocol: MBPP 3-shot (tasks 2-4), HumanEval and synth 0-shot
             shots = 3 if cfg.eval_protocol == "paper" and d in ("mbpp", "mbpp-sanitized") else 0
             self.eval_shots[d] = shots
-            self.evals[d] = load_problems(d, cfg.eval_split, data_path=path, max_problems=cfg.eval_max_problems,
-                                          shots=shots)
+            self.evals[d] = load_problems(
+                d, cfg.eval_split, data_path=path, max_problems=cfg.eval_max_problems, shots=shots
+            )
 
     def _guard_overlap(self) -> None:
         """Refuse to train on evaluation problems unless asked (drop them, or allow them)."""
@@ -116,13 +120,14 @@ class ResolvedInputs:
 def iteration_slices(problems: Sequence[Problem], n: int) -> list[list[Problem]]:
     """``n`` consecutive, disjoint, near-equal slices (sizes differ by at most one)."""
     if n > len(problems):
-        raise ConfigError(f"iteration_problems=slices needs at least n_iterations ({n}) training problems, "
-                          f"got {len(problems)}")
+        raise ConfigError(
+            f"iteration_problems=slices needs at least n_iterations ({n}) training problems, got {len(problems)}"
+        )
     q, r = divmod(len(problems), n)
     out, i = [], 0
     for j in range(n):
         m = q + (1 if j < r else 0)
-        out.append(list(problems[i:i + m]))
+        out.append(list(problems[i : i + m]))
         i += m
     return out
 
@@ -137,9 +142,13 @@ def find_overlap(train: Sequence[Problem], evals: Sequence[Problem]) -> list[str
     ids = {p.task_id for p in evals}
     prompts = {_norm_text(p.prompt) for p in evals}
     refs = {_norm_text(p.reference) for p in evals if p.reference.strip()}
-    return [p.task_id for p in train
-            if p.task_id in ids or _norm_text(p.prompt) in prompts
-            or (p.reference.strip() and _norm_text(p.reference) in refs)]
+    return [
+        p.task_id
+        for p in train
+        if p.task_id in ids
+        or _norm_text(p.prompt) in prompts
+        or (p.reference.strip() and _norm_text(p.reference) in refs)
+    ]
 
 
 def find_near_duplicates(train: Sequence[Problem], evals: Sequence[Problem]) -> list[list[str]]:
@@ -150,5 +159,8 @@ def find_near_duplicates(train: Sequence[Problem], evals: Sequence[Problem]) -> 
     for p in evals:
         if p.description.strip():
             descs.setdefault(_norm_text(p.description, lower=True), p.task_id)
-    return [[p.task_id, descs[_norm_text(p.description, lower=True)]] for p in train
-            if p.description.strip() and _norm_text(p.description, lower=True) in descs]
+    return [
+        [p.task_id, descs[_norm_text(p.description, lower=True)]]
+        for p in train
+        if p.description.strip() and _norm_text(p.description, lower=True) in descs
+    ]

@@ -60,14 +60,24 @@ def open_run_dir(inputs: ResolvedInputs, config: Mapping[str, Any], kind: str) -
     return RunDir(inputs.out).open(config, kind=kind)
 
 
-def run_experiment(inputs: ResolvedInputs, step: TrainingStep, log: Log, estimate: RunPlan | None = None,
-                   on_iteration: OnIteration | None = None) -> Outcome:
+def run_experiment(
+    inputs: ResolvedInputs,
+    step: TrainingStep,
+    log: Log,
+    estimate: RunPlan | None = None,
+    on_iteration: OnIteration | None = None,
+) -> Outcome:
     """Evaluate the target (and the source if asked), then per iteration train with ``step``
     and evaluate again; write comparison.json."""
     cfg = inputs.cfg
-    run = RunState(inputs, GeneratorCache(inputs, log), SandboxPool(workers=cfg.workers,
-                   limits=Limits(timeout=cfg.timeout)), log, estimate=estimate,
-                   cache=GenerationCache(cfg.generation_cache) if cfg.generation_cache else None)
+    run = RunState(
+        inputs,
+        GeneratorCache(inputs, log),
+        SandboxPool(workers=cfg.workers, limits=Limits(timeout=cfg.timeout)),
+        log,
+        estimate=estimate,
+        cache=GenerationCache(cfg.generation_cache) if cfg.generation_cache else None,
+    )
     try:
         evals = {"target_iter0": evaluate(run, lambda: run.models.target(0), inputs.target_spec, "target_iter0")}
         if cfg.eval_source:
@@ -81,8 +91,9 @@ def run_experiment(inputs: ResolvedInputs, step: TrainingStep, log: Log, estimat
     return Outcome(comparison, stats)
 
 
-def _iteration(run: RunState, step: TrainingStep, k: int, evals: dict[str, Evaluation],
-               on_iteration: OnIteration | None) -> dict[str, Any]:
+def _iteration(
+    run: RunState, step: TrainingStep, k: int, evals: dict[str, Evaluation], on_iteration: OnIteration | None
+) -> dict[str, Any]:
     """Iteration ``k`` trained (unless DONE) and evaluated; its stats."""
     cfg = run.inputs.cfg
     it_dir = run.out / f"iter_{k}"
@@ -92,8 +103,7 @@ def _iteration(run: RunState, step: TrainingStep, k: int, evals: dict[str, Evalu
     else:
         it_dir.mkdir(parents=True, exist_ok=True)
         stats = step.train(run, k)
-    evals[f"target_iter{k}"] = evaluate(run, lambda: run.models.target(k), run.inputs.target_spec,
-                                        f"target_iter{k}")
+    evals[f"target_iter{k}"] = evaluate(run, lambda: run.models.target(k), run.inputs.target_spec, f"target_iter{k}")
     metrics = {ds: r["metrics"] for ds, r in evals[f"target_iter{k}"].items()}
     if not done:
         stats["eval"] = metrics

@@ -29,13 +29,9 @@ MAX_SAMPLING_ALPHA = 20.0
 
 def check_sampling(method: str, alpha: float) -> None:
     if method not in SAMPLING_METHODS:
-        raise ValueError(
-            f"unknown sampling method {method!r}; choose one of {', '.join(SAMPLING_METHODS)}"
-        )
+        raise ValueError(f"unknown sampling method {method!r}; choose one of {', '.join(SAMPLING_METHODS)}")
     if not (0.0 <= alpha <= MAX_SAMPLING_ALPHA):
-        raise ValueError(
-            f"sampling alpha must lie in [0, {MAX_SAMPLING_ALPHA:g}], got {alpha}"
-        )
+        raise ValueError(f"sampling alpha must lie in [0, {MAX_SAMPLING_ALPHA:g}], got {alpha}")
 
 
 def ranks(values: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -74,9 +70,9 @@ def sampling_probs(values: Sequence[float], method: str, alpha: float = 1.0) -> 
 
 @dataclass
 class Draw:
-    indices: list[int]          # buffer indices, in draw order (with repeats)
-    probs: np.ndarray           # the sampling distribution over the whole buffer
-    is_weights: list[float]     # per drawn index, 1.0 without IS
+    indices: list[int]  # buffer indices, in draw order (with repeats)
+    probs: np.ndarray  # the sampling distribution over the whole buffer
+    is_weights: list[float]  # per drawn index, 1.0 without IS
 
 
 def draw(

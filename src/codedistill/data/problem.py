@@ -40,7 +40,7 @@ class Problem:
     def reference_completion(self) -> str:
         """The completion that turns ``code_prefix`` into the reference solution."""
         if self.code_prefix and self.reference.startswith(self.code_prefix):
-            return self.reference[len(self.code_prefix):]
+            return self.reference[len(self.code_prefix) :]
         return self.reference
 
     def to_dict(self) -> dict[str, Any]:

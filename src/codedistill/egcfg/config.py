@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -62,25 +62,31 @@ class EGCFGConfig(BaseModel):
     prompts: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_PROMPTS),
         description="prompt variants of the grid: name -> instruction added to the task "
-                    "('default' adds none; 'long_code' is the paper's second prompt)",
+        "('default' adds none; 'long_code' is the paper's second prompt)",
     )
     # Default compact: on synth test (200 problems, tiny-target, 3-agent grid) both templates gave
     # the same pass@1 (0.435, paired diff 0.000, CI [0, 0]); compact cost 92 vs 132 forward passes
     # and 4.6 vs 6.8 s per problem (README, EG-CFG section).
     trace_template: Literal["compact", "paper"] = Field(
-        "compact", description="compact: changed variables per executed line + verdict, as comments; "
-                               "paper: upstream's layout (function, invocation, per-step locals with "
-                               "types, return value; no verdict)")
-    signal_header: Optional[str] = Field(None, description="None: the template's own header")
-    signal_template: Optional[str] = Field(None, description="frame with {header} and {traces}; "
-                                                             "None: the template's own")
-    max_agents: Optional[int] = Field(None, ge=1, description="run only the first N distinct agents")
+        "compact",
+        description="compact: changed variables per executed line + verdict, as comments; "
+        "paper: upstream's layout (function, invocation, per-step locals with "
+        "types, return value; no verdict)",
+    )
+    signal_header: str | None = Field(None, description="None: the template's own header")
+    signal_template: str | None = Field(None, description="frame with {header} and {traces}; None: the template's own")
+    max_agents: int | None = Field(None, ge=1, description="run only the first N distinct agents")
     early_stop: bool = Field(True, description="stop the problem at the first agent passing the visible tests")
-    agreement_stop: int = Field(4, ge=0, description="stop an agent once its executable candidates "
-                                                     "agree on one finished program this many line "
-                                                     "boundaries in a row (paper: 4; 0 = off)")
-    guide_from_def: bool = Field(True, description="candidates, signal and guidance start once the "
-                                                   "entry point's def line is there (paper)")
+    agreement_stop: int = Field(
+        4,
+        ge=0,
+        description="stop an agent once its executable candidates "
+        "agree on one finished program this many line "
+        "boundaries in a row (paper: 4; 0 = off)",
+    )
+    guide_from_def: bool = Field(
+        True, description="candidates, signal and guidance start once the entry point's def line is there (paper)"
+    )
     agent_workers: int = Field(1, ge=1, description="agents decoded at once (threads)")
 
     # --- candidates
@@ -95,9 +101,12 @@ class EGCFGConfig(BaseModel):
     max_new_tokens: int = Field(384, ge=1, description="tokens of the whole completion")
 
     # --- traces and signal
-    trace_budget_tokens: Optional[int] = Field(
-        None, ge=0, description="tokens of the whole signal block; None: scaled to the model's "
-                                "context (trace_budget_fraction of what the prompt and completion leave)")
+    trace_budget_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="tokens of the whole signal block; None: scaled to the model's "
+        "context (trace_budget_fraction of what the prompt and completion leave)",
+    )
     trace_budget_fraction: float = Field(0.5, gt=0, le=1)
     trace_budget_max: int = Field(4096, ge=0, description="cap of the scaled budget")
     trace_max_events: int = Field(60, ge=0, description="recorded events per test")
@@ -105,7 +114,7 @@ class EGCFGConfig(BaseModel):
     trace_max_repr: int = Field(60, ge=8)
     trace_timeout_s: float = Field(1.0, gt=0, description="per test inside the tracer")
     max_traced_tests: int = Field(3, ge=1, description="visible tests run under the tracer")
-    signal_anchor: Optional[str] = "[BEGIN]"
+    signal_anchor: str | None = "[BEGIN]"
     exec_timeout_s: float = Field(10.0, gt=0, description="per sandbox job")
     exec_workers: int = Field(2, ge=1)
 
@@ -120,8 +129,7 @@ class EGCFGConfig(BaseModel):
             tpl, hdr = PAPER_TEMPLATE, PAPER_HEADER
         else:
             tpl, hdr = DEFAULT_TEMPLATE, DEFAULT_HEADER
-        return (self.signal_template or tpl,
-                self.signal_header if self.signal_header is not None else hdr)
+        return (self.signal_template or tpl, self.signal_header if self.signal_header is not None else hdr)
 
     def budget_for(self, context_tokens: int | None, prompt_tokens: int) -> int:
         """Tokens for the signal block: the fixed budget if set; else ``trace_budget_fraction``
@@ -139,8 +147,9 @@ class EGCFGConfig(BaseModel):
         and runs first), then prompt, depth, temperature, s."""
         seen: set[tuple] = set()
         out: list[AgentSpec] = []
-        for g, p, d, t, s in itertools.product(self.gammas, list(self.prompts), self.depths,
-                                               self.temperatures, self.num_candidates):
+        for g, p, d, t, s in itertools.product(
+            self.gammas, list(self.prompts), self.depths, self.temperatures, self.num_candidates
+        ):
             a = AgentSpec(temperature=t, depth=d, num_candidates=s, gamma=g, prompt=p)
             k = a.key(greedy_lines=self.line_temperature == 0)
             if k in seen:

@@ -27,7 +27,6 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, as_completed
-from typing import Self
 
 from .forkserver import ENTRY, wire
 from .types import Job, Limits, Verdict, build_verdict
@@ -310,7 +309,7 @@ class SandboxPool:
         _LIVE_POOLS.add(self)
 
     # ------------------------------------------------------------------ plumbing
-    def __enter__(self) -> Self:
+    def __enter__(self) -> SandboxPool:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -38,18 +38,26 @@ def final_counts(run_dir: Path, comparison: Mapping[str, Any], ds: str) -> dict[
     return dict(counts_from_results(read_jsonl(run_dir / "eval" / stage / ds / "results.jsonl")))
 
 
-def plan_variants(config_path: str | Path, out: Path, names: str | None,
-                  overrides: Mapping[str, Any] | None = None) -> tuple[BTPConfig, list[dict[str, Any]]]:
+def plan_variants(
+    config_path: str | Path, out: Path, names: str | None, overrides: Mapping[str, Any] | None = None
+) -> tuple[BTPConfig, list[dict[str, Any]]]:
     """The reference config and one row per selected variant: its config (or why it is
     skipped) and the run directory it uses (shared when its settings equal an earlier one's)."""
-    ref = load_experiment(config_path, {**(overrides or {}), "generation_cache": str(out / "cache")},
-                          output_dir=out / "variants" / "full")
+    ref = load_experiment(
+        config_path, {**(overrides or {}), "generation_cache": str(out / "cache")}, output_dir=out / "variants" / "full"
+    )
     base = ref.model_dump()
     rows: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
     for v in select(names):
-        row: dict[str, Any] = {"name": v.name, "group": v.group, "description": v.description,
-                               "overrides": dict(v.overrides), "kind": v.kind, "variant": v}
+        row: dict[str, Any] = {
+            "name": v.name,
+            "group": v.group,
+            "description": v.description,
+            "overrides": dict(v.overrides),
+            "kind": v.kind,
+            "variant": v,
+        }
         why = v.applies(ref)
         if why:
             row.update(status=f"skipped: {why}", cfg=None, run_name=None)
@@ -58,8 +66,12 @@ def plan_variants(config_path: str | Path, out: Path, names: str | None,
         cfg = build_config({**base, **v.overrides, "output_dir": str(out / "variants" / v.name)}, {})
         key = v.kind + json.dumps(cfg.experiment_dict(), sort_keys=True, default=str)
         if key in seen:
-            row.update(cfg=cfg, run_name=seen[key], status="pending",
-                       description=f"{v.description} (same settings as {seen[key]})")
+            row.update(
+                cfg=cfg,
+                run_name=seen[key],
+                status="pending",
+                description=f"{v.description} (same settings as {seen[key]})",
+            )
         else:
             seen[key] = v.name
             row.update(cfg=cfg, run_name=v.name, status="pending")
@@ -67,9 +79,14 @@ def plan_variants(config_path: str | Path, out: Path, names: str | None,
     return ref, rows
 
 
-def run_ablation(config_path: str | Path, output_dir: str | Path, variants: str | None = None,
-                 overrides: Mapping[str, Any] | None = None, log: Log = print,
-                 table_only: bool = False) -> dict[str, Any]:
+def run_ablation(
+    config_path: str | Path,
+    output_dir: str | Path,
+    variants: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    log: Log = print,
+    table_only: bool = False,
+) -> dict[str, Any]:
     """Run (or resume) every selected variant and write the table. ``table_only``: run
     nothing, tabulate the variants whose run directories are finished (the others are
     listed as not run)."""
@@ -103,8 +120,14 @@ def run_ablation(config_path: str | Path, output_dir: str | Path, variants: str 
     return summary
 
 
-def write_outputs(out: Path, config_path: str | Path, ref: BTPConfig, rows: list[dict[str, Any]],
-                  results: Mapping[str, Any], errors: Mapping[str, str]) -> dict[str, Any]:
+def write_outputs(
+    out: Path,
+    config_path: str | Path,
+    ref: BTPConfig,
+    rows: list[dict[str, Any]],
+    results: Mapping[str, Any],
+    errors: Mapping[str, str],
+) -> dict[str, Any]:
     ds = ref.dataset
     ref_comp = results.get("full")
     ref_counts = final_counts(out / "variants" / "full", ref_comp, ds) if ref_comp else None
@@ -131,8 +154,9 @@ def write_outputs(out: Path, config_path: str | Path, ref: BTPConfig, rows: list
             entry["generated_new_last_start"] = int(last[-1]["total"]) if last and name == row["name"] else 0
             if row["name"] != "full" and ref_counts is not None:
                 counts = final_counts(run_dir, comp, ds)
-                entry["diff"] = {f"pass@{k}": paired_bootstrap(ref_counts, counts, k=k, seed=ref.seed).to_dict()
-                                 for k in ref.ks()}
+                entry["diff"] = {
+                    f"pass@{k}": paired_bootstrap(ref_counts, counts, k=k, seed=ref.seed).to_dict() for k in ref.ks()
+                }
         table.append(entry)
     before = source = None
     if ref_comp:
@@ -140,11 +164,18 @@ def write_outputs(out: Path, config_path: str | Path, ref: BTPConfig, rows: list
         before = {k: v for k, v in e["target_before"].items() if k.startswith("pass@")}
         source = {k: v for k, v in e.get("source", {}).items() if k.startswith("pass@")} or None
     summary = {
-        "kind": "ablation", "base_config": str(config_path), "dataset": ds,
+        "kind": "ablation",
+        "base_config": str(config_path),
+        "dataset": ds,
         "n_eval_problems": ref_comp["datasets"][ds]["n_problems"] if ref_comp else None,
-        "eval_num_samples": ref.eval_num_samples, "eval_temperature": ref.eval_temperature,
-        "eval_protocol": ref.eval_protocol, "eval_split": ref.eval_split,
-        "reference": "full", "target_before": before, "source": source, "variants": table,
+        "eval_num_samples": ref.eval_num_samples,
+        "eval_temperature": ref.eval_temperature,
+        "eval_protocol": ref.eval_protocol,
+        "eval_split": ref.eval_split,
+        "reference": "full",
+        "target_before": before,
+        "source": source,
+        "variants": table,
     }
     write_json(out / "ablation.json", summary)
     (out / "ablation.md").write_text(ablation_markdown(summary, ref), encoding="utf-8")
@@ -157,25 +188,35 @@ def write_outputs(out: Path, config_path: str | Path, ref: BTPConfig, rows: list
 
 def ablation_markdown(s: Mapping[str, Any], ref: BTPConfig) -> str:
     ks = [f"pass@{k}" for k in ref.ks()]
-    lines = [f"# Ablation of {s['base_config']}", "",
-             f"- target {ref.target_model}, source {ref.source_model}, trained on {ref.dataset} "
-             f"({ref.max_problems or 'all'} problems), evaluated on {s['n_eval_problems']} held-out problems "
-             f"({s['eval_split']} split), {s['eval_num_samples']} samples at T={s['eval_temperature']:g} "
-             f"(protocol {s['eval_protocol']}); 95% bootstrap CIs over problems.",
-             "- diff: the variant minus the full method on the same problems and evaluation seeds "
-             "(paired bootstrap).", ""]
+    lines = [
+        f"# Ablation of {s['base_config']}",
+        "",
+        f"- target {ref.target_model}, source {ref.source_model}, trained on {ref.dataset} "
+        f"({ref.max_problems or 'all'} problems), evaluated on {s['n_eval_problems']} held-out problems "
+        f"({s['eval_split']} split), {s['eval_num_samples']} samples at T={s['eval_temperature']:g} "
+        f"(protocol {s['eval_protocol']}); 95% bootstrap CIs over problems.",
+        "- diff: the variant minus the full method on the same problems and evaluation seeds (paired bootstrap).",
+        "",
+    ]
     if s.get("target_before"):
-        lines.append("- target before training: "
-                     + ", ".join(f"{k} {fmt_metric(s['target_before'].get(k))}" for k in ks))
+        lines.append(
+            "- target before training: " + ", ".join(f"{k} {fmt_metric(s['target_before'].get(k))}" for k in ks)
+        )
     if s.get("source"):
         lines.append("- source (teacher): " + ", ".join(f"{k} {fmt_metric(s['source'].get(k))}" for k in ks))
-    lines += ["", "| variant | group | " + " | ".join(ks) + " | diff pass@1 vs full | generated | status |",
-              "|---|---|" + "---|" * len(ks) + "---|---|---|"]
+    lines += [
+        "",
+        "| variant | group | " + " | ".join(ks) + " | diff pass@1 vs full | generated | status |",
+        "|---|---|" + "---|" * len(ks) + "---|---|---|",
+    ]
     for v in s["variants"]:
         m = v["metrics"]
         d = (v["diff"] or {}).get("pass@1")
-        lines.append(f"| {v['name']} | {v['group']} | " + " | ".join(fmt_metric(m.get(k)) for k in ks)
-                     + f" | {fmt_diff(d) if d else '-'} | {v['generated_new']} | {v['status']} |")
+        lines.append(
+            f"| {v['name']} | {v['group']} | "
+            + " | ".join(fmt_metric(m.get(k)) for k in ks)
+            + f" | {fmt_diff(d) if d else '-'} | {v['generated_new']} | {v['status']} |"
+        )
     lines += ["", "Variants:", ""] + [f"- **{v['name']}**: {v['description']}" for v in s["variants"]]
     return "\n".join(lines) + "\n"
 
@@ -186,6 +227,11 @@ def plot_ablation(s: Mapping[str, Any], path: Path) -> None:
     if not done:
         return
     before = (s.get("target_before") or {}).get("pass@1")
-    draw(done, path, metric="pass@1", reference=s.get("reference", "full"),
-         title=f"Ablation: {Path(s['base_config']).name} on {s['dataset']}",
-         baseline=before["value"] if before else None)
+    draw(
+        done,
+        path,
+        metric="pass@1",
+        reference=s.get("reference", "full"),
+        title=f"Ablation: {Path(s['base_config']).name} on {s['dataset']}",
+        baseline=before["value"] if before else None,
+    )

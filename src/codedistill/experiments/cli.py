@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -22,9 +21,12 @@ def _log(m: str) -> None:
 @friendly_errors
 def run_command(
     config: Path = typer.Argument(..., help="Experiment YAML (configs/demo.yaml, configs/btp_*.yaml)."),
-    set_: Optional[List[str]] = O(None, "--set", help=SET_HELP),
-    output_dir: Optional[Path] = O(None, "--output-dir", help="Run directory (default: the config's output_dir, "
-                                  "else results/run/<config name>). Rerun to resume."),
+    set_: list[str] | None = O(None, "--set", help=SET_HELP),
+    output_dir: Path | None = O(
+        None,
+        "--output-dir",
+        help="Run directory (default: the config's output_dir, else results/run/<config name>). Rerun to resume.",
+    ),
 ) -> None:
     """A whole experiment from a config: source and target evaluated (step 1), BTP, the target
     evaluated after each iteration, report.md and plots; resumes and skips what is done."""
@@ -39,9 +41,9 @@ def run_command(
 
 @friendly_errors
 def matrix_command(
-    configs: List[Path] = typer.Argument(..., help="Experiment YAMLs, one run each."),
+    configs: list[Path] = typer.Argument(..., help="Experiment YAMLs, one run each."),
     output_dir: Path = O(Path("results/matrix"), "--output-dir", help="Where matrix.json/.md (and runs/) go."),
-    set_: Optional[List[str]] = O(None, "--set", help=SET_HELP + " Applies to every config."),
+    set_: list[str] | None = O(None, "--set", help=SET_HELP + " Applies to every config."),
 ) -> None:
     """Several experiments and one cross-run table (source, target, family match, before, after, gain)."""
     from codedistill.experiments.matrix import run_matrix
@@ -54,12 +56,21 @@ def matrix_command(
 @friendly_errors
 def ablate_command(
     config: Path = typer.Argument(..., help="The full method's config (the reference)."),
-    variants: str = O("all", "--variants", help="Comma-separated variant names, or all (every variant that "
-                      "applies). Unknown names list the valid ones."),
-    output_dir: Path = O(Path("results/ablation"), "--output-dir", help="OUT: variants/<name>/, ablation.json/.md, plots/."),
-    set_: Optional[List[str]] = O(None, "--set", help=SET_HELP + " Applies to every variant."),
-    table_only: bool = O(False, "--table-only", help="Run nothing: tabulate the variants whose run "
-                         "directories are finished (e.g. while or after other workers run the rest)."),
+    variants: str = O(
+        "all",
+        "--variants",
+        help="Comma-separated variant names, or all (every variant that applies). Unknown names list the valid ones.",
+    ),
+    output_dir: Path = O(
+        Path("results/ablation"), "--output-dir", help="OUT: variants/<name>/, ablation.json/.md, plots/."
+    ),
+    set_: list[str] | None = O(None, "--set", help=SET_HELP + " Applies to every variant."),
+    table_only: bool = O(
+        False,
+        "--table-only",
+        help="Run nothing: tabulate the variants whose run "
+        "directories are finished (e.g. while or after other workers run the rest).",
+    ),
 ) -> None:
     """Step 3: ablations of BTP's components, sharing generations; a table with paired CIs."""
     from codedistill.experiments.ablate import run_ablation
@@ -73,22 +84,42 @@ def ablate_command(
 def sweep_command(
     config: Path = typer.Argument(..., help="The config whose settings are searched around."),
     trials: int = O(20, "--trials", min=1, help="Trials in total (finished ones count; rerun to resume)."),
-    output_dir: Path = O(Path("results/sweep"), "--output-dir", help="OUT: trials/<n>/, sweep.json/.md, best.yaml, plots/."),
-    storage: Optional[str] = O(None, "--storage", help="Journal file path (default OUT/optuna_journal.log) or a "
-                               "database URL (postgresql://..., mysql://...) shared by workers on several machines."),
-    study_name: Optional[str] = O(None, "--study-name", help="Default: btp-sweep-<config name>."),
-    cache_dir: Optional[Path] = O(None, "--cache-dir", help="Generation cache (default OUT/cache); point it at an "
-                                  "ablation's OUT/cache to reuse its generations."),
-    set_: Optional[List[str]] = O(None, "--set", help=SET_HELP),
-    evaluate_best: bool = O(True, "--evaluate-best/--no-evaluate-best", help="Evaluate the best trial on the test split."),
+    output_dir: Path = O(
+        Path("results/sweep"), "--output-dir", help="OUT: trials/<n>/, sweep.json/.md, best.yaml, plots/."
+    ),
+    storage: str | None = O(
+        None,
+        "--storage",
+        help="Journal file path (default OUT/optuna_journal.log) or a "
+        "database URL (postgresql://..., mysql://...) shared by workers on several machines.",
+    ),
+    study_name: str | None = O(None, "--study-name", help="Default: btp-sweep-<config name>."),
+    cache_dir: Path | None = O(
+        None,
+        "--cache-dir",
+        help="Generation cache (default OUT/cache); point it at an ablation's OUT/cache to reuse its generations.",
+    ),
+    set_: list[str] | None = O(None, "--set", help=SET_HELP),
+    evaluate_best: bool = O(
+        True, "--evaluate-best/--no-evaluate-best", help="Evaluate the best trial on the test split."
+    ),
 ) -> None:
     """Step 4: Optuna (TPE) over sampling alpha, p2 alpha, replay size, lr, LoRA rank, epochs,
     beam width; objective: validation pass@1; the best trial evaluated once on test."""
     from codedistill.experiments.run import parse_sets
     from codedistill.experiments.sweep import run_sweep
 
-    run_sweep(config, output_dir, trials, storage=storage, overrides=parse_sets(set_), cache_dir=cache_dir,
-              study_name=study_name, evaluate_best=evaluate_best, log=_log)
+    run_sweep(
+        config,
+        output_dir,
+        trials,
+        storage=storage,
+        overrides=parse_sets(set_),
+        cache_dir=cache_dir,
+        study_name=study_name,
+        evaluate_best=evaluate_best,
+        log=_log,
+    )
     typer.echo((output_dir / "sweep.md").read_text())
 
 
@@ -99,8 +130,9 @@ def _app(name: str, fn) -> typer.Typer:
 
 
 def main_ablate(argv: list[str] | None = None) -> None:
-    _app("ablate", ablate_command)(list(sys.argv[1:] if argv is None else argv),
-                                   prog_name="step3_ablation_experiment.py")
+    _app("ablate", ablate_command)(
+        list(sys.argv[1:] if argv is None else argv), prog_name="step3_ablation_experiment.py"
+    )
 
 
 def main_sweep(argv: list[str] | None = None) -> None:

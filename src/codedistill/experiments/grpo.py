@@ -24,13 +24,13 @@ from typing import Any
 from codedistill.btp.config import BTPConfig
 from codedistill.btp.phases.finetune import train_settings
 from codedistill.btp.plan import ResolvedInputs
-from codedistill.report.plots import plot_loss_curves
 from codedistill.btp.runner import open_run_dir, run_experiment
 from codedistill.btp.state import RunState
 from codedistill.errors import ConfigError
 from codedistill.evaluation import execute
 from codedistill.models.loading import load_causal_lm, load_tokenizer
 from codedistill.prompts import PromptStyle, render_prompt, to_program
+from codedistill.report.plots import plot_loss_curves
 from codedistill.runs import JsonlWriter, derive_seed
 from codedistill.ui import fmt_seconds
 
@@ -87,26 +87,41 @@ def train_grpo(run: RunState, budget: dict[str, int]) -> dict[str, Any]:
     if g < 2:
         raise ConfigError("GRPO needs at least 2 programs per problem (num_beams / num_samples >= 2)")
     prompts_per_step = max(1, min(4, len(inputs.train)))
-    rows = [{"prompt": render_prompt(p, style, tok if style.style == "chat" else None), "task_id": p.task_id}
-            for p in inputs.train]
+    rows = [
+        {"prompt": render_prompt(p, style, tok if style.style == "chat" else None), "task_id": p.task_id}
+        for p in inputs.train
+    ]
     dataset = Dataset.from_list(rows)
     seed = derive_seed(cfg.seed, "grpo")
     settings = train_settings(inputs)
     (it_dir / "grpo_samples.tmp.jsonl").unlink(missing_ok=True)  # a killed earlier start's samples
     reward = PassRateReward(run, it_dir / "grpo_samples.tmp.jsonl")
     model = load_causal_lm(inputs.target_path, inputs.device, inputs.dtype(spec))
-    peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                             target_modules=settings.lora_target_modules, task_type="CAUSAL_LM")
+    peft_config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=settings.lora_target_modules,
+        task_type="CAUSAL_LM",
+    )
     args = _grpo_config(inputs, it_dir, budget, prompts_per_step, seed)
-    trainer: Any = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
-                               processing_class=tok, peft_config=peft_config)
+    trainer: Any = GRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        peft_config=peft_config,
+    )
     # TRL's per-step metrics go to iter_1/grpo_log.jsonl, not to the console (150 dict lines)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_grpo_progress(it_dir / "grpo_log.jsonl", reward.counter))
     t0 = time.time()
-    run.log(f"[grpo] {budget['problems']} problems x {g} programs = {budget['programs']} sampled programs "
-            f"({len(dataset) // prompts_per_step} steps of {g * prompts_per_step})")
+    run.log(
+        f"[grpo] {budget['problems']} problems x {g} programs = {budget['programs']} sampled programs "
+        f"({len(dataset) // prompts_per_step} steps of {g * prompts_per_step})"
+    )
     trainer.train()
     reward.close()
     (it_dir / "grpo_samples.tmp.jsonl").replace(it_dir / "grpo_samples.jsonl")
@@ -120,39 +135,68 @@ def train_grpo(run: RunState, budget: dict[str, int]) -> dict[str, Any]:
             w.write({"step": i + 1, "loss": float(h["loss"]), "reward": h.get("reward")})
     del trainer, model
     torch.manual_seed(0)
-    training = {"method": "grpo", "losses": losses, "steps": len(losses), "seconds": round(time.time() - t0, 2),
-                "seed": seed, "learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,
-                "prompts_per_step": prompts_per_step, "num_generations": g, "beta": 0.0,
-                "rewards": [h.get("reward") for h in hist]}
+    training = {
+        "method": "grpo",
+        "losses": losses,
+        "steps": len(losses),
+        "seconds": round(time.time() - t0, 2),
+        "seed": seed,
+        "learning_rate": cfg.learning_rate,
+        "lora_r": cfg.lora_r,
+        "prompts_per_step": prompts_per_step,
+        "num_generations": g,
+        "beta": 0.0,
+        "rewards": [h.get("reward") for h in hist],
+    }
     return _grpo_stats(inputs, reward.counter, budget, training)
 
 
-def _grpo_config(inputs: ResolvedInputs, it_dir: Path, budget: dict[str, int], prompts_per_step: int,
-                 seed: int) -> Any:
+def _grpo_config(inputs: ResolvedInputs, it_dir: Path, budget: dict[str, int], prompts_per_step: int, seed: int) -> Any:
     from trl import GRPOConfig
 
     cfg = inputs.cfg
     g = budget["num_generations"]
     return GRPOConfig(
-        output_dir=str(it_dir / "grpo_trainer"), per_device_train_batch_size=g * prompts_per_step,
-        gradient_accumulation_steps=1, num_generations=g, max_completion_length=cfg.max_new_tokens,
-        temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, learning_rate=cfg.learning_rate,
-        num_train_epochs=budget.get("rounds", 1), logging_steps=1, save_strategy="no", report_to="none", seed=seed,
-        data_seed=seed, use_cpu=inputs.device == "cpu", bf16=False, fp16=False, disable_tqdm=True,
+        output_dir=str(it_dir / "grpo_trainer"),
+        per_device_train_batch_size=g * prompts_per_step,
+        gradient_accumulation_steps=1,
+        num_generations=g,
+        max_completion_length=cfg.max_new_tokens,
+        temperature=cfg.gen_temperature,
+        top_p=cfg.gen_top_p,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=budget.get("rounds", 1),
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        use_cpu=inputs.device == "cpu",
+        bf16=False,
+        fp16=False,
+        disable_tqdm=True,
         beta=0.0,
     )
 
 
-def _grpo_stats(inputs: ResolvedInputs, counter: dict[str, Any], budget: dict[str, int],
-                training: dict[str, Any]) -> dict[str, Any]:
+def _grpo_stats(
+    inputs: ResolvedInputs, counter: dict[str, Any], budget: dict[str, int], training: dict[str, Any]
+) -> dict[str, Any]:
     """iter_1/stats.json's content (before the evaluation is added)."""
     n = max(1, counter["programs"])
     return {
-        "iteration": 1, "mode": "grpo",
-        "generation": {"target": {"model": inputs.target_spec.alias, "candidates": counter["programs"],
-                                  "generated_new": counter["programs"], "problems": len(inputs.train),
-                                  "share_passing": counter["passed"] / n,
-                                  "mean_pass_rate": counter["reward_sum"] / n}},
+        "iteration": 1,
+        "mode": "grpo",
+        "generation": {
+            "target": {
+                "model": inputs.target_spec.alias,
+                "candidates": counter["programs"],
+                "generated_new": counter["programs"],
+                "problems": len(inputs.train),
+                "share_passing": counter["passed"] / n,
+                "mean_pass_rate": counter["reward_sum"] / n,
+            }
+        },
         "budget": budget,
         "training": training,
     }
@@ -171,8 +215,7 @@ class PassRateReward:
         self.samples_log = JsonlWriter(samples_path)
         self.counter: dict[str, Any] = {"programs": 0, "passed": 0, "reward_sum": 0.0}
 
-    def __call__(self, prompts: list[Any], completions: list[Any], task_id: list[str],
-                 **kw: Any) -> list[float | None]:
+    def __call__(self, prompts: list[Any], completions: list[Any], task_id: list[str], **kw: Any) -> list[float | None]:
         cfg = self.run.inputs.cfg
         pairs, recs = [], []
         for text, tid in zip(completions, task_id):
@@ -197,8 +240,10 @@ def _log_rewards(log: Log, history: list[dict[str, Any]], counter: dict[str, Any
     rw = [float(h["reward"]) for h in history if "reward" in h]
     q = max(1, len(rw) // 10)
     trend = f"; mean reward first {q} steps {sum(rw[:q]) / q:.3f} -> last {q} {sum(rw[-q:]) / q:.3f}" if rw else ""
-    log(f"[grpo] {len(rw)} step{'' if len(rw) == 1 else 's'}, {counter['programs']} programs sampled and tested "
-        f"({counter['passed']} passed) in {fmt_seconds(seconds)}{trend}")
+    log(
+        f"[grpo] {len(rw)} step{'' if len(rw) == 1 else 's'}, {counter['programs']} programs sampled and tested "
+        f"({counter['passed']} passed) in {fmt_seconds(seconds)}{trend}"
+    )
 
 
 def _grpo_progress(path: Any, counter: dict[str, Any]) -> Any:
@@ -225,8 +270,9 @@ def _grpo_progress(path: Any, counter: dict[str, Any]) -> Any:
             if self.bar is not None:
                 self.bar.n = state.global_step
                 if logs and "reward" in logs:
-                    self.bar.set_postfix(reward=f"{float(logs['reward']):.3f}", programs=counter["programs"],
-                                         refresh=False)
+                    self.bar.set_postfix(
+                        reward=f"{float(logs['reward']):.3f}", programs=counter["programs"], refresh=False
+                    )
                 self.bar.refresh()
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -242,8 +288,12 @@ def run_grpo(cfg: BTPConfig, log: Log = print) -> dict[str, Any]:
     """The GRPO baseline as a run directory shaped like a one-iteration BTP run."""
     inputs = ResolvedInputs(cfg.model_copy(update={"n_iterations": 1, "use_lora": True, "mode": "finetune"}))
     budget = grpo_budget(cfg, len(inputs.train))
-    config = {**inputs.cfg.experiment_dict(), "method": "grpo", "grpo": budget,
-              "target_spec": inputs.target_spec.to_dict()}
+    config = {
+        **inputs.cfg.experiment_dict(),
+        "method": "grpo",
+        "grpo": budget,
+        "target_spec": inputs.target_spec.to_dict(),
+    }
     resumed = open_run_dir(inputs, config, kind="grpo")
     log(f"GRPO run in {inputs.out}{' (resuming)' if resumed else ''}")
     outcome = run_experiment(inputs, GRPOStep(budget), log)

@@ -23,29 +23,49 @@ from codedistill.runs import write_json
 Log = Callable[[str], None]
 
 
-def run_matrix(configs: Sequence[str | Path], output_dir: str | Path,
-               overrides: Mapping[str, Any] | None = None, log: Log = print) -> dict[str, Any]:
+def run_matrix(
+    configs: Sequence[str | Path], output_dir: str | Path, overrides: Mapping[str, Any] | None = None, log: Log = print
+) -> dict[str, Any]:
     out = Path(output_dir)
     rows: list[dict[str, Any]] = []
     for path in configs:
-        row: dict[str, Any] = {"config": str(path), "run_dir": None, "source": None, "target": None,
-                               "same_family": None, "dataset": None, "before": None, "after": None,
-                               "gain": None, "status": "pending"}
+        row: dict[str, Any] = {
+            "config": str(path),
+            "run_dir": None,
+            "source": None,
+            "target": None,
+            "same_family": None,
+            "dataset": None,
+            "before": None,
+            "after": None,
+            "gain": None,
+            "status": "pending",
+        }
         try:
             raw = load_config_file(path)
-            odir = None if raw.get("output_dir") or (overrides or {}).get("output_dir") else \
-                out / "runs" / Path(path).stem
+            odir = (
+                None if raw.get("output_dir") or (overrides or {}).get("output_dir") else out / "runs" / Path(path).stem
+            )
             cfg = load_experiment(path, overrides, output_dir=odir)
             src = resolve_model(cfg.source_model, cfg.source_variant)
             tgt = resolve_model(cfg.target_model, cfg.target_variant)
-            row.update(run_dir=str(cfg.output_dir), source=src.alias, target=tgt.alias,
-                       same_family=src.family == tgt.family, dataset=cfg.dataset)
+            row.update(
+                run_dir=str(cfg.output_dir),
+                source=src.alias,
+                target=tgt.alias,
+                same_family=src.family == tgt.family,
+                dataset=cfg.dataset,
+            )
             log(f"=== matrix: {path} ({src.alias} -> {tgt.alias})")
             comp = run_experiment(cfg, log=log)
             e = comp["datasets"][cfg.dataset]
-            row.update(before=e["target_before"]["pass@1"], after=e["target_after"]["pass@1"],
-                       gain=e["improvement"]["pass@1"], status="done",
-                       eval_protocol=cfg.eval_protocol)
+            row.update(
+                before=e["target_before"]["pass@1"],
+                after=e["target_after"]["pass@1"],
+                gain=e["improvement"]["pass@1"],
+                status="done",
+                eval_protocol=cfg.eval_protocol,
+            )
         except Exception as e:  # noqa: BLE001 - one failing pairing does not stop the matrix
             row["status"] = f"failed: {type(e).__name__}: {e}"
             log(f"{path}: {row['status']}")
@@ -57,16 +77,22 @@ def run_matrix(configs: Sequence[str | Path], output_dir: str | Path,
 def write_outputs(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     summary = {"kind": "matrix", "rows": rows}
     write_json(out / "matrix.json", summary)
-    lines = ["# BTP across pairings", "",
-             "pass@1 of the target on the training dataset's held-out split, before and after BTP "
-             "(95% bootstrap CI); gain: paired bootstrap over the same problems.", "",
-             "| config | source | target | same family | dataset | before | after | gain | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# BTP across pairings",
+        "",
+        "pass@1 of the target on the training dataset's held-out split, before and after BTP "
+        "(95% bootstrap CI); gain: paired bootstrap over the same problems.",
+        "",
+        "| config | source | target | same family | dataset | before | after | gain | status |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         fam = "-" if r["same_family"] is None else ("yes" if r["same_family"] else "no")
-        lines.append(f"| {Path(r['config']).name} | {r['source'] or '-'} | {r['target'] or '-'} | {fam} | "
-                     f"{r['dataset'] or '-'} | {fmt_metric(r['before'])} | {fmt_metric(r['after'])} | "
-                     f"{fmt_diff(r['gain'])} | {r['status']} |")
+        lines.append(
+            f"| {Path(r['config']).name} | {r['source'] or '-'} | {r['target'] or '-'} | {fam} | "
+            f"{r['dataset'] or '-'} | {fmt_metric(r['before'])} | {fmt_metric(r['after'])} | "
+            f"{fmt_diff(r['gain'])} | {r['status']} |"
+        )
     (out / "matrix.md").parent.mkdir(parents=True, exist_ok=True)
     (out / "matrix.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return summary

@@ -45,16 +45,18 @@ def parse_sets(items: Iterable[str] | None) -> dict[str, Any]:
 def check_keys(values: Mapping[str, Any], where: str) -> None:
     bad = sorted(k for k in values if k.replace("-", "_") not in BTPConfig.model_fields)
     if bad:
-        raise ConfigError(f"{where}: unknown setting(s) {', '.join(bad)}; valid keys: "
-                          f"{', '.join(sorted(BTPConfig.model_fields))}")
+        raise ConfigError(
+            f"{where}: unknown setting(s) {', '.join(bad)}; valid keys: {', '.join(sorted(BTPConfig.model_fields))}"
+        )
 
 
 def default_run_dir(config_path: str | Path) -> Path:
     return Path("results") / "run" / Path(config_path).stem
 
 
-def load_experiment(config_path: str | Path, overrides: Mapping[str, Any] | None = None,
-                    output_dir: str | Path | None = None) -> BTPConfig:
+def load_experiment(
+    config_path: str | Path, overrides: Mapping[str, Any] | None = None, output_dir: str | Path | None = None
+) -> BTPConfig:
     """The resolved BTPConfig of a config file + overrides (output dir: flag > YAML/--set >
     results/run/<config stem>)."""
     values = load_config_file(config_path)
@@ -88,7 +90,9 @@ def summary_lines(comparison: Mapping[str, Any]) -> list[str]:
     lines = []
     for ds, e in comparison["datasets"].items():
         for k, imp in e["improvement"].items():
-            lines.append(f"{ds} {k}: target {fmt_metric(e['target_before'].get(k))} -> "
-                         f"{fmt_metric(e['target_after'].get(k))}, gain {fmt_diff(imp)}"
-                         + (f"; source {fmt_metric(e['source'].get(k))}" if "source" in e else ""))
+            lines.append(
+                f"{ds} {k}: target {fmt_metric(e['target_before'].get(k))} -> "
+                f"{fmt_metric(e['target_after'].get(k))}, gain {fmt_diff(imp)}"
+                + (f"; source {fmt_metric(e['source'].get(k))}" if "source" in e else "")
+            )
     return lines

@@ -108,8 +108,12 @@ def open_study(name: str, storage: Any, seed: int, n_trials: int) -> Any:
         return optuna.samplers.TPESampler(seed=s, n_startup_trials=min(4, max(1, n_trials // 2)))
 
     study = optuna.create_study(
-        study_name=name, storage=storage, load_if_exists=True, direction="maximize",
-        sampler=sampler(seed), pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+        study_name=name,
+        storage=storage,
+        load_if_exists=True,
+        direction="maximize",
+        sampler=sampler(seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
     )
     if study.trials:
         study.sampler = sampler(seed + len(study.trials))
@@ -129,8 +133,10 @@ def recover_interrupted(study: Any, log: Log) -> int:
         study.tell(t.number, state=TrialState.FAIL)
         run_no = t.user_attrs.get("run_number", t.number)
         study.enqueue_trial(dict(t.params), user_attrs={"run_number": run_no})
-        log(f"trial {t.number} was interrupted (process {t.user_attrs.get('pid')} is gone): enqueued again, "
-            f"resuming trials/{run_no}")
+        log(
+            f"trial {t.number} was interrupted (process {t.user_attrs.get('pid')} is gone): enqueued again, "
+            f"resuming trials/{run_no}"
+        )
         n += 1
     return n
 
@@ -144,17 +150,28 @@ def counted(study: Any) -> int:
     return n
 
 
-def run_sweep(config_path: str | Path, output_dir: str | Path, n_trials: int, storage: str | None = None,
-              overrides: Mapping[str, Any] | None = None, cache_dir: str | Path | None = None,
-              study_name: str | None = None, evaluate_best: bool = True, log: Log = print) -> dict[str, Any]:
+def run_sweep(
+    config_path: str | Path,
+    output_dir: str | Path,
+    n_trials: int,
+    storage: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    study_name: str | None = None,
+    evaluate_best: bool = True,
+    log: Log = print,
+) -> dict[str, Any]:
     import optuna
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(output_dir)
     cache = str(cache_dir or out / "cache")
-    base = load_experiment(config_path, {**(overrides or {}), "generation_cache": cache,
-                                         "eval_split": "validation"}, output_dir=out / "trials" / "base")
+    base = load_experiment(
+        config_path,
+        {**(overrides or {}), "generation_cache": cache, "eval_split": "validation"},
+        output_dir=out / "trials" / "base",
+    )
     ensure_models(base)
 
     n_train = len(load_problems(base.dataset, "train", data_path=base.data_path, max_problems=base.max_problems))
@@ -172,8 +189,10 @@ def run_sweep(config_path: str | Path, output_dir: str | Path, n_trials: int, st
         run_no = trial.user_attrs.get("run_number", trial.number)
         trial.set_user_attr("run_number", run_no)
         cfg = build_config({**values, **params, "output_dir": str(out / "trials" / str(run_no))}, {})
-        log(f"=== trial {trial.number} (trials/{run_no}): " + ", ".join(f"{k}={v:g}" if isinstance(v, float)
-                                                                         else f"{k}={v}" for k, v in params.items()))
+        log(
+            f"=== trial {trial.number} (trials/{run_no}): "
+            + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+        )
 
         def report(k: int, metrics: Mapping[str, Any]) -> None:
             trial.report(float(metrics[cfg.dataset]["pass@1"]["value"]), k)
@@ -185,33 +204,57 @@ def run_sweep(config_path: str | Path, output_dir: str | Path, n_trials: int, st
 
     left = n_trials - counted(study)
     if left > 0:
-        study.optimize(objective, n_trials=left, catch=(Exception,),
-                       callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,
-                                                                                      TrialState.PRUNED))])
+        study.optimize(
+            objective,
+            n_trials=left,
+            catch=(Exception,),
+            callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED))],
+        )
     return write_sweep(study, out, config_path, base, space, store_name, evaluate_best, log)
 
 
-def write_sweep(study: Any, out: Path, config_path: str | Path, base: BTPConfig, space: Mapping[str, Any],
-                store_name: str, evaluate_best: bool, log: Log) -> dict[str, Any]:
+def write_sweep(
+    study: Any,
+    out: Path,
+    config_path: str | Path,
+    base: BTPConfig,
+    space: Mapping[str, Any],
+    store_name: str,
+    evaluate_best: bool,
+    log: Log,
+) -> dict[str, Any]:
     import yaml
     from optuna.trial import TrialState
 
     trials = []
     for t in study.get_trials(deepcopy=False):
-        trials.append({"number": t.number, "state": t.state.name, "params": dict(t.params), "value": t.value,
-                       "intermediate": {str(k): v for k, v in sorted(t.intermediate_values.items())},
-                       "run_dir": f"trials/{t.user_attrs.get('run_number', t.number)}",
-                       "interrupted": bool(t.user_attrs.get("interrupted"))})
+        trials.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "params": dict(t.params),
+                "value": t.value,
+                "intermediate": {str(k): v for k, v in sorted(t.intermediate_values.items())},
+                "run_dir": f"trials/{t.user_attrs.get('run_number', t.number)}",
+                "interrupted": bool(t.user_attrs.get("interrupted")),
+            }
+        )
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     best = None
     if complete:
         bt = max(complete, key=lambda t: (t.value, -t.number))
-        best = {"number": bt.number, "params": dict(bt.params), "value": bt.value, "test_metrics": None,
-                "run_dir": f"trials/{bt.user_attrs.get('run_number', bt.number)}"}
+        best = {
+            "number": bt.number,
+            "params": dict(bt.params),
+            "value": bt.value,
+            "test_metrics": None,
+            "run_dir": f"trials/{bt.user_attrs.get('run_number', bt.number)}",
+        }
         best_values = {**load_config_file(config_path), **{k: v for k, v in bt.params.items()}}
-        text = (f"# Best of {len(complete)} complete trials of `codedistill sweep {config_path}`: "
-                f"trial {bt.number}, validation pass@1 {bt.value:.4f}\n"
-                + yaml.safe_dump(best_values, sort_keys=False))
+        text = (
+            f"# Best of {len(complete)} complete trials of `codedistill sweep {config_path}`: "
+            f"trial {bt.number}, validation pass@1 {bt.value:.4f}\n" + yaml.safe_dump(best_values, sort_keys=False)
+        )
         (out / "best.yaml").write_text(text, encoding="utf-8")
         if evaluate_best:
             best["test_metrics"], best["test_run_dir"] = evaluate_on_test(out, base, bt, best["run_dir"], log)
@@ -224,10 +267,18 @@ def write_sweep(study: Any, out: Path, config_path: str | Path, base: BTPConfig,
             importances = {k: float(v) for k, v in optuna.importance.get_param_importances(study, evaluator=ev).items()}
         except Exception as e:  # noqa: BLE001 - importance needs enough varied trials
             log(f"parameter importance not computed: {e}")
-    summary = {"kind": "sweep", "objective": OBJECTIVE, "direction": "maximize", "storage": store_name,
-               "study_name": study.study_name, "base_config": str(config_path),
-               "search_space": {k: describe(v) for k, v in space.items()},
-               "trials": trials, "best": best, "importances": importances}
+    summary = {
+        "kind": "sweep",
+        "objective": OBJECTIVE,
+        "direction": "maximize",
+        "storage": store_name,
+        "study_name": study.study_name,
+        "base_config": str(config_path),
+        "search_space": {k: describe(v) for k, v in space.items()},
+        "trials": trials,
+        "best": best,
+        "importances": importances,
+    }
     write_json(out / "sweep.json", summary)
     (out / "sweep.md").write_text(sweep_markdown(summary), encoding="utf-8")
     try:
@@ -251,28 +302,38 @@ def evaluate_on_test(out: Path, base: BTPConfig, bt: Any, trial_dir: str, log: L
     log(f"=== best trial {bt.number} on the test split (evaluation only)")
     comp = run_btp(cfg, log=log)
     e = comp["datasets"][cfg.dataset]
-    return ({k: v for k, v in e["target_after"].items() if k.startswith("pass@")},
-            str(dest.relative_to(out)))
+    return ({k: v for k, v in e["target_after"].items() if k.startswith("pass@")}, str(dest.relative_to(out)))
 
 
 def sweep_markdown(s: Mapping[str, Any]) -> str:
     names = list(s["search_space"])
-    lines = [f"# Hyperparameter search: {s['base_config']}", "",
-             f"- objective: {s['objective']} (maximize); storage {s['storage']}; study {s['study_name']}", ""]
+    lines = [
+        f"# Hyperparameter search: {s['base_config']}",
+        "",
+        f"- objective: {s['objective']} (maximize); storage {s['storage']}; study {s['study_name']}",
+        "",
+    ]
     lines += ["| parameter | searched |", "|---|---|"] + [f"| {k} | {v} |" for k, v in s["search_space"].items()]
     lines += ["", "| trial | state | value | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for t in s["trials"]:
         val = f"{t['value']:.4f}" if t["value"] is not None else "-"
-        ps = [(f"{t['params'][k]:.4g}" if isinstance(t["params"].get(k), float) else str(t["params"].get(k, "-")))
-              for k in names]
-        lines.append(f"| {t['number']} | {t['state']}{' (interrupted)' if t.get('interrupted') else ''} | {val} | "
-                     + " | ".join(ps) + " |")
+        ps = [
+            (f"{t['params'][k]:.4g}" if isinstance(t["params"].get(k), float) else str(t["params"].get(k, "-")))
+            for k in names
+        ]
+        lines.append(
+            f"| {t['number']} | {t['state']}{' (interrupted)' if t.get('interrupted') else ''} | {val} | "
+            + " | ".join(ps)
+            + " |"
+        )
     b = s.get("best")
     if b:
         lines += ["", f"Best: trial {b['number']}, validation pass@1 {b['value']:.4f}."]
         if b.get("test_metrics"):
-            lines.append("Test split (evaluated once): " + ", ".join(f"{k} {fmt_metric(v)}"
-                                                                  for k, v in b["test_metrics"].items()))
+            lines.append(
+                "Test split (evaluated once): "
+                + ", ".join(f"{k} {fmt_metric(v)}" for k, v in b["test_metrics"].items())
+            )
     if s.get("importances"):
         lines += ["", "Importance (PED-ANOVA): " + ", ".join(f"{k} {v:.3f}" for k, v in s["importances"].items())]
     return "\n".join(lines) + "\n"

@@ -14,7 +14,7 @@ Call :func:`close_generator` when a phase is done (it stops a vLLM server, frees
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -30,25 +30,28 @@ class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     base_url: list[str] = Field(default_factory=list, description="OpenAI-compatible endpoint(s), load-balanced")
-    api_key_env: Optional[str] = Field(None, description="environment variable holding the API key")
-    served_model_name: Optional[str] = Field(None, description="model name the server knows (default: registry)")
+    api_key_env: str | None = Field(None, description="environment variable holding the API key")
+    served_model_name: str | None = Field(None, description="model name the server knows (default: registry)")
     concurrency: int = Field(8, ge=1, description="requests in flight at once")
     max_retries: int = Field(8, ge=0)
     request_timeout: float = Field(600.0, gt=0)
-    max_n: Optional[int] = Field(None, ge=1, description="largest n the server takes in one request")
-    beam_search: Optional[bool] = Field(None, description="server has vLLM's use_beam_search (default: vllm yes, openai no)")
+    max_n: int | None = Field(None, ge=1, description="largest n the server takes in one request")
+    beam_search: bool | None = Field(
+        None, description="server has vLLM's use_beam_search (default: vllm yes, openai no)"
+    )
     fallback_temperature: float = Field(1.0, gt=0, description="sampling temperature that replaces missing beam search")
-    price_input_per_1m: Optional[float] = Field(None, ge=0)
-    price_output_per_1m: Optional[float] = Field(None, ge=0)
+    price_input_per_1m: float | None = Field(None, ge=0)
+    price_output_per_1m: float | None = Field(None, ge=0)
     cache: bool = Field(True, description="cache every answer in the run directory (resume sends nothing twice)")
-    cache_path: Optional[str] = Field(None, description="a response cache file shared by runs (default: "
-                                      "generation_cache.sqlite in the run directory)")
+    cache_path: str | None = Field(
+        None, description="a response cache file shared by runs (default: generation_cache.sqlite in the run directory)"
+    )
     # vLLM server
-    vllm_python: Optional[str] = Field(None, description="interpreter of the vLLM environment (default .venv-vllm)")
+    vllm_python: str | None = Field(None, description="interpreter of the vLLM environment (default .venv-vllm)")
     tensor_parallel_size: int = Field(1, ge=1)
     data_parallel_size: int = Field(1, ge=1)
-    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1)
-    max_model_len: Optional[int] = Field(None, ge=16)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=16)
     startup_timeout: float = Field(900.0, gt=0)
     kv_cache_gib: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
     extra_args: list[str] = Field(default_factory=list, description="more vLLM server flags")
@@ -86,9 +89,11 @@ def beam_fallback_note(alias: str, backend: str, serving: ServingConfig, num_bea
     """The plain-words note for config.json and the report, or None when beams are real."""
     if has_beam_search(backend, serving):
         return None
-    return (f"{alias} is reached through an OpenAI-compatible API ({backend}) without beam search: its beam "
-            f"phase draws {num_beams} samples per problem at temperature {serving.fallback_temperature:g} "
-            "instead of returning beams")
+    return (
+        f"{alias} is reached through an OpenAI-compatible API ({backend}) without beam search: its beam "
+        f"phase draws {num_beams} samples per problem at temperature {serving.fallback_temperature:g} "
+        "instead of returning beams"
+    )
 
 
 def describe(spec: Any, backend: str, serving: ServingConfig) -> dict[str, Any]:
@@ -133,24 +138,37 @@ def make_generator(
     dtype = spec.dtype if dtype in (None, "auto") else dtype
     base_special = spec.prompt_style == "base"
     if backend == "openai":
-        from codedistill.generation.openai_api import (OpenAIGenerator, OpenAISettings, Pricing, RetryPolicy,
-                                                       ServerFeatures)
+        from codedistill.generation.openai_api import (
+            OpenAIGenerator,
+            OpenAISettings,
+            Pricing,
+            RetryPolicy,
+            ServerFeatures,
+        )
 
         if adapter:
-            raise ConfigError("a LoRA adapter cannot be attached to a remote OpenAI endpoint; use --backend vllm "
-                              "(it serves the adapter) or hf.")
+            raise ConfigError(
+                "a LoRA adapter cannot be attached to a remote OpenAI endpoint; use --backend vllm "
+                "(it serves the adapter) or hf."
+            )
         urls = serving.base_url or ([spec.base_url] if getattr(spec, "base_url", None) else [])
         if not urls:
             raise ConfigError(f"{spec.alias}: --backend openai needs --base-url (the server's /v1 address).")
         served_name = serving.served_model_name or getattr(spec, "served_name", None) or spec.path
         settings = OpenAISettings(
-            name=name, prompt_style=spec.prompt_style,
-            api_key_env=serving.api_key_env or getattr(spec, "api_key_env", None), concurrency=serving.concurrency,
-            require_logprobs=require_logprobs, fallback_temperature=serving.fallback_temperature,
-            cache_path=cache_path if serving.cache else None, model_id=f"openai:{served_name}",
+            name=name,
+            prompt_style=spec.prompt_style,
+            api_key_env=serving.api_key_env or getattr(spec, "api_key_env", None),
+            concurrency=serving.concurrency,
+            require_logprobs=require_logprobs,
+            fallback_temperature=serving.fallback_temperature,
+            cache_path=cache_path if serving.cache else None,
+            model_id=f"openai:{served_name}",
             retry=RetryPolicy(max_retries=serving.max_retries, timeout=serving.request_timeout),
-            server=ServerFeatures(max_n=serving.max_n if serving.max_n is not None else getattr(spec, "max_n", None),
-                                  beam_search=has_beam_search(backend, serving)),
+            server=ServerFeatures(
+                max_n=serving.max_n if serving.max_n is not None else getattr(spec, "max_n", None),
+                beam_search=has_beam_search(backend, serving),
+            ),
             pricing=Pricing(serving.price_input_per_1m, serving.price_output_per_1m),
         )
         return OpenAIGenerator(served_name, urls, settings)
@@ -161,17 +179,28 @@ def make_generator(
         from codedistill.generation.vllm import VLLMGenerator
 
         server_kwargs = dict(
-            python=serving.vllm_python, dtype=dtype if dtype != "auto" else "auto",
-            tensor_parallel_size=serving.tensor_parallel_size, data_parallel_size=serving.data_parallel_size,
-            gpu_memory_utilization=serving.gpu_memory_utilization, max_model_len=serving.max_model_len,
-            extra_args=serving.extra_args, startup_timeout=serving.startup_timeout, kv_cache_gib=serving.kv_cache_gib,
+            python=serving.vllm_python,
+            dtype=dtype if dtype != "auto" else "auto",
+            tensor_parallel_size=serving.tensor_parallel_size,
+            data_parallel_size=serving.data_parallel_size,
+            gpu_memory_utilization=serving.gpu_memory_utilization,
+            max_model_len=serving.max_model_len,
+            extra_args=serving.extra_args,
+            startup_timeout=serving.startup_timeout,
+            kv_cache_gib=serving.kv_cache_gib,
             log_path=log_path,
         )
         return VLLMGenerator(
-            str(path), name, served_name=serving.served_model_name or spec.alias, adapter=adapter,
-            add_special_tokens=base_special, cache_path=cache_path if serving.cache else None,
-            require_logprobs=require_logprobs, concurrency=max(serving.concurrency, 16),
-            server_kwargs=server_kwargs, max_retries=min(serving.max_retries, 3),
+            str(path),
+            name,
+            served_name=serving.served_model_name or spec.alias,
+            adapter=adapter,
+            add_special_tokens=base_special,
+            cache_path=cache_path if serving.cache else None,
+            require_logprobs=require_logprobs,
+            concurrency=max(serving.concurrency, 16),
+            server_kwargs=server_kwargs,
+            max_retries=min(serving.max_retries, 3),
             fallback_temperature=serving.fallback_temperature,
         )
     from codedistill.generation.hf import HFGenerator
@@ -186,8 +215,9 @@ def make_generator(
         model = merge_adapter(model, adapter)
         model.eval()
         return HFGenerator(model, tok, name=name, batch_size=batch_size, add_special_tokens=base_special)
-    return HFGenerator.from_pretrained(str(path), name=name, device=device, dtype=dtype, batch_size=batch_size,
-                                       add_special_tokens=base_special)
+    return HFGenerator.from_pretrained(
+        str(path), name=name, device=device, dtype=dtype, batch_size=batch_size, add_special_tokens=base_special
+    )
 
 
 def close_generator(gen: Any) -> None:
@@ -213,8 +243,10 @@ def merge_usage(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
     out = {**a, **{k: v for k, v in b.items() if k not in _COUNTERS}}
     for k in _COUNTERS:
         out[k] = (a.get(k) or 0) + (b.get(k) or 0)
-    out["retries"] = {r: a.get("retries", {}).get(r, 0) + b.get("retries", {}).get(r, 0)
-                      for r in set(a.get("retries", {})) | set(b.get("retries", {}))}
+    out["retries"] = {
+        r: a.get("retries", {}).get(r, 0) + b.get("retries", {}).get(r, 0)
+        for r in set(a.get("retries", {})) | set(b.get("retries", {}))
+    }
     if a.get("cost_usd") is not None or b.get("cost_usd") is not None:
         out["cost_usd"] = (a.get("cost_usd") or 0.0) + (b.get("cost_usd") or 0.0)
     out["fallbacks"] = sorted(set(a.get("fallbacks", [])) | set(b.get("fallbacks", [])))

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -25,8 +26,9 @@ from codedistill.models.loading import default_device, ensure_pad_token, load_ca
 log = logging.getLogger(__name__)
 
 
-def load_model_and_tokenizer(path: str, device: str | None = None, dtype: str = "auto",
-                             trust_remote_code: bool = False) -> tuple[Any, Any]:
+def load_model_and_tokenizer(
+    path: str, device: str | None = None, dtype: str = "auto", trust_remote_code: bool = False
+) -> tuple[Any, Any]:
     """``from_pretrained`` exactly as for a hub model; ``device_map='auto'`` on GPUs; left padding."""
     device = device or default_device()
     tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
@@ -55,7 +57,7 @@ def decode_continuation(tokenizer: Any, ids: Sequence[int], context_ids: Sequenc
         head = tokenizer.decode(ctx, skip_special_tokens=True)
         full = tokenizer.decode(ctx + list(ids), skip_special_tokens=True)
         if full.startswith(head):
-            return full[len(head):]
+            return full[len(head) :]
     return tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
@@ -95,8 +97,9 @@ class HFGenerator:
         self.generated_tokens = 0
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, name: str | None = None, device: str | None = None,
-                        dtype: str = "auto", **kw: Any) -> "HFGenerator":
+    def from_pretrained(
+        cls, path: str | Path, name: str | None = None, device: str | None = None, dtype: str = "auto", **kw: Any
+    ) -> HFGenerator:
         model, tok = load_model_and_tokenizer(str(path), device=device, dtype=dtype)
         return cls(model, tok, name=name or str(path), **kw)
 
@@ -106,8 +109,9 @@ class HFGenerator:
 
     # ---- encoding -----------------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True,
-                             add_special_tokens=self.add_special_tokens)
+        enc = self.tokenizer(
+            list(prompts), return_tensors="pt", padding=True, add_special_tokens=self.add_special_tokens
+        )
         return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
     @staticmethod
@@ -115,8 +119,15 @@ class HFGenerator:
         """Row ``i``'s prompt ids without the left padding."""
         return enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
 
-    def _finish(self, gen_ids: list[int], stop: Sequence[str], token_logprobs: list[float] | None,
-                prompt_index: int, hit_max: bool, context_ids: Sequence[int] = ()) -> Candidate:
+    def _finish(
+        self,
+        gen_ids: list[int],
+        stop: Sequence[str],
+        token_logprobs: list[float] | None,
+        prompt_index: int,
+        hit_max: bool,
+        context_ids: Sequence[int] = (),
+    ) -> Candidate:
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         # drop the EOS that ended generation and the padding after it
@@ -133,19 +144,34 @@ class HFGenerator:
         ids = ids[:m]
         lp = float(sum(token_logprobs[:m])) if token_logprobs is not None else float("nan")
         finish = "stop" if (hit_stop or ended_eos) else ("length" if hit_max else "stop")
-        return Candidate(text=text, num_tokens=m, logprob=lp, prompt_index=prompt_index, raw_text=raw,
-                         finish_reason=finish, meta={"token_ids": ids})
+        return Candidate(
+            text=text,
+            num_tokens=m,
+            logprob=lp,
+            prompt_index=prompt_index,
+            raw_text=raw,
+            finish_reason=finish,
+            meta={"token_ids": ids},
+        )
 
     # ---- sampling -----------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, prompts: Sequence[str], n: int, temperature: float = 0.8, top_p: float = 0.95,
-               max_new_tokens: int = 256, stop: Sequence[str] = (), seed: int | None = None) -> list[list[Candidate]]:
+    def sample(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        max_new_tokens: int = 256,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> list[list[Candidate]]:
         out: list[list[Candidate]] = [[] for _ in prompts]
         if seed is not None:
             torch.manual_seed(seed)
         per_call = max(1, self.batch_size // max(1, n)) if n <= self.batch_size else 1
         for start in range(0, len(prompts), per_call):
-            chunk = list(prompts[start:start + per_call])
+            chunk = list(prompts[start : start + per_call])
             enc = self.encode(chunk)
             plen = enc["input_ids"].shape[1]
             greedy = temperature <= 0
@@ -171,32 +197,55 @@ class HFGenerator:
             for row in range(seqs.shape[0]):
                 pi = start + row // n
                 ids = seqs[row].tolist()
-                cand = self._finish(ids, stop, lps[row].tolist(), pi, hit_max=len(ids) >= max_new_tokens,
-                                    context_ids=self._prompt_ids(enc, row // n))
+                cand = self._finish(
+                    ids,
+                    stop,
+                    lps[row].tolist(),
+                    pi,
+                    hit_max=len(ids) >= max_new_tokens,
+                    context_ids=self._prompt_ids(enc, row // n),
+                )
                 self.generated_tokens += cand.num_tokens
                 out[pi].append(cand)
         return out
 
     # ---- beam search ----------------------------------------------------------------
     @torch.no_grad()
-    def beam_search(self, prompts: Sequence[str], num_beams: int, num_return_sequences: int | None = None,
-                    max_new_tokens: int = 256, stop: Sequence[str] = (), length_penalty: float = 1.0) -> list[list[Candidate]]:
+    def beam_search(
+        self,
+        prompts: Sequence[str],
+        num_beams: int,
+        num_return_sequences: int | None = None,
+        max_new_tokens: int = 256,
+        stop: Sequence[str] = (),
+        length_penalty: float = 1.0,
+    ) -> list[list[Candidate]]:
         nrs = num_return_sequences or num_beams
         if nrs > num_beams:
             raise ValueError("num_return_sequences cannot exceed num_beams")
         out: list[list[Candidate]] = [[] for _ in prompts]
         per_call = max(1, self.batch_size // num_beams)
         for start in range(0, len(prompts), per_call):
-            chunk = list(prompts[start:start + per_call])
+            chunk = list(prompts[start : start + per_call])
             enc = self.encode(chunk)
             plen = enc["input_ids"].shape[1]
             gen = self.model.generate(
-                **enc, do_sample=False, num_beams=num_beams, num_return_sequences=nrs,
-                length_penalty=length_penalty, early_stopping=True, max_new_tokens=max_new_tokens,
-                return_dict_in_generate=True, output_scores=True,
-                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-                stop_strings=list(stop) or None, tokenizer=self.tokenizer if stop else None,
-                temperature=None, top_p=None, top_k=None,
+                **enc,
+                do_sample=False,
+                num_beams=num_beams,
+                num_return_sequences=nrs,
+                length_penalty=length_penalty,
+                early_stopping=True,
+                max_new_tokens=max_new_tokens,
+                return_dict_in_generate=True,
+                output_scores=True,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                stop_strings=list(stop) or None,
+                tokenizer=self.tokenizer if stop else None,
+                temperature=None,
+                top_p=None,
+                top_k=None,
             )
             self.forward_passes += len(gen.scores) if gen.scores is not None else 0
             seqs = gen.sequences[:, plen:]
@@ -205,12 +254,20 @@ class HFGenerator:
                 pi = start + row // nrs
                 ids = seqs[row].tolist()
                 # beam outputs are right-padded with pad after EOS; _finish cuts at EOS
-                c = self._finish(ids, stop, None, pi, hit_max=len(ids) >= max_new_tokens,
-                                 context_ids=self._prompt_ids(enc, row // nrs))
+                c = self._finish(
+                    ids,
+                    stop,
+                    None,
+                    pi,
+                    hit_max=len(ids) >= max_new_tokens,
+                    context_ids=self._prompt_ids(enc, row // nrs),
+                )
                 c.meta["beam_rank"] = row % nrs
                 cands.append(c)
-            prompt_rows = [enc["input_ids"][row // nrs][enc["attention_mask"][row // nrs].bool()].tolist()
-                           for row in range(seqs.shape[0])]
+            prompt_rows = [
+                enc["input_ids"][row // nrs][enc["attention_mask"][row // nrs].bool()].tolist()
+                for row in range(seqs.shape[0])
+            ]
             lps = self.score_tokens(prompt_rows, [c.meta["token_ids"] for c in cands])
             for c, lp in zip(cands, lps):
                 c.logprob = lp
@@ -225,14 +282,14 @@ class HFGenerator:
         res: list[float] = []
         pad = self.tokenizer.pad_token_id
         for s in range(0, len(prompt_ids), max(1, self.batch_size)):
-            P, C = prompt_ids[s:s + self.batch_size], completion_ids[s:s + self.batch_size]
+            P, C = prompt_ids[s : s + self.batch_size], completion_ids[s : s + self.batch_size]
             seqs = [list(p) + list(c) for p, c in zip(P, C)]
             L = max(len(x) for x in seqs)
             ids = torch.full((len(seqs), L), pad, dtype=torch.long)
             mask = torch.zeros((len(seqs), L), dtype=torch.long)
             for i, x in enumerate(seqs):
-                ids[i, L - len(x):] = torch.tensor(x)
-                mask[i, L - len(x):] = 1
+                ids[i, L - len(x) :] = torch.tensor(x)
+                mask[i, L - len(x) :] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
@@ -240,7 +297,7 @@ class HFGenerator:
             lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
             for i, c in enumerate(C):
                 n = len(c)
-                res.append(float(lp[i, L - 1 - n: L - 1].sum()) if n else 0.0)
+                res.append(float(lp[i, L - 1 - n : L - 1].sum()) if n else 0.0)
         return res
 
 

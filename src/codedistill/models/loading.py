@@ -38,8 +38,9 @@ def pick_dtype(name: str, device: str) -> Any:
     return torch.float32
 
 
-def load_causal_lm(path: str | Path, device: str, dtype: str = "auto", spread: bool = False,
-                   trust_remote_code: bool = False) -> Any:
+def load_causal_lm(
+    path: str | Path, device: str, dtype: str = "auto", spread: bool = False, trust_remote_code: bool = False
+) -> Any:
     """``from_pretrained`` on ``device``; ``spread`` (with device ``cuda``) lets accelerate place
     a model larger than one GPU over all GPUs (``device_map='auto'``)."""
     from transformers import AutoModelForCausalLM
@@ -79,8 +80,9 @@ def quiet_transformers() -> None:
     """transformers' and peft's notices that ask nothing of the user, silenced."""
     # transformers 5.x renamed gradient checkpointing; peft and TRL still use the old names on
     # every adapter load and GRPO step (a FutureWarning each, nothing for the user to do)
-    warnings.filterwarnings("ignore", category=FutureWarning,
-                            message=r"`(is_)?gradient_checkpointing\w*` is deprecated")
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning, message=r"`(is_)?gradient_checkpointing\w*` is deprecated"
+    )
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:  # pragma: no cover

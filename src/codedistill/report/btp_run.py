@@ -19,9 +19,11 @@ from codedistill.report.protocol import btp_protocol, comparability
 from codedistill.report.served import served_generation_lines
 from codedistill.results import PairedDifference
 
-PLOTS_LINE = ("Plots: `plots/pass_at_k_<dataset>.png`, `plots/p2value_hist.png`, `plots/sampling_stats.png`, "
-              "`plots/loss_curve.png`. Checkpoints: `iter_K/adapter/` (LoRA) or `iter_K/model/`. "
-              "Full report (Markdown + self-contained HTML): `codedistill report <this directory>`.")
+PLOTS_LINE = (
+    "Plots: `plots/pass_at_k_<dataset>.png`, `plots/p2value_hist.png`, `plots/sampling_stats.png`, "
+    "`plots/loss_curve.png`. Checkpoints: `iter_K/adapter/` (LoRA) or `iter_K/model/`. "
+    "Full report (Markdown + self-contained HTML): `codedistill report <this directory>`."
+)
 
 
 def write_run_report(run_dir: str | Path, elapsed: float | None = None) -> Path:
@@ -30,8 +32,10 @@ def write_run_report(run_dir: str | Path, elapsed: float | None = None) -> Path:
     run_dir = Path(run_dir)
     config, comparison = load_json(run_dir / "config.json"), load_json(run_dir / "comparison.json")
     if not config or not comparison:
-        raise ConfigError(f"{run_dir} is not a finished BTP run (config.json and comparison.json are needed); "
-                          "run it to the end first.")
+        raise ConfigError(
+            f"{run_dir} is not a finished BTP run (config.json and comparison.json are needed); "
+            "run it to the end first."
+        )
     stats = iteration_stats(run_dir, int(comparison["n_iterations"]))
     plot_btp_run(run_dir / "plots", comparison, stats)
     text = run_markdown(config, comparison, stats, elapsed).rstrip("\n")
@@ -44,8 +48,12 @@ def write_run_report(run_dir: str | Path, elapsed: float | None = None) -> Path:
     return path
 
 
-def run_markdown(config: Mapping[str, Any], comparison: Mapping[str, Any], stats: Sequence[Mapping[str, Any]],
-                 elapsed: float | None = None) -> str:
+def run_markdown(
+    config: Mapping[str, Any],
+    comparison: Mapping[str, Any],
+    stats: Sequence[Mapping[str, Any]],
+    elapsed: float | None = None,
+) -> str:
     """The Markdown of report.md (config.json and comparison.json as parsed, stats per iteration)."""
     c = comparison
     lines = [f"# BTP: {c['source_model']} -> {c['target_model']} ({c['mode']})", ""]
@@ -64,25 +72,40 @@ def _overlap_lines(c: Mapping[str, Any]) -> list[str]:
     if c["allow_overlap"]:
         overlap = c["overlapping_train_problems"]
         n = len(overlap)
-        lines += [f"**WARNING: --allow-overlap was given. {n} training problem(s) also appear in the "
-                  f"evaluation sets{': ' + ', '.join(overlap[:10]) if n else ''}. Held-out numbers "
-                  "may be inflated.**", ""]
+        lines += [
+            f"**WARNING: --allow-overlap was given. {n} training problem(s) also appear in the "
+            f"evaluation sets{': ' + ', '.join(overlap[:10]) if n else ''}. Held-out numbers "
+            "may be inflated.**",
+            "",
+        ]
     if c.get("dropped_overlapping_train_problems"):
-        lines += ["Left out of training (also evaluation problems, --drop-overlap): "
-                  f"{', '.join(c['dropped_overlapping_train_problems'])}.", ""]
+        lines += [
+            "Left out of training (also evaluation problems, --drop-overlap): "
+            f"{', '.join(c['dropped_overlapping_train_problems'])}.",
+            "",
+        ]
     near = c.get("near_duplicate_descriptions")
     if near:
-        lines += [f"Note: {len(near)} training problem(s) share their description (not their tests or reference) "
-                  f"with an evaluation problem: {', '.join('/'.join(x) for x in near[:10])}.", ""]
+        lines += [
+            f"Note: {len(near)} training problem(s) share their description (not their tests or reference) "
+            f"with an evaluation problem: {', '.join('/'.join(x) for x in near[:10])}.",
+            "",
+        ]
     return lines
 
 
 def _settings_lines(cfg: Mapping[str, Any], c: Mapping[str, Any], elapsed: float | None) -> list[str]:
-    generation = (f"num_beams {cfg['num_beams']:d}" if cfg["generation"] == "beam"
-                  else f"n={cfg['num_samples']:d}, T={cfg['gen_temperature']:g}")
+    generation = (
+        f"num_beams {cfg['num_beams']:d}"
+        if cfg["generation"] == "beam"
+        else f"n={cfg['num_samples']:d}, T={cfg['gen_temperature']:g}"
+    )
     weights = f", IS weights beta {cfg['is_beta']:g}" if cfg["is_weights"] else ""
-    tuning = (f"LoRA r={cfg['lora_r']:d} alpha={cfg['lora_alpha']:d} dropout={cfg['lora_dropout']:g}"
-              if cfg["use_lora"] else "full")
+    tuning = (
+        f"LoRA r={cfg['lora_r']:d} alpha={cfg['lora_alpha']:d} dropout={cfg['lora_dropout']:g}"
+        if cfg["use_lora"]
+        else "full"
+    )
     lines = [
         f"- training: {cfg['dataset']} train split, {c['n_train_problems']} problems; "
         f"{cfg['generation']} ({generation})",
@@ -103,9 +126,16 @@ def _dataset_lines(config: Mapping[str, Any], c: Mapping[str, Any], ds: str, e: 
     ks = list(e["improvement"])
     proto = btp_protocol(config, c, ds)
     verdict = comparability(proto).describe()
-    lines = [f"## {ds} {proto.split} split ({e['n_problems']} problems)", "",
-             f"Protocol: {proto.describe()}.", "", f"{verdict[:1].upper() + verdict[1:]}.", "",
-             "| model | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks)]
+    lines = [
+        f"## {ds} {proto.split} split ({e['n_problems']} problems)",
+        "",
+        f"Protocol: {proto.describe()}.",
+        "",
+        f"{verdict[:1].upper() + verdict[1:]}.",
+        "",
+        "| model | " + " | ".join(ks) + " |",
+        "|---|" + "---|" * len(ks),
+    ]
 
     def row(label: str, report: Mapping[str, Any]) -> str:
         return f"| {label} | " + " | ".join(fmt_metric(report.get(k)) for k in ks) + " |"
@@ -124,15 +154,20 @@ def _dataset_lines(config: Mapping[str, Any], c: Mapping[str, Any], ds: str, e: 
 
 
 def _iteration_lines(stats: Sequence[Mapping[str, Any]]) -> list[str]:
-    lines = ["## Iterations", "",
-             "| iter | buffer | new | mean P2Value | drawn | unique drawn | fully passing drawn | zero-pass drawn "
-             "| ESS | loss first -> last |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Iterations",
+        "",
+        "| iter | buffer | new | mean P2Value | drawn | unique drawn | fully passing drawn | zero-pass drawn "
+        "| ESS | loss first -> last |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in stats:
         b, sm, t = s["buffer"], s["sampling"], s["training"]
         loss = f"{t['first_loss']:.3f} -> {t['last_loss']:.3f}" if t.get("first_loss") is not None else "-"
-        lines.append(f"| {s['iteration']} | {b['size']} | {b['new_this_iteration']} | "
-                     f"{b['p2value']['mean'] or 0:.3f} | {sm['draws']} | {sm['unique_programs_drawn']} | "
-                     f"{sm['share_fully_passing_drawn']:.1%} | {sm['share_zero_pass_drawn']:.1%} | "
-                     f"{sm['effective_sample_size']:.1f} | {loss} |")
+        lines.append(
+            f"| {s['iteration']} | {b['size']} | {b['new_this_iteration']} | "
+            f"{b['p2value']['mean'] or 0:.3f} | {sm['draws']} | {sm['unique_programs_drawn']} | "
+            f"{sm['share_fully_passing_drawn']:.1%} | {sm['share_zero_pass_drawn']:.1%} | "
+            f"{sm['effective_sample_size']:.1f} | {loss} |"
+        )
     return lines + [""]

@@ -46,8 +46,9 @@ def build_document(run_dirs: Sequence[Path], plot_root: Path) -> tuple[Document,
             sec.blocks.append(Para(f"Directory: {d}; {len(subs)} run(s) inside."))
             for sub in subs:
                 sname = f"{name}/{sub.relative_to(d).as_posix()}"
-                s = SECTION_BUILDERS[detect_kind(sub)](sub, pdir / sub.relative_to(d).as_posix().replace("/", "_"),
-                                                       sname, level=3)
+                s = SECTION_BUILDERS[detect_kind(sub)](
+                    sub, pdir / sub.relative_to(d).as_posix().replace("/", "_"), sname, level=3
+                )
                 sec.blocks += s.blocks
                 sec.summaries += s.summaries
         else:
@@ -55,22 +56,38 @@ def build_document(run_dirs: Sequence[Path], plot_root: Path) -> tuple[Document,
         sections.append(sec)
         summaries += sec.summaries
     if len(summaries) > 1:
-        doc.add(Heading("All runs", 2, anchor="all-runs"),
-                Para("pass@1 with 95% bootstrap CIs; gain = paired difference after - before over the same problems. "
-                     "Rows are comparable with each other only where their protocols match."),
-                cross_run_table(summaries))
+        doc.add(
+            Heading("All runs", 2, anchor="all-runs"),
+            Para(
+                "pass@1 with 95% bootstrap CIs; gain = paired difference after - before over the same problems. "
+                "Rows are comparable with each other only where their protocols match."
+            ),
+            cross_run_table(summaries),
+        )
     for sec in sections:
         doc.blocks += sec.blocks
     return doc, summaries
 
 
 def cross_run_table(summaries: Sequence[Summary]) -> Table:
-    return Table(["run", "models", "protocol", "before pass@1", "after pass@1", "gain [95% CI]",
-                  "published-comparable"],
-                 [[s.name if s.kind.split()[0] in s.name else f"{s.name} ({s.kind})", s.models, s.protocol,
-                   s.before, s.after, s.gain, s.comparable] for s in summaries],
-                 caption="one row per run and evaluation set (protocol: dataset split (problems), shots, decoding)",
-                 name="cross-run", nowrap=(1,))
+    return Table(
+        ["run", "models", "protocol", "before pass@1", "after pass@1", "gain [95% CI]", "published-comparable"],
+        [
+            [
+                s.name if s.kind.split()[0] in s.name else f"{s.name} ({s.kind})",
+                s.models,
+                s.protocol,
+                s.before,
+                s.after,
+                s.gain,
+                s.comparable,
+            ]
+            for s in summaries
+        ],
+        caption="one row per run and evaluation set (protocol: dataset split (problems), shots, decoding)",
+        name="cross-run",
+        nowrap=(1,),
+    )
 
 
 def render_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[str, Path]:

@@ -138,8 +138,7 @@ def _is_num(s: str) -> bool:
     "1e-3", "5.2 s"), not text that starts with one ("3 beams per problem")."""
     s = str(s).strip()
     letters = sum(ch.isalpha() for ch in s)
-    return (bool(s) and (s[0] in _NUMERIC_START or s.endswith("%")) and any(ch.isdigit() for ch in s)
-            and letters <= 3)
+    return bool(s) and (s[0] in _NUMERIC_START or s.endswith("%")) and any(ch.isdigit() for ch in s) and letters <= 3
 
 
 def _img_data_uri(path: Path) -> str:
@@ -188,14 +187,19 @@ def to_html(doc: Document, footer: str = "") -> str:
             parts.append("</tbody></table></div>")
             body.append("".join(parts))
         elif isinstance(b, Figure):
-            body.append(f'<figure><img alt="{e(b.caption)}" src="{_img_data_uri(b.path)}">'
-                        f"<figcaption>{e(b.caption)}</figcaption></figure>")
+            body.append(
+                f'<figure><img alt="{e(b.caption)}" src="{_img_data_uri(b.path)}">'
+                f"<figcaption>{e(b.caption)}</figcaption></figure>"
+            )
     nav = ""
     if len(toc) > 1:
         nav = '<nav class="toc">' + "".join(f'<a href="#{e(a)}">{e(t)}</a>' for a, t in toc) + "</nav>"
     foot = f"<footer>{e(footer)}</footer>" if footer else ""
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{e(doc.title)}</title>"
-            f"<style>{CSS}</style></head><body><main><h1>{e(doc.title)}</h1>{nav}"
-            + "\n".join(body) + foot + "</main></body></html>\n")
-
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{e(doc.title)}</title>'
+        f"<style>{CSS}</style></head><body><main><h1>{e(doc.title)}</h1>{nav}"
+        + "\n".join(body)
+        + foot
+        + "</main></body></html>\n"
+    )

@@ -36,8 +36,14 @@ def _save(plt, fig, out: Path) -> Path:
 def _hist_bars(ax, hist: Mapping[str, Any], **style: Any) -> None:
     """A stored histogram ({"edges", "counts"}) as edge-aligned bars."""
     edges = hist["edges"]
-    ax.bar(edges[:-1], hist["counts"], width=[b - a for a, b in zip(edges[:-1], edges[1:])],
-           align="edge", edgecolor="black", **style)
+    ax.bar(
+        edges[:-1],
+        hist["counts"],
+        width=[b - a for a, b in zip(edges[:-1], edges[1:])],
+        align="edge",
+        edgecolor="black",
+        **style,
+    )
 
 
 def plot_p2value_histograms(stats: Sequence[Mapping[str, Any]], out: Path) -> Path:
@@ -50,8 +56,13 @@ def plot_p2value_histograms(stats: Sequence[Mapping[str, Any]], out: Path) -> Pa
         _hist_bars(ax, st["buffer"]["p2value"]["histogram"], color="tab:blue", label=f"buffer ({st['buffer']['size']})")
         samp = st.get("sampling") or {}
         if samp.get("p2value_drawn"):  # absent in stats.json written before it was recorded
-            _hist_bars(ax, samp["p2value_drawn"]["histogram"], color="tab:orange", alpha=0.75,
-                       label=f"drawn ({samp['draws']}, {samp['method']} alpha {samp['alpha']:g})")
+            _hist_bars(
+                ax,
+                samp["p2value_drawn"]["histogram"],
+                color="tab:orange",
+                alpha=0.75,
+                label=f"drawn ({samp['draws']}, {samp['method']} alpha {samp['alpha']:g})",
+            )
             ax.legend(fontsize=8, loc="upper center")
         ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # head room for the legend
         ax.set_title(f"iteration {st['iteration']}")
@@ -164,9 +175,14 @@ def _sampling_bars(st: Mapping[str, Any], out: Path) -> Path:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 2]})
     drawn_p2 = (sm.get("p2value_drawn") or {}).get("mean")
     groups = ["fully passing", "zero-pass", "mean P2Value"]
-    series = [("buffer", "tab:gray", [b["share_fully_passing"], b["share_zero_pass"], b["p2value"]["mean"] or 0.0]),
-              ("drawn for fine-tuning", "tab:orange",
-               [sm["share_fully_passing_drawn"], sm["share_zero_pass_drawn"], drawn_p2])]
+    series = [
+        ("buffer", "tab:gray", [b["share_fully_passing"], b["share_zero_pass"], b["p2value"]["mean"] or 0.0]),
+        (
+            "drawn for fine-tuning",
+            "tab:orange",
+            [sm["share_fully_passing_drawn"], sm["share_zero_pass_drawn"], drawn_p2],
+        ),
+    ]
     w = 0.38
     for j, (label, color, values) in enumerate(series):
         xs = [i + (j - 0.5) * w for i, v in enumerate(values) if v is not None]
@@ -181,10 +197,19 @@ def _sampling_bars(st: Mapping[str, Any], out: Path) -> Path:
     a1.set_ylabel("share of programs / P2Value")
     a1.set_title(f"iteration {st['iteration']}: buffer vs drawn", fontsize=10)
     a1.legend(fontsize=8, loc="upper center", ncols=2, frameon=False)
-    counts = [("buffer", b["size"]), ("draws", sm["draws"]), ("unique\ndrawn", sm["unique_programs_drawn"]),
-              ("effective\nsample size", sm["effective_sample_size"])]
-    bars = a2.bar(range(len(counts)), [c for _, c in counts],
-                  color=["tab:gray", "tab:purple", "tab:orange", "tab:cyan"], edgecolor="black", linewidth=0.5)
+    counts = [
+        ("buffer", b["size"]),
+        ("draws", sm["draws"]),
+        ("unique\ndrawn", sm["unique_programs_drawn"]),
+        ("effective\nsample size", sm["effective_sample_size"]),
+    ]
+    bars = a2.bar(
+        range(len(counts)),
+        [c for _, c in counts],
+        color=["tab:gray", "tab:purple", "tab:orange", "tab:cyan"],
+        edgecolor="black",
+        linewidth=0.5,
+    )
     a2.bar_label(bars, labels=[f"{c:.0f}" if float(c).is_integer() else f"{c:.1f}" for _, c in counts], fontsize=8)
     a2.set_xticks(range(len(counts)))
     a2.set_xticklabels([n for n, _ in counts], fontsize=8)
@@ -203,16 +228,21 @@ def plot_btp_run(plot_dir: Path, comparison: Mapping[str, Any], stats: Sequence[
     made: dict[str, Path] = {}
     for ds, e in comparison["datasets"].items():
         rows = [("target before", e["target_before"])]
-        rows += [(f"target after iteration {stage.rsplit('iter', 1)[1]}", m)
-                 for stage, m in e.get("target_per_iteration", {}).items() if stage != "target_iter0"]
+        rows += [
+            (f"target after iteration {stage.rsplit('iter', 1)[1]}", m)
+            for stage, m in e.get("target_per_iteration", {}).items()
+            if stage != "target_iter0"
+        ]
         if len(rows) == 1:
             rows.append(("target after", e["target_after"]))
         if "source" in e:
             rows.append(("source", e["source"]))
         made[f"pass_at_k_{ds}"] = plot_pass_at_k(
-            rows, plot_dir / f"pass_at_k_{ds}.png",
+            rows,
+            plot_dir / f"pass_at_k_{ds}.png",
             title=f"{ds} {(e.get('protocol') or {}).get('split', 'test')}, {e['n_problems']} problems: "
-                  "pass@k with 95% bootstrap CI")
+            "pass@k with 95% bootstrap CI",
+        )
     if stats:
         made["p2value_hist"] = plot_p2value_histograms(stats, plot_dir / "p2value_hist.png")
         made["sampling_stats"] = plot_sampling_stats(stats, plot_dir / "sampling_stats.png")
@@ -222,8 +252,14 @@ def plot_btp_run(plot_dir: Path, comparison: Mapping[str, Any], stats: Sequence[
     return made
 
 
-def plot_ablation(variants: Sequence[Mapping[str, Any]], out: Path, metric: str = "pass@1",
-                  reference: str | None = None, title: str = "", baseline: float | None = None) -> Path:
+def plot_ablation(
+    variants: Sequence[Mapping[str, Any]],
+    out: Path,
+    metric: str = "pass@1",
+    reference: str | None = None,
+    title: str = "",
+    baseline: float | None = None,
+) -> Path:
     """Horizontal bars, one per finished variant, coloured by group: ``metric`` with its
     95% CI; the reference (full method) hatched and its value drawn as a vertical line."""
     plt = _plt()
@@ -263,26 +299,29 @@ def plot_ablation(variants: Sequence[Mapping[str, Any]], out: Path, metric: str 
 
         handles: list[Artist] = [Patch(color=gcolor[g], label=g or "-") for g in groups]
         if baseline is not None:
-            handles.append(Line2D([0], [0], color="tab:red", linestyle=":",
-                                  label=f"target before BTP ({baseline:.3f})"))
-        ax.legend(handles=handles, fontsize=7, title="group", title_fontsize=7,
-                  loc="center left", bbox_to_anchor=(1.0, 0.5))
+            handles.append(
+                Line2D([0], [0], color="tab:red", linestyle=":", label=f"target before BTP ({baseline:.3f})")
+            )
+        ax.legend(
+            handles=handles, fontsize=7, title="group", title_fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5)
+        )
     ax.set_title(title or f"ablation: {metric} per variant", fontsize=10)
     return _save(plt, fig, out)
 
 
-def plot_sweep_history(trials: Sequence[Mapping[str, Any]], out: Path, direction: str = "maximize",
-                       objective: str = "objective") -> Path:
+def plot_sweep_history(
+    trials: Sequence[Mapping[str, Any]], out: Path, direction: str = "maximize", objective: str = "objective"
+) -> Path:
     """Objective value per finished trial, pruned trials at their last intermediate value,
     and the best value so far."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    done = sorted((t for t in trials if t.get("state") == "COMPLETE" and t.get("value") is not None),
-                  key=lambda t: t["number"])
+    done = sorted(
+        (t for t in trials if t.get("state") == "COMPLETE" and t.get("value") is not None), key=lambda t: t["number"]
+    )
     pruned = [t for t in trials if t.get("state") == "PRUNED"]
     if done:
-        ax.plot([t["number"] for t in done], [t["value"] for t in done], "o", color="tab:blue",
-                label="complete trial")
+        ax.plot([t["number"] for t in done], [t["value"] for t in done], "o", color="tab:blue", label="complete trial")
         best, xs, ys = None, [], []
         for t in done:
             v = t["value"]
@@ -333,8 +372,9 @@ def plot_importance(importances: Mapping[str, float], out: Path) -> Path:
     return _save(plt, fig, out)
 
 
-def plot_before_after(rows: Sequence[tuple[str, Mapping[str, Any], Mapping[str, Any]]], out: Path,
-                      metric: str = "pass@1", title: str = "") -> Path:
+def plot_before_after(
+    rows: Sequence[tuple[str, Mapping[str, Any], Mapping[str, Any]]], out: Path, metric: str = "pass@1", title: str = ""
+) -> Path:
     """Per run (label, before metrics, after metrics): before and after bars with CIs."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows) + 2), 3.8))
@@ -350,13 +390,15 @@ def plot_before_after(rows: Sequence[tuple[str, Mapping[str, Any], Mapping[str, 
             ys.append(e.value)
             lo.append(e.value - e.low)
             hi.append(e.high - e.value)
-        bars = ax.bar(xs, ys, width=w, yerr=[lo, hi], capsize=3, color=color, label=name,
-                      edgecolor="black", linewidth=0.5)
+        bars = ax.bar(
+            xs, ys, width=w, yerr=[lo, hi], capsize=3, color=color, label=name, edgecolor="black", linewidth=0.5
+        )
         ax.bar_label(bars, labels=[f"{y:.2f}" for y in ys], fontsize=7, padding=2)
     ax.set_xticks(range(len(rows)))
     crowded = len(rows) > 3
-    ax.set_xticklabels([r[0] for r in rows], fontsize=8, rotation=15 if crowded else 0,
-                       ha="right" if crowded else "center")
+    ax.set_xticklabels(
+        [r[0] for r in rows], fontsize=8, rotation=15 if crowded else 0, ha="right" if crowded else "center"
+    )
     ax.set_ylim(0, 1.12)
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel(f"{metric} (95% CI)")

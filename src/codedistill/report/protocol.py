@@ -40,7 +40,7 @@ class Protocol:
     top_p: float | None = None
     num_samples: int = 1
     preset: str | None = None  # "paper" | "sampled" | None (not recorded)
-    method: str = "plain"         # plain | egcfg | beam ...
+    method: str = "plain"  # plain | egcfg | beam ...
     decoding_note: str | None = None  # replaces "greedy"/"sampled, T=..." for other decoders
 
     @property
@@ -69,8 +69,11 @@ class Protocol:
     def short(self) -> str:
         """``mbpp test (500), 3-shot, greedy`` for table cells."""
         n = f" ({self.n_problems})" if self.n_problems is not None else ""
-        dec = ("greedy" if self.greedy else f"T={self.temperature:g} n={self.num_samples}") if self.method in (
-            "plain", "") else f"{self.method} n={self.num_samples}"
+        dec = (
+            ("greedy" if self.greedy else f"T={self.temperature:g} n={self.num_samples}")
+            if self.method in ("plain", "")
+            else f"{self.method} n={self.num_samples}"
+        )
         return f"{self.dataset} {self.split}{n}, {self.shots}-shot, {dec}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,9 +92,11 @@ class Verdict:
         return self.level == "yes"
 
     def describe(self) -> str:
-        head = {"yes": "comparable with published numbers",
-                "partly": "comparable only with papers that use the same sampled protocol",
-                "no": "not comparable with published numbers"}[self.level]
+        head = {
+            "yes": "comparable with published numbers",
+            "partly": "comparable only with papers that use the same sampled protocol",
+            "no": "not comparable with published numbers",
+        }[self.level]
         return head + (": " + "; ".join(self.reasons) if self.reasons else "")
 
 
@@ -99,8 +104,13 @@ def comparability(p: Protocol) -> Verdict:
     """Compare a protocol with the standard published ones (see the module docstring)."""
     ds = p.dataset
     if ds == "synth":
-        return Verdict("no", ["synth is this project's generated benchmark; nothing is published on it. "
-                              "Its numbers compare runs of this project with each other"])
+        return Verdict(
+            "no",
+            [
+                "synth is this project's generated benchmark; nothing is published on it. "
+                "Its numbers compare runs of this project with each other"
+            ],
+        )
     full = FULL_TEST_SIZE.get(ds)
     if full is None:
         return Verdict("no", [f"no published reference protocol is known for {ds!r}"])
@@ -118,10 +128,13 @@ def comparability(p: Protocol) -> Verdict:
         return Verdict("no", no)
     if p.greedy:
         tests = "tasks 2-4 as shots, test tasks 11-510" if ds == "mbpp" else "0-shot"
-        return Verdict("yes", [f"{ds} {tests}, greedy pass@1 on the full test split: the protocol of the "
-                               "published tables"])
-    reasons = [f"sampled at T={p.temperature:g} with n={p.num_samples}; most published {ds} tables report greedy "
-               "pass@1, so compare only with papers reporting sampled pass@k at this temperature"]
+        return Verdict(
+            "yes", [f"{ds} {tests}, greedy pass@1 on the full test split: the protocol of the published tables"]
+        )
+    reasons = [
+        f"sampled at T={p.temperature:g} with n={p.num_samples}; most published {ds} tables report greedy "
+        "pass@1, so compare only with papers reporting sampled pass@k at this temperature"
+    ]
     if p.num_samples < 20:
         reasons.append(f"n={p.num_samples} samples per problem gives a noisy pass@k (Chen et al. use n=200)")
     return Verdict("partly", reasons)
@@ -137,8 +150,7 @@ def _first(*vals: Any) -> Any:
     return None
 
 
-def btp_protocol(config_json: Mapping[str, Any] | None, comparison: Mapping[str, Any] | None,
-                 dataset: str) -> Protocol:
+def btp_protocol(config_json: Mapping[str, Any] | None, comparison: Mapping[str, Any] | None, dataset: str) -> Protocol:
     """The evaluation protocol of one dataset of a BTP run (its before/after numbers).
 
     Reads the recorded values first (a ``protocol`` object in comparison.json, per dataset
@@ -155,17 +167,33 @@ def btp_protocol(config_json: Mapping[str, Any] | None, comparison: Mapping[str,
         rec = {}
     preset = _first(rec.get("preset"), rec.get("eval_protocol"), comp.get("eval_protocol"), cfg.get("eval_protocol"))
     paper = preset == "paper"
-    shots = _first(rec.get("shots"), cfg.get("eval_shots"),
-                   PAPER_SHOTS.get(dataset, 0) if paper else None, cfg.get("shots"), 0)
-    temp = _first(rec.get("temperature"), 0.0 if paper else None, comp.get("eval_temperature"),
-                  cfg.get("eval_temperature"), 0.0)
-    n = _first(rec.get("num_samples"), rec.get("n"), 1 if paper else None, comp.get("eval_num_samples"),
-               cfg.get("eval_num_samples"), 1)
+    shots = _first(
+        rec.get("shots"), cfg.get("eval_shots"), PAPER_SHOTS.get(dataset, 0) if paper else None, cfg.get("shots"), 0
+    )
+    temp = _first(
+        rec.get("temperature"), 0.0 if paper else None, comp.get("eval_temperature"), cfg.get("eval_temperature"), 0.0
+    )
+    n = _first(
+        rec.get("num_samples"),
+        rec.get("n"),
+        1 if paper else None,
+        comp.get("eval_num_samples"),
+        cfg.get("eval_num_samples"),
+        1,
+    )
     split = _first(rec.get("split"), cfg.get("eval_split"), "test")
     n_problems = _first(rec.get("n_problems"), entry.get("n_problems"))
-    return Protocol(dataset=dataset, split=str(split), n_problems=n_problems, shots=int(shots),
-                    temperature=float(temp), top_p=_first(rec.get("top_p"), cfg.get("eval_top_p")),
-                    num_samples=int(n), preset=preset, method=str(rec.get("method", "plain")))
+    return Protocol(
+        dataset=dataset,
+        split=str(split),
+        n_problems=n_problems,
+        shots=int(shots),
+        temperature=float(temp),
+        top_p=_first(rec.get("top_p"), cfg.get("eval_top_p")),
+        num_samples=int(n),
+        preset=preset,
+        method=str(rec.get("method", "plain")),
+    )
 
 
 def baseline_protocol(config_json: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None) -> Protocol:
@@ -183,8 +211,15 @@ def baseline_protocol(config_json: Mapping[str, Any] | None, metrics: Mapping[st
         grid = ", ".join(f"{k} {eg[k]}" for k in ("gammas", "depths", "temperatures") if k in eg)
         n_eg = _first(n, s.get("num_samples"), 1)
         note = f"EG-CFG execution-guided decoding{' (' + grid + ')' if grid else ''}, n={n_eg}"
-    return Protocol(dataset=str(cfg.get("dataset", "?")), split=str(cfg.get("split", "test")),
-                    n_problems=m.get("n_problems"), shots=int(cfg.get("shots", 0) or 0),
-                    temperature=float(_first(s.get("temperature"), 0.0)), top_p=s.get("top_p"),
-                    num_samples=int(_first(n, s.get("num_samples"), 1)),
-                    preset=cfg.get("eval_protocol"), method=method, decoding_note=note)
+    return Protocol(
+        dataset=str(cfg.get("dataset", "?")),
+        split=str(cfg.get("split", "test")),
+        n_problems=m.get("n_problems"),
+        shots=int(cfg.get("shots", 0) or 0),
+        temperature=float(_first(s.get("temperature"), 0.0)),
+        top_p=s.get("top_p"),
+        num_samples=int(_first(n, s.get("num_samples"), 1)),
+        preset=cfg.get("eval_protocol"),
+        method=method,
+        decoding_note=note,
+    )

@@ -29,8 +29,13 @@ from codedistill.report.plots import (
 from codedistill.report.protocol import Protocol, Verdict, baseline_protocol, btp_protocol, comparability
 from codedistill.results import Estimate
 
-RESULT_FILES = {"ablation": "ablation.json", "sweep": "sweep.json", "matrix": "matrix.json",
-                "btp": "comparison.json", "baseline": "metrics.json"}
+RESULT_FILES = {
+    "ablation": "ablation.json",
+    "sweep": "sweep.json",
+    "matrix": "matrix.json",
+    "btp": "comparison.json",
+    "baseline": "metrics.json",
+}
 
 
 @dataclass
@@ -58,8 +63,10 @@ def detect_kind(run_dir: Path) -> str:
     """ablation | sweep | matrix | btp | baseline | experiment (a folder of such runs)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ConfigError(f"{run_dir} is not a directory; pass a run directory (one with comparison.json, "
-                          "metrics.json, ablation.json, sweep.json or matrix.json).")
+        raise ConfigError(
+            f"{run_dir} is not a directory; pass a run directory (one with comparison.json, "
+            "metrics.json, ablation.json, sweep.json or matrix.json)."
+        )
     for kind, name in RESULT_FILES.items():
         if (run_dir / name).exists():
             if kind == "baseline":
@@ -72,10 +79,14 @@ def detect_kind(run_dir: Path) -> str:
     cfg = load_json(run_dir / "config.json")
     if cfg:
         expected = RESULT_FILES.get(cfg.get("kind", ""), "its result file")
-        raise ConfigError(f"{run_dir} holds an unfinished {cfg.get('kind', 'run')} (no {expected} yet): "
-                          "run the same command again to finish it, then report.")
-    raise ConfigError(f"{run_dir} holds no result files (comparison.json, metrics.json, ablation.json, "
-                      "sweep.json or matrix.json); pass a run directory.")
+        raise ConfigError(
+            f"{run_dir} holds an unfinished {cfg.get('kind', 'run')} (no {expected} yet): "
+            "run the same command again to finish it, then report."
+        )
+    raise ConfigError(
+        f"{run_dir} holds no result files (comparison.json, metrics.json, ablation.json, "
+        "sweep.json or matrix.json); pass a run directory."
+    )
 
 
 def child_runs(run_dir: Path, depth: int = 2) -> list[Path]:
@@ -103,8 +114,10 @@ def ks_of(*metrics: Mapping[str, Any] | None) -> list[str]:
 
 def protocol_blocks(p: Protocol, v: Verdict) -> list[Block]:
     text = v.describe()
-    return [Para(f"Protocol: {p.describe()}."),
-            Para(text[0].upper() + text[1:] + ".", {"yes": "ok", "partly": "note", "no": "caution"}[v.level])]
+    return [
+        Para(f"Protocol: {p.describe()}."),
+        Para(text[0].upper() + text[1:] + ".", {"yes": "ok", "partly": "note", "no": "caution"}[v.level]),
+    ]
 
 
 def _provenance(config_json: Mapping[str, Any] | None) -> list[str]:
@@ -142,32 +155,56 @@ def btp_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Sec
     B.append(Para(f"Run directory: {run_dir}"))
     items = []
     if cfg:
-        gen = (f"beam search, {cfg.get('num_beams')} beams" if cfg.get("generation") == "beam" else
-               f"temperature sampling, n={cfg.get('num_samples')}, T={cfg.get('gen_temperature')}")
-        items.append(f"training problems: {comp.get('n_train_problems')} from the "
-                     f"{comp.get('train_dataset', cfg.get('dataset'))} train split; the source generates by {gen}")
+        gen = (
+            f"beam search, {cfg.get('num_beams')} beams"
+            if cfg.get("generation") == "beam"
+            else f"temperature sampling, n={cfg.get('num_samples')}, T={cfg.get('gen_temperature')}"
+        )
+        items.append(
+            f"training problems: {comp.get('n_train_problems')} from the "
+            f"{comp.get('train_dataset', cfg.get('dataset'))} train split; the source generates by {gen}"
+        )
         p2a = cfg.get("p2_alpha")
         if p2a is not None:
-            items.append(f"replay: P2Value = {p2a:g}*P + {1 - p2a:g}*pass_rate; sampling {cfg.get('sampling_method')} "
-                         f"(alpha {cfg.get('sampling_alpha')}); draws per iteration "
-                         f"{cfg.get('replay_size') or 'buffer size'}")
+            items.append(
+                f"replay: P2Value = {p2a:g}*P + {1 - p2a:g}*pass_rate; sampling {cfg.get('sampling_method')} "
+                f"(alpha {cfg.get('sampling_alpha')}); draws per iteration "
+                f"{cfg.get('replay_size') or 'buffer size'}"
+            )
         ft = f"LoRA r={cfg.get('lora_r')} alpha={cfg.get('lora_alpha')}" if cfg.get("use_lora") else "full fine-tuning"
-        items.append(f"fine-tuning: {ft}, lr {cfg.get('learning_rate')}, {cfg.get('epochs')} epoch(s) per iteration, "
-                     f"batch {cfg.get('train_batch_size')}, {comp.get('n_iterations')} iteration(s), "
-                     f"seed {comp.get('seed', cfg.get('seed'))}")
+        items.append(
+            f"fine-tuning: {ft}, lr {cfg.get('learning_rate')}, {cfg.get('epochs')} epoch(s) per iteration, "
+            f"batch {cfg.get('train_batch_size')}, {comp.get('n_iterations')} iteration(s), "
+            f"seed {comp.get('seed', cfg.get('seed'))}"
+        )
     items += _provenance(config)
     B.append(Bullets(items))
     if comp.get("allow_overlap"):
         ov = comp.get("overlapping_train_problems") or []
-        B.append(Para(f"--allow-overlap was given: {len(ov)} training problem(s) are also evaluation problems "
-                      f"({', '.join(ov[:10])}). Held-out numbers may be inflated.", "warn"))
+        B.append(
+            Para(
+                f"--allow-overlap was given: {len(ov)} training problem(s) are also evaluation problems "
+                f"({', '.join(ov[:10])}). Held-out numbers may be inflated.",
+                "warn",
+            )
+        )
     if comp.get("dropped_overlapping_train_problems"):
-        B.append(Para("Left out of training (also evaluation problems): "
-                      + ", ".join(comp["dropped_overlapping_train_problems"]), "note"))
+        B.append(
+            Para(
+                "Left out of training (also evaluation problems): "
+                + ", ".join(comp["dropped_overlapping_train_problems"]),
+                "note",
+            )
+        )
     if comp.get("near_duplicate_descriptions"):
         nd = comp["near_duplicate_descriptions"]
-        B.append(Para(f"{len(nd)} training problem(s) share their description (not tests or reference) with an "
-                      f"evaluation problem: {', '.join('/'.join(x) for x in nd[:10])}.", "note"))
+        B.append(
+            Para(
+                f"{len(nd)} training problem(s) share their description (not tests or reference) with an "
+                f"evaluation problem: {', '.join('/'.join(x) for x in nd[:10])}.",
+                "note",
+            )
+        )
     figs = plot_btp_run(plot_dir, comp, stats)
     for ds, e in comp["datasets"].items():
         proto = btp_protocol(config, comp, ds)
@@ -182,62 +219,150 @@ def btp_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Sec
                 rows.append([f"target after iteration {stage.rsplit('iter', 1)[1]}"] + [_cell(m, k) for k in ks])
         if e.get("source"):
             rows.append([f"source ({src})"] + [_cell(e["source"], k) for k in ks])
-        B.append(Table(["model"] + ks, rows, caption="pass@k with 95% bootstrap CI over problems",
-                       name=f"btp-passk-{ds}"))
+        B.append(
+            Table(["model"] + ks, rows, caption="pass@k with 95% bootstrap CI over problems", name=f"btp-passk-{ds}")
+        )
         imp_rows = []
         for k, imp in (e.get("improvement") or {}).items():
             p = imp.get("p_value_no_improvement")
-            imp_rows.append([k, fmt_num(imp.get("before")), fmt_num(imp.get("after")), fmt_diff(imp),
-                             fmt_num(p), str(imp.get("n_problems", "-"))])
+            imp_rows.append(
+                [
+                    k,
+                    fmt_num(imp.get("before")),
+                    fmt_num(imp.get("after")),
+                    fmt_diff(imp),
+                    fmt_num(p),
+                    str(imp.get("n_problems", "-")),
+                ]
+            )
         if imp_rows:
-            B.append(Table(["metric", "before", "after", "after - before [95% CI]", "p(no improvement)", "problems"],
-                           imp_rows,
-                           caption="paired bootstrap over the same problems (last iteration vs the base target)",
-                           name=f"btp-improvement-{ds}"))
+            B.append(
+                Table(
+                    ["metric", "before", "after", "after - before [95% CI]", "p(no improvement)", "problems"],
+                    imp_rows,
+                    caption="paired bootstrap over the same problems (last iteration vs the base target)",
+                    name=f"btp-improvement-{ds}",
+                )
+            )
         if f"pass_at_k_{ds}" in figs:
-            B.append(Figure(figs[f"pass_at_k_{ds}"], f"{ds}: pass@k of the target before and after each iteration, "
-                            "and of the source; error bars are 95% bootstrap CIs"))
+            B.append(
+                Figure(
+                    figs[f"pass_at_k_{ds}"],
+                    f"{ds}: pass@k of the target before and after each iteration, "
+                    "and of the source; error bars are 95% bootstrap CIs",
+                )
+            )
         k1 = "pass@1" if "pass@1" in ks else (ks[0] if ks else None)
         if k1:
             imp = (e.get("improvement") or {}).get(k1)
-            sec.summaries.append(Summary(
-                name=name, kind="btp", models=f"{src} -> {tgt}", dataset=ds, protocol=proto.short(),
-                comparable=verdict.level, before=_cell(e["target_before"], k1),
-                after=_cell(e["target_after"], k1), gain=fmt_diff(imp) if imp else "-"))
+            sec.summaries.append(
+                Summary(
+                    name=name,
+                    kind="btp",
+                    models=f"{src} -> {tgt}",
+                    dataset=ds,
+                    protocol=proto.short(),
+                    comparable=verdict.level,
+                    before=_cell(e["target_before"], k1),
+                    after=_cell(e["target_after"], k1),
+                    gain=fmt_diff(imp) if imp else "-",
+                )
+            )
     if stats:
         B.append(Heading("Iterations", level + 1))
         rows = []
         for s in stats:
             b, sm, t = s["buffer"], s["sampling"], s.get("training") or {}
-            fl = (f"{t['first_loss']:.3f} -> {t['last_loss']:.3f}" if t.get("first_loss") is not None else "-")
-            rows.append([str(s["iteration"]), str(b["size"]), str(b["new_this_iteration"]),
-                         fmt_num(b["p2value"].get("mean")), str(sm["draws"]), str(sm["unique_programs_drawn"]),
-                         fmt_pct(sm["share_fully_passing_drawn"]), fmt_pct(sm["share_zero_pass_drawn"]),
-                         fmt_num(sm["effective_sample_size"], 1), fl])
-        B.append(Table(["iteration", "buffer", "new", "mean P2Value", "drawn", "unique drawn", "fully passing drawn",
-                        "zero-pass drawn", "ESS", "loss first -> last"], rows,
-                       caption="replay buffer and prioritized sampling per iteration", name="btp-iterations"))
+            fl = f"{t['first_loss']:.3f} -> {t['last_loss']:.3f}" if t.get("first_loss") is not None else "-"
+            rows.append(
+                [
+                    str(s["iteration"]),
+                    str(b["size"]),
+                    str(b["new_this_iteration"]),
+                    fmt_num(b["p2value"].get("mean")),
+                    str(sm["draws"]),
+                    str(sm["unique_programs_drawn"]),
+                    fmt_pct(sm["share_fully_passing_drawn"]),
+                    fmt_pct(sm["share_zero_pass_drawn"]),
+                    fmt_num(sm["effective_sample_size"], 1),
+                    fl,
+                ]
+            )
+        B.append(
+            Table(
+                [
+                    "iteration",
+                    "buffer",
+                    "new",
+                    "mean P2Value",
+                    "drawn",
+                    "unique drawn",
+                    "fully passing drawn",
+                    "zero-pass drawn",
+                    "ESS",
+                    "loss first -> last",
+                ],
+                rows,
+                caption="replay buffer and prioritized sampling per iteration",
+                name="btp-iterations",
+            )
+        )
         grows = []
         for s in stats:
             for role, g in (s.get("generation") or {}).items():
-                grows.append([str(s["iteration"]), role, str(g.get("model")), str(g.get("problems", "-")),
-                              str(g.get("candidates")), str(g.get("generated_new", "-")),
-                              fmt_pct(g.get("share_passing")), fmt_num(g.get("mean_pass_rate")),
-                              str(g.get("problems_solved")), fmt_num(g.get("mean_seq_prob"))])
+                grows.append(
+                    [
+                        str(s["iteration"]),
+                        role,
+                        str(g.get("model")),
+                        str(g.get("problems", "-")),
+                        str(g.get("candidates")),
+                        str(g.get("generated_new", "-")),
+                        fmt_pct(g.get("share_passing")),
+                        fmt_num(g.get("mean_pass_rate")),
+                        str(g.get("problems_solved")),
+                        fmt_num(g.get("mean_seq_prob")),
+                    ]
+                )
         if grows:
-            B.append(Table(["iteration", "role", "model", "problems", "programs", "generated by this run",
-                            "fully passing", "mean pass rate", "problems solved", "mean sequence prob."], grows,
-                           caption="generation + testing phase on the training problems (programs generated "
-                                   "elsewhere were reused from a shared cache or an earlier iteration)",
-                           name="btp-generation"))
+            B.append(
+                Table(
+                    [
+                        "iteration",
+                        "role",
+                        "model",
+                        "problems",
+                        "programs",
+                        "generated by this run",
+                        "fully passing",
+                        "mean pass rate",
+                        "problems solved",
+                        "mean sequence prob.",
+                    ],
+                    grows,
+                    caption="generation + testing phase on the training problems (programs generated "
+                    "elsewhere were reused from a shared cache or an earlier iteration)",
+                    name="btp-generation",
+                )
+            )
         if "p2value_hist" in figs:
-            B.append(Figure(figs["p2value_hist"], "P2Value of the replay buffer (blue) and of the programs drawn "
-                            "for fine-tuning (orange), per iteration; draws are with replacement, so a program "
-                            "drawn twice counts twice"))
+            B.append(
+                Figure(
+                    figs["p2value_hist"],
+                    "P2Value of the replay buffer (blue) and of the programs drawn "
+                    "for fine-tuning (orange), per iteration; draws are with replacement, so a program "
+                    "drawn twice counts twice",
+                )
+            )
         if "sampling_stats" in figs:
-            B.append(Figure(figs["sampling_stats"], "sampling statistics per iteration: shares of fully passing and "
-                            "zero-pass programs and mean P2Value in the buffer and among the draws for fine-tuning; "
-                            "counts and effective sample size of the draws"))
+            B.append(
+                Figure(
+                    figs["sampling_stats"],
+                    "sampling statistics per iteration: shares of fully passing and "
+                    "zero-pass programs and mean P2Value in the buffer and among the draws for fine-tuning; "
+                    "counts and effective sample size of the draws",
+                )
+            )
         if "loss_curve" in figs:
             B.append(Figure(figs["loss_curve"], "fine-tuning loss per optimizer step"))
     return sec
@@ -266,17 +391,34 @@ def baseline_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -
     for k in ks:
         e = Estimate.from_dict(metrics[k])
         rows.append([k, f"{e.value:.3f}", f"[{e.low:.3f}, {e.high:.3f}]"])
-    B.append(Table(["metric", "value", "95% CI"], rows,
-                   caption=f"{metrics.get('n_problems')} problems, {metrics.get('num_samples')} samples per problem; "
-                           "percentile bootstrap over problems", name="baseline-passk"))
+    B.append(
+        Table(
+            ["metric", "value", "95% CI"],
+            rows,
+            caption=f"{metrics.get('n_problems')} problems, {metrics.get('num_samples')} samples per problem; "
+            "percentile bootstrap over problems",
+            name="baseline-passk",
+        )
+    )
     if ks:
-        fig = plot_pass_at_k([(model, metrics)], Path(plot_dir) / "pass_at_k.png",
-                             title=f"{model} on {proto.dataset} {proto.split}: pass@k (95% CI)")
+        fig = plot_pass_at_k(
+            [(model, metrics)],
+            Path(plot_dir) / "pass_at_k.png",
+            title=f"{model} on {proto.dataset} {proto.split}: pass@k (95% CI)",
+        )
         B.append(Figure(fig, f"{model}: pass@k with 95% bootstrap CI"))
         k1 = ks[0]
-        sec.summaries.append(Summary(name=name, kind="baseline", models=model, dataset=proto.dataset,
-                                     protocol=proto.short(), comparable=verdict.level,
-                                     after=_cell(metrics, k1) + (f" ({k1})" if k1 != "pass@1" else "")))
+        sec.summaries.append(
+            Summary(
+                name=name,
+                kind="baseline",
+                models=model,
+                dataset=proto.dataset,
+                protocol=proto.short(),
+                comparable=verdict.level,
+                after=_cell(metrics, k1) + (f" ({k1})" if k1 != "pass@1" else ""),
+            )
+        )
     return sec
 
 
@@ -308,52 +450,100 @@ def ablation_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -
     sec = Section()
     B = sec.blocks
     B.append(Heading(f"Ablation of {a.get('base_config', '?')} — {name}", level))
-    B.append(Para(f"Directory: {run_dir}. Dataset {a.get('dataset')}, {a.get('n_eval_problems')} held-out problems, "
-                  f"{a.get('eval_num_samples')} samples per problem; reference variant: {ref}. Differences are paired "
-                  "bootstrap CIs over the same problems (variant - reference)."))
+    B.append(
+        Para(
+            f"Directory: {run_dir}. Dataset {a.get('dataset')}, {a.get('n_eval_problems')} held-out problems, "
+            f"{a.get('eval_num_samples')} samples per problem; reference variant: {ref}. Differences are paired "
+            "bootstrap CIs over the same problems (variant - reference)."
+        )
+    )
     refv = next((v for v in variants if v.get("name") == ref), None)
     pv = _variant_protocol(run_dir, (refv or {}).get("run_dir"), a.get("dataset", ""))
     if pv:
         B += protocol_blocks(*pv)
     else:
-        p = Protocol(dataset=str(a.get("dataset")), split=str(a.get("eval_split") or "test"),
-                     n_problems=a.get("n_eval_problems"), num_samples=int(a.get("eval_num_samples") or 1),
-                     temperature=float(a.get("eval_temperature", 0.0) or 0.0), preset=a.get("eval_protocol"))
+        p = Protocol(
+            dataset=str(a.get("dataset")),
+            split=str(a.get("eval_split") or "test"),
+            n_problems=a.get("n_eval_problems"),
+            num_samples=int(a.get("eval_num_samples") or 1),
+            temperature=float(a.get("eval_temperature", 0.0) or 0.0),
+            preset=a.get("eval_protocol"),
+        )
         B += protocol_blocks(p, comparability(p))
     ks = ks_of(*[v.get("metrics") for v in variants])
     dks = ks_of(*[v.get("diff") for v in variants])
     rows = []
     for v in variants:
         m, d = v.get("metrics") or {}, v.get("diff") or {}
-        rows.append([v.get("name", "?"), str(v.get("group", "")), *(_cell(m, k) for k in ks),
-                     *(("reference" if v.get("name") == ref else fmt_diff(d.get(k))) for k in dks),
-                     str(v.get("generated_new", "-")), str(v.get("status", "-"))])
-    B.append(Table(["variant", "group", *ks, *(f"diff {k} [95% CI]" for k in dks), "new programs", "status"], rows,
-                   caption="pass@k with 95% bootstrap CI per variant; diff = paired difference to the reference",
-                   name="ablation"))
-    points = [(label, a.get(key)) for label, key in (("target before BTP", "target_before"), ("source", "source"))
-              if a.get(key)]
+        rows.append(
+            [
+                v.get("name", "?"),
+                str(v.get("group", "")),
+                *(_cell(m, k) for k in ks),
+                *(("reference" if v.get("name") == ref else fmt_diff(d.get(k))) for k in dks),
+                str(v.get("generated_new", "-")),
+                str(v.get("status", "-")),
+            ]
+        )
+    B.append(
+        Table(
+            ["variant", "group", *ks, *(f"diff {k} [95% CI]" for k in dks), "new programs", "status"],
+            rows,
+            caption="pass@k with 95% bootstrap CI per variant; diff = paired difference to the reference",
+            name="ablation",
+        )
+    )
+    points = [
+        (label, a.get(key))
+        for label, key in (("target before BTP", "target_before"), ("source", "source"))
+        if a.get(key)
+    ]
     if points:
         pks = ks_of(*[m for _, m in points])
-        B.append(Table(["reference point", *pks], [[label, *(_cell(m, k) for k in pks)] for label, m in points],
-                       caption="the same held-out problems without BTP (the base target) and the source",
-                       name="ablation-points"))
+        B.append(
+            Table(
+                ["reference point", *pks],
+                [[label, *(_cell(m, k) for k in pks)] for label, m in points],
+                caption="the same held-out problems without BTP (the base target) and the source",
+                name="ablation-points",
+            )
+        )
     done = [v for v in variants if (v.get("metrics") or {}).get("pass@1")]
     if done:
         before = (a.get("target_before") or {}).get("pass@1")
-        fig = plot_ablation(done, Path(plot_dir) / "ablation_pass1.png", "pass@1", ref,
-                            title=f"{a.get('dataset')}: pass@1 per variant (95% CI); dashed line = {ref}",
-                            baseline=before["value"] if before else None)
-        B.append(Figure(fig, "ablation: pass@1 per variant with 95% bootstrap CIs; the reference hatched, "
-                             "its value dashed"))
-    over = [[v.get("name", "?"), str(v.get("description", "")),
-             ", ".join(f"{k}={val}" for k, val in (v.get("overrides") or {}).items()) or "-"] for v in variants]
+        fig = plot_ablation(
+            done,
+            Path(plot_dir) / "ablation_pass1.png",
+            "pass@1",
+            ref,
+            title=f"{a.get('dataset')}: pass@1 per variant (95% CI); dashed line = {ref}",
+            baseline=before["value"] if before else None,
+        )
+        B.append(
+            Figure(fig, "ablation: pass@1 per variant with 95% bootstrap CIs; the reference hatched, its value dashed")
+        )
+    over = [
+        [
+            v.get("name", "?"),
+            str(v.get("description", "")),
+            ", ".join(f"{k}={val}" for k, val in (v.get("overrides") or {}).items()) or "-",
+        ]
+        for v in variants
+    ]
     B.append(Table(["variant", "what it changes", "overrides of the base config"], over, name="ablation-overrides"))
     if refv and (refv.get("metrics") or {}).get("pass@1"):
-        sec.summaries.append(Summary(name=name, kind="ablation (reference)", models=str(a.get("base_config")),
-                                     dataset=str(a.get("dataset")), protocol=pv[0].short() if pv else "-",
-                                     comparable=pv[1].level if pv else "-",
-                                     after=_cell(refv["metrics"], "pass@1")))
+        sec.summaries.append(
+            Summary(
+                name=name,
+                kind="ablation (reference)",
+                models=str(a.get("base_config")),
+                dataset=str(a.get("dataset")),
+                protocol=pv[0].short() if pv else "-",
+                comparable=pv[1].level if pv else "-",
+                after=_cell(refv["metrics"], "pass@1"),
+            )
+        )
     return sec
 
 
@@ -370,54 +560,97 @@ def sweep_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> S
     states: dict[str, int] = {}
     for t in trials:
         states[t.get("state", "?")] = states.get(t.get("state", "?"), 0) + 1
-    B.append(Bullets([f"directory: {run_dir}",
-                      f"objective: {s.get('objective')} ({s.get('direction')}); the test split is used only for "
-                      "the best trial, once",
-                      f"storage: {s.get('storage')}",
-                      "trials: " + ", ".join(f"{n} {st.lower()}" for st, n in sorted(states.items()))]
-                     + [f"search space: {k}: {v}" for k, v in (s.get("search_space") or {}).items()]))
-    B.append(Para("The objective is measured on the validation split: it selects hyperparameters and is not a "
-                  "held-out result; the best trial's test-split numbers below are.", "note"))
+    B.append(
+        Bullets(
+            [
+                f"directory: {run_dir}",
+                f"objective: {s.get('objective')} ({s.get('direction')}); the test split is used only for "
+                "the best trial, once",
+                f"storage: {s.get('storage')}",
+                "trials: " + ", ".join(f"{n} {st.lower()}" for st, n in sorted(states.items())),
+            ]
+            + [f"search space: {k}: {v}" for k, v in (s.get("search_space") or {}).items()]
+        )
+    )
+    B.append(
+        Para(
+            "The objective is measured on the validation split: it selects hyperparameters and is not a "
+            "held-out result; the best trial's test-split numbers below are.",
+            "note",
+        )
+    )
     params = sorted({p for t in trials for p in (t.get("params") or {})})
     rows = []
     for t in sorted(trials, key=lambda t: t.get("number", 0)):
         inter = t.get("intermediate") or {}
-        rows.append([str(t.get("number")), str(t.get("state")) + (" (interrupted)" if t.get("interrupted") else ""),
-                     fmt_num(t.get("value")),
-                     *(fmt_param((t.get("params") or {}).get(p, "-")) for p in params),
-                     ", ".join(f"{k}: {float(v):.3f}" for k, v in sorted(inter.items(), key=lambda kv: int(kv[0])))
-                     or "-"])
-    B.append(Table(["trial", "state", "objective", *params, "per-iteration values"], rows,
-                   caption=f"all trials; objective = {s.get('objective')}", name="sweep-trials"))
+        rows.append(
+            [
+                str(t.get("number")),
+                str(t.get("state")) + (" (interrupted)" if t.get("interrupted") else ""),
+                fmt_num(t.get("value")),
+                *(fmt_param((t.get("params") or {}).get(p, "-")) for p in params),
+                ", ".join(f"{k}: {float(v):.3f}" for k, v in sorted(inter.items(), key=lambda kv: int(kv[0]))) or "-",
+            ]
+        )
+    B.append(
+        Table(
+            ["trial", "state", "objective", *params, "per-iteration values"],
+            rows,
+            caption=f"all trials; objective = {s.get('objective')}",
+            name="sweep-trials",
+        )
+    )
     best = s.get("best")
     if best:
         B.append(Heading("Best configuration", level + 1))
-        B.append(Table(["parameter", "value"], [[k, fmt_param(v)] for k, v in (best.get("params") or {}).items()],
-                       caption=f"trial {best.get('number')}, objective {fmt_num(best.get('value'))}; "
-                               "saved as best.yaml",
-                       name="sweep-best"))
+        B.append(
+            Table(
+                ["parameter", "value"],
+                [[k, fmt_param(v)] for k, v in (best.get("params") or {}).items()],
+                caption=f"trial {best.get('number')}, objective {fmt_num(best.get('value'))}; saved as best.yaml",
+                name="sweep-best",
+            )
+        )
         tm = best.get("test_metrics")
         if tm:
             ks = ks_of(tm)
-            B.append(Table(["model", *ks], [[f"best trial {best.get('number')} (test split)",
-                                             *(_cell(tm, k) for k in ks)]],
-                           caption="the best trial evaluated once on the test split (95% bootstrap CI)",
-                           name="sweep-best-test"))
-            pv = (_variant_protocol(run_dir, best.get("test_run_dir"), "")
-                  or _variant_protocol(run_dir, best.get("run_dir") or next(
-                      (t.get("run_dir") for t in trials if t.get("number") == best.get("number")), None), ""))
+            B.append(
+                Table(
+                    ["model", *ks],
+                    [[f"best trial {best.get('number')} (test split)", *(_cell(tm, k) for k in ks)]],
+                    caption="the best trial evaluated once on the test split (95% bootstrap CI)",
+                    name="sweep-best-test",
+                )
+            )
+            pv = _variant_protocol(run_dir, best.get("test_run_dir"), "") or _variant_protocol(
+                run_dir,
+                best.get("run_dir")
+                or next((t.get("run_dir") for t in trials if t.get("number") == best.get("number")), None),
+                "",
+            )
             if pv:
                 p = pv[0]
                 p.split = "test"
                 p.n_problems = tm.get("n_problems", p.n_problems)
                 B += protocol_blocks(p, comparability(p))
-            sec.summaries.append(Summary(name=name, kind="sweep (best, test)", models=f"trial {best.get('number')}",
-                                         dataset="-", protocol=pv[0].short() if pv else "-",
-                                         comparable=comparability(pv[0]).level if pv else "-",
-                                         after=_cell(tm, "pass@1")))
+            sec.summaries.append(
+                Summary(
+                    name=name,
+                    kind="sweep (best, test)",
+                    models=f"trial {best.get('number')}",
+                    dataset="-",
+                    protocol=pv[0].short() if pv else "-",
+                    comparable=comparability(pv[0]).level if pv else "-",
+                    after=_cell(tm, "pass@1"),
+                )
+            )
     if trials:
-        fig = plot_sweep_history(trials, Path(plot_dir) / "sweep_history.png", s.get("direction", "maximize"),
-                                 str(s.get("objective", "objective")))
+        fig = plot_sweep_history(
+            trials,
+            Path(plot_dir) / "sweep_history.png",
+            s.get("direction", "maximize"),
+            str(s.get("objective", "objective")),
+        )
         B.append(Figure(fig, "optimisation history: objective per trial and the best so far"))
     if s.get("importances"):
         fig = plot_importance(s["importances"], Path(plot_dir) / "sweep_importance.png")
@@ -435,30 +668,72 @@ def matrix_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> 
     sec = Section()
     B = sec.blocks
     B.append(Heading(f"Pairing matrix — {name}", level))
-    B.append(Para(f"Directory: {run_dir}. Each row is one BTP run: the target's pass@1 before and after, and the "
-                  "paired difference (95% CI) over the same held-out problems."))
+    B.append(
+        Para(
+            f"Directory: {run_dir}. Each row is one BTP run: the target's pass@1 before and after, and the "
+            "paired difference (95% CI) over the same held-out problems."
+        )
+    )
     rows, plot_rows = [], []
     for r in rows_in:
         pv = _variant_protocol(run_dir, r.get("run_dir"), r.get("dataset", ""))
-        rows.append([str(r.get("config")), str(r.get("source")), str(r.get("target")),
-                     "yes" if r.get("same_family") else "no", str(r.get("dataset")),
-                     _one(r.get("before")), _one(r.get("after")),
-                     fmt_diff(_imp(r.get("gain"))), pv[1].level if pv else "-", str(r.get("status", "-"))])
+        rows.append(
+            [
+                str(r.get("config")),
+                str(r.get("source")),
+                str(r.get("target")),
+                "yes" if r.get("same_family") else "no",
+                str(r.get("dataset")),
+                _one(r.get("before")),
+                _one(r.get("after")),
+                fmt_diff(_imp(r.get("gain"))),
+                pv[1].level if pv else "-",
+                str(r.get("status", "-")),
+            ]
+        )
         b, a = _as_metrics(r.get("before")), _as_metrics(r.get("after"))
         if b and a:
             plot_rows.append((f"{r.get('source')}\n-> {r.get('target')}", b, a))
         if r.get("after"):
-            sec.summaries.append(Summary(name=f"{name}/{r.get('config')}", kind="matrix row",
-                                         models=f"{r.get('source')} -> {r.get('target')}",
-                                         dataset=str(r.get("dataset")),
-                                         protocol=pv[0].short() if pv else "-", comparable=pv[1].level if pv else "-",
-                                         before=rows[-1][5], after=rows[-1][6], gain=rows[-1][7]))
-    B.append(Table(["config", "source", "target", "same family", "dataset", "before pass@1", "after pass@1",
-                    "gain [95% CI]", "comparable", "status"], rows, caption="pass@1 with 95% bootstrap CIs",
-                   name="matrix"))
+            sec.summaries.append(
+                Summary(
+                    name=f"{name}/{r.get('config')}",
+                    kind="matrix row",
+                    models=f"{r.get('source')} -> {r.get('target')}",
+                    dataset=str(r.get("dataset")),
+                    protocol=pv[0].short() if pv else "-",
+                    comparable=pv[1].level if pv else "-",
+                    before=rows[-1][5],
+                    after=rows[-1][6],
+                    gain=rows[-1][7],
+                )
+            )
+    B.append(
+        Table(
+            [
+                "config",
+                "source",
+                "target",
+                "same family",
+                "dataset",
+                "before pass@1",
+                "after pass@1",
+                "gain [95% CI]",
+                "comparable",
+                "status",
+            ],
+            rows,
+            caption="pass@1 with 95% bootstrap CIs",
+            name="matrix",
+        )
+    )
     if plot_rows:
-        fig = plot_before_after(plot_rows, Path(plot_dir) / "matrix_pass1.png", "pass@1",
-                                "pairings: target pass@1 before and after BTP (95% CI)")
+        fig = plot_before_after(
+            plot_rows,
+            Path(plot_dir) / "matrix_pass1.png",
+            "pass@1",
+            "pairings: target pass@1 before and after BTP (95% CI)",
+        )
         B.append(Figure(fig, "pass@1 of each target before and after BTP"))
     return sec
 
@@ -485,6 +760,9 @@ def _imp(g: Any) -> Any:
 
 
 SECTION_BUILDERS: dict[str, Callable[..., Section]] = {
-    "btp": btp_section, "baseline": baseline_section, "ablation": ablation_section,
-    "sweep": sweep_section, "matrix": matrix_section,
+    "btp": btp_section,
+    "baseline": baseline_section,
+    "ablation": ablation_section,
+    "sweep": sweep_section,
+    "matrix": matrix_section,
 }

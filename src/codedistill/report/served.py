@@ -16,10 +16,12 @@ def served_generation_lines(run_dir: Path) -> list[str]:
     for role, t in rec.get("totals", {}).items():
         cost = f", cost ${t['cost_usd']:.4f}" if t.get("cost_usd") is not None else ""
         ver = f", vLLM {t['vllm_version']}" if t.get("vllm_version") else ""
-        lines.append(f"- {role} ({t.get('backend')}{ver}): {t['requests_sent']} requests sent over "
-                     f"{len(rec.get('starts', []))} start(s), {t['cache_hits']} answered from the cache, "
-                     f"{t['retries_total']} retries, {t['prompt_tokens']} prompt + {t['completion_tokens']} "
-                     f"completion tokens{cost}")
+        lines.append(
+            f"- {role} ({t.get('backend')}{ver}): {t['requests_sent']} requests sent over "
+            f"{len(rec.get('starts', []))} start(s), {t['cache_hits']} answered from the cache, "
+            f"{t['retries_total']} retries, {t['prompt_tokens']} prompt + {t['completion_tokens']} "
+            f"completion tokens{cost}"
+        )
         for f in t.get("fallbacks", []):
             lines.append(f"  - fallback: {f}")
         for n in t.get("notes", []):

@@ -41,12 +41,19 @@ def resolve_accelerate_config(name: str | None) -> Path | None:
         return p
     if name in NAMED_CONFIGS and (CONFIG_DIR / f"{name}.yaml").is_file():
         return CONFIG_DIR / f"{name}.yaml"
-    raise ConfigError(f"accelerate config {name!r} not found: use one of {', '.join(NAMED_CONFIGS)} "
-                      "(configs/accelerate/) or the path of an `accelerate config` YAML")
+    raise ConfigError(
+        f"accelerate config {name!r} not found: use one of {', '.join(NAMED_CONFIGS)} "
+        "(configs/accelerate/) or the path of an `accelerate config` YAML"
+    )
 
 
-def launch_command(job: Path, num_processes: int, accelerate_config: str | None = None,
-                   python: str = sys.executable, device: str = "cuda") -> list[str]:
+def launch_command(
+    job: Path,
+    num_processes: int,
+    accelerate_config: str | None = None,
+    python: str = sys.executable,
+    device: str = "cuda",
+) -> list[str]:
     cmd = [python, "-m", "accelerate.commands.launch"]
     cfg = resolve_accelerate_config(accelerate_config)
     if cfg is not None:
@@ -56,8 +63,10 @@ def launch_command(job: Path, num_processes: int, accelerate_config: str | None 
             # accelerate (1.15) switches to FSDP/DeepSpeed only from a multi-accelerator state
             # (AcceleratorState: MULTI_GPU/NPU/XPU/...), never from MULTI_CPU: on CPU the run
             # would silently be plain DDP
-            raise ConfigError(f"{cfg.name} ({kind}) needs GPUs: accelerate does not shard models over CPU "
-                              "processes; on CPU use --accelerate-config ddp (or just --num-processes N)")
+            raise ConfigError(
+                f"{cfg.name} ({kind}) needs GPUs: accelerate does not shard models over CPU "
+                "processes; on CPU use --accelerate-config ddp (or just --num-processes N)"
+            )
         if kind == "DeepSpeed":
             if importlib.util.find_spec("deepspeed") is None:
                 raise ConfigError(f"{cfg.name} uses DeepSpeed: pip install 'codedistill[deepspeed]' (or deepspeed)")
@@ -70,23 +79,42 @@ def launch_command(job: Path, num_processes: int, accelerate_config: str | None 
     return cmd + ["-m", "codedistill.training.launch", str(job)]
 
 
-def write_job(job_dir: Path, *, base: str | Path, settings: TrainSettings, examples: Sequence[TrainExample],
-              seed: int, device: str, dtype: str, init_from: str | Path | None, out_dir: str | Path) -> Path:
+def write_job(
+    job_dir: Path,
+    *,
+    base: str | Path,
+    settings: TrainSettings,
+    examples: Sequence[TrainExample],
+    seed: int,
+    device: str,
+    dtype: str,
+    init_from: str | Path | None,
+    out_dir: str | Path,
+) -> Path:
     job_dir.mkdir(parents=True, exist_ok=True)
     ex_path = job_dir / "examples.jsonl"
     with ex_path.open("w") as f:
         for ex in examples:
             f.write(json.dumps(asdict(ex)) + "\n")
-    job = {"base": str(base), "settings": asdict(settings), "seed": seed, "device": device, "dtype": dtype,
-           "init_from": str(init_from) if init_from else None, "out_dir": str(out_dir),
-           "examples": str(ex_path), "result": str(job_dir / "result.json")}
+    job = {
+        "base": str(base),
+        "settings": asdict(settings),
+        "seed": seed,
+        "device": device,
+        "dtype": dtype,
+        "init_from": str(init_from) if init_from else None,
+        "out_dir": str(out_dir),
+        "examples": str(ex_path),
+        "result": str(job_dir / "result.json"),
+    }
     path = job_dir / "job.json"
     path.write_text(json.dumps(job, indent=1))
     return path
 
 
-def run_launched(job: Path, num_processes: int, accelerate_config: str | None = None,
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_launched(
+    job: Path, num_processes: int, accelerate_config: str | None = None, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Run one training phase under ``accelerate launch``; its result.json."""
     result = Path(json.loads(job.read_text())["result"])
     result.unlink(missing_ok=True)
@@ -114,8 +142,9 @@ def run_job(job_path: str | Path) -> dict[str, Any]:
     settings = TrainSettings(**job["settings"])
     examples = [TrainExample(**json.loads(line)) for line in Path(job["examples"]).read_text().splitlines() if line]
     tok = load_tokenizer(job["base"])
-    model = prepare_model(job["base"], settings, seed=job["seed"], device=device, dtype=job["dtype"],
-                          init_from=job["init_from"])
+    model = prepare_model(
+        job["base"], settings, seed=job["seed"], device=device, dtype=job["dtype"], init_from=job["init_from"]
+    )
     result = train(model, tok, examples, settings, seed=job["seed"])
     trainer = result.trainer
     out_dir = Path(job["out_dir"])

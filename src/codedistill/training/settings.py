@@ -44,37 +44,59 @@ class TrainingSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    use_lora: bool = Field(False, description="LoRA adapters (peft) or full fine-tuning.",
-                           json_schema_extra={FLAGS: ["--use-lora/--full-finetune"]})
+    use_lora: bool = Field(
+        False,
+        description="LoRA adapters (peft) or full fine-tuning.",
+        json_schema_extra={FLAGS: ["--use-lora/--full-finetune"]},
+    )
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling alpha.")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
     lora_target_modules: list[str] | None = Field(
-        None, description="Modules LoRA adapts, comma-separated (default: the registry's per-family list; "
-                          "all-linear: every linear layer).")
-    learning_rate: float = Field(2e-4, gt=0.0, description="Peak learning rate (AdamW, linear warmup and decay).",
-                                 json_schema_extra={FLAGS: ["--learning-rate", "--lr"]})
+        None,
+        description="Modules LoRA adapts, comma-separated (default: the registry's per-family list; "
+        "all-linear: every linear layer).",
+    )
+    learning_rate: float = Field(
+        2e-4,
+        gt=0.0,
+        description="Peak learning rate (AdamW, linear warmup and decay).",
+        json_schema_extra={FLAGS: ["--learning-rate", "--lr"]},
+    )
     epochs: int = Field(1, ge=1, description="Passes over each iteration's replay draw.")
-    train_batch_size: int = Field(8, ge=1, description="Global batch size (divisible by --num-processes).",
-                                  json_schema_extra={TRAINER_NAME: "batch_size"})
+    train_batch_size: int = Field(
+        8,
+        ge=1,
+        description="Global batch size (divisible by --num-processes).",
+        json_schema_extra={TRAINER_NAME: "batch_size"},
+    )
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     max_length: int = Field(1024, ge=8, description="Max tokens of prompt + program in training.")
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of the steps spent warming up.")
     merge: bool = Field(False, description="Also write iter_K/merged/ (LoRA folded in).")
-    num_processes: int = Field(1, ge=1, description="Training processes: each fine-tuning phase runs under "
-                                                    "`accelerate launch` (generation stays single-process).")
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="Training processes: each fine-tuning phase runs under "
+        "`accelerate launch` (generation stays single-process).",
+    )
     accelerate_config: str | None = Field(
-        None, description="ddp | fsdp | zero2 | zero3 (configs/accelerate/) or an accelerate YAML.")
+        None, description="ddp | fsdp | zero2 | zero3 (configs/accelerate/) or an accelerate YAML."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory).")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="no | bf16 | fp16 (autocast over fp32 master weights).")
+        "no", description="no | bf16 | fp16 (autocast over fp32 master weights)."
+    )
     load_in_4bit: bool = Field(False, description="QLoRA: the base in 4-bit NF4 (bitsandbytes, CUDA GPUs only).")
-    report_to: list[str] = Field(default_factory=list,
-                                 description="tensorboard | wandb | mlflow (comma-separated; wandb offline).")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.",
-                                json_schema_extra={DUMP_WHEN_CHANGED: True})
-    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0: no clipping).",
-                                 json_schema_extra={DUMP_WHEN_CHANGED: True})
+    report_to: list[str] = Field(
+        default_factory=list, description="tensorboard | wandb | mlflow (comma-separated; wandb offline)."
+    )
+    weight_decay: float = Field(
+        0.0, ge=0.0, description="AdamW weight decay.", json_schema_extra={DUMP_WHEN_CHANGED: True}
+    )
+    max_grad_norm: float = Field(
+        1.0, ge=0.0, description="Gradient clipping norm (0: no clipping).", json_schema_extra={DUMP_WHEN_CHANGED: True}
+    )
 
     @field_validator("lora_target_modules", mode="before")
     @classmethod
@@ -97,7 +119,6 @@ class TrainExample:
     completion: str
     weight: float = 1.0
     task_id: str = ""
-
 
 
 def _default(name: str) -> Any:
@@ -141,13 +162,15 @@ def trainer_field(name: str) -> str:
     return str(extra.get(TRAINER_NAME, name)) if isinstance(extra, dict) else name
 
 
-def train_settings_from(training: TrainingSettings, *, default_lora_targets: Sequence[str],
-                        prompt_special_tokens: bool) -> TrainSettings:
+def train_settings_from(
+    training: TrainingSettings, *, default_lora_targets: Sequence[str], prompt_special_tokens: bool
+) -> TrainSettings:
     """The phase's TrainSettings from the training section (a BTPConfig is one): LoRA targets
     default to the model's (``default_lora_targets``); ``["all-linear"]`` becomes peft's string."""
     names = {f.name for f in fields(TrainSettings)}
-    values = {trainer_field(n): getattr(training, n) for n in TrainingSettings.model_fields
-              if trainer_field(n) in names}
+    values = {
+        trainer_field(n): getattr(training, n) for n in TrainingSettings.model_fields if trainer_field(n) in names
+    }
     targets = training.lora_target_modules or list(default_lora_targets)
     values["lora_target_modules"] = "all-linear" if targets == ["all-linear"] else targets
     values["report_to"] = list(training.report_to)
@@ -189,8 +212,10 @@ def check_qlora(settings: TrainSettings, device: str) -> None:
     if not settings.use_lora:
         raise ConfigError("--load-in-4bit (QLoRA) trains a LoRA adapter on a frozen 4-bit base: add --use-lora")
     if not str(device).startswith("cuda"):
-        raise ConfigError(f"--load-in-4bit (QLoRA) needs a CUDA GPU (bitsandbytes' 4-bit kernels); device is "
-                          f"{device!r}: drop --load-in-4bit to train LoRA in full precision here")
+        raise ConfigError(
+            f"--load-in-4bit (QLoRA) needs a CUDA GPU (bitsandbytes' 4-bit kernels); device is "
+            f"{device!r}: drop --load-in-4bit to train LoRA in full precision here"
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("--load-in-4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes")
 

@@ -41,7 +41,10 @@ def set_seed(seed: int) -> None:
 
 
 def split_prompt_completion(
-    tokenizer: Any, prompt: str, completion: str, add_special_tokens: bool = True,
+    tokenizer: Any,
+    prompt: str,
+    completion: str,
+    add_special_tokens: bool = True,
 ) -> tuple[list[int], list[int], bool]:
     """(prompt ids, completion ids, straddled) from ONE tokenization of ``prompt + completion``.
 
@@ -63,8 +66,9 @@ def split_prompt_completion(
     text = prompt + completion
     n = len(prompt)
     try:
-        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
-                        return_special_tokens_mask=True)
+        enc = tokenizer(
+            text, add_special_tokens=add_special_tokens, return_offsets_mapping=True, return_special_tokens_mask=True
+        )
     except NotImplementedError:  # a slow (pure Python) tokenizer has no offsets
         raise ConfigError(
             f"{type(tokenizer).__name__} gives no character offsets; load the fast tokenizer "
@@ -89,12 +93,16 @@ def split_prompt_completion(
     eos = getattr(tokenizer, "eos_token_id", None)
     while p_ids and p_enc["special_tokens_mask"][len(p_ids) - 1] and p_ids[-1] == eos:
         p_ids.pop()  # a tokenizer that appends EOS to every text
-    head = list(tokenizer(text[n:offsets[b][1]], add_special_tokens=False)["input_ids"])
+    head = list(tokenizer(text[n : offsets[b][1]], add_special_tokens=False)["input_ids"])
     return p_ids, head + completion_ids[1:], True
 
 
 def encode_example(
-    tokenizer: Any, prompt: str, completion: str, max_length: int = 1024, add_eos: bool = True,
+    tokenizer: Any,
+    prompt: str,
+    completion: str,
+    max_length: int = 1024,
+    add_eos: bool = True,
     prompt_special_tokens: bool = True,
 ) -> dict[str, Any]:
     """Token ids and labels for one (prompt, completion) pair.
@@ -118,11 +126,16 @@ def encode_example(
         keep_c = max(1, min(len(c_ids), max_length - len(p_ids)))
         c_ids = c_ids[:keep_c]
         if len(p_ids) + len(c_ids) > max_length:
-            p_ids = p_ids[len(p_ids) + len(c_ids) - max_length:]
+            p_ids = p_ids[len(p_ids) + len(c_ids) - max_length :]
     ids = p_ids + c_ids
     labels = [IGNORE_INDEX] * len(p_ids) + c_ids
-    return {"input_ids": ids, "labels": labels, "prompt_len": len(p_ids), "truncated": truncated,
-            "straddled": straddled}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "prompt_len": len(p_ids),
+        "truncated": truncated,
+        "straddled": straddled,
+    }
 
 
 def collate(features: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
@@ -202,8 +215,14 @@ def prepare_model(
 def _lora_config(settings: TrainSettings) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                      target_modules=settings.lora_target_modules or "all-linear", bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=settings.lora_target_modules or "all-linear",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def _prepare_qlora(base_path: str | Path, settings: TrainSettings, device: str, init_from: str | Path | None) -> Any:
@@ -211,11 +230,16 @@ def _prepare_qlora(base_path: str | Path, settings: TrainSettings, device: str, 
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     check_qlora(settings, device)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16)
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
     index = torch.device(device).index or 0
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), quantization_config=q, dtype=torch.bfloat16,
-                                                 device_map={"": index})
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base_path), quantization_config=q, dtype=torch.bfloat16, device_map={"": index}
+    )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
     if init_from is not None:
         return PeftModel.from_pretrained(model, str(init_from), is_trainable=True)
@@ -263,8 +287,10 @@ def train(
     world = PartialState(cpu=device == "cpu").num_processes
     bs = max(1, settings.batch_size)
     if bs % world:
-        raise ConfigError(f"train batch size {bs} is the global batch: it must be divisible by the "
-                          f"{world} processes (e.g. --train-batch-size {bs - bs % world or world})")
+        raise ConfigError(
+            f"train batch size {bs} is the global batch: it must be divisible by the "
+            f"{world} processes (e.g. --train-batch-size {bs - bs % world or world})"
+        )
     ga = max(1, settings.grad_accum)
     total = max(1, math.ceil(len(feats) / (bs * ga)) * settings.epochs)
     # where trackers write (tensorboard: <dir>/runs/...); no checkpoints are saved there
@@ -295,13 +321,15 @@ def train(
     return result
 
 
-def _encode_all(tokenizer: Any, examples: Sequence[TrainExample], settings: TrainSettings,
-                result: TrainResult) -> list[dict[str, Any]]:
+def _encode_all(
+    tokenizer: Any, examples: Sequence[TrainExample], settings: TrainSettings, result: TrainResult
+) -> list[dict[str, Any]]:
     """Every example encoded (:func:`encode_example`) with its weight; counts into ``result``."""
     feats = []
     for ex in examples:
-        f = encode_example(tokenizer, ex.prompt, ex.completion, settings.max_length, settings.add_eos,
-                           settings.prompt_special_tokens)
+        f = encode_example(
+            tokenizer, ex.prompt, ex.completion, settings.max_length, settings.add_eos, settings.prompt_special_tokens
+        )
         f["weight"] = ex.weight
         result.truncated += int(f["truncated"])
         result.straddled += int(f["straddled"])
@@ -311,8 +339,9 @@ def _encode_all(tokenizer: Any, examples: Sequence[TrainExample], settings: Trai
     return feats
 
 
-def _training_args(settings: TrainSettings, out: Path, per_device_batch: int, seed: int, total: int,
-                   device: str) -> TrainingArguments:
+def _training_args(
+    settings: TrainSettings, out: Path, per_device_batch: int, seed: int, total: int, device: str
+) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=per_device_batch,
@@ -343,8 +372,11 @@ def _training_args(settings: TrainSettings, out: Path, per_device_batch: int, se
 def _checkpointing_args(on: bool) -> dict[str, Any]:
     """Gradient (activation) checkpointing, non-reentrant (works with frozen inputs under
     LoRA); transformers 5 renamed the argument ``activation_checkpointing``."""
-    name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
         else "gradient_checkpointing"
+    )
     return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
 
 
@@ -422,8 +454,9 @@ class CompletionTrainer(Trainer):
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._schedule)
         return self.lr_scheduler
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         weights = inputs.pop("weights", None)
         labels = inputs.pop("labels")
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
@@ -481,8 +514,10 @@ class TrainProgress(TrainerCallback):
         if not state.is_world_process_zero or not self.result.losses:
             return
         L = self.result.losses
-        line = (f"fine-tuned {len(L)} steps in {time.perf_counter() - self.t0:.1f}s: loss {L[0]:.4f} -> "
-                f"{L[-1]:.4f}, {self.tokens_per_second:.0f} tokens/s")
+        line = (
+            f"fine-tuned {len(L)} steps in {time.perf_counter() - self.t0:.1f}s: loss {L[0]:.4f} -> "
+            f"{L[-1]:.4f}, {self.tokens_per_second:.0f} tokens/s"
+        )
         if self.log is not None:
             self.log(line)
         elif self.bar is None:

@@ -27,11 +27,20 @@ def eval_cache_parts(inputs: ResolvedInputs, spec: Any, ds: str) -> dict[str, An
     """Everything that determines an evaluation's samples and verdicts (its cache key)."""
     cfg = inputs.cfg
     return {
-        "model": model_id(spec), "style": PromptStyle.of(spec).style, "dataset": ds, "split": cfg.eval_split,
-        "shots": inputs.eval_shots.get(ds, 0), "problems": ids_hash(inputs.evals[ds]),
-        "n_problems": len(inputs.evals[ds]), "num_samples": cfg.eval_num_samples,
-        "temperature": cfg.eval_temperature, "top_p": cfg.eval_top_p, "max_new_tokens": cfg.max_new_tokens,
-        "seed": cfg.seed, "chunk_size": cfg.chunk_size, "timeout": cfg.timeout,
+        "model": model_id(spec),
+        "style": PromptStyle.of(spec).style,
+        "dataset": ds,
+        "split": cfg.eval_split,
+        "shots": inputs.eval_shots.get(ds, 0),
+        "problems": ids_hash(inputs.evals[ds]),
+        "n_problems": len(inputs.evals[ds]),
+        "num_samples": cfg.eval_num_samples,
+        "temperature": cfg.eval_temperature,
+        "top_p": cfg.eval_top_p,
+        "max_new_tokens": cfg.max_new_tokens,
+        "seed": cfg.seed,
+        "chunk_size": cfg.chunk_size,
+        "timeout": cfg.timeout,
     }
 
 
@@ -55,9 +64,18 @@ def evaluate(run: RunState, load: Callable[[], Any], spec: Any, stage: str) -> E
             if run.cache.get_files("eval", parts, ev_dir, _FILES):
                 run.log(f"eval {stage} on {ds}: samples and verdicts from the generation cache")
         rows, _ = evaluate_generator(
-            sampler.generate, problems, sampler.style, getattr(spec, "alias", stage), cfg.eval_num_samples,
-            out_dir=ev_dir, chunk_size=cfg.chunk_size, seed=derive_seed(cfg.seed, "eval", ds),
-            timeout=cfg.timeout, workers=cfg.workers, pool=run.pool, desc=f"eval {stage} on {ds}",
+            sampler.generate,
+            problems,
+            sampler.style,
+            getattr(spec, "alias", stage),
+            cfg.eval_num_samples,
+            out_dir=ev_dir,
+            chunk_size=cfg.chunk_size,
+            seed=derive_seed(cfg.seed, "eval", ds),
+            timeout=cfg.timeout,
+            workers=cfg.workers,
+            pool=run.pool,
+            desc=f"eval {stage} on {ds}",
             on_first_chunk=sampler.first_chunk,
         )
         if parts is not None and run.cache is not None and not run.cache.has("eval", parts):
@@ -74,8 +92,12 @@ class _StageSampler:
         cfg = run.inputs.cfg
         self.run, self.load = run, load
         self.style = PromptStyle.of(spec)
-        self.sampling = SamplingConfig(num_samples=cfg.eval_num_samples, temperature=cfg.eval_temperature,
-                                       top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens)
+        self.sampling = SamplingConfig(
+            num_samples=cfg.eval_num_samples,
+            temperature=cfg.eval_temperature,
+            top_p=cfg.eval_top_p,
+            max_new_tokens=cfg.max_new_tokens,
+        )
         self.counter = f"eval/{stage}"
         run.generated.setdefault(self.counter, 0)
         self.load_s = 0.0
@@ -95,23 +117,37 @@ class _StageSampler:
 def protocol_record(inputs: ResolvedInputs, ds: str) -> dict[str, Any]:
     """How the numbers of one evaluation set were measured (report/protocol.py reads it)."""
     cfg = inputs.cfg
-    return {"preset": cfg.eval_protocol, "shots": inputs.eval_shots.get(ds, 0), "temperature": cfg.eval_temperature,
-            "top_p": cfg.eval_top_p, "num_samples": cfg.eval_num_samples, "split": cfg.eval_split,
-            "n_problems": len(inputs.evals[ds]), "method": "plain"}
+    return {
+        "preset": cfg.eval_protocol,
+        "shots": inputs.eval_shots.get(ds, 0),
+        "temperature": cfg.eval_temperature,
+        "top_p": cfg.eval_top_p,
+        "num_samples": cfg.eval_num_samples,
+        "split": cfg.eval_split,
+        "n_problems": len(inputs.evals[ds]),
+        "method": "plain",
+    }
 
 
 def build_comparison(inputs: ResolvedInputs, evals: dict[str, Evaluation]) -> dict[str, Any]:
     """comparison.json: the run's settings and, per dataset, before vs after with paired CIs."""
     cfg = inputs.cfg
     out: dict[str, Any] = {
-        "source_model": inputs.source_spec.alias, "target_model": inputs.target_spec.alias,
-        "mode": cfg.mode, "train_dataset": cfg.dataset, "n_train_problems": len(inputs.train),
-        "n_iterations": cfg.n_iterations, "seed": cfg.seed,
-        "allow_overlap": cfg.allow_overlap, "overlapping_train_problems": inputs.overlap,
+        "source_model": inputs.source_spec.alias,
+        "target_model": inputs.target_spec.alias,
+        "mode": cfg.mode,
+        "train_dataset": cfg.dataset,
+        "n_train_problems": len(inputs.train),
+        "n_iterations": cfg.n_iterations,
+        "seed": cfg.seed,
+        "allow_overlap": cfg.allow_overlap,
+        "overlapping_train_problems": inputs.overlap,
         "near_duplicate_descriptions": inputs.near_duplicates,
         "dropped_overlapping_train_problems": inputs.dropped,
-        "eval_num_samples": cfg.eval_num_samples, "eval_temperature": cfg.eval_temperature,
-        "eval_protocol": cfg.eval_protocol, "eval_split": cfg.eval_split,
+        "eval_num_samples": cfg.eval_num_samples,
+        "eval_temperature": cfg.eval_temperature,
+        "eval_protocol": cfg.eval_protocol,
+        "eval_split": cfg.eval_split,
         "skipped_eval_datasets": inputs.skipped_evals,
         "iteration_problems": cfg.iteration_problems,
         "iteration_problem_counts": [len(inputs.iteration_problems(k)) for k in range(1, cfg.n_iterations + 1)],
@@ -130,8 +166,10 @@ def _dataset_comparison(inputs: ResolvedInputs, evals: dict[str, Evaluation], ds
         "target_before": before["metrics"],
         "target_after": after["metrics"],
         "target_per_iteration": {k: v[ds]["metrics"] for k, v in evals.items() if k.startswith("target_iter")},
-        "improvement": {f"pass@{k}": paired_bootstrap(before["counts"], after["counts"], k=k, seed=cfg.seed).to_dict()
-                        for k in cfg.ks()},
+        "improvement": {
+            f"pass@{k}": paired_bootstrap(before["counts"], after["counts"], k=k, seed=cfg.seed).to_dict()
+            for k in cfg.ks()
+        },
     }
     if "source" in evals:
         entry["source"] = evals["source"][ds]["metrics"]

@@ -24,8 +24,9 @@ Log = Callable[[str], None]
 def train_settings(inputs: ResolvedInputs) -> TrainSettings:
     """The fine-tuning phase's settings, from the run's declared training section."""
     spec = inputs.target_spec
-    return train_settings_from(inputs.cfg, default_lora_targets=spec.lora_target_modules,
-                               prompt_special_tokens=spec.prompt_style == "base")
+    return train_settings_from(
+        inputs.cfg, default_lora_targets=spec.lora_target_modules, prompt_special_tokens=spec.prompt_style == "base"
+    )
 
 
 def checkpoint_dir(inputs: ResolvedInputs, iteration: int) -> Path:
@@ -43,9 +44,11 @@ def train_iteration(inputs: ResolvedInputs, iteration: int, examples: list[Train
         settings.logging_dir = str(it_dir / "trainer")  # the trackers write here
     seed = derive_seed(cfg.seed, "train", iteration)
     t0 = time.time()
-    log(f"[iter {iteration}] fine-tuning {inputs.target_spec.alias} on {len(examples)} examples "
+    log(
+        f"[iter {iteration}] fine-tuning {inputs.target_spec.alias} on {len(examples)} examples "
         f"({f'LoRA r={settings.lora_r}' if cfg.use_lora else 'full'}"
-        f"{f', {cfg.num_processes} processes' if cfg.num_processes > 1 else ''})")
+        f"{f', {cfg.num_processes} processes' if cfg.num_processes > 1 else ''})"
+    )
     training = _Training(inputs, iteration, settings, seed, prev)
     if cfg.num_processes > 1 or cfg.accelerate_config:
         result = training.launched(examples, log)
@@ -54,8 +57,7 @@ def train_iteration(inputs: ResolvedInputs, iteration: int, examples: list[Train
     _write_train_log(it_dir, result["losses"])
     if cfg.merge:
         training.merge()
-    info = {**result, "seconds": round(time.time() - t0, 2), "seed": seed,
-            "init_from": str(prev) if prev else "base"}
+    info = {**result, "seconds": round(time.time() - t0, 2), "seed": seed, "init_from": str(prev) if prev else "base"}
     write_json(it_dir / "train.json", info)
     training.model = None
     gc.collect()
@@ -65,8 +67,7 @@ def train_iteration(inputs: ResolvedInputs, iteration: int, examples: list[Train
 class _Training:
     """One iteration's training: where from, with what, and the model it leaves in memory."""
 
-    def __init__(self, inputs: ResolvedInputs, iteration: int, settings: TrainSettings, seed: int,
-                 prev: Path | None):
+    def __init__(self, inputs: ResolvedInputs, iteration: int, settings: TrainSettings, seed: int, prev: Path | None):
         self.inputs, self.iteration, self.settings, self.seed, self.prev = inputs, iteration, settings, seed, prev
         self.it_dir = inputs.out / f"iter_{iteration}"
         self.base = inputs.target_path
@@ -77,8 +78,14 @@ class _Training:
         from codedistill.training.trainer import prepare_model, save_trained, train  # torch: only when training
 
         inputs = self.inputs
-        self.model = prepare_model(self.base, self.settings, seed=self.seed, device=inputs.device,
-                                   dtype=inputs.dtype(inputs.target_spec), init_from=self.prev)
+        self.model = prepare_model(
+            self.base,
+            self.settings,
+            seed=self.seed,
+            device=inputs.device,
+            dtype=inputs.dtype(inputs.target_spec),
+            init_from=self.prev,
+        )
         result = train(self.model, self.tok, examples, self.settings, seed=self.seed, log=log)
         result_d = result.to_dict()
         del result
@@ -87,9 +94,17 @@ class _Training:
 
     def launched(self, examples: list[TrainExample], log: Log) -> dict[str, Any]:
         inputs = self.inputs
-        job = write_job(self.it_dir / "launch", base=self.base, settings=self.settings, examples=examples,
-                        seed=self.seed, device=inputs.device, dtype=inputs.dtype(inputs.target_spec),
-                        init_from=self.prev, out_dir=self.it_dir)
+        job = write_job(
+            self.it_dir / "launch",
+            base=self.base,
+            settings=self.settings,
+            examples=examples,
+            seed=self.seed,
+            device=inputs.device,
+            dtype=inputs.dtype(inputs.target_spec),
+            init_from=self.prev,
+            out_dir=self.it_dir,
+        )
         return run_launched(job, inputs.cfg.num_processes, inputs.cfg.accelerate_config, log)
 
     def merge(self) -> None:
@@ -98,9 +113,14 @@ class _Training:
 
         inputs = self.inputs
         if self.model is None:  # trained in other processes: fold the saved adapter into the base here
-            self.model = prepare_model(self.base, dataclasses.replace(self.settings, load_in_4bit=False),
-                                       seed=self.seed, device=inputs.device, dtype=inputs.dtype(inputs.target_spec),
-                                       init_from=checkpoint_dir(inputs, self.iteration))
+            self.model = prepare_model(
+                self.base,
+                dataclasses.replace(self.settings, load_in_4bit=False),
+                seed=self.seed,
+                device=inputs.device,
+                dtype=inputs.dtype(inputs.target_spec),
+                init_from=checkpoint_dir(inputs, self.iteration),
+            )
         merge_and_save(self.model, self.tok, self.it_dir / "merged")
 
 

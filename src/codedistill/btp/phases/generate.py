@@ -33,8 +33,9 @@ def generation_tag(role: str, generation: str, k: int) -> str:
     return "beam" if role == "source" and generation == "beam" else f"iter{k}"
 
 
-def generate_for_iteration(run: RunState, k: int,
-                           problems: Sequence[Problem]) -> tuple[list[tuple[str, Tested]], dict[str, Any]]:
+def generate_for_iteration(
+    run: RunState, k: int, problems: Sequence[Problem]
+) -> tuple[list[tuple[str, Tested]], dict[str, Any]]:
     """Every generating model of the mode (source, target or both) on iteration ``k``'s
     problems: [(role, tested programs)] and the generation statistics per role."""
     inputs = run.inputs
@@ -50,18 +51,28 @@ def generate_for_iteration(run: RunState, k: int,
         # the cache can serve an unchanged model only: the source, or the target before training
         tested = generate_and_test(run, load, spec, role, tag, k, problems, cacheable=role == "source" or k == 1)
         produced.append((role, tested))
-        stats[role] = generation_stats(tested, run.generated.get(f"{role}_{tag}", 0) - n_before,
-                                       len(problems), inputs.cfg.iteration_problems, spec.alias, f"{role}_{tag}")
+        stats[role] = generation_stats(
+            tested,
+            run.generated.get(f"{role}_{tag}", 0) - n_before,
+            len(problems),
+            inputs.cfg.iteration_problems,
+            spec.alias,
+            f"{role}_{tag}",
+        )
     return produced, stats
 
 
-def generation_stats(tested: Tested, generated_new: int, n_problems: int, iteration_problems: str,
-                     model: str, name: str) -> dict[str, Any]:
+def generation_stats(
+    tested: Tested, generated_new: int, n_problems: int, iteration_problems: str, model: str, name: str
+) -> dict[str, Any]:
     flat = [c for cs in tested.values() for c in cs]
     return {
         "generated_new": generated_new,
-        "problems": n_problems, "iteration_problems": iteration_problems,
-        "model": model, "candidates": len(flat), "file": f"generations/{name}.jsonl",
+        "problems": n_problems,
+        "iteration_problems": iteration_problems,
+        "model": model,
+        "candidates": len(flat),
+        "file": f"generations/{name}.jsonl",
         "share_passing": float(np.mean([bool(c["passed"]) for c in flat])) if flat else 0.0,
         "mean_pass_rate": float(np.mean([c["pass_rate"] for c in flat])) if flat else 0.0,
         "problems_solved": sum(any(c["passed"] for c in cs) for cs in tested.values()),
@@ -73,16 +84,24 @@ def gen_cache_parts(run: RunState, spec: Any, role: str, tag: str, problems: Seq
     """Everything that determines a generation phase's programs and verdicts (its cache key)."""
     cfg = run.inputs.cfg
     parts: dict[str, Any] = {
-        "model": model_id(spec), "style": PromptStyle.of(spec).style, "role": role, "generation": cfg.generation,
-        "max_new_tokens": cfg.max_new_tokens, "dataset": cfg.dataset, "data_path": cfg.data_path,
-        "problems": ids_hash(problems), "n_problems": len(problems), "chunk_size": cfg.chunk_size,
+        "model": model_id(spec),
+        "style": PromptStyle.of(spec).style,
+        "role": role,
+        "generation": cfg.generation,
+        "max_new_tokens": cfg.max_new_tokens,
+        "dataset": cfg.dataset,
+        "data_path": cfg.data_path,
+        "problems": ids_hash(problems),
+        "n_problems": len(problems),
+        "chunk_size": cfg.chunk_size,
         "timeout": cfg.timeout,
     }
     if cfg.generation == "beam":
         parts.update(num_beams=cfg.num_beams, length_penalty=cfg.length_penalty)
     else:
-        parts.update(num_samples=cfg.num_samples, temperature=cfg.gen_temperature, top_p=cfg.gen_top_p,
-                     seed=cfg.seed, tag=tag)
+        parts.update(
+            num_samples=cfg.num_samples, temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, seed=cfg.seed, tag=tag
+        )
     if cfg.generation == "egcfg":
         parts["egcfg"] = cfg.egcfg.model_dump(exclude_unset=True)
     return parts
@@ -151,20 +170,30 @@ class _Phase:
                 rec.add_generation(cg_by[p.task_id])
             if p.task_id not in rec.verd and p.task_id in cv_by:
                 rec.add_verdicts(cv_by[p.task_id])
-        self.run.log(f"[iter {self.iteration}] {self.role}: {self.cfg.generation} generations and verdicts of "
-                     f"{len(problems)} problems from the generation cache")
+        self.run.log(
+            f"[iter {self.iteration}] {self.role}: {self.cfg.generation} generations and verdicts of "
+            f"{len(problems)} problems from the generation cache"
+        )
 
     def plan_chunks(self, rec: _Records, problems: Sequence[Problem]) -> list[list[Problem]]:
         """The chunks with untested problems; sizes the progress bars and says how many."""
         todo = [c for c in chunks(list(problems), self.cfg.chunk_size) if any(p.task_id not in rec.verd for p in c)]
         if todo:
             n = sum(len(c) for c in todo)
-            self.run.log(f"[iter {self.iteration}] {self.role}: {self.cfg.generation} on {n} problems"
-                         f" ({len(problems) - n} done before)")
+            self.run.log(
+                f"[iter {self.iteration}] {self.role}: {self.cfg.generation} on {n} problems"
+                f" ({len(problems) - n} done before)"
+            )
         per = self.cfg.num_beams if self.cfg.generation == "beam" else self.cfg.num_samples
         self.gbar.set_total(sum(p.task_id not in rec.gens for c in todo for p in c))
-        self.tbar.set_total(sum(len(rec.gens[p.task_id]["candidates"]) if p.task_id in rec.gens else per
-                                for c in todo for p in c if p.task_id not in rec.verd))
+        self.tbar.set_total(
+            sum(
+                len(rec.gens[p.task_id]["candidates"]) if p.task_id in rec.gens else per
+                for c in todo
+                for p in c
+                if p.task_id not in rec.verd
+            )
+        )
         return todo
 
     def run_chunk(self, rec: _Records, chunk: list[Problem]) -> None:
@@ -189,11 +218,26 @@ class _Phase:
             rows = []
             for i, c in enumerate(cs):
                 completion, program = to_program(p, self.style, c.text)
-                rows.append({"index": i, "completion": completion, "program": program,
-                             "logprob": c.logprob, "num_tokens": c.num_tokens,
-                             "seq_prob": c.seq_prob, "finish_reason": c.finish_reason})
-            rec.add_generation({"task_id": p.task_id, "role": self.role, "model": getattr(gen, "name", self.role),
-                                "iteration": self.iteration, "candidates": rows})
+                rows.append(
+                    {
+                        "index": i,
+                        "completion": completion,
+                        "program": program,
+                        "logprob": c.logprob,
+                        "num_tokens": c.num_tokens,
+                        "seq_prob": c.seq_prob,
+                        "finish_reason": c.finish_reason,
+                    }
+                )
+            rec.add_generation(
+                {
+                    "task_id": p.task_id,
+                    "role": self.role,
+                    "model": getattr(gen, "name", self.role),
+                    "iteration": self.iteration,
+                    "candidates": rows,
+                }
+            )
             self.n_cands += len(rows)
         self.gbar.add_time(time.perf_counter() - t_chunk - load_s)
         return load_s
@@ -204,17 +248,37 @@ class _Phase:
         stop = stops_for(chunk[0], self.style)
         seed = derive_seed(cfg.seed, "gen", self.role, self.tag, chunk[0].task_id)
         if cfg.generation == "beam":
-            return gen.beam_search(prompts, num_beams=cfg.num_beams, num_return_sequences=cfg.num_beams,
-                                   max_new_tokens=cfg.max_new_tokens, stop=stop, length_penalty=cfg.length_penalty)
+            return gen.beam_search(
+                prompts,
+                num_beams=cfg.num_beams,
+                num_return_sequences=cfg.num_beams,
+                max_new_tokens=cfg.max_new_tokens,
+                stop=stop,
+                length_penalty=cfg.length_penalty,
+            )
         if cfg.generation == "egcfg":  # every EG-CFG agent's final program
             from codedistill.egcfg.runner import egcfg_agent_candidates  # torch: only for EG-CFG runs
 
-            return egcfg_agent_candidates(gen, self.style, list(chunk), stop, cfg.egcfg.model_dump(exclude_unset=True),
-                                          self.run.pool, seed=seed,
-                                          max_new_tokens=cfg.max_new_tokens,
-                                          log_path=self.run.out / "generations" / f"{self.counter}.egcfg_log.jsonl")
-        return gen.sample(prompts, n=cfg.num_samples, temperature=cfg.gen_temperature, top_p=cfg.gen_top_p,
-                          max_new_tokens=cfg.max_new_tokens, stop=stop, seed=seed)
+            return egcfg_agent_candidates(
+                gen,
+                self.style,
+                list(chunk),
+                stop,
+                cfg.egcfg.model_dump(exclude_unset=True),
+                self.run.pool,
+                seed=seed,
+                max_new_tokens=cfg.max_new_tokens,
+                log_path=self.run.out / "generations" / f"{self.counter}.egcfg_log.jsonl",
+            )
+        return gen.sample(
+            prompts,
+            n=cfg.num_samples,
+            temperature=cfg.gen_temperature,
+            top_p=cfg.gen_top_p,
+            max_new_tokens=cfg.max_new_tokens,
+            stop=stop,
+            seed=seed,
+        )
 
     def test(self, rec: _Records, chunk: list[Problem]) -> int:
         """The testing phase of the chunk's untested problems; the number of programs run."""
@@ -229,13 +293,21 @@ class _Phase:
         k = 0
         for p in need:
             nc = len(rec.gens[p.task_id]["candidates"])
-            rec.add_verdicts({"task_id": p.task_id, "verdicts": vs[k:k + nc]})
+            rec.add_verdicts({"task_id": p.task_id, "verdicts": vs[k : k + nc]})
             k += nc
         return len(pairs)
 
 
-def generate_and_test(run: RunState, load: Callable[[], Any], spec: Any, role: str, tag: str, iteration: int,
-                      problems: Sequence[Problem], cacheable: bool = False) -> Tested:
+def generate_and_test(
+    run: RunState,
+    load: Callable[[], Any],
+    spec: Any,
+    role: str,
+    tag: str,
+    iteration: int,
+    problems: Sequence[Problem],
+    cacheable: bool = False,
+) -> Tested:
     """Beam phase + testing phase for one generator (``load()`` gives it, loaded only when
     something is left to generate) over ``problems``; {task_id: tested candidates} in
     problem order. ``cacheable``: the generator is an unchanged model whose programs the
@@ -252,6 +324,12 @@ def generate_and_test(run: RunState, load: Callable[[], Any], spec: Any, role: s
     finally:
         rec.close()
     if parts is not None and run.cache is not None and not run.cache.has("gen", parts):
-        run.cache.put_rows("gen", parts, {"generations": [rec.gens[p.task_id] for p in problems],
-                                          "verdicts": [rec.verd[p.task_id] for p in problems]})
+        run.cache.put_rows(
+            "gen",
+            parts,
+            {
+                "generations": [rec.gens[p.task_id] for p in problems],
+                "verdicts": [rec.verd[p.task_id] for p in problems],
+            },
+        )
     return rec.tested(problems)

@@ -37,20 +37,29 @@ def sequence_p(c: dict[str, Any], p_mode: str) -> float:
     return min(1.0, max(0.0, v if math.isfinite(v) else 0.0))
 
 
-def add_to_buffer(buffer: ReplayBuffer, problems: Sequence[Problem], produced: Sequence[tuple[str, Tested]],
-                  k: int, cfg: BTPConfig) -> int:
+def add_to_buffer(
+    buffer: ReplayBuffer, problems: Sequence[Problem], produced: Sequence[tuple[str, Tested]], k: int, cfg: BTPConfig
+) -> int:
     """Every tested program of iteration ``k`` into the buffer, problem by problem (the
     same entries in the same order on a restart: adding is idempotent); how many were new."""
     before = len(buffer)
     for p in problems:
         for _role, tested in produced:
             for c in tested[p.task_id]:
-                buffer.add(ReplayEntry(
-                    task_id=p.task_id, completion=c["completion"], program=c["program"],
-                    p=sequence_p(c, cfg.p_mode), pass_rate=float(c["pass_rate"]),
-                    tests_passed=int(c["tests_passed"]), tests_total=int(c["tests_total"]),
-                    source=c["model"], iteration=k, origin=cfg.generation,
-                ))
+                buffer.add(
+                    ReplayEntry(
+                        task_id=p.task_id,
+                        completion=c["completion"],
+                        program=c["program"],
+                        p=sequence_p(c, cfg.p_mode),
+                        pass_rate=float(c["pass_rate"]),
+                        tests_passed=int(c["tests_passed"]),
+                        tests_total=int(c["tests_total"]),
+                        source=c["model"],
+                        iteration=k,
+                        origin=cfg.generation,
+                    )
+                )
     return len(buffer) - before
 
 
@@ -73,23 +82,32 @@ class Replay:
     def record(self) -> dict[str, Any]:
         """What ``iter_K/draw.json`` holds."""
         d = self.drawn
-        return {"indices": d.indices, "is_weights": d.is_weights,
-                "drawn": [{"task_id": self.entries[i].task_id, "key": self.entries[i].key} for i in d.indices]}
+        return {
+            "indices": d.indices,
+            "is_weights": d.is_weights,
+            "drawn": [{"task_id": self.entries[i].task_id, "key": self.entries[i].key} for i in d.indices],
+        }
 
 
 def prioritized_draw(all_entries: Sequence[ReplayEntry], cfg: BTPConfig, k: int) -> Replay:
     entries = eligible(all_entries, cfg.min_pass_rate)
     if not entries:
-        raise ConfigError(f"no program in the replay buffer passes min_pass_rate={cfg.min_pass_rate:g} "
-                          f"({len(all_entries)} programs, none eligible); lower min_pass_rate")
+        raise ConfigError(
+            f"no program in the replay buffer passes min_pass_rate={cfg.min_pass_rate:g} "
+            f"({len(all_entries)} programs, none eligible); lower min_pass_rate"
+        )
     values = [e.value(cfg.p2_alpha) for e in entries]
     n_draw = cfg.replay_size or len(entries)
     rng = np.random.default_rng(derive_seed(cfg.seed, "draw", k))
     is_beta = cfg.is_beta if cfg.is_weights else None
     d = draw(values, n_draw, cfg.sampling_method, cfg.sampling_alpha, rng, is_beta=is_beta)
     stats = sampling_stats(entries, d, cfg.sampling_method, cfg.sampling_alpha, is_beta, cfg.p2_alpha)
-    stats.update(min_pass_rate=cfg.min_pass_rate, eligible_programs=len(entries),
-                 excluded_programs=len(all_entries) - len(entries), p_mode=cfg.p_mode)
+    stats.update(
+        min_pass_rate=cfg.min_pass_rate,
+        eligible_programs=len(entries),
+        excluded_programs=len(all_entries) - len(entries),
+        p_mode=cfg.p_mode,
+    )
     return Replay(entries, d, stats)
 
 
@@ -102,9 +120,14 @@ def training_examples(inputs: ResolvedInputs, replay: Replay) -> list[TrainExamp
     for i, w in zip(replay.drawn.indices, replay.drawn.is_weights):
         e = replay.entries[i]
         prob = by_id[e.task_id]
-        examples.append(TrainExample(prompt=render_prompt(prob, style, tok),
-                                     completion=training_completion(prob, e.completion, style),
-                                     weight=w, task_id=e.task_id))
+        examples.append(
+            TrainExample(
+                prompt=render_prompt(prob, style, tok),
+                completion=training_completion(prob, e.completion, style),
+                weight=w,
+                task_id=e.task_id,
+            )
+        )
     return examples
 
 
