@@ -117,10 +117,6 @@ def test_paper_protocol_and_validation_split_choose_the_eval_problems():
     from codedistill.btp.loop import Plan, protocol_record
     from codedistill.data import load_problems
 
-    try:
-        load_problems("mbpp", "test", max_problems=1)
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"MBPP not available here: {e}")
     base = dict(source_model="tiny-source", target_model="tiny-target", dataset="mbpp", max_problems=5,
                 eval_max_problems=4, eval_datasets=["humaneval"], drop_overlap=True)
     plan = Plan(build_config({}, {**base, "eval_protocol": "paper"}))
