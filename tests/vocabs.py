@@ -138,12 +138,16 @@ def load_tokenizer(family: str):
     """The family's tokenizer, converted from GGUF once per transformers version and then
     loaded from its cached tokenizer.json; pad token = EOS where the vocabulary has none."""
     import transformers
+    from filelock import FileLock
     from transformers import AutoTokenizer
 
     hf_dir = cache_dir() / f"hf-{transformers.__version__}" / family
     if not (hf_dir / "tokenizer.json").is_file():
         path = gguf_file(family)
-        AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(hf_dir))
+        with FileLock(str(cache_dir() / ".convert.lock")):
+            if not (hf_dir / "tokenizer.json").is_file():
+                converted = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+                converted.save_pretrained(str(hf_dir))
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
