@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 
+import vocabs
+
 REPO = Path(__file__).resolve().parents[1]
-MBPP_DIR = REPO.parent / "shared" / "data" / "mbpp"
 
 
 def pytest_configure(config):
+    # the real vocabularies stay in the machine's cache (fetched once per machine, not per checkout)
+    os.environ.setdefault(vocabs.DIR_VAR, str(vocabs.cache_dir()))
     # tiny models whose spec is not shipped (changed specs) are built once into this cache
     os.environ.setdefault("CODEDISTILL_CACHE", str(REPO / ".cache" / "codedistill"))
-    if MBPP_DIR.exists():
-        os.environ.setdefault("CODEDISTILL_MBPP_PATH", str(MBPP_DIR))
 
 
 def pytest_collection_finish(session):

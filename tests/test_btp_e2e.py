@@ -15,6 +15,7 @@ from codedistill.btp._testing import build_throwaway_pair  # noqa: E402
 from codedistill.btp.config import BTPConfig, build_config  # noqa: E402
 from codedistill.btp.loop import run_btp  # noqa: E402
 from codedistill.btp.plan import ResolvedInputs, find_near_duplicates, find_overlap  # noqa: E402
+from codedistill.data.mbpp import packaged_dir  # noqa: E402
 from codedistill.errors import ConfigError  # noqa: E402
 from codedistill.runs import read_jsonl  # noqa: E402
 
@@ -162,9 +163,7 @@ def test_bad_input_is_refused_early(pair, tmp_path):
 
 
 def _mbpp_with_leak(tmp_path: Path) -> Path:
-    src = Path("/work/shared/data/mbpp/mbpp.jsonl")
-    if not src.exists():
-        pytest.skip("no local MBPP copy")
+    src = packaged_dir() / "mbpp.jsonl"
     rows = [json.loads(l) for l in src.read_text().splitlines() if l.strip()]
     by_id = {r["task_id"]: r for r in rows}
     by_id[601] = {**by_id[11], "task_id": 601}  # a test problem copied into train
@@ -183,7 +182,7 @@ def test_overlap_is_refused_unless_allowed_and_then_reported_in_bold(pair, tmp_p
     # the real MBPP splits are disjoint
     from codedistill.data import load_problems
 
-    real = Path("/work/shared/data/mbpp/mbpp.jsonl")
+    real = packaged_dir() / "mbpp.jsonl"
     tr, te = load_problems("mbpp", "train", data_path=real), load_problems("mbpp", "test", data_path=real)
     # MBPP's standard split leaks one problem (704 == 248: same description and reference)
     assert find_overlap(tr, te) == ["Mbpp/704"]

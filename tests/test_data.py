@@ -1,12 +1,17 @@
+import hashlib
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import codedistill
 from codedistill.data import load_problems
-from codedistill.data.mbpp import load_mbpp
+from codedistill.data.mbpp import SOURCE_VAR, chosen_source, load_mbpp, packaged_dir
 from codedistill.errors import DataError
-
-MBPP_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mbpp"
+from codedistill.resources import resource_path
 
 
 def test_mbpp_standard_splits():
@@ -44,9 +49,54 @@ def test_missing_and_malformed_files_name_path_and_fix(tmp_path):
     with pytest.raises(DataError, match="not found.*--data-path"):
         load_mbpp("full", tmp_path / "nope")
     bad = tmp_path / "mbpp.jsonl"
-    good = (MBPP_DIR / "mbpp.jsonl").read_text().splitlines()[0]
+    good = (packaged_dir() / "mbpp.jsonl").read_text().splitlines()[0]
     bad.write_text(good + "\n{not json\n")
     with pytest.raises(DataError, match=r"mbpp.jsonl:2: malformed JSON"):
         load_mbpp("full", bad)
     with pytest.raises(DataError, match="Unknown dataset"):
         load_problems("mbqq")
+
+
+def test_mbpp_ships_with_the_package_with_its_notice_and_checksums():
+    notice = (packaged_dir() / "NOTICE").read_text()
+    assert "CC BY 4.0" in notice and "Austin" in notice and "google-research/google-research" in notice
+    for name in ("mbpp.jsonl", "sanitized-mbpp.json"):
+        digest = hashlib.sha256((packaged_dir() / name).read_bytes()).hexdigest()
+        assert re.search(rf"{re.escape(name)} +sha256 {digest}\n", notice)
+
+
+def test_mbpp_loads_offline_from_anywhere_without_datasets(tmp_path):
+    """Outside the checkout, with the hub switched off: the packaged files, no `datasets`."""
+    src = Path(codedistill.__file__).parents[1]
+    code = (
+        "import sys; from codedistill.data import load_problems; "
+        "print(len(load_problems('mbpp', 'all')), len(load_problems('mbpp-sanitized', 'all')), "
+        "'datasets' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != SOURCE_VAR}
+    env.update(PYTHONPATH=str(src), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["974", "427", "False"]
+
+
+def test_mbpp_source_is_package_unless_the_hub_is_asked_for(monkeypatch):
+    monkeypatch.delenv(SOURCE_VAR, raising=False)
+    assert chosen_source() == "package"
+    monkeypatch.setenv(SOURCE_VAR, "hub")
+    assert chosen_source() == "hub" and chosen_source("package") == "package"
+    monkeypatch.setenv(SOURCE_VAR, "hf")
+    with pytest.raises(DataError, match=f"'hf' \\(from {SOURCE_VAR}\\).*package or hub"):
+        load_mbpp("full")
+    # an explicit local copy wins over the hub setting
+    monkeypatch.setenv(SOURCE_VAR, "hub")
+    assert len(load_mbpp("sanitized", packaged_dir())) == 427
+
+
+def test_resources_are_found_through_the_package():
+    for name in ("ddp", "fsdp", "zero2", "zero3"):
+        assert "distributed_type:" in resource_path(f"assets/accelerate/{name}.yaml").read_text()
+    assert resource_path("data/files/evalplus/MbppPlus-v0.2.0.jsonl.gz").stat().st_size > 0
+    with pytest.raises(FileNotFoundError, match="reinstall codedistill"):
+        resource_path("assets/accelerate/nope.yaml")

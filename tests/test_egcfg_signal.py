@@ -8,6 +8,7 @@ import pytest
 
 from codedistill.egcfg.signal import build_signal, format_trace, insert_signal, make_executable
 from codedistill.egcfg.tracer import split_assert
+from vocabs import gguf_file
 
 
 def test_make_executable_drops_incomplete_lines_and_fills_empty_blocks():
@@ -152,58 +153,6 @@ DEEPSEEK_CODER_INSTRUCT_TEMPLATE = (
     "{{'### Response:\\n' + message['content'] + '\\n<|EOT|>\\n'}}{%- endif %}{%- endif %}{%- endfor %}"
     "{% if add_generation_prompt %}{{'### Response:'}}{% endif %}"
 )
-VOCAB_SDIST = "llama-cpp-python==0.3.36"
-VOCAB_FILE = "ggml-vocab-deepseek-coder.gguf"
-
-
-def deepseek_vocab_file():
-    """llama.cpp's DeepSeek-Coder vocabulary (GGUF) from the llama-cpp-python sdist on PyPI,
-    fetched once into ~/.cache/codedistill/vocab (file-locked; never committed)."""
-    import os
-    import subprocess
-    import sys
-    import tarfile
-    from pathlib import Path
-
-    from filelock import FileLock
-
-    cache = Path(os.environ.get("CODEDISTILL_VOCAB_CACHE", Path.home() / ".cache" / "codedistill" / "vocab"))
-    cache.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache / "download.lock")):
-        found = sorted(cache.rglob(VOCAB_FILE))
-        if found:
-            return found[0]
-        sdists = sorted(cache.glob("llama_cpp_python-0.3.36.tar.gz"))
-        if not sdists:
-            r = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--no-binary",
-                    ":all:",
-                    VOCAB_SDIST,
-                    "-d",
-                    str(cache),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=900,
-            )
-            sdists = sorted(cache.glob("llama_cpp_python-0.3.36.tar.gz"))
-            if r.returncode != 0 or not sdists:
-                pytest.skip(f"could not fetch {VOCAB_SDIST} from PyPI: {r.stderr[-300:]}")
-        with tarfile.open(sdists[0]) as tf:
-            member = next(m for m in tf.getmembers() if m.name.endswith(f"vendor/llama.cpp/models/{VOCAB_FILE}"))
-            data = tf.extractfile(member).read()
-        out = cache / "gguf" / VOCAB_FILE
-        out.parent.mkdir(exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(out)
-        return out
 
 
 @pytest.fixture(scope="module")
@@ -211,12 +160,13 @@ def deepseek_tok():
     pytest.importorskip("gguf")
     from transformers import AutoTokenizer
 
-    path = deepseek_vocab_file()
+    path = gguf_file("deepseek-coder")
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tok.chat_template = DEEPSEEK_CODER_INSTRUCT_TEMPLATE
     return tok
 
 
+@pytest.mark.slow
 def test_chat_signal_lands_in_the_user_turn_of_deepseek_coder_instruct(deepseek_tok):
     from codedistill.data.problem import Problem
     from codedistill.egcfg.config import LONG_CODE_INSTRUCTION

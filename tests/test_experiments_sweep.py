@@ -60,6 +60,7 @@ def test_a_resumed_study_proposes_new_parameters(tmp_path):
     assert again.suggest_float("x", 0, 1) != x
 
 
+@pytest.mark.slow
 def test_sweep_killed_mid_trial_resumes_and_rerun_generates_nothing(tmp_path):
     from codedistill.btp._testing import build_throwaway_pair
 

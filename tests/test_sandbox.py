@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
+from codedistill.data.mbpp import packaged_dir
 from codedistill.execution import Job, Limits, SandboxPool, Verdict, run_program, sandbox_call
 
-MBPP = "/work/shared/data/mbpp/mbpp.jsonl"
+MBPP = packaged_dir() / "mbpp.jsonl"
 
 ADD = "def add(a, b):\n    return a + b\n"
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(2, 2) == 5", "assert add(-1, 1) == 0"]

@@ -1,11 +1,10 @@
 """Training labels and generation's kept text on the plan's four real tokenizer families.
 
-The vocabularies are llama.cpp's vocabulary-only GGUF files (no weights), shipped in the
-``llama-cpp-python==0.3.36`` source distribution on PyPI: DeepSeek-Coder (byte-level BPE),
-Llama/CodeLlama (SentencePiece, ``llama-spm``), Qwen2 and StarCoder (byte-level BPE).
-They are fetched with pip at test time into ``~/.cache/codedistill/vocab`` (or
-``$CODEDISTILL_VOCAB_CACHE``), never committed, and loaded with
-``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` (needs the ``gguf`` package).
+The vocabularies are llama.cpp's vocabulary-only GGUF files (no weights) of DeepSeek-Coder
+(byte-level BPE), Llama/CodeLlama (SentencePiece, ``llama-spm``), Qwen2 and StarCoder
+(byte-level BPE), fetched once per machine by ``tests/vocabs.py`` (sha256-checked, never
+committed) and loaded with ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` (needs the
+``gguf`` package). Without them these tests skip, or fail with ``CODEDISTILL_REQUIRE_VOCABS=1``.
 
 What must hold, for every family:
 - the training labels are exactly the tokens of ``prompt + completion`` tokenized as one
@@ -19,12 +18,6 @@ What must hold, for every family:
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tarfile
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -32,13 +25,11 @@ pytest.importorskip("transformers")
 pytest.importorskip("gguf", reason="pip install gguf (in the dev extra) to load GGUF vocabularies")
 
 from codedistill.training.trainer import IGNORE_INDEX, collate, completion_loss, encode_example  # noqa: E402
+from vocabs import FAMILIES, load_tokenizer  # noqa: E402
 
-# the first run downloads the 77 MB sdist and converts four vocabularies (about a minute);
-# later runs load the cached tokenizer.json files
+# the first run on a machine downloads the vocabularies (tests/vocabs.py) and converts them
+# (about a minute); later runs load the cached tokenizer.json files
 pytestmark = pytest.mark.slow
-
-SDIST = "llama-cpp-python==0.3.36"
-FAMILIES = ("deepseek-coder", "llama-spm", "qwen2", "starcoder")
 
 MBPP_PROMPT = (
     "You are an expert Python programmer, and here is your task: Write a function to find the "
@@ -67,65 +58,9 @@ CASES = {
 STRADDLES = ("starcoder", "humaneval")
 
 
-def _vocab_cache() -> Path:
-    return Path(os.environ.get("CODEDISTILL_VOCAB_CACHE", Path.home() / ".cache" / "codedistill" / "vocab"))
-
-
-def fetch_vocabularies() -> Path:
-    """The four GGUF vocabularies, from the llama-cpp-python sdist on PyPI (cached)."""
-    cache = _vocab_cache()
-    gguf_dir = cache / "gguf"
-    want = [f"ggml-vocab-{f}.gguf" for f in FAMILIES]
-    if all((gguf_dir / w).is_file() for w in want):
-        return gguf_dir
-    cache.mkdir(parents=True, exist_ok=True)
-    sdists = sorted(cache.glob("llama_cpp_python-0.3.36.tar.gz"))
-    if not sdists:
-        # the sdist only (its build backend comes as wheels: nothing is compiled)
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            "llama-cpp-python",
-            SDIST,
-            "-d",
-            str(cache),
-        ]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        sdists = sorted(cache.glob("llama_cpp_python-0.3.36.tar.gz"))
-        if res.returncode != 0 or not sdists:
-            pytest.skip(f"cannot download {SDIST} from PyPI: {res.stderr.strip()[-300:]}")
-    gguf_dir.mkdir(exist_ok=True)
-    with tarfile.open(sdists[0]) as tar:
-        for m in tar.getmembers():
-            name = Path(m.name).name
-            if "/vendor/llama.cpp/models/" in m.name and name in want and m.isfile():
-                src = tar.extractfile(m)
-                assert src is not None
-                (gguf_dir / name).write_bytes(src.read())
-    return gguf_dir
-
-
-def load_family(family: str):
-    """The family's tokenizer (converted from GGUF once, then cached as tokenizer.json)."""
-    from transformers import AutoTokenizer
-
-    hf_dir = _vocab_cache() / "hf" / family
-    if not (hf_dir / "tokenizer.json").is_file():
-        tok = AutoTokenizer.from_pretrained(str(fetch_vocabularies()), gguf_file=f"ggml-vocab-{family}.gguf")
-        tok.save_pretrained(str(hf_dir))
-    tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
-    return request.param, load_family(request.param)
+    return request.param, load_tokenizer(request.param)
 
 
 def tiny_model(family: str, tok):
@@ -195,7 +130,7 @@ def test_labels_are_the_joint_tokenization_after_the_prompt(family, case):
 def test_sentencepiece_completion_alone_differs_from_in_context():
     """The defect joint tokenization fixes: tokenized alone, the completion starts with
     a word-boundary token the model never emits after ``[BEGIN]\\n``."""
-    tok = load_family("llama-spm")
+    tok = load_tokenizer("llama-spm")
     alone = tok(MBPP_PROGRAM, add_special_tokens=False)["input_ids"]
     p_ids = tok(MBPP_PROMPT)["input_ids"]
     after = tok(MBPP_PROMPT + MBPP_PROGRAM)["input_ids"][len(p_ids) :]
@@ -278,7 +213,7 @@ def test_egcfg_lines_decode_after_the_prompt_on_sentencepiece():
     from codedistill.egcfg.agents import EGCFGSolver
     from codedistill.egcfg.config import AgentSpec, EGCFGConfig
 
-    tok = load_family("llama-spm")
+    tok = load_tokenizer("llama-spm")
     model = tiny_model("llama-spm", tok)
     four = tok.convert_tokens_to_ids("▁▁▁▁")
     head = torch.nn.Linear(model.config.hidden_size, len(tok), bias=True)

@@ -1,7 +1,10 @@
 """MBPP (Austin et al. 2021, CC BY 4.0): full (974) and sanitized (427) variants.
 
-Users load it from the hub through ``datasets`` or from a local copy of the official
-files (``mbpp.jsonl`` / ``sanitized-mbpp.json``). Standard splits by task_id:
+The official files (``mbpp.jsonl`` / ``sanitized-mbpp.json``, from google-research's
+``mbpp/`` folder) ship with the package under ``data/files/mbpp`` (attribution and sha256 in
+its NOTICE) and are read offline by default. Asked for explicitly, MBPP comes from a local
+copy (``data_path``: a folder or one file) or from the Hugging Face hub through ``datasets``
+(``source="hub"`` or ``CODEDISTILL_MBPP_SOURCE=hub``). Standard splits by task_id:
 few-shot 1-10, test 11-510, validation 511-600, train 601-974.
 """
 
@@ -17,6 +20,7 @@ from typing import Any
 
 from codedistill.data.problem import Problem
 from codedistill.errors import DataError
+from codedistill.resources import resource_path
 
 MBPP_SPLITS = {
     "prompt": range(1, 11),
@@ -28,6 +32,9 @@ MBPP_FEWSHOT_IDS = (2, 3, 4)  # the paper's three prompt examples
 MBPP_STOP = ("[DONE]", "\n[BEGIN]", "\nYou are an expert")
 HUB_ID = "google-research-datasets/mbpp"
 FILES = {"full": "mbpp.jsonl", "sanitized": "sanitized-mbpp.json"}
+PACKAGED_DIR = "data/files/mbpp"
+SOURCE_VAR = "CODEDISTILL_MBPP_SOURCE"
+SOURCES = ("package", "hub")
 
 
 def split_of(task_id: int) -> str:
@@ -75,17 +82,20 @@ def entry_point_of(code: str, tests: Iterable[str]) -> str:
     return defined[-1] if defined else (called[0] if called else "")
 
 
-def default_local_dir() -> Path | None:
-    """``$CODEDISTILL_MBPP_PATH``, else a ``shared/data/mbpp`` folder beside a parent dir."""
-    env = os.environ.get("CODEDISTILL_MBPP_PATH")
-    if env:
-        return Path(env)
-    for start in (Path.cwd(), Path(__file__).resolve()):
-        for parent in [start, *start.parents]:
-            cand = parent / "shared" / "data" / "mbpp"
-            if (cand / FILES["full"]).exists():
-                return cand
-    return None
+def packaged_dir() -> Path:
+    """The folder of the official MBPP files shipped with codedistill."""
+    return resource_path(PACKAGED_DIR)
+
+
+def chosen_source(source: str | None = None) -> str:
+    """``source``, else ``$CODEDISTILL_MBPP_SOURCE``, else ``package``."""
+    chosen = source or os.environ.get(SOURCE_VAR) or "package"
+    if chosen not in SOURCES:
+        raise DataError(
+            f"Unknown MBPP source {chosen!r} (from {'source' if source else SOURCE_VAR}); use "
+            f"{' or '.join(SOURCES)}, or --data-path for a local copy of the official files."
+        )
+    return chosen
 
 
 def _read_local(path: Path, variant: str) -> list[dict[str, Any]]:
@@ -94,8 +104,8 @@ def _read_local(path: Path, variant: str) -> list[dict[str, Any]]:
     if not path.exists():
         raise DataError(
             f"MBPP file not found: {path}. Pass --data-path to a folder holding {FILES[variant]} "
-            f"(the official files from google-research/mbpp), or drop --data-path to load "
-            f"'{HUB_ID}' from the Hugging Face hub (needs internet)."
+            f"(the official files from google-research/mbpp), or drop --data-path to use the copy "
+            "shipped with codedistill."
         )
     text = path.read_text(encoding="utf-8")
     try:
@@ -128,8 +138,8 @@ def _read_hub(variant: str) -> list[dict[str, Any]]:  # pragma: no cover - needs
         dd = datasets.load_dataset(HUB_ID, variant)
     except Exception as e:
         raise DataError(
-            f"Could not load '{HUB_ID}' ({variant}) from the hub: {e}. Without internet, pass "
-            "--data-path to a local copy of the official mbpp.jsonl / sanitized-mbpp.json."
+            f"Could not load '{HUB_ID}' ({variant}) from the hub: {e}. Unset {SOURCE_VAR} to use "
+            "the official files shipped with codedistill (offline)."
         ) from e
     rows = [dict(r) for split in dd.values() for r in split]
     return sorted(rows, key=lambda r: r["task_id"])
@@ -167,21 +177,21 @@ def _to_problem(row: dict[str, Any], variant: str, source: str) -> Problem:
     )
 
 
-def load_mbpp(variant: str = "full", data_path: str | Path | None = None, hub: bool | None = None) -> list[Problem]:
+def load_mbpp(variant: str = "full", data_path: str | Path | None = None, source: str | None = None) -> list[Problem]:
     """All MBPP problems of a variant, each tagged with its standard split.
 
-    Source order: ``data_path`` if given; else a local copy (``$CODEDISTILL_MBPP_PATH`` or a
-    ``shared/data/mbpp`` folder) if one exists; else the hub via ``datasets``.
+    From ``data_path`` if given; else from the hub if ``source`` (or
+    ``$CODEDISTILL_MBPP_SOURCE``) is ``hub``; else the files shipped with codedistill.
     """
     if variant not in FILES:
         raise DataError(f"Unknown MBPP variant {variant!r}; use one of {sorted(FILES)}.")
-    if data_path is None and not hub:
-        data_path = default_local_dir()
     if data_path is not None:
-        rows, source = _read_local(Path(data_path), variant), str(data_path)
+        rows, origin = _read_local(Path(data_path), variant), str(data_path)
+    elif chosen_source(source) == "hub":
+        rows, origin = _read_hub(variant), HUB_ID
     else:
-        rows, source = _read_hub(variant), HUB_ID
-    return [_to_problem(r, variant, source) for r in rows]
+        rows, origin = _read_local(packaged_dir(), variant), f"codedistill's {PACKAGED_DIR}"
+    return [_to_problem(r, variant, origin) for r in rows]
 
 
 def fewshot_prefix(problems_by_id: dict[int, Problem] | None = None, data_path=None) -> str:

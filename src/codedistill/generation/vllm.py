@@ -47,23 +47,24 @@ class VLLMError(CodedistillError):
     """The vLLM server did not start or died."""
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[3]
+def venv_parent() -> Path:
+    """The folder holding the running virtual environment (the checkout for `make setup`)."""
+    return Path(sys.prefix).parent
 
 
 def default_vllm_python() -> Path:
     """``$CODEDISTILL_VLLM_PYTHON``, else ``$CODEDISTILL_VLLM_VENV/bin/python``, else
-    ``.venv-vllm/bin/python`` of this checkout (or of the current directory)."""
+    ``.venv-vllm/bin/python`` beside the running virtual environment (or in the current directory)."""
     if os.environ.get(VLLM_PYTHON_VAR):
         return Path(os.environ[VLLM_PYTHON_VAR])
     venv = os.environ.get(VLLM_ENV_VAR)
     if venv:
         return Path(venv) / "bin" / "python"
-    for base in (repo_root(), Path.cwd()):
+    for base in (venv_parent(), Path.cwd()):
         p = base / ".venv-vllm" / "bin" / "python"
         if p.exists():
             return p
-    return repo_root() / ".venv-vllm" / "bin" / "python"
+    return venv_parent() / ".venv-vllm" / "bin" / "python"
 
 
 def check_vllm_python(python: str | os.PathLike | None = None, timeout: float = 300) -> tuple[Path, str]:

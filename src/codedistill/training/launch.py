@@ -3,7 +3,7 @@
 ``codedistill btp --num-processes N`` generates and tests in its own (single) process and
 runs each fine-tuning phase as
 
-    accelerate launch [--config_file configs/accelerate/<name>.yaml] --num_processes N \\
+    accelerate launch [--config_file codedistill/assets/accelerate/<name>.yaml] --num_processes N \\
         -m codedistill.training.launch <job.json>
 
 The job file holds everything the phase needs (base model, settings, seed, device, the
@@ -26,14 +26,15 @@ from typing import Any
 
 from codedistill.errors import ConfigError
 from codedistill.models.loading import load_tokenizer
+from codedistill.resources import resource_path
 from codedistill.training.settings import TrainExample, TrainSettings
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "accelerate"
+CONFIG_DIR = resource_path("assets/accelerate")
 NAMED_CONFIGS = ("ddp", "fsdp", "zero2", "zero3")
 
 
 def resolve_accelerate_config(name: str | None) -> Path | None:
-    """``ddp | fsdp | zero2 | zero3`` (configs/accelerate/<name>.yaml) or a path."""
+    """``ddp | fsdp | zero2 | zero3`` (codedistill/assets/accelerate/<name>.yaml) or a path."""
     if not name:
         return None
     p = Path(name)
@@ -43,7 +44,7 @@ def resolve_accelerate_config(name: str | None) -> Path | None:
         return CONFIG_DIR / f"{name}.yaml"
     raise ConfigError(
         f"accelerate config {name!r} not found: use one of {', '.join(NAMED_CONFIGS)} "
-        "(configs/accelerate/) or the path of an `accelerate config` YAML"
+        "(codedistill/assets/accelerate/) or the path of an `accelerate config` YAML"
     )
 
 

@@ -81,7 +81,8 @@ class TrainingSettings(BaseModel):
         "`accelerate launch` (generation stays single-process).",
     )
     accelerate_config: str | None = Field(
-        None, description="ddp | fsdp | zero2 | zero3 (configs/accelerate/) or an accelerate YAML."
+        None,
+        description="ddp | fsdp | zero2 | zero3 (shipped in codedistill/assets/accelerate/) or an accelerate YAML.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory).")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
