@@ -42,6 +42,7 @@ that alters the real ``builtins`` module fails (the sandbox's integrity check).
 
 from __future__ import annotations
 
+import ast
 import base64
 import copy
 import hashlib
@@ -49,11 +50,15 @@ import json
 import os
 import pickle
 import tempfile
+import textwrap
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from codedistill.data.evalplus import EvalPlusTask, evalplus_task
 from codedistill.data.problem import Problem
@@ -102,8 +107,6 @@ def default_cache_dir() -> Path:
 def contract_program(task: EvalPlusTask) -> str:
     """The canonical program with the entry point's body replaced by the contract's
     asserts (then ``return None``): calling it checks an input's validity only."""
-    import ast
-
     tree = ast.parse(task.canonical_program)
     body = ast.parse(_dedent(task.contract)).body if task.contract.strip() else []
     for node in tree.body:
@@ -113,8 +116,6 @@ def contract_program(task: EvalPlusTask) -> str:
 
 
 def _dedent(src: str) -> str:
-    import textwrap
-
     return textwrap.dedent(src.strip("\n"))
 
 
@@ -274,8 +275,6 @@ def _unusable(task: EvalPlusTask, why: str) -> Reference:
 
 
 def _reference_from(payload: dict) -> Reference:
-    from collections import Counter
-
     counts = Counter((p, why) for p in PHASES for why in payload[p]["dropped"].values())
     flags = [f"{n} {p} input(s) dropped: {why}" for (p, why), n in counts.items()]
     return Reference({p: payload[p]["keep"] for p in PHASES},
@@ -300,8 +299,6 @@ def load_or_compute_references(pool: SandboxPool, tasks: Sequence[EvalPlusTask],
         except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
             missing.append(task)
     if missing:
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(max_workers=pool.workers) as ex:
             refs = list(ex.map(lambda t: compute_task_reference(pool, t, cap_s), missing))
         for task, ref in zip(missing, refs):
@@ -551,7 +548,7 @@ class EvalPlusJudge:
         self.references: dict[str, Reference] = {}
         self._heads: dict[str, tuple[str, Limits]] = {}
 
-    def __enter__(self) -> "EvalPlusJudge":
+    def __enter__(self) -> EvalPlusJudge:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -31,7 +31,7 @@ RELEASES = {"humaneval+": "HumanEvalPlus-v0.1.10", "mbpp+": "MbppPlus-v0.2.0"}
 EVALPLUS_DATASETS = tuple(RELEASES)
 REQUIRED_KEYS = ("task_id", "prompt", "entry_point", "canonical_solution", "base_input",
                  "plus_input", "atol", "contract")
-_MBPP_PROMPT = re.compile(r'"""\n(?P<text>.*)\n(?P<assert>assert .*)\n"""\n', re.S)
+_MBPP_PROMPT = re.compile(r'"""\n(?P<text>.*)\n(?P<assert>assert .*)\n"""\n', re.DOTALL)
 
 # evalplus/data/mbpp.py (0.3.1), mbpp_deserialize_inputs: which MBPP+ tasks store
 # tuples, sets or complex numbers as JSON lists / strings, and how to restore them.
@@ -192,5 +192,13 @@ def evalplus_task(problem: Problem) -> EvalPlusTask:
     return task
 
 
-__all__ = ["EVALPLUS_DATASETS", "EvalPlusTask", "RELEASES", "evalplus_task", "load_evalplus",
-           "mbpp_deserialize_inputs", "read_release", "release_path"]
+__all__ = [
+    "EVALPLUS_DATASETS",
+    "RELEASES",
+    "EvalPlusTask",
+    "evalplus_task",
+    "load_evalplus",
+    "mbpp_deserialize_inputs",
+    "read_release",
+    "release_path",
+]
