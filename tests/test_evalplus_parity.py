@@ -139,3 +139,34 @@ def test_verdicts_equal_evalplus(dataset, task_ids, cache, tmp_path):
              if o != e]
     assert not diffs
     assert any(b and not p for b, p in ours), "a plus-only mutant must pass base only"
+
+
+def test_datasets_keep_mbpp_numbers_and_splits():
+    from collections import Counter
+
+    mbpp = load_problems("mbpp+", "all")
+    assert Counter(p.split for p in mbpp) == {"test": 224, "train": 108, "validation": 39,
+                                              "prompt": 7}
+    assert len(load_problems("mbpp+", "train")) == 108
+    assert len(load_problems("humaneval+", "test")) == 164
+    p = next(p for p in mbpp if p.task_id == "Mbpp/124")
+    assert isinstance(evalplus_task(p).base_input[0][1], complex)
+    with pytest.raises(DataError, match="only a test split"):
+        load_problems("humaneval+", "train")
+
+
+def test_canonical_overrunning_the_cap_drops_the_input_and_flags_the_task(cache):
+    from codedistill.data.evalplus import EvalPlusTask
+    from codedistill.data.problem import Problem
+
+    canonical = ("import time\ndef double(x):\n    if x == 3:\n        time.sleep(30)\n"
+                 "    return 2 * x\n")
+    task = EvalPlusTask("mbpp+", "Mbpp/9999", "double", canonical, "", ((1,), (3,)), ((2,),), 0.0)
+    problem = Problem("Mbpp/9999", "", "double", (), meta={"evalplus": task})
+    with EvalPlusJudge([problem], workers=1, reference_cap_s=1.0) as judge:
+        good, bad = judge.judge([("Mbpp/9999", "def double(x):\n    return x + x\n"),
+                                 ("Mbpp/9999", "def double(x):\n    return x\n")])
+        assert judge.flags == {"Mbpp/9999": ["1 base input(s) dropped: the canonical solution "
+                                             "overran the reference cap"]}
+    assert (good.base_passed, good.plus_passed) == (True, True)
+    assert (bad.base_passed, bad.plus_passed) == (False, False)
