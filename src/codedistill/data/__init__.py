@@ -1,4 +1,5 @@
-"""Benchmarks: HumanEval, MBPP (full / sanitized) and the embedded synthetic `synth`."""
+"""Benchmarks: HumanEval, MBPP (full / sanitized), HumanEval+ / MBPP+ (EvalPlus) and the
+embedded synthetic `synth`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from codedistill.data.problem import Problem
 from codedistill.errors import DataError
 
-DATASETS = ("humaneval", "mbpp", "mbpp-sanitized", "synth")
+DATASETS = ("humaneval", "mbpp", "mbpp-sanitized", "humaneval+", "mbpp+", "synth")
 SPLITS = ("train", "validation", "test", "prompt", "all")
 
 
@@ -47,6 +48,19 @@ def load_problems(
             problems = [replace(p, prompt=prefix + p.prompt) for p in problems]
         if split != "all":
             problems = [p for p in problems if p.split == split]
+    elif name in ("humaneval+", "mbpp+"):
+        from codedistill.data.evalplus import load_evalplus
+        from codedistill.data.mbpp import fewshot_prefix
+
+        problems = load_evalplus(name, data_path)
+        if shots and (shots != 3 or name == "humaneval+"):
+            raise DataError("MBPP+ supports 0 or 3 shots (MBPP's tasks 2, 3, 4); HumanEval+ 0.")
+        if shots:
+            problems = [replace(p, prompt=fewshot_prefix() + p.prompt) for p in problems]
+        if split not in ("test", "all") and name == "humaneval+":
+            raise DataError("HumanEval+ has only a test split (164 problems); use --split test.")
+        if split != "all":
+            problems = [p for p in problems if p.split == split]
     elif name == "synth":
         from codedistill.data.synth import load_synth
 
@@ -67,7 +81,7 @@ def load_problems(
 
 def stop_strings(dataset: str) -> tuple[str, ...]:
     """Where a base model's completion ends for this benchmark's prompt format."""
-    if dataset.lower() == "humaneval":
+    if dataset.lower() in ("humaneval", "humaneval+"):
         from codedistill.data.humaneval import HUMANEVAL_STOP
 
         return HUMANEVAL_STOP
