@@ -365,16 +365,9 @@ def convert_gguf(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str]
 def _convert_into(path: Path, out: Path) -> None:
     """Tokenizer and float32 weights of the GGUF, saved like a hub checkpoint in ``out``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    where, name = str(path.parent), path.name
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
-    except ValueError as exc:
-        if "not supported" in str(exc):
-            raise GGUFError(f"{path}: transformers cannot dequantise it ({exc}); convert the original "
-                            "checkpoint with save_pretrained and pass that directory instead") from None
-        raise
+    tokenizer, loaded = _load_gguf(path)
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
@@ -389,7 +382,31 @@ def _convert_into(path: Path, out: Path) -> None:
                             "embedding as its config says; report this with the GGUF's name")
     del loaded
     fresh.save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(where, gguf_file=name).save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
+def _load_gguf(path: Path) -> tuple[Any, Any]:
+    """(tokenizer, dequantised model) of the GGUF; every weight of the model from the file."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, name = str(path.parent), path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+        model, info = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32,
+                                                           output_loading_info=True)
+    except Exception as exc:  # transformers' own reasons, turned into one line with the fix
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise GGUFError(f"{path}: transformers cannot load it ({why}); convert the original checkpoint with "
+                        "save_pretrained and pass that directory instead") from None
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [k for k in info.get("missing_keys", ()) if not (tied and k == "lm_head.weight")]
+    bad = missing + [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ())]
+    if bad:
+        raise GGUFError(f"{path}: {len(bad)} weights of its {type(model).__name__} are missing from the file or "
+                        f"have another shape (first: {bad[0]}); it is not a complete {model.config.model_type} "
+                        "checkpoint: use the GGUF of the whole model")
+    return tokenizer, model
 
 
 # ----------------------------------------------------------------------------- packaged GGUFs
