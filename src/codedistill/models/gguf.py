@@ -322,10 +322,11 @@ def convert_gguf(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str]
                  expected_sha256: str | None = None) -> Path:
     """The cached safetensors directory of the GGUF at ``path``, converted on first use.
 
-    The header is checked first (readable, complete, an architecture transformers
-    dequantises), then the file's hash (against ``expected_sha256``, or the known digest of
-    its file name), then the free disk for the float32 copy; conversion writes a temporary
-    sibling directory renamed into place when complete.
+    Checked in this order: the header (readable, tensors within the file), the file's hash
+    (against ``expected_sha256``, or the known digest of its file name; a converted
+    directory for that hash is returned at once), an architecture transformers dequantises,
+    the free disk for the float32 copy. Conversion writes a temporary sibling directory
+    renamed into place when complete.
     """
     from filelock import FileLock
 
