@@ -363,17 +363,24 @@ def independent_verdicts(model_dir: Path) -> dict[str, tuple[bool, str]]:
     return out
 
 
+def codedistill_verdicts(run_dir: Path) -> dict[str, tuple[bool, str]]:
+    """(passed, completion) per task from a baseline run directory (verdicts and samples are two files)."""
+    from codedistill.runs import read_jsonl
+
+    completions = {r["task_id"]: r["completion"] for r in read_jsonl(run_dir / "samples.jsonl")}
+    return {r["task_id"]: (bool(r["passed"]), completions[r["task_id"]]) for r in read_jsonl(run_dir / "results.jsonl")}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_humaneval_verdicts_match_an_independent_harness(gemma_dir, tmp_path):
     from codedistill.baseline import run_baseline
     from codedistill.config import BaselineConfig, build
-    from codedistill.runs import read_jsonl
 
     cfg = build(BaselineConfig, dict(model=ALIAS, dataset="humaneval", max_problems=N_PROBLEMS, backend="hf",
                                      sampling=dict(num_samples=1, temperature=0.0, max_new_tokens=MAX_NEW)))
     out, metrics = run_baseline(cfg, tmp_path / "run")
-    ours = {r["task_id"]: (bool(r["passed"]), r["completion"]) for r in read_jsonl(out / "results.jsonl")}
+    ours = codedistill_verdicts(out)
     theirs = independent_verdicts(gemma_dir)
     assert sorted(ours) == sorted(theirs) and len(ours) == N_PROBLEMS
     assert {t: v[0] for t, v in ours.items()} == {t: v[0] for t, v in theirs.items()}
