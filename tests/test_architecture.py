@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "models": 2,
     "generation": 3,
     "evaluation": 3,
+    "evalplus_judge": 3,
     "prompts": 3,
     "config": 4,
     "egcfg": 4,

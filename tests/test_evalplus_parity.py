@@ -28,10 +28,17 @@ from codedistill.data.evalplus import evalplus_task, release_path
 from codedistill.errors import DataError
 from codedistill.evalplus_judge import EvalPlusJudge
 
-HUMANEVAL_TASKS = ["HumanEval/0", "HumanEval/2", "HumanEval/4", "HumanEval/13", "HumanEval/16",
-                   "HumanEval/32", "HumanEval/53", "HumanEval/116"]
-MBPP_TASKS = ["Mbpp/2", "Mbpp/3", "Mbpp/17", "Mbpp/124", "Mbpp/267", "Mbpp/558", "Mbpp/581",
-              "Mbpp/737"]
+HUMANEVAL_TASKS = [
+    "HumanEval/0",
+    "HumanEval/2",
+    "HumanEval/4",
+    "HumanEval/13",
+    "HumanEval/16",
+    "HumanEval/32",
+    "HumanEval/53",
+    "HumanEval/116",
+]
+MBPP_TASKS = ["Mbpp/2", "Mbpp/3", "Mbpp/17", "Mbpp/124", "Mbpp/267", "Mbpp/558", "Mbpp/581", "Mbpp/737"]
 
 
 def plus_only_mutant(problem) -> str:
@@ -40,14 +47,16 @@ def plus_only_mutant(problem) -> str:
     task = evalplus_task(problem)
     base = base64.b64encode(pickle.dumps([tuple(x) for x in task.base_input])).decode()
     name = task.entry_point
-    return (f"{task.canonical_program}\n"
-            "import base64 as _b, pickle as _p\n"
-            f"_BASE = {{repr(x) for x in _p.loads(_b.b64decode({base!r}))}}\n"
-            f"_orig = {name}\n"
-            f"def {name}(*args):\n"
-            "    key = repr(tuple(args))\n"
-            "    out = _orig(*args)\n"
-            "    return out if key in _BASE else ('wrong', out)\n")
+    return (
+        f"{task.canonical_program}\n"
+        "import base64 as _b, pickle as _p\n"
+        f"_BASE = {{repr(x) for x in _p.loads(_b.b64decode({base!r}))}}\n"
+        f"_orig = {name}\n"
+        f"def {name}(*args):\n"
+        "    key = repr(tuple(args))\n"
+        "    out = _orig(*args)\n"
+        "    return out if key in _BASE else ('wrong', out)\n"
+    )
 
 
 def samples_for(problem) -> list[tuple[str, str]]:
@@ -80,8 +89,16 @@ def test_judge_on_three_tasks(cache):
         with pytest.raises(DataError, match=r"'HumanEval/999'.*'Nope/1'"):
             judge.judge([("HumanEval/999", "x = 1"), ("Nope/1", "x = 1"), ("HumanEval/0", "")])
     got = [(v.base_passed, v.plus_passed) for v in verdicts]
-    per_task = [(True, True), (True, True), (True, True), (True, False),
-                (False, False), (False, False), (False, False), (False, False)]
+    per_task = [
+        (True, True),
+        (True, True),
+        (True, True),
+        (True, False),
+        (False, False),
+        (False, False),
+        (False, False),
+        (False, False),
+    ]
     assert got == per_task * 3
     by_kind = verdicts[:8]
     assert by_kind[3].result.startswith("failed: plus input")
@@ -94,8 +111,7 @@ def test_judge_on_three_tasks(cache):
 
 def _write_subset(dataset: str, task_ids: list[str], path: Path) -> None:
     wanted = set(task_ids)
-    with gzip.open(release_path(dataset), "rt", encoding="utf-8") as f, \
-            open(path, "w", encoding="utf-8") as out:
+    with gzip.open(release_path(dataset), "rt", encoding="utf-8") as f, open(path, "w", encoding="utf-8") as out:
         for line in f:
             if line.strip() and json.loads(line)["task_id"] in wanted:
                 out.write(line)
@@ -105,28 +121,44 @@ def _evalplus_verdicts(dataset: str, task_ids: list[str], samples, tmp_path: Pat
     data = tmp_path / f"{dataset}-data.jsonl"
     _write_subset(dataset, task_ids, data)
     sample_file = tmp_path / f"{dataset}-samples.jsonl"
-    sample_file.write_text("".join(json.dumps({"task_id": t, "solution": s}) + "\n"
-                                   for t, s in samples))
+    sample_file.write_text("".join(json.dumps({"task_id": t, "solution": s}) + "\n" for t, s in samples))
     name = "humaneval" if dataset == "humaneval+" else "mbpp"
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"),
-               HUMANEVAL_OVERRIDE_PATH=str(data), MBPP_OVERRIDE_PATH=str(data))
-    subprocess.run([sys.executable, "-m", "evalplus.evaluate", "--dataset", name,
-                    "--samples", str(sample_file), "--parallel", "2"],
-                   env=env, cwd=tmp_path, check=True, capture_output=True, timeout=600)
+    env = dict(
+        os.environ,
+        XDG_CACHE_HOME=str(tmp_path / "xdg"),
+        HUMANEVAL_OVERRIDE_PATH=str(data),
+        MBPP_OVERRIDE_PATH=str(data),
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evalplus.evaluate",
+            "--dataset",
+            name,
+            "--samples",
+            str(sample_file),
+            "--parallel",
+            "2",
+        ],
+        env=env,
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     results = json.loads((tmp_path / f"{dataset}-samples_eval_results.json").read_text())
     seen: dict[str, int] = {}
     out = []
     for t, _ in samples:
         r = results["eval"][t][seen.setdefault(t, 0)]
         seen[t] += 1
-        out.append((r["base_status"] == "pass",
-                    r["base_status"] == "pass" and r["plus_status"] == "pass"))
+        out.append((r["base_status"] == "pass", r["base_status"] == "pass" and r["plus_status"] == "pass"))
     return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dataset,task_ids", [("humaneval+", HUMANEVAL_TASKS),
-                                               ("mbpp+", MBPP_TASKS)])
+@pytest.mark.parametrize("dataset,task_ids", [("humaneval+", HUMANEVAL_TASKS), ("mbpp+", MBPP_TASKS)])
 def test_verdicts_equal_evalplus(dataset, task_ids, cache, tmp_path):
     pytest.importorskip("evalplus")
     problems = {p.task_id: p for p in load_problems(dataset, "all")}
@@ -135,8 +167,7 @@ def test_verdicts_equal_evalplus(dataset, task_ids, cache, tmp_path):
     with EvalPlusJudge(chosen, workers=2) as judge:
         ours = [(v.base_passed, v.plus_passed) for v in judge.judge(samples)]
     theirs = _evalplus_verdicts(dataset, task_ids, samples, tmp_path)
-    diffs = [(t, i % 8, o, e) for i, ((t, _), o, e) in enumerate(zip(samples, ours, theirs))
-             if o != e]
+    diffs = [(t, i % 8, o, e) for i, ((t, _), o, e) in enumerate(zip(samples, ours, theirs)) if o != e]
     assert not diffs
     assert any(b and not p for b, p in ours), "a plus-only mutant must pass base only"
 
@@ -145,8 +176,7 @@ def test_datasets_keep_mbpp_numbers_and_splits():
     from collections import Counter
 
     mbpp = load_problems("mbpp+", "all")
-    assert Counter(p.split for p in mbpp) == {"test": 224, "train": 108, "validation": 39,
-                                              "prompt": 7}
+    assert Counter(p.split for p in mbpp) == {"test": 224, "train": 108, "validation": 39, "prompt": 7}
     assert len(load_problems("mbpp+", "train")) == 108
     assert len(load_problems("humaneval+", "test")) == 164
     p = next(p for p in mbpp if p.task_id == "Mbpp/124")
@@ -159,14 +189,15 @@ def test_canonical_overrunning_the_cap_drops_the_input_and_flags_the_task(cache)
     from codedistill.data.evalplus import EvalPlusTask
     from codedistill.data.problem import Problem
 
-    canonical = ("import time\ndef double(x):\n    if x == 3:\n        time.sleep(30)\n"
-                 "    return 2 * x\n")
+    canonical = "import time\ndef double(x):\n    if x == 3:\n        time.sleep(30)\n    return 2 * x\n"
     task = EvalPlusTask("mbpp+", "Mbpp/9999", "double", canonical, "", ((1,), (3,)), ((2,),), 0.0)
     problem = Problem("Mbpp/9999", "", "double", (), meta={"evalplus": task})
     with EvalPlusJudge([problem], workers=1, reference_cap_s=1.0) as judge:
-        good, bad = judge.judge([("Mbpp/9999", "def double(x):\n    return x + x\n"),
-                                 ("Mbpp/9999", "def double(x):\n    return x\n")])
-        assert judge.flags == {"Mbpp/9999": ["1 base input(s) dropped: the canonical solution "
-                                             "overran the reference cap"]}
+        good, bad = judge.judge(
+            [("Mbpp/9999", "def double(x):\n    return x + x\n"), ("Mbpp/9999", "def double(x):\n    return x\n")]
+        )
+        assert judge.flags == {
+            "Mbpp/9999": ["1 base input(s) dropped: the canonical solution overran the reference cap"]
+        }
     assert (good.base_passed, good.plus_passed) == (True, True)
     assert (bad.base_passed, bad.plus_passed) == (False, False)

@@ -78,9 +78,16 @@ _WATCHDOG_TAG = "evalplus-timeout"
 
 # evalplus/eval/_special_oracle.py (0.3.1)
 MBPP_OUTPUT_NOT_NONE_TASKS = ("check_str", "text_match_three", "text_starta_endb")
-MBPP_OUTPUT_SET_EQ_TASKS = ("similar_elements", "find_char_long", "common_in_nested_lists",
-                            "extract_singly", "larg_nnum", "intersection_array",
-                            "find_dissimilar", "Diff")
+MBPP_OUTPUT_SET_EQ_TASKS = (
+    "similar_elements",
+    "find_char_long",
+    "common_in_nested_lists",
+    "extract_singly",
+    "larg_nnum",
+    "intersection_array",
+    "find_dissimilar",
+    "Diff",
+)
 MBPP_SPECIAL = ("are_equivalent", "sum_div", "surface_Area", "digit_distance_nums")
 
 
@@ -149,9 +156,15 @@ def _run_phase(fn, check, inputs, skip, output_not_none, progress) -> None:
         progress["outputs"][i] = (out is not None) if output_not_none else out
 
 
-def compute_reference(program: str, checker: str, entry_point: str, inputs_b64: str,
-                      skip: Mapping[str, list[int]], output_not_none: bool,
-                      cap_s: float) -> dict:
+def compute_reference(
+    program: str,
+    checker: str,
+    entry_point: str,
+    inputs_b64: str,
+    skip: Mapping[str, list[int]],
+    output_not_none: bool,
+    cap_s: float,
+) -> dict:
     """Sandbox call target: the canonical ``program``'s outputs and times on each phase's
     inputs (as ``evalplus.gen.util.trusted_exec``: a fresh ``exec`` per phase, a deep copy
     of each input, ``time.time()`` around the call), skipping the ``skip`` indices and
@@ -164,17 +177,17 @@ def compute_reference(program: str, checker: str, entry_point: str, inputs_b64: 
         exec(program, g)  # noqa: S102 - the release's canonical solution
         c: dict = {}
         exec(checker, c)  # noqa: S102
-        progress = {"index": -1, "start": time.perf_counter(), "times": {}, "outputs": {},
-                    "dropped": {}}
-        worker = threading.Thread(target=_run_phase, daemon=True,
-                                  args=(g[entry_point], c[entry_point], inputs[phase],
-                                        set(skip.get(phase, ())), output_not_none, progress))
+        progress = {"index": -1, "start": time.perf_counter(), "times": {}, "outputs": {}, "dropped": {}}
+        worker = threading.Thread(
+            target=_run_phase,
+            daemon=True,
+            args=(g[entry_point], c[entry_point], inputs[phase], set(skip.get(phase, ())), output_not_none, progress),
+        )
         worker.start()
         while worker.is_alive():
             index, start = progress["index"], progress["start"]
             worker.join(max(0.01, start + cap_s - time.perf_counter()))
-            if worker.is_alive() and progress["index"] == index and \
-                    time.perf_counter() - start >= cap_s:
+            if worker.is_alive() and progress["index"] == index and time.perf_counter() - start >= cap_s:
                 return {"overran": [phase, index]}
         result[phase] = _phase_payload(progress, len(inputs[phase]))
     return result
@@ -195,10 +208,13 @@ def _phase_payload(progress: dict, n: int) -> dict:
         else:
             outputs.append(progress["outputs"][i])
     keep = [i for i in keep if i not in dropped]
-    return {"keep": keep, "times": [progress["times"][i] for i in keep],
-            "outputs": base64.b85encode(pickle.dumps(outputs)).decode(),
-            "floats": any(_is_floats(o) for o in outputs),
-            "dropped": {str(i): why for i, why in sorted(dropped.items())}}
+    return {
+        "keep": keep,
+        "times": [progress["times"][i] for i in keep],
+        "outputs": base64.b85encode(pickle.dumps(outputs)).decode(),
+        "floats": any(_is_floats(o) for o in outputs),
+        "dropped": {str(i): why for i, why in sorted(dropped.items())},
+    }
 
 
 # ------------------------------------------------------------- the reference cache (host)
@@ -218,8 +234,9 @@ class Reference:
 
 
 def _task_key(task: EvalPlusTask) -> str:
-    blob = json.dumps([REFERENCE_FORMAT, task.canonical_program, task.contract,
-                       repr(task.base_input), repr(task.plus_input)])
+    blob = json.dumps(
+        [REFERENCE_FORMAT, task.canonical_program, task.contract, repr(task.base_input), repr(task.plus_input)]
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -240,20 +257,22 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _reference_job(task: EvalPlusTask, skip: dict[str, list[int]],
-                   cap_s: float) -> tuple[dict, Limits]:
-    inputs = base64.b85encode(pickle.dumps({"base": list(task.base_input),
-                                            "plus": list(task.plus_input)})).decode()
-    args = {"program": task.canonical_program, "checker": contract_program(task),
-            "entry_point": task.entry_point, "inputs_b64": inputs, "skip": skip,
-            "output_not_none": oracle_of(task) == "not_none", "cap_s": cap_s}
-    limits = Limits(timeout=max(600.0, cap_s * 3), memory_mb=MEMORY_MB,
-                    max_payload_bytes=256_000_000)
+def _reference_job(task: EvalPlusTask, skip: dict[str, list[int]], cap_s: float) -> tuple[dict, Limits]:
+    inputs = base64.b85encode(pickle.dumps({"base": list(task.base_input), "plus": list(task.plus_input)})).decode()
+    args = {
+        "program": task.canonical_program,
+        "checker": contract_program(task),
+        "entry_point": task.entry_point,
+        "inputs_b64": inputs,
+        "skip": skip,
+        "output_not_none": oracle_of(task) == "not_none",
+        "cap_s": cap_s,
+    }
+    limits = Limits(timeout=max(600.0, cap_s * 3), memory_mb=MEMORY_MB, max_payload_bytes=256_000_000)
     return args, limits
 
 
-def compute_task_reference(pool: SandboxPool, task: EvalPlusTask,
-                           cap_s: float = REFERENCE_CAP_S) -> Reference:
+def compute_task_reference(pool: SandboxPool, task: EvalPlusTask, cap_s: float = REFERENCE_CAP_S) -> Reference:
     """Run the canonical solution of ``task`` in the sandbox until no input overruns."""
     skip: dict[str, list[int]] = {p: [] for p in PHASES}
     while True:
@@ -270,22 +289,31 @@ def compute_task_reference(pool: SandboxPool, task: EvalPlusTask,
 
 def _unusable(task: EvalPlusTask, why: str) -> Reference:
     empty = base64.b85encode(pickle.dumps([])).decode()
-    return Reference({p: [] for p in PHASES}, {p: [] for p in PHASES},
-                     {p: empty for p in PHASES}, False, [f"{task.task_id}: {why}"], complete=False)
+    return Reference(
+        {p: [] for p in PHASES},
+        {p: [] for p in PHASES},
+        {p: empty for p in PHASES},
+        False,
+        [f"{task.task_id}: {why}"],
+        complete=False,
+    )
 
 
 def _reference_from(payload: dict) -> Reference:
     counts = Counter((p, why) for p in PHASES for why in payload[p]["dropped"].values())
     flags = [f"{n} {p} input(s) dropped: {why}" for (p, why), n in counts.items()]
-    return Reference({p: payload[p]["keep"] for p in PHASES},
-                     {p: payload[p]["times"] for p in PHASES},
-                     {p: payload[p]["outputs"] for p in PHASES},
-                     any(payload[p]["floats"] for p in PHASES), flags)
+    return Reference(
+        {p: payload[p]["keep"] for p in PHASES},
+        {p: payload[p]["times"] for p in PHASES},
+        {p: payload[p]["outputs"] for p in PHASES},
+        any(payload[p]["floats"] for p in PHASES),
+        flags,
+    )
 
 
-def load_or_compute_references(pool: SandboxPool, tasks: Sequence[EvalPlusTask],
-                               cache_dir: Path | None = None,
-                               cap_s: float = REFERENCE_CAP_S) -> dict[str, Reference]:
+def load_or_compute_references(
+    pool: SandboxPool, tasks: Sequence[EvalPlusTask], cache_dir: Path | None = None, cap_s: float = REFERENCE_CAP_S
+) -> dict[str, Reference]:
     """References of ``tasks``: read from the cache, the missing ones computed (in
     parallel on the pool) and written there atomically."""
     cache_dir = cache_dir or default_cache_dir()
@@ -309,7 +337,8 @@ def load_or_compute_references(pool: SandboxPool, tasks: Sequence[EvalPlusTask],
 
 
 # ------------------------------------------------------------- the harness (in the sandbox)
-_HARNESS = r'''
+_HARNESS = (
+    r'''
 def __cd_make():
     import builtins, contextlib, io, math, os, pickle, sys, time, _thread, base64
     perf, sleep, write, _exit = time.perf_counter, time.sleep, os.write, os._exit
@@ -350,8 +379,12 @@ def __cd_make():
                 continue
             if (d is not None and clock[0] is d and now >= d) or \
                     (p is not None and clock[1] is p and now >= p):
-                write(2, ("\n%s\t%s\n" % ("''' + _WATCHDOG_TAG + r'''", clock[2])).encode())
-                _exit(''' + str(TIMEOUT_EXIT) + r''')
+                write(2, ("\n%s\t%s\n" % ("'''
+    + _WATCHDOG_TAG
+    + r"""", clock[2])).encode())
+                _exit("""
+    + str(TIMEOUT_EXIT)
+    + r""")
 
     def is_floats(x):
         if isinstance(x, float):
@@ -448,15 +481,17 @@ def __cd_make():
 
 __cd_run = __cd_make()
 del __cd_make, __cd_blob, __cd_out, __cd_program
-'''
+"""
+)
 TESTS = ("__cd_run(0)", "__cd_run(1)")
 
 
 TESTS = ("__cd_run(0)", "__cd_run(1)")
 
 
-def time_limits(times: Sequence[float], min_time_limit: float = MIN_TIME_LIMIT,
-                factor: float = GT_TIME_LIMIT_FACTOR) -> list[float]:
+def time_limits(
+    times: Sequence[float], min_time_limit: float = MIN_TIME_LIMIT, factor: float = GT_TIME_LIMIT_FACTOR
+) -> list[float]:
     """EvalPlus's per-input limits: ``max(min_time_limit, factor * canonical time)``."""
     return [max(min_time_limit, factor * t) for t in times]
 
@@ -467,20 +502,28 @@ def phase_budget(limits: Sequence[float]) -> float:
     return min(PHASE_TIMEOUT_CAP, sum(limits)) + 2.0
 
 
-def task_setup_head(task: EvalPlusTask, ref: Reference, min_time_limit: float,
-                    factor: float) -> tuple[str, Limits]:
+def task_setup_head(task: EvalPlusTask, ref: Reference, min_time_limit: float, factor: float) -> tuple[str, Limits]:
     """The per-task part of the harness (inputs, limits, expected outputs) and the
     sandbox limits of one run: the two phase budgets and a margin for loading."""
     phases = (list(task.base_input), list(task.plus_input))
     inputs = [[ph[i] for i in ref.keep[name]] for ph, name in zip(phases, PHASES)]
     limits = [time_limits(ref.times[p], min_time_limit, factor) for p in PHASES]
     budget = [phase_budget(lim) for lim in limits]
-    blob = pickle.dumps({"inputs": inputs, "limits": limits, "budget": budget,
-                         "oracle": oracle_of(task), "atol": task.atol,
-                         "entry_point": task.entry_point,
-                         "numpy": ref.floats or task.atol != 0})
-    head = (f"__cd_blob = {base64.b85encode(blob).decode()!r}\n"
-            f"__cd_out = [{ref.outputs['base']!r}, {ref.outputs['plus']!r}]\n")
+    blob = pickle.dumps(
+        {
+            "inputs": inputs,
+            "limits": limits,
+            "budget": budget,
+            "oracle": oracle_of(task),
+            "atol": task.atol,
+            "entry_point": task.entry_point,
+            "numpy": ref.floats or task.atol != 0,
+        }
+    )
+    head = (
+        f"__cd_blob = {base64.b85encode(blob).decode()!r}\n"
+        f"__cd_out = [{ref.outputs['base']!r}, {ref.outputs['plus']!r}]\n"
+    )
     return head, Limits(timeout=sum(budget) + 10.0, memory_mb=MEMORY_MB)
 
 
@@ -505,9 +548,15 @@ class EvalPlusVerdict:
         ``plus_passed``, ``result``, and the two phases as ``tests_passed`` of
         ``tests_total`` = 2 (``pass_rate`` their ratio)."""
         n = int(self.base_passed) + int(self.plus_passed)
-        return {"passed": self.plus_passed, "base_passed": self.base_passed,
-                "plus_passed": self.plus_passed, "result": self.result,
-                "tests_passed": n, "tests_total": 2, "pass_rate": n / 2}
+        return {
+            "passed": self.plus_passed,
+            "base_passed": self.base_passed,
+            "plus_passed": self.plus_passed,
+            "result": self.result,
+            "tests_passed": n,
+            "tests_total": 2,
+            "pass_rate": n / 2,
+        }
 
 
 def verdict_of(task_id: str, v: Verdict) -> EvalPlusVerdict:
@@ -534,11 +583,16 @@ class EvalPlusJudge:
     from its tests and why.
     """
 
-    def __init__(self, problems: Sequence[Problem], pool: SandboxPool | None = None,
-                 workers: int | None = None, cache_dir: str | Path | None = None,
-                 min_time_limit: float = MIN_TIME_LIMIT,
-                 gt_time_limit_factor: float = GT_TIME_LIMIT_FACTOR,
-                 reference_cap_s: float = REFERENCE_CAP_S):
+    def __init__(
+        self,
+        problems: Sequence[Problem],
+        pool: SandboxPool | None = None,
+        workers: int | None = None,
+        cache_dir: str | Path | None = None,
+        min_time_limit: float = MIN_TIME_LIMIT,
+        gt_time_limit_factor: float = GT_TIME_LIMIT_FACTOR,
+        reference_cap_s: float = REFERENCE_CAP_S,
+    ):
         self.tasks = {p.task_id: evalplus_task(p) for p in problems}
         self._own_pool = pool is None
         self.pool = pool or SandboxPool(workers=workers, warm_targets=["numpy", __name__])
@@ -567,41 +621,54 @@ class EvalPlusJudge:
         if unknown:
             shown = ", ".join(map(repr, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
             hint = next(iter(self.tasks), "?")
-            raise DataError(f"{len(unknown)} task id(s) not in this dataset: {shown} (ids look "
-                            f"like {hint!r}); check --dataset (humaneval+ or mbpp+) and --split.")
+            raise DataError(
+                f"{len(unknown)} task id(s) not in this dataset: {shown} (ids look "
+                f"like {hint!r}); check --dataset (humaneval+ or mbpp+) and --split."
+            )
 
     def prepare(self, task_ids: Sequence[str]) -> None:
         """Load or compute the references of ``task_ids`` (once per machine)."""
         self.check_task_ids(task_ids)
         todo = [self.tasks[t] for t in dict.fromkeys(task_ids) if t not in self.references]
-        self.references.update(load_or_compute_references(self.pool, todo, self.cache_dir,
-                                                          self.reference_cap_s))
+        self.references.update(load_or_compute_references(self.pool, todo, self.cache_dir, self.reference_cap_s))
 
     def job(self, task_id: str, program: str) -> Job:
         if task_id not in self._heads:
-            self._heads[task_id] = task_setup_head(self.tasks[task_id], self.references[task_id],
-                                                   self.min_time_limit, self.factor)
+            self._heads[task_id] = task_setup_head(
+                self.tasks[task_id], self.references[task_id], self.min_time_limit, self.factor
+            )
         head, limits = self._heads[task_id]
         setup = f"{head}__cd_program = {program!r}\n{_HARNESS}"
         return Job(program="", tests=TESTS, test_setup=setup, limits=limits)
 
-    def judge(self, samples: Sequence[tuple[str, str]],
-              progress: Callable[[int], None] | None = None) -> list[EvalPlusVerdict]:
+    def judge(
+        self, samples: Sequence[tuple[str, str]], progress: Callable[[int], None] | None = None
+    ) -> list[EvalPlusVerdict]:
         """Verdicts of (task id, whole program) pairs, in input order."""
         self.prepare([t for t, _ in samples])
         runnable = [i for i, (t, _) in enumerate(samples) if self.references[t].complete]
         verdicts = self.pool.run([self.job(*samples[i]) for i in runnable], progress=progress)
-        out = [EvalPlusVerdict(t, False, False, "failed: no expected outputs for this task on "
-                               f"this machine ({'; '.join(self.references[t].flags)})")
-               for t, _ in samples]
+        out = [
+            EvalPlusVerdict(
+                t,
+                False,
+                False,
+                f"failed: no expected outputs for this task on this machine ({'; '.join(self.references[t].flags)})",
+            )
+            for t, _ in samples
+        ]
         for i, v in zip(runnable, verdicts):
             out[i] = verdict_of(samples[i][0], v)
         return out
 
 
-def judge_programs(problems: Sequence[Problem], samples: Sequence[tuple[str, str]],
-                   workers: int | None = None, pool: SandboxPool | None = None,
-                   progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+def judge_programs(
+    problems: Sequence[Problem],
+    samples: Sequence[tuple[str, str]],
+    workers: int | None = None,
+    pool: SandboxPool | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
     """Result rows (:meth:`EvalPlusVerdict.to_row`) of (task id, program) pairs."""
     with EvalPlusJudge(problems, pool=pool, workers=workers) as judge:
         return [v.to_row() for v in judge.judge(samples, progress=progress)]

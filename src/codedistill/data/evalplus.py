@@ -29,14 +29,44 @@ from codedistill.errors import DataError
 FILES_DIR = Path(__file__).resolve().parent / "files" / "evalplus"
 RELEASES = {"humaneval+": "HumanEvalPlus-v0.1.10", "mbpp+": "MbppPlus-v0.2.0"}
 EVALPLUS_DATASETS = tuple(RELEASES)
-REQUIRED_KEYS = ("task_id", "prompt", "entry_point", "canonical_solution", "base_input",
-                 "plus_input", "atol", "contract")
+REQUIRED_KEYS = (
+    "task_id",
+    "prompt",
+    "entry_point",
+    "canonical_solution",
+    "base_input",
+    "plus_input",
+    "atol",
+    "contract",
+)
 _MBPP_PROMPT = re.compile(r'"""\n(?P<text>.*)\n(?P<assert>assert .*)\n"""\n', re.DOTALL)
 
 # evalplus/data/mbpp.py (0.3.1), mbpp_deserialize_inputs: which MBPP+ tasks store
 # tuples, sets or complex numbers as JSON lists / strings, and how to restore them.
-_TUPLE_ARGS = {2, 116, 132, 143, 222, 261, 273, 394, 399, 421, 424, 429, 470, 560, 579, 596,
-               616, 630, 726, 740, 744, 809}
+_TUPLE_ARGS = {
+    2,
+    116,
+    132,
+    143,
+    222,
+    261,
+    273,
+    394,
+    399,
+    421,
+    424,
+    429,
+    470,
+    560,
+    579,
+    596,
+    616,
+    630,
+    726,
+    740,
+    744,
+    809,
+}
 _TUPLE_ITEMS_OF_ARGS = {63, 64, 70, 94, 120, 237, 272, 299, 400, 409, 417, 438, 473, 614, 780}
 _FIRST_ARG_TUPLE_ITEMS = {75, 413, 444, 753}
 _SECOND_ARG_TUPLE = {106, 750}
@@ -87,8 +117,7 @@ def mbpp_deserialize_inputs(task_number: int, inputs: list) -> list:
     if n in _SECOND_ARG_TUPLE:
         return [[inp[0]] + [tuple(inp[1])] for inp in inputs]
     if n == 115:
-        return [[[set(item) if isinstance(item, list) and len(item) else {} for item in inp[0]]]
-                for inp in inputs]
+        return [[[set(item) if isinstance(item, list) and len(item) else {} for item in inp[0]]] for inp in inputs]
     if n == 124:
         return [(float(inp[0]), complex(inp[1])) for inp in inputs]
     if n in _FIRST_ARG_TUPLE:
@@ -96,8 +125,7 @@ def mbpp_deserialize_inputs(task_number: int, inputs: list) -> list:
     if n in _NESTED_TUPLES:
         return [_tuples([_tuples(arg) for arg in inp]) for inp in inputs]
     if n == 278:
-        return [_tuples([[tuple(i) if isinstance(i, list) else i for i in inp[0]]])
-                for inp in inputs]
+        return [_tuples([[tuple(i) if isinstance(i, list) else i for i in inp[0]]]) for inp in inputs]
     if n == 307:
         return [[tuple(inp[0])] + [inp[1], inp[2]] for inp in inputs]
     if n == 722:
@@ -120,8 +148,10 @@ def read_release(dataset: str, data_path: str | Path | None = None) -> list[dict
     """The rows of a release (``data_path``: another copy, ``.jsonl`` or ``.jsonl.gz``)."""
     path = Path(data_path) if data_path else release_path(dataset)
     if not path.exists():
-        raise DataError(f"{dataset} file not found: {path}. Reinstall codedistill or pass "
-                        f"--data-path to a copy of {RELEASES[dataset]}.jsonl(.gz).")
+        raise DataError(
+            f"{dataset} file not found: {path}. Reinstall codedistill or pass "
+            f"--data-path to a copy of {RELEASES[dataset]}.jsonl(.gz)."
+        )
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
     with opener(path, "rt", encoding="utf-8") as f:
@@ -141,15 +171,30 @@ def read_release(dataset: str, data_path: str | Path | None = None) -> list[dict
 
 def _humaneval_problem(row: dict[str, Any]) -> Problem:
     prompt, entry = row["prompt"], row["entry_point"]
-    task = EvalPlusTask("humaneval+", row["task_id"], entry, prompt + row["canonical_solution"],
-                        row["contract"], tuple(row["base_input"]), tuple(row["plus_input"]),
-                        float(row["atol"]))
-    return Problem(task_id=row["task_id"], prompt=prompt, entry_point=entry,
-                   tests=(f"check({entry})",), test_setup=row.get("test", ""),
-                   reference=task.canonical_program, split="test", dataset="humaneval+",
-                   code_prefix=prompt, description=prompt,
-                   visible_tests=docstring_tests(prompt, entry),
-                   meta={"visible_tests_from": "docstring", "evalplus": task})
+    task = EvalPlusTask(
+        "humaneval+",
+        row["task_id"],
+        entry,
+        prompt + row["canonical_solution"],
+        row["contract"],
+        tuple(row["base_input"]),
+        tuple(row["plus_input"]),
+        float(row["atol"]),
+    )
+    return Problem(
+        task_id=row["task_id"],
+        prompt=prompt,
+        entry_point=entry,
+        tests=(f"check({entry})",),
+        test_setup=row.get("test", ""),
+        reference=task.canonical_program,
+        split="test",
+        dataset="humaneval+",
+        code_prefix=prompt,
+        description=prompt,
+        visible_tests=docstring_tests(prompt, entry),
+        meta={"visible_tests_from": "docstring", "evalplus": task},
+    )
 
 
 def _mbpp_problem(row: dict[str, Any]) -> Problem:
@@ -163,16 +208,31 @@ def _mbpp_problem(row: dict[str, Any]) -> Problem:
     setup = [ln for ln in lines if not ln.startswith("assert")]
     if any("math." in t for t in tests) and "import math" not in setup:
         setup.append("import math")
-    task = EvalPlusTask("mbpp+", tid, row["entry_point"], row["canonical_solution"],
-                        row["contract"],
-                        tuple(mbpp_deserialize_inputs(number, row["base_input"])),
-                        tuple(mbpp_deserialize_inputs(number, row["plus_input"])),
-                        float(row["atol"]), row.get("assertion", ""))
-    return Problem(task_id=tid, prompt=mbpp_prompt(m["text"], tests), entry_point=row["entry_point"],
-                   tests=tests, test_setup="\n".join(setup), reference=row["canonical_solution"],
-                   split=split_of(number), dataset="mbpp+", code_prefix="",
-                   description=m["text"], visible_tests=tests,
-                   meta={"mbpp_id": number, "evalplus": task})
+    task = EvalPlusTask(
+        "mbpp+",
+        tid,
+        row["entry_point"],
+        row["canonical_solution"],
+        row["contract"],
+        tuple(mbpp_deserialize_inputs(number, row["base_input"])),
+        tuple(mbpp_deserialize_inputs(number, row["plus_input"])),
+        float(row["atol"]),
+        row.get("assertion", ""),
+    )
+    return Problem(
+        task_id=tid,
+        prompt=mbpp_prompt(m["text"], tests),
+        entry_point=row["entry_point"],
+        tests=tests,
+        test_setup="\n".join(setup),
+        reference=row["canonical_solution"],
+        split=split_of(number),
+        dataset="mbpp+",
+        code_prefix="",
+        description=m["text"],
+        visible_tests=tests,
+        meta={"mbpp_id": number, "evalplus": task},
+    )
 
 
 def load_evalplus(dataset: str, data_path: str | Path | None = None) -> list[Problem]:
@@ -187,8 +247,10 @@ def evalplus_task(problem: Problem) -> EvalPlusTask:
     """The EvalPlus task a ``humaneval+`` / ``mbpp+`` problem carries."""
     task = problem.meta.get("evalplus")
     if not isinstance(task, EvalPlusTask):
-        raise DataError(f"{problem.task_id} ({problem.dataset or 'unknown dataset'}) is not an "
-                        "EvalPlus problem; load it with --dataset humaneval+ or mbpp+.")
+        raise DataError(
+            f"{problem.task_id} ({problem.dataset or 'unknown dataset'}) is not an "
+            "EvalPlus problem; load it with --dataset humaneval+ or mbpp+."
+        )
     return task
 
 

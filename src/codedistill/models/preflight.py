@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from codedistill.errors import ConfigError
+from codedistill.models.gguf import resolve_local_model
 from codedistill.models.registry import REGISTRY
 
 __all__ = [
@@ -276,7 +277,7 @@ def preflight(spec: Any, device: str | None = None, dtype: str = "auto", purpose
         return _checked[key]
     info: dict[str, Any] = {"model": spec.alias, "path": spec.path, "purpose": purpose}
     config: dict[str, Any] | None = None
-    local = Path(spec.path).expanduser()
+    local = Path(resolve_local_model(spec.path) or spec.path).expanduser()
     if local.is_dir():
         info["source"] = "local directory"
         config = _read_json(local / "config.json")
