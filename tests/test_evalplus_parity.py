@@ -160,7 +160,7 @@ def _evalplus_verdicts(dataset: str, task_ids: list[str], samples, tmp_path: Pat
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset,task_ids", [("humaneval+", HUMANEVAL_TASKS), ("mbpp+", MBPP_TASKS)])
 def test_verdicts_equal_evalplus(dataset, task_ids, cache, tmp_path):
-    pytest.importorskip("evalplus")
+    pytest.importorskip("evalplus", reason="make setup installs it (requirements-evalplus.txt)")
     problems = {p.task_id: p for p in load_problems(dataset, "all")}
     chosen = [problems[t] for t in task_ids]
     samples = [s for p in chosen for s in samples_for(p)]
