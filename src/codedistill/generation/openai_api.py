@@ -132,6 +132,9 @@ class ServerFeatures:
     send_seeds: bool = True  # False: seeds are kept in the cache key only
     token_ids: bool = False  # ``return_tokens_as_token_ids`` (needs the tokenizer)
     add_special_tokens: bool = True
+    # stop strings sent per request (OpenAI's API and vLLM's server take at most 4); the client
+    # cuts every candidate at the first of ALL the stop strings, so the rest are never lost
+    max_stop: int | None = 4
 
 
 @dataclass(frozen=True)
@@ -516,7 +519,7 @@ class OpenAIGenerator:
         if temperature > 0 and top_p < 1.0:
             body["top_p"] = top_p
         if stop:
-            body["stop"] = list(stop)
+            body["stop"] = list(stop)[: self.settings.server.max_stop]
         if seed is not None:
             self._add_seed(body, seed)
         messages = as_messages(prompt)
@@ -604,7 +607,9 @@ class OpenAIGenerator:
             )
         if self.token_ids:
             return self._candidate_from_ids(toks, vals, stop, prompt_index, finish, context_ids)
-        text, _ = cut_at_stop(raw, stop)
+        text, hit = cut_at_stop(raw, stop)
+        if hit:  # a stop string the server was not sent (max_stop) ended the program here
+            finish = "stop"
         m = kept_tokens_by_text(toks, text)
         lp_sum = float(sum(float(v) for v in vals[:m] if v is not None))
         return Candidate(
