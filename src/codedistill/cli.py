@@ -116,6 +116,9 @@ def baseline(
         help='EG-CFG settings (EGCFGConfig fields) as JSON, e.g. \'{"max_agents": 3, "trace_template": "paper"}\'.',
     ),
     batch_size: int = typer.Option(16, "--batch-size", help="Sequences per generate call."),
+    chunk_size: int | None = typer.Option(
+        None, "--chunk-size", help="Problems per checkpointed chunk (a served backend batches one chunk's requests)."
+    ),
     workers: int | None = typer.Option(None, "--workers", help="Parallel sandboxes."),
     timeout: float = typer.Option(3.0, "--timeout", help="Seconds per program."),
     device: str | None = typer.Option(None, "--device", help="cuda | cpu (default: cuda if available)."),
@@ -193,6 +196,7 @@ def baseline(
             method=method,
             seed=seed,
             batch_size=batch_size,
+            **({"chunk_size": chunk_size} if chunk_size is not None else {}),
             workers=workers,
             timeout=timeout,
             device=device,
