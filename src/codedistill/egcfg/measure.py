@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from codedistill.data import load_problems
     from codedistill.egcfg.agents import EGCFGSolver, append_log
     from codedistill.egcfg.config import EGCFGConfig
-    from codedistill.execution import Job, Limits, SandboxPool
+    from codedistill.evaluation import execute
+    from codedistill.execution import Limits, SandboxPool
     from codedistill.generation.hf import HFGenerator
     from codedistill.prompts import PromptStyle, render_prompt, stops_for, to_program
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         def judge(p, completion):
             prog = to_program(p, style, completion)[1]
-            return bool(pool.run([Job(prog, list(p.tests), p.test_setup)])[0].passed)
+            return bool(execute([(prog, p)], pool=pool)[0]["passed"])
 
         for i, p in enumerate(problems):
             if p.task_id in done:

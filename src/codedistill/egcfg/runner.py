@@ -25,6 +25,7 @@ from codedistill.egcfg.config import EGCFGConfig
 from codedistill.egcfg.served import ServedEGCFG
 from codedistill.egcfg.signal import prompt_builder
 from codedistill.errors import ConfigError
+from codedistill.evaluation import execute
 from codedistill.execution import Job
 from codedistill.generation.base import Candidate, Generator, InProcessGenerator, TopKGenerator
 from codedistill.prompts import render_prompt, stops_for, to_program
@@ -99,13 +100,14 @@ def _checked_or_warned(problem: Problem, pool: Any) -> tuple[Problem, dict]:
 def _annotate(rec: dict[str, Any], p: Problem, style: Any, index: int, check: dict, pool: Any) -> None:
     """What every EG-CFG sample record carries (in-process and served alike): its index, whether
     it was guided and by which visible tests, their reference check, and the first agent's own
-    program judged on the full tests (its pass@1, beside the any-agent number)."""
+    program judged on the full tests (its pass@1, beside the any-agent number; HumanEval+ /
+    MBPP+: EvalPlus's verdict, as every evaluation judges)."""
     rec.update(sample_index=index, guided=bool(p.visible_tests), visible_tests=list(p.visible_tests))
     if check:
         rec["visible_check"] = check
     if pool is not None and rec["agents"]:
         first = to_program(p, style, rec["agents"][0]["completion"])[1]
-        rec["first_agent_passed"] = bool(pool.run([Job(first, list(p.tests), p.test_setup)])[0].passed)
+        rec["first_agent_passed"] = bool(execute([(first, p)], pool=pool)[0]["passed"])
 
 
 def summarize_log(path: Path | str, n_problems: int | None = None) -> dict[str, Any]:
