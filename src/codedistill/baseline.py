@@ -18,7 +18,7 @@ from codedistill.config import BaselineConfig, SamplingConfig
 from codedistill.data import heldout_problems
 from codedistill.data.problem import Problem
 from codedistill.errors import ConfigError
-from codedistill.evaluation import execute, score, verdict_fields
+from codedistill.evaluation import execute, score, verdict_fields, warm_targets
 from codedistill.execution import Limits, SandboxPool
 from codedistill.generation import (
     ServingConfig,
@@ -369,7 +369,7 @@ def sample_and_test(
 ) -> dict:
     """Generate and test every problem (resuming in ``out``): pass@k, plus EG-CFG's summary."""
     style = PromptStyle.of(spec)
-    warm = ("codedistill.egcfg.tracer",) if cfg.method == "egcfg" else ()
+    warm = (["codedistill.egcfg.tracer"] if cfg.method == "egcfg" else []) + warm_targets(problems)
     with SandboxPool(workers=cfg.workers, limits=Limits(timeout=cfg.timeout), warm_targets=warm) as pool:
         if cfg.method == "egcfg":
             from codedistill.egcfg.runner import make_egcfg_sampler  # imports torch

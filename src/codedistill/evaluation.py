@@ -11,14 +11,14 @@ stays light.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from codedistill.data.evalplus import is_evalplus
 from codedistill.data.problem import Problem
 from codedistill.errors import DataError
-from codedistill.evalplus_judge import EvalPlusJudge
+from codedistill.evalplus_judge import WARM_TARGETS, EvalPlusJudge
 from codedistill.execution import Job, Limits, SandboxPool
 from codedistill.metrics import DEFAULT_KS, results_report
 
@@ -105,7 +105,8 @@ def execute(
     canonical solution's times instead of ``timeout``; references cached per machine) and
     their rows add :data:`EVALPLUS_FIELDS`. ``progress(1)`` after each judged program."""
     if pool is None:
-        with SandboxPool(workers=workers, limits=Limits(timeout=timeout)) as own:
+        warm = warm_targets(p for _, p in programs)
+        with SandboxPool(workers=workers, limits=Limits(timeout=timeout), warm_targets=warm) as own:
             return execute(programs, timeout=timeout, progress=progress, pool=own)
     limits = Limits(timeout=timeout)
     step = (lambda _done: progress(1)) if progress is not None else None  # pool.run counts up
@@ -127,6 +128,13 @@ def execute(
         for i, v in zip(plus, verdicts):
             out[i] = v.to_row() | ({"evalplus_flags": flags[v.task_id]} if v.task_id in flags else {})
     return out
+
+
+def warm_targets(problems: Iterable[Problem]) -> list[str]:
+    """What a :class:`SandboxPool` that judges ``problems`` should import before its guard
+    (:data:`codedistill.evalplus_judge.WARM_TARGETS` for HumanEval+ / MBPP+; a pool without
+    them makes the judge open its own)."""
+    return list(WARM_TARGETS) if any(is_evalplus(p) for p in problems) else []
 
 
 def verdict_fields(row: Mapping[str, Any]) -> dict[str, Any]:
