@@ -58,7 +58,8 @@ def load_problems(
         if shots and (shots != 3 or name == "humaneval+"):
             raise DataError("MBPP+ supports 0 or 3 shots (MBPP's tasks 2, 3, 4); HumanEval+ 0.")
         if shots:
-            problems = [replace(p, prompt=fewshot_prefix() + p.prompt) for p in problems]
+            prefix = fewshot_prefix()  # reads MBPP: once, not once per problem
+            problems = [replace(p, prompt=prefix + p.prompt) for p in problems]
         if split not in ("test", "all") and name == "humaneval+":
             raise DataError("HumanEval+ has only a test split (164 problems); use --split test.")
         if split != "all":
