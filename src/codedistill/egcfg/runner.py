@@ -157,7 +157,12 @@ def summary_markdown(s: dict[str, Any], dataset: str = "") -> list[str]:
             ' On this dataset the visible tests ARE the judging tests, so it is an "any of N agents '
             'passes" number (oracle selection by the test suite), not single-sample pass@1.'
             if same
-            else ""
+            else (
+                " On mbpp+ the visible tests are MBPP's asserts, i.e. (part of) the base inputs: the base "
+                "verdict is close to oracle-selected, the plus inputs stay unseen."
+                if dataset == "mbpp+"
+                else ""
+            )
         ),
         f"- any agent passed the visible tests: {pct(s['any_agent_visible_pass'])}",
         f"- first agent's own pass@1 (one program, no selection): {pct(s['first_agent_pass@1'])}",
