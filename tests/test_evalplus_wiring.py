@@ -103,13 +103,15 @@ def test_hostile_programs_get_per_sample_verdicts(cache):
         "class Weird:\n    def __reduce__(self):\n        raise TypeError('no')\n"
         f"def {name}(*a):\n    return Weird()\n",
         f"def {name}(*a):\n    raise MemoryError\n",
+        "def something_else(a):\n    return 4 * a\n",
     ]
     with SandboxPool(workers=2) as pool:
         rows = execute([(prog, p) for prog in programs], pool=pool)
-    assert [(r["base_passed"], r["plus_passed"]) for r in rows] == [(True, True)] * 3 + [(False, False)] * 4
+    assert [(r["base_passed"], r["plus_passed"]) for r in rows] == [(True, True)] * 3 + [(False, False)] * 5
     assert all(r["passed"] == r["plus_passed"] for r in rows)
     assert [r["result"] for r in rows[3:6]] == ["failed: base input 0: wrong output"] * 3
     assert rows[6]["result"] == "failed: base input 0: raised MemoryError"
+    assert rows[7]["result"] == "failed: NameError: the program defines no square_perimeter"
 
 
 def _toy_problem() -> Problem:

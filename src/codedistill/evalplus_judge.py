@@ -479,6 +479,8 @@ def __cd_make():
     g = {"__builtins__": own}
     with swallow_io():
         exec(compile(__cd_program, "<program>", "exec"), g)
+        if entry not in g:
+            raise NameError("the program defines no %s" % entry)
         state["fn"] = g[entry]
     return run
 
