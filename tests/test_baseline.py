@@ -117,3 +117,45 @@ def test_unknown_alias_is_a_clear_error(tmp_path):
     assert p.returncode == 2
     assert "Unknown model 'StarCoder9-1B'" in p.stderr and "StarCoder2-15B" in p.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_step1_on_mbpp_plus_reports_base_and_plus_and_leaves_the_shots_out(tmp_path):
+    """`codedistill baseline --dataset mbpp+ --split all --shots 3`: the prompt's tasks 2-4
+    are not evaluated (said in metrics.json and report.md), rows carry base_passed and
+    plus_passed, and a rerun of the finished run reads them back unchanged."""
+    out = tmp_path / "mbpp_plus"
+    cmd = step1(
+        out,
+        "--model-name",
+        "tiny-target",
+        "--dataset",
+        "mbpp+",
+        "--split",
+        "all",
+        "--shots",
+        "3",
+        "--max-problems",
+        "4",
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "32",
+    )
+    run_ok(cmd)
+    metrics = json.loads((out / "metrics.json").read_text())
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["task_id"] for r in results][::2] == ["Mbpp/6", "Mbpp/7", "Mbpp/8", "Mbpp/9"]
+    assert all({"base_passed", "plus_passed"} <= set(r) and r["passed"] == r["plus_passed"] for r in results)
+    assert metrics["excluded"] == [
+        {
+            "reason": "the 3-shot prompt's examples (MBPP tasks 2, 3, 4): it holds their solutions",
+            "task_ids": ["Mbpp/2", "Mbpp/3", "Mbpp/4"],
+        }
+    ]
+    assert set(metrics["base"]) == set(metrics["plus"]) == {"pass@1"}
+    report = (out / "report.md").read_text()
+    assert "| metric | base | base 95% CI | plus | plus 95% CI |" in report
+    assert "- left out: 3 task(s) the 3-shot prompt's examples" in report
+    run_ok(cmd)  # finished: everything read back from the run directory
+    assert json.loads((out / "metrics.json").read_text()) == metrics

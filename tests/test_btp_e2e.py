@@ -250,3 +250,53 @@ def test_humaneval_as_extra_eval_set(pair, tmp_path):
     plan = ResolvedInputs(small_cfg(pair, tmp_path / "he", eval_datasets=["humaneval"], eval_max_problems=3))
     assert list(plan.evals) == ["synth", "humaneval"]
     assert len(plan.evals["humaneval"]) == 3 and plan.overlap == []
+
+
+@pytest.mark.slow
+def test_btp_on_mbpp_evaluated_on_mbpp_plus_reports_what_it_kept(pair, tmp_path):
+    """The paper preset on an MBPP-trained run puts MBPP+ beside MBPP; MBPP+ is held out
+    whole less its 108 tasks in MBPP's train split and the 3-shot prompt's tasks 2-4
+    (378 - 108 - 3 = 267 kept), judged as EvalPlus judges, base and plus side by side."""
+    out = tmp_path / "mbpp_plus"
+    cfg = small_cfg(
+        pair,
+        out,
+        dataset="mbpp",
+        max_problems=4,
+        n_iterations=1,
+        eval_protocol="paper",
+        eval_max_problems=8,
+        eval_source=False,
+    )
+    comp = run_btp(cfg, log=lambda m: None)
+    assert list(comp["datasets"]) == ["mbpp", "mbpp+"]
+    e = comp["datasets"]["mbpp+"]
+    proto = e["protocol"]
+    assert (proto["split"], proto["shots"], proto["n_eligible"], proto["n_problems"]) == ("all", 3, 267, 8)
+    assert [x["n"] for x in proto["excluded"]] == [3, 108]
+    assert proto["excluded"][0]["task_ids"] == ["Mbpp/2", "Mbpp/3", "Mbpp/4"]
+    assert all(601 <= int(t.split("/")[1]) <= 974 for t in proto["excluded"][1]["task_ids"])
+    rows = read_jsonl(out / "eval" / "target_iter0" / "mbpp+" / "results.jsonl")
+    assert [r["task_id"] for r in rows] == [
+        "Mbpp/6",
+        "Mbpp/7",
+        "Mbpp/8",
+        "Mbpp/9",
+        "Mbpp/11",
+        "Mbpp/12",
+        "Mbpp/14",
+        "Mbpp/16",
+    ]
+    assert all(r["passed"] == r["plus_passed"] and (r["base_passed"] or not r["plus_passed"]) for r in rows)
+    for stage in ("target_before", "target_after"):
+        assert set(e[stage]["base"]) == set(e[stage]["plus"]) == {"pass@1"}
+        assert e[stage]["plus"]["pass@1"] == e[stage]["pass@1"]
+    assert set(e["improvement_base"]) == set(e["improvement"]) == {"pass@1"}
+    assert "excluded" not in comp["datasets"]["mbpp"]["protocol"]
+    md = (out / "report.md").read_text()
+    assert (
+        "Protocol: mbpp+ all split, 8 problems (first 8 of the 267 of 378 kept; left out: 3 the 3-shot prompt's "
+        "examples (MBPP tasks 2, 3, 4): it holds their solutions; 108 in MBPP's train split (tasks 601-974), "
+        "which this run trains on (mbpp)), 3-shot, greedy; preset paper."
+    ) in md
+    assert "| model | base pass@1 | plus pass@1 |" in md

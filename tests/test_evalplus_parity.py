@@ -201,3 +201,36 @@ def test_canonical_overrunning_the_cap_drops_the_input_and_flags_the_task(cache)
         }
     assert (good.base_passed, good.plus_passed) == (True, True)
     assert (bad.base_passed, bad.plus_passed) == (False, False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset,task_ids", [("humaneval+", HUMANEVAL_TASKS[:3]), ("mbpp+", MBPP_TASKS[:3])])
+def test_evaluate_cli_rows_equal_evalplus_eval_results(dataset, task_ids, cache, tmp_path):
+    """`codedistill evaluate SAMPLES --dataset humaneval+|mbpp+` on EvalPlus's own sample
+    shape (task_id + solution): row by row, base_passed / plus_passed equal evalplus's
+    base_status / plus_status in its eval_results.json, and the summary's base and plus
+    pass@1 are their means."""
+    pytest.importorskip("evalplus", reason="make setup installs it (requirements-evalplus.txt)")
+    problems = {p.task_id: p for p in load_problems(dataset, "all")}
+    samples = [s for t in task_ids for s in samples_for(problems[t])]
+    sample_file = tmp_path / "cli-samples.jsonl"
+    sample_file.write_text("".join(json.dumps({"task_id": t, "solution": s}) + "\n" for t, s in samples))
+    p = subprocess.run(
+        [sys.executable, "-m", "codedistill", "evaluate", str(sample_file), "--dataset", dataset, "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, CODEDISTILL_CACHE=str(cache)),
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "cli-samples_results.jsonl").read_text().splitlines()]
+    ours = [(r["base_passed"], r["plus_passed"]) for r in rows]
+    theirs = _evalplus_verdicts(dataset, task_ids, samples, tmp_path)
+    assert [r["task_id"] for r in rows] == [t for t, _ in samples]
+    assert ours == theirs
+    metrics = json.loads(p.stdout)
+    n = len(samples)
+    assert metrics["base"]["pass@1"]["value"] == pytest.approx(sum(b for b, _ in theirs) / n)
+    assert (
+        metrics["plus"]["pass@1"]["value"] == metrics["pass@1"]["value"] == pytest.approx(sum(x for _, x in theirs) / n)
+    )

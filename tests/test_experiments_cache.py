@@ -170,7 +170,11 @@ def test_paper_protocol_and_validation_split_choose_the_eval_problems():
         drop_overlap=True,
     )
     plan = ResolvedInputs(build_config({}, {**base, "eval_protocol": "paper"}))
-    assert plan.eval_shots == {"mbpp": 3, "humaneval": 0}
+    # the paper preset puts each benchmark's EvalPlus version beside it
+    assert plan.eval_shots == {"mbpp": 3, "mbpp+": 3, "humaneval": 0, "humaneval+": 0}
+    # MBPP+ held out whole, less its 108 tasks in MBPP's train split and the shots 2-4
+    assert plan.eval_eligible["mbpp+"] == 378 - 108 - 3 and plan.eval_eligible["humaneval+"] == 164
+    assert [p.task_id for p in plan.evals["mbpp+"]] == ["Mbpp/6", "Mbpp/7", "Mbpp/8", "Mbpp/9"]
     first = plan.evals["mbpp"][0]
     assert first.task_id.endswith("11") and first.prompt.count("[BEGIN]") == 4  # tasks 2, 3, 4 + the problem
     rec = protocol_record(plan, "mbpp")
@@ -184,6 +188,12 @@ def test_paper_protocol_and_validation_split_choose_the_eval_problems():
         "n_problems": 4,
         "method": "plain",
     }
+    plus = protocol_record(plan, "mbpp+")
+    assert (plus["split"], plus["n_problems"], plus["n_eligible"]) == ("all", 4, 267)
+    assert [(x["n"], x["task_ids"][:2]) for x in plus["excluded"]] == [
+        (3, ["Mbpp/2", "Mbpp/3"]),
+        (108, ["Mbpp/602", "Mbpp/603"]),
+    ]
     val = ResolvedInputs(build_config({}, {**base, "eval_split": "validation"}))
     assert list(val.evals) == ["mbpp"] and val.skipped_evals == ["humaneval"]
     assert [int(p.task_id.split("/")[-1]) for p in val.evals["mbpp"]] == [511, 512, 513, 514]

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from codedistill.config import BaselineConfig, SamplingConfig
-from codedistill.data import load_problems
+from codedistill.data import heldout_problems
 from codedistill.data.problem import Problem
 from codedistill.errors import ConfigError
-from codedistill.evaluation import RESULT_FIELDS, execute
+from codedistill.evaluation import execute, score, verdict_fields, warm_targets
 from codedistill.execution import Limits, SandboxPool
 from codedistill.generation import (
     ServingConfig,
@@ -30,7 +30,6 @@ from codedistill.generation import (
     resolve_backend,
 )
 from codedistill.generation.base import Candidate, Generator
-from codedistill.metrics import counts_from_results, pass_at_k_report
 from codedistill.models.preflight import preflight
 from codedistill.models.registry import ModelSpec, resolve_model
 from codedistill.prompts import PromptStyle, render_prompt, stops_for, to_program
@@ -86,9 +85,12 @@ def evaluate_generator(
     pool: Any = None,
     desc: str = "sampling",
     on_first_chunk: Callable[[int, float], None] | None = None,
+    ks: Sequence[int] = (1, 5, 10),
 ) -> tuple[list[dict], dict]:
     """Sample ``num_samples`` per problem with ``generate(chunk, chunk_seed)``, test every
-    program, return (rows with verdicts, pass@k metrics). With ``out_dir`` the samples and
+    program (:func:`codedistill.evaluation.execute`: HumanEval+ / MBPP+ as EvalPlus judges),
+    return (rows with verdicts, pass@k metrics at ``ks``: base and plus side by side for
+    HumanEval+ / MBPP+). With ``out_dir`` the samples and
     results are appended to ``samples.jsonl``/``results.jsonl`` there and a restart resumes.
 
     Progress: a bar over problems on a terminal, and one summary line (problems, programs,
@@ -124,7 +126,7 @@ def evaluate_generator(
             bar.note = f"{len(new_rows)} programs generated and tested, {n_passed} passed"
     order = {p.task_id: i for i, p in enumerate(problems)}
     all_rows = sorted(done_rows + new_rows, key=lambda r: (order[r["task_id"]], r["sample_index"]))
-    metrics = pass_at_k_report(counts_from_results(all_rows), seed=seed)
+    metrics = score(all_rows, ks=ks, seed=seed)
     return all_rows, metrics
 
 
@@ -145,7 +147,7 @@ def resume_rows(out_dir: Path, num_samples: int) -> tuple[set[str], list[dict]]:
         with JsonlWriter(tmp) as w:
             w.write_many(rows)
         tmp.replace(path)
-    done_rows = [{**s, **{k: keep_r[(s["task_id"], s["sample_index"])][k] for k in RESULT_FIELDS}} for s in keep_s]
+    done_rows = [{**s, **verdict_fields(keep_r[(s["task_id"], s["sample_index"])])} for s in keep_s]
     return done, done_rows
 
 
@@ -214,11 +216,28 @@ def report_markdown(cfg: BaselineConfig, metrics: dict, elapsed: float | None = 
         f"- method: {cfg.method}, temperature {cfg.sampling.temperature}, top_p {cfg.sampling.top_p}, "
         f"max_new_tokens {cfg.sampling.max_new_tokens}, seed {cfg.seed}",
     ]
+    lines += [f"- left out: {len(x['task_ids'])} task(s) {x['reason']}" for x in metrics.get("excluded") or ()]
     if elapsed is not None:
         lines.append(f"- wall time of this start: {elapsed:.1f} s")
-    lines += ["", "| metric | value | 95% CI |", "|---|---|---|"]
-    for k, v in metrics.items():
-        if k.startswith("pass@"):
+    ks = [k for k in metrics if k.startswith("pass@")]
+    if "base" in metrics:  # HumanEval+ / MBPP+: EvalPlus's base and plus side by side
+        lines += ["", "| metric | base | base 95% CI | plus | plus 95% CI |", "|---|---|---|---|---|"]
+        for k in ks:
+            b, v = metrics["base"][k], metrics[k]
+            lines.append(
+                f"| {k} | {b['value']:.4f} | [{b['ci_low']:.4f}, {b['ci_high']:.4f}] | "
+                f"{v['value']:.4f} | [{v['ci_low']:.4f}, {v['ci_high']:.4f}] |"
+            )
+        lines += [
+            "",
+            "base: the original tests' inputs; plus: base and EvalPlus's extra inputs (the run's pass@k), "
+            "judged as evalplus 0.3.1 judges.",
+        ]
+        lines += [f"- flagged {t}: {'; '.join(f)}" for t, f in (metrics.get("evalplus_flagged_tasks") or {}).items()]
+    else:
+        lines += ["", "| metric | value | 95% CI |", "|---|---|---|"]
+        for k in ks:
+            v = metrics[k]
             lines.append(f"| {k} | {v['value']:.4f} | [{v['ci_low']:.4f}, {v['ci_high']:.4f}] |")
     lines += ["", "CIs: percentile bootstrap over problems (2000 replicates)."]
     return "\n".join(lines) + "\n"
@@ -254,9 +273,11 @@ def run_baseline(cfg: BaselineConfig, output_dir: Path | None = None) -> tuple[P
     """The whole step 1 run into a run directory; returns (run dir, metrics)."""
     t0 = time.time()
     out = Path(output_dir) if output_dir else default_output_dir(cfg)
-    problems = load_problems(
+    problems, excluded = heldout_problems(
         cfg.dataset, cfg.split, data_path=cfg.data_path, max_problems=cfg.max_problems, shots=cfg.shots
     )
+    for x in excluded:
+        console.print(f"left out of {cfg.dataset}: {len(x['task_ids'])} task(s) {x['reason']}", highlight=False)
     spec = resolve_model(cfg.model, cfg.variant)
     backend = resolve_backend(spec, cfg.backend)  # before anything is written
     checked = check_model(cfg, spec, backend)
@@ -277,6 +298,8 @@ def run_baseline(cfg: BaselineConfig, output_dir: Path | None = None) -> tuple[P
     )
     try:
         metrics = sample_and_test(cfg, out, spec, gen, problems, plan)
+        if excluded:
+            metrics["excluded"] = excluded
     finally:  # this start's counters, a failed start's too
         record_generation(out, {spec.alias: gen}, cfg.serving)
         close_generator(gen)
@@ -346,7 +369,7 @@ def sample_and_test(
 ) -> dict:
     """Generate and test every problem (resuming in ``out``): pass@k, plus EG-CFG's summary."""
     style = PromptStyle.of(spec)
-    warm = ("codedistill.egcfg.tracer",) if cfg.method == "egcfg" else ()
+    warm = (["codedistill.egcfg.tracer"] if cfg.method == "egcfg" else []) + warm_targets(problems)
     with SandboxPool(workers=cfg.workers, limits=Limits(timeout=cfg.timeout), warm_targets=warm) as pool:
         if cfg.method == "egcfg":
             from codedistill.egcfg.runner import make_egcfg_sampler  # imports torch

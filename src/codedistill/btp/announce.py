@@ -42,6 +42,7 @@ def announce_plan(inputs: ResolvedInputs, checked: dict[str, Any], log: Log) -> 
         f"  {cfg.generation} phase: {how} per problem = {gen_programs} programs, each tested",
         f"  evaluations: {n_stages} x ({ev_sets} problems x {cfg.eval_num_samples} samples = {ev_programs} programs)"
         f" = {n_stages * ev_programs} programs",
+        *(f"  held out: {line}" for line in inputs.kept_lines()),
         f"  fine-tuning: {cfg.n_iterations} x {cfg.epochs} epoch(s), {'LoRA' if cfg.use_lora else 'full'}, on "
         + (f"{cfg.replay_size} drawn programs" if cfg.replay_size else "as many drawn programs as the buffer holds"),
         f"  in all {run_plan.todo} programs to generate and test"

@@ -35,7 +35,7 @@ from codedistill.generation import ServingConfig, resolve_backend
 from codedistill.training.settings import DUMP_WHEN_CHANGED, TrainingSettings, split_names
 
 TRAIN_DATASETS = ("mbpp", "mbpp-sanitized", "synth")
-EVAL_EXTRA_DATASETS = ("humaneval", "mbpp", "mbpp-sanitized", "synth")
+EVAL_EXTRA_DATASETS = ("humaneval", "mbpp", "mbpp-sanitized", "humaneval+", "mbpp+", "synth")
 
 # Settings that do not change results (where/how fast it runs): not compared on resume.
 NON_EXPERIMENT_KEYS = (
@@ -82,9 +82,13 @@ class DataSettings(BaseModel):
     max_problems: int | None = Field(None, ge=1, description="First N training problems.")
     eval_max_problems: int | None = Field(None, ge=1, description="First N held-out problems.")
     eval_datasets: list[str] = Field(
-        default_factory=list, description="Extra held-out sets, e.g. humaneval (comma-separated)."
+        default_factory=list,
+        description="Extra held-out sets, e.g. humaneval,humaneval+,mbpp+ (comma-separated; MBPP+ "
+        "leaves out its tasks in MBPP's train split when training on MBPP).",
     )
-    allow_overlap: bool = Field(False, description="Allow train/eval overlap (reported in bold).")
+    allow_overlap: bool = Field(
+        False, description="Allow train/eval overlap (reported in bold; MBPP+ then keeps its MBPP train-split tasks)."
+    )
     drop_overlap: bool = Field(False, description="Leave training problems that are also eval problems out.")
 
     @field_validator("dataset")
@@ -220,7 +224,8 @@ class EvaluationSettings(BaseModel):
     eval_protocol: Literal["sampled", "paper"] = Field(
         "sampled",
         description="sampled: eval_num_samples at eval_temperature (pass@1/5/10); paper: the "
-        "literature's protocol (MBPP 3-shot prompts with tasks 2-4, HumanEval 0-shot, greedy pass@1)",
+        "literature's protocol (MBPP 3-shot prompts with tasks 2-4, HumanEval 0-shot, greedy pass@1; "
+        "each MBPP / HumanEval set also on MBPP+ / HumanEval+, base and plus)",
     )
 
     @model_validator(mode="after")

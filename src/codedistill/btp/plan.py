@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from codedistill.btp.config import BTPConfig
-from codedistill.data import load_problems
+from codedistill.data import heldout_problems, load_problems
+from codedistill.data.evalplus import EVALPLUS_DATASETS
 from codedistill.data.problem import Problem
 from codedistill.errors import ConfigError
 from codedistill.generation import beam_fallback_note, check_served
@@ -36,6 +37,9 @@ class ResolvedInputs:
         self.evals: dict[str, list[Problem]] = {}
         self.eval_shots: dict[str, int] = {}
         self.skipped_evals: list[str] = []  # extra sets without the chosen split (HumanEval: test only)
+        self.eval_splits: dict[str, str] = {}
+        self.eval_excluded: dict[str, list[dict[str, Any]]] = {}  # what the leakage guard left out, and why
+        self.eval_eligible: dict[str, int] = {}  # problems left after it (before eval_max_problems)
         self._load_eval_sets()
         self.overlap: list[str] = []
         self.near_duplicates: list[list[str]] = []
@@ -62,18 +66,26 @@ class ResolvedInputs:
             )
 
     def _load_eval_sets(self) -> None:
+        """The held-out sets (:func:`eval_dataset_names`). HumanEval+ / MBPP+ are whole
+        releases, so with ``eval_split: test`` they are held out whole (split ``all``) less
+        what the run touches (:func:`codedistill.data.heldout_problems`): MBPP+'s 108 tasks in
+        MBPP's train split when the run trains on MBPP (unless --allow-overlap: then they stay
+        and the overlap guard lists them), and the few-shot prompt's tasks 2-4 with shots."""
         cfg = self.cfg
-        for d in [cfg.dataset] + [d for d in cfg.eval_datasets if d != cfg.dataset]:
+        for d in eval_dataset_names(cfg):
             path = cfg.data_path if d == cfg.dataset else None
-            if cfg.eval_split == "validation" and d == "humaneval":
+            if cfg.eval_split == "validation" and d in ("humaneval", "humaneval+"):
                 self.skipped_evals.append(d)
                 continue
-            # the paper protocol: MBPP 3-shot (tasks 2-4), HumanEval and synth 0-shot
-            shots = 3 if cfg.eval_protocol == "paper" and d in ("mbpp", "mbpp-sanitized") else 0
-            self.eval_shots[d] = shots
-            self.evals[d] = load_problems(
-                d, cfg.eval_split, data_path=path, max_problems=cfg.eval_max_problems, shots=shots
+            # the paper protocol: MBPP / MBPP+ 3-shot (tasks 2-4), HumanEval(+) and synth 0-shot
+            shots = 3 if cfg.eval_protocol == "paper" and d in ("mbpp", "mbpp-sanitized", "mbpp+") else 0
+            split = "all" if d in EVALPLUS_DATASETS and cfg.eval_split == "test" else cfg.eval_split
+            problems, excluded = heldout_problems(
+                d, split, data_path=path, shots=shots, trains_on=None if cfg.allow_overlap else cfg.dataset
             )
+            self.eval_shots[d], self.eval_splits[d], self.eval_excluded[d] = shots, split, excluded
+            self.eval_eligible[d] = len(problems)
+            self.evals[d] = problems[: cfg.eval_max_problems] if cfg.eval_max_problems else problems
 
     def _guard_overlap(self) -> None:
         """Refuse to train on evaluation problems unless asked (drop them, or allow them)."""
@@ -95,6 +107,16 @@ class ResolvedInputs:
                 "anyway (the report will say so in bold)."
             )
 
+    def kept_lines(self) -> list[str]:
+        """One line per evaluation set the leakage guard cut: how many it kept, and why not the rest."""
+        lines = []
+        for d, excluded in self.eval_excluded.items():
+            if excluded:
+                total = self.eval_eligible[d] + sum(len(x["task_ids"]) for x in excluded)
+                why = "; ".join(f"{len(x['task_ids'])} {x['reason']}" for x in excluded)
+                lines.append(f"{d}: {self.eval_eligible[d]} of {total} tasks kept, left out: {why}")
+        return lines
+
     def iteration_problems(self, k: int) -> list[Problem]:
         """The training problems iteration ``k`` generates on (see BTPConfig.iteration_problems)."""
         if self.cfg.iteration_problems == "all" or self.cfg.n_iterations == 1:
@@ -115,6 +137,25 @@ class ResolvedInputs:
         if self.cfg.dtype != "auto":
             return self.cfg.dtype
         return spec.dtype if spec.dtype not in (None, "auto") else "auto"
+
+
+#: the EvalPlus version of each benchmark, evaluated beside it under the paper protocol
+PLUS_OF = {"mbpp": "mbpp+", "mbpp-sanitized": "mbpp+", "humaneval": "humaneval+"}
+
+
+def eval_dataset_names(cfg: BTPConfig) -> list[str]:
+    """The held-out sets of a run: the training dataset's, then ``eval_datasets``; with the
+    paper protocol each MBPP / HumanEval set is followed by its EvalPlus version (MBPP+,
+    HumanEval+), as the field reports them side by side."""
+    names = [cfg.dataset] + [d for d in cfg.eval_datasets if d != cfg.dataset]
+    if cfg.eval_protocol != "paper":
+        return names
+    out: list[str] = []
+    for d in names:
+        for x in (d, PLUS_OF.get(d)):
+            if x and x not in out:
+                out.append(x)
+    return out
 
 
 def iteration_slices(problems: Sequence[Problem], n: int) -> list[list[Problem]]:

@@ -23,6 +23,7 @@ from codedistill.btp.phases.evaluate import Evaluation, build_comparison, evalua
 from codedistill.btp.plan import ResolvedInputs
 from codedistill.btp.state import RunState
 from codedistill.btp.tracking import log_iteration
+from codedistill.evaluation import warm_targets
 from codedistill.execution import Limits, SandboxPool
 from codedistill.models.loading import quiet_transformers
 from codedistill.runs import JsonlWriter, RunDir, write_json
@@ -73,7 +74,11 @@ def run_experiment(
     run = RunState(
         inputs,
         GeneratorCache(inputs, log),
-        SandboxPool(workers=cfg.workers, limits=Limits(timeout=cfg.timeout)),
+        SandboxPool(
+            workers=cfg.workers,
+            limits=Limits(timeout=cfg.timeout),
+            warm_targets=warm_targets(p for ps in inputs.evals.values() for p in ps),
+        ),
         log,
         estimate=estimate,
         cache=GenerationCache(cfg.generation_cache) if cfg.generation_cache else None,

@@ -18,11 +18,13 @@ def flat_metrics(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     """``{dataset: pass@k report}`` -> ``{"eval/<dataset>/pass@1": v, ".../pass@1_ci_low": ...}``."""
     out: dict[str, float] = {}
     for ds, rep in metrics.items():
-        for k, m in rep.items():
-            if k.startswith("pass@") and isinstance(m, Mapping):
-                out[f"eval/{ds}/{k}"] = float(m["value"])
-                out[f"eval/{ds}/{k}_ci_low"] = float(m["ci_low"])
-                out[f"eval/{ds}/{k}_ci_high"] = float(m["ci_high"])
+        parts = [("", rep)] + ([("base_", rep["base"])] if isinstance(rep.get("base"), Mapping) else [])
+        for prefix, r in parts:  # HumanEval+ / MBPP+: also base_pass@k
+            for k, m in r.items():
+                if k.startswith("pass@") and isinstance(m, Mapping):
+                    out[f"eval/{ds}/{prefix}{k}"] = float(m["value"])
+                    out[f"eval/{ds}/{prefix}{k}_ci_low"] = float(m["ci_low"])
+                    out[f"eval/{ds}/{prefix}{k}_ci_high"] = float(m["ci_high"])
     return out
 
 

@@ -3,8 +3,10 @@ embedded synthetic `synth`."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from codedistill.data.problem import Problem
 from codedistill.errors import DataError
@@ -56,7 +58,8 @@ def load_problems(
         if shots and (shots != 3 or name == "humaneval+"):
             raise DataError("MBPP+ supports 0 or 3 shots (MBPP's tasks 2, 3, 4); HumanEval+ 0.")
         if shots:
-            problems = [replace(p, prompt=fewshot_prefix() + p.prompt) for p in problems]
+            prefix = fewshot_prefix()  # reads MBPP: once, not once per problem
+            problems = [replace(p, prompt=prefix + p.prompt) for p in problems]
         if split not in ("test", "all") and name == "humaneval+":
             raise DataError("HumanEval+ has only a test split (164 problems); use --split test.")
         if split != "all":
@@ -79,6 +82,58 @@ def load_problems(
     return problems
 
 
+#: the few-shot prompt's examples and the MBPP split BTP trains from, by MBPP task number
+TRAIN_DATASETS_OF_MBPP = ("mbpp", "mbpp-sanitized")
+
+
+def heldout_problems(
+    dataset: str,
+    split: str = "test",
+    data_path: str | Path | None = None,
+    max_problems: int | None = None,
+    shots: int = 0,
+    seed: int = 0,
+    trains_on: str | None = None,
+) -> tuple[list[Problem], list[dict[str, Any]]]:
+    """The problems of an evaluation: :func:`load_problems`'s, less those it would leak,
+    and what was left out (``[{"reason", "task_ids"}]``, empty when nothing was):
+
+    * with ``shots``, the few-shot prompt's examples (MBPP tasks 2, 3, 4): the prompt
+      holds their solutions (only ``prompt`` / ``all`` splits of MBPP and MBPP+ have them);
+    * when the run trains on an MBPP variant (``trains_on``), the problems whose MBPP task
+      number is in MBPP's train split (601-974): MBPP+ has 108 of them.
+
+    ``max_problems`` keeps the first N of what is left."""
+    from codedistill.data.mbpp import MBPP_FEWSHOT_IDS, MBPP_SPLITS
+
+    problems = load_problems(dataset, split, data_path=data_path, shots=shots, seed=seed)
+    rules: list[tuple[Collection[int], str]] = []
+    if shots:
+        ids = ", ".join(map(str, MBPP_FEWSHOT_IDS))
+        rules.append(
+            (MBPP_FEWSHOT_IDS, f"the {shots}-shot prompt's examples (MBPP tasks {ids}): it holds their solutions")
+        )
+    if trains_on in TRAIN_DATASETS_OF_MBPP:
+        train = MBPP_SPLITS["train"]
+        rules.append(
+            (
+                train,
+                f"in MBPP's train split (tasks {train.start}-{train.stop - 1}), which this run trains on ({trains_on})",
+            )
+        )
+    excluded: list[dict[str, Any]] = []
+    for numbers, reason in rules:
+        out = [p.task_id for p in problems if p.meta.get("mbpp_id") in numbers]
+        if out:
+            excluded.append({"reason": reason, "task_ids": out})
+            problems = [p for p in problems if p.task_id not in set(out)]
+    if max_problems is not None:
+        if max_problems < 1:
+            raise DataError("--max-problems must be at least 1.")
+        problems = problems[:max_problems]
+    return problems, excluded
+
+
 def stop_strings(dataset: str) -> tuple[str, ...]:
     """Where a base model's completion ends for this benchmark's prompt format."""
     if dataset.lower() in ("humaneval", "humaneval+"):
@@ -90,4 +145,4 @@ def stop_strings(dataset: str) -> tuple[str, ...]:
     return MBPP_STOP
 
 
-__all__ = ["Problem", "load_problems", "stop_strings", "DATASETS", "SPLITS"]
+__all__ = ["Problem", "heldout_problems", "load_problems", "stop_strings", "DATASETS", "SPLITS"]

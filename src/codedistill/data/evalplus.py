@@ -243,6 +243,11 @@ def load_evalplus(dataset: str, data_path: str | Path | None = None) -> list[Pro
     return [make(r) for r in rows]
 
 
+def is_evalplus(problem: Problem) -> bool:
+    """A ``humaneval+`` / ``mbpp+`` problem, judged as EvalPlus judges (not by its ``tests``)."""
+    return isinstance(problem.meta.get("evalplus"), EvalPlusTask)
+
+
 def evalplus_task(problem: Problem) -> EvalPlusTask:
     """The EvalPlus task a ``humaneval+`` / ``mbpp+`` problem carries."""
     task = problem.meta.get("evalplus")
@@ -259,6 +264,7 @@ __all__ = [
     "RELEASES",
     "EvalPlusTask",
     "evalplus_task",
+    "is_evalplus",
     "load_evalplus",
     "mbpp_deserialize_inputs",
     "read_release",

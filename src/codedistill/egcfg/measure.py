@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from codedistill.data import load_problems
     from codedistill.egcfg.agents import EGCFGSolver, append_log
     from codedistill.egcfg.config import EGCFGConfig
-    from codedistill.execution import Job, Limits, SandboxPool
+    from codedistill.evaluation import execute, warm_targets
+    from codedistill.execution import Limits, SandboxPool
     from codedistill.generation.hf import HFGenerator
     from codedistill.prompts import PromptStyle, render_prompt, stops_for, to_program
 
@@ -131,7 +132,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         json.dumps({"args": vars(args), "egcfg": {t: c.model_dump() for t, c in confs.items()}}, indent=2)
     )
     with SandboxPool(
-        workers=args.workers, limits=Limits(timeout=5.0), warm_targets=["codedistill.egcfg.tracer:trace"]
+        workers=args.workers,
+        limits=Limits(timeout=5.0),
+        warm_targets=["codedistill.egcfg.tracer:trace", *warm_targets(problems)],
     ) as pool:
         solvers = {
             t: EGCFGSolver(model, tok, c, pool=pool, to_program=lambda p, x: to_program(p, style, x)[1])
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         def judge(p, completion):
             prog = to_program(p, style, completion)[1]
-            return bool(pool.run([Job(prog, list(p.tests), p.test_setup)])[0].passed)
+            return bool(execute([(prog, p)], pool=pool)[0]["passed"])
 
         for i, p in enumerate(problems):
             if p.task_id in done:

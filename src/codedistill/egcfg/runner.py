@@ -25,6 +25,7 @@ from codedistill.egcfg.config import EGCFGConfig
 from codedistill.egcfg.served import ServedEGCFG
 from codedistill.egcfg.signal import prompt_builder
 from codedistill.errors import ConfigError
+from codedistill.evaluation import execute
 from codedistill.execution import Job
 from codedistill.generation.base import Candidate, Generator, InProcessGenerator, TopKGenerator
 from codedistill.prompts import render_prompt, stops_for, to_program
@@ -99,13 +100,14 @@ def _checked_or_warned(problem: Problem, pool: Any) -> tuple[Problem, dict]:
 def _annotate(rec: dict[str, Any], p: Problem, style: Any, index: int, check: dict, pool: Any) -> None:
     """What every EG-CFG sample record carries (in-process and served alike): its index, whether
     it was guided and by which visible tests, their reference check, and the first agent's own
-    program judged on the full tests (its pass@1, beside the any-agent number)."""
+    program judged on the full tests (its pass@1, beside the any-agent number; HumanEval+ /
+    MBPP+: EvalPlus's verdict, as every evaluation judges)."""
     rec.update(sample_index=index, guided=bool(p.visible_tests), visible_tests=list(p.visible_tests))
     if check:
         rec["visible_check"] = check
     if pool is not None and rec["agents"]:
         first = to_program(p, style, rec["agents"][0]["completion"])[1]
-        rec["first_agent_passed"] = bool(pool.run([Job(first, list(p.tests), p.test_setup)])[0].passed)
+        rec["first_agent_passed"] = bool(execute([(first, p)], pool=pool)[0]["passed"])
 
 
 def summarize_log(path: Path | str, n_problems: int | None = None) -> dict[str, Any]:
@@ -155,7 +157,12 @@ def summary_markdown(s: dict[str, Any], dataset: str = "") -> list[str]:
             ' On this dataset the visible tests ARE the judging tests, so it is an "any of N agents '
             'passes" number (oracle selection by the test suite), not single-sample pass@1.'
             if same
-            else ""
+            else (
+                " On mbpp+ the visible tests are MBPP's asserts, i.e. (part of) the base inputs: the base "
+                "verdict is close to oracle-selected, the plus inputs stay unseen."
+                if dataset == "mbpp+"
+                else ""
+            )
         ),
         f"- any agent passed the visible tests: {pct(s['any_agent_visible_pass'])}",
         f"- first agent's own pass@1 (one program, no selection): {pct(s['first_agent_pass@1'])}",

@@ -3,7 +3,8 @@
 Each config runs as its own run directory (the config's ``output_dir`` if it sets one,
 else ``OUT/runs/<config stem>``; rerunning resumes each) and contributes one row: source,
 target, whether they are of the same model family, the target's pass@1 before and after
-BTP on the training dataset's held-out split, and the paired gain with its 95% CI. A
+BTP on the training dataset's held-out split, and the paired gain with its 95% CI; the
+run's HumanEval+ / MBPP+ evaluations follow in a second table, base and plus side by side. A
 config that fails (an API model with no backend here, no GPU, ...) keeps its row with the
 error as its status, and the others still run.
 """
@@ -65,6 +66,7 @@ def run_matrix(
                 gain=e["improvement"]["pass@1"],
                 status="done",
                 eval_protocol=cfg.eval_protocol,
+                evalplus=evalplus_cells(comp),
             )
         except Exception as e:  # noqa: BLE001 - one failing pairing does not stop the matrix
             row["status"] = f"failed: {type(e).__name__}: {e}"
@@ -72,6 +74,26 @@ def run_matrix(
         rows.append(row)
         write_outputs(out, rows)
     return write_outputs(out, rows)
+
+
+def evalplus_cells(comparison: Mapping[str, Any]) -> dict[str, Any]:
+    """Per HumanEval+ / MBPP+ set of a run: pass@1 before, after and the paired gain, for
+    ``base`` and ``plus``, and how many tasks it kept."""
+    out: dict[str, Any] = {}
+    for ds, e in comparison["datasets"].items():
+        if "improvement_base" not in e or "pass@1" not in e["improvement"]:
+            continue
+        before, after = e["target_before"], e["target_after"]
+        out[ds] = {
+            "n_problems": e["n_problems"],
+            "base": {
+                "before": before["base"]["pass@1"],
+                "after": after["base"]["pass@1"],
+                "gain": e["improvement_base"]["pass@1"],
+            },
+            "plus": {"before": before["pass@1"], "after": after["pass@1"], "gain": e["improvement"]["pass@1"]},
+        }
+    return out
 
 
 def write_outputs(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -93,6 +115,24 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
             f"{r['dataset'] or '-'} | {fmt_metric(r['before'])} | {fmt_metric(r['after'])} | "
             f"{fmt_diff(r['gain'])} | {r['status']} |"
         )
+    plus_rows = [(r, ds, c) for r in rows for ds, c in (r.get("evalplus") or {}).items()]
+    if plus_rows:
+        lines += [
+            "",
+            "HumanEval+ / MBPP+ (EvalPlus): pass@1 before and after BTP, base (the original tests' inputs) "
+            "beside plus (base and EvalPlus's extra inputs); gain: paired bootstrap.",
+            "",
+            "| config | dataset | tasks | base before | base after | base gain "
+            "| plus before | plus after | plus gain |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r, ds, c in plus_rows:
+            b, p = c["base"], c["plus"]
+            lines.append(
+                f"| {Path(r['config']).name} | {ds} | {c['n_problems']} | {fmt_metric(b['before'])} | "
+                f"{fmt_metric(b['after'])} | {fmt_diff(b['gain'])} | {fmt_metric(p['before'])} | "
+                f"{fmt_metric(p['after'])} | {fmt_diff(p['gain'])} |"
+            )
     (out / "matrix.md").parent.mkdir(parents=True, exist_ok=True)
     (out / "matrix.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return summary

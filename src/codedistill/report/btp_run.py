@@ -126,6 +126,8 @@ def _dataset_lines(config: Mapping[str, Any], c: Mapping[str, Any], ds: str, e: 
     ks = list(e["improvement"])
     proto = btp_protocol(config, c, ds)
     verdict = comparability(proto).describe()
+    plus = "base" in e["target_before"]  # HumanEval+ / MBPP+: base and plus side by side
+    cols = [f"{part} {k}" for k in ks for part in ("base", "plus")] if plus else ks
     lines = [
         f"## {ds} {proto.split} split ({e['n_problems']} problems)",
         "",
@@ -133,12 +135,16 @@ def _dataset_lines(config: Mapping[str, Any], c: Mapping[str, Any], ds: str, e: 
         "",
         f"{verdict[:1].upper() + verdict[1:]}.",
         "",
-        "| model | " + " | ".join(ks) + " |",
-        "|---|" + "---|" * len(ks),
+        "| model | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
     ]
 
     def row(label: str, report: Mapping[str, Any]) -> str:
-        return f"| {label} | " + " | ".join(fmt_metric(report.get(k)) for k in ks) + " |"
+        if plus:
+            cells = [fmt_metric(r.get(k)) for k in ks for r in (report.get("base") or {}, report)]
+        else:
+            cells = [fmt_metric(report.get(k)) for k in ks]
+        return f"| {label} | " + " | ".join(cells) + " |"
 
     lines.append(row(f"target before ({c['target_model']})", e["target_before"]))
     for stage, m in e["target_per_iteration"].items():
@@ -146,10 +152,20 @@ def _dataset_lines(config: Mapping[str, Any], c: Mapping[str, Any], ds: str, e: 
             lines.append(row(f"target after iteration {stage.rsplit('iter', 1)[1]}", m))
     if "source" in e:
         lines.append(row(f"source ({c['source_model']})", e["source"]))
+    if plus:
+        lines += ["", "base: the original tests' inputs; plus: base and EvalPlus's extra inputs (judged as evalplus)."]
     lines += ["", "Improvement after - before (paired bootstrap over problems, 95% CI):", ""]
     for k, imp in e["improvement"].items():
         p = PairedDifference.from_dict(imp).p_value_no_improvement
-        lines.append(f"- {k}: {fmt_diff(imp)}, p(no improvement) = {p:.3f}")
+        base = (e.get("improvement_base") or {}).get(k)
+        if base:
+            pb = PairedDifference.from_dict(base).p_value_no_improvement
+            lines.append(
+                f"- {k}: base {fmt_diff(base)}, p(no improvement) = {pb:.3f}; "
+                f"plus {fmt_diff(imp)}, p(no improvement) = {p:.3f}"
+            )
+        else:
+            lines.append(f"- {k}: {fmt_diff(imp)}, p(no improvement) = {p:.3f}")
     return lines + [""]
 
 

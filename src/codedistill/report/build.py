@@ -70,24 +70,29 @@ def build_document(run_dirs: Sequence[Path], plot_root: Path) -> tuple[Document,
 
 
 def cross_run_table(summaries: Sequence[Summary]) -> Table:
-    return Table(
-        ["run", "models", "protocol", "before pass@1", "after pass@1", "gain [95% CI]", "published-comparable"],
-        [
-            [
-                s.name if s.kind.split()[0] in s.name else f"{s.name} ({s.kind})",
-                s.models,
-                s.protocol,
-                s.before,
-                s.after,
-                s.gain,
-                s.comparable,
-            ]
-            for s in summaries
-        ],
-        caption="one row per run and evaluation set (protocol: dataset split (problems), shots, decoding)",
-        name="cross-run",
-        nowrap=(1,),
-    )
+    """One row per run and evaluation set; HumanEval+ / MBPP+ rows show base beside plus
+    (the columns appear when any row has them)."""
+    base = any(s.base_before or s.base_after or s.base_gain for s in summaries)
+    head = ["run", "models", "protocol", "before pass@1", "after pass@1", "gain [95% CI]"]
+    if base:
+        head += ["base before pass@1", "base after pass@1", "base gain [95% CI]"]
+    rows = []
+    for s in summaries:
+        row = [
+            s.name if s.kind.split()[0] in s.name else f"{s.name} ({s.kind})",
+            s.models,
+            s.protocol,
+            s.before,
+            s.after,
+            s.gain,
+        ]
+        if base:
+            row += [s.base_before or "-", s.base_after or "-", s.base_gain or "-"]
+        rows.append(row + [s.comparable])
+    caption = "one row per run and evaluation set (protocol: dataset split (problems), shots, decoding)"
+    if base:
+        caption += "; HumanEval+ / MBPP+: pass@1 columns are plus (base and extra inputs), base columns the base inputs"
+    return Table(head + ["published-comparable"], rows, caption=caption, name="cross-run", nowrap=(1,))
 
 
 def render_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[str, Path]:

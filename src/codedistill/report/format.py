@@ -48,3 +48,24 @@ def fmt_pct(x: Any) -> str:
 def fmt_param(v: Any) -> str:
     """A hyperparameter value: floats to 4 significant digits (1e-05, 0.003, 8), the rest as they are."""
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def pass_ks(report: Mapping[str, Any] | None) -> list[str]:
+    """The ``pass@k`` keys of a pass@k report, by k."""
+    return sorted((k for k in report or {} if k.startswith("pass@")), key=lambda s: int(s[5:]))
+
+
+def base_plus_lines(dataset: str, metrics: Mapping[str, Any]) -> list[str]:
+    """``mbpp+ pass@1: base 0.700 [...], plus 0.600 [...]`` per k for a HumanEval+ / MBPP+
+    report (one with ``base``; nothing for other datasets), and the tasks whose EvalPlus
+    tests lost inputs on this machine."""
+    if "base" not in metrics:
+        return []
+    lines = [
+        f"{dataset} {k}: base {fmt_metric(metrics['base'].get(k))}, plus {fmt_metric(metrics.get(k))}"
+        f" ({metrics.get('n_problems')} tasks)"
+        for k in pass_ks(metrics)
+    ]
+    for task, flags in (metrics.get("evalplus_flagged_tasks") or {}).items():
+        lines.append(f"flagged {task}: {'; '.join(flags)}")
+    return lines

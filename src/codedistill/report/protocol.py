@@ -8,6 +8,15 @@ Pure functions over the run's own files (``config.json``, ``comparison.json``,
   (task_ids 11-510), a 3-shot prompt with tasks 2, 3, 4, greedy decoding, pass@1.
 * HumanEval (Chen et al. 2021): all 164 problems, 0-shot, greedy pass@1; or Codex's
   sampled protocol (pass@1 at T=0.2, pass@10/100 at T=0.8, n=200 samples).
+* HumanEval+ / MBPP+ (EvalPlus, Liu et al. 2023): all 164 / 378 tasks of the release,
+  greedy pass@1, base and plus side by side, judged as evalplus judges. HumanEval+'s prompt
+  is HumanEval's (0-shot); EvalPlus prompts MBPP+ with its own docstring (0-shot, one
+  example assert), which this project does not: its MBPP+ prompt is MBPP's (3-shot under
+  the paper preset), so MBPP+ numbers compare only partly with published ones.
+
+A BTP run that trains on MBPP leaves MBPP+'s tasks in MBPP's train split out of its MBPP+
+evaluation (and, with shots, the prompt's tasks 2-4): the protocol says how many it kept
+and why, and such a subset is not comparable with published numbers.
 
 Anything else (a subset of problems, the validation split, a handful of samples at some
 temperature, this project's synthetic benchmark) is fine for before/after comparisons
@@ -23,9 +32,12 @@ from typing import Any
 from codedistill.report.files import settings
 
 # Full size of each published test split.
-FULL_TEST_SIZE = {"mbpp": 500, "mbpp-sanitized": 257, "humaneval": 164}
+FULL_TEST_SIZE = {"mbpp": 500, "mbpp-sanitized": 257, "humaneval": 164, "humaneval+": 164, "mbpp+": 378}
 # The paper preset's shots per dataset.
-PAPER_SHOTS = {"mbpp": 3, "mbpp-sanitized": 3, "humaneval": 0}
+PAPER_SHOTS = {"mbpp": 3, "mbpp-sanitized": 3, "humaneval": 0, "humaneval+": 0, "mbpp+": 3}
+# EvalPlus's benchmarks are whole releases: their published numbers are on split "all"
+# (HumanEval+'s test split is all of it)
+EVALPLUS_FULL_SPLITS = {"humaneval+": ("test", "all"), "mbpp+": ("all",)}
 
 
 @dataclass
@@ -42,6 +54,21 @@ class Protocol:
     preset: str | None = None  # "paper" | "sampled" | None (not recorded)
     method: str = "plain"  # plain | egcfg | beam ...
     decoding_note: str | None = None  # replaces "greedy"/"sampled, T=..." for other decoders
+    # left out by the leakage guard: [{"reason", "n"}]; n_eligible: problems left after it
+    excluded: list[dict[str, Any]] = field(default_factory=list)
+    n_eligible: int | None = None
+
+    @property
+    def n_excluded(self) -> int:
+        return sum(int(x.get("n", len(x.get("task_ids", ())))) for x in self.excluded)
+
+    def kept(self) -> str:
+        """``267 of 378 kept; left out: 108 in MBPP's train split ...; 3 ...`` ("" if nothing was)."""
+        if not self.excluded:
+            return ""
+        eligible = self.n_eligible if self.n_eligible is not None else self.n_problems
+        why = "; ".join(f"{int(x.get('n', len(x.get('task_ids', ()))))} {x.get('reason', '')}" for x in self.excluded)
+        return f"{eligible} of {(eligible or 0) + self.n_excluded} kept; left out: {why}"
 
     @property
     def greedy(self) -> bool:
@@ -60,15 +87,30 @@ class Protocol:
         """``mbpp test split, 500 problems, 3-shot, greedy``."""
         n = f", {self.n_problems} problems" if self.n_problems is not None else ""
         full = FULL_TEST_SIZE.get(self.dataset)
-        if full and self.split == "test" and self.n_problems is not None and self.n_problems < full:
+        if self.excluded:
+            first = (
+                f"first {self.n_problems} of the "
+                if self.n_eligible is not None and self.n_problems is not None and self.n_problems < self.n_eligible
+                else ""
+            )
+            n += f" ({first}{self.kept()})"
+        elif full and self.split in self.full_splits() and self.n_problems is not None and self.n_problems < full:
             n += f" (first {self.n_problems} of {full})"
         pre = f"; preset {self.preset}" if self.preset else ""
         meth = f"; decoding method {self.method}" if self.method not in ("plain", "") and not self.decoding_note else ""
         return f"{self.dataset} {self.split} split{n}, {self.shots}-shot, {self.decoding}{meth}{pre}"
 
+    def full_splits(self) -> tuple[str, ...]:
+        """The splits whose whole is the published benchmark."""
+        return EVALPLUS_FULL_SPLITS.get(self.dataset, ("test",))
+
     def short(self) -> str:
-        """``mbpp test (500), 3-shot, greedy`` for table cells."""
+        """``mbpp test (500), 3-shot, greedy`` for table cells (``mbpp+ all (267 of 378
+        kept)`` where the leakage guard left tasks out)."""
         n = f" ({self.n_problems})" if self.n_problems is not None else ""
+        if self.excluded and self.n_problems is not None:
+            total = (self.n_eligible if self.n_eligible is not None else self.n_problems) + self.n_excluded
+            n = f" ({self.n_problems} of {total} kept)"
         dec = (
             ("greedy" if self.greedy else f"T={self.temperature:g} n={self.num_samples}")
             if self.method in ("plain", "")
@@ -115,19 +157,34 @@ def comparability(p: Protocol) -> Verdict:
     if full is None:
         return Verdict("no", [f"no published reference protocol is known for {ds!r}"])
     no: list[str] = []
-    if p.split != "test":
-        no.append(f"{p.split} split, published numbers are on the test split")
+    if p.split not in p.full_splits():
+        where = "all tasks of the release (--split all)" if ds in EVALPLUS_FULL_SPLITS else "the test split"
+        no.append(f"{p.split} split, published numbers are on {where}")
     if p.n_problems is not None and p.n_problems < full:
         no.append(f"{p.n_problems} of the {full} test problems (a subset; published numbers use all {full})")
+    if p.excluded:
+        no.append("the leakage guard left tasks out: " + p.kept())
     want = PAPER_SHOTS[ds]
-    if p.shots != want:
+    if p.shots != want and ds != "mbpp+":  # MBPP+'s published prompt is neither: see its verdict
         no.append(f"{p.shots}-shot prompt, the standard {ds} protocol is {want}-shot")
     if p.method not in ("plain", ""):
         no.append(f"decoding method {p.method}: compare with that method's paper, not plain decoding")
     if no:
         return Verdict("no", no)
+    if p.greedy and ds == "mbpp+":
+        return Verdict(
+            "partly",
+            [
+                "mbpp+ all 378 tasks, greedy pass@1, judged as evalplus judges; but the prompt is MBPP's "
+                f"{p.shots}-shot [BEGIN] format, not EvalPlus's docstring prompt (0-shot, one example assert) "
+                "that published MBPP+ numbers use"
+            ],
+        )
     if p.greedy:
-        tests = "tasks 2-4 as shots, test tasks 11-510" if ds == "mbpp" else "0-shot"
+        tests = {
+            "mbpp": "tasks 2-4 as shots, test tasks 11-510",
+            "humaneval+": "0-shot, all 164 tasks judged as evalplus judges (base and plus)",
+        }.get(ds, "0-shot")
         return Verdict(
             "yes", [f"{ds} {tests}, greedy pass@1 on the full test split: the protocol of the published tables"]
         )
@@ -183,6 +240,7 @@ def btp_protocol(config_json: Mapping[str, Any] | None, comparison: Mapping[str,
     )
     split = _first(rec.get("split"), cfg.get("eval_split"), "test")
     n_problems = _first(rec.get("n_problems"), entry.get("n_problems"))
+    excluded = rec.get("excluded")
     return Protocol(
         dataset=dataset,
         split=str(split),
@@ -193,6 +251,8 @@ def btp_protocol(config_json: Mapping[str, Any] | None, comparison: Mapping[str,
         num_samples=int(n),
         preset=preset,
         method=str(rec.get("method", "plain")),
+        excluded=list(excluded) if isinstance(excluded, list) else [],
+        n_eligible=rec.get("n_eligible"),
     )
 
 
@@ -222,4 +282,5 @@ def baseline_protocol(config_json: Mapping[str, Any] | None, metrics: Mapping[st
         preset=cfg.get("eval_protocol"),
         method=method,
         decoding_note=note,
+        excluded=[{"reason": x.get("reason", ""), "n": len(x.get("task_ids", ()))} for x in m.get("excluded") or ()],
     )

@@ -51,6 +51,10 @@ class Summary:
     before: str = "-"
     after: str = "-"
     gain: str = "-"
+    # HumanEval+ / MBPP+: the base numbers beside the plus ones above ("" elsewhere)
+    base_before: str = ""
+    base_after: str = ""
+    base_gain: str = ""
 
 
 @dataclass
@@ -212,29 +216,44 @@ def btp_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Sec
         B.append(Heading(f"{ds}: held-out results ({e['n_problems']} problems)", level + 1))
         B += protocol_blocks(proto, verdict)
         ks = ks_of(e["target_before"], e["target_after"], e.get("source"))
-        rows = [[f"target before ({tgt})"] + [_cell(e["target_before"], k) for k in ks]]
+        plus = "base" in e["target_before"]  # HumanEval+ / MBPP+: base and plus side by side
+        cols = [f"{part} {k}" for k in ks for part in ("base", "plus")] if plus else ks
+
+        def cells(m: Mapping[str, Any] | None) -> list[str]:
+            if plus:
+                return [_cell(r, k) for k in ks for r in ((m or {}).get("base"), m)]
+            return [_cell(m, k) for k in ks]
+
+        rows = [[f"target before ({tgt})"] + cells(e["target_before"])]
         per = e.get("target_per_iteration") or {"target_iter1": e["target_after"]}
         for stage, m in per.items():
             if stage != "target_iter0":
-                rows.append([f"target after iteration {stage.rsplit('iter', 1)[1]}"] + [_cell(m, k) for k in ks])
+                rows.append([f"target after iteration {stage.rsplit('iter', 1)[1]}"] + cells(m))
         if e.get("source"):
-            rows.append([f"source ({src})"] + [_cell(e["source"], k) for k in ks])
-        B.append(
-            Table(["model"] + ks, rows, caption="pass@k with 95% bootstrap CI over problems", name=f"btp-passk-{ds}")
-        )
+            rows.append([f"source ({src})"] + cells(e["source"]))
+        caption = "pass@k with 95% bootstrap CI over problems"
+        if plus:
+            caption += "; base: the original tests' inputs, plus: base and EvalPlus's extra inputs (as evalplus judges)"
+        B.append(Table(["model"] + cols, rows, caption=caption, name=f"btp-passk-{ds}"))
         imp_rows = []
-        for k, imp in (e.get("improvement") or {}).items():
-            p = imp.get("p_value_no_improvement")
-            imp_rows.append(
-                [
-                    k,
-                    fmt_num(imp.get("before")),
-                    fmt_num(imp.get("after")),
-                    fmt_diff(imp),
-                    fmt_num(p),
-                    str(imp.get("n_problems", "-")),
-                ]
-            )
+        parts = (
+            [("base", e.get("improvement_base") or {}), ("plus", e.get("improvement") or {})]
+            if plus
+            else [("", e.get("improvement") or {})]
+        )
+        for part, imps in parts:
+            for k, imp in imps.items():
+                p = imp.get("p_value_no_improvement")
+                imp_rows.append(
+                    [
+                        f"{part} {k}".strip(),
+                        fmt_num(imp.get("before")),
+                        fmt_num(imp.get("after")),
+                        fmt_diff(imp),
+                        fmt_num(p),
+                        str(imp.get("n_problems", "-")),
+                    ]
+                )
         if imp_rows:
             B.append(
                 Table(
@@ -255,6 +274,7 @@ def btp_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Sec
         k1 = "pass@1" if "pass@1" in ks else (ks[0] if ks else None)
         if k1:
             imp = (e.get("improvement") or {}).get(k1)
+            bimp = (e.get("improvement_base") or {}).get(k1)
             sec.summaries.append(
                 Summary(
                     name=name,
@@ -266,6 +286,15 @@ def btp_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Sec
                     before=_cell(e["target_before"], k1),
                     after=_cell(e["target_after"], k1),
                     gain=fmt_diff(imp) if imp else "-",
+                    **(
+                        {
+                            "base_before": _cell(e["target_before"].get("base"), k1),
+                            "base_after": _cell(e["target_after"].get("base"), k1),
+                            "base_gain": fmt_diff(bimp) if bimp else "-",
+                        }
+                        if plus
+                        else {}
+                    ),
                 )
             )
     if stats:
@@ -387,19 +416,32 @@ def baseline_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -
     items = [f"seed {cfg.get('seed')}, max_new_tokens {(cfg.get('sampling') or {}).get('max_new_tokens')}"]
     B.append(Bullets(items + _provenance(config)))
     ks = ks_of(metrics)
+    base = metrics.get("base")
     rows = []
     for k in ks:
         e = Estimate.from_dict(metrics[k])
-        rows.append([k, f"{e.value:.3f}", f"[{e.low:.3f}, {e.high:.3f}]"])
-    B.append(
-        Table(
-            ["metric", "value", "95% CI"],
-            rows,
-            caption=f"{metrics.get('n_problems')} problems, {metrics.get('num_samples')} samples per problem; "
-            "percentile bootstrap over problems",
-            name="baseline-passk",
-        )
+        row = [k, f"{e.value:.3f}", f"[{e.low:.3f}, {e.high:.3f}]"]
+        if base:  # HumanEval+ / MBPP+: base beside plus
+            b = Estimate.from_dict(base[k])
+            row[1:1] = [f"{b.value:.3f}", f"[{b.low:.3f}, {b.high:.3f}]"]
+        rows.append(row)
+    caption = (
+        f"{metrics.get('n_problems')} problems, {metrics.get('num_samples')} samples per problem; "
+        "percentile bootstrap over problems"
     )
+    if base:
+        caption += "; base: the original tests' inputs, plus: base and EvalPlus's extra inputs (as evalplus judges)"
+    head = ["metric", "base", "base 95% CI", "plus", "plus 95% CI"] if base else ["metric", "value", "95% CI"]
+    B.append(Table(head, rows, caption=caption, name="baseline-passk"))
+    flagged = metrics.get("evalplus_flagged_tasks") or {}
+    if flagged:
+        B.append(
+            Para(
+                "EvalPlus tests that lost inputs on this machine: "
+                + "; ".join(f"{t}: {', '.join(f)}" for t, f in flagged.items()),
+                "note",
+            )
+        )
     if ks:
         fig = plot_pass_at_k(
             [(model, metrics)],
@@ -417,6 +459,7 @@ def baseline_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -
                 protocol=proto.short(),
                 comparable=verdict.level,
                 after=_cell(metrics, k1) + (f" ({k1})" if k1 != "pass@1" else ""),
+                base_after=(_cell(base, k1) + (f" ({k1})" if k1 != "pass@1" else "")) if base else "",
             )
         )
     return sec
@@ -727,6 +770,44 @@ def matrix_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> 
             name="matrix",
         )
     )
+    plus_rows = []
+    for r in rows_in:
+        for ds, c in (r.get("evalplus") or {}).items():
+            pv = _variant_protocol(run_dir, r.get("run_dir"), ds)
+            b, p = c.get("base") or {}, c.get("plus") or {}
+            plus_rows.append(
+                [
+                    str(r.get("config")),
+                    ds,
+                    pv[0].short() if pv else str(c.get("n_problems", "-")),
+                    _one(b.get("before")),
+                    _one(b.get("after")),
+                    fmt_diff(_imp(b.get("gain"))),
+                    _one(p.get("before")),
+                    _one(p.get("after")),
+                    fmt_diff(_imp(p.get("gain"))),
+                ]
+            )
+    if plus_rows:
+        B.append(
+            Table(
+                [
+                    "config",
+                    "dataset",
+                    "protocol",
+                    "base before",
+                    "base after",
+                    "base gain [95% CI]",
+                    "plus before",
+                    "plus after",
+                    "plus gain [95% CI]",
+                ],
+                plus_rows,
+                caption="HumanEval+ / MBPP+ pass@1 (95% bootstrap CIs): base = the original tests' inputs, "
+                "plus = base and EvalPlus's extra inputs, judged as evalplus judges",
+                name="matrix-evalplus",
+            )
+        )
     if plot_rows:
         fig = plot_before_after(
             plot_rows,

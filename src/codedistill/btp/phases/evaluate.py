@@ -13,11 +13,13 @@ from codedistill.btp.plan import ResolvedInputs
 from codedistill.btp.state import RunState
 from codedistill.config import SamplingConfig
 from codedistill.data.problem import Problem
-from codedistill.metrics import counts_from_results, paired_bootstrap, pass_at_k_report
+from codedistill.evaluation import score
+from codedistill.metrics import counts_from_results, has_base, paired_bootstrap
 from codedistill.prompts import PromptStyle
 from codedistill.runs import derive_seed
 
-#: per dataset {"counts": {task_id: (n, c)}, "metrics": pass@k report}
+#: per dataset {"counts": {task_id: (n, c)}, "metrics": pass@k report}; HumanEval+ / MBPP+
+#: add "base_counts" (the base inputs' verdicts; "counts" are plus, as ``passed``)
 Evaluation = dict[str, dict[str, Any]]
 
 _FILES = ("samples.jsonl", "results.jsonl")
@@ -30,7 +32,7 @@ def eval_cache_parts(inputs: ResolvedInputs, spec: Any, ds: str) -> dict[str, An
         "model": model_id(spec),
         "style": PromptStyle.of(spec).style,
         "dataset": ds,
-        "split": cfg.eval_split,
+        "split": inputs.eval_splits.get(ds, cfg.eval_split),
         "shots": inputs.eval_shots.get(ds, 0),
         "problems": ids_hash(inputs.evals[ds]),
         "n_problems": len(inputs.evals[ds]),
@@ -80,8 +82,9 @@ def evaluate(run: RunState, load: Callable[[], Any], spec: Any, stage: str) -> E
         )
         if parts is not None and run.cache is not None and not run.cache.has("eval", parts):
             run.cache.put_files("eval", parts, ev_dir, _FILES)
-        counts = counts_from_results(rows)
-        res[ds] = {"counts": dict(counts), "metrics": pass_at_k_report(counts, ks=cfg.ks(), seed=cfg.seed)}
+        res[ds] = {"counts": dict(counts_from_results(rows)), "metrics": score(rows, ks=cfg.ks(), seed=cfg.seed)}
+        if has_base(rows):
+            res[ds]["base_counts"] = dict(counts_from_results(rows, "base_passed"))
     return res
 
 
@@ -117,16 +120,23 @@ class _StageSampler:
 def protocol_record(inputs: ResolvedInputs, ds: str) -> dict[str, Any]:
     """How the numbers of one evaluation set were measured (report/protocol.py reads it)."""
     cfg = inputs.cfg
-    return {
+    rec: dict[str, Any] = {
         "preset": cfg.eval_protocol,
         "shots": inputs.eval_shots.get(ds, 0),
         "temperature": cfg.eval_temperature,
         "top_p": cfg.eval_top_p,
         "num_samples": cfg.eval_num_samples,
-        "split": cfg.eval_split,
+        "split": inputs.eval_splits.get(ds, cfg.eval_split),
         "n_problems": len(inputs.evals[ds]),
         "method": "plain",
     }
+    excluded = inputs.eval_excluded.get(ds)
+    if excluded:  # the leakage guard's work: how many were kept, and why the others were not
+        rec["excluded"] = [
+            {"reason": x["reason"], "n": len(x["task_ids"]), "task_ids": x["task_ids"]} for x in excluded
+        ]
+        rec["n_eligible"] = inputs.eval_eligible[ds]
+    return rec
 
 
 def build_comparison(inputs: ResolvedInputs, evals: dict[str, Evaluation]) -> dict[str, Any]:
@@ -171,6 +181,11 @@ def _dataset_comparison(inputs: ResolvedInputs, evals: dict[str, Evaluation], ds
             for k in cfg.ks()
         },
     }
+    if "base_counts" in before and "base_counts" in after:  # HumanEval+ / MBPP+: base beside plus
+        entry["improvement_base"] = {
+            f"pass@{k}": paired_bootstrap(before["base_counts"], after["base_counts"], k=k, seed=cfg.seed).to_dict()
+            for k in cfg.ks()
+        }
     if "source" in evals:
         entry["source"] = evals["source"][ds]["metrics"]
     return entry
