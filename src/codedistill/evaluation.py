@@ -1,11 +1,13 @@
 """Execution + scoring of samples: samples -> sandbox verdicts -> result rows -> pass@k.
 
-No model and no torch on this path: `codedistill evaluate` stays light.
+No model and no torch on this path: `codedistill evaluate` stays light (numpy, for the
+bootstrap intervals, is imported by :func:`score` only).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,6 @@ from typing import Any
 from codedistill.data.problem import Problem
 from codedistill.errors import DataError
 from codedistill.execution import Job, Limits, SandboxPool
-from codedistill.metrics import DEFAULT_KS, counts_from_results, pass_at_k_report
 
 RESULT_FIELDS = ("passed", "result", "pass_rate", "tests_passed", "tests_total")
 
@@ -84,5 +85,21 @@ def execute(
     return [{k: getattr(v, k) for k in RESULT_FIELDS} for v in verdicts]
 
 
-def score(results: Sequence[Mapping[str, Any]], ks: Sequence[int] = DEFAULT_KS, seed: int = 0) -> dict:
-    return pass_at_k_report(counts_from_results(results), ks=ks, seed=seed)
+def write_results(path: str | Path, results: Sequence[Mapping[str, Any]]) -> None:
+    """One JSON line per result row, written to a temporary name and renamed: a crash never
+    leaves half a results file."""
+    from codedistill.runs import dumps
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(dumps(r) + "\n" for r in results))
+    os.replace(tmp, path)
+
+
+def score(results: Sequence[Mapping[str, Any]], ks: Sequence[int] | None = None, seed: int = 0) -> dict:
+    """pass@k with bootstrap CIs (:func:`codedistill.metrics.pass_at_k_report`; ``ks``
+    defaults to its ``DEFAULT_KS``)."""
+    from codedistill.metrics import DEFAULT_KS, counts_from_results, pass_at_k_report
+
+    return pass_at_k_report(counts_from_results(results), ks=DEFAULT_KS if ks is None else ks, seed=seed)

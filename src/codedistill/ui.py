@@ -15,14 +15,6 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from codedistill.errors import CodedistillError
 from codedistill.runs import write_json
@@ -138,6 +130,15 @@ def progress_tasks(
     con = con or console
     trackers = [s if isinstance(s, Tracker) else Tracker(*s) for s in specs]
     if enabled and interactive(con):
+        from rich.progress import (  # only where a bar is drawn (a tenth of a second to import)
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
         prog = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),

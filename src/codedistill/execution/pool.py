@@ -161,16 +161,23 @@ class _Core:
             if self.servers[slot] is s:
                 self.servers[slot] = None
 
+    def start_threads(self, servers: int = 0) -> None:
+        """Start the dispatchers (once); the first ``servers`` of them start their server
+        at once instead of with their first job."""
+        if self.threads:
+            return
+        with self.start_lock:
+            if not self.threads:
+                for i in range(self.workers):
+                    d = _Dispatcher(self, i, eager=i < servers)
+                    t = threading.Thread(target=d.run, name=f"sandbox-{i}", daemon=True)
+                    t.start()
+                    self.threads.append(t)
+
     def submit(self, task: _Task) -> Future:
         if self.closed:
             raise RuntimeError("SandboxPool is closed")
-        if not self.threads:
-            with self.start_lock:
-                if not self.threads:
-                    for i in range(self.workers):
-                        t = threading.Thread(target=_Dispatcher(self, i).run, name=f"sandbox-{i}", daemon=True)
-                        t.start()
-                        self.threads.append(t)
+        self.start_threads()
         self.queue.put(task)
         return task.future
 
@@ -201,8 +208,8 @@ class _Dispatcher:
     hands out its answers, in order. When the server dies or stops answering, it is
     dropped (the next job starts a new one) and each job in flight gets one more try."""
 
-    def __init__(self, core: _Core, slot: int):
-        self.core, self.slot = core, slot
+    def __init__(self, core: _Core, slot: int, eager: bool = False):
+        self.core, self.slot, self.eager = core, slot, eager
         self.inflight: deque[_Task] = deque()
         self.retry: deque[_Task] = deque()
         self.stop = False
@@ -210,6 +217,9 @@ class _Dispatcher:
         self.server: _ServerHandle | None = None
 
     def run(self) -> None:
+        if self.eager:  # a failed start is tried again (and reported) with the first job
+            with contextlib.suppress(Exception):
+                self.server = self.core.server(self.slot)
         while True:
             self._fill()
             if self.inflight:
@@ -359,6 +369,14 @@ class SandboxPool:
             len(tests),
             "tests",
         )
+
+    def start(self, servers: int | None = None) -> None:
+        """Start ``servers`` fork servers (default: one per worker) now, in the background,
+        instead of with the first jobs: their start-up (an interpreter, the preloaded
+        standard library, the template) then overlaps whatever the caller does next."""
+        if self._closed:
+            raise RuntimeError("SandboxPool is closed")
+        self._core.start_threads(self.workers if servers is None else min(self.workers, servers))
 
     # ------------------------------------------------------------------ programs
     def run_one(self, job: Job) -> Verdict:

@@ -131,6 +131,7 @@ def _run_template(iso: Isolation, sock: socket.socket) -> None:
         os._exit(0)
     net = [iso.orig_net] if iso.orig_net is not None else []
     syscalls.close_fds_except([0, 1, 2, sock.fileno()] + net)
+    child.prepare_env("/tmp")  # every run's, set once here (its workdir is its own /tmp)
     gc.disable()
     while True:
         try:
