@@ -106,9 +106,14 @@ class _ServerHandle:
                 with contextlib.suppress(Exception):
                     f.close()
 
-    def close(self) -> None:
+    def ask_exit(self) -> None:
         with contextlib.suppress(Exception):
             wire.send(self.inp, {"op": "exit"})
+
+    def close(self) -> None:
+        """After :meth:`ask_exit`: wait for the server to finish (reap its runs), then kill
+        what is left."""
+        with contextlib.suppress(Exception):
             self.proc.wait(timeout=2)
         self.kill()
 
@@ -197,10 +202,12 @@ class _Core:
         for t in self.threads:
             if t is not threading.current_thread():
                 t.join()
-        for i, s in enumerate(self.servers):
-            if s is not None:
-                s.close()
-                self.servers[i] = None
+        live = [(i, s) for i, s in enumerate(self.servers) if s is not None]
+        for _, s in live:  # all asked first: they wind down side by side
+            s.ask_exit()
+        for i, s in live:
+            s.close()
+            self.servers[i] = None
 
 
 class _Dispatcher:
