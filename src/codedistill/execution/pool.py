@@ -48,6 +48,7 @@ class _ServerHandle:
     """One fork server process and its pipes."""
 
     def __init__(self, uids: list[int] | None, namespaces: bool, warm_targets: list[str]):
+        self.asked = False  # to exit
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", ENTRY],
             stdin=subprocess.PIPE,
@@ -78,7 +79,7 @@ class _ServerHandle:
         hello = self.recv(30.0)
         self.caps = hello["caps"]
         self.pid = hello["pid"]
-        self.helpers = list(hello.get("helpers", []))  # the server's template
+        self.helpers = list(hello.get("helpers", []))  # the server's templates
         for w in hello.get("warnings", []):
             _warn_once(w)
 
@@ -107,12 +108,15 @@ class _ServerHandle:
                     f.close()
 
     def ask_exit(self) -> None:
-        with contextlib.suppress(Exception):
-            wire.send(self.inp, {"op": "exit"})
+        if not self.asked:
+            self.asked = True
+            with contextlib.suppress(Exception):
+                wire.send(self.inp, {"op": "exit"})
 
     def close(self) -> None:
-        """After :meth:`ask_exit`: wait for the server to finish (reap its runs), then kill
-        what is left."""
+        """Ask the server to exit (if not yet asked), wait for it to finish (it reaps its
+        runs first), then kill what is left."""
+        self.ask_exit()
         with contextlib.suppress(Exception):
             self.proc.wait(timeout=2)
         self.kill()
@@ -352,8 +356,8 @@ class SandboxPool:
 
     @property
     def helper_pids(self) -> list[int]:
-        """Trusted helper processes of the servers (each server's template, an idle fork
-        of the server that clones every run's process); they never run untrusted code."""
+        """Trusted helper processes of the servers (each server's templates, idle forks of
+        the server that clone every run's process); they never run untrusted code."""
         return [p for s in list(self._core.servers) if s is not None for p in s.helpers]
 
     @property
