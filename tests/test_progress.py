@@ -220,3 +220,19 @@ def test_btp_not_a_terminal_phase_summaries(tmp_path):
     assert re.search(r"\[iter 1\] testing source's programs: 12/12 programs, \d+ passed in \d+\.\d s", err), err
     plan = json.loads((out / "plan.json").read_text())
     assert plan["programs_to_generate"] == 30 and plan["estimate"]["estimated_seconds"] > 0
+
+
+def test_say_off_a_terminal_writes_the_plain_line_without_rich():
+    code = (
+        "import sys\nfrom codedistill import ui\n"
+        "ui.say('results: runs/a:100:b [bold]x[/]')\n"
+        "with ui.progress_bar('executing', 2) as advance:\n    advance(1)\n    advance(1)\n"
+        "print(sorted(m for m in sys.modules if m == 'rich' or m.startswith('rich.')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TTY_COMPATIBLE", "FORCE_COLOR")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.splitlines()
+    assert lines[0] == "results: runs/a:100:b [bold]x[/]"  # no emoji for :100:, no markup
+    assert re.fullmatch(r"executing: 2/2 in \d+\.\d s", lines[1]), lines
+    assert p.stdout.strip() == "[]"

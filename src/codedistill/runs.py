@@ -12,11 +12,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
-import subprocess
 import sys
 from collections.abc import Iterable, Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +39,8 @@ PROVENANCE_KEYS = ("provenance",)
 
 
 def package_versions(names: Iterable[str] = TRACKED_PACKAGES) -> dict[str, str | None]:
+    from importlib import metadata
+
     out: dict[str, str | None] = {}
     for n in names:
         try:
@@ -53,6 +52,8 @@ def package_versions(names: Iterable[str] = TRACKED_PACKAGES) -> dict[str, str |
 
 def git_revision(path: Path | None = None) -> dict[str, Any]:
     """Revision of the checkout that holds the package (or ``path``) and whether it is dirty."""
+    import subprocess
+
     where = path or Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
@@ -71,6 +72,8 @@ def git_revision(path: Path | None = None) -> dict[str, Any]:
 
 
 def provenance() -> dict[str, Any]:
+    import platform
+
     info: dict[str, Any] = {
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv,

@@ -3,31 +3,57 @@
 Long phases show a rich progress bar (counts, elapsed, ETA) only when stderr is an
 interactive terminal; whatever the output, each phase ends with one plain summary line
 (what was done, how much, wall time), so CI logs and redirected output stay readable.
+
+rich is imported when something is drawn or styled: ``console`` (the shared stderr console)
+is made on first use, and while stderr is plainly no terminal, :func:`say` writes its plain
+line without it (a command such as ``codedistill evaluate`` then starts without rich).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from codedistill.errors import CodedistillError
-from codedistill.runs import write_json
 
-console = Console(stderr=True, soft_wrap=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    console: Console  # the shared stderr console, made on first use (see __getattr__)
+
+_shared: list[Console] = []
+
+
+def __getattr__(name: str) -> Any:
+    if name == "console":
+        return _console()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _console() -> Console:
+    if not _shared:
+        from rich.console import Console
+
+        _shared.append(Console(stderr=True, soft_wrap=True))
+    return _shared[0]
+
+
+def _plain_stderr() -> bool:
+    """stderr is no terminal, so the shared console would style and draw nothing (rich's own
+    test, without importing rich: no TTY_COMPATIBLE or FORCE_COLOR, and not a tty)."""
+    if _shared or "TTY_COMPATIBLE" in os.environ or "FORCE_COLOR" in os.environ:
+        return False
+    try:
+        return not sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def friendly_errors(fn):
@@ -38,7 +64,7 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except CodedistillError as e:
-            console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+            _console().print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
             raise typer.Exit(2)
 
     return wrapper
@@ -46,13 +72,19 @@ def friendly_errors(fn):
 
 def interactive(con: Console | None = None) -> bool:
     """True when progress bars may be drawn: a terminal that understands cursor movement."""
-    con = con or console
+    if con is None and _plain_stderr():
+        return False
+    con = con or _console()
     return con.is_terminal and not con.is_dumb_terminal
 
 
 def say(message: str, con: Console | None = None) -> None:
-    """One plain line on the console (no markup, no highlighting)."""
-    (con or console).print(message, markup=False, highlight=False)
+    """One plain line on the console (no markup, no highlighting, no emoji codes)."""
+    if con is None and _plain_stderr():
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+        return
+    (con or _console()).print(message, markup=False, highlight=False, emoji=False)
 
 
 def fmt_seconds(s: float) -> str:
@@ -135,9 +167,18 @@ def progress_tasks(
     elapsed time and ETA (removed when done); elsewhere nothing is drawn. On normal exit
     each phase that had work prints its one-line summary (``Tracker.summary``) unless
     ``summary=False``."""
-    con = con or console
+    con = con or (None if _plain_stderr() else _console())
     trackers = [s if isinstance(s, Tracker) else Tracker(*s) for s in specs]
     if enabled and interactive(con):
+        from rich.progress import (  # only where a bar is drawn (slow to import)
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
         prog = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -207,6 +248,8 @@ class RunPlan:
 
     def _write(self) -> None:
         if self.path is not None:
+            from codedistill.runs import write_json
+
             write_json(self.path, self.record)
 
     def announce(self, *lines: str) -> None:

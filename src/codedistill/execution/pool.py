@@ -48,6 +48,7 @@ class _ServerHandle:
     """One fork server process and its pipes."""
 
     def __init__(self, uids: list[int] | None, namespaces: bool, warm_targets: list[str]):
+        self.asked = False  # to exit
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", ENTRY],
             stdin=subprocess.PIPE,
@@ -78,7 +79,7 @@ class _ServerHandle:
         hello = self.recv(30.0)
         self.caps = hello["caps"]
         self.pid = hello["pid"]
-        self.helpers = list(hello.get("helpers", []))  # the server's template
+        self.helpers = list(hello.get("helpers", []))  # the server's templates
         for w in hello.get("warnings", []):
             _warn_once(w)
 
@@ -106,9 +107,17 @@ class _ServerHandle:
                 with contextlib.suppress(Exception):
                     f.close()
 
+    def ask_exit(self) -> None:
+        if not self.asked:
+            self.asked = True
+            with contextlib.suppress(Exception):
+                wire.send(self.inp, {"op": "exit"})
+
     def close(self) -> None:
+        """Ask the server to exit (if not yet asked), wait for it to finish (it reaps its
+        runs first), then kill what is left."""
+        self.ask_exit()
         with contextlib.suppress(Exception):
-            wire.send(self.inp, {"op": "exit"})
             self.proc.wait(timeout=2)
         self.kill()
 
@@ -161,16 +170,23 @@ class _Core:
             if self.servers[slot] is s:
                 self.servers[slot] = None
 
+    def start_threads(self, servers: int = 0) -> None:
+        """Start the dispatchers (once); the first ``servers`` of them start their server
+        at once instead of with their first job."""
+        if self.threads:
+            return
+        with self.start_lock:
+            if not self.threads:
+                for i in range(self.workers):
+                    d = _Dispatcher(self, i, eager=i < servers)
+                    t = threading.Thread(target=d.run, name=f"sandbox-{i}", daemon=True)
+                    t.start()
+                    self.threads.append(t)
+
     def submit(self, task: _Task) -> Future:
         if self.closed:
             raise RuntimeError("SandboxPool is closed")
-        if not self.threads:
-            with self.start_lock:
-                if not self.threads:
-                    for i in range(self.workers):
-                        t = threading.Thread(target=_Dispatcher(self, i).run, name=f"sandbox-{i}", daemon=True)
-                        t.start()
-                        self.threads.append(t)
+        self.start_threads()
         self.queue.put(task)
         return task.future
 
@@ -190,10 +206,12 @@ class _Core:
         for t in self.threads:
             if t is not threading.current_thread():
                 t.join()
-        for i, s in enumerate(self.servers):
-            if s is not None:
-                s.close()
-                self.servers[i] = None
+        live = [(i, s) for i, s in enumerate(self.servers) if s is not None]
+        for _, s in live:  # all asked first: they wind down side by side
+            s.ask_exit()
+        for i, s in live:
+            s.close()
+            self.servers[i] = None
 
 
 class _Dispatcher:
@@ -201,8 +219,8 @@ class _Dispatcher:
     hands out its answers, in order. When the server dies or stops answering, it is
     dropped (the next job starts a new one) and each job in flight gets one more try."""
 
-    def __init__(self, core: _Core, slot: int):
-        self.core, self.slot = core, slot
+    def __init__(self, core: _Core, slot: int, eager: bool = False):
+        self.core, self.slot, self.eager = core, slot, eager
         self.inflight: deque[_Task] = deque()
         self.retry: deque[_Task] = deque()
         self.stop = False
@@ -210,6 +228,9 @@ class _Dispatcher:
         self.server: _ServerHandle | None = None
 
     def run(self) -> None:
+        if self.eager:  # a failed start is tried again (and reported) with the first job
+            with contextlib.suppress(Exception):
+                self.server = self.core.server(self.slot)
         while True:
             self._fill()
             if self.inflight:
@@ -335,8 +356,8 @@ class SandboxPool:
 
     @property
     def helper_pids(self) -> list[int]:
-        """Trusted helper processes of the servers (each server's template, an idle fork
-        of the server that clones every run's process); they never run untrusted code."""
+        """Trusted helper processes of the servers (each server's templates, idle forks of
+        the server that clone every run's process); they never run untrusted code."""
         return [p for s in list(self._core.servers) if s is not None for p in s.helpers]
 
     @property
@@ -359,6 +380,14 @@ class SandboxPool:
             len(tests),
             "tests",
         )
+
+    def start(self, servers: int | None = None) -> None:
+        """Start ``servers`` fork servers (default: one per worker) now, in the background,
+        instead of with the first jobs: their start-up (an interpreter, the preloaded
+        standard library, the template) then overlaps whatever the caller does next."""
+        if self._closed:
+            raise RuntimeError("SandboxPool is closed")
+        self._core.start_threads(self.workers if servers is None else min(self.workers, servers))
 
     # ------------------------------------------------------------------ programs
     def run_one(self, job: Job) -> Verdict:

