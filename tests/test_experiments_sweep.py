@@ -134,13 +134,14 @@ def test_sweep_killed_mid_trial_resumes_and_rerun_generates_nothing(tmp_path):
     assert (out / "plots" / "sweep_history.png").read_bytes()[:4] == b"\x89PNG"
     assert "| trial | state | value |" in (out / "sweep.md").read_text()
 
-    # a third invocation: no new trial, no trial rerun, the test evaluation resumed with nothing generated
+    # a third invocation runs nothing: no new trial, no trial rerun, no second test evaluation
     starts = {d: len(read_jsonl(d / "generated.jsonl")) for d in (out / "trials").iterdir()}
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     s2 = json.loads((out / "sweep.json").read_text())
     assert len(s2["trials"]) == len(s["trials"]) and s2["best"]["test_metrics"] == best["test_metrics"]
     assert {d: len(read_jsonl(d / "generated.jsonl")) for d in (out / "trials").iterdir()} == starts
+    assert "nothing to run" in r.stderr + r.stdout
     test_gen = read_jsonl(out / best["test_run_dir"] / "generated.jsonl")
-    assert len(test_gen) == 2 and test_gen[0]["generated"]["eval/target_iter1"] > 0 and test_gen[-1]["total"] == 0
+    assert len(test_gen) == 1 and test_gen[0]["generated"]["eval/target_iter1"] > 0
     assert "source_beam" not in test_gen[0]["generated"]  # the trial's adapter was evaluated, not retrained
