@@ -152,10 +152,10 @@ def test_two_processes_publishing_the_same_cache_entries_at_once(tmp_path):
 
 
 # ---- `codedistill ablate --worker` ----------------------------------------------------------
-VARIANTS = "sampling_uniform,p_raw,keep_all,beam_3"
+VARIANTS = "sampling_uniform,keep_all,beam_3"
 TINY = [
     "max_problems=4",
-    "eval_max_problems=3",
+    "eval_max_problems=2",
     "replay_size=8",
     "num_beams=2",
     "max_new_tokens=12",
@@ -206,8 +206,8 @@ def test_two_ablate_workers_run_every_variant_once_and_give_the_single_process_t
                 p.kill()
                 p.wait()
     text = [log.read_text() for log in logs]
-    # four distinct runs (keep_all has full's settings and shares its run directory), each run once
-    runs = {"full", "sampling_uniform", "p_raw", "beam_3"}
+    # three distinct runs (keep_all has full's settings and shares its run directory), each run once
+    runs = {"full", "sampling_uniform", "beam_3"}
     assert {d.name for d in (out / "variants").iterdir()} == runs
     by: dict[str, list[int]] = {}
     for name in runs:
@@ -219,8 +219,9 @@ def test_two_ablate_workers_run_every_variant_once_and_give_the_single_process_t
     assert {k for ks in by.values() for k in ks} == {0, 1}  # both workers ran variants
     # the table, written once by the worker that finished last, equals the single process's
     assert len(list((out / "claims").glob("table-*.done"))) == 1
-    assert _table(out) == _table(single)
-    assert (out / "ablation.md").read_text() == (single / "ablation.md").read_text().replace(str(single), str(out))
+    # (what each variant generated itself may differ: two variants started at once both make the
+    # source's beams that one of them makes for the other in a single process)
+    assert _table(out) == _table(single) and len(_table(out)) == 4
     assert not list((out / "claims").glob("*.lock"))
 
     # a third worker after the end runs nothing and leaves the table as it is

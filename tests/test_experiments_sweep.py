@@ -43,6 +43,39 @@ def test_search_space_and_storage(tmp_path):
     assert again.trials[0].params == p
 
 
+def test_places_count_over_workers_retries_keep_theirs_and_a_late_trial_is_surplus():
+    """Real Optuna trials (in-memory study) as workers leave them: --trials 3."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from codedistill.experiments.sweep import holders, retried, root, surplus
+
+    study = optuna.create_study()
+    x = {"x": FloatDistribution(0, 1)}
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5, params={"x": 0.1}, distributions=x))  # 0
+    study.add_trial(create_trial(state=TrialState.FAIL, params={"x": 0.2}, distributions=x))  # 1: killed
+    retry = create_trial(
+        state=TrialState.RUNNING,  # 2: trial 1 again, same run directory
+        params={"x": 0.2},
+        distributions=x,
+        user_attrs={"run_number": 1},
+        system_attrs={"failed_trial": 1, "retry_history": [1]},
+    )
+    study.add_trial(retry)
+    study.add_trial(create_trial(state=TrialState.RUNNING))  # 3: a new trial
+    study.add_trial(create_trial(state=TrialState.RUNNING))  # 4: asked at the same moment as 3
+    trials = study.get_trials()
+    assert retried(trials) == {1} and [root(t) for t in trials] == [0, 1, 1, 3, 4]
+    assert [t.number for t in holders(trials)] == [0, 2, 3, 4]
+    assert not surplus(trials, 3, 3) and surplus(trials, 4, 3)  # one of the two keeps the last place
+    assert not surplus(trials, 2, 3)  # a retry keeps its original's place
+    assert not surplus(trials, 4, 4)
+    # a failure for real (not retried) holds its place
+    study.add_trial(create_trial(state=TrialState.FAIL))  # 5
+    assert surplus(study.get_trials(), 5, 4) and len(holders(study.get_trials())) == 5
+
+
 @pytest.mark.slow
 def test_a_resumed_study_proposes_new_parameters(tmp_path):
     """Real Optuna journal storage: open, run one startup trial, open again as a restarted

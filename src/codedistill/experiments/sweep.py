@@ -194,9 +194,14 @@ def holders(trials: Sequence[Any]) -> list[Any]:
     return [t for t in trials if not t.user_attrs.get("surplus") and t.number not in again]
 
 
-def counted(study: Any) -> int:
-    """Trials that count towards --trials: finished ones and real failures (not interrupted)."""
-    return sum(1 for t in holders(study.get_trials(deepcopy=False)) if t.state.name in (*FINISHED, "FAIL"))
+def surplus(trials: Sequence[Any], number: int, n_trials: int) -> bool:
+    """Whether trial ``number``, just asked, came too late: a new trial (not a retry) whose
+    number is preceded by ``n_trials`` trials holding places. Trial numbers are handed out in
+    order, so of workers that ask at once for the last place exactly one keeps it."""
+    this = trials[number]
+    if root(this) != number or "failed_trial" in this.system_attrs:
+        return False  # a retry takes its original's place
+    return sum(1 for t in holders(trials) if root(t) < number) >= n_trials
 
 
 def recover_interrupted(study: Any, log: Log, lease: float = DEFAULT_LEASE) -> int:
@@ -281,13 +286,10 @@ def run_sweep(
     def objective(trial: Any) -> float:
         trial.set_user_attr("worker", {**me, "trial": trial.number})
         frozen = study.get_trials(deepcopy=False)
-        this = frozen[trial.number]
-        if root(this) == trial.number and "failed_trial" not in this.system_attrs:
-            ahead = [t for t in holders(frozen) if root(t) < trial.number]
-            if len(ahead) >= n_trials:  # another worker took the last place since this one looked
-                trial.set_user_attr("surplus", True)
-                raise optuna.TrialPruned(f"the {n_trials} trials are taken by other workers")
-        run_no = root(this)
+        if surplus(frozen, trial.number, n_trials):  # another worker took the last place since this one looked
+            trial.set_user_attr("surplus", True)
+            raise optuna.TrialPruned(f"the {n_trials} trials are taken by other workers")
+        run_no = root(frozen[trial.number])
         trial.set_user_attr("run_number", run_no)
         ran.append(trial.number)
         study.sampler = make_sampler(derive_seed(base.seed, "sweep trial", trial.number), n_trials)
