@@ -43,6 +43,39 @@ def test_search_space_and_storage(tmp_path):
     assert again.trials[0].params == p
 
 
+def test_places_count_over_workers_retries_keep_theirs_and_a_late_trial_is_surplus():
+    """Real Optuna trials (in-memory study) as workers leave them: --trials 3."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from codedistill.experiments.sweep import holders, retried, root, surplus
+
+    study = optuna.create_study()
+    x = {"x": FloatDistribution(0, 1)}
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5, params={"x": 0.1}, distributions=x))  # 0
+    study.add_trial(create_trial(state=TrialState.FAIL, params={"x": 0.2}, distributions=x))  # 1: killed
+    retry = create_trial(
+        state=TrialState.RUNNING,  # 2: trial 1 again, same run directory
+        params={"x": 0.2},
+        distributions=x,
+        user_attrs={"run_number": 1},
+        system_attrs={"failed_trial": 1, "retry_history": [1]},
+    )
+    study.add_trial(retry)
+    study.add_trial(create_trial(state=TrialState.RUNNING))  # 3: a new trial
+    study.add_trial(create_trial(state=TrialState.RUNNING))  # 4: asked at the same moment as 3
+    trials = study.get_trials()
+    assert retried(trials) == {1} and [root(t) for t in trials] == [0, 1, 1, 3, 4]
+    assert [t.number for t in holders(trials)] == [0, 2, 3, 4]
+    assert not surplus(trials, 3, 3) and surplus(trials, 4, 3)  # one of the two keeps the last place
+    assert not surplus(trials, 2, 3)  # a retry keeps its original's place
+    assert not surplus(trials, 4, 4)
+    # a failure for real (not retried) holds its place
+    study.add_trial(create_trial(state=TrialState.FAIL))  # 5
+    assert surplus(study.get_trials(), 5, 4) and len(holders(study.get_trials())) == 5
+
+
 @pytest.mark.slow
 def test_a_resumed_study_proposes_new_parameters(tmp_path):
     """Real Optuna journal storage: open, run one startup trial, open again as a restarted
@@ -134,13 +167,14 @@ def test_sweep_killed_mid_trial_resumes_and_rerun_generates_nothing(tmp_path):
     assert (out / "plots" / "sweep_history.png").read_bytes()[:4] == b"\x89PNG"
     assert "| trial | state | value |" in (out / "sweep.md").read_text()
 
-    # a third invocation: no new trial, no trial rerun, the test evaluation resumed with nothing generated
+    # a third invocation runs nothing: no new trial, no trial rerun, no second test evaluation
     starts = {d: len(read_jsonl(d / "generated.jsonl")) for d in (out / "trials").iterdir()}
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     s2 = json.loads((out / "sweep.json").read_text())
     assert len(s2["trials"]) == len(s["trials"]) and s2["best"]["test_metrics"] == best["test_metrics"]
     assert {d: len(read_jsonl(d / "generated.jsonl")) for d in (out / "trials").iterdir()} == starts
+    assert "nothing to run" in r.stderr + r.stdout
     test_gen = read_jsonl(out / best["test_run_dir"] / "generated.jsonl")
-    assert len(test_gen) == 2 and test_gen[0]["generated"]["eval/target_iter1"] > 0 and test_gen[-1]["total"] == 0
+    assert len(test_gen) == 1 and test_gen[0]["generated"]["eval/target_iter1"] > 0
     assert "source_beam" not in test_gen[0]["generated"]  # the trial's adapter was evaluated, not retrained

@@ -13,6 +13,7 @@ import datetime as _dt
 import json
 import os
 import sys
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,8 @@ def provenance() -> dict[str, Any]:
         "argv": sys.argv,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "host": platform.node(),
+        "pid": os.getpid(),
         "packages": package_versions(),
         "git": git_revision(),
     }
@@ -110,13 +113,20 @@ def dumps(obj: Any, indent: int | None = None) -> str:
     return json.dumps(obj, default=_json_default, indent=indent, ensure_ascii=False)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic write (temp file + rename) so a crash never leaves half a JSON file."""
+def write_text(path: Path, text: str) -> None:
+    """Atomic write (temp file + rename) so a crash never leaves half a file. The temporary
+    name is the writer's own (host, pid, thread), so workers on several machines that write
+    the same file on a shared directory never mix their bytes: the last rename wins whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(obj, indent=2) + "\n", encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.{platform.node()}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic write of ``obj`` as indented JSON (:func:`write_text`)."""
+    write_text(path, dumps(obj, indent=2) + "\n")
 
 
 def read_jsonl(path: Path, strict: bool = True) -> list[dict[str, Any]]:

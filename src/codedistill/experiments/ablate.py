@@ -8,6 +8,11 @@ Variants with identical resolved settings share one run. The table compares each
 variant's final target with the full method's on the same problems and the same
 evaluation seeds (paired bootstrap). Rerunning the command resumes.
 
+Several workers (``--worker``, on one machine or many, one shared ``OUT``) share out the
+variants: each claims the next unfinished one atomically (:mod:`codedistill.experiments.claims`),
+runs it and claims the next; a dead worker's claim is taken over; the last variant's worker
+writes the table, once.
+
 Output (SCHEMAS.md): ``ablation.json``, ``ablation.md``, ``plots/ablation_pass1.png``.
 """
 
@@ -20,14 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from codedistill.btp.config import BTPConfig, build_config
+from codedistill.btp.gencache import cache_key
 from codedistill.btp.loop import run_btp
+from codedistill.errors import ConfigError
+from codedistill.experiments.claims import DEFAULT_LEASE, holder, owner_text, run_once, try_claim, wait_poll
 from codedistill.experiments.grpo import run_grpo
 from codedistill.experiments.run import ensure_models, generated_total, load_experiment
 from codedistill.experiments.variants import select
 from codedistill.metrics import counts_from_results, paired_bootstrap
 from codedistill.report.format import fmt_diff, fmt_metric
 from codedistill.report.plots import plot_ablation as draw
-from codedistill.runs import read_jsonl, write_json
+from codedistill.runs import read_jsonl, write_json, write_text
 
 Log = Callable[[str], None]
 
@@ -86,13 +94,20 @@ def run_ablation(
     overrides: Mapping[str, Any] | None = None,
     log: Log = print,
     table_only: bool = False,
+    worker: bool = False,
+    lease: float = DEFAULT_LEASE,
 ) -> dict[str, Any]:
     """Run (or resume) every selected variant and write the table. ``table_only``: run
     nothing, tabulate the variants whose run directories are finished (the others are
-    listed as not run)."""
+    listed as not run). ``worker``: one of several workers sharing ``output_dir``
+    (:func:`run_worker`)."""
+    if worker and table_only:
+        raise ConfigError("--worker runs variants and --table-only runs none: pass one of them")
     out = Path(output_dir)
     ref, rows = plan_variants(config_path, out, variants, overrides)
     ensure_models(ref)
+    if worker:
+        return run_worker(out, config_path, ref, rows, lease, log)
     results: dict[str, dict[str, Any]] = {}  # run name -> comparison
     errors: dict[str, str] = {}
     t0 = time.time()
@@ -118,6 +133,79 @@ def run_ablation(
     summary = write_outputs(out, config_path, ref, rows, results, errors)
     log(f"ablation done in {time.time() - t0:.0f} s: {out / 'ablation.md'}")
     return summary
+
+
+def run_worker(
+    out: Path, config_path: str | Path, ref: BTPConfig, rows: list[dict[str, Any]], lease: float, log: Log
+) -> dict[str, Any]:
+    """Claim the next unfinished variant (``OUT/claims/variant-<name>.lock``), run it, claim the
+    next; with none left to claim, wait for the variants other workers run (taking over the
+    claim of one that dies: the variant resumes from its run directory). A variant is finished
+    when its run directory holds comparison.json, failed when ``claims/variant-<name>.failed``
+    holds its error (delete that file to retry it). The table is written once, by whichever
+    worker sees the last variant finish (``claims/table-<hash>.done``)."""
+    claims = out / "claims"
+    jobs: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["cfg"] is not None and row["run_name"] not in jobs:
+            jobs[row["run_name"]] = row
+
+    def finished(name: str) -> bool:
+        return (out / "variants" / name / "comparison.json").exists()
+
+    def failure(name: str) -> str | None:
+        p = claims / f"variant-{name}.failed"
+        return p.read_text(encoding="utf-8").strip() if p.exists() else None
+
+    waiting: list[str] = []
+    ran: list[str] = []
+    while True:
+        todo = [n for n in jobs if not finished(n) and failure(n) is None]
+        if not todo:
+            break
+        claim = None
+        for name in todo:
+            claim = try_claim(claims, f"variant-{name}", lease, log)
+            if claim is not None:
+                break
+        if claim is None:
+            held = [f"{n} ({holder(claims, f'variant-{n}') or '?'})" for n in todo]
+            if held != waiting:
+                log(f"every unfinished variant is claimed: waiting for {', '.join(held)}")
+                waiting = held
+            time.sleep(wait_poll(lease))
+            continue
+        with claim:
+            if finished(name) or failure(name) is not None:
+                continue  # finished by another worker between the look and the claim
+            row = jobs[name]
+            log(
+                f"=== ablation variant {name} (worker {owner_text(claim.rec)}"
+                + (f", taken over from {claim.taken_over}" if claim.taken_over else "")
+                + f"): {row['description']}"
+            )
+            t = time.time()
+            ran.append(name)
+            try:
+                fn = run_grpo if row["kind"] == "grpo" else run_btp
+                fn(row["cfg"], log=log)
+            except Exception as e:  # one variant's failure does not stop the others
+                write_text(claims / f"variant-{name}.failed", f"{type(e).__name__}: {e}\n")
+                log(f"variant {name} failed: {type(e).__name__}: {e} (delete claims/variant-{name}.failed to retry)")
+            log(f"=== variant {name} finished in {time.time() - t:.0f} s")
+
+    results = {n: json.loads((out / "variants" / n / "comparison.json").read_text()) for n in jobs if finished(n)}
+    errors = {n: err for n in jobs if not finished(n) and (err := failure(n)) is not None}
+    state = sorted((n, "done" if n in results else errors[n]) for n in jobs)
+    job = "table-" + cache_key({"base_config": str(config_path), "variants": [r["name"] for r in rows], "state": state})
+    if not run_once(claims, job, lambda: write_outputs(out, config_path, ref, rows, results, errors), lease, log):
+        by = json.loads((claims / f"{job}.done").read_text(encoding="utf-8")).get("by")
+        log(
+            f"every variant is finished and the table was written by {by}"
+            if ran
+            else f"every variant is finished and the table written by {by} (claims/{job}.done): nothing to run"
+        )
+    return json.loads((out / "ablation.json").read_text(encoding="utf-8"))
 
 
 def write_outputs(
@@ -178,7 +266,7 @@ def write_outputs(
         "variants": table,
     }
     write_json(out / "ablation.json", summary)
-    (out / "ablation.md").write_text(ablation_markdown(summary, ref), encoding="utf-8")
+    write_text(out / "ablation.md", ablation_markdown(summary, ref))
     try:
         plot_ablation(summary, out / "plots" / "ablation_pass1.png")
     except Exception:  # noqa: BLE001 - a plot never fails the ablation

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from codedistill.experiments.claims import DEFAULT_LEASE, LEASE_HELP
 from codedistill.ui import console, friendly_errors
 
 O = typer.Option  # noqa: E741
@@ -71,12 +72,21 @@ def ablate_command(
         help="Run nothing: tabulate the variants whose run "
         "directories are finished (e.g. while or after other workers run the rest).",
     ),
+    worker: bool = O(
+        False,
+        "--worker",
+        help="One of several workers sharing OUT (processes or machines): claim the next unfinished "
+        "variant (a lock in OUT/claims/), run it, claim the next; the last one to finish writes the table.",
+    ),
+    lease: float = O(DEFAULT_LEASE, "--lease", min=1, help=LEASE_HELP),
 ) -> None:
     """Step 3: ablations of BTP's components, sharing generations; a table with paired CIs."""
     from codedistill.experiments.ablate import run_ablation
     from codedistill.experiments.run import parse_sets
 
-    run_ablation(config, output_dir, variants, parse_sets(set_), log=_log, table_only=table_only)
+    run_ablation(
+        config, output_dir, variants, parse_sets(set_), log=_log, table_only=table_only, worker=worker, lease=lease
+    )
     typer.echo((output_dir / "ablation.md").read_text())
 
 
@@ -90,8 +100,9 @@ def sweep_command(
     storage: str | None = O(
         None,
         "--storage",
-        help="Journal file path (default OUT/optuna_journal.log) or a "
-        "database URL (postgresql://..., mysql://...) shared by workers on several machines.",
+        help="Journal file path (default OUT/optuna_journal.log) or a database URL "
+        "(postgresql://user:password@host/db) shared by workers on several machines (pip install "
+        "'codedistill[cluster]'). Start any number of workers with the same --storage and --output-dir.",
     ),
     study_name: str | None = O(None, "--study-name", help="Default: btp-sweep-<config name>."),
     cache_dir: Path | None = O(
@@ -103,13 +114,14 @@ def sweep_command(
     evaluate_best: bool = O(
         True, "--evaluate-best/--no-evaluate-best", help="Evaluate the best trial on the test split."
     ),
+    lease: float = O(DEFAULT_LEASE, "--lease", min=1, help=LEASE_HELP),
 ) -> None:
     """Step 4: Optuna (TPE) over sampling alpha, p2 alpha, replay size, lr, LoRA rank, epochs,
     beam width; objective: validation pass@1; the best trial evaluated once on test."""
     from codedistill.experiments.run import parse_sets
     from codedistill.experiments.sweep import run_sweep
 
-    run_sweep(
+    summary = run_sweep(
         config,
         output_dir,
         trials,
@@ -119,8 +131,10 @@ def sweep_command(
         study_name=study_name,
         evaluate_best=evaluate_best,
         log=_log,
+        lease=lease,
     )
-    typer.echo((output_dir / "sweep.md").read_text())
+    if summary is not None:
+        typer.echo((output_dir / "sweep.md").read_text())
 
 
 def _app(name: str, fn) -> typer.Typer:
