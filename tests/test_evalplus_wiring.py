@@ -298,3 +298,49 @@ def test_protocol_verdicts_of_the_evalplus_sets():
     assert comparability(Protocol("mbpp+", "all", 378, 0, 0.0)).level == "partly"
     sub = comparability(Protocol("mbpp+", "test", 224, 0, 0.0))
     assert sub.level == "no" and "published numbers are on all tasks of the release (--split all)" in sub.describe()
+
+
+def test_mbpp_plus_guard_leaves_out_the_split_a_sweep_chose_on():
+    """A sweep's trials are scored on MBPP's validation split (511-600); its best trial's
+    test evaluation on MBPP+ leaves out MBPP+'s 39 tasks there, and its protocol line says
+    so. What is left out is derived from the trials' config (scored_mbpp_splits)."""
+    from codedistill.btp.config import build_config
+    from codedistill.btp.phases.evaluate import protocol_record
+    from codedistill.btp.plan import ResolvedInputs, scored_mbpp_splits
+    from codedistill.data import heldout_problems
+    from codedistill.experiments.sweep import OBJECTIVE_SPLIT
+    from codedistill.report.protocol import btp_protocol
+
+    def trials(**kw):
+        return build_config({}, {"eval_split": OBJECTIVE_SPLIT, **kw})
+
+    assert scored_mbpp_splits(trials(dataset="mbpp")) == ("validation",)
+    assert scored_mbpp_splits(trials(dataset="synth")) == ()  # nothing of MBPP scored: nothing left out
+    assert scored_mbpp_splits(trials(dataset="synth", eval_datasets=["mbpp+"])) == ("validation",)
+    assert scored_mbpp_splits(build_config({}, {"dataset": "mbpp"})) == ("test",)
+
+    chosen_on = scored_mbpp_splits(trials(dataset="mbpp"))
+    kept, excluded = heldout_problems("mbpp+", "all", shots=3, trains_on="mbpp", chosen_on=chosen_on)
+    assert len(kept) == 378 - 3 - 108 - 39 == 228
+    assert [len(x["task_ids"]) for x in excluded] == [3, 108, 39]
+    assert all(511 <= int(t.split("/")[1]) <= 600 for t in excluded[2]["task_ids"])
+    assert not any(511 <= int(p.task_id.split("/")[1]) <= 600 for p in kept)
+    # MBPP's own test split shares no task with its validation split: nothing more left out
+    mbpp, mbpp_excluded = heldout_problems("mbpp", "test", trains_on="mbpp", chosen_on=chosen_on)
+    assert (len(mbpp), mbpp_excluded) == (500, [])
+
+    test_cfg = build_config({}, {"dataset": "mbpp", "eval_protocol": "paper", "max_problems": 5})
+    plan = ResolvedInputs(test_cfg, chosen_on=chosen_on)
+    rec = protocol_record(plan, "mbpp+")
+    assert (rec["n_eligible"], [x["n"] for x in rec["excluded"]]) == (228, [3, 108, 39])
+    assert "mbpp" not in plan.eval_excluded or not plan.eval_excluded["mbpp"]
+    comp = {"eval_protocol": "paper", "datasets": {"mbpp+": {"n_problems": rec["n_problems"], "protocol": rec}}}
+    line = "Protocol: " + btp_protocol({"config": test_cfg.model_dump()}, comp, "mbpp+").describe() + "."
+    assert line == (
+        "Protocol: mbpp+ all split, 228 problems (228 of 378 kept; left out: 3 the 3-shot prompt's examples "
+        "(MBPP tasks 2, 3, 4): it holds their solutions; 108 in MBPP's train split (tasks 601-974), which this "
+        "run trains on (mbpp); 39 in MBPP's validation split (tasks 511-600), on which this run's settings were "
+        "chosen), 3-shot, greedy; preset paper."
+    )
+    # without chosen_on (an ordinary run on the test split) the 39 stay
+    assert ResolvedInputs(test_cfg).eval_eligible["mbpp+"] == 267
