@@ -344,3 +344,92 @@ def test_mbpp_plus_guard_leaves_out_the_split_a_sweep_chose_on():
     )
     # without chosen_on (an ordinary run on the test split) the 39 stay
     assert ResolvedInputs(test_cfg).eval_eligible["mbpp+"] == 267
+
+
+def test_ablation_tables_show_base_beside_plus(tmp_path):
+    """ablate.write_outputs on two finished variant runs (comparison.json and the last
+    evaluation's results.jsonl, in the shapes the BTP loop writes) evaluated on MBPP and
+    MBPP+: the MBPP+ table shows base beside plus, and the paired differences to the full
+    method are computed from base_passed and passed respectively."""
+    from codedistill.btp.config import build_config
+    from codedistill.experiments.ablate import write_outputs
+    from codedistill.report.build import render_report
+
+    tasks = ["Mbpp/11", "Mbpp/12", "Mbpp/14", "Mbpp/16"]
+
+    def plus_rows(base, plus):
+        return [{"task_id": t, "passed": p, "base_passed": b, "plus_passed": p} for t, b, p in zip(tasks, base, plus)]
+
+    def mbpp_rows(passed):
+        return [{"task_id": f"{i}", "passed": p} for i, p in zip((11, 12), passed)]
+
+    before = {"mbpp": mbpp_rows([False, False]), "mbpp+": plus_rows([True, False, False, False], [False] * 4)}
+    finals = {
+        "full": {
+            "mbpp": mbpp_rows([True, False]),
+            "mbpp+": plus_rows([True, True, True, False], [True, False, True, False]),
+        },
+        "uniform": {"mbpp": mbpp_rows([False, False]), "mbpp+": plus_rows([True, True, False, False], [False] * 4)},
+    }
+    out = tmp_path / "abl"
+    results = {}
+    for name, final in finals.items():
+        run = out / "variants" / name
+        datasets = {}
+        for ds, rows in final.items():
+            d = run / "eval" / "target_iter1" / ds
+            d.mkdir(parents=True)
+            (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            datasets[ds] = {
+                "n_problems": len(rows),
+                "target_before": score(before[ds]),
+                "target_after": score(rows),
+                "improvement": {},
+            }
+        results[name] = {"n_iterations": 1, "datasets": datasets}
+        (run / "comparison.json").write_text(json.dumps(results[name]))
+    ref = build_config(
+        {}, {"dataset": "mbpp", "eval_protocol": "paper", "source_model": "tiny-source", "target_model": "tiny-target"}
+    )
+    rows = [
+        {
+            "name": n,
+            "group": g,
+            "description": n,
+            "overrides": o,
+            "kind": "btp",
+            "cfg": ref,
+            "run_name": n,
+            "status": "pending",
+        }
+        for n, g, o in (("full", "reference", {}), ("uniform", "replay", {"sampling_method": "uniform"}))
+    ]
+    summary = write_outputs(out, "configs/x.yaml", ref, rows, results, {})
+    full, uniform = summary["variants"]
+    assert full["evalplus"]["mbpp+"]["diff"] is None
+    assert uniform["evalplus"]["mbpp+"]["base"]["pass@1"]["value"] == 0.5
+    assert uniform["evalplus"]["mbpp+"]["plus"]["pass@1"]["value"] == 0.0
+    d = uniform["evalplus"]["mbpp+"]["diff"]
+    assert (d["base"]["pass@1"]["diff"], d["plus"]["pass@1"]["diff"]) == (-0.25, -0.5)
+    assert uniform["diff"]["pass@1"]["diff"] == -0.5  # the MBPP table as before
+    md = (out / "ablation.md").read_text().splitlines()
+    assert "| variant | dataset | tasks | base pass@1 | plus pass@1 | diff base pass@1 | diff plus pass@1 |" in md
+    row = {line.split(" | ")[0]: line for line in md if "| mbpp+ |" in line}
+    assert row["| full"].startswith("| full | mbpp+ | 4 | 0.750 [") and row["| full"].endswith(
+        "| reference | reference |"
+    )
+    cells = row["| uniform"].strip("| ").split(" | ")
+    assert cells[3].startswith("0.500 [") and cells[4] == "0.000 [0.000, 0.000]"
+    assert cells[5].startswith("-0.250 [") and cells[6].startswith("-0.500 [")
+    assert row["| target before training"].startswith("| target before training | mbpp+ | - | 0.250 [")
+
+    (out / "variants" / "full" / "config.json").write_text(
+        json.dumps({"kind": "btp", "config": {"dataset": "mbpp", "eval_protocol": "paper"}})
+    )
+    html = render_report([out], tmp_path / "rep")["html"].read_text()
+    t = Tables()
+    t.feed(html)
+    table = {r[0]: r for r in t.tables["ablation-evalplus"]}
+    assert table["full"][1:3] == ["mbpp+", "4"] and table["full"][5:] == ["reference", "reference"]
+    assert table["uniform"][3:5] == [cells[3], cells[4]] and table["uniform"][5:] == [cells[5], cells[6]]
+    assert table["target before BTP"][1:3] == ["mbpp+", "-"] and table["target before BTP"][3].startswith("0.250 [")
