@@ -185,22 +185,52 @@ def test_datasets_keep_mbpp_numbers_and_splits():
         load_problems("humaneval+", "train")
 
 
-def test_canonical_overrunning_the_cap_drops_the_input_and_flags_the_task(cache):
+def test_canonical_overrunning_the_cap_gets_a_longer_cap_then_is_kept_or_dropped(cache):
+    """Reference cap 0.5 s, so the longer cap is 5 s: the canonical solution sleeps 2 s on
+    input 4 (kept, its reference time is the cap, so its limit is 4 x 0.5 = 2 s) and 30 s
+    on input 3 (dropped); the task is flagged with both reasons."""
     from codedistill.data.evalplus import EvalPlusTask
     from codedistill.data.problem import Problem
+    from codedistill.evalplus_judge import long_cap, time_limits
 
-    canonical = "import time\ndef double(x):\n    if x == 3:\n        time.sleep(30)\n    return 2 * x\n"
-    task = EvalPlusTask("mbpp+", "Mbpp/9999", "double", canonical, "", ((1,), (3,)), ((2,),), 0.0)
+    assert long_cap(0.5) == 5.0 and long_cap(20.0) == 200.0 and long_cap(60.0) == 200.0
+    canonical = (
+        "import time\n"
+        "def double(x):\n"
+        "    if x == 3:\n"
+        "        time.sleep(30)\n"
+        "    if x == 4:\n"
+        "        time.sleep(2)\n"
+        "    return 2 * x\n"
+    )
+    task = EvalPlusTask("mbpp+", "Mbpp/9999", "double", canonical, "", ((1,), (3,), (4,)), ((2,),), 0.0)
     problem = Problem("Mbpp/9999", "", "double", (), meta={"evalplus": task})
-    with EvalPlusJudge([problem], workers=1, reference_cap_s=1.0) as judge:
-        good, bad = judge.judge(
-            [("Mbpp/9999", "def double(x):\n    return x + x\n"), ("Mbpp/9999", "def double(x):\n    return x\n")]
-        )
+    programs = [
+        "def double(x):\n    return x + x\n",
+        "def double(x):\n    return x\n",
+        "def double(x):\n    return 0 if x == 4 else x + x\n",  # wrong on the kept slow input only
+        "import time\ndef double(x):\n    if x == 4:\n        time.sleep(4)\n    return x + x\n",
+    ]
+    with EvalPlusJudge([problem], workers=1, reference_cap_s=0.5) as judge:
+        verdicts = judge.judge([("Mbpp/9999", p) for p in programs])
+        ref = judge.references["Mbpp/9999"]
         assert judge.flags == {
-            "Mbpp/9999": ["1 base input(s) dropped: the canonical solution overran the reference cap"]
+            "Mbpp/9999": [
+                "1 base input(s) dropped: the canonical solution overran 5 s (the 0.5 s reference cap, extended)",
+                "1 base input(s) kept: the canonical solution overran the 0.5 s reference cap and finished "
+                "within 5 s; its reference time is the cap",
+            ]
         }
-    assert (good.base_passed, good.plus_passed) == (True, True)
-    assert (bad.base_passed, bad.plus_passed) == (False, False)
+    assert ref.keep == {"base": [0, 2], "plus": [0]}
+    assert ref.times["base"][1] == 0.5 and time_limits(ref.times["base"]) == [1.0, 2.0]
+    assert [(v.base_passed, v.plus_passed) for v in verdicts] == [(True, True)] + [(False, False)] * 3
+    assert verdicts[2].result == "failed: base input 1: wrong output"
+    assert verdicts[3].result.startswith("timed out: base input 1 (limit 2.00 s)")
+    cached = list((cache / "evalplus" / "MbppPlus-v0.2.0").glob("Mbpp_9999.*.pkl"))
+    assert len(cached) == 1
+    with EvalPlusJudge([problem], workers=1, reference_cap_s=0.5) as again:  # read back, not recomputed
+        again.prepare(["Mbpp/9999"])
+        assert again.flags == judge.flags and again.references["Mbpp/9999"].times == ref.times
 
 
 @pytest.mark.slow

@@ -298,3 +298,138 @@ def test_protocol_verdicts_of_the_evalplus_sets():
     assert comparability(Protocol("mbpp+", "all", 378, 0, 0.0)).level == "partly"
     sub = comparability(Protocol("mbpp+", "test", 224, 0, 0.0))
     assert sub.level == "no" and "published numbers are on all tasks of the release (--split all)" in sub.describe()
+
+
+def test_mbpp_plus_guard_leaves_out_the_split_a_sweep_chose_on():
+    """A sweep's trials are scored on MBPP's validation split (511-600); its best trial's
+    test evaluation on MBPP+ leaves out MBPP+'s 39 tasks there, and its protocol line says
+    so. What is left out is derived from the trials' config (scored_mbpp_splits)."""
+    from codedistill.btp.config import build_config
+    from codedistill.btp.phases.evaluate import protocol_record
+    from codedistill.btp.plan import ResolvedInputs, scored_mbpp_splits
+    from codedistill.data import heldout_problems
+    from codedistill.experiments.sweep import OBJECTIVE_SPLIT
+    from codedistill.report.protocol import btp_protocol
+
+    def trials(**kw):
+        return build_config({}, {"eval_split": OBJECTIVE_SPLIT, **kw})
+
+    assert scored_mbpp_splits(trials(dataset="mbpp")) == ("validation",)
+    assert scored_mbpp_splits(trials(dataset="synth")) == ()  # nothing of MBPP scored: nothing left out
+    assert scored_mbpp_splits(trials(dataset="synth", eval_datasets=["mbpp+"])) == ("validation",)
+    assert scored_mbpp_splits(build_config({}, {"dataset": "mbpp"})) == ("test",)
+
+    chosen_on = scored_mbpp_splits(trials(dataset="mbpp"))
+    kept, excluded = heldout_problems("mbpp+", "all", shots=3, trains_on="mbpp", chosen_on=chosen_on)
+    assert len(kept) == 378 - 3 - 108 - 39 == 228
+    assert [len(x["task_ids"]) for x in excluded] == [3, 108, 39]
+    assert all(511 <= int(t.split("/")[1]) <= 600 for t in excluded[2]["task_ids"])
+    assert not any(511 <= int(p.task_id.split("/")[1]) <= 600 for p in kept)
+    # MBPP's own test split shares no task with its validation split: nothing more left out
+    mbpp, mbpp_excluded = heldout_problems("mbpp", "test", trains_on="mbpp", chosen_on=chosen_on)
+    assert (len(mbpp), mbpp_excluded) == (500, [])
+
+    test_cfg = build_config({}, {"dataset": "mbpp", "eval_protocol": "paper", "max_problems": 5})
+    plan = ResolvedInputs(test_cfg, chosen_on=chosen_on)
+    rec = protocol_record(plan, "mbpp+")
+    assert (rec["n_eligible"], [x["n"] for x in rec["excluded"]]) == (228, [3, 108, 39])
+    assert "mbpp" not in plan.eval_excluded or not plan.eval_excluded["mbpp"]
+    comp = {"eval_protocol": "paper", "datasets": {"mbpp+": {"n_problems": rec["n_problems"], "protocol": rec}}}
+    line = "Protocol: " + btp_protocol({"config": test_cfg.model_dump()}, comp, "mbpp+").describe() + "."
+    assert line == (
+        "Protocol: mbpp+ all split, 228 problems (228 of 378 kept; left out: 3 the 3-shot prompt's examples "
+        "(MBPP tasks 2, 3, 4): it holds their solutions; 108 in MBPP's train split (tasks 601-974), which this "
+        "run trains on (mbpp); 39 in MBPP's validation split (tasks 511-600), on which this run's settings were "
+        "chosen), 3-shot, greedy; preset paper."
+    )
+    # without chosen_on (an ordinary run on the test split) the 39 stay
+    assert ResolvedInputs(test_cfg).eval_eligible["mbpp+"] == 267
+
+
+def test_ablation_tables_show_base_beside_plus(tmp_path):
+    """ablate.write_outputs on two finished variant runs (comparison.json and the last
+    evaluation's results.jsonl, in the shapes the BTP loop writes) evaluated on MBPP and
+    MBPP+: the MBPP+ table shows base beside plus, and the paired differences to the full
+    method are computed from base_passed and passed respectively."""
+    from codedistill.btp.config import build_config
+    from codedistill.experiments.ablate import write_outputs
+    from codedistill.report.build import render_report
+
+    tasks = ["Mbpp/11", "Mbpp/12", "Mbpp/14", "Mbpp/16"]
+
+    def plus_rows(base, plus):
+        return [{"task_id": t, "passed": p, "base_passed": b, "plus_passed": p} for t, b, p in zip(tasks, base, plus)]
+
+    def mbpp_rows(passed):
+        return [{"task_id": f"{i}", "passed": p} for i, p in zip((11, 12), passed)]
+
+    before = {"mbpp": mbpp_rows([False, False]), "mbpp+": plus_rows([True, False, False, False], [False] * 4)}
+    finals = {
+        "full": {
+            "mbpp": mbpp_rows([True, False]),
+            "mbpp+": plus_rows([True, True, True, False], [True, False, True, False]),
+        },
+        "uniform": {"mbpp": mbpp_rows([False, False]), "mbpp+": plus_rows([True, True, False, False], [False] * 4)},
+    }
+    out = tmp_path / "abl"
+    results = {}
+    for name, final in finals.items():
+        run = out / "variants" / name
+        datasets = {}
+        for ds, rows in final.items():
+            d = run / "eval" / "target_iter1" / ds
+            d.mkdir(parents=True)
+            (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            datasets[ds] = {
+                "n_problems": len(rows),
+                "target_before": score(before[ds]),
+                "target_after": score(rows),
+                "improvement": {},
+            }
+        results[name] = {"n_iterations": 1, "datasets": datasets}
+        (run / "comparison.json").write_text(json.dumps(results[name]))
+    ref = build_config(
+        {}, {"dataset": "mbpp", "eval_protocol": "paper", "source_model": "tiny-source", "target_model": "tiny-target"}
+    )
+    rows = [
+        {
+            "name": n,
+            "group": g,
+            "description": n,
+            "overrides": o,
+            "kind": "btp",
+            "cfg": ref,
+            "run_name": n,
+            "status": "pending",
+        }
+        for n, g, o in (("full", "reference", {}), ("uniform", "replay", {"sampling_method": "uniform"}))
+    ]
+    summary = write_outputs(out, "configs/x.yaml", ref, rows, results, {})
+    full, uniform = summary["variants"]
+    assert full["evalplus"]["mbpp+"]["diff"] is None
+    assert uniform["evalplus"]["mbpp+"]["base"]["pass@1"]["value"] == 0.5
+    assert uniform["evalplus"]["mbpp+"]["plus"]["pass@1"]["value"] == 0.0
+    d = uniform["evalplus"]["mbpp+"]["diff"]
+    assert (d["base"]["pass@1"]["diff"], d["plus"]["pass@1"]["diff"]) == (-0.25, -0.5)
+    assert uniform["diff"]["pass@1"]["diff"] == -0.5  # the MBPP table as before
+    md = (out / "ablation.md").read_text().splitlines()
+    assert "| variant | dataset | tasks | base pass@1 | plus pass@1 | diff base pass@1 | diff plus pass@1 |" in md
+    row = {line.split(" | ")[0]: line for line in md if "| mbpp+ |" in line}
+    assert row["| full"].startswith("| full | mbpp+ | 4 | 0.750 [") and row["| full"].endswith(
+        "| reference | reference |"
+    )
+    cells = row["| uniform"].strip("| ").split(" | ")
+    assert cells[3].startswith("0.500 [") and cells[4] == "0.000 [0.000, 0.000]"
+    assert cells[5].startswith("-0.250 [") and cells[6].startswith("-0.500 [")
+    assert row["| target before training"].startswith("| target before training | mbpp+ | - | 0.250 [")
+
+    (out / "variants" / "full" / "config.json").write_text(
+        json.dumps({"kind": "btp", "config": {"dataset": "mbpp", "eval_protocol": "paper"}})
+    )
+    html = render_report([out], tmp_path / "rep")["html"].read_text()
+    t = Tables()
+    t.feed(html)
+    table = {r[0]: r for r in t.tables["ablation-evalplus"]}
+    assert table["full"][1:3] == ["mbpp+", "4"] and table["full"][5:] == ["reference", "reference"]
+    assert table["uniform"][3:5] == [cells[3], cells[4]] and table["uniform"][5:] == [cells[5], cells[6]]
+    assert table["target before BTP"][1:3] == ["mbpp+", "-"] and table["target before BTP"][3].startswith("0.250 [")

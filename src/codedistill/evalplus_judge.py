@@ -30,8 +30,12 @@ canonical solutions in the sandbox (call mode, :func:`compute_reference`) and ca
 ``$CODEDISTILL_CACHE/evalplus/<release>/`` (else ``~/.cache/codedistill/...``). Inputs
 that violate the task's contract are not tests (three tasks of the releases have some:
 HumanEval/32, HumanEval/116, Mbpp/267, which evalplus 0.3.1 still runs); an input on which
-the canonical solution raises or overruns ``reference_cap_s`` is dropped too, and the task
-is flagged (:attr:`EvalPlusJudge.flags`).
+the canonical solution raises is dropped too, and the task is flagged
+(:attr:`EvalPlusJudge.flags`). An input on which it overruns ``reference_cap_s`` is given
+the longer cap :func:`long_cap` (``LONG_CAP_FACTOR`` times, at most ``LONG_CAP_MAX_S``) to
+obtain its expected output: if it then finishes, the input stays a test and its reference
+time is the cap itself (the limit), and the task is flagged; if not, the input is dropped
+and the task is flagged.
 
 Known differences from evalplus (timing only): reference times are measured here, not
 by evalplus, so limits above the 1 s minimum differ with the machine; the program is
@@ -70,8 +74,14 @@ GT_TIME_LIMIT_FACTOR = 4.0  # evalplus.config.DEFAULT_GT_TIME_LIMIT_FACTOR
 PHASE_TIMEOUT_CAP = 60.0  # evalplus: EVALPLUS_TIMEOUT_PER_TASK
 MEMORY_MB = 4096  # evalplus: EVALPLUS_MAX_MEMORY_BYTES
 REFERENCE_CAP_S = 20.0
+#: an input on which the canonical solution overruns the reference cap is given this many
+#: times the cap (at most LONG_CAP_MAX_S) to finish; its reference time is then the cap
+LONG_CAP_FACTOR = 10.0
+LONG_CAP_MAX_S = 200.0
 OUTPUT_CAP_BYTES = 4_000_000  # an expected output larger than this (pickled) is not a test
-REFERENCE_FORMAT = 1
+#: part of each cached reference's key: bump it when what a reference holds changes
+#: (2: inputs over the reference cap kept with the cap as their time, not dropped)
+REFERENCE_FORMAT = 2
 #: what a sandbox pool must import before its guard for this judge: numpy cannot be
 #: imported inside a sandbox (its import needs frames the audit hook refuses)
 WARM_TARGETS = ("numpy", __name__)
@@ -137,11 +147,17 @@ def _is_floats(x: Any) -> bool:
     return type(x).__module__ == "numpy"
 
 
-def _run_phase(fn, check, inputs, skip, output_not_none, progress) -> None:
+def long_cap(cap_s: float) -> float:
+    """How long the canonical solution may run on an input that overran ``cap_s``:
+    ``LONG_CAP_FACTOR * cap_s``, at most ``LONG_CAP_MAX_S`` (and never below the cap)."""
+    return max(cap_s, min(LONG_CAP_FACTOR * cap_s, LONG_CAP_MAX_S))
+
+
+def _run_phase(fn, check, inputs, skip, skip_reason, output_not_none, progress) -> None:
     for i, inp in enumerate(inputs):
-        progress["index"], progress["start"] = i, time.perf_counter()
+        progress["at"] = (i, time.perf_counter())  # one store: the watcher reads index and start together
         if i in skip:
-            progress["dropped"][i] = "the canonical solution overran the reference cap"
+            progress["dropped"][i] = skip_reason
             continue
         try:
             check(*copy.deepcopy(inp))
@@ -157,6 +173,7 @@ def _run_phase(fn, check, inputs, skip, output_not_none, progress) -> None:
             progress["dropped"][i] = f"the canonical solution raised {type(e).__name__}"
             continue
         progress["outputs"][i] = (out is not None) if output_not_none else out
+    progress["at"] = (len(inputs), time.perf_counter())
 
 
 def compute_reference(
@@ -171,28 +188,57 @@ def compute_reference(
     """Sandbox call target: the canonical ``program``'s outputs and times on each phase's
     inputs (as ``evalplus.gen.util.trusted_exec``: a fresh ``exec`` per phase, a deep copy
     of each input, ``time.time()`` around the call), skipping the ``skip`` indices and
-    dropping contract violations. An input still running after ``cap_s`` ends the call:
-    its phase and index come back as ``overran`` (the caller skips it and calls again)."""
+    dropping contract violations. An input still running after ``cap_s`` is waited for up
+    to :func:`long_cap`: if it finishes, it is kept with ``cap_s`` as its time (listed in
+    the phase's ``capped``); if not, the call ends and its phase and index come back as
+    ``overran`` (the caller skips it and calls again)."""
     inputs = pickle.loads(base64.b85decode(inputs_b64))
+    long_s = long_cap(cap_s)
+    skip_reason = f"the canonical solution overran {long_s:g} s (the {cap_s:g} s reference cap, extended)"
+    capped_reason = (
+        f"the canonical solution overran the {cap_s:g} s reference cap and finished within {long_s:g} s; "
+        f"its reference time is the cap"
+    )
     result: dict[str, Any] = {}
     for phase in PHASES:
         g: dict = {}
         exec(program, g)  # noqa: S102 - the release's canonical solution
         c: dict = {}
         exec(checker, c)  # noqa: S102
-        progress = {"index": -1, "start": time.perf_counter(), "times": {}, "outputs": {}, "dropped": {}}
+        progress = {"at": (-1, time.perf_counter()), "times": {}, "outputs": {}, "dropped": {}}
         worker = threading.Thread(
             target=_run_phase,
             daemon=True,
-            args=(g[entry_point], c[entry_point], inputs[phase], set(skip.get(phase, ())), output_not_none, progress),
+            args=(
+                g[entry_point],
+                c[entry_point],
+                inputs[phase],
+                set(skip.get(phase, ())),
+                skip_reason,
+                output_not_none,
+                progress,
+            ),
         )
+        capped: set[int] = set()
         worker.start()
         while worker.is_alive():
-            index, start = progress["index"], progress["start"]
+            at = progress["at"]
+            index, start = at
             worker.join(max(0.01, start + cap_s - time.perf_counter()))
-            if worker.is_alive() and progress["index"] == index and time.perf_counter() - start >= cap_s:
+            if not worker.is_alive() or progress["at"] is not at or index < 0:
+                continue
+            if time.perf_counter() - start < cap_s:
+                continue
+            worker.join(max(0.0, start + long_s - time.perf_counter()))  # the overrun input's longer cap
+            if worker.is_alive() and progress["at"] is at:
                 return {"overran": [phase, index]}
-        result[phase] = _phase_payload(progress, len(inputs[phase]))
+            capped.add(index)
+        payload = _phase_payload(progress, len(inputs[phase]))
+        for i in capped:
+            if i in payload["keep"]:
+                payload["times"][payload["keep"].index(i)] = cap_s
+        payload["capped"] = {str(i): capped_reason for i in sorted(capped) if i in payload["keep"]}
+        result[phase] = payload
     return result
 
 
@@ -236,16 +282,26 @@ class Reference:
     complete: bool = True
 
 
-def _task_key(task: EvalPlusTask) -> str:
+def _task_key(task: EvalPlusTask, cap_s: float) -> str:
+    """What a cached reference depends on: its format, the task, and the caps (an input
+    over the cap is kept with the cap as its time)."""
     blob = json.dumps(
-        [REFERENCE_FORMAT, task.canonical_program, task.contract, repr(task.base_input), repr(task.plus_input)]
+        [
+            REFERENCE_FORMAT,
+            cap_s,
+            long_cap(cap_s),
+            task.canonical_program,
+            task.contract,
+            repr(task.base_input),
+            repr(task.plus_input),
+        ]
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _cache_file(cache_dir: Path, task: EvalPlusTask) -> Path:
+def _cache_file(cache_dir: Path, task: EvalPlusTask, cap_s: float = REFERENCE_CAP_S) -> Path:
     name = task.task_id.replace("/", "_")
-    return cache_dir / task.release / f"{name}.{_task_key(task)}.pkl"
+    return cache_dir / task.release / f"{name}.{_task_key(task, cap_s)}.pkl"
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -271,12 +327,13 @@ def _reference_job(task: EvalPlusTask, skip: dict[str, list[int]], cap_s: float)
         "output_not_none": oracle_of(task) == "not_none",
         "cap_s": cap_s,
     }
-    limits = Limits(timeout=max(600.0, cap_s * 3), memory_mb=MEMORY_MB, max_payload_bytes=256_000_000)
+    limits = Limits(timeout=max(600.0, long_cap(cap_s) * 3), memory_mb=MEMORY_MB, max_payload_bytes=256_000_000)
     return args, limits
 
 
 def compute_task_reference(pool: SandboxPool, task: EvalPlusTask, cap_s: float = REFERENCE_CAP_S) -> Reference:
-    """Run the canonical solution of ``task`` in the sandbox until no input overruns."""
+    """Run the canonical solution of ``task`` in the sandbox until no input overruns
+    :func:`long_cap` (each one that does is skipped in the next call)."""
     skip: dict[str, list[int]] = {p: [] for p in PHASES}
     while True:
         args, limits = _reference_job(task, skip, cap_s)
@@ -305,6 +362,8 @@ def _unusable(task: EvalPlusTask, why: str) -> Reference:
 def _reference_from(payload: dict) -> Reference:
     counts = Counter((p, why) for p in PHASES for why in payload[p]["dropped"].values())
     flags = [f"{n} {p} input(s) dropped: {why}" for (p, why), n in counts.items()]
+    capped = Counter((p, why) for p in PHASES for why in payload[p]["capped"].values())
+    flags += [f"{n} {p} input(s) kept: {why}" for (p, why), n in capped.items()]
     return Reference(
         {p: payload[p]["keep"] for p in PHASES},
         {p: payload[p]["times"] for p in PHASES},
@@ -323,7 +382,7 @@ def load_or_compute_references(
     out: dict[str, Reference] = {}
     missing = []
     for task in tasks:
-        path = _cache_file(cache_dir, task)
+        path = _cache_file(cache_dir, task, cap_s)
         try:
             with open(path, "rb") as f:
                 out[task.task_id] = pickle.load(f)
@@ -334,7 +393,7 @@ def load_or_compute_references(
             refs = list(ex.map(lambda t: compute_task_reference(pool, t, cap_s), missing))
         for task, ref in zip(missing, refs):
             if ref.complete:
-                _write_atomic(_cache_file(cache_dir, task), pickle.dumps(ref))
+                _write_atomic(_cache_file(cache_dir, task, cap_s), pickle.dumps(ref))
             out[task.task_id] = ref
     return out
 

@@ -24,7 +24,7 @@ training is rerun from the previous iteration's saved adapter with the same seed
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from codedistill.btp.announce import announce_plan
@@ -91,13 +91,16 @@ class ReplayFinetune:
         self.buffer.close()
 
 
-def run_btp(cfg: BTPConfig, log: Log = print, on_iteration: OnIteration | None = None) -> dict[str, Any]:
+def run_btp(
+    cfg: BTPConfig, log: Log = print, on_iteration: OnIteration | None = None, chosen_on: Collection[str] = ()
+) -> dict[str, Any]:
     """Run (or resume) a whole BTP experiment; returns comparison.json's content.
 
     ``on_iteration(k, metrics)`` is called after iteration k's evaluation (metrics: dataset
     -> pass@k report), also for iterations a resumed run finds done; an exception it raises
-    (e.g. a hyperparameter search pruning the trial) stops the run after that iteration."""
-    inputs = ResolvedInputs(cfg)
+    (e.g. a hyperparameter search pruning the trial) stops the run after that iteration.
+    ``chosen_on``: the MBPP splits this run's settings were chosen on (see ResolvedInputs)."""
+    inputs = ResolvedInputs(cfg, chosen_on=chosen_on)
     checked = preflight_btp(inputs)  # unreachable hub / too large: one clear line, before any work
     check_training(train_settings(inputs), inputs.device)  # QLoRA / trackers, before any work
     resumed = open_run_dir(inputs, run_config(inputs, log), kind="btp")

@@ -4,12 +4,12 @@ that no training problem is an evaluation problem."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 from codedistill.btp.config import BTPConfig
-from codedistill.data import heldout_problems, load_problems
+from codedistill.data import TRAIN_DATASETS_OF_MBPP, heldout_problems, load_problems
 from codedistill.data.evalplus import EVALPLUS_DATASETS
 from codedistill.data.problem import Problem
 from codedistill.errors import ConfigError
@@ -19,10 +19,15 @@ from codedistill.models.registry import local_path, resolve_model
 
 
 class ResolvedInputs:
-    """Models, backends, training problems and evaluation sets of one run, checked."""
+    """Models, backends, training problems and evaluation sets of one run, checked.
 
-    def __init__(self, cfg: BTPConfig):
+    ``chosen_on``: the MBPP splits on which this run's settings were chosen (a sweep's
+    best trial evaluated on the test split: :func:`scored_mbpp_splits` of its trials); the
+    leakage guard leaves their tasks out of every held-out set (MBPP+'s 39 in validation)."""
+
+    def __init__(self, cfg: BTPConfig, chosen_on: Collection[str] = ()):
         self.cfg = cfg
+        self.chosen_on = tuple(chosen_on)
         self.source_spec = resolve_model(cfg.source_model, cfg.source_variant)
         self.target_spec = resolve_model(cfg.target_model, cfg.target_variant)
         if self.target_spec.backend == "openai":
@@ -81,7 +86,12 @@ class ResolvedInputs:
             shots = 3 if cfg.eval_protocol == "paper" and d in ("mbpp", "mbpp-sanitized", "mbpp+") else 0
             split = "all" if d in EVALPLUS_DATASETS and cfg.eval_split == "test" else cfg.eval_split
             problems, excluded = heldout_problems(
-                d, split, data_path=path, shots=shots, trains_on=None if cfg.allow_overlap else cfg.dataset
+                d,
+                split,
+                data_path=path,
+                shots=shots,
+                trains_on=None if cfg.allow_overlap else cfg.dataset,
+                chosen_on=self.chosen_on,
             )
             self.eval_shots[d], self.eval_splits[d], self.eval_excluded[d] = shots, split, excluded
             self.eval_eligible[d] = len(problems)
@@ -156,6 +166,15 @@ def eval_dataset_names(cfg: BTPConfig) -> list[str]:
             if x and x not in out:
                 out.append(x)
     return out
+
+
+def scored_mbpp_splits(cfg: BTPConfig) -> tuple[str, ...]:
+    """The MBPP splits a run with ``cfg`` scores programs on: its ``eval_split`` when one of
+    its held-out sets (:func:`eval_dataset_names`) is MBPP, MBPP-sanitized or MBPP+, else
+    none. A run whose settings were chosen on such scores (a sweep's best trial) passes
+    them to :class:`ResolvedInputs` as ``chosen_on``."""
+    mbpp = (*TRAIN_DATASETS_OF_MBPP, "mbpp+")
+    return (cfg.eval_split,) if any(d in mbpp for d in eval_dataset_names(cfg)) else ()
 
 
 def iteration_slices(problems: Sequence[Problem], n: int) -> list[list[Problem]]:

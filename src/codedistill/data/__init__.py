@@ -97,6 +97,7 @@ def heldout_problems(
     shots: int = 0,
     seed: int = 0,
     trains_on: str | None = None,
+    chosen_on: Collection[str] = (),
 ) -> tuple[list[Problem], list[dict[str, Any]]]:
     """The problems of an evaluation: :func:`load_problems`'s, less those it would leak,
     and what was left out (``[{"reason", "task_ids"}]``, empty when nothing was):
@@ -104,7 +105,10 @@ def heldout_problems(
     * with ``shots``, the few-shot prompt's examples (MBPP tasks 2, 3, 4): the prompt
       holds their solutions (only ``prompt`` / ``all`` splits of MBPP and MBPP+ have them);
     * when the run trains on an MBPP variant (``trains_on``), the problems whose MBPP task
-      number is in MBPP's train split (601-974): MBPP+ has 108 of them.
+      number is in MBPP's train split (601-974): MBPP+ has 108 of them;
+    * the problems whose MBPP task number is in an MBPP split of ``chosen_on``: the splits
+      on which this run's settings were chosen (a sweep's trials are scored on MBPP's
+      validation split, 511-600, where MBPP+ has 39 tasks).
 
     ``max_problems`` keeps the first N of what is left."""
     from codedistill.data.mbpp import MBPP_FEWSHOT_IDS, MBPP_SPLITS
@@ -122,6 +126,15 @@ def heldout_problems(
             (
                 train,
                 f"in MBPP's train split (tasks {train.start}-{train.stop - 1}), which this run trains on ({trains_on})",
+            )
+        )
+    for name in chosen_on:
+        numbers = MBPP_SPLITS[name]
+        rules.append(
+            (
+                numbers,
+                f"in MBPP's {name} split (tasks {numbers.start}-{numbers.stop - 1}), "
+                "on which this run's settings were chosen",
             )
         )
     excluded: list[dict[str, Any]] = []

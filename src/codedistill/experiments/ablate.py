@@ -13,6 +13,10 @@ variants: each claims the next unfinished one atomically (:mod:`codedistill.expe
 runs it and claims the next; a dead worker's claim is taken over; the last variant's worker
 writes the table, once.
 
+The table is on the training dataset's held-out split; the run's HumanEval+ / MBPP+
+evaluations (the paper preset, or ``eval_datasets``) follow in a second table, base beside
+plus, each with its paired difference to the full method.
+
 Output (SCHEMAS.md): ``ablation.json``, ``ablation.md``, ``plots/ablation_pass1.png``.
 """
 
@@ -40,10 +44,53 @@ from codedistill.runs import read_jsonl, write_json, write_text
 Log = Callable[[str], None]
 
 
-def final_counts(run_dir: Path, comparison: Mapping[str, Any], ds: str) -> dict[str, tuple[int, int]]:
-    """(n, c) per problem of a run's last evaluation of the target."""
+def final_counts(
+    run_dir: Path, comparison: Mapping[str, Any], ds: str, key: str = "passed"
+) -> dict[str, tuple[int, int]]:
+    """(n, c) per problem of a run's last evaluation of the target (``key``: ``passed``, or
+    ``base_passed`` for the base verdicts of HumanEval+ / MBPP+)."""
     stage = f"target_iter{comparison['n_iterations']}"
-    return dict(counts_from_results(read_jsonl(run_dir / "eval" / stage / ds / "results.jsonl")))
+    return dict(counts_from_results(read_jsonl(run_dir / "eval" / stage / ds / "results.jsonl"), key=key))
+
+
+def evalplus_sets(comparison: Mapping[str, Any]) -> list[str]:
+    """The run's held-out sets judged as EvalPlus judges (their reports carry ``base``)."""
+    return [ds for ds, e in comparison["datasets"].items() if "base" in (e.get("target_after") or {})]
+
+
+def _pass(report: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (report or {}).items() if k.startswith("pass@")}
+
+
+def evalplus_entry(
+    run_dir: Path,
+    comparison: Mapping[str, Any],
+    ref_dir: Path | None,
+    ref_comparison: Mapping[str, Any] | None,
+    ref: BTPConfig,
+) -> dict[str, Any]:
+    """Per HumanEval+ / MBPP+ set of a variant's run: its final target's pass@k, ``base``
+    beside ``plus``, and (given the full method's run) the paired differences to it."""
+    out: dict[str, Any] = {}
+    for ds in evalplus_sets(comparison):
+        after = comparison["datasets"][ds]["target_after"]
+        cell: dict[str, Any] = {
+            "n_problems": comparison["datasets"][ds].get("n_problems"),
+            "base": _pass(after.get("base")),
+            "plus": _pass(after),
+            "diff": None,
+        }
+        if ref_dir is not None and ref_comparison is not None and ds in evalplus_sets(ref_comparison):
+            cell["diff"] = {}
+            for part, key in (("base", "base_passed"), ("plus", "passed")):
+                mine = final_counts(run_dir, comparison, ds, key)
+                theirs = final_counts(ref_dir, ref_comparison, ds, key)
+                if mine and theirs:
+                    cell["diff"][part] = {
+                        f"pass@{k}": paired_bootstrap(theirs, mine, k=k, seed=ref.seed).to_dict() for k in ref.ks()
+                    }
+        out[ds] = cell
+    return out
 
 
 def plan_variants(
@@ -224,7 +271,7 @@ def write_outputs(
         name = row["run_name"]
         entry: dict[str, Any] = {k: row[k] for k in ("name", "group", "description", "overrides")}
         entry["run_dir"] = f"variants/{name}" if name else None
-        entry["metrics"], entry["diff"], entry["generated_new"] = {}, None, 0
+        entry["metrics"], entry["diff"], entry["generated_new"], entry["evalplus"] = {}, None, 0, {}
         if row["cfg"] is None:
             entry["status"] = row["status"]
         elif name in errors:
@@ -245,12 +292,19 @@ def write_outputs(
                 entry["diff"] = {
                     f"pass@{k}": paired_bootstrap(ref_counts, counts, k=k, seed=ref.seed).to_dict() for k in ref.ks()
                 }
+            is_ref = row["name"] == "full"
+            ref_dir = out / "variants" / "full" if ref_comp and not is_ref else None
+            entry["evalplus"] = evalplus_entry(run_dir, comp, ref_dir, None if is_ref else ref_comp, ref)
         table.append(entry)
     before = source = None
+    evalplus_before: dict[str, Any] = {}
     if ref_comp:
         e = ref_comp["datasets"][ds]
         before = {k: v for k, v in e["target_before"].items() if k.startswith("pass@")}
         source = {k: v for k, v in e.get("source", {}).items() if k.startswith("pass@")} or None
+        for pds in evalplus_sets(ref_comp):
+            b = ref_comp["datasets"][pds]["target_before"]
+            evalplus_before[pds] = {"base": _pass(b.get("base")), "plus": _pass(b)}
     summary = {
         "kind": "ablation",
         "base_config": str(config_path),
@@ -263,6 +317,7 @@ def write_outputs(
         "reference": "full",
         "target_before": before,
         "source": source,
+        "evalplus_before": evalplus_before,
         "variants": table,
     }
     write_json(out / "ablation.json", summary)
@@ -305,8 +360,47 @@ def ablation_markdown(s: Mapping[str, Any], ref: BTPConfig) -> str:
             + " | ".join(fmt_metric(m.get(k)) for k in ks)
             + f" | {fmt_diff(d) if d else '-'} | {v['generated_new']} | {v['status']} |"
         )
+    lines += evalplus_markdown(s, ks)
     lines += ["", "Variants:", ""] + [f"- **{v['name']}**: {v['description']}" for v in s["variants"]]
     return "\n".join(lines) + "\n"
+
+
+def evalplus_markdown(s: Mapping[str, Any], ks: list[str]) -> list[str]:
+    """The HumanEval+ / MBPP+ table: per variant and set, base beside plus pass@k and the
+    paired pass@1 differences to the full method (none when the run has no such set)."""
+    cells = [(v, ds, c) for v in s["variants"] for ds, c in (v.get("evalplus") or {}).items()]
+    if not cells:
+        return []
+    lines = [
+        "",
+        "HumanEval+ / MBPP+ (EvalPlus): pass@k of each variant's final target, base (the original tests' "
+        "inputs) beside plus (base and EvalPlus's extra inputs); diff: paired bootstrap vs the full method.",
+        "",
+        "| variant | dataset | tasks | "
+        + " | ".join(f"{part} {k}" for k in ks for part in ("base", "plus"))
+        + " | diff base pass@1 | diff plus pass@1 |",
+        "|---|---|---|" + "---|" * (2 * len(ks)) + "---|---|",
+    ]
+    for ds, b in (s.get("evalplus_before") or {}).items():
+        lines.append(
+            f"| target before training | {ds} | - | "
+            + " | ".join(fmt_metric(b[part].get(k)) for k in ks for part in ("base", "plus"))
+            + " | - | - |"
+        )
+    for v, ds, c in cells:
+        d = c.get("diff") or {}
+        diffs = [
+            ("reference" if v["name"] == s.get("reference", "full") else "-")
+            if part not in d
+            else fmt_diff(d[part].get("pass@1"))
+            for part in ("base", "plus")
+        ]
+        lines.append(
+            f"| {v['name']} | {ds} | {c.get('n_problems', '-')} | "
+            + " | ".join(fmt_metric(c[part].get(k)) for k in ks for part in ("base", "plus"))
+            + f" | {diffs[0]} | {diffs[1]} |"
+        )
+    return lines
 
 
 def plot_ablation(s: Mapping[str, Any], path: Path) -> None:

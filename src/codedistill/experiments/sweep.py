@@ -25,7 +25,10 @@
 * At the end the best trial is evaluated once on the test split (its trained adapters are
   reused, not retrained) and written as best.yaml, sweep.json, sweep.md and two plots, by
   one worker (a claim in ``OUT/claims/``; the others wait for it). A rerun of a complete
-  study runs nothing.
+  study runs nothing. The leakage guard of that evaluation leaves out the tasks of the MBPP split the trials were
+  scored on (:func:`codedistill.btp.plan.scored_mbpp_splits`): MBPP+'s 39 tasks in MBPP's
+  validation split (511-600) are not counted in its MBPP+ numbers, and its protocol line
+  says so.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from typing import Any
 from codedistill.btp.config import BTPConfig, build_config, load_config_file
 from codedistill.btp.gencache import cache_key
 from codedistill.btp.loop import run_btp
+from codedistill.btp.plan import scored_mbpp_splits
 from codedistill.data import load_problems
 from codedistill.errors import ConfigError
 from codedistill.experiments.claims import DEFAULT_LEASE, heartbeat_interval, hostname, pid_alive, run_once, wait_poll
@@ -53,7 +57,10 @@ from codedistill.report.plots import plot_sweep_history
 from codedistill.runs import derive_seed, write_json, write_text
 
 Log = Callable[[str], None]
-OBJECTIVE = "validation pass@1"
+#: the split each trial is evaluated on (the objective's); the best trial's test evaluation
+#: leaves out what the trials scored there (scored_mbpp_splits)
+OBJECTIVE_SPLIT = "validation"
+OBJECTIVE = f"{OBJECTIVE_SPLIT} pass@1"
 FINISHED = ("COMPLETE", "PRUNED")
 MAX_RETRY = 3  # a trial interrupted this many times (its node keeps dying) fails for real
 
@@ -269,7 +276,7 @@ def run_sweep(
     cache = str(cache_dir or out / "cache")
     base = load_experiment(
         config_path,
-        {**(overrides or {}), "generation_cache": cache, "eval_split": "validation"},
+        {**(overrides or {}), "generation_cache": cache, "eval_split": OBJECTIVE_SPLIT},
         output_dir=out / "trials" / "base",
     )
     ensure_models(base)
@@ -420,9 +427,18 @@ def write_sweep(
             "run_dir": f"trials/{root(bt)}",
         }
         best_values = {**load_config_file(config_path), **{k: v for k, v in bt.params.items()}}
+        chosen = scored_mbpp_splits(base)
+        note = (
+            f"# Chosen on MBPP's {', '.join(chosen)} split: the sweep's test evaluation leaves those tasks out "
+            "of MBPP+; a run of this file on the test split counts them.\n"
+            if chosen
+            else ""
+        )
         text = (
             f"# Best of {len(complete)} complete trials of `codedistill sweep {config_path}`: "
-            f"trial {bt.number}, validation pass@1 {bt.value:.4f}\n" + yaml.safe_dump(best_values, sort_keys=False)
+            f"trial {bt.number}, validation pass@1 {bt.value:.4f}\n"
+            + note
+            + yaml.safe_dump(best_values, sort_keys=False)
         )
         write_text(out / "best.yaml", text)
         if evaluate_best:
@@ -461,15 +477,21 @@ def write_sweep(
 
 def evaluate_on_test(out: Path, base: BTPConfig, bt: Any, trial_dir: str, log: Log) -> tuple[dict, str]:
     """The best trial's trained target on the test split, once: its iteration folders are
-    copied into best_test/trial_<n>/ and run_btp only evaluates (nothing is retrained)."""
+    copied into best_test/trial_<n>/ and run_btp only evaluates (nothing is retrained).
+    The MBPP split the trials were scored on (``base``'s, :func:`scored_mbpp_splits`) is
+    left out of its held-out sets (MBPP+'s validation tasks)."""
     dest = out / "best_test" / f"trial_{bt.number}"
     src = out / trial_dir
     cfg = build_config({**base.model_dump(), **bt.params, "eval_split": "test", "output_dir": str(dest)}, {})
     for k in range(1, cfg.n_iterations + 1):
         if not (dest / f"iter_{k}" / "DONE").exists():
             shutil.copytree(src / f"iter_{k}", dest / f"iter_{k}", dirs_exist_ok=True)
-    log(f"=== best trial {bt.number} on the test split (evaluation only)")
-    comp = run_btp(cfg, log=log)
+    chosen_on = scored_mbpp_splits(base)
+    log(
+        f"=== best trial {bt.number} on the test split (evaluation only)"
+        + (f"; MBPP's {', '.join(chosen_on)} tasks left out (the trials were scored there)" if chosen_on else "")
+    )
+    comp = run_btp(cfg, log=log, chosen_on=chosen_on)
     e = comp["datasets"][cfg.dataset]
     return ({k: v for k, v in e["target_after"].items() if k.startswith("pass@")}, str(dest.relative_to(out)))
 

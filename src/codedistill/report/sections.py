@@ -485,6 +485,39 @@ def _variant_protocol(root: Path, run_dir: str | None, dataset: str) -> tuple[Pr
     return p, comparability(p)
 
 
+def ablation_evalplus_blocks(a: Mapping[str, Any], ref: str) -> list[Block]:
+    """The variants' HumanEval+ / MBPP+ evaluations: base beside plus pass@k, and the paired
+    pass@1 differences to the reference (nothing when the ablation has no such set)."""
+    cells = [(v, ds, c) for v in a.get("variants") or [] for ds, c in (v.get("evalplus") or {}).items()]
+    if not cells:
+        return []
+    before = a.get("evalplus_before") or {}
+    ks = ks_of(*[c.get(part) for _, _, c in cells for part in ("base", "plus")])
+
+    def row(label: str, ds: str, n: Any, c: Mapping[str, Any], diffs: list[str]) -> list[str]:
+        return [label, ds, str(n), *(_cell(c.get(part), k) for k in ks for part in ("base", "plus")), *diffs]
+
+    rows = [row("target before BTP", ds, "-", b, ["-", "-"]) for ds, b in before.items()]
+    for v, ds, c in cells:
+        d = c.get("diff") or {}
+        diffs = [
+            fmt_diff(d[part].get("pass@1")) if part in d else ("reference" if v.get("name") == ref else "-")
+            for part in ("base", "plus")
+        ]
+        rows.append(row(str(v.get("name", "?")), ds, c.get("n_problems", "-"), c, diffs))
+    head = ["variant", "dataset", "tasks", *(f"{part} {k}" for k in ks for part in ("base", "plus"))]
+    return [
+        Table(
+            [*head, "diff base pass@1 [95% CI]", "diff plus pass@1 [95% CI]"],
+            rows,
+            caption="HumanEval+ / MBPP+ pass@k (95% bootstrap CIs) of each variant's final target: base = the "
+            "original tests' inputs, plus = base and EvalPlus's extra inputs, judged as evalplus judges; "
+            "diff = paired difference to the reference",
+            name="ablation-evalplus",
+        )
+    ]
+
+
 def ablation_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -> Section:
     run_dir = Path(run_dir)
     a = load_json(run_dir / "ablation.json")
@@ -537,6 +570,7 @@ def ablation_section(run_dir: Path, plot_dir: Path, name: str, level: int = 2) -
             name="ablation",
         )
     )
+    B += ablation_evalplus_blocks(a, ref)
     points = [
         (label, a.get(key))
         for label, key in (("target before BTP", "target_before"), ("source", "source"))
