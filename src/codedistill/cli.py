@@ -20,6 +20,7 @@ from codedistill.egcfg.config import EGCFGConfig
 from codedistill.errors import ConfigError
 from codedistill.evaluation import execute, program_of, read_samples, score
 from codedistill.experiments.cli import ablate_command, matrix_command, run_command, sweep_command
+from codedistill.generation import ServingConfig
 from codedistill.models.tiny import describe_comparison, ensure_tiny_models, rebuild_and_compare, ship_tiny_model
 from codedistill.report.cli import report_command
 from codedistill.report.format import fmt_diff, fmt_metric
@@ -153,7 +154,7 @@ def baseline(
     ),
     price_output: float | None = typer.Option(None, "--price-output", help="USD per 1M completion tokens."),
     response_cache: str | None = typer.Option(
-        None, "--response-cache", help="Response cache file shared by runs (default: one in the run directory)."
+        None, "--response-cache", help=ServingConfig.model_fields["cache_path"].description
     ),
     max_retries: int | None = typer.Option(
         None, "--max-retries", help="Retries of a failed request (429/5xx/timeout/dropped), with backoff."

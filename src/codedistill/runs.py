@@ -107,13 +107,54 @@ def dumps(obj: Any, indent: int | None = None) -> str:
     return json.dumps(obj, default=_json_default, indent=indent, ensure_ascii=False)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic write (temp file + rename) so a crash never leaves half a JSON file."""
+def publish_file(path: str | os.PathLike[str], data: bytes | str, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so that no reader ever sees it half-written, even on a
+    network file system and with other processes publishing the same path at once.
+
+    The bytes go to a temporary file of a unique name in the same directory (so the rename
+    stays on one file system), are flushed and (``durable``) fsync-ed, then renamed over
+    ``path`` with ``os.replace`` (atomic on POSIX file systems and NFS): a reader sees the
+    old file or the whole new one, and the last publisher wins. A process killed before
+    the rename leaves only its hidden ``.NAME.*.tmp`` file, never a torn ``path``."""
+    import uuid
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    blob = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"
+    # O_EXCL: never another writer's file; mode 0o666 minus the umask, like any new file
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(d: Path) -> None:
+    """Make a rename in ``d`` durable (a no-op where directories cannot be fsync-ed)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic write (:func:`publish_file`) so a crash never leaves half a JSON file."""
+    publish_file(path, dumps(obj, indent=2) + "\n", durable=False)
 
 
 def read_jsonl(path: Path, strict: bool = True) -> list[dict[str, Any]]:
