@@ -58,7 +58,12 @@ class ModelSpec:
         raise ConfigError(f"Unknown variant {variant!r}; use base or instruct.")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The spec as recorded in config.json. ``served_model`` is left out: an expectation
+        checked while generating (generation.json records it), not a setting of the run, so a
+        run directory from before the field existed still resumes."""
+        d = asdict(self)
+        d.pop("served_model")
+        return d
 
 
 def _spec(alias, base, instruct, family, role, size, **kw) -> ModelSpec:
