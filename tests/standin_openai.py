@@ -11,7 +11,10 @@ DeepSeek's API where it matters to codedistill:
   refused with 400);
 - an API key when ``api_key`` is set (401 otherwise);
 - injected faults by POST ordinal: ``"429"`` (with ``Retry-After``), ``"500"``, ``"drop"``
-  (the connection is closed without an answer).
+  (the connection is closed without an answer);
+- answers name the model that gave them: ``model`` is ``reported_model`` (default: the
+  name asked for; set it to stand for an alias the provider has moved to a newer model) and
+  ``system_fingerprint`` is ``fingerprint``.
 
 Chat requests carry codedistill's chat instruction for an MBPP-style problem; a base model
 cannot follow instructions, so the stand-in turns the message back into the benchmark's
@@ -64,6 +67,8 @@ class StandIn:
         retry_after: str = "1",
         max_top_logprobs: int = 20,
         logprobs: bool = True,
+        reported_model: str | None = None,
+        fingerprint: str = "fp_standin_0",
     ):
         from codedistill.generation.hf import HFGenerator
         from codedistill.models.registry import local_path, resolve_model
@@ -73,6 +78,8 @@ class StandIn:
             local_path(spec), name=served_name, device="cpu", dtype="float32", batch_size=1
         )
         self.served_name = served_name
+        self.reported_model = reported_model or served_name
+        self.fingerprint = fingerprint
         self.faults = dict(DEEPSEEK_LIKE_FAULTS if faults is None else faults)
         self.api_key = api_key
         self.retry_after = retry_after
@@ -313,7 +320,8 @@ class StandIn:
                         "id": f"standin-{ordinal}",
                         "object": obj,
                         "created": int(time.time()),
-                        "model": standin.served_name,
+                        "model": standin.reported_model,
+                        "system_fingerprint": standin.fingerprint,
                         "choices": [choice],
                         "usage": {
                             "prompt_tokens": r["prompt_tokens"],

@@ -93,6 +93,8 @@ def test_baseline_method_egcfg_on_a_served_backend(served, tmp_path):
         standin.base_url,
         "--served-model-name",
         "tiny-target",
+        "--response-cache",
+        "run",  # every request reaches the stand-in (not answered by an earlier session's cache)
         "--max-problems",
         "2",
         "--max-new-tokens",

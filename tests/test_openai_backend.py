@@ -4,9 +4,13 @@ The stand-in (tests/standin_openai.py) is a real HTTP server serving tiny-source
 HF backend under DeepSeek's model name, with DeepSeek's limits (n=1 only, no beam search,
 top_logprobs <= 20) and injected faults (two 429s with Retry-After, one 500, one dropped
 connection). What is checked: every sample arrives with its log-probs, the retries and the
-n=1 / beam-search fallbacks are recorded, a repeated run sends zero requests (the stand-in's
-own counter), a server that dies mid-run is resumed from disk, and each bad input is one
-clear error naming the fix.
+n=1 / beam-search fallbacks are recorded, the same command into another run directory sends
+zero requests (the stand-in's own counter: the response cache is shared by the user's runs),
+a server that dies mid-run is resumed from disk, the model that answered is recorded and an
+alias that moved to another model is not answered from the old model's cache, an old SQLite
+cache is still read, and each bad input is one clear error naming the fix.
+
+Each test has its own $CODEDISTILL_CACHE (the shared response cache lives there).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from codedistill.errors import ConfigError  # noqa: E402
+from codedistill.generation.cache import ResponseCache, request_key  # noqa: E402
 from codedistill.generation.openai_api import (  # noqa: E402
     OpenAIGenerator,
     OpenAISettings,
@@ -42,6 +47,13 @@ def standin():
     s.stop()
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """This test's user cache (the CLI runs below inherit it): no answer from another test."""
+    monkeypatch.setenv("CODEDISTILL_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "responses"
+
+
 def _synth_prompts(n: int, style: str, gen):
     from codedistill.data import load_problems
     from codedistill.prompts import PromptStyle, render_prompt, stops_for
@@ -56,7 +68,7 @@ def test_deepseek_like_faults_and_n1_split_are_survived_and_recorded(standin, tm
     dropped connection: all 3x3 samples arrive, with log-probs; retries and the split are
     recorded; a second generator on the same cache sends nothing."""
     standin.faults = {standin.posts + k: f for k, f in {2: "429", 3: "429", 5: "500", 8: "drop"}.items()}
-    cache = tmp_path / "cache.sqlite"
+    cache = tmp_path / "responses"
     gen = OpenAIGenerator(
         "deepseek-chat",
         standin.base_url,
@@ -103,7 +115,7 @@ def test_no_beam_search_falls_back_to_samples_and_says_so(standin):
     gen.close()
 
 
-def _baseline_cmd(url: str, out: Path, cache: Path | None = None) -> list[str]:
+def _baseline_cmd(url: str, out: Path, cache: str | Path | None = None, problems: int = 4, n: int = 2) -> list[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -113,10 +125,12 @@ def _baseline_cmd(url: str, out: Path, cache: Path | None = None) -> list[str]:
         "DeepSeek-V3-0324",
         "--dataset",
         "synth",
+        "--backend",
+        "openai",
         "--max-problems",
-        "4",
+        str(problems),
         "-n",
-        "2",
+        str(n),
         "--max-new-tokens",
         "48",
         "--base-url",
@@ -138,19 +152,20 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=900, **kw)
 
 
-def test_baseline_on_the_api_then_the_same_command_sends_zero_requests(standin, tmp_path):
-    """`codedistill baseline --model DeepSeek-V3-0324 --base-url ...` (the registry's chat style,
-    n=1 per request): samples, retries and cost land in the run; the same command again and a
-    new run on the same response cache send zero requests and give the same pass@k."""
+def test_the_same_served_command_into_another_output_dir_sends_no_request(standin, tmp_path, own_cache):
+    """`codedistill baseline --model DeepSeek-V3-0324 --backend openai --base-url ...` on 8 synth
+    problems x 3 samples (n=1 per request): samples, retries and cost land in the run; the same
+    command again and the same command into another --output-dir send zero requests (counted
+    by the server: the response cache is the user's, not the run's) and give the same pass@k;
+    `--response-cache run` keeps a cache in the run directory, so that run pays again."""
     standin.faults = {standin.posts + 1: "429", standin.posts + 3: "500"}
-    cache = tmp_path / "shared.sqlite"
-    r = _run(_baseline_cmd(standin.base_url, tmp_path / "a", cache))
+    r = _run(_baseline_cmd(standin.base_url, tmp_path / "a", problems=8, n=3))
     assert r.returncode == 0, r.stderr[-3000:]
     a = tmp_path / "a"
     rows = [json.loads(line) for line in (a / "samples.jsonl").read_text().splitlines()]
-    assert len(rows) == 8 and all(math.isfinite(x["logprob"]) for x in rows)
+    assert len(rows) == 24 and all(math.isfinite(x["logprob"]) for x in rows)
     gen = json.loads((a / "generation.json").read_text())["totals"]["DeepSeek-V3-0324"]
-    assert gen["requests_sent"] == 8 and gen["retries_total"] == 2 and gen["cost_usd"] > 0
+    assert gen["requests_sent"] == 24 and gen["retries_total"] == 2 and gen["cost_usd"] > 0
     cfg = json.loads((a / "config.json").read_text())["config"]
     assert cfg["generation_backend"] == {
         "backend": "openai",
@@ -159,18 +174,23 @@ def test_baseline_on_the_api_then_the_same_command_sends_zero_requests(standin, 
     }
     assert "Served generation" in (a / "report.md").read_text()
     posts = standin.posts
-    for out in (a, tmp_path / "b"):  # the same command (records), then a new run (cache)
-        r = _run(_baseline_cmd(standin.base_url, out, cache))
+    for out in (a, tmp_path / "b"):  # the same command (records), then a new run (the shared cache)
+        r = _run(_baseline_cmd(standin.base_url, out, problems=8, n=3))
         assert r.returncode == 0, r.stderr[-3000:]
     assert standin.posts == posts
     b_gen = json.loads(((tmp_path / "b") / "generation.json").read_text())["totals"]["DeepSeek-V3-0324"]
-    assert b_gen["requests_sent"] == 0 and b_gen["cache_hits"] == 8
+    assert b_gen["requests_sent"] == 0 and b_gen["cache_hits"] == 24
+    assert b_gen["response_cache"] == str(own_cache) and len(ResponseCache(own_cache)) == 24
     ma = json.loads((a / "metrics.json").read_text())
     mb = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert ma["pass@1"] == mb["pass@1"]
+    # a cache of its own: the first 2 problems' 6 answers are asked again, and kept in the run
+    r = _run(_baseline_cmd(standin.base_url, tmp_path / "c", "run", problems=2, n=3))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert standin.posts == posts + 6 and len(ResponseCache(tmp_path / "c" / "responses")) == 6
 
 
-def test_server_dying_mid_run_is_resumed_without_repeating_requests(standin, tmp_path):
+def test_server_dying_mid_run_is_resumed_without_repeating_requests(standin, tmp_path, own_cache):
     """The stand-in fails every request from the 5th on (a dead server): the run stops with
     an error that says how to resume; with the server back, the same command finishes and
     the server has answered each distinct request exactly once."""
@@ -186,9 +206,80 @@ def test_server_dying_mid_run_is_resumed_without_repeating_requests(standin, tmp
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 8
-    from codedistill.generation.cache import ResponseCache
+    assert standin.served - served0 == len(ResponseCache(own_cache)) == 8
 
-    assert standin.served - served0 == len(ResponseCache(tmp_path / "run" / "generation_cache.sqlite")) == 8
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+
+
+def test_the_answering_model_is_recorded_and_a_moved_alias_is_not_answered_from_the_cache(standin, tmp_path):
+    """The stand-in reports which model answered (as an API does in `model` and
+    `system_fingerprint`). Each sample and generation.json record it, with one warning when it
+    is not the registry's DeepSeek-V3-0324. Then the alias moves to another model (the stand-in
+    reports `deepseek-v3.2`): a run that needs the server learns so from its first answer and
+    asks everything again, none of it from the old model's cached programs (the server counts
+    every request), with one warning naming both; after that, even the first command's exact
+    rerun is answered by the new model's entries."""
+    moved = "deepseek-v3.2"
+    r = _run(_baseline_cmd(standin.base_url, tmp_path / "a", problems=3, n=2))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _rows(tmp_path / "a")
+    assert len(rows) == 6 and {(x["served_model"], x["system_fingerprint"]) for x in rows} == {
+        ("deepseek-chat", "fp_standin_0")
+    }
+    warning = "answered by 'deepseek-chat', not 'deepseek-ai/DeepSeek-V3-0324' as expected"
+    assert r.stderr.count(warning) == 1, r.stderr[-3000:]
+    t = json.loads((tmp_path / "a" / "generation.json").read_text())["totals"]["DeepSeek-V3-0324"]
+    assert t["served_models"] == {"deepseek-chat": 6} and any(warning in n for n in t["notes"])
+
+    standin.reported_model, standin.fingerprint = moved, "fp_standin_1"
+    try:
+        posts = standin.posts
+        r = _run(_baseline_cmd(standin.base_url, tmp_path / "b", problems=4, n=2))  # 3 of its 4 problems cached
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert standin.posts - posts == 8, "a cached answer of the old model was used"
+        rows = _rows(tmp_path / "b")
+        assert {(x["served_model"], x["system_fingerprint"]) for x in rows} == {(moved, "fp_standin_1")}
+        assert r.stderr.count(f"now answers as '{moved}', not 'deepseek-chat'") == 1, r.stderr[-3000:]
+        assert r.stderr.count(f"answered by '{moved}', not 'deepseek-ai/DeepSeek-V3-0324'") == 1
+        t = json.loads((tmp_path / "b" / "generation.json").read_text())["totals"]["DeepSeek-V3-0324"]
+        assert t["served_models"] == {moved: 8} and t["requests_sent"] == 8 and t["cache_hits"] == 0
+        posts = standin.posts
+        r = _run(_baseline_cmd(standin.base_url, tmp_path / "c", problems=3, n=2))  # the first command again
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert standin.posts == posts and {x["served_model"] for x in _rows(tmp_path / "c")} == {moved}
+    finally:
+        standin.reported_model, standin.fingerprint = standin.served_name, "fp_standin_0"
+
+
+def test_an_old_sqlite_cache_in_the_run_directory_is_still_read(standin, tmp_path, own_cache):
+    """A run directory from before (its answers in generation_cache.sqlite, SQLite in WAL mode,
+    keyed as that version keyed them) resumes without a request, and its answers are carried
+    into the shared cache."""
+    import sqlite3
+
+    r = _run(_baseline_cmd(standin.base_url, tmp_path / "a", "run", problems=3, n=2))
+    assert r.returncode == 0, r.stderr[-3000:]
+    old = tmp_path / "b" / "generation_cache.sqlite"
+    old.parent.mkdir()
+    db = sqlite3.connect(old)  # the earlier version's file: WAL, one table, its own keys
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE responses (key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL)")
+    a = ResponseCache(tmp_path / "a" / "responses")
+    for f in sorted(a.root.glob("??/*.json")):
+        rec = json.loads(f.read_text())
+        body = {k: v for k, v in rec["request"]["body"].items() if k != "_codedistill_sample"}
+        key = request_key({"model_id": "openai:deepseek-chat", "kind": rec["request"]["kind"], "body": body})
+        db.execute("INSERT INTO responses VALUES (?, ?, 0)", (key, json.dumps(rec["value"])))
+    db.commit()
+    db.close()
+    posts = standin.posts
+    r = _run(_baseline_cmd(standin.base_url, tmp_path / "b", problems=3, n=2))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert standin.posts == posts
+    assert [x["completion"] for x in _rows(tmp_path / "b")] == [x["completion"] for x in _rows(tmp_path / "a")]
+    assert len(ResponseCache(own_cache)) == 6
 
 
 def test_bad_endpoints_are_clear_errors(standin, monkeypatch):

@@ -54,7 +54,7 @@ def target_server():
     from codedistill.generation import make_generator
     from codedistill.models.registry import resolve_model
 
-    gen = make_generator(resolve_model("tiny-target"), "vllm", {})
+    gen = make_generator(resolve_model("tiny-target"), "vllm", {"cache": False})  # every answer from the server
     yield gen
     gen.close()
     assert not gen.server.alive()
@@ -213,7 +213,7 @@ def test_baseline_backend_vllm_agrees_with_hf_and_survives_kill_9(tmp_path):
 
     out = tmp_path / "vllm"
     marker = f"tiny-target-kill-{os.getpid()}"
-    cmd = _baseline(out, "vllm", ("--served-model-name", marker))
+    cmd = _baseline(out, "vllm", ("--served-model-name", marker, "--response-cache", "run"))
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 1200
@@ -232,7 +232,7 @@ def test_baseline_backend_vllm_agrees_with_hf_and_survives_kill_9(tmp_path):
         if proc.poll() is None:
             proc.kill()
     before = (out / "samples.jsonl").read_text().splitlines()
-    n_cached = len(ResponseCache(out / "generation_cache.sqlite"))
+    n_cached = len(ResponseCache(out / "responses"))
     assert before and n_cached >= len(before) // 10
     # the server dies with its client (PR_SET_PDEATHSIG), even on kill -9
     for _ in range(60):
@@ -261,7 +261,7 @@ def test_baseline_backend_vllm_agrees_with_hf_and_survives_kill_9(tmp_path):
     assert len(generated) == len(set(generated)) == 40  # no problem generated twice
     gen = json.loads((out / "generation.json").read_text())
     restart = gen["starts"][-1]["by_model"]["tiny-target"]
-    n_final = len(ResponseCache(out / "generation_cache.sqlite"))
+    n_final = len(ResponseCache(out / "responses"))
     assert restart["requests_sent"] == n_final - n_cached  # nothing answered before the kill was asked again
     assert restart["server"]["vllm_version"]
     m_vllm = json.loads((out / "metrics.json").read_text())
@@ -278,6 +278,30 @@ def test_baseline_backend_vllm_agrees_with_hf_and_survives_kill_9(tmp_path):
     lo, hi = m_hf["pass@1"]["ci_low"], m_hf["pass@1"]["ci_high"]
     print(f"pass@1 HF {m_hf['pass@1']['value']:.3f} [{lo:.3f}, {hi:.3f}], vLLM {m_vllm['pass@1']['value']:.3f}")
     assert lo <= m_vllm["pass@1"]["value"] <= hi
+
+
+def test_a_fully_cached_rerun_starts_no_vllm_server(tmp_path):
+    """The server starts lazily, on the first request the response cache cannot answer: the
+    same step-1 command into a second --output-dir (the user's shared cache holds every
+    answer) launches no server process at all (VLLMServer.starts, recorded per start in
+    generation.json, stays 0; no server log is opened) and sends nothing."""
+    _vllm_or_skip()
+    cache = tmp_path / "responses"
+    runs = []
+    for name in ("first", "second"):
+        out = tmp_path / name
+        cmd = _baseline(out, "vllm", ("--response-cache", str(cache)))
+        cmd[cmd.index("--max-problems") + 1], cmd[cmd.index("-n") + 1] = "4", "2"
+        r = _run(cmd)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs.append(json.loads((out / "generation.json").read_text())["starts"][-1]["by_model"]["tiny-target"])
+    first, second = runs
+    assert first["server"]["starts"] == 1 and first["requests_sent"] == 4  # one n=2 request per problem
+    assert first["server"]["vllm_version"] and (tmp_path / "first" / "logs" / "vllm.log").exists()
+    assert second["server"]["starts"] == 0 and second["server"]["vllm_version"] is None
+    assert second["requests_sent"] == 0 and second["cache_hits"] == 4
+    assert not (tmp_path / "second" / "logs" / "vllm.log").exists()
+    assert second["response_cache"] == str(cache)
 
 
 def test_btp_with_vllm_source_and_lora_evaluation_on_vllm(tmp_path):
@@ -325,6 +349,8 @@ def test_btp_with_vllm_source_and_lora_evaluation_on_vllm(tmp_path):
         "2",
         "--backend",
         "vllm",
+        "--response-cache",
+        "run",
         "--output-dir",
         str(out),
     ]

@@ -22,6 +22,7 @@ from codedistill.evaluation import execute, score, verdict_fields, warm_targets
 from codedistill.execution import Limits, SandboxPool
 from codedistill.generation import (
     ServingConfig,
+    add_counts,
     check_served,
     close_generator,
     describe,
@@ -29,7 +30,7 @@ from codedistill.generation import (
     make_generator,
     resolve_backend,
 )
-from codedistill.generation.base import Candidate, Generator
+from codedistill.generation.base import Candidate, Generator, served_fields
 from codedistill.models.preflight import preflight
 from codedistill.models.registry import ModelSpec, resolve_model
 from codedistill.prompts import PromptStyle, render_prompt, stops_for, to_program
@@ -58,6 +59,7 @@ def sample_rows(
                 "seq_prob": c.seq_prob,
                 "finish_reason": c.finish_reason,
                 "model": model,
+                **served_fields(c),
                 **(extra or {}),
             }
         )
@@ -293,7 +295,7 @@ def run_baseline(cfg: BaselineConfig, output_dir: Path | None = None) -> tuple[P
         device=cfg.device,
         dtype=cfg.dtype,
         batch_size=cfg.batch_size,
-        cache_path=str(out / "generation_cache.sqlite"),
+        run_dir=str(out),
         log_path=str(out / "logs" / "vllm.log"),
     )
     try:
@@ -355,6 +357,9 @@ def record_generation(out: Path, gens: dict[str, Any], serving: ServingConfig | 
             if u.get("cost_usd") is not None:
                 t["cost_usd"] = (t["cost_usd"] or 0.0) + u["cost_usd"]
             t["backend"] = u.get("backend")
+            t["served_models"] = add_counts(t.get("served_models"), u.get("served_models"))
+            if u.get("response_cache") is not None:
+                t["response_cache"] = u["response_cache"]
             t["fallbacks"] = sorted(set(t.get("fallbacks", [])) | set(u.get("fallbacks", [])))
             t["notes"] = sorted(set(t.get("notes", [])) | set(u.get("notes", [])))
             if u.get("server"):

@@ -295,7 +295,10 @@ def baseline(
     ),
     price_output: float | None = typer.Option(None, "--price-output", help="USD per 1M completion tokens."),
     response_cache: str | None = typer.Option(
-        None, "--response-cache", help="Response cache file shared by runs (default: one in the run directory)."
+        None,
+        "--response-cache",
+        help="Response cache: shared (the default: $CODEDISTILL_CACHE/responses, one for every run of this "
+        "user), run (responses/ in the run directory), or a directory.",
     ),
     max_retries: int | None = typer.Option(
         None, "--max-retries", help="Retries of a failed request (429/5xx/timeout/dropped), with backoff."

@@ -13,7 +13,6 @@ import datetime as _dt
 import json
 import os
 import sys
-import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -113,15 +112,56 @@ def dumps(obj: Any, indent: int | None = None) -> str:
     return json.dumps(obj, default=_json_default, indent=indent, ensure_ascii=False)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Atomic write (temp file + rename) so a crash never leaves half a file. The temporary
-    name is the writer's own (host, pid, thread), so workers on several machines that write
-    the same file on a shared directory never mix their bytes: the last rename wins whole."""
+def publish_file(path: str | os.PathLike[str], data: bytes | str, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so that no reader ever sees it half-written, even on a
+    network file system and with other processes publishing the same path at once.
+
+    The bytes go to a temporary file of a unique name in the same directory (so the rename
+    stays on one file system), are flushed and (``durable``) fsync-ed, then renamed over
+    ``path`` with ``os.replace`` (atomic on POSIX file systems and NFS): a reader sees the
+    old file or the whole new one, and the last publisher wins. A process killed before
+    the rename leaves only its hidden ``.NAME.*.tmp`` file, never a torn ``path``."""
+    import uuid
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.uname().nodename}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    blob = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"
+    # O_EXCL: never another writer's file; mode 0o666 minus the umask, like any new file
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(d: Path) -> None:
+    """Make a rename in ``d`` durable (a no-op where directories cannot be fsync-ed)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomic write (:func:`publish_file`, not fsync-ed) so a crash never leaves half a file;
+    workers on several machines writing the same file on a shared directory never mix their
+    bytes: the last rename wins whole."""
+    publish_file(path, text, durable=False)
 
 
 def write_json(path: Path, obj: Any) -> None:

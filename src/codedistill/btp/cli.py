@@ -47,10 +47,7 @@ SERVING_OPTIONS: dict[str, dict[str, Any]] = {
     "max_model_len": {HELP: "vLLM: context length."},
     "price_input_per_1m": {FLAGS: ["--price-input"], HELP: "USD per 1M prompt tokens (cost in the report)."},
     "price_output_per_1m": {FLAGS: ["--price-output"], HELP: "USD per 1M completion tokens."},
-    "cache_path": {
-        FLAGS: ["--response-cache"],
-        HELP: "Response cache file shared by runs (default: one in the run directory).",
-    },
+    "cache_path": {FLAGS: ["--response-cache"]},  # help: the field's description
     "startup_timeout": {HELP: "vLLM: seconds the server may take to start."},
     "extra_args": {REPEAT: True, HELP: "A vLLM server flag (repeatable)."},
 }

@@ -89,7 +89,7 @@ class GeneratorCache:
             name=name,
             model_path=model_path,
             adapter=adapter,
-            cache_path=str(out / "generation_cache.sqlite"),
+            run_dir=str(out),
             device=cfg.device,
             dtype=self.inputs.dtype(spec),
             batch_size=cfg.gen_batch_size,

@@ -10,10 +10,13 @@ protocol (``sample``, ``beam_search``, ``name``, ``tokenizer``):
   vLLM/SGLang deployment; :mod:`codedistill.generation.openai_api`).
 
 Call :func:`close_generator` when a phase is done (it stops a vLLM server, frees a GPU).
+Served answers are cached in the response cache (:func:`response_cache_dir`, shared by all
+runs of the user by default; :mod:`codedistill.generation.cache`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -22,6 +25,9 @@ from codedistill.errors import ConfigError
 from codedistill.models.loading import merge_adapter
 
 BACKENDS = ("hf", "vllm", "openai")
+RESPONSE_CACHE_SHARED = "shared"  # cache_path: the user's cache directory (the default)
+RESPONSE_CACHE_RUN = "run"  # cache_path: responses/ in the run directory
+LEGACY_CACHE_FILE = "generation_cache.sqlite"  # the run directory's SQLite cache of earlier versions
 
 
 class ServingConfig(BaseModel):
@@ -42,9 +48,12 @@ class ServingConfig(BaseModel):
     fallback_temperature: float = Field(1.0, gt=0, description="sampling temperature that replaces missing beam search")
     price_input_per_1m: float | None = Field(None, ge=0)
     price_output_per_1m: float | None = Field(None, ge=0)
-    cache: bool = Field(True, description="cache every answer in the run directory (resume sends nothing twice)")
+    cache: bool = Field(True, description="cache every served answer (a rerun or resume sends nothing twice)")
     cache_path: str | None = Field(
-        None, description="a response cache file shared by runs (default: generation_cache.sqlite in the run directory)"
+        None,
+        description="Response cache: shared (the default: $CODEDISTILL_CACHE/responses, else "
+        "~/.cache/codedistill/responses, one for every run of this user), run (responses/ in the run "
+        "directory), or a directory.",
     )
     # vLLM server
     vllm_python: str | None = Field(None, description="interpreter of the vLLM environment (default .venv-vllm)")
@@ -64,6 +73,45 @@ class ServingConfig(BaseModel):
         if isinstance(v, str):
             v = [x for x in v.replace(",", " ").split() if x]
         return [str(x).rstrip("/") for x in v]
+
+
+def shared_response_cache_dir() -> Path:
+    """``$CODEDISTILL_CACHE/responses``, else ``~/.cache/codedistill/responses``."""
+    from codedistill.models.tiny import default_cache_dir
+
+    return default_cache_dir().parent / "responses"
+
+
+def response_cache_dir(serving: ServingConfig, run_dir: str | Path | None = None) -> Path | None:
+    """The response cache directory of ``serving`` for a run in ``run_dir`` (None: no cache).
+
+    ``cache_path``: unset or ``shared``: :func:`shared_response_cache_dir`; ``run``:
+    ``run_dir/responses`` (the shared one for a generator without a run directory); else that
+    directory (an old SQLite cache file named there: a ``.d`` directory beside it, the file
+    read as a legacy cache)."""
+    if not serving.cache:
+        return None
+    where = serving.cache_path or RESPONSE_CACHE_SHARED
+    if where == RESPONSE_CACHE_SHARED or (where == RESPONSE_CACHE_RUN and run_dir is None):
+        return shared_response_cache_dir()
+    if where == RESPONSE_CACHE_RUN:
+        return Path(run_dir) / "responses"  # type: ignore[arg-type]
+    p = Path(where).expanduser()
+    return p.with_name(p.name + ".d") if p.is_file() else p
+
+
+def legacy_response_cache(serving: ServingConfig, run_dir: str | Path | None = None) -> Path | None:
+    """An old SQLite response cache to read: ``cache_path`` naming such a file, else the run
+    directory's ``generation_cache.sqlite`` (None when there is none)."""
+    if not serving.cache:
+        return None
+    if serving.cache_path and serving.cache_path not in (RESPONSE_CACHE_SHARED, RESPONSE_CACHE_RUN):
+        p = Path(serving.cache_path).expanduser()
+        if p.is_file():
+            return p
+    if run_dir is not None and (Path(run_dir) / LEGACY_CACHE_FILE).is_file():
+        return Path(run_dir) / LEGACY_CACHE_FILE
+    return None
 
 
 def resolve_backend(spec: Any, backend: str | None) -> str:
@@ -96,6 +144,14 @@ def beam_fallback_note(alias: str, backend: str, serving: ServingConfig, num_bea
     )
 
 
+def expected_served_model(spec: Any, serving: ServingConfig) -> str:
+    """The ``model`` an endpoint should report in its answers: the registry's ``served_model``
+    where the name asked for is the registry's own, else the name asked for."""
+    asked = serving.served_model_name or getattr(spec, "served_name", None) or spec.path
+    expected = getattr(spec, "served_model", None)
+    return expected if expected and asked == getattr(spec, "served_name", None) else asked
+
+
 def describe(spec: Any, backend: str, serving: ServingConfig) -> dict[str, Any]:
     """What decides the generations (goes into config.json; no addresses or keys)."""
     d: dict[str, Any] = {"backend": backend}
@@ -116,7 +172,7 @@ def make_generator(
     name: str | None = None,
     model_path: str | None = None,
     adapter: str | None = None,
-    cache_path: str | None = None,
+    run_dir: str | Path | None = None,
     device: str | None = None,
     dtype: str = "auto",
     batch_size: int = 16,
@@ -127,14 +183,16 @@ def make_generator(
 
     ``model_path`` overrides where the weights are (a fine-tuned full model); ``adapter``
     is a LoRA adapter directory (vLLM serves it with ``--enable-lora``; HF merges it in
-    memory). ``cache_path``: the response cache of the served backends."""
+    memory). ``run_dir``: the run's directory (the response cache's with ``--response-cache
+    run``, and where an old ``generation_cache.sqlite`` is read from)."""
     if serving is None:
         serving = ServingConfig()
     elif isinstance(serving, dict):
         serving = ServingConfig(**serving)
     backend = resolve_backend(spec, backend)
     name = name or spec.alias
-    cache_path = serving.cache_path or cache_path
+    cache_dir = response_cache_dir(serving, run_dir)
+    legacy = legacy_response_cache(serving, run_dir)
     dtype = spec.dtype if dtype in (None, "auto") else dtype
     base_special = spec.prompt_style == "base"
     if backend == "openai":
@@ -162,8 +220,10 @@ def make_generator(
             concurrency=serving.concurrency,
             require_logprobs=require_logprobs,
             fallback_temperature=serving.fallback_temperature,
-            cache_path=cache_path if serving.cache else None,
+            cache_path=cache_dir,
+            legacy_cache_path=legacy,
             model_id=f"openai:{served_name}",
+            expected_model=expected_served_model(spec, serving),
             retry=RetryPolicy(max_retries=serving.max_retries, timeout=serving.request_timeout),
             server=ServerFeatures(
                 max_n=serving.max_n if serving.max_n is not None else getattr(spec, "max_n", None),
@@ -196,7 +256,8 @@ def make_generator(
             served_name=serving.served_model_name or spec.alias,
             adapter=adapter,
             add_special_tokens=base_special,
-            cache_path=cache_path if serving.cache else None,
+            cache_path=str(cache_dir) if cache_dir else None,
+            legacy_cache_path=str(legacy) if legacy else None,
             require_logprobs=require_logprobs,
             concurrency=max(serving.concurrency, 16),
             server_kwargs=server_kwargs,
@@ -236,6 +297,14 @@ def generator_usage(gen: Any) -> dict[str, Any] | None:
 _COUNTERS = ("requests_sent", "cache_hits", "retries_total", "prompt_tokens", "completion_tokens")
 
 
+def add_counts(a: dict[str, int] | None, b: dict[str, int] | None) -> dict[str, int]:
+    """Two ``{name: count}`` tallies as one."""
+    out = dict(a or {})
+    for k, v in (b or {}).items():
+        out[k] = out.get(k, 0) + v
+    return out
+
+
 def merge_usage(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
     """Two usage records of the same model (e.g. loaded in two phases) as one."""
     if not a:
@@ -251,6 +320,8 @@ def merge_usage(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
         out["cost_usd"] = (a.get("cost_usd") or 0.0) + (b.get("cost_usd") or 0.0)
     out["fallbacks"] = sorted(set(a.get("fallbacks", [])) | set(b.get("fallbacks", [])))
     out["notes"] = sorted(set(a.get("notes", [])) | set(b.get("notes", [])))
+    out["served_models"] = add_counts(a.get("served_models"), b.get("served_models"))
+    out["system_fingerprints"] = sorted(set(a.get("system_fingerprints", [])) | set(b.get("system_fingerprints", [])))
     return out
 
 

@@ -38,6 +38,12 @@ class Candidate:
         return d
 
 
+def served_fields(c: Candidate) -> dict[str, Any]:
+    """Which model answered, for a served candidate's record (``served_model``, and
+    ``system_fingerprint`` where the server gave one); nothing for an in-process model."""
+    return {k: c.meta[k] for k in ("served_model", "system_fingerprint") if k in c.meta}
+
+
 def seq_prob(logprob: float, num_tokens: int) -> float:
     """exp(mean token log-prob); 0.0 for an empty sequence: a program of no tokens earned no
     probability mass (with 1.0 it would outrank every real program in P2Value)."""

@@ -16,7 +16,11 @@ For a hosted API the log-probs are taken as reported (``logprob_semantics`` in t
 Faults: 429 / 5xx / timeouts / dropped connections are retried with exponential backoff
 and jitter, honouring ``Retry-After``; every retry is counted by reason. Every answer is
 stored in a :class:`~codedistill.generation.cache.ResponseCache` before it is used, so a
-run that dies (or whose server dies) resumes without sending a finished request again.
+run that dies (or whose server dies) resumes without sending a finished request again, and
+another run asking the same sends nothing. Which model answered (the server's ``model``
+field and ``system_fingerprint``) is kept with each answer and on each candidate
+(``meta["served_model"]``); cached answers of another model than the one the endpoint now
+answers as are not served (the rule is in :mod:`codedistill.generation.cache`).
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ log = logging.getLogger(__name__)
 
 MESSAGES_PREFIX = "\x00openai-messages:"
 PRIVATE_SEED = "_codedistill_seed"  # a seed kept in the cache key but not sent
+PRIVATE_SAMPLE = "_codedistill_sample"  # a sample's index within an n split into n=1 requests (key only)
+KEY_VERSION = 2  # of the cache key's layout (1: the SQLite cache's, read as a legacy cache)
 
-_T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
@@ -81,6 +86,14 @@ def as_messages(prompt: str) -> list[dict[str, str]] | None:
 def is_local_url(url: str) -> bool:
     host = (urlparse(url).hostname or "").lower()
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def endpoint_of(urls: Sequence[str]) -> str:
+    """Where a model name is answered, for cache keys: ``local`` for loopback servers (their
+    port changes from start to start), else the servers' host names (not their ports)."""
+    if all(is_local_url(u) for u in urls):
+        return "local"
+    return ",".join(sorted({(urlparse(u).hostname or u).lower() for u in urls}))
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -160,8 +173,10 @@ class OpenAISettings:
     concurrency: int = 8  # requests in flight at once
     require_logprobs: bool = False  # BTP: a server without log-probs is a ConfigError
     fallback_temperature: float = 1.0  # sampling temperature that stands in for missing beam search
-    cache_path: str | os.PathLike[str] | None = None  # the response cache (None: no cache)
+    cache_path: str | os.PathLike[str] | None = None  # the response cache directory (None: no cache)
+    legacy_cache_path: str | os.PathLike[str] | None = None  # an old SQLite cache, read only
     model_id: str | None = None  # the model's identity in cache keys (default: the model)
+    expected_model: str | None = None  # the ``model`` its answers should report (default: the model)
     backend: str = "openai"
     logprob_semantics: str = "as reported by the server"
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -237,16 +252,28 @@ class OpenAIGenerator:
         self.supports_beam_search = settings.server.beam_search
         self.top_logprobs_limit = settings.server.top_logprobs_limit
         self.concurrency = max(1, int(settings.concurrency))
+        self.endpoint = endpoint_of(urls)
         self.cache: ResponseCache | NullCache = (
-            ResponseCache(settings.cache_path) if settings.cache_path else NullCache()
+            ResponseCache(settings.cache_path, legacy=settings.legacy_cache_path)
+            if settings.cache_path
+            else NullCache()
         )
+        self.expected_model = settings.expected_model or model
+        self.identity_name = f"{self.model_id}@{self.endpoint}"  # whose pinned identity (cache.py)
+        self._identity: str | None = None  # the model of this process's first fresh answer
+        self._pinned_loaded = False
+        self._pinned: str | None = None
         self._lock = threading.Lock()
         self._check_lock = threading.Lock()
         self._rr = 0
         self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="openai-gen")
         self._checked = False
         self._warned_no_logprobs = False
-        self.served_models: list[str] = []
+        self.listed_models: list[str] = []  # what GET /models listed
+        self.served_models: dict[str, int] = {}  # answers used, by the model that gave them
+        self.fingerprints: list[str] = []
+        self.stale_answers = 0  # cached answers of another model, asked again
+        self._warned_models: set[str] = set()
         self.requests = 0
         self.cache_hits = 0
         self.retries: dict[str, int] = {}
@@ -286,7 +313,12 @@ class OpenAIGenerator:
             "fallbacks": list(self.fallbacks),
             "notes": list(self.notes),
             "logprob_semantics": self.settings.logprob_semantics,
-            "cache": str(self.cache.path) if self.cache.path else None,
+            "response_cache": str(self.cache.path) if self.cache.path else None,
+            "served_models": dict(self.served_models),
+            "expected_served_model": self.expected_model,
+            "system_fingerprints": list(self.fingerprints),
+            "stale_cached_answers": self.stale_answers,
+            "corrupt_cache_entries": self.cache.corrupt,
         }
 
     def close(self) -> None:
@@ -316,7 +348,7 @@ class OpenAIGenerator:
                 self.replicas = [self._client_for(u) for u in self._starter()]
                 self._starter = None
             for rep in self.replicas:
-                self.served_models = self._served_by(rep)
+                self.listed_models = self._served_by(rep)
             self._checked = True
 
     def _served_by(self, rep: _Replica) -> list[str]:
@@ -437,22 +469,99 @@ class OpenAIGenerator:
             self.prompt_tokens += int(u.get("prompt_tokens") or 0)
             self.completion_tokens += int(u.get("completion_tokens") or 0)
 
+    # ---- the response cache and who answers (rules: codedistill.generation.cache) ----
+    def _key(self, kind: str, body: dict[str, Any]) -> str:
+        return request_key(
+            {"v": KEY_VERSION, "model_id": self.model_id, "endpoint": self.endpoint, "kind": kind, "body": body}
+        )
+
+    def _legacy_key(self, kind: str, body: dict[str, Any]) -> str | None:
+        """The request's key in the SQLite cache of earlier versions (None: not cached right
+        then: unseeded samples of one prompt shared a key)."""
+        if PRIVATE_SAMPLE in body:
+            if body.get("seed") is None and body.get(PRIVATE_SEED) is None:
+                return None
+            body = {k: v for k, v in body.items() if k != PRIVATE_SAMPLE}
+        return request_key({"model_id": self.model_id, "kind": kind, "body": body})
+
+    def _identity_now(self) -> str | None:
+        """The model cached answers must come from: that of this process's first fresh
+        answer, else the identity pinned in the cache (None: not known yet)."""
+        if self._identity is not None:
+            return self._identity
+        if not self._pinned_loaded:
+            rec = self.cache.pinned(self.identity_name)
+            with self._lock:
+                self._pinned = rec.get("served_model") if rec else None
+                self._pinned_loaded = True
+        return self._pinned
+
+    def _lookup(self, kind: str, body: dict[str, Any], key: str) -> tuple[dict[str, Any] | None, bool]:
+        """(a cached answer this run may use, or None; whether one was found but given by
+        another model than the endpoint's current identity)."""
+        hit = self.cache.get(key)
+        if hit is None and self.cache.legacy is not None:
+            old = self._legacy_key(kind, body)
+            hit = self.cache.get_legacy(old) if old else None
+            if isinstance(hit, dict):  # carried over into the new cache
+                self.cache.put(key, hit, {"kind": kind, "body": body, "from": "legacy sqlite"})
+        if not isinstance(hit, dict):
+            return None, False
+        ident = self._identity_now()
+        if ident is not None and hit.get("model") != ident:
+            return None, True
+        return hit, False
+
+    def _usable(self, job: _Job) -> bool:
+        return self._lookup(job.kind, job.body, self._key(job.kind, job.body))[0] is not None
+
     def _request(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Cached ``_send``: a request with the same key is answered from disk.
+        """Cached ``_send``: a request with the same key is answered from disk, when the
+        endpoint's current identity gave that answer.
 
         A request for ``n`` > 1 that the server refuses (DeepSeek takes n=1 only) or answers
         with fewer choices is completed with single requests (seeds ``seed + k``), and the
         merged answer is cached under the original request, so a rerun sends nothing."""
-        key = request_key({"model_id": self.model_id, "kind": kind, "body": body})
-        hit = self.cache.get(key)
+        key = self._key(kind, body)
+        hit, stale = self._lookup(kind, body, key)
         if hit is not None:
             with self._lock:
                 self.cache_hits += 1
             return hit
+        if stale:
+            with self._lock:
+                self.stale_answers += 1
         self.check()
         out = self._ask(kind, body)
-        self.cache.put(key, out)
+        self._answered(out)
+        self.cache.put(key, out, {"kind": kind, "body": body})
         return out
+
+    def _answered(self, out: dict[str, Any]) -> None:
+        """A fresh answer: its model is this process's identity (the first one) and becomes
+        the pinned identity when it differs (said once: cached answers of the old are stale)."""
+        if out.get("split"):  # merged from answers already seen here
+            return
+        model, fp = out.get("model"), out.get("system_fingerprint")
+        pinned = self._identity_now()
+        with self._lock:
+            if fp and fp not in self.fingerprints:
+                self.fingerprints.append(fp)
+            if not model:
+                return
+            first = self._identity is None
+            if first:
+                self._identity = model
+            ours = self._identity
+        if first and model != pinned:
+            if pinned is not None:
+                self._note(
+                    f"{self.model!r} at {self.endpoint} now answers as {model!r}, not {pinned!r} as when "
+                    f"its cached answers were given: those are not used (asked again)"
+                )
+            self.cache.pin(self.identity_name, model, fp)
+        elif model != ours:
+            self._note(f"{self.model!r} at {self.endpoint} answered as {ours!r} and then as {model!r} in one run")
 
     def _ask(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
         """``body`` sent as one request, or split into n=1 requests where the server needs it."""
@@ -474,6 +583,9 @@ class OpenAIGenerator:
             self._fall_back_to_n1(
                 f"the server returned {len(got)} of n={n} choices; the rest are requested one at a time (n=1)"
             )
+            self._answered(out)
+            who = {"_served_model": out.get("model"), "_system_fingerprint": out.get("system_fingerprint")}
+            got = [{**c, **who} for c in got]
             return self._split(kind, body, got)
         return out
 
@@ -482,25 +594,51 @@ class OpenAIGenerator:
         self._note(why, fallback=True)
 
     def _split(self, kind: str, body: dict[str, Any], have: list[dict[str, Any]]) -> dict[str, Any]:
-        """``body``'s n choices as single requests (after the ``have`` ones), merged."""
-        choices = list(have)
+        """``body``'s n choices as single requests (after the ``have`` ones), merged; each
+        choice keeps the model that gave it."""
+        choices = [{**c, "_served_model": c.get("_served_model")} for c in have]
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         for k in range(len(have), int(body["n"])):
-            b = {**body, "n": 1}
+            b = {**body, "n": 1, PRIVATE_SAMPLE: k}
             for f in ("seed", PRIVATE_SEED):
                 if body.get(f) is not None:
                     b[f] = (int(body[f]) + k) & 0x7FFFFFFF
             r = self._request(kind, b)
             for c in r.get("choices") or []:
-                choices.append({**c, "index": len(choices)})
+                choices.append(
+                    {
+                        **c,
+                        "index": len(choices),
+                        "_served_model": r.get("model"),
+                        "_system_fingerprint": r.get("system_fingerprint"),
+                    }
+                )
             for u in usage:
                 usage[u] += int((r.get("usage") or {}).get(u) or 0)
-        return {"object": "split", "choices": choices, "usage": usage, "split": True}
+        models = {c.get("_served_model") for c in choices}
+        return {
+            "object": "split",
+            "model": models.pop() if len(models) == 1 else None,  # one identity, or none to match
+            "choices": choices,
+            "usage": usage,
+            "split": True,
+        }
 
-    def _map(self, fn: Callable[[_T], _R], jobs: list[_T]) -> list[_R]:
+    def _map(self, fn: Callable[[_Job], _R], jobs: list[_Job]) -> list[_R]:
+        """``fn`` over ``jobs``, in parallel. While this process has no fresh answer yet (who
+        answers now is not known) and some job needs the server, that job runs first, alone:
+        its answer's model decides which cached answers the other jobs may use."""
         if len(jobs) <= 1:
             return [fn(j) for j in jobs]
-        return list(self._pool.map(fn, jobs))
+        first = None
+        if self._identity is None and not isinstance(self.cache, NullCache):
+            first = next((i for i, j in enumerate(jobs) if not self._usable(j)), None)
+        results: dict[int, _R] = {}
+        if first is not None:
+            results[first] = fn(jobs[first])
+        rest = [i for i in range(len(jobs)) if i != first]
+        results.update(zip(rest, self._pool.map(lambda i: fn(jobs[i]), rest)))
+        return [results[i] for i in range(len(jobs))]
 
     # ---- request bodies -------------------------------------------------------------
     def _body(
@@ -586,7 +724,13 @@ class OpenAIGenerator:
         """The response's choices as candidates, in the server's index order."""
         choices = sorted(resp.get("choices") or [], key=lambda c: c.get("index", 0))
         ctx = self._context_ids(kind, body)
-        return [self._candidate(kind, c, stop, prompt_index, ctx) for c in choices]
+        cands = [self._candidate(kind, c, stop, prompt_index, ctx) for c in choices]
+        for cand, c in zip(cands, choices):
+            cand.meta["served_model"] = c.get("_served_model", resp.get("model"))
+            fp = c.get("_system_fingerprint", resp.get("system_fingerprint"))
+            if fp:
+                cand.meta["system_fingerprint"] = fp
+        return cands
 
     def _candidate(
         self, kind: str, choice: dict[str, Any], stop: Sequence[str], prompt_index: int, context_ids: Sequence[int] = ()
@@ -699,7 +843,7 @@ class OpenAIGenerator:
         """``prompt``'s n samples as requests of at most ``max_n`` each, seeded per sample."""
         per = n if self.max_n is None else max(1, min(n, self.max_n))
         seeds = sample_seeds(seed, prompt, n)
-        return [
+        jobs = [
             _Job(
                 i,
                 min(per, n - j),
@@ -707,6 +851,9 @@ class OpenAIGenerator:
             )
             for j in range(0, n, per)
         ]
+        if len(jobs) > 1:  # the index of each part within n: unseeded parts are distinct requests
+            jobs = [job._replace(body={**job.body, PRIVATE_SAMPLE: k * per}) for k, job in enumerate(jobs)]
+        return jobs
 
     def _run_job(self, job: _Job, stop: Sequence[str]) -> list[Candidate]:
         try:
@@ -720,8 +867,23 @@ class OpenAIGenerator:
         return self._candidates(job.kind, resp, job.body, stop, job.prompt_index)
 
     def _count_generated(self, out: list[list[Candidate]]) -> None:
-        for cs in out:
-            self.generated_tokens += sum(c.num_tokens for c in cs)
+        """Tokens, and the candidates by the model that gave them (a warning, once per model,
+        where that is not the model expected)."""
+        unexpected = []
+        with self._lock:
+            for cs in out:
+                self.generated_tokens += sum(c.num_tokens for c in cs)
+                for c in cs:
+                    m = c.meta.get("served_model")
+                    self.served_models[str(m)] = self.served_models.get(str(m), 0) + 1
+                    if m and m != self.expected_model and m not in self._warned_models:
+                        self._warned_models.add(m)
+                        unexpected.append(m)
+        for m in unexpected:
+            self._note(
+                f"asked for {self.model!r}, answered by {m!r}, not {self.expected_model!r} as expected: "
+                "each sample records the model that answered (served_model) and generation.json counts them"
+            )
 
     def beam_search(
         self,
@@ -737,30 +899,25 @@ class OpenAIGenerator:
             raise ValueError("num_return_sequences cannot exceed num_beams")
         if not self.supports_beam_search:
             return self._samples_for_beams(prompts, nrs, max_new_tokens, stop)
-
-        def one(i_p: tuple[int, str]) -> list[Candidate]:
-            return self._beams(*i_p, num_beams, nrs, max_new_tokens, stop, length_penalty)
-
-        out = self._map(one, list(enumerate(prompts)))
+        jobs = [
+            _Job(i, nrs, *self._beam_body(p, num_beams, max_new_tokens, stop, length_penalty))
+            for i, p in enumerate(prompts)
+        ]
+        out = self._map(lambda job: self._beams(job, stop), jobs)
         self._count_generated(out)
         return out
 
-    def _beams(
-        self,
-        i: int,
-        prompt: str,
-        num_beams: int,
-        nrs: int,
-        max_new_tokens: int,
-        stop: Sequence[str],
-        length_penalty: float,
-    ) -> list[Candidate]:
+    def _beam_body(
+        self, prompt: str, num_beams: int, max_new_tokens: int, stop: Sequence[str], length_penalty: float
+    ) -> tuple[str, dict[str, Any]]:
         kind, body = self._body(prompt, num_beams, 0.0, 1.0, max_new_tokens, stop, None)
         if kind != "completions":
             raise ConfigError(f"{self.name}: beam search needs the completions endpoint")
-        body["use_beam_search"] = True
-        body["length_penalty"] = length_penalty
-        cs = self._candidates(kind, self._request(kind, body), body, stop, i)[:nrs]
+        return kind, {**body, "use_beam_search": True, "length_penalty": length_penalty}
+
+    def _beams(self, job: _Job, stop: Sequence[str]) -> list[Candidate]:
+        resp = self._request(job.kind, job.body)
+        cs = self._candidates(job.kind, resp, job.body, stop, job.prompt_index)[: job.samples]
         for r, c in enumerate(cs):
             c.meta["beam_rank"] = r
         return cs
@@ -792,10 +949,14 @@ class OpenAIGenerator:
         if k > self.top_logprobs_limit:
             self._note(f"top-k log-probs capped at {self.top_logprobs_limit} (asked for {k})")
             k = self.top_logprobs_limit
-        return self._map(lambda p: self._topk(p, k), list(prompts))
+        jobs = [
+            _Job(i, 1, *self._body(p, 1, 0.0, 1.0, 1, (), None, logprobs=max(k, 2) if as_messages(p) else k))
+            for i, p in enumerate(prompts)
+        ]
+        return self._map(lambda job: self._topk(job, k), jobs)
 
-    def _topk(self, prompt: str, k: int) -> dict[str, float]:
-        kind, body = self._body(prompt, 1, 0.0, 1.0, 1, (), None, logprobs=max(k, 2) if as_messages(prompt) else k)
+    def _topk(self, job: _Job, k: int) -> dict[str, float]:
+        kind, body = job.kind, job.body
         choice = (self._request(kind, body).get("choices") or [{}])[0]
         items = top_logprobs_of(kind, choice, k)
         if items is None:

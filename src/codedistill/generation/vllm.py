@@ -212,6 +212,7 @@ class VLLMServer:
         self._log: IO[bytes] | None = None
         self.version: str | None = None
         self.startup_seconds: float | None = None
+        self.starts = 0  # server processes launched by start()
 
     @property
     def base_url(self) -> str:
@@ -276,6 +277,7 @@ class VLLMServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         t0 = time.time()
+        self.starts += 1
         self.proc = subprocess.Popen(
             self.command(str(py)),
             stdout=self._log,
@@ -371,6 +373,7 @@ class VLLMServer:
             "lora_modules": self.lora_modules,
             "logprobs_mode": "raw_logprobs",
             "startup_seconds": self.startup_seconds,
+            "starts": self.starts,
             "log": str(self.log_path),
         }
 
@@ -410,6 +413,7 @@ class VLLMGenerator:
         adapter: str | None = None,
         add_special_tokens: bool = True,
         cache_path: str | None = None,
+        legacy_cache_path: str | None = None,
         require_logprobs: bool = False,
         concurrency: int = 16,
         server_kwargs: dict[str, Any] | None = None,
@@ -437,6 +441,7 @@ class VLLMGenerator:
             concurrency=concurrency,
             require_logprobs=require_logprobs,
             cache_path=cache_path,
+            legacy_cache_path=legacy_cache_path,
             backend="vllm",
             model_id="vllm:" + json.dumps(ident, sort_keys=True),
             logprob_semantics="raw model log-probs (vLLM --logprobs-mode raw_logprobs: temperature 1)",
@@ -453,7 +458,7 @@ class VLLMGenerator:
 
     def _start(self) -> list[str]:
         """The server starts on the first request the response cache cannot answer (a rerun
-        of a finished run starts none)."""
+        of a finished run starts none: ``server.starts`` stays 0)."""
         self.server.start()
         return [self.server.base_url]
 

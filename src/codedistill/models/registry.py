@@ -35,6 +35,9 @@ class ModelSpec:
     dtype: str = "auto"  # auto -> bf16 on GPUs that support it, fp16 on others, fp32 on CPU
     backend: str = "hf"  # hf | openai (served through an API) | vllm
     served_name: str | None = None  # the name an OpenAI-compatible API knows it by
+    # the ``model`` its answers should report when asked for by served_name (None: served_name);
+    # another one is warned about and recorded (generation.cache: an API alias may move on)
+    served_model: str | None = None
     base_url: str | None = None  # default endpoint of a served model (ends in /v1 or the API root)
     api_key_env: str | None = None  # environment variable that holds its API key
     max_n: int | None = None  # largest n the API takes per request (None: no limit)
@@ -55,7 +58,12 @@ class ModelSpec:
         raise ConfigError(f"Unknown variant {variant!r}; use base or instruct.")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The spec as recorded in config.json. ``served_model`` is left out: an expectation
+        checked while generating (generation.json records it), not a setting of the run, so a
+        run directory from before the field existed still resumes."""
+        d = asdict(self)
+        d.pop("served_model")
+        return d
 
 
 def _spec(alias, base, instruct, family, role, size, **kw) -> ModelSpec:
@@ -104,6 +112,7 @@ REGISTRY: dict[str, ModelSpec] = {
             671.0,
             backend="openai",
             served_name="deepseek-chat",
+            served_model="deepseek-ai/DeepSeek-V3-0324",  # what a vLLM deployment of the weights reports
             base_url="https://api.deepseek.com",
             api_key_env="DEEPSEEK_API_KEY",
             max_n=1,

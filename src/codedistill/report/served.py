@@ -22,6 +22,11 @@ def served_generation_lines(run_dir: Path) -> list[str]:
             f"{t['retries_total']} retries, {t['prompt_tokens']} prompt + {t['completion_tokens']} "
             f"completion tokens{cost}"
         )
+        if t.get("served_models"):
+            who = ", ".join(f"{m} ({n} samples)" for m, n in sorted(t["served_models"].items()))
+            lines.append(f"  - answered by: {who}")
+        if t.get("response_cache"):
+            lines.append(f"  - response cache: {t['response_cache']}")
         for f in t.get("fallbacks", []):
             lines.append(f"  - fallback: {f}")
         for n in t.get("notes", []):

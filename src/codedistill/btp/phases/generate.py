@@ -20,6 +20,7 @@ from codedistill.btp.models import generating_roles
 from codedistill.btp.state import RunState
 from codedistill.data.problem import Problem
 from codedistill.evaluation import execute
+from codedistill.generation.base import served_fields
 from codedistill.prompts import PromptStyle, render_prompt, stops_for, to_program
 from codedistill.runs import JsonlWriter, chunks, derive_seed, read_jsonl
 from codedistill.ui import Tracker, progress_tasks
@@ -227,6 +228,7 @@ class _Phase:
                         "num_tokens": c.num_tokens,
                         "seq_prob": c.seq_prob,
                         "finish_reason": c.finish_reason,
+                        **served_fields(c),
                     }
                 )
             rec.add_generation(
