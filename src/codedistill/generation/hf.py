@@ -142,11 +142,13 @@ class BeamTopLogprobs(LogitsProcessor):
         self.k = k
         self.values: list[torch.Tensor] = []
         self.indices: list[torch.Tensor] = []
+        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         v, i = torch.topk(scores.float(), min(self.k, scores.shape[-1]), dim=-1)
-        self.values.append(v.cpu())
-        self.indices.append(i.cpu())
+        self.values.append(v)  # kept on the device: no synchronisation per step
+        self.indices.append(i)
+        self._stacked = None
         return scores
 
     def lookup(self, tokens: Sequence[int], beams: Sequence[int]) -> list[float] | None:
@@ -157,10 +159,12 @@ class BeamTopLogprobs(LogitsProcessor):
             return []
         if n > len(self.values) or len(beams) < n or min(beams[:n]) < 0:
             return None
+        if self._stacked is None:  # [steps, rows, k], on the CPU once
+            self._stacked = (torch.stack(self.values).cpu(), torch.stack(self.indices).cpu())
+        values, indices = self._stacked
         steps = torch.arange(n)
         rows = torch.tensor(list(beams[:n]), dtype=torch.long)
-        idx = torch.stack(self.indices[:n])[steps, rows]  # [n, k]
-        val = torch.stack(self.values[:n])[steps, rows]
+        idx, val = indices[steps, rows], values[steps, rows]  # [n, k]
         hit = idx == torch.tensor(list(tokens), dtype=torch.long)[:, None]
         if not bool(hit.any(-1).all()):
             return None
@@ -415,7 +419,8 @@ class HFGenerator:
         if nmax == 0:
             return torch.zeros(rows)
         first = L - 1 - nmax  # the first position whose logits predict a completion token
-        vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        head = self.model.get_output_embeddings()
+        vocab = int(head.weight.shape[0]) if head is not None else int(self.model.config.vocab_size)
         chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, rows * vocab))
         keep_kw = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         total = torch.zeros(rows, dtype=torch.float64, device=ids.device)
