@@ -5,6 +5,7 @@ No model and no torch on this path: `codedistill evaluate` stays light.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -66,6 +67,10 @@ def program_of(row: Mapping[str, Any], problem: Problem) -> str:
     return problem.program(row["completion"])
 
 
+def _advance_one(advance: Callable[[int], None], _finished: int) -> None:
+    advance(1)
+
+
 def execute(
     programs: Sequence[tuple[str, Problem]],
     workers: int | None = None,
@@ -73,14 +78,18 @@ def execute(
     progress: Callable[[int], None] | None = None,
     pool=None,
 ) -> list[dict[str, Any]]:
-    """Run (program, problem) pairs in the sandbox pool; verdict dicts in input order."""
+    """Run (program, problem) pairs in the sandbox pool; verdict dicts in input order.
+
+    ``progress(1)`` after each program (an ``advance``, as ``ui.progress_bar`` yields; the
+    pool itself reports the running count of finished programs)."""
     limits = Limits(timeout=timeout)
     jobs = [Job(program=prog, tests=list(p.tests), test_setup=p.test_setup, limits=limits) for prog, p in programs]
+    one_more = None if progress is None else functools.partial(_advance_one, progress)
     if pool is not None:
-        verdicts = pool.run(jobs, progress=progress)
+        verdicts = pool.run(jobs, progress=one_more)
     else:
         with SandboxPool(workers=workers, limits=limits) as own:
-            verdicts = own.run(jobs, progress=progress)
+            verdicts = own.run(jobs, progress=one_more)
     return [{k: getattr(v, k) for k in RESULT_FIELDS} for v in verdicts]
 
 
