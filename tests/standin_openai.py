@@ -20,7 +20,7 @@ Chat requests carry codedistill's chat instruction for an MBPP-style problem; a 
 cannot follow instructions, so the stand-in turns the message back into the benchmark's
 base prompt and answers with the code the model writes (the answer's log-probs are the
 model's own, temperature 1). Counters: ``posts`` (every POST received), ``served``
-(answered 200), ``faults`` (by kind).
+(answered 200), ``faults`` (by kind); ``post_times``: when each POST arrived (``time.time()``).
 
     python tests/standin_openai.py --port 8765          # serves until interrupted
 """
@@ -86,6 +86,7 @@ class StandIn:
         self.max_top_logprobs = max_top_logprobs
         self.logprobs = logprobs
         self.posts = 0
+        self.post_times: list[float] = []
         self.served = 0
         self.fault_log: list[tuple[int, str]] = []
         self._lock = threading.Lock()
@@ -223,6 +224,7 @@ class StandIn:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
                 with standin._lock:
+                    standin.post_times.append(time.time())
                     standin.posts += 1
                     ordinal = standin.posts
                     fault = standin.faults.get(ordinal)

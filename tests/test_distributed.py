@@ -1,6 +1,8 @@
 """The training phase under ``accelerate launch``: a real 2-process data-parallel run on
 CPU (gloo) of the embedded tiny target, against the single-process run with the same
-global batch; QLoRA's clear error on CPU; the launch command and configs."""
+global batch and against an independent reference (a plain PyTorch loop written here:
+the same order, importance-weighted loss, AdamW, schedule and clipping, no Trainer);
+QLoRA's clear error on CPU; the launch command and configs."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from codedistill.training.launch import (  # noqa: E402
     write_job,
 )
 from codedistill.training.settings import TrainExample, TrainSettings  # noqa: E402
-from codedistill.training.trainer import prepare_model, train  # noqa: E402
+from codedistill.training.trainer import collate, encode_example, prepare_model, train  # noqa: E402
 
 # The same global batch (8) and order on 1 and 2 processes: each optimizer step's loss is
 # the token mean over the global batch either way; only the float summation order differs
@@ -57,6 +59,45 @@ SETTINGS = TrainSettings(
 )
 
 
+def reference_training(model, tok, examples, settings: TrainSettings, seed: int) -> list[float]:
+    """What the training phase must do, written without transformers' Trainer: epoch e's
+    order is the e-th randperm of a generator seeded with ``seed``; each step's loss is
+    sum_i w_i * (token NLL of example i's completion) / the step's completion tokens, from
+    the full logits; torch's AdamW with linear warmup and decay; gradients clipped."""
+    import math
+
+    feats = [encode_example(tok, e.prompt, e.completion, settings.max_length) for e in examples]
+    weights = torch.tensor([e.weight for e in examples])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    total = math.ceil(len(feats) / settings.batch_size) * settings.epochs
+    warm = int(settings.warmup_ratio * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: (t + 1) / warm if t < warm else max(0.0, (total - t) / max(1, total - warm))
+    )
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(settings.epochs):
+        order = torch.randperm(len(feats), generator=gen).tolist()
+        for i in range(0, len(order), settings.batch_size):
+            rows = order[i : i + settings.batch_size]
+            b = collate([feats[r] for r in rows], tok.pad_token_id)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+            target = b["labels"][:, 1:]
+            labelled = target != -100
+            nll = -torch.log_softmax(logits[:, :-1], -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            loss = (nll * labelled * weights[rows].unsqueeze(1)).sum() / labelled.sum()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
 @pytest.fixture(scope="module")
 def tiny_target() -> Path:
     from codedistill.models.tiny import ensure_tiny_models
@@ -87,6 +128,20 @@ def test_two_process_data_parallel_matches_single_process(tiny_target, tmp_path)
     assert res["steps"] == len(single)
     assert res["losses"] == pytest.approx(single, rel=LOSS_RTOL)
     assert res["losses"][-1] < res["losses"][0]
+    # both equal the reference loop, which weights each example's loss by its weight (1/3 of
+    # the examples at 0.5): a run that dropped the weights would have other losses and weights
+    reference = prepare_model(tiny_target, SETTINGS, seed=7, device="cpu")
+    expected = reference_training(reference, tok, _examples(), SETTINGS, seed=7)
+    unweighted = reference_training(
+        prepare_model(tiny_target, SETTINGS, seed=7, device="cpu"),
+        tok,
+        [TrainExample(e.prompt, e.completion) for e in _examples()],
+        SETTINGS,
+        seed=7,
+    )
+    assert res["losses"] == pytest.approx(expected, rel=LOSS_RTOL)
+    assert single == pytest.approx(expected, rel=LOSS_RTOL)
+    assert abs(unweighted[0] - expected[0]) > 20 * LOSS_RTOL * expected[0]
     # exactly one adapter, written once (by the main process)
     assert sorted(p.name for p in (tmp_path / "iter_1").iterdir()) == ["adapter"]
     files = sorted(p.name for p in (tmp_path / "iter_1" / "adapter").iterdir())
@@ -100,7 +155,9 @@ def test_two_process_data_parallel_matches_single_process(tiny_target, tmp_path)
     )
     x = torch.tensor([tok(_examples()[0].prompt)["input_ids"]])
     with torch.no_grad():
-        assert torch.allclose(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=1e-3)
+        out = loaded(input_ids=x).logits
+        assert torch.allclose(out, model(input_ids=x).logits, atol=1e-3)
+        assert torch.allclose(out, reference(input_ids=x).logits, atol=1e-3)
 
 
 def test_qlora_on_cpu_is_a_clear_error(tiny_target):

@@ -92,6 +92,10 @@ def program_of(row: Mapping[str, Any], problem: Problem) -> str:
     return problem.program(row["completion"])
 
 
+def _advance_one(advance: Callable[[int], None], _finished: int) -> None:
+    advance(1)
+
+
 def execute(
     programs: Sequence[tuple[str, Problem]],
     workers: int | None = None,

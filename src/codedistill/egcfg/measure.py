@@ -31,8 +31,10 @@ COST_KEYS = ("forward_passes", "forward_rows_tokens", "generated_tokens", "sandb
 def _load(model: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from codedistill.models.loading import hide_loading_bars
     from codedistill.models.tiny import resolve_model_path
 
+    hide_loading_bars()
     path = resolve_model_path(model)
     tok = AutoTokenizer.from_pretrained(path)
     m = AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()

@@ -421,6 +421,9 @@ def _load_gguf(path: Path) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from codedistill.models.loading import hide_loading_bars
+
+    hide_loading_bars()
     where, name = str(path.parent), path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)

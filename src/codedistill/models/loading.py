@@ -45,6 +45,7 @@ def load_causal_lm(
     a model larger than one GPU over all GPUs (``device_map='auto'``)."""
     from transformers import AutoModelForCausalLM
 
+    hide_loading_bars()
     kwargs: dict[str, Any] = {"dtype": pick_dtype(dtype, device)}
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
@@ -74,6 +75,40 @@ def merge_adapter(model: Any, adapter: str | Path) -> Any:
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+
+
+#: transformers' own bars over a model's weights (5.x; 4.x), drawn on every load of every model
+LOADING_BARS = ("Loading weights", "Loading checkpoint shards")
+_bars_hidden = False
+
+
+def _no_loading_bar(previous: Any) -> Any:
+    def hook(factory: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if str(kwargs.get("desc") or "").startswith(LOADING_BARS):
+            kwargs = {**kwargs, "disable": True}
+        return previous(factory, args, kwargs) if previous is not None else factory(*args, **kwargs)
+
+    return hook
+
+
+def hide_loading_bars() -> None:
+    """transformers' "Loading weights" bar off for this process (codedistill says itself what
+    it loads; the bar is drawn in full on every load, even of a tiny model, into output that
+    is not a terminal). Only that bar: downloads' bars (huggingface_hub) and the rest stay.
+    Through ``transformers.utils.logging.set_tqdm_hook`` (transformers 5); idempotent."""
+    global _bars_hidden
+    if _bars_hidden:
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        return
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)
+    if set_hook is None:  # pragma: no cover - transformers < 5: no hook; its bars stay
+        return
+    previous = set_hook(None)
+    set_hook(_no_loading_bar(previous))
+    _bars_hidden = True
 
 
 def quiet_transformers() -> None:

@@ -93,7 +93,10 @@ class TrainingSettings(BaseModel):
         default_factory=list, description="tensorboard | wandb | mlflow (comma-separated; wandb offline)."
     )
     weight_decay: float = Field(
-        0.0, ge=0.0, description="AdamW weight decay.", json_schema_extra={DUMP_WHEN_CHANGED: True}
+        0.0,
+        ge=0.0,
+        description="AdamW weight decay (not on biases and norm weights).",
+        json_schema_extra={DUMP_WHEN_CHANGED: True},
     )
     max_grad_norm: float = Field(
         1.0, ge=0.0, description="Gradient clipping norm (0: no clipping).", json_schema_extra={DUMP_WHEN_CHANGED: True}

@@ -1,11 +1,18 @@
 """Fine-tune the target on replayed programs: completion-only causal-LM loss, LoRA or full.
 
-transformers' ``Trainer`` with one override (the completion-only, importance-weighted
-loss), so it runs single-process or under ``accelerate launch`` (DDP, FSDP, DeepSpeed),
-with gradient checkpointing, mixed precision and QLoRA where asked. Deterministic given a
-seed (LoRA init, data order and dropout all draw from generators seeded here). Prompts
-are rendered and tokenized with the *target's* tokenizer; the source's token ids never
-reach this module (only program text does).
+transformers' ``Trainer``, so it runs single-process or under ``accelerate launch`` (DDP,
+FSDP, DeepSpeed), with gradient checkpointing, mixed precision and QLoRA where asked. Two
+methods are overridden, both documented override points of ``Trainer``: ``compute_loss``
+(the completion-only, importance-weighted loss, :mod:`codedistill.training.loss`) and
+``create_scheduler`` (linear warmup from the first step's nonzero rate, then linear decay:
+no scheduler transformers names does this). Everything else is set through public
+arguments: the data order is the dataset's own (``train_sampling_strategy="sequential"``
+over a dataset that gives each epoch's seeded permutation through ``set_epoch``, which
+the Trainer calls), the optimizer ``optim="adamw_torch"``. tests/test_trainer_hooks.py
+pins what each of these must do, so that a transformers upgrade that changes one fails
+there. Deterministic given a seed (LoRA init, data order and dropout all draw from
+generators seeded here). Prompts are rendered and tokenized with the *target's*
+tokenizer; the source's token ids never reach this module (only program text does).
 """
 
 from __future__ import annotations
@@ -16,22 +23,22 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from codedistill.errors import ConfigError
-from codedistill.models.loading import load_causal_lm
+from codedistill.models.loading import hide_loading_bars, load_causal_lm
+from codedistill.training.loss import IGNORE_INDEX, CompletionLoss, completion_loss
 from codedistill.training.settings import TrainExample, TrainResult, TrainSettings, check_qlora, check_report_to
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "completion_loss"]  # re-exported: the loss lives in training/loss.py
 
 
 def set_seed(seed: int) -> None:
@@ -162,26 +169,6 @@ class PaddingCollator:
         return collate(features, self.pad_id)
 
 
-def completion_loss(logits: Any, labels: Any, weights: Any | None = None) -> Any:
-    """Mean next-token cross-entropy over labelled (completion) positions; each token
-    weighted by its example's importance weight (sum w*ce / number of tokens)."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    ce = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(shift_labels.shape)
-    valid = (shift_labels != IGNORE_INDEX).float()
-    if weights is not None:
-        valid_w = valid * weights.to(ce.device).float().unsqueeze(1)
-    else:
-        valid_w = valid
-    denom = valid.sum().clamp(min=1.0)
-    return (ce * valid_w).sum() / denom
-
-
 def prepare_model(
     base_path: str | Path,
     settings: TrainSettings,
@@ -237,6 +224,7 @@ def _prepare_qlora(base_path: str | Path, settings: TrainSettings, device: str, 
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
     index = torch.device(device).index or 0
+    hide_loading_bars()
     model = AutoModelForCausalLM.from_pretrained(
         str(base_path), quantization_config=q, dtype=torch.bfloat16, device_map={"": index}
     )
@@ -254,6 +242,7 @@ def train(
     seed: int,
     log: Callable[[str], None] | None = None,
     output_dir: str | Path | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
     """Fine-tune ``model`` in place on ``examples`` with transformers' ``Trainer``; returns
     the per-step loss curve (the same on every process of a distributed run).
@@ -262,16 +251,16 @@ def train(
     :func:`encode_example`, so the labels are the target's own tokens after its prompt) and
     weights each example's loss by its importance-sampling weight; ``SFTTrainer`` would
     re-tokenize prompt and completion its own way and has no per-example weight. What BTP
-    needs on top of ``Trainer`` is one ``compute_loss`` (:class:`CompletionTrainer`); the
-    rest (accelerate/DDP/FSDP/DeepSpeed, gradient accumulation and checkpointing, mixed
-    precision, ``report_to``) is the library's.
+    needs on top of ``Trainer`` is its ``compute_loss`` and its learning-rate schedule
+    (:class:`CompletionTrainer`); the rest (accelerate/DDP/FSDP/DeepSpeed, gradient
+    accumulation and checkpointing, mixed precision, ``report_to``) is the library's.
 
-    The data order is one ``torch.randperm`` per epoch from a generator seeded with ``seed``;
-    the optimizer ``torch.optim.AdamW`` on the trainable parameters, with linear warmup then
-    linear decay and gradient clipping. A step's loss is the importance-weighted token
-    cross-entropy summed over the step's completion tokens / their number (with
-    ``grad_accum`` 1 the per-batch mean; with more, the token mean over the whole
-    accumulated step; across processes, the token mean over the global batch, so N
+    The data order is one ``torch.randperm`` per epoch from a generator seeded with ``seed``
+    (:class:`EpochOrderedDataset`); the optimizer ``torch.optim.AdamW`` on the trainable
+    parameters, with linear warmup then linear decay and gradient clipping. A step's loss
+    is the importance-weighted token cross-entropy summed over the step's completion tokens
+    / their number (with ``grad_accum`` 1 the per-batch mean; with more, the token mean over
+    the whole accumulated step; across processes, the token mean over the global batch, so N
     processes with ``batch_size``/N each give the single-process curve). Bit for bit
     reproducible given the seed with ``grad_accum`` 1 and no LoRA dropout; with dropout the
     Trainer's data loader draws from the global RNG, still seeded.
@@ -300,15 +289,16 @@ def train(
     trainer = CompletionTrainer(
         model=model,
         args=_training_args(settings, out, bs // world, seed, total, device),
-        train_dataset=_ListDataset(feats),
+        train_dataset=EpochOrderedDataset(feats, settings.epochs, seed),
         data_collator=PaddingCollator(pad_id),
-        data_order=_EpochOrders(len(feats), settings.epochs, seed),
         schedule=_lr_lambda(total, int(settings.warmup_ratio * total)),
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     progress = TrainProgress(trainer, result, log)
     trainer.add_callback(progress)
+    for cb in callbacks:  # e.g. to look at each step's gradients (on_pre_optimizer_step)
+        trainer.add_callback(cb)
     try:
         trainer.train()
     finally:
@@ -342,6 +332,11 @@ def _encode_all(
 def _training_args(
     settings: TrainSettings, out: Path, per_device_batch: int, seed: int, total: int, device: str
 ) -> TrainingArguments:
+    if "train_sampling_strategy" not in TrainingArguments.__dataclass_fields__:
+        raise ConfigError(
+            "fine-tuning needs transformers >= 5.2 (TrainingArguments.train_sampling_strategy, for the "
+            "seeded data order): pip install -c constraints.txt transformers"
+        )
     return TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=per_device_batch,
@@ -350,6 +345,14 @@ def _training_args(
         max_steps=total,
         learning_rate=settings.learning_rate,
         weight_decay=settings.weight_decay,
+        # torch.optim.AdamW (betas, eps: torch's defaults) over the trainable parameters;
+        # Trainer exempts biases and norm weights from weight decay
+        optim="adamw_torch",
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        # the dataset's own order (EpochOrderedDataset: a seeded permutation per epoch)
+        train_sampling_strategy="sequential",
         max_grad_norm=settings.max_grad_norm or 0.0,
         seed=seed,
         bf16=settings.mixed_precision == "bf16",
@@ -389,63 +392,45 @@ def _lr_lambda(total: int, warm: int) -> Callable[[int], float]:
     return lr_at
 
 
-class _ListDataset:
-    """A map-style dataset over already-encoded features."""
+class EpochOrderedDataset:
+    """The encoded features in the training order: in epoch ``e`` item ``i`` is feature
+    ``orders[e][i]``, ``orders[e]`` the e-th ``torch.randperm`` of a generator seeded with the
+    run's seed. The Trainer reads it sequentially (``train_sampling_strategy="sequential"``)
+    and calls ``set_epoch(e)`` (through accelerate's data loader) before each epoch;
+    accelerate shards the batches built from it over processes."""
 
-    def __init__(self, feats: list[dict[str, Any]]):
+    def __init__(self, feats: list[dict[str, Any]], epochs: int, seed: int):
         self.feats = feats
+        gen = torch.Generator().manual_seed(seed)
+        self.orders = [torch.randperm(len(feats), generator=gen).tolist() for _ in range(max(1, epochs))]
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = min(int(epoch), len(self.orders) - 1)
 
     def __len__(self) -> int:
         return len(self.feats)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.feats[i]
-
-
-class _EpochOrders:
-    """The training order: epoch e is the e-th ``torch.randperm`` of a generator seeded
-    with the run's seed. Each iteration (one per epoch; accelerate shards the batches built
-    from it over processes) yields the next epoch's permutation."""
-
-    def __init__(self, n: int, epochs: int, seed: int):
-        gen = torch.Generator().manual_seed(seed)
-        self.orders = [torch.randperm(n, generator=gen).tolist() for _ in range(max(1, epochs))]
-        self.n = n
-        self.calls = 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        order = self.orders[min(self.calls, len(self.orders) - 1)]
-        self.calls += 1
-        return iter(order)
+        return self.feats[self.orders[self.epoch][i]]
 
 
 class CompletionTrainer(Trainer):
     """``Trainer`` with BTP's loss: completion tokens only, each weighted by its example's
     importance-sampling weight, normalised by the step's (global) number of completion
-    tokens; plus the fixed data order, AdamW on the trainable parameters and the schedule."""
+    tokens (:class:`~codedistill.training.loss.CompletionLoss`: the LM head on completion
+    positions only, chunked); and BTP's learning-rate schedule."""
 
-    def __init__(self, *a: Any, data_order: Any, schedule: Callable[[int], float], **kw: Any):
+    def __init__(self, *a: Any, schedule: Callable[[int], float], loss_mode: str | None = None, **kw: Any):
         super().__init__(*a, **kw)
-        self._data_order = data_order
         self._schedule = schedule
+        self._loss_mode = loss_mode
+        self._loss: CompletionLoss | None = None
         # our compute_loss takes num_items_in_batch: Trainer then counts the labelled
         # tokens of the whole (accumulated, all-process) step and does not divide by GA
         self.model_accepts_loss_kwargs = True
         self.step_loss = 0.0
         self.step_tokens = 0
-
-    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-        return self._data_order
-
-    def create_optimizer(self, model: Any = None) -> Any:
-        if self.optimizer is None:
-            assert self.model is not None
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            self.optimizer = torch.optim.AdamW(params, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
-        return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         if self.lr_scheduler is None:
@@ -454,17 +439,25 @@ class CompletionTrainer(Trainer):
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._schedule)
         return self.lr_scheduler
 
+    def completion_loss_of(self, model: Any) -> CompletionLoss:
+        """The loss computer of the model being trained (made on the first batch, when the
+        model is wrapped)."""
+        if self._loss is None:
+            sharded = bool(self.is_fsdp_enabled or self.is_deepspeed_enabled)
+            inner = self.accelerator.unwrap_model(model)
+            self._loss = CompletionLoss(inner, sharded=sharded, mode=self._loss_mode)
+        return self._loss
+
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         weights = inputs.pop("weights", None)
         labels = inputs.pop("labels")
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        if num_items_in_batch is None:  # evaluation, or Trainer did not count
-            loss = completion_loss(outputs.logits, labels, weights)
-        else:
+        loss_of = self.completion_loss_of(model)
+        loss, outputs = loss_of(model, inputs["input_ids"], inputs["attention_mask"], labels, weights)
+        if num_items_in_batch is not None:
             n_local = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
-            loss = completion_loss(outputs.logits, labels, weights) * n_local / num_items_in_batch
+            loss = loss * n_local / num_items_in_batch
             self.step_loss += float(loss.detach())
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
