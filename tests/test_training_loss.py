@@ -50,8 +50,9 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _compare(model, b, mode: str | None, chunk_elements: int, rtol: float = 1e-5):
-    """(reference loss, lean loss, the loss computer): values and every gradient agree."""
+def _compare(model, b, mode: str | None, chunk_elements: int, fused: bool | None = None, saved: list | None = None):
+    """(reference loss, lean loss, the loss computer): values and every gradient agree.
+    ``saved``: gets the size of every tensor the lean loss's forward keeps for backward."""
     model.zero_grad()
     ref = completion_loss(
         model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"], b["weights"]
@@ -59,11 +60,18 @@ def _compare(model, b, mode: str | None, chunk_elements: int, rtol: float = 1e-5
     ref.backward()
     g_ref = _grads(model)
     model.zero_grad()
-    lean = CompletionLoss(model, chunk_elements=chunk_elements, mode=mode)
-    loss, _ = lean(model, b["input_ids"], b["attention_mask"], b["labels"], b["weights"])
+    lean = CompletionLoss(model, chunk_elements=chunk_elements, mode=mode, fused=fused)
+    sizes = saved if saved is not None else []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = lean(model, b["input_ids"], b["attention_mask"], b["labels"], b["weights"])
     loss.backward()
     g = _grads(model)
-    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=rtol, abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5, abs=1e-6)
     assert g.keys() == g_ref.keys() and g
     for n in g:
         scale = float(g_ref[n].abs().max()) + 1e-12
@@ -78,18 +86,17 @@ def test_chunked_loss_equals_the_full_logits_loss_on_the_tiny_models(shipped, na
     model = AutoModelForCausalLM.from_pretrained(shipped[name], dtype=torch.float32)
     b = _batch(load_tokenizer(shipped[name]))
     ref, loss, lean = _compare(model, b, None, 1 << 24)
-    assert lean.mode == "chunked" and lean.checked
-    # several chunks, each recomputed in backward: the same numbers
-    _, loss_c, _ = _compare(model, b, None, 7 * model.config.vocab_size)
-    assert loss_c == pytest.approx(ref, rel=1e-5)
+    assert lean.mode == "chunked" and lean.checked and lean.fused  # a plain linear head
+    # several chunks, fused and (each recomputed in backward) not: the same numbers
+    for fused in (True, False):
+        _, loss_c, _ = _compare(model, b, None, 7 * model.config.vocab_size, fused=fused)
+        assert loss_c == pytest.approx(ref, rel=1e-5)
     # the in-forward (FSDP/DeepSpeed) and full modes too
     _compare(model, b, "last_k", 1 << 24)
     _compare(model, b, "full", 1 << 24)
     # the weights are in it: unweighted is another number
-    unweighted = completion_loss(
-        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]
-    )
-    assert abs(float(unweighted) - ref) > 0.05 * ref
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    assert abs(float(completion_loss(logits, b["labels"]).detach()) - ref) > 0.05 * ref
 
 
 def test_chunked_loss_under_lora(shipped):
@@ -145,32 +152,51 @@ def _random_batch(vocab: int, lengths: list[int], prompt: list[int]) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": torch.tensor(WEIGHTS)}
 
 
-def test_gemma3_softcapping_is_applied_and_the_head_sees_at_most_a_chunk():
+@pytest.mark.parametrize("fused", [True, False])
+def test_gemma3_softcapping_is_applied_and_no_full_logits_are_kept(fused):
     model = _tiny_gemma3(softcap=5.0)  # a small cap, so that capping changes the loss a lot
-    V = model.config.vocab_size
+    V, H = model.config.vocab_size, model.config.hidden_size
     b = _random_batch(V, [40, 33, 25, 40], [10, 20, 5, 30])
+    n_completion = int((b["labels"][:, 1:] != -100).sum())
     rows: list[int] = []
     head = model.get_output_embeddings()
     handle = head.register_forward_hook(lambda m, a, out: rows.append(out.reshape(-1, V).shape[0]))
+    saved: list[int] = []
     try:
-        ref, loss, lean = _compare(model, b, None, 6 * V)
+        ref, loss, lean = _compare(model, b, None, 6 * V, fused=fused, saved=saved)
     finally:
         handle.remove()
-    assert lean.mode == "chunked" and lean.softcap == 5.0
-    # the head ran on the full sequence once (the reference), otherwise on at most 6 positions
-    # (a chunk; its recomputation in backward) or the batch's last positions (logits_to_keep=1)
-    assert rows.count(4 * 40) == 1 and max(r for r in rows if r != 4 * 40) <= 6
-    n_completion = int((b["labels"][:, 1:] != -100).sum())
-    assert sum(r for r in rows if r <= 6) >= 2 * n_completion  # forward + recomputed in backward
+    assert lean.mode == "chunked" and lean.softcap == 5.0 and lean.fused == fused
+    # what the lean forward keeps for backward: nothing of [positions, vocabulary] (the head's
+    # weight gradient, V x H, where it trains; the 4 x V logits of the last positions)
+    assert max(saved) <= max(V * H, 4 * V) < n_completion * V
+    if not fused:  # the head module ran on at most 6 positions at once (a chunk), also when
+        # recomputed in backward; besides the reference's full sequence and the last positions
+        assert rows.count(4 * 40) == 1 and max(r for r in rows if r != 4 * 40) <= 6
+        assert sum(r for r in rows if r <= 6) >= 2 * n_completion
     # without the cap the loss is another number: the cap is what made them equal
-    b2 = {k: v.clone() for k, v in b.items()}
     uncapped = _tiny_gemma3(softcap=None)
     uncapped.load_state_dict(model.state_dict())
     with torch.no_grad():
-        other = completion_loss(
-            uncapped(input_ids=b2["input_ids"], attention_mask=b2["attention_mask"]).logits, b2["labels"], b2["weights"]
-        )
+        logits = uncapped(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        other = completion_loss(logits, b["labels"], b["weights"])
     assert abs(float(other) - ref) > 0.1
+
+
+def test_lora_on_the_head_itself_takes_the_recomputing_path(shipped):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(shipped["tiny-source"], dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    b = _batch(load_tokenizer(shipped["tiny-source"]))
+    _, _, lean = _compare(model, b, None, 5 * base.config.vocab_size)
+    assert lean.mode == "chunked" and not lean.fused
 
 
 def test_a_model_whose_logits_are_not_its_head_falls_back_to_its_own_logits():

@@ -12,11 +12,14 @@ of a 16 x 100 batch are 1.7 GB, and cross-entropy keeps as much again for the ba
   last position only) while a forward hook on its decoder (``model.get_decoder()``) keeps
   the final hidden states; the LM head (``model.get_output_embeddings()``, Gemma's
   ``final_logit_softcapping`` included) is then applied to the completion positions only, a
-  chunk of positions at a time, each chunk recomputed in the backward pass
-  (``torch.utils.checkpoint``), so at most one chunk's logits (:data:`CHUNK_ELEMENTS`
-  floats) exist at once. On its first batch it checks that its LM head reproduces the
-  model's own logits at the kept position; a model whose head does something else falls
-  back to ``last_k`` with a warning.
+  chunk of positions at a time, so at most one chunk's logits (:data:`CHUNK_ELEMENTS`
+  floats) exist at once. A plain linear head (the usual) gets a fused linear
+  cross-entropy: each chunk's gradients (for the hidden states, and the head's weights if
+  they train) are computed in the forward pass (:func:`linear_cross_entropy`), so nothing is
+  recomputed; any other head (a LoRA-adapted one) has each chunk recomputed in the backward
+  pass (``torch.utils.checkpoint``, :func:`head_cross_entropy`). On its first batch it checks
+  that its LM head reproduces the model's own logits at the kept position; a model whose
+  head does something else falls back to ``last_k`` with a warning.
 - ``last_k`` (FSDP and DeepSpeed, whose sharded LM head can be used only inside the
   model's forward): ``logits_to_keep=K``, the last K positions, K covering every row's
   completion, through the model's own head.
@@ -110,6 +113,101 @@ def head_cross_entropy(
     return total
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """``sum_i w_i * CE(cap(h_i W^T + b), y_i)`` over chunks of positions, with the gradients
+    for ``h`` (and ``W``, ``b`` where they need one) computed in the same pass, chunk by chunk:
+    d/dlogits = w * (softmax - onehot), times the cap's derivative ``1 - (logits/cap)^2``.
+    No chunk's logits outlive their chunk, and nothing is recomputed in backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: Any,
+        weight: Any,
+        bias: Any,
+        targets: Any,
+        weights: Any,
+        softcap: float | None,
+        size: int,
+    ) -> Any:
+        n = int(hidden.shape[0])
+        grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        need_b = bias is not None and bias.requires_grad
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, n, size):
+            h = hidden[s : s + size]
+            y = targets[s : s + size]
+            z = F.linear(h, weight, bias)
+            t = None
+            if softcap:
+                t = torch.tanh(z / softcap)
+                z = t * softcap
+            logits = z.float()
+            lse = torch.logsumexp(logits, dim=-1)
+            ce = lse - logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            w = None if weights is None else weights[s : s + size]
+            total = total + ((ce * w).sum() if w is not None else ce.sum())
+            g = torch.exp(logits - lse.unsqueeze(-1))
+            g[torch.arange(len(y), device=g.device), y] -= 1.0
+            if w is not None:
+                g.mul_(w.unsqueeze(-1))
+            if t is not None:
+                g.mul_(1.0 - t.float().square())
+            g = g.to(z.dtype)
+            if grad_h is not None:
+                grad_h[s : s + size] = (g @ weight.to(g.dtype)).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w += (g.t() @ h.to(g.dtype)).float()
+            if grad_b is not None:
+                grad_b += g.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Any) -> Any:  # type: ignore[override]
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        return (
+            None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+            None if grad_w is None else (grad_w * grad_out).to(w_dtype),
+            None if grad_b is None else (grad_b * grad_out).to(b_dtype),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def fused_head(head: Any) -> bool:
+    """Whether :func:`linear_cross_entropy` can use ``head`` directly: a plain ``nn.Linear``
+    with floating-point weights (not a LoRA-wrapped or quantized layer)."""
+    w = getattr(head, "weight", None)
+    return (
+        isinstance(head, torch.nn.Linear)
+        and type(w) is torch.nn.Parameter
+        and w.is_floating_point()
+        and (head.bias is None or type(head.bias) is torch.nn.Parameter)
+    )
+
+
+def linear_cross_entropy(
+    hidden: Any,
+    targets: Any,
+    weights: Any | None,
+    head: Any,
+    softcap: float | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> Any:
+    """:func:`head_cross_entropy` for a plain linear head (:func:`fused_head`), with its
+    gradients computed in the forward pass chunk by chunk (no recomputation)."""
+    vocab = int(head.weight.shape[0])
+    size = max(1, chunk_elements // max(1, vocab))
+    return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, weights, softcap, size)
+
+
 def _causal_lm(model: Any) -> Any:
     """The transformers model under a peft wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
@@ -131,7 +229,12 @@ class CompletionLoss:
     construction) the unwrapped model whose decoder and LM head are used."""
 
     def __init__(
-        self, inner: Any, sharded: bool = False, chunk_elements: int = CHUNK_ELEMENTS, mode: str | None = None
+        self,
+        inner: Any,
+        sharded: bool = False,
+        chunk_elements: int = CHUNK_ELEMENTS,
+        mode: str | None = None,
+        fused: bool | None = None,
     ):
         self.inner = inner
         self.chunk_elements = chunk_elements
@@ -154,6 +257,7 @@ class CompletionLoss:
             self.softcap = _softcap(lm)
             cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
             self.vocab_size = int(getattr(cfg, "vocab_size", 0) or 0) or None
+            self.fused = fused_head(self.head) if fused is None else fused
 
     def __call__(
         self, model: Any, input_ids: Any, attention_mask: Any, labels: Any, weights: Any | None = None
@@ -196,9 +300,12 @@ class CompletionLoss:
                 self.mode = "last_k"
                 return self._last_k(model, input_ids, attention_mask, labels, weights)
         keep, targets, w = completion_targets(labels, weights)
-        total = head_cross_entropy(
-            hidden[keep], targets, w, self.head, self.softcap, self.vocab_size, self.chunk_elements
-        )
+        if self.fused:
+            total = linear_cross_entropy(hidden[keep], targets, w, self.head, self.softcap, self.chunk_elements)
+        else:
+            total = head_cross_entropy(
+                hidden[keep], targets, w, self.head, self.softcap, self.vocab_size, self.chunk_elements
+            )
         return total / keep.sum().clamp(min=1), outputs
 
     def _head_matches(self, hidden: Any, logits: Any) -> bool:
