@@ -96,15 +96,23 @@ def test_a_remote_claim_holds_while_its_heartbeat_is_fresh_then_expires(tmp_path
     assert try_claim(tmp_path, "job", lease=30) is None
 
 
-def test_a_frozen_worker_loses_its_claim_and_stops(tmp_path):
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_a_frozen_worker_loses_its_claim_and_stops(tmp_path, sigint):
     """A worker stopped (SIGSTOP: a node frozen, swapping) for longer than the lease is
-    presumed dead and its job taken over; when it wakes up it sees that and stops."""
+    presumed dead and its job taken over; when it wakes up it sees that and stops. Also
+    when it was started with SIGINT ignored, as `worker &` in a script or nohup start it
+    (the lost claim reaches the main thread as a simulated SIGINT)."""
+
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     p = subprocess.Popen(
         [sys.executable, str(HELPER), "hold", str(tmp_path), "job", "1.5"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=ENV,
+        preexec_fn=ignore_sigint if sigint == "ignored" else None,
     )
     try:
         assert p.stdout.readline().strip() == "holding"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import _thread
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -143,6 +144,7 @@ class Claim:
         self.lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._prev_sigint: Any = None
 
     def beat(self) -> None:
         write_text(_beat_path(self.lock, self.token), json.dumps({"heartbeat": time.time()}))
@@ -167,7 +169,24 @@ class Claim:
             except OSError:
                 pass  # a transient error of a network file system: the next beat may pass
 
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        """SIGINT while held: the heartbeat thread's interruption (the claim is lost) stops
+        the main thread; a real Ctrl-C does what it did before the claim."""
+        prev = self._prev_sigint
+        if self.lost or prev is None or prev == signal.SIG_DFL:
+            raise KeyboardInterrupt
+        if callable(prev):
+            prev(signum, frame)
+        # SIG_IGN: Ctrl-C stays ignored
+
     def __enter__(self) -> Claim:
+        # The lost claim reaches the main thread as a simulated SIGINT, which Python drops
+        # when SIGINT is ignored: a worker started in the background by a script (`cmd &`,
+        # nohup) inherits SIGINT ignored and would never stop. So, on the main thread, the
+        # claim handles SIGINT itself while it is held.
+        if threading.current_thread() is threading.main_thread():
+            self._prev_sigint = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._on_sigint)
         self._thread = threading.Thread(target=self._run, name=f"heartbeat {self.lock.name}", daemon=True)
         self._thread.start()
         return self
@@ -183,6 +202,9 @@ class Claim:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+        if self._prev_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._prev_sigint)
+            self._prev_sigint = None
         if self.still_mine():
             self.lock.unlink(missing_ok=True)
         _beat_path(self.lock, self.token).unlink(missing_ok=True)
