@@ -117,8 +117,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     dtype = "bfloat16" if args.worker.endswith("bf16") else args.dtype
     if backend == "vllm":
         gen = make_generator(spec, "vllm", {"cache": False}, dtype=dtype)
-    else:
+    elif args.worker == "before":  # its make_generator has no threads option: torch's setting
         gen = make_generator(spec, "hf", device="cpu", dtype=dtype, batch_size=args.batch_size)
+    else:
+        threads = None if args.threads == "torch" else args.threads if args.threads == "auto" else int(args.threads)
+        gen = make_generator(spec, "hf", device="cpu", dtype=dtype, batch_size=args.batch_size, threads=threads)
     load_s = time.perf_counter() - t0
     kw = dict(n=1, temperature=0.0, top_p=1.0, stop=stop, seed=0)
     try:
@@ -148,6 +151,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "backend": backend,
         "dtype": dtype,
         "torch_threads": torch.get_num_threads(),
+        # threads of each generate call (the HF backend's ``threads``; warm-up first); None: torch's
+        "generate_threads": list(getattr(gen, "threads_used", [])) or None,
         "load_s": load_s,
         "warmup_s": warmup_s,
         "gen_s": gen_s,
@@ -205,6 +210,7 @@ def run_variant(variant: str, src: Path, args: argparse.Namespace, tmp: Path) ->
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--result", str(out)]
     cmd += ["--model", args.model, "--dataset", args.dataset, "--problems", str(args.problems)]
     cmd += ["--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size), "--dtype", args.dtype]
+    cmd += ["--threads", args.threads]
     env = {**os.environ, "PYTHONPATH": str(src)}
     up = uptime()
     t = time.perf_counter()
@@ -275,7 +281,11 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], start: 
             )
         lines.append("targets: " + "; ".join(checks))
     threads = {r["torch_threads"] for r in results.values()}
-    lines.append(f"torch threads {sorted(threads)}; reps {args.reps} (median tokens/s shown)")
+    used = ", ".join(f"{n} {r['generate_threads'][-1]}" for n, r in results.items() if r.get("generate_threads"))
+    lines.append(
+        f"torch threads {sorted(threads)}; threads of the timed generate call: {used or 'torch threads'} "
+        f"(--threads {args.threads}); reps {args.reps} (median tokens/s shown)"
+    )
     lines.append(f"uptime at end: {end}")
     return "\n".join(lines)
 
@@ -288,6 +298,11 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8, help="HF: sequences per generate call")
     ap.add_argument("--dtype", default="auto", help="auto: float32 on CPU")
+    ap.add_argument(
+        "--threads",
+        default="auto",
+        help="the after variants' HF threads: auto (the backend's default), a number, or torch (torch's setting)",
+    )
     ap.add_argument("--variants", default="before,after,vllm", help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--before-rev", default=BEFORE_REV, help="git revision whose src/ is the before variant")
     ap.add_argument("--before-src", help="a src/ directory to use as the before variant instead of --before-rev")

@@ -27,8 +27,11 @@ Speed on CPU (measured on Gemma 3 270M, ``benchmarks/gemma_throughput.py``):
   2 threads against 0.4 ms with 1, and a decode step of the chunk of 8 about 1.9 s against
   0.43 s. ``"auto"`` therefore uses, for each ``generate`` call, no more threads than there
   are cores left by other runnable tasks (:func:`auto_threads`; at least 1, at most torch's
-  setting). Thread counts do not change the results (MKL's products and torch's kernels here
-  split work by rows, not within a sum; checked bit for bit).
+  setting). MKL's float32 products of the model's shapes are bit for bit the same with 1 and
+  2 threads; some other kernel is not always (a tiny model's padded rows: log-probs an ulp
+  apart from the 5th decode step), so a thread count, like torch's own choice of one per
+  core, can in a near tie change a greedy token. The benchmark's 8 Gemma completions were
+  the same with 1 thread as with 2.
 - Stop strings: transformers builds its stop-string criterion on every ``generate`` call from
   the whole vocabulary (``get_vocab`` and a sort of 262,144 tokens for Gemma, about 1 s); it is
   built once per stop list here (:meth:`HFGenerator._stop_criteria`).
@@ -310,6 +313,7 @@ class HFGenerator:
         key = tuple(stop)
         if key not in self._stops:
             self._stops[key] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(key))])
+            release_freed_memory()  # building it leaves ~100 MB of freed heap (Gemma) with glibc
         return self._stops[key]
 
     # ---- encoding -----------------------------------------------------------------
