@@ -63,9 +63,8 @@ def load_causal_lm(
     hide_loading_bars()
     want = pick_dtype(dtype, device)
     if device == "cpu" and not trust_remote_code and _narrows_float32_checkpoint(path, want):
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_float32())
-        cast_parameters_lean(model, want)
-        return model
+        lazy: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=_float32())
+        return cast_parameters_lean(lazy, want)
     kwargs: dict[str, Any] = {"dtype": want}
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
