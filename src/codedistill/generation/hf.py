@@ -18,23 +18,51 @@ reduced to what is needed as they are made (``generate`` is called without
   segments through its KV cache, the LM head (the model's own forward, soft-capping
   included) only on the completion positions, a few positions at a time.
 All are checked in the tests against an unbatched teacher-forced full-logits recomputation.
+
+Speed on CPU (measured on Gemma 3 270M, ``benchmarks/gemma_throughput.py``):
+- CPU threads (``threads``, default ``"auto"``): a decode step is some 130 matrix products and
+  a few hundred small operations, each a parallel region of all of torch's threads. On a
+  machine whose cores are busy with other work, every region waits for a thread the kernel
+  has descheduled: on 2 cores at load 8, a [8, 640] x [640, 2048] product took 30-38 ms with
+  2 threads against 0.4 ms with 1, and a decode step of the chunk of 8 about 1.9 s against
+  0.43 s. ``"auto"`` therefore uses, for each ``generate`` call, no more threads than there
+  are cores left by other runnable tasks (:func:`auto_threads`; at least 1, at most torch's
+  setting). MKL's float32 products of the model's shapes are bit for bit the same with 1 and
+  2 threads; some other kernel is not always (a tiny model's padded rows: log-probs an ulp
+  apart from the 5th decode step), so a thread count, like torch's own choice of one per
+  core, can in a near tie change a greedy token. The benchmark's 8 Gemma completions were
+  the same with 1 thread as with 2.
+- Stop strings: transformers builds its stop-string criterion on every ``generate`` call from
+  the whole vocabulary (``get_vocab`` and a sort of 262,144 tokens for Gemma, about 1 s); it is
+  built once per stop list here (:meth:`HFGenerator._stop_criteria`).
+- transformers already computes the LM head for the last prompt position only during the
+  prefill (``logits_to_keep=1``) and decodes through its KV cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteriaList, StopStringCriteria
 
 from codedistill.generation.base import Candidate
 from codedistill.generation.postprocess import cut_at_stop
-from codedistill.models.loading import default_device, ensure_pad_token, load_causal_lm, load_tokenizer
+from codedistill.models.loading import (
+    default_device,
+    ensure_pad_token,
+    load_causal_lm,
+    load_tokenizer,
+    release_freed_memory,
+    slim_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +70,57 @@ log = logging.getLogger(__name__)
 def load_model_and_tokenizer(
     path: str, device: str | None = None, dtype: str = "auto", trust_remote_code: bool = False
 ) -> tuple[Any, Any]:
-    """``from_pretrained`` exactly as for a hub model; ``device_map='auto'`` on GPUs; left padding."""
+    """``from_pretrained`` exactly as for a hub model; ``device_map='auto'`` on GPUs; left padding.
+
+    Generation never saves the tokenizer, so its Python copies of the vocabulary and merges
+    are dropped (:func:`~codedistill.models.loading.slim_tokenizer`)."""
     device = device or default_device()
-    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    tok = slim_tokenizer(load_tokenizer(path, trust_remote_code=trust_remote_code))
     model = load_causal_lm(path, device, dtype, spread=True, trust_remote_code=trust_remote_code)
     model.eval()
     tok.padding_side = "left"
+    release_freed_memory()
     return model, tok
+
+
+def _running_tasks(stat_dir: str = "/proc") -> tuple[int, int] | None:
+    """(runnable tasks on the machine, runnable threads of this process), from /proc; None
+    where /proc does not say. The machine's count is the fourth field of /proc/loadavg."""
+    try:
+        with open(f"{stat_dir}/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+        own = 0
+        for tid in os.listdir(f"{stat_dir}/self/task"):
+            with contextlib.suppress(OSError, IndexError):
+                with open(f"{stat_dir}/self/task/{tid}/stat") as f:
+                    own += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        return running, own
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def auto_threads(limit: int | None = None, samples: int = 5) -> int:
+    """CPU threads for the next ``generate`` call: the cores this process may use, less the
+    tasks of other processes that are runnable now (the median of a few looks at /proc, a
+    millisecond apart; scaled to this process's share of the machine's CPUs), at least 1 and
+    at most ``limit`` (default torch's setting). Where /proc does not say: ``limit``."""
+    import time
+
+    limit = limit or torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    others = []
+    for i in range(samples):
+        got = _running_tasks()
+        if got is None:
+            return limit
+        others.append(max(0, got[0] - got[1]))
+        if i + 1 < samples:
+            time.sleep(0.001)
+    busy = sorted(others)[len(others) // 2] * cores / max(cores, os.cpu_count() or cores)
+    return max(1, min(limit, cores - int(round(busy))))
 
 
 #: prompt tokens kept as context when decoding a continuation (enough for any tokenizer's
@@ -181,27 +253,68 @@ class HFGenerator:
         name: str = "model",
         batch_size: int = 8,
         add_special_tokens: bool = True,
+        threads: int | str | None = "auto",
     ):
+        """``threads``: torch's CPU threads while generating on the CPU: ``"auto"``
+        (:func:`auto_threads`, per ``generate`` call), a number, or None (torch's setting,
+        untouched)."""
+        if not (threads is None or threads == "auto" or (isinstance(threads, int) and threads >= 1)):
+            raise ValueError(f"threads must be 'auto', a positive number or None, not {threads!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.batch_size = batch_size
         self.add_special_tokens = add_special_tokens
+        self.threads = threads
         ensure_pad_token(tokenizer)
         tokenizer.padding_side = "left"
         self.forward_passes = 0
         self.generated_tokens = 0
+        self.threads_used: list[int] = []  # torch threads of each generate call on the CPU
+        self._stops: dict[tuple[str, ...], StoppingCriteriaList] = {}
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path, name: str | None = None, device: str | None = None, dtype: str = "auto", **kw: Any
     ) -> HFGenerator:
+        """Load ``path`` (:func:`load_model_and_tokenizer`); ``kw``: the constructor's."""
         model, tok = load_model_and_tokenizer(str(path), device=device, dtype=dtype)
         return cls(model, tok, name=name or str(path), **kw)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @contextlib.contextmanager
+    def _cpu_threads(self) -> Iterator[None]:
+        """torch's thread count for one ``generate`` call on the CPU (``threads``), restored after."""
+        if self.threads is None or self.device.type != "cpu":
+            yield
+            return
+        before = torch.get_num_threads()
+        n = auto_threads(before) if self.threads == "auto" else int(self.threads)
+        self.threads_used.append(n)
+        if n == before:
+            yield
+            return
+        log.debug("generating with %d CPU threads (torch's setting %d)", n, before)
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def _stop_criteria(self, stop: Sequence[str]) -> StoppingCriteriaList | None:
+        """transformers' stop-string criterion for ``stop``, built once per stop list (building
+        it reads and sorts the whole vocabulary; ``generate(stop_strings=...)`` does that on
+        every call)."""
+        if not stop:
+            return None
+        key = tuple(stop)
+        if key not in self._stops:
+            self._stops[key] = StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(key))])
+            release_freed_memory()  # building it leaves ~100 MB of freed heap (Gemma) with glibc
+        return self._stops[key]
 
     # ---- encoding -----------------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -272,21 +385,21 @@ class HFGenerator:
             plen = enc["input_ids"].shape[1]
             greedy = temperature <= 0
             recorder = ChosenLogprobs()
-            gen = self.model.generate(
-                **enc,
-                do_sample=not greedy,
-                temperature=None if greedy else temperature,
-                top_p=None if greedy else top_p,
-                top_k=None if greedy else 0,
-                num_return_sequences=n,
-                max_new_tokens=max_new_tokens,
-                logits_processor=LogitsProcessorList([recorder]),
-                return_dict_in_generate=True,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-                stop_strings=list(stop) or None,
-                tokenizer=self.tokenizer if stop else None,
-            )
+            with self._cpu_threads():
+                gen = self.model.generate(
+                    **enc,
+                    do_sample=not greedy,
+                    temperature=None if greedy else temperature,
+                    top_p=None if greedy else top_p,
+                    top_k=None if greedy else 0,
+                    num_return_sequences=n,
+                    max_new_tokens=max_new_tokens,
+                    logits_processor=LogitsProcessorList([recorder]),
+                    stopping_criteria=self._stop_criteria(stop),
+                    return_dict_in_generate=True,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                )
             seqs = gen.sequences[:, plen:]
             steps = recorder.steps
             lps = recorder.result(seqs)  # (B*n, T) raw log-probs of the chosen tokens
@@ -327,24 +440,24 @@ class HFGenerator:
             enc = self.encode(chunk)
             plen = enc["input_ids"].shape[1]
             recorder = BeamTopLogprobs(3 * num_beams)
-            gen = self.model.generate(
-                **enc,
-                do_sample=False,
-                num_beams=num_beams,
-                num_return_sequences=nrs,
-                length_penalty=length_penalty,
-                early_stopping=True,
-                max_new_tokens=max_new_tokens,
-                return_dict_in_generate=True,
-                logits_processor=LogitsProcessorList([recorder]),
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-                stop_strings=list(stop) or None,
-                tokenizer=self.tokenizer if stop else None,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-            )
+            with self._cpu_threads():
+                gen = self.model.generate(
+                    **enc,
+                    do_sample=False,
+                    num_beams=num_beams,
+                    num_return_sequences=nrs,
+                    length_penalty=length_penalty,
+                    early_stopping=True,
+                    max_new_tokens=max_new_tokens,
+                    return_dict_in_generate=True,
+                    logits_processor=LogitsProcessorList([recorder]),
+                    stopping_criteria=self._stop_criteria(stop),
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                )
             self.forward_passes += len(recorder.values)
             seqs = gen.sequences[:, plen:]
             beam_rows = getattr(gen, "beam_indices", None)
@@ -406,7 +519,8 @@ class HFGenerator:
             ids, mask = ids.to(self.device), mask.to(self.device)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             lens = torch.tensor([len(c) for c in C], device=self.device)
-            total = self._completion_logprobs(ids, mask, pos, lens)
+            with self._cpu_threads():
+                total = self._completion_logprobs(ids, mask, pos, lens)
             res.extend(float(x) for x in total.tolist())
         return res
 

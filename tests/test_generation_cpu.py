@@ -1,0 +1,121 @@
+"""HF backend on the CPU: threads per generate call, the stop-string criterion built once, the
+slimmed tokenizer and the lean float32 -> bfloat16 cast (same model as from_pretrained's)."""
+
+import pytest
+import torch
+
+from codedistill.generation import hf
+from codedistill.generation.hf import HFGenerator, auto_threads
+from codedistill.models.loading import cast_parameters_lean, load_causal_lm, slim_tokenizer
+
+PROMPTS = ["def add(a, b):\n", "[BEGIN]\n", "for i in range(10):\n"]
+
+
+def texts(out):
+    return [[c.text for c in cs] for cs in out]
+
+
+def test_thread_count_keeps_the_completions_and_is_restored(random_lm):
+    model, tok, _ = random_lm
+    before = torch.get_num_threads()
+    runs = {}
+    for threads in (None, 1, "auto"):
+        gen = HFGenerator(model, tok, batch_size=4, threads=threads)
+        out = gen.sample(PROMPTS, n=1, temperature=0.0, max_new_tokens=12, stop=["\n\n"])
+        runs[threads] = (texts(out), [c.logprob for cs in out for c in cs])
+        assert torch.get_num_threads() == before
+        assert gen.threads_used == ([] if threads is None else [1] if threads == 1 else gen.threads_used)
+        if threads == "auto":
+            assert len(gen.threads_used) == 1 and 1 <= gen.threads_used[0] <= before
+    # the same completions; a thread count may change a float's last bit (here: padded rows'
+    # log-probs by an ulp or so, from the 5th decode step on)
+    assert runs[None][0] == runs[1][0] == runs["auto"][0]
+    assert runs[None][1] == pytest.approx(runs[1][1], abs=1e-5)
+    assert runs[1][1] == pytest.approx(runs["auto"][1], abs=1e-5)
+    with pytest.raises(ValueError, match="threads"):
+        HFGenerator(model, tok, threads=0)
+
+
+def test_auto_threads_leaves_the_cores_other_tasks_use(monkeypatch):
+    cores = len(__import__("os").sched_getaffinity(0))
+    monkeypatch.setattr(hf, "_running_tasks", lambda: (1, 1))  # only this process runs
+    assert auto_threads(limit=cores) == cores
+    assert auto_threads(limit=1) == 1
+    monkeypatch.setattr(hf, "_running_tasks", lambda: (1 + 10 * cores, 1))  # a busy machine
+    assert auto_threads(limit=cores) == 1
+    monkeypatch.setattr(hf, "_running_tasks", lambda: None)  # no /proc: the limit
+    assert auto_threads(limit=3) == 3
+
+
+def test_running_tasks_reads_proc(tmp_path):
+    (tmp_path / "self" / "task" / "10").mkdir(parents=True)
+    (tmp_path / "self" / "task" / "11").mkdir(parents=True)
+    (tmp_path / "loadavg").write_text("7.10 6.20 5.00 9/321 4242\n")
+    (tmp_path / "self" / "task" / "10" / "stat").write_text("10 (py thon) R 1 2 3\n")
+    (tmp_path / "self" / "task" / "11" / "stat").write_text("11 (py) S 1 2 3\n")
+    assert hf._running_tasks(str(tmp_path)) == (9, 1)
+    assert hf._running_tasks(str(tmp_path / "missing")) is None
+
+
+def test_stop_criterion_is_built_once_per_stop_list(random_lm):
+    model, tok, _ = random_lm
+    gen = HFGenerator(model, tok, batch_size=4)
+    a = gen._stop_criteria(["\n\n", "[DONE]"])
+    assert gen._stop_criteria(("\n\n", "[DONE]")) is a
+    assert gen._stop_criteria(["\n"]) is not a
+    assert gen._stop_criteria([]) is None
+
+
+def test_slim_tokenizer_drops_only_copies_nothing_else_reads():
+    class Backend:
+        def __init__(self):
+            self._tokenizer = object()
+            self._vocab = {"a": 0}
+            self._merges = [("a", "b")]
+
+        def encode(self, s):
+            return [0]
+
+    class Saver(Backend):
+        def save_vocabulary(self):
+            return self._vocab
+
+    slim = slim_tokenizer(Backend())
+    assert not hasattr(slim, "_vocab") and not hasattr(slim, "_merges")
+    kept = slim_tokenizer(Saver())
+    assert kept._vocab == {"a": 0} and kept._merges == [("a", "b")]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_lean_bf16_cast_is_from_pretrained_in_bf16(random_lm, tmp_path, tied):
+    from transformers import AutoModelForCausalLM
+
+    _, _, path = random_lm
+    if tied:
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        m.config.tie_word_embeddings = True
+        m.tie_weights()
+        m.save_pretrained(tmp_path)
+        path = tmp_path
+    lean = load_causal_lm(path, "cpu", "bfloat16")
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    assert lean.dtype == torch.bfloat16 and lean.config.dtype == torch.bfloat16
+    for (n1, a), (n2, b) in zip(lean.state_dict().items(), ref.state_dict().items()):
+        assert n1 == n2 and a.dtype == b.dtype and torch.equal(a, b), n1
+    for (n1, a), (n2, b) in zip(lean.named_buffers(), ref.named_buffers()):
+        assert n1 == n2 and a.dtype == b.dtype and torch.equal(a, b), n1
+    if tied:
+        assert lean.get_output_embeddings().weight is lean.get_input_embeddings().weight
+    ids = torch.tensor([[1, 5, 9, 11]])
+    with torch.no_grad():
+        assert torch.equal(lean(ids).logits, ref(ids).logits)
+
+
+def test_lean_cast_of_an_in_memory_model(random_lm):
+    from transformers import AutoModelForCausalLM
+
+    _, _, path = random_lm
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    want = {n: p.detach().to(torch.float16) for n, p in m.named_parameters()}
+    cast_parameters_lean(m, torch.float16)
+    assert all(torch.equal(p, want[n]) for n, p in m.named_parameters())
