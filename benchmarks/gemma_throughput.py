@@ -33,7 +33,7 @@ at 5-13; torch.profiler and cProfile over a few decode steps of the chunk of 8, 
   the cores busy the kernel deschedules one of them and every region waits for it: a decode
   step took 0.9-4.4 s (mean 1.9 s) with 2 threads and 0.35-0.43 s with 1 at the same load;
   [8, 640] x [640, 2048] took 7 ms in the model (30-38 ms alone) with 2 threads, 0.4-1.1 ms
-  with 1; the prefill 12.6 s against 3.9-5.6 s. The HF backend's ``threads: auto`` (default)
+  with 1; the prefill 12.6 s against 3.9-5.6 s. The HF backend's ``threads: auto`` (opt-in)
   now uses no more threads than the cores other runnable tasks leave, per generate call; the
   ``before`` variant runs with torch's 2. That is most of the speed-up below. On a quiet
   machine auto keeps both threads (not measured here: the machine was never quiet).
@@ -330,8 +330,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="auto: float32 on CPU")
     ap.add_argument(
         "--threads",
-        default="auto",
-        help="the after variants' HF threads: auto (the backend's default), a number, or torch (torch's setting)",
+        default="torch",
+        help="the after variants' HF threads: torch (torch's setting, the backend's default), auto "
+        "(opt-in: per call, what the load leaves) or a number",
     )
     ap.add_argument("--variants", default="before,after,vllm", help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--before-rev", default=BEFORE_REV, help="git revision whose src/ is the before variant")

@@ -178,7 +178,7 @@ def make_generator(
     batch_size: int = 16,
     require_logprobs: bool = False,
     log_path: str | None = None,
-    threads: int | str | None = "auto",
+    threads: int | str | None = None,
 ) -> Any:
     """A generator for ``spec`` on ``backend`` (see the module docstring).
 

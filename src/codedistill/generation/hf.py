@@ -20,8 +20,8 @@ reduced to what is needed as they are made (``generate`` is called without
 All are checked in the tests against an unbatched teacher-forced full-logits recomputation.
 
 Speed on CPU (measured on Gemma 3 270M, ``benchmarks/gemma_throughput.py``):
-- CPU threads (``threads``, default ``"auto"``): a decode step is some 130 matrix products and
-  a few hundred small operations, each a parallel region of all of torch's threads. On a
+- CPU threads (``threads``: default None, torch's setting; ``"auto"`` opt-in): a decode step is
+  some 130 matrix products and a few hundred small operations, each a parallel region of all of torch's threads. On a
   machine whose cores are busy with other work, every region waits for a thread the kernel
   has descheduled: on 2 cores at load 8, a [8, 640] x [640, 2048] product took 30-38 ms with
   2 threads against 0.4 ms with 1, and a decode step of the chunk of 8 about 1.9 s against
@@ -31,7 +31,9 @@ Speed on CPU (measured on Gemma 3 270M, ``benchmarks/gemma_throughput.py``):
   2 threads; some other kernel is not always (a tiny model's padded rows: log-probs an ulp
   apart from the 5th decode step), so a thread count, like torch's own choice of one per
   core, can in a near tie change a greedy token. The benchmark's 8 Gemma completions were
-  the same with 1 thread as with 2.
+  the same with 1 thread as with 2. That is why ``"auto"`` is not the default: a count that
+  follows the machine's load from call to call could make a rerun differ from its first run,
+  while torch's fixed setting (one thread per core) reproduces on the same machine.
 - Stop strings: transformers builds its stop-string criterion on every ``generate`` call from
   the whole vocabulary (``get_vocab`` and a sort of 262,144 tokens for Gemma, about 1 s); it is
   built once per stop list here (:meth:`HFGenerator._stop_criteria`).
@@ -253,7 +255,7 @@ class HFGenerator:
         name: str = "model",
         batch_size: int = 8,
         add_special_tokens: bool = True,
-        threads: int | str | None = "auto",
+        threads: int | str | None = None,
     ):
         """``threads``: torch's CPU threads while generating on the CPU: ``"auto"``
         (:func:`auto_threads`, per ``generate`` call), a number, or None (torch's setting,
