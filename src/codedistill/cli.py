@@ -4,14 +4,17 @@ Start-up is part of every command's cost (``codedistill evaluate`` on a few hund
 takes about a second), so this module imports only what the command line itself needs: each
 command imports what it uses when it runs, and the commands defined in other packages are
 loaded only when they run or when help lists them (:class:`_LazyGroup`).
-``codedistill evaluate`` imports neither torch nor transformers nor pydantic, and numpy only
-for the metrics, after the programs have run.
+``codedistill evaluate`` imports neither torch nor transformers nor pydantic (a plain
+``evaluate`` line is read without typer's parser, which builds pydantic validators: see
+:class:`_App`), and numpy for the metrics in the background while the programs run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, MutableMapping
@@ -119,7 +122,24 @@ class _LazyGroup(TyperGroup):
         return list(self.commands)  # names only: building them is get_command's job
 
 
-app = typer.Typer(
+class _App(typer.Typer):
+    """The command line. Run as a program (``codedistill ...``, ``python -m codedistill``), a
+    plain ``codedistill evaluate`` line is read by :func:`_evaluate_argv` instead of typer:
+    typer (0.29) builds a pydantic validator for each option it parses, importing pydantic
+    first, which was most of the command's start-up (some 70 ms of CPU, before the sandboxes
+    could start). Anything else (help, an
+    unknown or repeated option, a value that is not plainly of its type) goes to typer,
+    which parses it, or names what is wrong, as it always does."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not args and not kwargs:
+            params = _evaluate_argv(sys.argv[1:])
+            if params is not None:
+                return _run_plain(evaluate, params)
+        return super().__call__(*args, **kwargs)
+
+
+app = _App(
     name="codedistill",
     help="Make small code models better with large ones, using execution feedback.",
     no_args_is_help=True,
@@ -187,6 +207,83 @@ def evaluate(
         for line in base_plus_lines(dataset, metrics):
             say(line)
     sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
+
+
+# ``codedistill evaluate``'s options as :func:`_evaluate_argv` reads them: flag -> (parameter,
+# type). tests/test_evaluate_cli.py checks them against the command's own declaration, and
+# what both parsers make of a set of command lines.
+_EVALUATE_OPTIONS: dict[str, tuple[str, type]] = {
+    "--dataset": ("dataset", str),
+    "--data-path": ("data_path", Path),
+    "--out": ("out", Path),
+    "--workers": ("workers", int),
+    "--timeout": ("timeout", float),
+    "--metrics-out": ("metrics_out", Path),
+    "--seed": ("seed", int),
+}
+_PLAIN_VALUE = {int: re.compile(r"0|[1-9][0-9]{0,8}"), float: re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")}
+
+
+def _evaluate_argv(argv: list[str]) -> dict[str, Any] | None:
+    """The parameters of ``evaluate`` for ``argv`` (the arguments after the program's name)
+    when it is a plain ``evaluate SAMPLES [--option VALUE | --option=VALUE ...]`` line: each
+    option at most once, every value non-empty, not starting with ``-`` and, for a number, plain
+    digits. None for anything else (typer's to parse, or to report)."""
+    if not argv or argv[0] != "evaluate":
+        return None
+    given: dict[str, Any] = {}
+    samples: str | None = None
+    rest = iter(argv[1:])
+    for arg in rest:
+        if not arg.startswith("-"):
+            if samples is not None:
+                return None
+            samples = arg
+            continue
+        flag, eq, value = arg.partition("=")
+        if flag not in _EVALUATE_OPTIONS:
+            return None
+        name, kind = _EVALUATE_OPTIONS[flag]
+        if not eq:
+            value = next(rest, "")
+        if name in given or not value or value.startswith("-"):
+            return None
+        if kind in _PLAIN_VALUE and not _PLAIN_VALUE[kind].fullmatch(value):
+            return None
+        given[name] = kind(value)
+    if not samples:
+        return None
+    params = {name: info.default for name, info in _declared_defaults(evaluate).items()}
+    return params | given | {"samples": Path(samples)}
+
+
+def _declared_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
+    """Parameter name -> its typer.Option / typer.Argument (whose ``default`` is the value)."""
+    import inspect
+
+    return {n: p.default for n, p in inspect.signature(fn).parameters.items()}
+
+
+def _run_plain(command: Callable[..., Any], params: dict[str, Any]) -> None:
+    """Run a command with parsed parameters and end the process as typer's standalone mode
+    does: exit status 0, a ``typer.Exit``'s code, 130 on Ctrl-C; a broken pipe ends quietly
+    (status 1); any other exception propagates (a traceback, status 1)."""
+    import errno
+
+    try:
+        command(**params)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except OSError as e:
+        if e.errno != errno.EPIPE:
+            raise
+        for stream in (sys.stdout, sys.stderr):  # nothing left to flush into the closed pipe
+            with contextlib.suppress(Exception):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        sys.exit(1)
+    sys.exit(0)
 
 
 def _import_metrics() -> None:

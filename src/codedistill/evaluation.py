@@ -20,7 +20,6 @@ from typing import Any
 from codedistill.data.evalplus import EVALPLUS_DATASETS, is_evalplus
 from codedistill.data.problem import Problem
 from codedistill.errors import DataError
-from codedistill.evalplus_judge import WARM_TARGETS, EvalPlusJudge
 from codedistill.execution import Job, Limits, SandboxPool
 
 RESULT_FIELDS = ("passed", "result", "pass_rate", "tests_passed", "tests_total")
@@ -126,6 +125,8 @@ def execute(
         for i, v in zip(plain, pool.run(jobs, progress=step)):
             out[i] = {k: getattr(v, k) for k in RESULT_FIELDS}
     if plus:
+        from codedistill.evalplus_judge import EvalPlusJudge
+
         problems = {p.task_id: p for _, p in (programs[i] for i in plus)}
         with EvalPlusJudge(list(problems.values()), pool=pool) as judge:
             verdicts = judge.judge([(p.task_id, prog) for prog, p in (programs[i] for i in plus)], progress=step)
@@ -139,12 +140,20 @@ def warm_targets(problems: Iterable[Problem]) -> list[str]:
     """What a :class:`SandboxPool` that judges ``problems`` should import before its guard
     (:data:`codedistill.evalplus_judge.WARM_TARGETS` for HumanEval+ / MBPP+; a pool without
     them makes the judge open its own)."""
-    return list(WARM_TARGETS) if any(is_evalplus(p) for p in problems) else []
+    return _judge_targets() if any(is_evalplus(p) for p in problems) else []
 
 
 def warm_targets_of(dataset: str) -> list[str]:
     """:func:`warm_targets` by dataset name, for a pool started before the problems load."""
-    return list(WARM_TARGETS) if dataset.lower() in EVALPLUS_DATASETS else []
+    return _judge_targets() if dataset.lower() in EVALPLUS_DATASETS else []
+
+
+def _judge_targets() -> list[str]:
+    # (the judge's module is imported only where it judges: `codedistill evaluate` on
+    # HumanEval or MBPP starts without it)
+    from codedistill.evalplus_judge import WARM_TARGETS
+
+    return list(WARM_TARGETS)
 
 
 def verdict_fields(row: Mapping[str, Any]) -> dict[str, Any]:
