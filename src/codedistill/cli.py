@@ -185,7 +185,7 @@ def evaluate(
         problems = {p.task_id: p for p in load_problems(dataset, "all", data_path=data_path, visible_tests=False)}
         rows = read_samples(samples, problems, dataset)
         pairs = [(program_of(r, problems[r["task_id"]]), problems[r["task_id"]]) for r in rows]
-        # numpy (for the bootstrap intervals) loads while the programs run, not after them
+        # numpy (for the bootstrap intervals) loads, and warms up, while the programs run
         threading.Thread(target=_import_metrics, name="import-metrics", daemon=True).start()
         with progress_bar("executing", len(pairs)) as advance:
             verdicts = execute(pairs, timeout=timeout, progress=advance, pool=pool)
@@ -273,22 +273,45 @@ def _run_plain(command: Callable[..., Any], params: dict[str, Any]) -> None:
     try:
         command(**params)
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        _end(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     except OSError as e:
         if e.errno != errno.EPIPE:
             raise
-        for stream in (sys.stdout, sys.stderr):  # nothing left to flush into the closed pipe
-            with contextlib.suppress(Exception):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        _quiet_broken_pipe()
         sys.exit(1)
-    sys.exit(0)
+    _end(0)
+
+
+def _end(code: int) -> None:
+    """Exit with ``code`` once the command is done: the exit handlers run and stdout and
+    stderr are flushed, but the interpreter's own teardown (every module, numpy's included,
+    object by object: tens of milliseconds) is skipped, as nothing of the command is left to
+    it (its files are written and closed, its sandboxes shut down)."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        _quiet_broken_pipe()
+        code = code or 1
+    os._exit(code)
+
+
+def _quiet_broken_pipe() -> None:
+    for stream in (sys.stdout, sys.stderr):  # nothing left to flush into the closed pipe
+        with contextlib.suppress(Exception):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def _import_metrics() -> None:
     with contextlib.suppress(Exception):  # imported again (and any error raised) where used
-        import codedistill.metrics  # noqa: F401
+        import codedistill.metrics
+
+        codedistill.metrics.warm_up()  # (numpy.random and quantile load on first use)
 
 
 def _count_lines(path: Path) -> int:
