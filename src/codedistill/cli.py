@@ -185,7 +185,11 @@ def evaluate(
         problems = {p.task_id: p for p in load_problems(dataset, "all", data_path=data_path, visible_tests=False)}
         rows = read_samples(samples, problems, dataset)
         pairs = [(program_of(r, problems[r["task_id"]]), problems[r["task_id"]]) for r in rows]
-        # numpy (for the bootstrap intervals) loads, and warms up, while the programs run
+        # numpy (for the bootstrap intervals) loads, and warms up, while the programs run; its
+        # OpenBLAS would start a thread per core that spins a while, competing with the
+        # sandboxes, for nothing: the intervals use no BLAS (the pool's fork servers keep the
+        # environment the pool was made in)
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         threading.Thread(target=_import_metrics, name="import-metrics", daemon=True).start()
         with progress_bar("executing", len(pairs)) as advance:
             verdicts = execute(pairs, timeout=timeout, progress=advance, pool=pool)
@@ -308,8 +312,11 @@ def _quiet_broken_pipe() -> None:
 
 
 def _import_metrics() -> None:
+    """What the command needs once the programs have run: numpy (warmed up) for the bootstrap
+    intervals, the results writer."""
     with contextlib.suppress(Exception):  # imported again (and any error raised) where used
         import codedistill.metrics
+        import codedistill.runs  # noqa: F401
 
         codedistill.metrics.warm_up()  # (numpy.random and quantile load on first use)
 
