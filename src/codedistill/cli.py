@@ -4,19 +4,15 @@ Start-up is part of every command's cost (``codedistill evaluate`` on a few hund
 takes about a second), so this module imports only what the command line itself needs: each
 command imports what it uses when it runs, and the commands defined in other packages are
 loaded only when they run or when help lists them (:class:`_LazyGroup`).
-``codedistill evaluate`` imports neither torch nor transformers nor pydantic (a plain
-``evaluate`` line is read without typer's parser, which builds pydantic validators: see
-:class:`_App`), and numpy for the metrics in the background while the programs run.
+``codedistill evaluate`` imports neither torch nor transformers nor pydantic, and numpy for
+the metrics in the background while the programs run; a plain ``evaluate`` line is run
+without typer at all (:mod:`codedistill.evaluate_command`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
 import sys
-import threading
 from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -123,19 +119,18 @@ class _LazyGroup(TyperGroup):
 
 
 class _App(typer.Typer):
-    """The command line. Run as a program (``codedistill ...``, ``python -m codedistill``), a
-    plain ``codedistill evaluate`` line is read by :func:`_evaluate_argv` instead of typer:
-    typer (0.29) builds a pydantic validator for each option it parses, importing pydantic
-    first, which was most of the command's start-up (some 70 ms of CPU, before the sandboxes
-    could start). Anything else (help, an
-    unknown or repeated option, a value that is not plainly of its type) goes to typer,
-    which parses it, or names what is wrong, as it always does."""
+    """The command line. Run as a program by an entry point that does not try the plain
+    ``evaluate`` reading first (``from codedistill.cli import app; app()``), it does it here:
+    a plain ``codedistill evaluate`` line runs without typer's parser
+    (:func:`codedistill.evaluate_command.plain_argv`)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not args and not kwargs:
-            params = _evaluate_argv(sys.argv[1:])
+            from codedistill import evaluate_command
+
+            params = evaluate_command.plain_argv(sys.argv[1:])
             if params is not None:
-                return _run_plain(evaluate, params)
+                return evaluate_command.run_plain(params)
         return super().__call__(*args, **kwargs)
 
 
@@ -173,161 +168,9 @@ def evaluate(
     """Score a samples file: one result row per sample (input order) and pass@k with 95% CIs
     (humaneval+ / mbpp+: rows carry base_passed and plus_passed, and base and plus pass@k are
     reported side by side, as EvalPlus's eval_results.json)."""
-    from codedistill.data import load_problems
-    from codedistill.evaluation import execute, program_of, read_samples, warm_targets_of, write_results
-    from codedistill.execution import Limits, SandboxPool
-    from codedistill.ui import progress_bar, say
+    from codedistill.evaluate_command import run
 
-    # The sandboxes start (in their own processes, no more than there are samples) while the
-    # dataset and the samples are read.
-    with SandboxPool(workers=workers, limits=Limits(timeout=timeout), warm_targets=warm_targets_of(dataset)) as pool:
-        pool.start(_count_lines(samples))
-        problems = {p.task_id: p for p in load_problems(dataset, "all", data_path=data_path, visible_tests=False)}
-        rows = read_samples(samples, problems, dataset)
-        pairs = [(program_of(r, problems[r["task_id"]]), problems[r["task_id"]]) for r in rows]
-        # numpy (for the bootstrap intervals) loads, and warms up, while the programs run; its
-        # OpenBLAS would start a thread per core that spins a while, competing with the
-        # sandboxes, for nothing: the intervals use no BLAS (the pool's fork servers keep the
-        # environment the pool was made in)
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-        threading.Thread(target=_import_metrics, name="import-metrics", daemon=True).start()
-        with progress_bar("executing", len(pairs)) as advance:
-            verdicts = execute(pairs, timeout=timeout, progress=advance, pool=pool)
-    stem = str(samples)[: -len(".jsonl")] if str(samples).endswith(".jsonl") else str(samples)
-    out = out or Path(stem + "_results.jsonl")
-    results = [{"task_id": r["task_id"], **v} for r, v in zip(rows, verdicts)]
-    write_results(out, results)
-
-    from codedistill.evaluation import score
-    from codedistill.runs import write_json
-
-    metrics = score(results, seed=seed)
-    metrics_out = metrics_out or Path(stem + "_metrics.json")
-    write_json(metrics_out, metrics)
-    say(f"results: {out}\nmetrics: {metrics_out}")
-    if "base" in metrics:  # HumanEval+ / MBPP+: base and plus side by side
-        from codedistill.report.format import base_plus_lines
-
-        for line in base_plus_lines(dataset, metrics):
-            say(line)
-    sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
-
-
-# ``codedistill evaluate``'s options as :func:`_evaluate_argv` reads them: flag -> (parameter,
-# type). tests/test_evaluate_cli.py checks them against the command's own declaration, and
-# what both parsers make of a set of command lines.
-_EVALUATE_OPTIONS: dict[str, tuple[str, type]] = {
-    "--dataset": ("dataset", str),
-    "--data-path": ("data_path", Path),
-    "--out": ("out", Path),
-    "--workers": ("workers", int),
-    "--timeout": ("timeout", float),
-    "--metrics-out": ("metrics_out", Path),
-    "--seed": ("seed", int),
-}
-_PLAIN_VALUE = {int: re.compile(r"0|[1-9][0-9]{0,8}"), float: re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")}
-
-
-def _evaluate_argv(argv: list[str]) -> dict[str, Any] | None:
-    """The parameters of ``evaluate`` for ``argv`` (the arguments after the program's name)
-    when it is a plain ``evaluate SAMPLES [--option VALUE | --option=VALUE ...]`` line: each
-    option at most once, every value non-empty, not starting with ``-`` and, for a number, plain
-    digits. None for anything else (typer's to parse, or to report)."""
-    if not argv or argv[0] != "evaluate":
-        return None
-    given: dict[str, Any] = {}
-    samples: str | None = None
-    rest = iter(argv[1:])
-    for arg in rest:
-        if not arg.startswith("-"):
-            if samples is not None:
-                return None
-            samples = arg
-            continue
-        flag, eq, value = arg.partition("=")
-        if flag not in _EVALUATE_OPTIONS:
-            return None
-        name, kind = _EVALUATE_OPTIONS[flag]
-        if not eq:
-            value = next(rest, "")
-        if name in given or not value or value.startswith("-"):
-            return None
-        if kind in _PLAIN_VALUE and not _PLAIN_VALUE[kind].fullmatch(value):
-            return None
-        given[name] = kind(value)
-    if not samples:
-        return None
-    params = {name: info.default for name, info in _declared_defaults(evaluate).items()}
-    return params | given | {"samples": Path(samples)}
-
-
-def _declared_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
-    """Parameter name -> its typer.Option / typer.Argument (whose ``default`` is the value)."""
-    import inspect
-
-    return {n: p.default for n, p in inspect.signature(fn).parameters.items()}
-
-
-def _run_plain(command: Callable[..., Any], params: dict[str, Any]) -> None:
-    """Run a command with parsed parameters and end the process as typer's standalone mode
-    does: exit status 0, a ``typer.Exit``'s code, 130 on Ctrl-C; a broken pipe ends quietly
-    (status 1); any other exception propagates (a traceback, status 1)."""
-    import errno
-
-    try:
-        command(**params)
-    except typer.Exit as e:
-        _end(e.exit_code)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except OSError as e:
-        if e.errno != errno.EPIPE:
-            raise
-        _quiet_broken_pipe()
-        sys.exit(1)
-    _end(0)
-
-
-def _end(code: int) -> None:
-    """Exit with ``code`` once the command is done: the exit handlers run and stdout and
-    stderr are flushed, but the interpreter's own teardown (every module, numpy's included,
-    object by object: tens of milliseconds) is skipped, as nothing of the command is left to
-    it (its files are written and closed, its sandboxes shut down)."""
-    import atexit
-
-    atexit._run_exitfuncs()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except OSError:
-        _quiet_broken_pipe()
-        code = code or 1
-    os._exit(code)
-
-
-def _quiet_broken_pipe() -> None:
-    for stream in (sys.stdout, sys.stderr):  # nothing left to flush into the closed pipe
-        with contextlib.suppress(Exception):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
-
-
-def _import_metrics() -> None:
-    """What the command needs once the programs have run: numpy (warmed up) for the bootstrap
-    intervals, the results writer."""
-    with contextlib.suppress(Exception):  # imported again (and any error raised) where used
-        import codedistill.metrics
-        import codedistill.runs  # noqa: F401
-
-        codedistill.metrics.warm_up()  # (numpy.random and quantile load on first use)
-
-
-def _count_lines(path: Path) -> int:
-    """Non-blank lines of ``path`` (0 if it cannot be read: the reader reports why)."""
-    try:
-        with open(path, "rb") as f:
-            return sum(1 for line in f if line.strip())
-    except OSError:
-        return 0
+    run(samples, dataset, data_path, out, workers, timeout, metrics_out, seed)
 
 
 def _egcfg_settings(text: str | None) -> dict:

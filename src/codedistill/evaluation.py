@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from codedistill.data.evalplus import EVALPLUS_DATASETS, is_evalplus
+from codedistill.data import EVALPLUS_DATASETS
 from codedistill.data.problem import Problem
 from codedistill.errors import DataError
 from codedistill.execution import Job, Limits, SandboxPool
@@ -25,6 +26,14 @@ from codedistill.execution import Job, Limits, SandboxPool
 RESULT_FIELDS = ("passed", "result", "pass_rate", "tests_passed", "tests_total")
 #: what a HumanEval+ / MBPP+ row adds (``evalplus_flags`` only where the task has some)
 EVALPLUS_FIELDS = ("base_passed", "plus_passed", "evalplus_flags")
+
+
+def is_evalplus(problem: Problem) -> bool:
+    """:func:`codedistill.data.evalplus.is_evalplus`, without importing that module (nor MBPP's
+    and the package data's, which it imports) where no problem can be one: a HumanEval+ /
+    MBPP+ problem carries an object of a class defined there, so it was imported."""
+    evalplus = sys.modules.get("codedistill.data.evalplus")
+    return evalplus is not None and evalplus.is_evalplus(problem)
 
 
 def read_samples(path: str | Path, problems: Mapping[str, Problem], dataset: str = "") -> list[dict[str, Any]]:
