@@ -70,6 +70,25 @@ def test_evaluate_cli_on_mbpp_plus_reports_base_and_plus(tmp_path, cache):
     assert not (tmp_path / "s_results.jsonl.tmp").exists()
 
 
+def test_evalplus_dataset_names_and_the_judging_test_need_no_evalplus_import():
+    """codedistill.data names the EvalPlus datasets (the releases' keys), and evaluation tells
+    their problems apart without importing codedistill.data.evalplus for the others."""
+    from codedistill.data import EVALPLUS_DATASETS
+    from codedistill.data.evalplus import RELEASES
+    from codedistill.evaluation import is_evalplus
+
+    assert EVALPLUS_DATASETS == tuple(RELEASES)
+    code = (
+        "import sys, codedistill.evaluation as e; from codedistill.data import load_problems;"
+        "p = load_problems('humaneval')[0]; print(e.is_evalplus(p), e.warm_targets_of('humaneval'),"
+        "'codedistill.data.evalplus' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "[]", "False"], out.stdout + out.stderr
+    plus = load_problems("humaneval+", max_problems=1)[0]
+    assert is_evalplus(plus) and not is_evalplus(load_problems("humaneval", max_problems=1)[0])
+
+
 def test_unknown_task_ids_are_all_named_with_the_dataset(tmp_path):
     s = tmp_path / "bad.jsonl"
     rows = [

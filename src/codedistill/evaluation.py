@@ -13,19 +13,27 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from codedistill.data.evalplus import EVALPLUS_DATASETS, is_evalplus
+from codedistill.data import EVALPLUS_DATASETS
 from codedistill.data.problem import Problem
 from codedistill.errors import DataError
-from codedistill.evalplus_judge import WARM_TARGETS, EvalPlusJudge
 from codedistill.execution import Job, Limits, SandboxPool
 
 RESULT_FIELDS = ("passed", "result", "pass_rate", "tests_passed", "tests_total")
 #: what a HumanEval+ / MBPP+ row adds (``evalplus_flags`` only where the task has some)
 EVALPLUS_FIELDS = ("base_passed", "plus_passed", "evalplus_flags")
+
+
+def is_evalplus(problem: Problem) -> bool:
+    """:func:`codedistill.data.evalplus.is_evalplus`, without importing that module (nor MBPP's
+    and the package data's, which it imports) where no problem can be one: a HumanEval+ /
+    MBPP+ problem carries an object of a class defined there, so it was imported."""
+    evalplus = sys.modules.get("codedistill.data.evalplus")
+    return evalplus is not None and evalplus.is_evalplus(problem)
 
 
 def read_samples(path: str | Path, problems: Mapping[str, Problem], dataset: str = "") -> list[dict[str, Any]]:
@@ -126,6 +134,8 @@ def execute(
         for i, v in zip(plain, pool.run(jobs, progress=step)):
             out[i] = {k: getattr(v, k) for k in RESULT_FIELDS}
     if plus:
+        from codedistill.evalplus_judge import EvalPlusJudge
+
         problems = {p.task_id: p for _, p in (programs[i] for i in plus)}
         with EvalPlusJudge(list(problems.values()), pool=pool) as judge:
             verdicts = judge.judge([(p.task_id, prog) for prog, p in (programs[i] for i in plus)], progress=step)
@@ -139,12 +149,20 @@ def warm_targets(problems: Iterable[Problem]) -> list[str]:
     """What a :class:`SandboxPool` that judges ``problems`` should import before its guard
     (:data:`codedistill.evalplus_judge.WARM_TARGETS` for HumanEval+ / MBPP+; a pool without
     them makes the judge open its own)."""
-    return list(WARM_TARGETS) if any(is_evalplus(p) for p in problems) else []
+    return _judge_targets() if any(is_evalplus(p) for p in problems) else []
 
 
 def warm_targets_of(dataset: str) -> list[str]:
     """:func:`warm_targets` by dataset name, for a pool started before the problems load."""
-    return list(WARM_TARGETS) if dataset.lower() in EVALPLUS_DATASETS else []
+    return _judge_targets() if dataset.lower() in EVALPLUS_DATASETS else []
+
+
+def _judge_targets() -> list[str]:
+    # (the judge's module is imported only where it judges: `codedistill evaluate` on
+    # HumanEval or MBPP starts without it)
+    from codedistill.evalplus_judge import WARM_TARGETS
+
+    return list(WARM_TARGETS)
 
 
 def verdict_fields(row: Mapping[str, Any]) -> dict[str, Any]:

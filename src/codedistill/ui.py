@@ -19,8 +19,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import typer
-
 from codedistill.errors import CodedistillError
 
 if TYPE_CHECKING:
@@ -64,10 +62,17 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except CodedistillError as e:
-            _console().print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+            import typer  # (here: a command run without typer imports none of it)
+
+            report_error(e)
             raise typer.Exit(2)
 
     return wrapper
+
+
+def report_error(e: CodedistillError) -> None:
+    """Our own error as one clear line on stderr: ``error: ...``."""
+    _console().print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
 
 
 def interactive(con: Console | None = None) -> bool:

@@ -12,6 +12,7 @@ from codedistill.data.problem import Problem
 from codedistill.errors import DataError
 
 DATASETS = ("humaneval", "mbpp", "mbpp-sanitized", "humaneval+", "mbpp+", "synth")
+EVALPLUS_DATASETS = ("humaneval+", "mbpp+")  # judged as EvalPlus judges (codedistill.data.evalplus)
 SPLITS = ("train", "validation", "test", "prompt", "all")
 
 
@@ -53,7 +54,7 @@ def load_problems(
             problems = [replace(p, prompt=prefix + p.prompt) for p in problems]
         if split != "all":
             problems = [p for p in problems if p.split == split]
-    elif name in ("humaneval+", "mbpp+"):
+    elif name in EVALPLUS_DATASETS:
         from codedistill.data.evalplus import load_evalplus
         from codedistill.data.mbpp import fewshot_prefix
 

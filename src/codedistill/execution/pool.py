@@ -47,10 +47,11 @@ def _warn_once(msg: str) -> None:
 class _ServerHandle:
     """One fork server process and its pipes."""
 
-    def __init__(self, uids: list[int] | None, namespaces: bool, warm_targets: list[str]):
+    def __init__(self, uids: list[int] | None, namespaces: bool, warm_targets: list[str], env: dict[str, str]):
         self.asked = False  # to exit
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-S", ENTRY],
+            env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -142,11 +143,14 @@ class _Core:
     answers its jobs in order.
     """
 
-    def __init__(self, workers: int, uids: list[list[int]], namespaces: bool, warm_targets: list[str]):
+    def __init__(
+        self, workers: int, uids: list[list[int]], namespaces: bool, warm_targets: list[str], env: dict[str, str]
+    ):
         self.workers = workers
         self.uids = uids
         self.namespaces = namespaces
         self.warm_targets = warm_targets
+        self.env = env
         self.queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self.servers: list[_ServerHandle | None] = [None] * workers
         self.locks = [threading.Lock() for _ in range(workers)]
@@ -160,7 +164,8 @@ class _Core:
             if s is None or not s.alive():
                 if s is not None:
                     s.kill()
-                s = _ServerHandle(self.uids[slot] if os.geteuid() == 0 else None, self.namespaces, self.warm_targets)
+                uids = self.uids[slot] if os.geteuid() == 0 else None
+                s = _ServerHandle(uids, self.namespaces, self.warm_targets, self.env)
                 self.servers[slot] = s
             return s
 
@@ -307,6 +312,8 @@ class SandboxPool:
     own that its runs alternate between (all listed in :attr:`sandbox_uids`, only used
     when this process is root).
     ``namespaces=False`` forces the fallback isolation (for tests of that path).
+    Its fork servers, whenever they start (with their first jobs, or again after one died),
+    get the environment this process had when the pool was made.
     """
 
     def __init__(
@@ -325,7 +332,7 @@ class SandboxPool:
         base = 100_000_000 + ((os.getpid() % 1_000_000) * 16 + n % 16) * 128
         per_worker = [[base + (2 * i + k) % 128 for k in range(2)] for i in range(self.workers)]
         self.sandbox_uids = sorted({u for pair in per_worker for u in pair})
-        self._core = _Core(self.workers, per_worker, namespaces, self.warm_targets)
+        self._core = _Core(self.workers, per_worker, namespaces, self.warm_targets, dict(os.environ))
         self._closed = False
         _LIVE_POOLS.add(self)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .forkserver import records
@@ -36,10 +36,13 @@ class Limits:
     humaneval_guard: bool = True
 
     def to_wire(self) -> dict:
-        d = asdict(self)
+        d = {name: getattr(self, name) for name in _LIMIT_FIELDS}  # (scalars: asdict's deep copy is moot)
         if d["cpu_time"] is None:
             d["cpu_time"] = self.timeout + 1.0
         return d
+
+
+_LIMIT_FIELDS = tuple(f.name for f in fields(Limits))
 
 
 @dataclass

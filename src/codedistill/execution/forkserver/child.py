@@ -18,6 +18,8 @@ from . import harness, syscalls, timing, wire
 from .isolation import Isolation
 
 RECORDS_FD, JOB_FD, PROF_FD = 3, 4, 5
+RUN_NAME = b"cd-sbx-run"
+syscalls.name_buffer(RUN_NAME)  # made here, once, for every run
 _chdir = os.chdir  # taken before the guard (which the guarded template applies) disables it
 
 
@@ -151,7 +153,7 @@ def ready_child(
     waits for the job. ``pipes``: the write ends of records, stdout, stderr, control, and
     the read end of the job pipe."""
     res_w, out_w, err_w, ctl_w, job_r = pipes
-    syscalls.set_name(b"cd-sbx-run")
+    syscalls.set_name(RUN_NAME)
     os.setsid()
     syscalls.mount_tmp(tmp_mb, uid, iso.tmp_keep)
     if network:

@@ -42,20 +42,27 @@ class _MountAttr(ctypes.Structure):
 _pylibc = ctypes.PyDLL(None, use_errno=True)  # calls keep the GIL
 _pylibc.syscall.restype = ctypes.c_long
 SYS_CLONE = {"x86_64": 56, "aarch64": 220}.get(os.uname().machine)
+# Looked up once here: a name first looked up in a clone's child (PyOS_AfterFork_Child, in
+# every run's process) is a dlsym and a new function object there, each run, and the pages
+# they write are copied.
+_syscall = _pylibc.syscall
+_before_fork = ctypes.pythonapi.PyOS_BeforeFork
+_after_fork_child = ctypes.pythonapi.PyOS_AfterFork_Child
+_after_fork_parent = ctypes.pythonapi.PyOS_AfterFork_Parent
+_SIGCHLD = int(signal.SIGCHLD)
 
 
 def clone(flags: int) -> int:
     """fork() into new namespaces in one step (like ``os.fork``; 0 in the child)."""
     if SYS_CLONE is None:
         raise OSError("clone: unsupported architecture")
-    api = ctypes.pythonapi
-    api.PyOS_BeforeFork()
-    pid = _pylibc.syscall(SYS_CLONE, ctypes.c_ulong(flags | signal.SIGCHLD), 0, 0, 0, 0)
+    _before_fork()
+    pid = _syscall(SYS_CLONE, ctypes.c_ulong(flags | _SIGCHLD), 0, 0, 0, 0)
     if pid == 0:
-        api.PyOS_AfterFork_Child()
+        _after_fork_child()
         return 0
     err = ctypes.get_errno()
-    api.PyOS_AfterFork_Parent()
+    _after_fork_parent()
     if pid < 0:
         raise OSError(err, f"clone: {os.strerror(err)}")
     return pid
@@ -89,8 +96,21 @@ def prctl(option: int, arg: int) -> None:
 
 def set_name(name: bytes) -> None:
     """Name this thread (``ps``/``top``/``perf`` show the sandbox's roles)."""
-    buf = ctypes.create_string_buffer(name[:15])
-    _libc.prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0)
+    _libc.prctl(PR_SET_NAME, name_buffer(name)[1], 0, 0, 0)
+
+
+_NAMES: dict[bytes, tuple[ctypes.Array, int]] = {}
+
+
+def name_buffer(name: bytes) -> tuple[ctypes.Array, int]:
+    """A buffer holding ``name`` (cut to the kernel's 15 bytes) and its address, made once
+    per name: call it early for a name a forked child takes (a buffer made there would be a
+    new ctypes array, each time, whose pages the child copies)."""
+    entry = _NAMES.get(name)
+    if entry is None:
+        buf = ctypes.create_string_buffer(name[:15])
+        entry = _NAMES[name] = (buf, ctypes.addressof(buf))
+    return entry
 
 
 def kill_pidfd(pidfd: int) -> None:
