@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "btp": 6,
     "experiments": 7,
     "cli": 8,
+    "evaluate_command": 8,
     "__main__": 8,
 }
 # Units of one layer that must not know each other (either way).

@@ -8,11 +8,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from codedistill.data.problem import Problem
+from codedistill.data.problem import EVALPLUS_DATASETS, Problem
 from codedistill.errors import DataError
 
 DATASETS = ("humaneval", "mbpp", "mbpp-sanitized", "humaneval+", "mbpp+", "synth")
-EVALPLUS_DATASETS = ("humaneval+", "mbpp+")  # judged as EvalPlus judges (codedistill.data.evalplus)
 SPLITS = ("train", "validation", "test", "prompt", "all")
 
 
@@ -162,4 +161,4 @@ def stop_strings(dataset: str) -> tuple[str, ...]:
     return MBPP_STOP
 
 
-__all__ = ["Problem", "heldout_problems", "load_problems", "stop_strings", "DATASETS", "SPLITS"]
+__all__ = ["EVALPLUS_DATASETS", "Problem", "heldout_problems", "load_problems", "stop_strings", "DATASETS", "SPLITS"]

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from codedistill.data import EVALPLUS_DATASETS  # (named there: no need to import this module to know them)
 from codedistill.data.humaneval import docstring_tests
 from codedistill.data.mbpp import mbpp_prompt, split_of
-from codedistill.data.problem import Problem
+from codedistill.data.problem import EVALPLUS_DATASETS, Problem
 from codedistill.errors import DataError
 
 FILES_DIR = Path(__file__).resolve().parent / "files" / "evalplus"

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+#: the datasets judged as EvalPlus judges them (:mod:`codedistill.data.evalplus`); named here, in
+#: a leaf module, so that knowing them imports neither that module nor the data package
+EVALPLUS_DATASETS = ("humaneval+", "mbpp+")
+
 
 @dataclass(frozen=True)
 class Problem:
