@@ -118,23 +118,7 @@ class _LazyGroup(TyperGroup):
         return list(self.commands)  # names only: building them is get_command's job
 
 
-class _App(typer.Typer):
-    """The command line. Run as a program by an entry point that does not try the plain
-    ``evaluate`` reading first (``from codedistill.cli import app; app()``), it does it here:
-    a plain ``codedistill evaluate`` line runs without typer's parser
-    (:func:`codedistill.evaluate_command.plain_argv`)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not args and not kwargs:
-            from codedistill import evaluate_command
-
-            params = evaluate_command.plain_argv(sys.argv[1:])
-            if params is not None:
-                return evaluate_command.run_plain(params)
-        return super().__call__(*args, **kwargs)
-
-
-app = _App(
+app = typer.Typer(
     name="codedistill",
     help="Make small code models better with large ones, using execution feedback.",
     no_args_is_help=True,
