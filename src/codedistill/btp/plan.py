@@ -5,6 +5,7 @@ that no training problem is an evaluation problem."""
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,11 @@ class ResolvedInputs:
             )
         self._resolve_backends()
         self.train = load_problems(cfg.dataset, "train", data_path=cfg.data_path, max_problems=cfg.max_problems)
+        # the prompts the buffer is written from, where they differ from the training prompts
+        self.gen_prompts: dict[str, str] = {}
+        if cfg.gen_shots:
+            shot = load_problems(cfg.dataset, "train", data_path=cfg.data_path, shots=cfg.gen_shots)
+            self.gen_prompts = {p.task_id: p.prompt for p in shot}
         if not self.train:
             raise ConfigError(f"no training problems in {cfg.dataset}")
         self.evals: dict[str, list[Problem]] = {}
@@ -51,6 +57,11 @@ class ResolvedInputs:
         self.dropped: list[str] = []
         self._guard_overlap()
         self.out = Path(cfg.output_dir) if cfg.output_dir else cfg.default_output_dir()
+
+    def for_generation(self, problem: Problem) -> Problem:
+        """``problem`` as the buffer's generations see it (with ``gen_shots``: the few-shot prompt)."""
+        prompt = self.gen_prompts.get(problem.task_id)
+        return problem if prompt is None else replace(problem, prompt=prompt)
 
     @property
     def uses_source(self) -> bool:

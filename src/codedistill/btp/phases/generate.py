@@ -105,6 +105,8 @@ def gen_cache_parts(run: RunState, spec: Any, role: str, tag: str, problems: Seq
         )
     if cfg.generation == "egcfg":
         parts["egcfg"] = cfg.egcfg.model_dump(exclude_unset=True)
+    if cfg.gen_shots:
+        parts["gen_shots"] = cfg.gen_shots
     return parts
 
 
@@ -246,6 +248,7 @@ class _Phase:
 
     def candidates(self, gen: Any, chunk: list[Problem]) -> list[list[Any]]:
         cfg = self.cfg
+        chunk = [self.run.inputs.for_generation(p) for p in chunk]
         prompts = [render_prompt(p, self.style, gen.tokenizer) for p in chunk]
         stop = stops_for(chunk[0], self.style)
         seed = derive_seed(cfg.seed, "gen", self.role, self.tag, chunk[0].task_id)
