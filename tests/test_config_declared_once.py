@@ -37,7 +37,8 @@ from codedistill.training.settings import (
 
 # values the generic rule below cannot guess (validated names, JSON, comma lists)
 SPECIAL: dict[str, tuple[list[str], Any]] = {
-    "dataset": (["synth"], "synth"),
+    "dataset": (["mbpp-sanitized"], "mbpp-sanitized"),
+    "gen_shots": (["3"], 3),
     "sampling_method": (["rank"], "rank"),
     "eval_datasets": (["humaneval,mbpp"], ["humaneval", "mbpp"]),
     "report_to": (["tensorboard"], ["tensorboard"]),
@@ -203,7 +204,7 @@ def test_the_resolved_config_keeps_its_keys_and_records_egcfg_as_given():
         for n, f in BTPConfig.model_fields.items()
         if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get(DUMP_WHEN_CHANGED)
     }
-    assert quiet == {"weight_decay", "max_grad_norm"}
+    assert quiet == {"weight_decay", "max_grad_norm", "gen_shots", "serve_merged"}
     assert set(d) == set(BTPConfig.model_fields) - quiet and d["egcfg"] == {}
     cfg = build_config({"generation": "egcfg", "egcfg": {"max_agents": 3}, "max_new_tokens": 50}, {})
     assert cfg.model_dump()["egcfg"] == {"max_agents": 3}

@@ -85,3 +85,5 @@ def test_gen_shots_writes_the_buffer_from_the_few_shot_prompt_and_trains_on_the_
     assert key[1] == {**key[0], "gen_shots": 3}
     with pytest.raises(ValueError, match="gen_shots=3 is MBPP's few-shot prompt; synth has none"):
         BTPConfig(dataset="synth", gen_shots=3)
+    with pytest.raises(ValueError, match="gen_shots=2: MBPP's few-shot prompt has 3 worked examples"):
+        BTPConfig(dataset="mbpp", gen_shots=2)

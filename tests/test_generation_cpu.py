@@ -119,3 +119,29 @@ def test_lean_cast_of_an_in_memory_model(random_lm):
     want = {n: p.detach().to(torch.float16) for n, p in m.named_parameters()}
     cast_parameters_lean(m, torch.float16)
     assert all(torch.equal(p, want[n]) for n, p in m.named_parameters())
+
+
+def test_a_cpu_vllm_server_loads_float32_when_asked_for_auto(tmp_path):
+    """dtype auto means codedistill's rule (float32 on CPU), not vLLM's (which downcasts a
+    float32 checkpoint to bfloat16 on CPU); an explicit dtype, or a GPU, is passed through."""
+    from codedistill.generation.vllm import VLLMServer
+
+    def dtype_flag(**kw) -> str:
+        cmd = VLLMServer("model", "m", log_path=tmp_path / "log", **kw).command("python")
+        return cmd[cmd.index("--dtype") + 1]
+
+    assert dtype_flag(dtype="auto", cpu=True) == "float32"
+    assert dtype_flag(dtype="auto", cpu=False) == "auto"
+    assert dtype_flag(dtype="bf16", cpu=True) == "bfloat16"
+
+
+def test_cpu_reserved_cores_reaches_the_vllm_server(tmp_path, monkeypatch):
+    from codedistill.generation import ServingConfig
+    from codedistill.generation.vllm import VLLMServer
+
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    assert ServingConfig.model_validate({"cpu_reserved_cores": 0}).cpu_reserved_cores == 0
+    server = VLLMServer("model", "m", cpu=True, cpu_reserved_cores=0, log_path=tmp_path / "log")
+    assert server.environment()["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0" and server.info()["cpu_reserved_cores"] == 0
+    default = VLLMServer("model", "m", cpu=True, log_path=tmp_path / "l")
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in default.environment()

@@ -351,6 +351,8 @@ def test_btp_with_vllm_source_and_lora_evaluation_on_vllm(tmp_path):
         "vllm",
         "--response-cache",
         "run",
+        "--generation-cache",
+        str(tmp_path / "gencache"),
         "--output-dir",
         str(out),
     ]
@@ -422,6 +424,21 @@ def test_btp_with_vllm_source_and_lora_evaluation_on_vllm(tmp_path):
         f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
     )
     assert m["ci_low"] <= after <= m["ci_high"]
+
+    # --serve-merged: the same run (beams and the before-evaluation from the generation
+    # cache) evaluates after fine-tuning by serving iter_1/merged, no adapter beside it
+    merged_out = tmp_path / "btp_merged"
+    r = _run([*cmd[: cmd.index("--output-dir")], "--serve-merged", "--output-dir", str(merged_out)])
+    assert r.returncode == 0, r.stderr[-4000:]
+    gen = json.loads((merged_out / "generation.json").read_text())
+    served = gen["starts"][-1]["by_model"][after_name]["server"]
+    assert served["lora_modules"] == {} and served["model_dir"] == str(merged_out / "iter_1" / "merged")
+    assert "tiny-source" not in gen["totals"] or gen["totals"]["tiny-source"]["requests_sent"] == 0
+    assert json.loads((merged_out / "config.json").read_text())["config"]["serve_merged"] is True
+    after_merged = json.loads((merged_out / "comparison.json").read_text())["datasets"]["synth"]["target_after"]
+    print(f"after-BTP pass@1 served merged {after_merged['pass@1']['value']:.3f}")
+    assert m["ci_low"] <= after_merged["pass@1"]["value"] <= m["ci_high"]
+    assert not _server_processes(str(merged_out))
 
 
 def test_missing_vllm_environment_is_a_clear_error(tmp_path):

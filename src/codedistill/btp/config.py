@@ -80,8 +80,9 @@ class DataSettings(BaseModel):
     dataset: str = Field("mbpp", description="Training set: mbpp | mbpp-sanitized | synth (train split).")
     data_path: str | None = Field(None, description="Local dataset file/folder.")
     max_problems: int | None = Field(None, ge=1, description="First N training problems.")
-    gen_shots: Literal[0, 3] = Field(
+    gen_shots: int = Field(
         0,
+        ge=0,
         description="0 | 3: the buffer's programs are written from MBPP prompts carrying the paper's "
         "three worked examples (tasks 2-4), the format a base model is evaluated in; the target is "
         "still fine-tuned on the 0-shot prompt (MBPP / MBPP-sanitized, base-model prompts)",
@@ -100,6 +101,8 @@ class DataSettings(BaseModel):
 
     @model_validator(mode="after")
     def _gen_shots_mbpp(self) -> DataSettings:
+        if self.gen_shots not in (0, 3):
+            raise ValueError(f"gen_shots={self.gen_shots}: MBPP's few-shot prompt has 3 worked examples (use 0 or 3)")
         if self.gen_shots and self.dataset not in ("mbpp", "mbpp-sanitized"):
             raise ValueError(f"gen_shots=3 is MBPP's few-shot prompt; {self.dataset} has none (use gen_shots=0)")
         return self

@@ -63,6 +63,12 @@ class ServingConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=16)
     startup_timeout: float = Field(900.0, gt=0)
     kv_cache_gib: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+    cpu_reserved_cores: int | None = Field(
+        None,
+        ge=0,
+        description="VLLM_CPU_NUM_OF_RESERVED_CPU on CPU: cores vLLM keeps off the model for its API "
+        "server (vLLM's default: 1; 0 lets the model use every core, faster where there are few)",
+    )
     extra_args: list[str] = Field(default_factory=list, description="more vLLM server flags")
 
     @field_validator("base_url", mode="before")
@@ -250,6 +256,7 @@ def make_generator(
             extra_args=serving.extra_args,
             startup_timeout=serving.startup_timeout,
             kv_cache_gib=serving.kv_cache_gib,
+            cpu_reserved_cores=serving.cpu_reserved_cores,
             log_path=log_path,
         )
         return VLLMGenerator(

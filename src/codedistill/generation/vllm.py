@@ -188,6 +188,7 @@ class VLLMServer:
         log_path: str | os.PathLike | None = None,
         cpu: bool | None = None,
         kv_cache_gib: float = 1.0,
+        cpu_reserved_cores: int | None = None,
         max_logprobs: int = 20,
     ):
         self.model_dir = str(model_dir)
@@ -203,7 +204,14 @@ class VLLMServer:
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
         self.cpu = (not on_gpu()) if cpu is None else cpu
+        if self.cpu and self.dtype == "auto":
+            # codedistill's auto is float32 on CPU (models/loading.py), the precision the HF
+            # backend and training use; vLLM's own auto downcasts a float32 checkpoint to
+            # bfloat16 on CPU, emulated where the CPU lacks AVX512-BF16 (gemma-3-270m, 3-shot
+            # MBPP, 2 AVX2 cores: 14.8 s per program in bfloat16) and not the HF numbers
+            self.dtype = "float32"
         self.kv_cache_gib = kv_cache_gib
+        self.cpu_reserved_cores = cpu_reserved_cores
         self.max_logprobs = max_logprobs
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="vllm-", suffix=".log")[1])
         self.port: int | None = None
@@ -268,12 +276,19 @@ class VLLMServer:
         except OSError:
             return "(no log)"
 
-    def start(self) -> VLLMServer:
-        py, self.version = check_vllm_python(self.python)
-        self.port = free_port()
+    def environment(self) -> dict[str, str]:
+        """The server's environment: this process's, with the CPU backend's sizes."""
         env = {**os.environ}
         if self.cpu:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.kv_cache_gib:g}")
+            if self.cpu_reserved_cores is not None:
+                env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(self.cpu_reserved_cores)
+        return env
+
+    def start(self) -> VLLMServer:
+        py, self.version = check_vllm_python(self.python)
+        self.port = free_port()
+        env = self.environment()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         t0 = time.time()
@@ -368,6 +383,7 @@ class VLLMServer:
             "tensor_parallel_size": self.tensor_parallel_size,
             "data_parallel_size": self.data_parallel_size,
             "cpu": self.cpu,
+            "cpu_reserved_cores": self.cpu_reserved_cores,
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "max_model_len": self.max_model_len,
             "lora_modules": self.lora_modules,
