@@ -54,19 +54,17 @@ class GeneratorCache:
                 self._loaded[key] = self._make("target", spec, spec.alias)
             else:
                 it_dir = self.inputs.out / f"iter_{iteration}"
-                lora = self.inputs.cfg.use_lora
-                served = self.inputs.target_backend != "hf"
-                if lora and served and self.inputs.cfg.serve_merged:  # the adapter folded in: no LoRA path
-                    lora, weights = False, str(it_dir / "merged")
-                else:
-                    weights = str(it_dir / "model")
-                base = None if served else self.inputs.target_path
+                model_path: str | None
+                adapter: str | None = None
+                if not self.inputs.cfg.use_lora:
+                    model_path = str(it_dir / "model")
+                elif self.inputs.serves_merged:  # the adapter folded in: no LoRA path in the server
+                    model_path = str(it_dir / "merged")
+                else:  # HF merges the adapter in memory; a server loads the base itself
+                    model_path = None if self.inputs.target_backend != "hf" else self.inputs.target_path
+                    adapter = str(it_dir / "adapter")
                 self._loaded[key] = self._make(
-                    "target",
-                    spec,
-                    f"{spec.alias}@iter{iteration}",
-                    model_path=base if lora else weights,
-                    adapter=str(it_dir / "adapter") if lora else None,
+                    "target", spec, f"{spec.alias}@iter{iteration}", model_path=model_path, adapter=adapter
                 )
         return self._loaded[key]
 

@@ -64,6 +64,12 @@ class ResolvedInputs:
         return problem if prompt is None else replace(problem, prompt=prompt)
 
     @property
+    def serves_merged(self) -> bool:
+        """The fine-tuned target is served as ``iter_K/merged`` (LoRA, a served backend, serve_merged)."""
+        cfg = self.cfg
+        return cfg.use_lora and cfg.serve_merged and self.target_backend != "hf"
+
+    @property
     def uses_source(self) -> bool:
         return self.cfg.mode in ("finetune", "mixed") or self.cfg.eval_source
 

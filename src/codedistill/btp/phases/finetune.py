@@ -55,7 +55,7 @@ def train_iteration(inputs: ResolvedInputs, iteration: int, examples: list[Train
     else:
         result = training.in_process(examples, log)
     _write_train_log(it_dir, result["losses"])
-    if cfg.merge or (cfg.serve_merged and cfg.use_lora):
+    if cfg.merge or inputs.serves_merged:
         training.merge()
     info = {**result, "seconds": round(time.time() - t0, 2), "seed": seed, "init_from": str(prev) if prev else "base"}
     write_json(it_dir / "train.json", info)
