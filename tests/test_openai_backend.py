@@ -173,6 +173,7 @@ def test_the_same_served_command_into_another_output_dir_sends_no_request(standi
         "beam_search": False,
     }
     assert "Served generation" in (a / "report.md").read_text()
+    est = json.loads((a / "plan.json").read_text())["estimate"]
     posts = standin.posts
     for out in (a, tmp_path / "b"):  # the same command (records), then a new run (the shared cache)
         r = _run(_baseline_cmd(standin.base_url, out, problems=8, n=3))
@@ -184,6 +185,11 @@ def test_the_same_served_command_into_another_output_dir_sends_no_request(standi
     ma = json.loads((a / "metrics.json").read_text())
     mb = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert ma["pass@1"] == mb["pass@1"]
+    # the time estimate comes from a chunk that computed: none from a run the cache answered in full
+    # (a resumed gemma run once printed "about 36 s" for an hour's work)
+    assert est["first_chunk_programs"] == 24 and est["seconds_per_program"] > 0
+    assert json.loads((tmp_path / "b" / "plan.json").read_text())["estimate"] is None
+    assert "estimate:" not in r.stdout + r.stderr
     # a cache of its own: the first 2 problems' 6 answers are asked again, and kept in the run
     r = _run(_baseline_cmd(standin.base_url, tmp_path / "c", "run", problems=2, n=3))
     assert r.returncode == 0, r.stderr[-3000:]

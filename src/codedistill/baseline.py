@@ -25,9 +25,11 @@ from codedistill.generation import (
     add_counts,
     check_served,
     close_generator,
+    computed_since,
     describe,
     generator_usage,
     make_generator,
+    requests_sent,
     resolve_backend,
 )
 from codedistill.generation.base import Candidate, Generator, served_fields
@@ -86,7 +88,7 @@ def evaluate_generator(
     workers: int | None = None,
     pool: Any = None,
     desc: str = "sampling",
-    on_first_chunk: Callable[[int, float], None] | None = None,
+    on_chunk: Callable[[int, float], None] | None = None,
     ks: Sequence[int] = (1, 5, 10),
 ) -> tuple[list[dict], dict]:
     """Sample ``num_samples`` per problem with ``generate(chunk, chunk_seed)``, test every
@@ -96,8 +98,8 @@ def evaluate_generator(
     results are appended to ``samples.jsonl``/``results.jsonl`` there and a restart resumes.
 
     Progress: a bar over problems on a terminal, and one summary line (problems, programs,
-    passed, wall time). ``on_first_chunk(programs, seconds)`` is called once, after the
-    first chunk generated and tested here (for an estimate of the whole run's time)."""
+    passed, wall time). ``on_chunk(programs, seconds)`` is called after every chunk
+    generated and tested here (the run's time estimate takes the first that computed)."""
     done, done_rows = resume_rows(out_dir, num_samples) if out_dir else (set(), [])
     if done:
         console.print(f"resuming: {len(done)} of {len(problems)} problems already done")
@@ -121,8 +123,8 @@ def evaluate_generator(
             )
             files.append(chunk[0].task_id, todo, rows, verdicts)
             new_rows += [{**r, **v} for r, v in zip(rows, verdicts)]
-            if on_first_chunk and len(new_rows) == len(rows):
-                on_first_chunk(len(rows), time.perf_counter() - t_chunk)
+            if on_chunk:
+                on_chunk(len(rows), time.perf_counter() - t_chunk)
             bar.advance(len(todo))
             n_passed += sum(bool(v["passed"]) for v in verdicts)
             bar.note = f"{len(new_rows)} programs generated and tested, {n_passed} passed"
@@ -382,8 +384,20 @@ def sample_and_test(
             generate = make_egcfg_sampler(gen, style, cfg, out, pool=pool)
         else:
             generate = make_sampler(gen, style, cfg.sampling, gen.tokenizer)
+        computed = [True]  # whether the last chunk computed (a served chunk may come whole from the response cache)
+
+        def watched(chunk: list[Problem], chunk_seed: int) -> list[list[Any]]:
+            before = requests_sent(gen)
+            out = generate(chunk, chunk_seed)
+            computed[0] = computed_since(gen, before)
+            return out
+
+        def on_chunk(programs: int, seconds: float) -> None:
+            if computed[0]:
+                plan.first_chunk(programs, seconds)
+
         _, metrics = evaluate_generator(
-            generate,
+            watched,
             problems,
             style,
             spec.alias,
@@ -394,7 +408,7 @@ def sample_and_test(
             timeout=cfg.timeout,
             pool=pool,
             desc=f"{spec.alias} on {cfg.dataset}",
-            on_first_chunk=plan.first_chunk,
+            on_chunk=on_chunk,
         )
     if cfg.method == "egcfg":
         metrics["egcfg"] = egcfg_summary(out, metrics["n_problems"])

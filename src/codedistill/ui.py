@@ -224,8 +224,9 @@ def progress_bar(
 
 class RunPlan:
     """What a run will do, said at its start and recorded in ``plan.json`` in the run
-    directory; ``first_chunk(programs, seconds)`` (called once, after the first chunk of
-    generation + testing) adds an estimate of the whole run's generation and testing time.
+    directory; ``first_chunk(programs, seconds)`` (the first chunk of generation + testing that
+    computed: callers skip chunks a response cache answered in full; later calls are ignored)
+    adds an estimate of the whole run's generation and testing time.
 
     ``phases``: dicts with at least ``programs`` (to generate and test) and optionally
     ``done_programs`` (already there from an earlier start)."""

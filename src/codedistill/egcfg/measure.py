@@ -32,10 +32,10 @@ def _load(model: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from codedistill.models.loading import hide_loading_bars
-    from codedistill.models.tiny import resolve_model_path
+    from codedistill.models.registry import local_path, resolve_model
 
     hide_loading_bars()
-    path = resolve_model_path(model)
+    path = local_path(resolve_model(model))  # a tiny model, a registry alias (gemma-3-270m), a directory or GGUF
     tok = AutoTokenizer.from_pretrained(path)
     m = AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
     if tok.pad_token is None:
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--dataset", default="synth")
     ap.add_argument("--split", default="test")
     ap.add_argument("--max-problems", type=int, default=50)
+    ap.add_argument("--shots", type=int, default=0, help="MBPP few-shot examples in the prompt (3: the literature's)")
     ap.add_argument("--out", default="results/egcfg_measure")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--templates", default="compact,paper", help="trace templates to run, comma-separated")
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    problems = load_problems(args.dataset, args.split, max_problems=args.max_problems)
+    problems = load_problems(args.dataset, args.split, max_problems=args.max_problems, shots=args.shots)
     model, tok = _load(args.model)
     style = PromptStyle("base")
     gen = HFGenerator(model, tok, name=args.model, batch_size=1)

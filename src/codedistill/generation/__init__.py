@@ -311,6 +311,20 @@ def generator_usage(gen: Any) -> dict[str, Any] | None:
     return usage() if callable(usage) else None
 
 
+def requests_sent(gen: Any) -> int | None:
+    """Requests a served generator has sent to its server so far (not those its response
+    cache answered); None for an in-process generator, whose every call computes."""
+    usage = generator_usage(gen)
+    return None if usage is None else int(usage.get("requests_sent") or 0)
+
+
+def computed_since(gen: Any, before: int | None) -> bool:
+    """Whether ``gen`` computed anything since ``before = requests_sent(gen)``: False only for
+    work its response cache answered in full (no time to learn from)."""
+    now = requests_sent(gen)
+    return now is None or before is None or now > before
+
+
 _COUNTERS = ("requests_sent", "cache_hits", "retries_total", "prompt_tokens", "completion_tokens")
 
 

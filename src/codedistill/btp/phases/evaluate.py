@@ -14,6 +14,7 @@ from codedistill.btp.state import RunState
 from codedistill.config import SamplingConfig
 from codedistill.data.problem import Problem
 from codedistill.evaluation import score
+from codedistill.generation import computed_since, requests_sent
 from codedistill.metrics import counts_from_results, has_base, paired_bootstrap
 from codedistill.prompts import PromptStyle
 from codedistill.runs import derive_seed
@@ -78,7 +79,7 @@ def evaluate(run: RunState, load: Callable[[], Any], spec: Any, stage: str) -> E
             workers=cfg.workers,
             pool=run.pool,
             desc=f"eval {stage} on {ds}",
-            on_first_chunk=sampler.first_chunk,
+            on_chunk=sampler.chunk_done,
         )
         if parts is not None and run.cache is not None and not run.cache.has("eval", parts):
             run.cache.put_files("eval", parts, ev_dir, _FILES)
@@ -103,18 +104,22 @@ class _StageSampler:
         )
         self.counter = f"eval/{stage}"
         run.generated.setdefault(self.counter, 0)
-        self.load_s = 0.0
+        self.load_s = 0.0  # loading the model in the last chunk
+        self.computed = True  # whether the last chunk computed (not all from the response cache)
 
     def generate(self, chunk: list[Problem], chunk_seed: int) -> list[list[Any]]:
         t_load = time.perf_counter()
         gen = self.load()
-        self.load_s += time.perf_counter() - t_load
+        self.load_s = time.perf_counter() - t_load
+        before = requests_sent(gen)
         cands = make_sampler(gen, self.style, self.sampling, gen.tokenizer)(chunk, chunk_seed)
+        self.computed = computed_since(gen, before)
         self.run.generated[self.counter] += sum(len(cs) for cs in cands)
         return cands
 
-    def first_chunk(self, programs: int, seconds: float) -> None:
-        self.run.first_chunk(programs, seconds - self.load_s)
+    def chunk_done(self, programs: int, seconds: float) -> None:
+        if self.computed:
+            self.run.first_chunk(programs, seconds - self.load_s)
 
 
 def protocol_record(inputs: ResolvedInputs, ds: str) -> dict[str, Any]:

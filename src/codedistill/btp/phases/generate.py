@@ -20,6 +20,7 @@ from codedistill.btp.models import generating_roles
 from codedistill.btp.state import RunState
 from codedistill.data.problem import Problem
 from codedistill.evaluation import execute
+from codedistill.generation import computed_since, requests_sent
 from codedistill.generation.base import served_fields
 from codedistill.prompts import PromptStyle, render_prompt, stops_for, to_program
 from codedistill.runs import JsonlWriter, chunks, derive_seed, read_jsonl
@@ -158,6 +159,7 @@ class _Phase:
         self.gbar = Tracker(f"[iter {iteration}] {role} {method}", 0, "problems")
         self.tbar = Tracker(f"[iter {iteration}] testing {role}'s programs", 0, "programs")
         self.n_cands = self.n_passed = 0
+        self.computed = True  # whether the last chunk's generation computed (not all from the response cache)
 
     def fill_from_cache(self, rec: _Records, parts: dict[str, Any], problems: Sequence[Problem]) -> None:
         cache = self.run.cache
@@ -207,14 +209,17 @@ class _Phase:
             self.gbar.advance(len(missing))
             self.gbar.note = f"{self.n_cands} candidates"
         programs = self.test(rec, chunk)
-        if missing:
+        if missing and self.computed:  # a chunk the response cache answered in full says nothing of the time
             self.run.first_chunk(programs, time.perf_counter() - t_chunk - load_s)
 
     def generate(self, rec: _Records, chunk: list[Problem], t_chunk: float) -> float:
         """Candidates for the chunk's problems not generated yet; the seconds spent loading the model."""
         gen = self.load()
         load_s = time.perf_counter() - t_chunk  # loading the model (first chunk) is not the phase
-        for p, cs in zip(chunk, self.candidates(gen, chunk)):
+        before = requests_sent(gen)
+        cands = self.candidates(gen, chunk)
+        self.computed = computed_since(gen, before)
+        for p, cs in zip(chunk, cands):
             if p.task_id in rec.gens:
                 continue
             self.run.generated[self.counter] += len(cs)
