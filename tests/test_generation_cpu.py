@@ -145,3 +145,33 @@ def test_cpu_reserved_cores_reaches_the_vllm_server(tmp_path, monkeypatch):
     assert server.environment()["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0" and server.info()["cpu_reserved_cores"] == 0
     default = VLLMServer("model", "m", cpu=True, log_path=tmp_path / "l")
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in default.environment()
+
+
+def test_a_prompt_longer_than_the_served_context_is_refused_before_any_request(tmp_path):
+    """MBPP test task 493's 3-shot prompt is 4,333 Gemma tokens: with max_model_len 2048 vLLM
+    answered HTTP 400 after half an hour of the run. Now the served generator checks every
+    prompt + max_new_tokens against its server's context first: one error naming the problem
+    and the fix, and no server started (the real tiny-target tokenizer; nothing is served)."""
+    from codedistill.errors import ConfigError
+    from codedistill.generation import check_context
+    from codedistill.generation.vllm import VLLMGenerator
+    from codedistill.models.registry import local_path, resolve_model
+
+    gen = VLLMGenerator(
+        local_path(resolve_model("tiny-target")),
+        "tiny-target",
+        cache_path=str(tmp_path / "responses"),
+        server_kwargs={"max_model_len": 64, "log_path": tmp_path / "log"},
+    )
+    short, long = "def add(a, b):\n", "def f(x):\n" + "    x = x + 1\n" * 40
+    n_short = len(gen.tokenizer(short)["input_ids"])
+    check_context(gen, [short], 64 - n_short)  # exactly fits
+    with pytest.raises(ConfigError, match=r"Mbpp/493's prompt .* max_model_len 64: raise it to at least \d+"):
+        check_context(gen, [short, long], 16, ["Mbpp/11", "Mbpp/493"])
+    with pytest.raises(ConfigError, match=f"need {n_short + 65} tokens"):
+        gen.sample([short], n=1, temperature=0.0, max_new_tokens=65)
+    with pytest.raises(ConfigError, match="prompt 1 of 1"):
+        gen.beam_search([long], 2, 2, 8)
+    assert gen.server.starts == 0 and gen.server.proc is None
+    unlimited = VLLMGenerator(local_path(resolve_model("tiny-target")), "t", cache_path=str(tmp_path / "r2"))
+    check_context(unlimited, [long], 10_000)  # no max_model_len set: the server's own limit applies

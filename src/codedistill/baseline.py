@@ -23,6 +23,7 @@ from codedistill.execution import Limits, SandboxPool
 from codedistill.generation import (
     ServingConfig,
     add_counts,
+    check_context,
     check_served,
     close_generator,
     computed_since,
@@ -384,6 +385,9 @@ def sample_and_test(
             generate = make_egcfg_sampler(gen, style, cfg, out, pool=pool)
         else:
             generate = make_sampler(gen, style, cfg.sampling, gen.tokenizer)
+            # every prompt fits a served model's context, before any work
+            prompts = [render_prompt(p, style, gen.tokenizer) for p in problems]
+            check_context(gen, prompts, cfg.sampling.max_new_tokens, [p.task_id for p in problems])
         computed = [True]  # whether the last chunk computed (a served chunk may come whole from the response cache)
 
         def watched(chunk: list[Problem], chunk_seed: int) -> list[list[Any]]:

@@ -16,6 +16,7 @@ runs of the user by default; :mod:`codedistill.generation.cache`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +310,15 @@ def generator_usage(gen: Any) -> dict[str, Any] | None:
     """Request/token counters of a served generator (None for HF)."""
     usage = getattr(gen, "usage", None)
     return usage() if callable(usage) else None
+
+
+def check_context(gen: Any, prompts: Sequence[str], max_new_tokens: int, names: Sequence[str] = ()) -> None:
+    """Before a phase sends anything: every prompt with ``max_new_tokens`` fits a served
+    generator's context, else one ``ConfigError`` naming the problem and the fix (no-op for
+    generators without a set context)."""
+    check = getattr(gen, "check_context", None)
+    if callable(check):
+        check(prompts, max_new_tokens, names)
 
 
 def requests_sent(gen: Any) -> int | None:

@@ -471,6 +471,24 @@ class VLLMGenerator:
             "adapter" if adapter else served, "http://127.0.0.1:0/v1", settings, tokenizer=tok, starter=self._start
         )
         self.tokenizer = tok
+        self.add_special_tokens = add_special_tokens
+
+    def check_context(self, prompts: Sequence[str], max_new_tokens: int, names: Sequence[str] = ()) -> None:
+        """Raise ``ConfigError`` (before any request) when a prompt and its ``max_new_tokens``
+        do not fit the server's context (``max_model_len``, when set): vLLM refuses such a
+        request, and a run would stop at that problem after all the work before it."""
+        limit = self.server.max_model_len
+        if not limit:
+            return
+        for i, p in enumerate(prompts):
+            need = len(self.tokenizer(p, add_special_tokens=self.add_special_tokens)["input_ids"]) + max_new_tokens
+            if need > limit:
+                who = names[i] if i < len(names) else f"prompt {i + 1} of {len(prompts)}"
+                raise ConfigError(
+                    f"{self.name}: {who}'s prompt and max_new_tokens {max_new_tokens} need {need} tokens, more "
+                    f"than the vLLM server's context, max_model_len {limit}: raise it to at least {need} "
+                    f"(serving.max_model_len in the config, --max-model-len on the command line)"
+                )
 
     def _start(self) -> list[str]:
         """The server starts on the first request the response cache cannot answer (a rerun
@@ -479,11 +497,13 @@ class VLLMGenerator:
         return [self.server.base_url]
 
     # the Generator protocol, delegated
-    def sample(self, *a: Any, **kw: Any):
-        return self._call(self.client.sample, *a, **kw)
+    def sample(self, prompts: Sequence[str], *a: Any, **kw: Any):
+        self.check_context(prompts, kw.get("max_new_tokens", a[3] if len(a) > 3 else 256))
+        return self._call(self.client.sample, prompts, *a, **kw)
 
-    def beam_search(self, *a: Any, **kw: Any):
-        return self._call(self.client.beam_search, *a, **kw)
+    def beam_search(self, prompts: Sequence[str], *a: Any, **kw: Any):
+        self.check_context(prompts, kw.get("max_new_tokens", a[2] if len(a) > 2 else 256))
+        return self._call(self.client.beam_search, prompts, *a, **kw)
 
     def next_token_topk(self, prompts: Sequence[str], k: int):
         return self._call(self.client.next_token_topk, prompts, k)

@@ -14,9 +14,9 @@ from codedistill.btp.state import RunState
 from codedistill.config import SamplingConfig
 from codedistill.data.problem import Problem
 from codedistill.evaluation import score
-from codedistill.generation import computed_since, requests_sent
+from codedistill.generation import check_context, computed_since, requests_sent
 from codedistill.metrics import counts_from_results, has_base, paired_bootstrap
-from codedistill.prompts import PromptStyle
+from codedistill.prompts import PromptStyle, render_prompt
 from codedistill.runs import derive_seed
 
 #: per dataset {"counts": {task_id: (n, c)}, "metrics": pass@k report}; HumanEval+ / MBPP+
@@ -66,6 +66,7 @@ def evaluate(run: RunState, load: Callable[[], Any], spec: Any, stage: str) -> E
         if parts is not None and run.cache is not None and not (ev_dir / "results.jsonl").exists():
             if run.cache.get_files("eval", parts, ev_dir, _FILES):
                 run.log(f"eval {stage} on {ds}: samples and verdicts from the generation cache")
+        sampler.pending = problems  # checked against a served model's context on the first chunk
         rows, _ = evaluate_generator(
             sampler.generate,
             problems,
@@ -106,11 +107,16 @@ class _StageSampler:
         run.generated.setdefault(self.counter, 0)
         self.load_s = 0.0  # loading the model in the last chunk
         self.computed = True  # whether the last chunk computed (not all from the response cache)
+        self.pending: list[Problem] = []  # the data set's problems, until checked against the context
 
     def generate(self, chunk: list[Problem], chunk_seed: int) -> list[list[Any]]:
         t_load = time.perf_counter()
         gen = self.load()
         self.load_s = time.perf_counter() - t_load
+        if self.pending:
+            prompts = [render_prompt(p, self.style, gen.tokenizer) for p in self.pending]
+            check_context(gen, prompts, self.sampling.max_new_tokens, [p.task_id for p in self.pending])
+            self.pending = []
         before = requests_sent(gen)
         cands = make_sampler(gen, self.style, self.sampling, gen.tokenizer)(chunk, chunk_seed)
         self.computed = computed_since(gen, before)

@@ -20,7 +20,7 @@ from codedistill.btp.models import generating_roles
 from codedistill.btp.state import RunState
 from codedistill.data.problem import Problem
 from codedistill.evaluation import execute
-from codedistill.generation import computed_since, requests_sent
+from codedistill.generation import check_context, computed_since, requests_sent
 from codedistill.generation.base import served_fields
 from codedistill.prompts import PromptStyle, render_prompt, stops_for, to_program
 from codedistill.runs import JsonlWriter, chunks, derive_seed, read_jsonl
@@ -160,6 +160,7 @@ class _Phase:
         self.tbar = Tracker(f"[iter {iteration}] testing {role}'s programs", 0, "programs")
         self.n_cands = self.n_passed = 0
         self.computed = True  # whether the last chunk's generation computed (not all from the response cache)
+        self.pending: list[Problem] = []  # problems to generate, until checked against the context
 
     def fill_from_cache(self, rec: _Records, parts: dict[str, Any], problems: Sequence[Problem]) -> None:
         cache = self.run.cache
@@ -183,6 +184,7 @@ class _Phase:
     def plan_chunks(self, rec: _Records, problems: Sequence[Problem]) -> list[list[Problem]]:
         """The chunks with untested problems; sizes the progress bars and says how many."""
         todo = [c for c in chunks(list(problems), self.cfg.chunk_size) if any(p.task_id not in rec.verd for p in c)]
+        self.pending = [p for c in todo for p in c if p.task_id not in rec.gens]  # checked on the first chunk
         if todo:
             n = sum(len(c) for c in todo)
             self.run.log(
@@ -216,6 +218,11 @@ class _Phase:
         """Candidates for the chunk's problems not generated yet; the seconds spent loading the model."""
         gen = self.load()
         load_s = time.perf_counter() - t_chunk  # loading the model (first chunk) is not the phase
+        if self.pending:  # every prompt of the phase fits a served model's context, before any work
+            ps = [self.run.inputs.for_generation(p) for p in self.pending]
+            prompts = [render_prompt(p, self.style, gen.tokenizer) for p in ps]
+            check_context(gen, prompts, self.cfg.max_new_tokens, [p.task_id for p in ps])
+            self.pending = []
         before = requests_sent(gen)
         cands = self.candidates(gen, chunk)
         self.computed = computed_since(gen, before)
