@@ -244,6 +244,14 @@ def baseline(
         None, "--gpu-memory-utilization", help="vLLM: share of GPU memory."
     ),
     max_model_len: int | None = typer.Option(None, "--max-model-len", help="vLLM: context length."),
+    kv_cache_gib: float | None = typer.Option(
+        None, "--kv-cache-gib", help="vLLM on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE, default 1)."
+    ),
+    cpu_reserved_cores: int | None = typer.Option(
+        None,
+        "--cpu-reserved-cores",
+        help="vLLM on CPU: cores kept off the model for its API server (vLLM's default 1; 0 on a small machine).",
+    ),
     price_input: float | None = typer.Option(
         None, "--price-input", help="USD per 1M prompt tokens (cost in the report)."
     ),
@@ -276,6 +284,8 @@ def baseline(
             data_parallel_size=data_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
+            kv_cache_gib=kv_cache_gib,
+            cpu_reserved_cores=cpu_reserved_cores,
             price_input_per_1m=price_input,
             price_output_per_1m=price_output,
             cache_path=response_cache,
