@@ -394,6 +394,41 @@ def make_tiny_model(
         console.print(f"{name}: shipped to {ship_tiny_model(path)}", highlight=False)
 
 
+@app.command("compare")
+def compare(
+    before: Path = typer.Argument(..., help="A run directory with results.jsonl (e.g. a baseline of the base model)."),
+    after: Path = typer.Argument(..., help="Another, on the same problems (e.g. the fine-tuned model)."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the comparison as JSON here."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+) -> None:
+    """Paired pass@k of two runs on the problems both hold: after - before, bootstrap 95% CI."""
+    from codedistill.metrics import counts_from_results, ks_for, paired_bootstrap
+    from codedistill.runs import read_jsonl
+
+    counts = []
+    for run in (before, after):
+        f = Path(run) / "results.jsonl"
+        if not f.is_file():
+            raise ConfigError(f"{run}: no results.jsonl (give the output directory of a baseline run)")
+        counts.append(counts_from_results(read_jsonl(f)))
+    b, a = counts
+    common = [t for t in b if t in a]
+    if not common:
+        raise ConfigError(f"{before} and {after} share no problem: compare runs on the same data set")
+    n_min = min(min(b[t][0] for t in common), min(a[t][0] for t in common))
+    rows = []
+    for k in ks_for(n_min):
+        d = paired_bootstrap({t: b[t] for t in common}, {t: a[t] for t in common}, k=k, seed=seed)
+        rows.append({"k": k, "n_problems": d.n_problems, "before": d.before, "after": d.after, **d.diff.to_dict()})
+        sys.stdout.write(
+            f"pass@{k} on {d.n_problems} problems: {d.before:.3f} -> {d.after:.3f}, "
+            f"change {d.diff.value:+.3f} [{d.diff.low:+.3f}, {d.diff.high:+.3f}] (paired bootstrap 95% CI)\n"
+        )
+    if out is not None:
+        record = {"before": str(before), "after": str(after), "seed": seed, "pass_at_k": rows}
+        out.write_text(json.dumps(record, indent=2))
+
+
 @app.command("version")
 def version() -> None:
     """Print the package and key dependency versions."""
