@@ -161,6 +161,7 @@ def test_help_lists_every_command_and_each_loads_when_run():
         "sweep",
         "report",
         "version",
+        "compare",
     ]
     p = cli("btp", "--help")
     assert p.returncode == 0 and "--source-model" in p.stdout, p.stderr
