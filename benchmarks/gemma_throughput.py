@@ -63,8 +63,8 @@ Measured on a quiet machine (one run, 2026-12-06, nothing else running; the load
 benchmark's own): before 28.0 tokens/s, 5,066 MB; after 27.7 tokens/s (0.99x), 1,731 MB, 8/8 the
 same; after-bf16 75.8 tokens/s (2.71x), 1,170 MB, 6/8; vLLM 83.3 tokens/s (2.98x), server start
 57 s, 5/8 (that vLLM server ran in bfloat16: asked for ``auto``, vLLM downcast the float32
-checkpoint; ``auto`` on a CPU server now means float32). So on a quiet machine the lean path saves memory, not time, and every speed-up below
-was the load's. Earlier, under load (one run, loads as shown; ``before`` at 2 threads, ``after``
+checkpoint; ``auto`` on a CPU server now means float32). So on a quiet machine the lean path
+saves memory, not time, and every speed-up below was the load's. Earlier, under load (one run, loads as shown; ``before`` at 2 threads, ``after``
 at 1 by ``--threads auto``):
 before 1.6 tokens/s, 5,137 MB (load 13.1 -> 8.3); after 8.8 tokens/s = 5.4x, 1,776 MB (8.3 ->
 9.5), same 8 completions; after-bf16 24.3 tokens/s, 1,226 MB (7.7 -> 7.1). A rerun of the

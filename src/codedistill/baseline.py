@@ -204,6 +204,13 @@ def make_sampler(gen: Generator, style: PromptStyle, sampling: SamplingConfig, t
     return generate
 
 
+def check_prompts_fit(gen: Generator, problems: Sequence[Problem], style: PromptStyle, max_new_tokens: int) -> None:
+    """Before a phase sends anything: every problem's prompt with ``max_new_tokens`` fits a
+    served generator's context (``generation.check_context``; no-op for in-process models)."""
+    prompts = [render_prompt(p, style, gen.tokenizer) for p in problems]
+    check_context(gen, prompts, max_new_tokens, [p.task_id for p in problems])
+
+
 def default_output_dir(cfg: BaselineConfig) -> Path:
     name = Path(cfg.model).name if "/" in cfg.model else cfg.model
     return (
@@ -385,9 +392,7 @@ def sample_and_test(
             generate = make_egcfg_sampler(gen, style, cfg, out, pool=pool)
         else:
             generate = make_sampler(gen, style, cfg.sampling, gen.tokenizer)
-            # every prompt fits a served model's context, before any work
-            prompts = [render_prompt(p, style, gen.tokenizer) for p in problems]
-            check_context(gen, prompts, cfg.sampling.max_new_tokens, [p.task_id for p in problems])
+            check_prompts_fit(gen, problems, style, cfg.sampling.max_new_tokens)  # before any work
         computed = [True]  # whether the last chunk computed (a served chunk may come whole from the response cache)
 
         def watched(chunk: list[Problem], chunk_seed: int) -> list[list[Any]]:

@@ -415,10 +415,10 @@ def compare(
     common = [t for t in b if t in a]
     if not common:
         raise ConfigError(f"{before} and {after} share no problem: compare runs on the same data set")
-    n_min = min(min(b[t][0] for t in common), min(a[t][0] for t in common))
+    n_min = min(min(b[t][0], a[t][0]) for t in common)
     rows = []
     for k in ks_for(n_min):
-        d = paired_bootstrap({t: b[t] for t in common}, {t: a[t] for t in common}, k=k, seed=seed)
+        d = paired_bootstrap(b, a, k=k, seed=seed)  # over the problems both hold
         rows.append({"k": k, "n_problems": d.n_problems, "before": d.before, "after": d.after, **d.diff.to_dict()})
         sys.stdout.write(
             f"pass@{k} on {d.n_problems} problems: {d.before:.3f} -> {d.after:.3f}, "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import inspect
 import json
 import os
 import signal
@@ -497,13 +498,18 @@ class VLLMGenerator:
         return [self.server.base_url]
 
     # the Generator protocol, delegated
-    def sample(self, prompts: Sequence[str], *a: Any, **kw: Any):
-        self.check_context(prompts, kw.get("max_new_tokens", a[3] if len(a) > 3 else 256))
-        return self._call(self.client.sample, prompts, *a, **kw)
+    def sample(self, *a: Any, **kw: Any):
+        return self._checked(self.client.sample, *a, **kw)
 
-    def beam_search(self, prompts: Sequence[str], *a: Any, **kw: Any):
-        self.check_context(prompts, kw.get("max_new_tokens", a[2] if len(a) > 2 else 256))
-        return self._call(self.client.beam_search, prompts, *a, **kw)
+    def beam_search(self, *a: Any, **kw: Any):
+        return self._checked(self.client.beam_search, *a, **kw)
+
+    def _checked(self, fn: Any, *a: Any, **kw: Any) -> Any:
+        """``fn`` once its prompts fit the server's context (its ``max_new_tokens`` as ``fn`` reads it)."""
+        args = inspect.signature(fn).bind(*a, **kw)
+        args.apply_defaults()
+        self.check_context(args.arguments["prompts"], args.arguments["max_new_tokens"])
+        return self._call(fn, *a, **kw)
 
     def next_token_topk(self, prompts: Sequence[str], k: int):
         return self._call(self.client.next_token_topk, prompts, k)

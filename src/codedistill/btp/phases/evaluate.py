@@ -7,16 +7,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from codedistill.baseline import evaluate_generator, make_sampler
+from codedistill.baseline import check_prompts_fit, evaluate_generator, make_sampler
 from codedistill.btp.gencache import ids_hash, model_id
 from codedistill.btp.plan import ResolvedInputs
 from codedistill.btp.state import RunState
 from codedistill.config import SamplingConfig
 from codedistill.data.problem import Problem
 from codedistill.evaluation import score
-from codedistill.generation import check_context, computed_since, requests_sent
+from codedistill.generation import computed_since, requests_sent
 from codedistill.metrics import counts_from_results, has_base, paired_bootstrap
-from codedistill.prompts import PromptStyle, render_prompt
+from codedistill.prompts import PromptStyle
 from codedistill.runs import derive_seed
 
 #: per dataset {"counts": {task_id: (n, c)}, "metrics": pass@k report}; HumanEval+ / MBPP+
@@ -114,8 +114,7 @@ class _StageSampler:
         gen = self.load()
         self.load_s = time.perf_counter() - t_load
         if self.pending:
-            prompts = [render_prompt(p, self.style, gen.tokenizer) for p in self.pending]
-            check_context(gen, prompts, self.sampling.max_new_tokens, [p.task_id for p in self.pending])
+            check_prompts_fit(gen, self.pending, self.style, self.sampling.max_new_tokens)
             self.pending = []
         before = requests_sent(gen)
         cands = make_sampler(gen, self.style, self.sampling, gen.tokenizer)(chunk, chunk_seed)

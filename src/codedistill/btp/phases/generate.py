@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from codedistill.baseline import check_prompts_fit
 from codedistill.btp.gencache import ids_hash, model_id
 from codedistill.btp.models import generating_roles
 from codedistill.btp.state import RunState
 from codedistill.data.problem import Problem
 from codedistill.evaluation import execute
-from codedistill.generation import check_context, computed_since, requests_sent
+from codedistill.generation import computed_since, requests_sent
 from codedistill.generation.base import served_fields
 from codedistill.prompts import PromptStyle, render_prompt, stops_for, to_program
 from codedistill.runs import JsonlWriter, chunks, derive_seed, read_jsonl
@@ -220,8 +221,7 @@ class _Phase:
         load_s = time.perf_counter() - t_chunk  # loading the model (first chunk) is not the phase
         if self.pending:  # every prompt of the phase fits a served model's context, before any work
             ps = [self.run.inputs.for_generation(p) for p in self.pending]
-            prompts = [render_prompt(p, self.style, gen.tokenizer) for p in ps]
-            check_context(gen, prompts, self.cfg.max_new_tokens, [p.task_id for p in ps])
+            check_prompts_fit(gen, ps, self.style, self.cfg.max_new_tokens)
             self.pending = []
         before = requests_sent(gen)
         cands = self.candidates(gen, chunk)
