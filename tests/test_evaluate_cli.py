@@ -160,8 +160,8 @@ def test_help_lists_every_command_and_each_loads_when_run():
         "ablate",
         "sweep",
         "report",
-        "version",
         "compare",
+        "version",
     ]
     p = cli("btp", "--help")
     assert p.returncode == 0 and "--source-model" in p.stdout, p.stderr

@@ -560,6 +560,20 @@ def test_write_run_report_renders_a_btp_run_from_its_files(tmp_path):
         write_run_report(tmp_path / "empty")
 
 
+def test_btp_report_names_greedy_evaluation_without_a_top_p(tmp_path):
+    """At T=0 top_p plays no part: the settings line says greedy instead of the unused top_p."""
+    from codedistill.report import write_run_report
+
+    run = tmp_path / "run"
+    btp_run_dir(run)
+    conf = json.loads((run / "config.json").read_text())
+    conf["config"].update(eval_temperature=0.0, eval_num_samples=1)
+    (run / "config.json").write_text(json.dumps(conf))
+    md = write_run_report(run).read_text()
+    assert "- evaluation: greedy, 1 sample(s) per problem\n" in md
+    assert "top_p" not in md.split("- evaluation:")[1].split("\n")[0]
+
+
 def test_formatters_read_the_one_spelling_and_refuse_others():
     from codedistill.errors import DataError
     from codedistill.report.format import fmt_diff, fmt_metric

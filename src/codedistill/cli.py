@@ -75,7 +75,7 @@ _LAZY: dict[str, Callable[[], Callable[..., None]]] = {
     "sweep": _sweep_command,
     "report": _report_command,
 }
-_ORDER = ("evaluate", *_LAZY, "version")  # as help lists them
+_ORDER = ("evaluate", *_LAZY, "compare", "version")  # as help lists them
 
 
 class _Commands(MutableMapping[str, Any]):

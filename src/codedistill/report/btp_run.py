@@ -114,8 +114,13 @@ def _settings_lines(cfg: Mapping[str, Any], c: Mapping[str, Any], elapsed: float
         f"replay size {cfg['replay_size'] or 'buffer size'}",
         f"- fine-tuning: {tuning}, lr {cfg['learning_rate']:g}, epochs {cfg['epochs']}, "
         f"batch {cfg['train_batch_size']}, {cfg['n_iterations']} iterations, seed {cfg['seed']}",
-        f"- evaluation: {cfg['eval_num_samples']} samples per problem at T={cfg['eval_temperature']:g}, "
-        f"top_p {cfg['eval_top_p']:g}",
+        "- evaluation: "
+        + (
+            f"greedy, {cfg['eval_num_samples']} sample(s) per problem"
+            if cfg["eval_temperature"] == 0
+            else f"{cfg['eval_num_samples']} samples per problem at T={cfg['eval_temperature']:g}, "
+            f"top_p {cfg['eval_top_p']:g}"
+        ),
     ]
     if elapsed is not None:
         lines.append(f"- wall time of this start: {elapsed:.1f} s")
