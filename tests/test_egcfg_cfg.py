@@ -186,3 +186,74 @@ def test_topk_cfg_equals_exact_cfg_on_the_full_vocabulary_and_approximates_it_on
     assert guided_token(cond, uncond, 3.0, missing="zero") == 2  # upstream's zero fill keeps the intersection
     lp = topk_cfg(cond, uncond, 3.0)
     assert set(lp) == {1, 2, 3} and abs(sum(math.exp(v) for v in lp.values()) - 1) < 1e-9
+
+
+# --------------------------------------------------------------------------- prefix caches
+def _tiny_sliding(tok):
+    """A random Gemma 3 text model whose sliding window (6) is shorter than the prompts."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3-sliding"])
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_prefix_cached_streams_equal_full_recomputation(tiny, arch, strategy):
+    """Prompts prefilled from cached prefixes, cond and uncond in streams of their own: every
+    step's guided log-probs are those of a full forward pass without a cache (a sliding window
+    shorter than the prompt included), and the tokens are those of the padded batch."""
+    from codedistill.egcfg.cfg import PrefixCache
+
+    model, tok = tiny
+    if arch != "llama":
+        model = _tiny_sliding(tok)
+    u, c = tok.encode(UNCOND), tok.encode(COND)
+    kw = dict(gamma=3.0, strategy=strategy, num_sequences=1 if strategy == "greedy" else 3, max_new_tokens=8)
+    kw.update(temperature=0.9) if strategy == "sample" else None
+    prefixes = PrefixCache(model)
+    res = cfg_generate(model, u, c, record_steps=True, prefixes=prefixes, generator=torch.Generator().manual_seed(3), **kw)
+    err, checked = _max_err(model, res, u, c, 3.0)
+    assert checked >= 8 and err < 1e-4
+    plain = cfg_generate(model, u, c, generator=torch.Generator().manual_seed(3), **kw)
+    assert res.tokens == plain.tokens
+    assert max(abs(a - b) for a, b in zip(res.guided_logprob, plain.guided_logprob)) < 1e-3
+
+
+def test_prefix_cache_prefills_only_what_is_new(tiny):
+    """EG-CFG's next line: the uncond prompt is the last call's context plus its tokens, the
+    cond prompt shares the text before the signal; only the new positions go through the model."""
+    from codedistill.egcfg.cfg import PrefixCache
+
+    model, tok = tiny
+    shared = tok.encode("# examples\n" + "def add(a, b):\n    return a + b\n" * 6)
+    u = shared + tok.encode("def total(xs):\n")
+    c = shared + tok.encode("# x = [1, 2]\n# s = 3\n") + tok.encode("def total(xs):\n")
+    prefixes = PrefixCache(model)
+    first = cfg_generate(model, u, c, gamma=1.0, max_new_tokens=6, prefixes=prefixes)
+    # the shared prefix once, then each prompt's own tail: fewer positions than both prompts
+    assert first.rows_tokens - 2 * (len(first.tokens[0]) - 1) == len(shared) + (len(u) - len(shared)) + (
+        len(c) - len(shared)
+    )
+    u2, c2 = u + first.tokens[0], c + first.tokens[0]
+    second = cfg_generate(model, u2, c2, gamma=1.0, max_new_tokens=6, prefixes=prefixes)
+    prompt_positions = second.rows_tokens - 2 * (len(second.tokens[0]) - 1)
+    assert prompt_positions == 1 + (len(c2) - len(shared))  # uncond: its last token only
+    assert prefixes.reused_tokens >= len(shared) + len(u2) - 1
+    ref = cfg_generate(model, u2, c2, gamma=1.0, max_new_tokens=6)
+    assert second.tokens == ref.tokens

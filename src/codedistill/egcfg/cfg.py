@@ -20,11 +20,21 @@ sampling runs are dropped from the batch and the cache.
 
 When ``cond_ids is None`` or ``gamma == 0`` only the unconditional stream is run (plain
 decoding; B rows).
+
+With a :class:`PrefixCache` (``prefixes=``), EG-CFG's line-by-line decoder stops paying for
+its prompt again on every call: each prompt is prefilled from the longest cached prefix of its
+tokens (a few-shot prompt's examples, the previous line's context), and the cond and uncond
+streams keep a cache each, without padding (two forward passes per step instead of one
+batched pass; a row of either stream is then computed exactly as it would be alone, sliding
+windows included). On gemma-3-270m with MBPP's 3-shot prompt the prompts were some 95% of the
+token positions EG-CFG processed.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, cast
@@ -145,6 +155,166 @@ class _Streams:
         return self.last_logits
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class PrefixCache:
+    """KV caches of token prefixes for one model, reused across :func:`cfg_generate` calls.
+
+    ``prefill(ids)`` returns ``(cache, last logits)`` for ``ids`` (one row): a copy of the
+    cache of the longest stored prefix of ``ids``, extended by the remaining tokens in one
+    forward pass. Entries are kept least-recently-used, at most ``max_entries``
+    (gemma-3-270m: about 26 MB for a 700-token prefix). Caches are never cropped (a
+    sliding-window layer past its window cannot be): a prefix is stored as computed.
+    ``forward_passes`` / ``rows_tokens`` count the prefills' model calls and token positions.
+    """
+
+    def __init__(self, model, max_entries: int = 4):
+        self.model = model
+        self.max_entries = max_entries
+        self.entries: OrderedDict[tuple[int, ...], tuple[DynamicCache, torch.Tensor]] = OrderedDict()
+        self.forward_passes = 0
+        self.rows_tokens = 0
+        self.reused_tokens = 0  # prompt positions answered from a stored prefix
+
+    def _best(self, ids: Sequence[int]) -> tuple[int, ...] | None:
+        best: tuple[int, ...] | None = None
+        for key in self.entries:
+            if len(key) <= len(ids) and (best is None or len(key) > len(best)) and tuple(ids[: len(key)]) == key:
+                best = key
+        return best
+
+    def _forward(self, cache: DynamicCache, new: Sequence[int], start: int) -> tuple[DynamicCache, torch.Tensor]:
+        dev = _device(self.model)
+        with torch.no_grad():
+            out = self.model(
+                input_ids=torch.tensor([list(new)], dtype=torch.long, device=dev),
+                position_ids=torch.arange(start, start + len(new), device=dev).unsqueeze(0),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self.forward_passes += 1
+        self.rows_tokens += len(new)
+        return out.cache, out.logits[:, -1, :]
+
+    def prefill(self, ids: Sequence[int], store: bool = False) -> tuple[DynamicCache, torch.Tensor]:
+        if not ids:
+            raise ValueError("empty prompt")
+        key = self._best(ids)
+        if key is not None and len(key) == len(ids):
+            self.entries.move_to_end(key)
+            cache, logits = self.entries[key]
+            self.reused_tokens += len(ids)
+            return copy.deepcopy(cache), logits
+        if key is None:
+            cache, start = DynamicCache(config=self.model.config), 0
+        else:
+            self.entries.move_to_end(key)
+            cache, start = copy.deepcopy(self.entries[key][0]), len(key)
+            self.reused_tokens += start
+        cache, logits = self._forward(cache, ids[start:], start)
+        if store:
+            self.put(ids, cache, logits)
+        return cache, logits
+
+    def put(self, ids: Sequence[int], cache: DynamicCache, logits: torch.Tensor) -> None:
+        """Store ``cache`` (one row) as the state after ``ids`` (kept: the caller gives it up)."""
+        self.entries[tuple(ids)] = (copy.deepcopy(cache), logits)
+        self.entries.move_to_end(tuple(ids))
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+
+    def share(self, a: Sequence[int], b: Sequence[int], min_tokens: int = 16) -> None:
+        """Store the prefix that ``a`` and ``b`` have in common (the prompt before the signal),
+        unless a stored prefix of it already covers it."""
+        n = _common_prefix(a, b)
+        if n >= min_tokens and self._best(a[:n]) != tuple(a[:n]):
+            self.prefill(a[:n], store=True)
+
+
+class _SplitStreams:
+    """The :class:`_Streams` interface over one unpadded cache per prompt (rows of a stream
+    share their length): prompts prefilled from a :class:`PrefixCache`, one forward pass per
+    stream and step. ``select`` takes indices into the concatenated rows and keeps every row
+    in its own stream (the only selections :func:`cfg_generate` makes)."""
+
+    def __init__(self, model, prompts: list[list[int]], prefixes: PrefixCache):
+        self.model = model
+        self.prefixes = prefixes
+        f0, r0 = prefixes.forward_passes, prefixes.rows_tokens
+        if len(prompts) == 2:
+            prefixes.share(prompts[0], prompts[1])
+        self.caches: list[DynamicCache] = []
+        self.logits: list[torch.Tensor] = []
+        self.next_pos: list[int] = []
+        self.ids: list[list[int]] = []  # each stream's tokens in its cache (prompt, then fed tokens)
+        for p in prompts:
+            cache, logits = prefixes.prefill(p)
+            self.caches.append(cache)
+            self.logits.append(logits)
+            self.next_pos.append(len(p))
+            self.ids.append(list(p))
+        self.rows = [1] * len(prompts)
+        self.forward_passes = prefixes.forward_passes - f0
+        self.rows_tokens = prefixes.rows_tokens - r0
+
+    @property
+    def last_logits(self) -> torch.Tensor:
+        return torch.cat(self.logits, dim=0)
+
+    def select(self, rows: torch.Tensor) -> None:
+        rows = rows.cpu()
+        offsets = [sum(self.rows[:i]) for i in range(len(self.rows))]
+        per: list[list[int]] = [[] for _ in self.rows]
+        for r in rows.tolist():
+            g = max(i for i, o in enumerate(offsets) if r >= o)
+            if any(per[h] for h in range(g + 1, len(per))):
+                raise ValueError("a selection that moves rows between streams")
+            per[g].append(r - offsets[g])
+        for g, idx in enumerate(per):
+            if not idx:
+                raise ValueError("a selection that empties a stream")
+            t = torch.tensor(idx, dtype=torch.long)
+            self.caches[g].reorder_cache(cast(torch.LongTensor, t.to(self.logits[g].device)))
+            self.logits[g] = self.logits[g].index_select(0, t.to(self.logits[g].device))
+            self.rows[g] = len(idx)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        dev = _device(self.model)
+        start = 0
+        for g, n in enumerate(self.rows):
+            tok = tokens[start : start + n].view(-1, 1).to(dev)
+            start += n
+            with torch.no_grad():
+                out = self.model(
+                    input_ids=tok,
+                    position_ids=torch.full((n, 1), self.next_pos[g], dtype=torch.long, device=dev),
+                    cache=self.caches[g],
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            self.caches[g] = out.cache
+            self.logits[g] = out.logits[:, -1, :]
+            self.next_pos[g] += 1
+            self.forward_passes += 1
+            self.rows_tokens += n
+            if n == 1:
+                self.ids[g].append(int(tok[0, 0]))
+        return self.last_logits
+
+    def keep_last(self) -> None:
+        """Store the last stream (the unconditional one) in the prefix cache if it is one row:
+        the next line's prompts start with its tokens."""
+        if self.rows[-1] == 1 and len(self.ids[-1]) == self.next_pos[-1]:
+            self.prefixes.put(self.ids[-1], self.caches[-1], self.logits[-1])
+
+
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     if top_p >= 1.0:
         return logits
@@ -173,6 +343,7 @@ def cfg_generate(
     length_penalty: float = 1.0,
     pad_token_id: int = 0,
     record_steps: bool = False,
+    prefixes: PrefixCache | None = None,
 ) -> CFGResult:
     """Decode from ``uncond_ids`` (and ``cond_ids``) with CFG, using KV caches.
 
@@ -181,6 +352,8 @@ def cfg_generate(
     ``num_sequences`` beams, all returned best first; score = guided log-prob /
     length**length_penalty). ``stop_fn(new_ids)`` is asked after every token of a row; True
     ends that row (the token is kept). Eos ends a row too (kept, like HF generate).
+    ``prefixes``: prefill the prompts from these cached prefixes and keep the streams apart
+    (module docstring); a one-row unconditional stream is stored back for the next call.
     """
     use_cond = cond_ids is not None and gamma != 0
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
@@ -192,7 +365,9 @@ def cfg_generate(
         strategy = "greedy" if num_sequences == 1 else strategy
     B = num_sequences
     prompts = [list(cond_ids), list(uncond_ids)] if use_cond and cond_ids is not None else [list(uncond_ids)]
-    st = _Streams(model, prompts, pad_token_id)
+    st: _Streams | _SplitStreams = (
+        _Streams(model, prompts, pad_token_id) if prefixes is None else _SplitStreams(model, prompts, prefixes)
+    )
     # expand the prefilled rows to B hypotheses each: [cond]*B + [uncond]*B
     base = torch.tensor([0] * B + ([1] * B if use_cond else []), dtype=torch.long)
     st.select(base)
@@ -245,6 +420,8 @@ def cfg_generate(
             tok = tok[sel.to(tok.device)]
             active = [active[r] for r in keep]
         st.step(torch.cat([tok, tok]) if use_cond else tok)
+    if isinstance(st, _SplitStreams):
+        st.keep_last()
     g_lp = [float(sum(x)) for x in g_tok]
     return CFGResult(
         tokens=seqs,
@@ -261,9 +438,9 @@ def cfg_generate(
 
 
 def _beam(
-    st: _Streams, B, gamma, use_cond, max_new_tokens, eos, stop_fn, length_penalty, steps, split_logits, rows_index
+    st: _Streams | _SplitStreams, B, gamma, use_cond, max_new_tokens, eos, stop_fn, length_penalty, steps, split_logits, rows_index
 ) -> CFGResult:
-    dev = st.mask.device
+    dev = st.last_logits.device
     seqs: list[list[int]] = [[] for _ in range(B)]
     beam_scores = torch.full((B,), float("-inf"), device=dev)
     beam_scores[0] = 0.0  # all rows start identical: only one live beam at step 0

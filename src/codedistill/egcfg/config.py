@@ -99,6 +99,12 @@ class EGCFGConfig(BaseModel):
     max_lines: int = Field(40, ge=1)
     max_line_tokens: int = Field(64, ge=1)
     max_new_tokens: int = Field(384, ge=1, description="tokens of the whole completion")
+    prefix_cache: bool = Field(
+        True,
+        description="HF decoder: prefill each call's prompts from cached prefixes (the prompt before "
+        "the signal, the last line's context) instead of from scratch; cond and uncond then run "
+        "unpadded, one forward pass each per step",
+    )
 
     # --- traces and signal
     trace_budget_tokens: int | None = Field(

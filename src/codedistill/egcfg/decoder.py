@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 
 from codedistill.data.problem import Problem
-from codedistill.egcfg.cfg import cfg_generate
+from codedistill.egcfg.cfg import PrefixCache, cfg_generate
 from codedistill.egcfg.config import AgentSpec, EGCFGConfig
 from codedistill.egcfg.executor import TraceExecutor
 from codedistill.egcfg.signal import build_signal, count_tokens_fn, make_executable_ex, prompt_builder
@@ -58,7 +58,7 @@ def agreement_step(agreed: str | None, count: int, programs: Sequence[str]) -> t
 
 @dataclass
 class Counters:
-    forward_passes: int = 0  # model calls (one batched cond+uncond call counts once)
+    forward_passes: int = 0  # model calls (a batched cond+uncond call counts once; with prefix_cache, each stream's)
     forward_rows_tokens: int = 0  # token positions those calls processed (rows x new tokens)
     generated_tokens: int = 0  # tokens decoded: candidates + guided lines
     candidate_tokens: int = 0
@@ -136,7 +136,13 @@ class LineDecoder:
 
     # ------------------------------------------------------------------ candidates + signal
     def candidates(
-        self, ids: list[int], agent: AgentSpec, stop: Sequence[str], gen: torch.Generator, c: Counters
+        self,
+        ids: list[int],
+        agent: AgentSpec,
+        stop: Sequence[str],
+        gen: torch.Generator,
+        c: Counters,
+        prefixes: PrefixCache | None = None,
     ) -> tuple[list[str], list[tuple[list[int], list[float]]]]:
         """``s`` continuations of ``ids``, each up to ``d`` newlines (or a stop / eos), and
         each one's kept (token ids, plain log-probs)."""
@@ -161,6 +167,7 @@ class LineDecoder:
             stop_fn=deep_enough,
             generator=gen,
             pad_token_id=self.pad,
+            prefixes=prefixes,
         )
         c.forward_passes += res.forward_passes
         c.forward_rows_tokens += res.rows_tokens
@@ -315,6 +322,8 @@ class LineDecoder:
         stop = [s for s in stop if s]
         max_stop = max((len(s) for s in stop), default=0)
         agreed, agree_n = None, 0  # the program the candidates agree on, and for how many lines in a row
+        # this agent's prompt KV caches: each line's calls prefill only what the last left out
+        prefixes = PrefixCache(self.model) if self.cfg.prefix_cache else None
         for line_no in range(self.cfg.max_lines):
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
@@ -324,7 +333,7 @@ class LineDecoder:
             sig = ""
             if use_signal and self.guided_from_here(problem, prefix_text):
                 kept_prefix = cut_at_stop(prefix_text, stop)[0]
-                cands, kept = self.candidates(prompt_ids + ids, agent, stop, gen, c)
+                cands, kept = self.candidates(prompt_ids + ids, agent, stop, gen, c, prefixes)
                 sig, entry["candidates"], programs = self.signal(problem, kept_prefix, cands, agent, c, budget)
                 entry["signal_tokens"] = self.count_tokens(sig) if sig else 0
                 if self.log_signals:
@@ -371,6 +380,7 @@ class LineDecoder:
                 stop_fn=line_done,
                 generator=gen,
                 pad_token_id=self.pad,
+                prefixes=prefixes,
             )
             new = res.tokens[0]
             c.forward_passes += res.forward_passes
