@@ -224,10 +224,13 @@ def test_prefix_cached_streams_equal_full_recomputation(tiny, arch, strategy):
     if arch != "llama":
         model = _tiny_sliding(tok)
     u, c = tok.encode(UNCOND), tok.encode(COND)
-    kw = dict(gamma=3.0, strategy=strategy, num_sequences=1 if strategy == "greedy" else 3, max_new_tokens=8)
-    kw.update(temperature=0.9) if strategy == "sample" else None
+    kw: dict = dict(gamma=3.0, strategy=strategy, num_sequences=1 if strategy == "greedy" else 3, max_new_tokens=8)
+    if strategy == "sample":
+        kw["temperature"] = 0.9
     prefixes = PrefixCache(model)
-    res = cfg_generate(model, u, c, record_steps=True, prefixes=prefixes, generator=torch.Generator().manual_seed(3), **kw)
+    res = cfg_generate(
+        model, u, c, record_steps=True, prefixes=prefixes, generator=torch.Generator().manual_seed(3), **kw
+    )
     err, checked = _max_err(model, res, u, c, 3.0)
     assert checked >= 8 and err < 1e-4
     plain = cfg_generate(model, u, c, generator=torch.Generator().manual_seed(3), **kw)

@@ -438,7 +438,17 @@ def cfg_generate(
 
 
 def _beam(
-    st: _Streams | _SplitStreams, B, gamma, use_cond, max_new_tokens, eos, stop_fn, length_penalty, steps, split_logits, rows_index
+    st: _Streams | _SplitStreams,
+    B,
+    gamma,
+    use_cond,
+    max_new_tokens,
+    eos,
+    stop_fn,
+    length_penalty,
+    steps,
+    split_logits,
+    rows_index,
 ) -> CFGResult:
     dev = st.last_logits.device
     seqs: list[list[int]] = [[] for _ in range(B)]
