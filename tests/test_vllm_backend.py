@@ -118,6 +118,41 @@ def test_every_dataset_with_its_real_stop_list(target_server, dataset):
         assert c.raw_text.startswith(c.text)
 
 
+def _kill_server(gen) -> None:
+    os.killpg(gen.server.proc.pid, signal.SIGKILL)
+    gen.server.proc.wait(timeout=30)
+
+
+def test_a_dead_server_is_started_again_and_the_call_completed(target_server):
+    """The server killed between two calls, then in the middle of one (as vLLM's engine
+    crash or the kernel's OOM killer would): each time a new server is started and the call
+    completes; greedy answers are those of the first server."""
+    import threading
+
+    gen = target_server
+    prompts, stop = _synth(4)
+    greedy = dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=48, stop=stop, seed=0)
+    before = [c[0].text for c in gen.sample(prompts, **greedy)]
+    starts, restarts = gen.server.starts, len(gen.restarts)
+    _kill_server(gen)
+    assert [c[0].text for c in gen.sample(prompts, **greedy)] == before
+    assert gen.server.starts == starts + 1 and len(gen.restarts) == restarts + 1
+    assert "found gone" in gen.restarts[-1]
+    # in the middle of a call: the server stopped (SIGSTOP: alive, answering nothing) before
+    # the call, so its requests are in flight when it is killed a second later
+    os.killpg(gen.server.proc.pid, signal.SIGSTOP)
+    killer = threading.Timer(1.0, _kill_server, args=(gen,))
+    killer.start()
+    try:
+        out = gen.sample(prompts, n=2, temperature=0.8, top_p=1.0, max_new_tokens=48, stop=stop, seed=1)
+    finally:
+        killer.join()
+    assert [len(cs) for cs in out] == [2] * 4
+    assert gen.server.starts == starts + 2 and len(gen.restarts) == restarts + 2
+    assert gen.server.alive() and gen.usage()["server"]["restarts"] == gen.restarts
+    assert [c[0].text for c in gen.sample(prompts, **greedy)] == before
+
+
 def _baseline(out: Path, backend: str, extra: tuple[str, ...] = ()) -> list[str]:
     return [
         sys.executable,

@@ -337,6 +337,13 @@ class OpenAIGenerator:
         return _Replica(url, client)
 
     # ---- the server -----------------------------------------------------------------
+    def reconnect(self, base_urls: str | Sequence[str]) -> None:
+        """Send the next requests to ``base_urls`` (a restarted server), checked again first."""
+        with self._check_lock:
+            self.replicas = [self._client_for(u) for u in clean_urls(base_urls)]
+            self._starter = None
+            self._checked = False
+
     def check(self) -> None:
         """Reachable, key accepted, and the model is served (else a ConfigError naming the fix)."""
         if self._checked:

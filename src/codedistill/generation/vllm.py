@@ -23,6 +23,7 @@ import ctypes
 import hashlib
 import inspect
 import json
+import logging
 import os
 import signal
 import socket
@@ -38,6 +39,8 @@ from typing import IO, Any
 
 from codedistill.errors import CodedistillError, ConfigError
 from codedistill.generation.openai_api import OpenAIGenerator, OpenAISettings, RetryPolicy, ServerError, ServerFeatures
+
+log = logging.getLogger(__name__)
 
 VLLM_ENV_VAR = "CODEDISTILL_VLLM_VENV"
 VLLM_PYTHON_VAR = "CODEDISTILL_VLLM_PYTHON"
@@ -436,8 +439,12 @@ class VLLMGenerator:
         server_kwargs: dict[str, Any] | None = None,
         max_retries: int = 3,
         fallback_temperature: float = 1.0,
+        max_restarts: int = 2,
     ):
         from transformers import AutoTokenizer
+
+        self.max_restarts = max_restarts  # server deaths survived per generator (engine crash, OOM kill)
+        self.restarts: list[str] = []  # why each restart happened
 
         served = served_name or Path(model_dir).name
         lora = {"adapter": str(adapter)} if adapter else {}
@@ -515,27 +522,66 @@ class VLLMGenerator:
         return self._call(self.client.next_token_topk, prompts, k)
 
     def _call(self, fn: Any, *a: Any, **kw: Any) -> Any:
-        self._check_alive()
-        try:
-            return fn(*a, **kw)
-        except ServerError as e:
-            raise VLLMError(
-                f"{e}\nThe vLLM server's log ({self.server.log_path}) ends with:\n{self.server.log_tail(25)}"
-            ) from e
+        """``fn`` on a live server. When the server dies under a call (vLLM's engine crashes,
+        the kernel kills it for memory), it is started again and ``fn`` called again, at most
+        ``max_restarts`` times: the response cache answers what was already answered, so
+        only the lost requests are sent again."""
+        while True:
+            self._check_alive()
+            try:
+                return fn(*a, **kw)
+            except ServerError as e:
+                if not self._died(e) or len(self.restarts) >= self.max_restarts:
+                    raise VLLMError(
+                        f"{e}\nThe vLLM server's log ({self.server.log_path}) ends with:\n{self.server.log_tail(25)}"
+                    ) from e
+                self._restart(f"{type(e).__name__}: {str(e)[:200]}")
+
+    def _died(self, e: ServerError) -> bool:
+        """The server is gone, or its engine is dead (vLLM's API server then answers 500s with
+        EngineDeadError and shuts itself down)."""
+        if self.server.port is None:
+            return False
+        if "EngineDead" in str(e) or "EngineCore" in str(e):
+            return True
+        deadline = time.time() + 5.0  # a server that is shutting down exits within seconds
+        while time.time() < deadline:
+            if not self.server.alive():
+                return True
+            time.sleep(0.5)
+        return False
+
+    def _restart(self, why: str) -> None:
+        log.warning(
+            "%s: the vLLM server died (%s); starting it again (restart %d of at most %d). Its log ends with:\n%s",
+            self.name,
+            why,
+            len(self.restarts) + 1,
+            self.max_restarts,
+            self.server.log_tail(10),
+        )
+        self.restarts.append(why)
+        self.server.stop()
+        self.server.start()
+        self.client.reconnect([self.server.base_url])
 
     def _check_alive(self) -> None:
-        if self.server.port is not None and not self.server.alive():
-            raise VLLMError(
-                f"the vLLM server for {self.name} is gone. Its log ends with:\n{self.server.log_tail()}\n"
-                "Run the same command again: everything already answered is reused."
-            )
+        if self.server.port is None or self.server.alive():
+            return
+        if len(self.restarts) < self.max_restarts:
+            self._restart(f"found gone (exit code {self.server.proc.returncode if self.server.proc else None})")
+            return
+        raise VLLMError(
+            f"the vLLM server for {self.name} is gone, after {len(self.restarts)} restart(s). Its log ends "
+            f"with:\n{self.server.log_tail()}\nRun the same command again: everything already answered is reused."
+        )
 
     @property
     def generated_tokens(self) -> int:
         return self.client.generated_tokens
 
     def usage(self) -> dict[str, Any]:
-        return {**self.client.usage(), "server": self.server.info()}
+        return {**self.client.usage(), "server": {**self.server.info(), "restarts": list(self.restarts)}}
 
     def close(self) -> None:
         try:
