@@ -75,13 +75,32 @@ def test_run_plan_records_and_estimates(tmp_path):
         note="x not included",
     )
     assert json.loads((tmp_path / "plan.json").read_text())["programs_to_generate"] == 130
-    plan.first_chunk(10, 2.0)
-    plan.first_chunk(10, 100.0)  # once only
+    plan.chunk(10, 2.0)
+    plan.chunk(10, 100.0)  # once only
     rec = json.loads((tmp_path / "plan.json").read_text())
     assert rec["estimate"]["estimated_seconds"] == pytest.approx(26.0)
     assert said == [
         "estimate: first chunk 10 programs in 2.0 s (0.20 s each) -> about 26.0 s for the 130 "
         "programs of this run (from one chunk; x not included)"
+    ]
+
+
+def test_run_plan_estimates_what_the_response_cache_did_not_answer(tmp_path):
+    """A resumed served run: the chunks the response cache answered before the first one that
+    computed are not in the estimate (they took no generation time)."""
+    said: list[str] = []
+    plan = RunPlan(tmp_path / "plan.json", [{"phase": "a", "programs": 1640}], log=said.append)
+    plan.chunk(160, 0.5, computed=False)
+    plan.chunk(160, 0.4, computed=False)
+    plan.chunk(160, 0.6, computed=False)
+    assert json.loads((tmp_path / "plan.json").read_text())["estimate"] is None
+    plan.chunk(160, 320.0)
+    est = json.loads((tmp_path / "plan.json").read_text())["estimate"]
+    assert est["estimated_seconds"] == pytest.approx(2.0 * (1640 - 480))
+    assert est["answered_from_cache_before"] == 480
+    assert said == [
+        "estimate: first chunk 160 programs in 5 min 20 s (2.00 s each) -> about 38 min 40 s for the 1160 "
+        "programs of this run left (480 answered by the response cache before it) (from one chunk)"
     ]
 
 

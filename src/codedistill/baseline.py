@@ -402,8 +402,7 @@ def sample_and_test(
             return out
 
         def on_chunk(programs: int, seconds: float) -> None:
-            if computed[0]:
-                plan.first_chunk(programs, seconds)
+            plan.chunk(programs, seconds, computed[0])
 
         _, metrics = evaluate_generator(
             watched,

@@ -224,9 +224,10 @@ def progress_bar(
 
 class RunPlan:
     """What a run will do, said at its start and recorded in ``plan.json`` in the run
-    directory; ``first_chunk(programs, seconds)`` (the first chunk of generation + testing that
-    computed: callers skip chunks a response cache answered in full; later calls are ignored)
-    adds an estimate of the whole run's generation and testing time.
+    directory; ``chunk(programs, seconds, computed)``, called after every chunk of generation +
+    testing, adds an estimate of the run's generation and testing time from the first chunk
+    that computed (``computed=False``: a response cache answered it in full; such chunks before
+    it are taken off the programs left, later ones and later chunks are ignored).
 
     ``phases``: dicts with at least ``programs`` (to generate and test) and optionally
     ``done_programs`` (already there from an earlier start)."""
@@ -250,6 +251,7 @@ class RunPlan:
             "estimate": None,
         }
         self._estimated = False
+        self.answered = 0  # programs of chunks a response cache answered before the estimate
         self._write()
 
     def _write(self) -> None:
@@ -262,22 +264,28 @@ class RunPlan:
         for line in lines:
             self.log(line)
 
-    def first_chunk(self, programs: int, seconds: float) -> None:
+    def chunk(self, programs: int, seconds: float, computed: bool = True) -> None:
         if self._estimated or programs <= 0:
+            return
+        if not computed:
+            self.answered += programs
             return
         self._estimated = True
         per = seconds / programs
-        total = per * self.todo
+        left = max(programs, self.todo - self.answered)
+        total = per * left
         self.record["estimate"] = {
             "first_chunk_programs": programs,
             "first_chunk_seconds": round(seconds, 2),
             "seconds_per_program": round(per, 4),
+            "answered_from_cache_before": self.answered,
             "estimated_seconds": round(total, 1),
             "covers": "generation and testing" + (f"; {self.note}" if self.note else ""),
         }
         self._write()
         extra = f"; {self.note}" if self.note else ""
+        cached = f" left ({self.answered} answered by the response cache before it)" if self.answered else ""
         self.log(
             f"estimate: first chunk {programs} programs in {fmt_seconds(seconds)} ({per:.2f} s each) -> about "
-            f"{fmt_seconds(total)} for the {self.todo} programs of this run (from one chunk{extra})"
+            f"{fmt_seconds(total)} for the {left} programs of this run{cached} (from one chunk{extra})"
         )

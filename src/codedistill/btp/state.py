@@ -33,7 +33,7 @@ class RunState:
     def out(self) -> Path:
         return self.inputs.out
 
-    def first_chunk(self, programs: int, seconds: float) -> None:
-        """The first chunk's programs and time, for the run's time estimate."""
+    def chunk(self, programs: int, seconds: float, computed: bool) -> None:
+        """A chunk's programs and time, for the run's time estimate (:meth:`RunPlan.chunk`)."""
         if self.estimate is not None:
-            self.estimate.first_chunk(programs, seconds)
+            self.estimate.chunk(programs, seconds, computed)

@@ -123,8 +123,7 @@ class _StageSampler:
         return cands
 
     def chunk_done(self, programs: int, seconds: float) -> None:
-        if self.computed:
-            self.run.first_chunk(programs, seconds - self.load_s)
+        self.run.chunk(programs, seconds - self.load_s, self.computed)
 
 
 def protocol_record(inputs: ResolvedInputs, ds: str) -> dict[str, Any]:

@@ -212,8 +212,8 @@ class _Phase:
             self.gbar.advance(len(missing))
             self.gbar.note = f"{self.n_cands} candidates"
         programs = self.test(rec, chunk)
-        if missing and self.computed:  # a chunk the response cache answered in full says nothing of the time
-            self.run.first_chunk(programs, time.perf_counter() - t_chunk - load_s)
+        if missing:  # a chunk the response cache answered in full says nothing of the time
+            self.run.chunk(programs, time.perf_counter() - t_chunk - load_s, self.computed)
 
     def generate(self, rec: _Records, chunk: list[Problem], t_chunk: float) -> float:
         """Candidates for the chunk's problems not generated yet; the seconds spent loading the model."""
