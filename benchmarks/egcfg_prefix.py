@@ -46,13 +46,13 @@ def main() -> None:
     from codedistill.data import load_problems
     from codedistill.egcfg.agents import EGCFGSolver
     from codedistill.egcfg.config import EGCFGConfig
-    from codedistill.egcfg.measure import _load
+    from codedistill.egcfg.measure import load_model
     from codedistill.evaluation import warm_targets
     from codedistill.execution import Limits, SandboxPool
     from codedistill.prompts import PromptStyle, render_prompt, stops_for, to_program
 
     problems = load_problems(args.dataset, args.split, max_problems=args.problems, shots=args.shots)
-    model, tok = _load(args.model)
+    model, tok = load_model(args.model)
     style = PromptStyle("base")
     fields = json.loads(args.egcfg)
     rows = []

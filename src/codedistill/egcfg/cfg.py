@@ -101,6 +101,16 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _extend(
+    model, ids: torch.Tensor, pos: torch.Tensor, cache: DynamicCache, mask: torch.Tensor | None = None
+) -> tuple[DynamicCache, torch.Tensor]:
+    """Feed ``ids`` [rows, T] at positions ``pos`` after ``cache``: (the cache, the last
+    position's logits [rows, V]); the LM head runs on that position only."""
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+    return out.cache, out.logits[:, -1, :]
+
+
 class _Streams:
     """The 2B (or B) rows with their cache, attention mask and next positions."""
 
@@ -124,19 +134,10 @@ class _Streams:
         self.last_logits = self._forward(ids, pos)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            out = self.model(
-                input_ids=ids,
-                attention_mask=self.mask,
-                position_ids=pos,
-                cache=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        self.cache = out.cache
+        self.cache, logits = _extend(self.model, ids, pos, self.cache, self.mask)
         self.forward_passes += 1
         self.rows_tokens += int(ids.numel())
-        return out.logits[:, -1, :]
+        return logits
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep / reorder / repeat rows (index into the current rows)."""
@@ -191,17 +192,11 @@ class PrefixCache:
 
     def _forward(self, cache: DynamicCache, new: Sequence[int], start: int) -> tuple[DynamicCache, torch.Tensor]:
         dev = _device(self.model)
-        with torch.no_grad():
-            out = self.model(
-                input_ids=torch.tensor([list(new)], dtype=torch.long, device=dev),
-                position_ids=torch.arange(start, start + len(new), device=dev).unsqueeze(0),
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+        ids = torch.tensor([list(new)], dtype=torch.long, device=dev)
+        pos = torch.arange(start, start + len(new), device=dev).unsqueeze(0)
         self.forward_passes += 1
         self.rows_tokens += len(new)
-        return out.cache, out.logits[:, -1, :]
+        return _extend(self.model, ids, pos, cache)
 
     def prefill(self, ids: Sequence[int], store: bool = False) -> tuple[DynamicCache, torch.Tensor]:
         if not ids:
@@ -291,16 +286,8 @@ class _SplitStreams:
         for g, n in enumerate(self.rows):
             tok = tokens[start : start + n].view(-1, 1).to(dev)
             start += n
-            with torch.no_grad():
-                out = self.model(
-                    input_ids=tok,
-                    position_ids=torch.full((n, 1), self.next_pos[g], dtype=torch.long, device=dev),
-                    cache=self.caches[g],
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-            self.caches[g] = out.cache
-            self.logits[g] = out.logits[:, -1, :]
+            pos = torch.full((n, 1), self.next_pos[g], dtype=torch.long, device=dev)
+            self.caches[g], self.logits[g] = _extend(self.model, tok, pos, self.caches[g])
             self.next_pos[g] += 1
             self.forward_passes += 1
             self.rows_tokens += n

@@ -28,7 +28,9 @@ from typing import Any
 COST_KEYS = ("forward_passes", "forward_rows_tokens", "generated_tokens", "sandbox_executions", "wall_time_s")
 
 
-def _load(model: str):
+def load_model(model: str):
+    """(model, tokenizer) in float32 for EG-CFG's HF decoder: a tiny model, a registry alias
+    (gemma-3-270m), a saved directory or a GGUF; the pad token falls back to eos."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from codedistill.models.loading import hide_loading_bars
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     problems = load_problems(args.dataset, args.split, max_problems=args.max_problems, shots=args.shots)
-    model, tok = _load(args.model)
+    model, tok = load_model(args.model)
     style = PromptStyle("base")
     gen = HFGenerator(model, tok, name=args.model, batch_size=1)
     templates = [t.strip() for t in args.templates.split(",") if t.strip()]

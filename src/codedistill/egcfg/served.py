@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from codedistill.data import load_problems
     from codedistill.egcfg.cfg import guided_logprobs
-    from codedistill.egcfg.measure import _load
+    from codedistill.egcfg.measure import load_model
     from codedistill.egcfg.signal import prompt_builder
     from codedistill.generation import make_generator
     from codedistill.generation.hf import decode_continuation
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     style = PromptStyle("base")
     gen = make_generator(resolve_model(args.model), args.backend, {}, require_logprobs=True)
-    model, tok = _load(args.model)
+    model, tok = load_model(args.model)
     cfg = EGCFGConfig(**json.loads(args.egcfg))
     problems = load_problems(args.dataset, "test", max_problems=args.max_problems)
     eg = ServedEGCFG(

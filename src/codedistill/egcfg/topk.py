@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from codedistill.egcfg.measure import _load
+    from codedistill.egcfg.measure import load_model
 
-    model, tok = _load(args.model)
+    model, tok = load_model(args.model)
     problems = {p.task_id: p for p in load_problems(args.dataset, args.split)}
     steps: list[tuple[Any, Any]] = []  # (conditional, unconditional) logits per token
     with open(args.log, encoding="utf-8") as f:
